@@ -1,0 +1,9 @@
+"""servelm: fast serving of generative language models."""
+from servelm.config import EngineArgs
+from servelm.engine.llm import LLM
+from servelm.outputs import CompletionOutput, Logprob, RequestOutput
+from servelm.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "__version__"]

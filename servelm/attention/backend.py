@@ -1,0 +1,69 @@
+"""Attention backend contract.
+
+The KV cache of one layer is two tensors, ``k_cache`` and ``v_cache``, each
+``[num_blocks, block_size, num_kv_heads, head_dim]``. Token ``i`` of a sequence lives in slot
+``block_table[i // block_size] * block_size + i % block_size``; a flat view
+``k_cache.view(-1, num_kv_heads, head_dim)[slot]`` addresses it.
+
+A step's batch is ragged: the query tokens of all sequences are concatenated, sequence ``s`` owning
+rows ``query_start_loc[s]:query_start_loc[s+1]``. Those are the *last* query_len tokens of its
+context of ``seq_lens[s]`` tokens (the earlier ones are already in the cache), so causal masking
+puts query row ``j`` of sequence ``s`` at absolute position ``seq_lens[s] - query_len + j``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step attention inputs, all on the model's device.
+
+    num_tokens = total query tokens this step; num_seqs = sequences in the batch.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot to write each new token's k/v
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: prefix sums of query lengths
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step's tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, unused entries arbitrary
+    max_query_len: int  # host int: longest query this step (1 => decode only)
+    max_seq_len: int  # host int: longest context this step
+    # Host copies, for backends that loop or pick kernels on the host (the reference backend).
+    query_lens_cpu: tuple[int, ...] = ()
+    seq_lens_cpu: tuple[int, ...] = ()
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """Computes causal attention of a ragged batch against the paged KV cache.
+
+    Contract: ``write_kv`` stores this step's k/v at ``slot_mapping`` *before* ``forward`` runs,
+    so ``forward`` reads every context token (old and new) from the cache. Implementations may
+    read ``k``/``v`` directly for the new tokens as an optimisation, with identical results.
+    """
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """k, v: [num_tokens, num_kv_heads, head_dim]; caches as in the module docstring."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
+
+        Returns [num_tokens, num_heads, head_dim] in q's dtype. num_heads is a multiple of
+        num_kv_heads (GQA: query head h uses kv head h // (num_heads // num_kv_heads)).
+        """

@@ -1,0 +1,214 @@
+"""Engine configuration: vLLM-named arguments (EngineArgs) resolved once into frozen configs."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # a local HF directory, a .gguf file, or a dummy preset name
+    load_format: str  # "safetensors" | "gguf" | "dummy"
+    hf_config: Any  # transformers.PretrainedConfig (read-only by convention)
+    dtype: torch.dtype
+    max_model_len: int
+    seed: int
+    tokenizer: Optional[str] = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.hf_config, "architectures", None) or []
+        return archs[0] if archs else self.hf_config.model_type
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.hf_config, "num_key_value_heads", None) or self.hf_config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        c = self.hf_config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: Optional[int] = None
+    kv_cache_memory: Optional[int] = None  # bytes for the KV cache (CPU default: 2 GiB)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    device: str
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    max_logprobs: int = 20
+    skip_tokenizer_init: bool = False  # token ids in and out only
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but torch sees no CUDA device; "
+                         "use device='cpu'.")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}.")
+    return device
+
+
+def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device == "cpu":
+            return torch.float32  # exact and fastest on CPUs without bf16 matrix units
+        cfg = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+        if isinstance(cfg, str):
+            cfg = _DTYPES.get(cfg)
+        return cfg if cfg in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of 'auto', {sorted(set(_DTYPES))}, got {dtype!r}.")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class EngineArgs:
+    """Arguments with vLLM's names; ``create_engine_config`` validates and resolves them."""
+
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    load_format: str = "auto"
+    block_size: int = 16
+    max_model_len: Optional[int] = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: Optional[int] = None
+    kv_cache_memory: Optional[int] = None
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    max_logprobs: int = 20
+    skip_tokenizer_init: bool = False
+
+    def create_engine_config(self) -> EngineConfig:
+        from servelm.loader import load_generation_eos_ids, load_hf_config, resolve_model
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError("load_format must be one of 'auto', 'safetensors', 'gguf', 'dummy'; "
+                             f"got {self.load_format!r}.")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ValueError(f"block_size must be a power of 2 up to 256, got {self.block_size}.")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}.")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError("num_gpu_blocks_override must be >= 1.")
+        device = _resolve_device(self.device)
+        model = self.model if self.load_format == "dummy" else resolve_model(self.model)
+        hf_config = load_hf_config(model, self.load_format)
+        load_format = self.load_format
+        if load_format == "auto":
+            load_format = "gguf" if str(model).endswith(".gguf") else "safetensors"
+        dtype = _resolve_dtype(self.dtype, hf_config, device)
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
+        # Sliding-window models (Mistral 7B v0.1) are exact with full attention up to the window.
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True):
+            max_pos = min(max_pos, window)
+        max_model_len = self.max_model_len or max_pos
+        if max_model_len > max_pos:
+            raise ValueError(f"max_model_len ({max_model_len}) is larger than the model's "
+                             f"context ({max_pos}); pass max_model_len <= {max_pos}.")
+        if max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2.")
+        batched = self.max_num_batched_tokens or (8192 if device != "cpu" else 2048)
+        if not self.enable_chunked_prefill:
+            batched = max(batched, max_model_len)
+        if batched < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1.")
+        eos = tuple(load_generation_eos_ids(model, hf_config, None)
+                    if load_format != "dummy" else
+                    ([hf_config.eos_token_id] if isinstance(getattr(hf_config, "eos_token_id", None), int)
+                     else list(getattr(hf_config, "eos_token_id", None) or [])))
+        model_cfg = ModelConfig(model=str(model), load_format=load_format, hf_config=hf_config,
+                                dtype=dtype, max_model_len=max_model_len, seed=self.seed,
+                                tokenizer=self.tokenizer, eos_token_ids=eos)
+        cache = CacheConfig(self.block_size, self.enable_prefix_caching,
+                            self.gpu_memory_utilization, self.num_gpu_blocks_override,
+                            self.kv_cache_memory)
+        sched = SchedulerConfig(self.max_num_seqs, batched, max_model_len,
+                                self.enable_chunked_prefill)
+        return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
+                            attention_backend=self.attention_backend,
+                            enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
+                            skip_tokenizer_init=self.skip_tokenizer_init)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
+        if model_positional:
+            parser.add_argument("model", nargs="?", default=None,
+                                help="HF directory, .gguf file, or dummy preset (default: the "
+                                     "embedded SmolLM2-135M-Instruct)")
+        else:
+            parser.add_argument("--model", default=None)
+        a = parser.add_argument
+        a("--tokenizer", default=None)
+        a("--dtype", default="auto", choices=["auto"] + sorted(set(_DTYPES)))
+        a("--device", default="auto")
+        a("--seed", type=int, default=0)
+        a("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+        a("--block-size", type=int, default=16)
+        a("--max-model-len", type=int, default=None)
+        a("--max-num-seqs", type=int, default=256)
+        a("--max-num-batched-tokens", type=int, default=None)
+        a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+        a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+        a("--gpu-memory-utilization", type=float, default=0.9)
+        a("--num-gpu-blocks-override", type=int, default=None)
+        a("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU)")
+        a("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+        a("--enforce-eager", action="store_true")
+        a("--max-logprobs", type=int, default=20)
+        a("--skip-tokenizer-init", action="store_true")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})

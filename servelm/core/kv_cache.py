@@ -1,0 +1,167 @@
+"""Paged KV cache bookkeeping: a pool of fixed-size blocks with reference counts, and a prefix
+cache that maps chained hashes of full blocks to the block holding their KV.
+
+Freed blocks keep their hash while they sit in the free queue, so a later request with the same
+prefix can take them back (a cache hit); they are evicted in LRU order only when a fresh block is
+needed. Nothing here touches tensors: the model runner owns the KV memory, this owns block ids.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+from servelm.core.request import Request
+
+
+def hash_block(parent: Optional[int], tokens: tuple[int, ...]) -> int:
+    """Chained hash: a block's identity includes every token before it."""
+    return hash((parent, tokens))
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, tokens found in the cache
+
+
+class BlockPool:
+    """Block ids 0..num_blocks-1 with reference counts, an LRU free queue and the hash table."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.ref_cnt = [0] * num_blocks
+        self.block_hash: list[Optional[int]] = [None] * num_blocks
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def allocate(self, n: int) -> list[int]:
+        """n fresh blocks (ref_cnt 1), evicting the least recently freed cached ones."""
+        assert n <= len(self.free_queue)
+        out = []
+        for _ in range(n):
+            bid, _ = self.free_queue.popitem(last=False)
+            h = self.block_hash[bid]
+            if h is not None:
+                if self.cached.get(h) == bid:
+                    del self.cached[h]
+                self.block_hash[bid] = None
+            self.ref_cnt[bid] = 1
+            out.append(bid)
+        return out
+
+    def lookup(self, h: int) -> Optional[int]:
+        return self.cached.get(h)
+
+    def touch(self, block_ids: list[int]) -> None:
+        """Take a reference on cached blocks (hits); a free one leaves the free queue."""
+        for bid in block_ids:
+            if self.ref_cnt[bid] == 0:
+                del self.free_queue[bid]
+            self.ref_cnt[bid] += 1
+
+    def free(self, block_ids: list[int]) -> None:
+        """Drop one reference each; blocks given in eviction order (first evicted first)."""
+        for bid in block_ids:
+            self.ref_cnt[bid] -= 1
+            assert self.ref_cnt[bid] >= 0, f"block {bid} freed twice"
+            if self.ref_cnt[bid] == 0:
+                self.free_queue[bid] = None
+
+    def cache_block(self, bid: int, h: int) -> None:
+        if self.enable_caching and self.block_hash[bid] is None and h not in self.cached:
+            self.block_hash[bid] = h
+            self.cached[h] = bid
+
+    def reset_prefix_cache(self) -> bool:
+        if any(self.ref_cnt):
+            return False
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+        return True
+
+
+class KVCacheManager:
+    """Per-request block tables on top of a BlockPool."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.enable_caching = enable_caching
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by running requests (cached free blocks count as free)."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _update_hashes(self, req: Request, upto_tokens: int) -> None:
+        """Extend req.block_hashes over the full blocks among its first upto_tokens tokens."""
+        bs = self.block_size
+        for i in range(len(req.block_hashes), upto_tokens // bs):
+            parent = req.block_hashes[-1] if req.block_hashes else None
+            req.block_hashes.append(hash_block(parent, tuple(req.all_token_ids[i * bs:(i + 1) * bs])))
+
+    def get_computed_blocks(self, req: Request) -> list[int]:
+        """Longest cached prefix of req's tokens, in whole blocks. Leaves at least one token to
+        compute, since the last token's logits are needed. Counts the lookup in the stats."""
+        if not self.enable_caching or req.params.prompt_logprobs is not None:
+            return []
+        max_hit = req.num_tokens - 1
+        self._update_hashes(req, max_hit)
+        hits = []
+        for h in req.block_hashes[:max_hit // self.block_size]:
+            bid = self.pool.lookup(h)
+            if bid is None:
+                break
+            hits.append(bid)
+        self.stats.queries += req.num_tokens
+        self.stats.hits += len(hits) * self.block_size
+        return hits
+
+    def allocate_slots(self, req: Request, num_new_tokens: int,
+                       computed_blocks: list[int] = ()) -> Optional[list[int]]:
+        """Make room for num_new_tokens more tokens after req's computed ones (plus
+        ``computed_blocks`` taken from the prefix cache). Returns the newly allocated block ids,
+        or None (and changes nothing) if the pool lacks free blocks."""
+        num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        need = self.blocks_needed(num_computed + num_new_tokens)
+        have = len(req.block_ids) + len(computed_blocks)
+        # cached blocks being revived leave the free queue too
+        reviving = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
+        new = max(0, need - have)
+        if new + reviving > self.pool.num_free_blocks:
+            return None
+        if computed_blocks:
+            self.pool.touch(list(computed_blocks))
+            req.block_ids.extend(computed_blocks)
+        new_ids = self.pool.allocate(new)
+        req.block_ids.extend(new_ids)
+        if self.enable_caching:
+            # Register blocks that become full this step. Safe before the forward pass: a request
+            # hitting them in the same step reads KV that this step's write_kv stores first.
+            upto = min(num_computed + num_new_tokens, req.num_tokens)
+            self._update_hashes(req, upto)
+            for i in range(num_computed // self.block_size, upto // self.block_size):
+                self.pool.cache_block(req.block_ids[i], req.block_hashes[i])
+        return new_ids
+
+    def free(self, req: Request) -> None:
+        # reverse order: a request's tail blocks are the least likely to be shared, evict first
+        self.pool.free(list(reversed(req.block_ids)))
+        req.block_ids = []
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) <= self.pool.num_blocks

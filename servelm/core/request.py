@@ -1,0 +1,89 @@
+"""The scheduler's view of one sequence being generated."""
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+from servelm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # Everything above this line is unfinished.
+    FINISHED_STOPPED = 10  # EOS, stop token id or stop string
+    FINISHED_LENGTH = 11  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = 12  # cancelled by the client
+    FINISHED_IGNORED = 13  # can never fit in the KV cache: finishes as "length", with a reason
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return {10: "stop", 11: "length", 12: "abort", 13: "length"}.get(int(self))
+
+
+class Request:
+    """Token ids, progress and KV blocks of one sequence (one of n samples of a prompt).
+
+    Invariant: tokens [0, num_computed_tokens) have their KV in the blocks ``block_ids``.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 arrival_time: float, eos_token_ids: tuple[int, ...] = (),
+                 parent_id: Optional[str] = None, priority: int = 0) -> None:
+        self.request_id = request_id
+        self.parent_id = parent_id  # the user's request id when n > 1 fans out
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.arrival_time = arrival_time
+        self.priority = priority
+        self.eos_token_ids = eos_token_ids
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hit length at first scheduling; -1 = not yet
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+
+    def check_stop(self, max_model_len: int) -> bool:
+        """After appending a sampled token: set a finished status if generation must end."""
+        p = self.params
+        last = self.all_token_ids[-1]
+        if self.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and last in self.eos_token_ids:
+                self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, None
+                return True
+            if last in p.stop_token_ids:
+                self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
+                return True
+        if (p.max_tokens is not None and self.num_output_tokens >= p.max_tokens) \
+                or self.num_tokens >= max_model_len:
+            self.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False

@@ -1,0 +1,66 @@
+"""EngineCore: the scheduler and the model runner; one step = schedule, execute, update."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from servelm.config import EngineConfig
+from servelm.core.request import Request, RequestStatus
+from servelm.core.scheduler import EngineCoreOutput, Scheduler, SchedulerStats
+from servelm.sampling_params import SamplingParams
+from servelm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What a client hands the core: one sequence to generate (n > 1 arrives as n of these)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    parent_id: Optional[str] = None
+    priority: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        t0 = time.perf_counter()
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.initialize_kv_cache(num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        logger.info("engine ready in %.1fs: %d KV blocks of %d tokens", time.perf_counter() - t0,
+                    num_blocks, config.cache.block_size)
+
+    def add_request(self, r: EngineRequest) -> None:
+        req = Request(r.request_id, r.prompt_token_ids, r.params, r.arrival_time,
+                      self.config.model.eos_token_ids, r.parent_id, r.priority)
+        self.scheduler.add_request(req)
+
+    def abort_requests(self, req_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
+
+    def stop_requests(self, req_ids: Iterable[str]) -> None:
+        """Finish requests that the client found a stop string in."""
+        self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_STOPPED)
+
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        result = self.runner.execute(sched)
+        return self.scheduler.update(sched, result.sampled, result.logprobs, result.prompt_logprobs)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.kv.pool.num_free_blocks

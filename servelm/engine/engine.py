@@ -1,0 +1,105 @@
+"""In-process engine: input processing (tokenize, validate), EngineCore, OutputProcessor."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Union
+
+from servelm.config import EngineArgs, EngineConfig
+from servelm.core.scheduler import SchedulerStats
+from servelm.engine.core import EngineCore, EngineRequest
+from servelm.engine.output_processor import OutputProcessor
+from servelm.outputs import RequestOutput
+from servelm.sampling_params import SamplingParams
+
+PromptType = Union[str, list[int], dict]
+
+
+class InputProcessor:
+    """Tokenizes and validates prompts against the model's limits."""
+
+    def __init__(self, config: EngineConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def process(self, prompt: PromptType, params: SamplingParams,
+                add_special_tokens: bool = True) -> tuple[Optional[str], list[int], SamplingParams]:
+        text: Optional[str] = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                text, ids = prompt["prompt"], None
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'.")
+        elif isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
+        if ids is None:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompt token ids, or a "
+                                 "tokenizer=... path.")
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        mc = self.config.model
+        if not ids:
+            raise ValueError("the prompt is empty: it must have at least one token.")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < mc.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {mc.vocab_size}).")
+        max_len = mc.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {max_len}: "
+                             "shorten the prompt (it must leave room for one output token).")
+        lp = max(params.logprobs or 0, params.prompt_logprobs or 0)
+        if lp > self.config.max_logprobs:
+            raise ValueError(f"logprobs ({lp}) must be <= max_logprobs ({self.config.max_logprobs}).")
+        if params.max_tokens is None:
+            from dataclasses import replace
+            params = replace(params, max_tokens=max_len - len(ids))
+        return text, ids, params
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, tokenizer: Any = None) -> None:
+        from servelm.loader import load_tokenizer
+        self.config = config
+        mc = config.model
+        if tokenizer is None and not config.skip_tokenizer_init:
+            tokenizer = load_tokenizer(mc.model if mc.load_format != "dummy" else None,
+                                       mc.tokenizer, mc.load_format)
+        self.tokenizer = tokenizer
+        self.core = EngineCore(config)
+        self.inputs = InputProcessor(config, tokenizer)
+        self.outputs = OutputProcessor(tokenizer)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "Engine":
+        return cls(args.create_engine_config())
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    arrival_time: Optional[float] = None, priority: int = 0,
+                    add_special_tokens: bool = True) -> None:
+        arrival = time.time() if arrival_time is None else arrival_time
+        text, ids, params = self.inputs.process(prompt, params, add_special_tokens)
+        child_ids = self.outputs.add_request(request_id, text, ids, params, arrival)
+        for i, cid in enumerate(child_ids):
+            self.core.add_request(EngineRequest(
+                cid, ids, params.child(i) if params.n > 1 else params, arrival,
+                parent_id=request_id if params.n > 1 else None, priority=priority))
+
+    def abort_request(self, request_ids: list[str] | str) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.core.abort_requests(self.outputs.abort_request(rid))
+
+    def step(self) -> list[RequestOutput]:
+        outs, stopped = self.outputs.process(self.core.step())
+        if stopped:
+            self.core.stop_requests(stopped)
+        return outs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def stats(self) -> SchedulerStats:
+        return self.core.stats()

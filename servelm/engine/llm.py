@@ -1,0 +1,93 @@
+"""Offline API, shaped like vLLM's ``LLM``."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence, Union
+
+from servelm.config import EngineArgs
+from servelm.engine.engine import Engine, PromptType
+from servelm.outputs import RequestOutput
+from servelm.sampling_params import SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """``LLM(model=None, **engine_args)``: with no model, the embedded SmolLM2-135M-Instruct."""
+
+    def __init__(self, model: Optional[str] = None, **engine_args: Any) -> None:
+        self.engine = Engine.from_engine_args(EngineArgs(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, a list of token ids, a list of token-id lists,
+        or dicts with 'prompt' / 'prompt_token_ids'. Outputs come back in input order."""
+        return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm, True)
+
+    def chat(self, messages: Union[Conversation, Sequence[Conversation]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+        """messages: one conversation (a list of {'role', 'content'}) or a list of them."""
+        tok = self.engine.tokenizer
+        if tok is None or getattr(tok, "chat_template", None) is None:
+            raise ValueError("this model has no chat template; use generate().")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **(chat_template_kwargs or {})) for c in convs]
+        # the template already holds the special tokens it wants
+        return self._run(prompts, sampling_params, use_tqdm, False)
+
+    def _run(self, prompts: list[PromptType], sampling_params, use_tqdm: bool,
+             add_special_tokens: bool) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
+                  else list(sampling_params))
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params.")
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, p, sp, add_special_tokens=add_special_tokens)
+                ids.append(rid)
+        except Exception:
+            self.engine.abort_request(ids)
+            raise
+        return self._drain(ids, use_tqdm)
+
+    def _drain(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            self.engine.abort_request([i for i in ids if i not in done])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[i] for i in ids]
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # one prompt of token ids
+    return prompts

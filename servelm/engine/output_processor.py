@@ -1,0 +1,140 @@
+"""Client-side half of the engine: turns EngineCoreOutputs (token ids) into RequestOutputs
+(text, logprobs, finish reasons), detokenizing incrementally, applying stop strings and joining
+the n samples of a request."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from servelm.core.scheduler import EngineCoreOutput
+from servelm.engine.detokenizer import IncrementalDetokenizer, find_stop
+from servelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from servelm.sampling_params import SamplingParams
+
+
+def child_request_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+@dataclass
+class _Child:
+    out: CompletionOutput
+    detok: Optional[IncrementalDetokenizer]
+    new_tokens: int = 0
+
+
+@dataclass
+class _ReqState:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: dict[str, _Child]
+    metrics: RequestMetrics
+    prompt_logprobs: Optional[list] = None
+    num_cached_tokens: int = 0
+    unfinished: set[str] = field(default_factory=set)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, _ReqState] = {}
+        self.child_to_parent: dict[str, str] = {}
+
+    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                    params: SamplingParams, arrival_time: float) -> list[str]:
+        """Registers a request; returns its child ids (one per sample)."""
+        if request_id in self.states:
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (pass "
+                             "tokenizer=... or use stop_token_ids).")
+        st = _ReqState(request_id, prompt, prompt_token_ids, params, {}, RequestMetrics(arrival_time))
+        for i in range(params.n):
+            cid = child_request_id(request_id, i, params.n)
+            detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+                     if self.tokenizer is not None and params.detokenize else None)
+            st.children[cid] = _Child(CompletionOutput(i, "", [], 0.0 if params.logprobs is not None
+                                                       else None,
+                                                       [] if params.logprobs is not None else None),
+                                      detok)
+            self.child_to_parent[cid] = request_id
+            st.unfinished.add(cid)
+        self.states[request_id] = st
+        return list(st.children)
+
+    def abort_request(self, request_id: str) -> list[str]:
+        """Forget a request; returns its unfinished child ids for the core to abort."""
+        st = self.states.pop(request_id, None)
+        if st is None:
+            return []
+        for cid in st.children:
+            self.child_to_parent.pop(cid, None)
+        return list(st.unfinished)
+
+    def _decode_token(self, tid: int) -> Optional[str]:
+        return self.tokenizer.decode([tid]) if self.tokenizer is not None else None
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns (RequestOutputs of requests that changed, child ids stopped by a stop string,
+        which the core must finish)."""
+        now = time.time()
+        touched: dict[str, _ReqState] = {}
+        stopped: list[str] = []
+        for eo in outputs:
+            parent = self.child_to_parent.get(eo.req_id)
+            if parent is None:
+                continue
+            st = self.states[parent]
+            child = st.children[eo.req_id]
+            out, p = child.out, st.params
+            if st.metrics.first_token_time is None and eo.new_token_ids:
+                st.metrics.first_token_time = now
+            if eo.new_token_ids:
+                st.metrics.last_token_time = now
+            st.num_cached_tokens = eo.num_cached_tokens
+            if eo.prompt_logprobs is not None and st.prompt_logprobs is None:
+                st.prompt_logprobs = [None if d is None else self._to_logprobs(d)
+                                      for d in eo.prompt_logprobs]
+            out.token_ids.extend(eo.new_token_ids)
+            child.new_tokens = len(eo.new_token_ids)
+            if eo.new_logprobs and out.logprobs is not None:
+                for d, tid in zip(eo.new_logprobs, eo.new_token_ids):
+                    out.logprobs.append(self._to_logprobs(d))
+                    out.cumulative_logprob += d[tid][0]
+            finish, stop_reason = eo.finish_reason, eo.stop_reason
+            if child.detok is not None and eo.new_token_ids:
+                delta = child.detok.step(eo.new_token_ids)
+                out.text += delta
+                if p.stop and finish != "stop" and len(out.token_ids) >= p.min_tokens:
+                    hit = find_stop(out.text, len(delta), p.stop, p.include_stop_str_in_output)
+                    if hit is not None:
+                        out.text = out.text[:hit[1]]
+                        if finish is None:
+                            stopped.append(eo.req_id)
+                        finish, stop_reason = "stop", hit[0]
+            if finish is not None:
+                out.finish_reason, out.stop_reason = finish, stop_reason
+                st.unfinished.discard(eo.req_id)
+            touched[parent] = st
+        results = []
+        for rid, st in touched.items():
+            done = not st.unfinished
+            if done:
+                st.metrics.finished_time = now
+                del self.states[rid]
+                for cid in st.children:
+                    self.child_to_parent.pop(cid, None)
+            results.append(RequestOutput(
+                request_id=rid, prompt=st.prompt, prompt_token_ids=st.prompt_token_ids,
+                outputs=[c.out for c in st.children.values()], finished=done, metrics=st.metrics,
+                prompt_logprobs=st.prompt_logprobs, num_cached_tokens=st.num_cached_tokens,
+                new_token_counts=[c.new_tokens for c in st.children.values()]))
+            for c in st.children.values():
+                c.new_tokens = 0
+        return results, stopped
+
+    def _to_logprobs(self, d: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
+        return {tid: Logprob(lp, rank, self._decode_token(tid)) for tid, (lp, rank) in d.items()}

@@ -1,0 +1,70 @@
+"""Rotary position embedding (NeoX/HF "rotate_half" style) from a precomputed cos/sin cache."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def rope_parameters(hf_config: Any) -> tuple[float, dict]:
+    """(rope_theta, scaling dict) across transformers 4.x (rope_theta, rope_scaling) and 5.x
+    (rope_parameters)."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    if params.get("rope_type", "default") != "default":
+        scaling = dict(params)
+    return float(theta), scaling
+
+
+def _inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        # Llama 3.1+: long wavelengths divided by factor, short kept, smooth blend in between.
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, blended, scaled)
+    raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: default, "
+                     "linear, llama3.")
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary embedding to q [T, H, D] and k [T, KVH, D] at positions [T]."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict,
+                 use_kernel: bool = False) -> None:
+        super().__init__()
+        inv_freq = _inv_freq(head_dim, theta, scaling)
+        # HF: freqs = inv_freq (x) positions in fp32, emb = cat(freqs, freqs), cos/sin in fp32
+        freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        # cos_sin_cache: [max_position, D]: first D/2 columns cos, last D/2 sin
+        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1),
+                             persistent=False)
+        self.use_kernel = use_kernel
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if self.use_kernel:
+            from servelm.kernels.rotary import rotary_embedding
+            rotary_embedding(positions, q, k, self.cos_sin_cache)
+            return q, k
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
+        cos = torch.cat([cos, cos], dim=-1)[:, None, :].to(q.dtype)  # [T, 1, D]
+        sin = torch.cat([sin, sin], dim=-1)[:, None, :].to(q.dtype)
+        return _apply(q, cos, sin), _apply(k, cos, sin)
+
+
+def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -1,0 +1,94 @@
+"""Sampling and stopping settings of one request, validated once at the boundary."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Field names and meanings follow vLLM's SamplingParams (and so OpenAI's API)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    max_tokens: Optional[int] = 16  # None: up to the context limit
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: Optional[int] = None  # number of top logprobs per output token (0: sampled only)
+    prompt_logprobs: Optional[int] = None
+    skip_special_tokens: bool = True
+    detokenize: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _check(self, ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}.")
+
+    def _validate(self) -> None:
+        c = self._check
+        c(isinstance(self.n, int) and 1 <= self.n, "n", "an integer >= 1")
+        c(_is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0")
+        c(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        c(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "0 or -1 (disabled) or an integer >= 1")
+        c(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
+        c(_is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+          "presence_penalty", "in [-2, 2]")
+        c(_is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+          "frequency_penalty", "in [-2, 2]")
+        c(_is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
+          "repetition_penalty", "in (0, 2]")
+        c(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
+          "seed", "None or a 64-bit integer")
+        c(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+          "max_tokens", "None or an integer >= 1")
+        c(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
+                             f"({self.max_tokens}).")
+        c(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings")
+        c(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+          "stop_token_ids", "a list of token ids >= 0")
+        c(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs),
+          "logprobs", "None or an integer >= 0")
+        c(self.prompt_logprobs is None
+          or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs),
+          "prompt_logprobs", "None or an integer >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
+
+    def child(self, index: int) -> "SamplingParams":
+        """Params of the index-th of n parallel samples: n=1, a distinct derived seed."""
+        from dataclasses import replace
+        seed = None if self.seed is None else (self.seed + index) % 2**64
+        return replace(self, n=1, seed=seed)
+
+
+def _is_num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
