@@ -1,0 +1,1 @@
+"""Benchmark clients: `servelm bench serve` (online, any OpenAI-compatible server)."""

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random HF checkpoints made on the fly, and engine helpers."""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
+            initializer_range=0.2, bos_token_id=0, eos_token_id=None, tie_word_embeddings=False)
+# eos_token_id=None: HF generate runs to max_new_tokens like ignore_eos (min_new_tokens would
+# instead mask the EOS logit, a different distribution)
+
+
+def _make_config(arch: str):
+    import transformers as tf
+    if arch == "llama":
+        return tf.LlamaConfig(**TINY)
+    if arch == "llama-tied":
+        return tf.LlamaConfig(**{**TINY, "tie_word_embeddings": True})
+    if arch == "qwen2":
+        return tf.Qwen2Config(**TINY)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**{**TINY, "head_dim": 32})
+    raise KeyError(arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """arch -> (checkpoint dir, HF model in fp32, eval mode)."""
+    import transformers as tf
+    cache: dict = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            torch.manual_seed(1234)
+            cfg = _make_config(arch)
+            model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+            d = tmp_path_factory.mktemp(f"tiny-{arch}")
+            model.save_pretrained(d)
+            cache[arch] = (str(d), model)
+        return cache[arch]
+    return get
+
+
+def make_engine(model_dir: str, **kw):
+    from servelm.config import EngineArgs
+    from servelm.engine.engine import Engine
+    args = dict(model=model_dir, skip_tokenizer_init=True, kv_cache_memory=1 << 24, block_size=4,
+                device="cpu", dtype="float32")
+    args.update(kw)
+    return Engine.from_engine_args(EngineArgs(**args))
+
+
+def run_to_completion(engine, prompts, params, ids=None, max_steps=10_000):
+    """Adds prompts, steps until done; returns outputs in order. Bounded: never hangs."""
+    ids = ids or [f"r{i}" for i in range(len(prompts))]
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    for rid, p, sp in zip(ids, prompts, plist):
+        engine.add_request(rid, p, sp)
+    done = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert not engine.has_unfinished_requests(), "engine did not finish in the step bound"
+    return [done[i] for i in ids]
+
+
+def assert_all_blocks_free(engine) -> None:
+    sched = engine.core.scheduler
+    assert not sched.running and not sched.waiting
+    assert sched.kv.pool.num_free_blocks == sched.kv.num_blocks
+    assert all(c == 0 for c in sched.kv.pool.ref_cnt)
+
+
+def random_prompts(n: int, lengths, seed: int = 0, vocab: int = 250):
+    g = torch.Generator().manual_seed(seed)
+    lens = list(itertools.islice(itertools.cycle(lengths), n))
+    return [torch.randint(1, vocab, (L,), generator=g).tolist() for L in lens]
