@@ -42,11 +42,60 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
+def decode_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """All query lengths 1: one padded batched computation. q: [S, H, D] -> [S, H, D]."""
+    S, H, D = q.shape
+    bs, KVH = k_cache.shape[1], k_cache.shape[2]
+    nblk = -(-meta.max_seq_len // bs)
+    bt = meta.block_tables[:, :nblk].long()
+    k = k_cache[bt].view(S, nblk * bs, KVH, D).float()  # [S, L, KVH, D]
+    v = v_cache[bt].view(S, nblk * bs, KVH, D).float()
+    qg = q.view(S, KVH, H // KVH, D).float()
+    scores = torch.einsum("skgd,slkd->skgl", qg, k) * scale  # [S, KVH, G, L]
+    pad = torch.arange(nblk * bs, device=q.device)[None, :] >= meta.seq_lens[:, None].long()
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    out = torch.einsum("skgl,slkd->skgd", scores.softmax(-1), v)
+    return out.reshape(S, H, D).to(q.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Per sequence; a whole prompt (no cached prefix) takes SDPA's causal fast path, a chunk
+    after a prefix an explicit mask. GQA through broadcasting, not repeat (no copies)."""
+    bs, KVH, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    H = q.shape[1]
+    out = torch.empty_like(q)
+    start = 0
+    for s, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        blocks = meta.block_tables[s, :-(-ctx // bs)].long()
+        k = k_cache[blocks].reshape(-1, KVH, D)[:ctx].transpose(0, 1)[:, None]  # [KVH,1,ctx,D]
+        v = v_cache[blocks].reshape(-1, KVH, D)[:ctx].transpose(0, 1)[:, None]
+        qs = q[start:start + q_len].transpose(0, 1).reshape(KVH, H // KVH, q_len, D)
+        if q_len == ctx:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
+        elif q_len == 1:
+            o = F.scaled_dot_product_attention(qs, k, v, scale=scale)
+        else:
+            pos_q = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+            allowed = torch.arange(ctx, device=q.device)[None, :] <= pos_q
+            bias = torch.zeros(q_len, ctx, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~allowed, float("-inf"))
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=bias, scale=scale)
+        out[start:start + q_len] = o.reshape(H, q_len, D).transpose(0, 1)
+        start += q_len
+    return out
+
+
 class TorchReferenceBackend(AttentionBackend):
+    """Plain PyTorch on any device: batched for decode-only steps, per sequence otherwise."""
+
     name = "torch"
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
         write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        if meta.decode_only:
+            return decode_attention_batched(q, k_cache, v_cache, meta, scale)
+        return prefill_attention(q, k_cache, v_cache, meta, scale)

@@ -1,0 +1,86 @@
+"""Shapes of well-known models, for `load_format="dummy"` (random weights, no files needed).
+
+Each preset is the published `config.json` of the model, reduced to the fields that shape the
+network. Benchmarks on a preset measure the real model's speed; its outputs are noise.
+"""
+from __future__ import annotations
+
+import copy
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from transformers import AutoConfig, PretrainedConfig
+
+_LLAMA3_ROPE_SCALING = MappingProxyType({
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+})
+
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    # meta-llama/Meta-Llama-3-8B
+    "llama-3-8b": MappingProxyType({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+        "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "tie_word_embeddings": False,
+        "bos_token_id": 128000, "eos_token_id": 128001,
+    }),
+    # meta-llama/Llama-3.2-1B. Its rope uses llama3 frequency scaling: a model that ignores
+    # `rope_scaling` computes plain rope with theta 500000 (same speed, different numbers).
+    "llama-3.2-1b": MappingProxyType({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192,
+        "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "rope_scaling": _LLAMA3_ROPE_SCALING, "tie_word_embeddings": True,
+        "bos_token_id": 128000, "eos_token_id": 128001,
+    }),
+    # Qwen/Qwen2.5-7B (q/k/v projections carry a bias)
+    "qwen2.5-7b": MappingProxyType({
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "intermediate_size": 18944,
+        "vocab_size": 152064, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": False, "use_sliding_window": False,
+        "bos_token_id": 151643, "eos_token_id": 151643,
+    }),
+    # Qwen/Qwen3-8B (per-head RMSNorm on q and k)
+    "qwen3-8b": MappingProxyType({
+        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
+        "hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288,
+        "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": False, "use_sliding_window": False,
+        "bos_token_id": 151643, "eos_token_id": 151645,
+    }),
+    # HuggingFaceTB/SmolLM2-135M-Instruct: the shape of the embedded default GGUF
+    "smollm2-135m": MappingProxyType({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536,
+        "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+    }),
+})
+
+DEFAULT_DUMMY_PRESET = "smollm2-135m"
+
+
+def preset_config(name: str) -> PretrainedConfig:
+    """A fresh transformers config of the preset `name` (case-insensitive)."""
+    key = name.lower()
+    if key not in PRESETS:
+        raise ValueError(
+            f"unknown dummy preset {name!r}: choose one of {sorted(PRESETS)}, "
+            "or pass a local Hugging Face directory whose config.json gives the shape"
+        )
+    kwargs = {k: copy.deepcopy(dict(v) if isinstance(v, Mapping) else v) for k, v in PRESETS[key].items()}
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config.name_or_path = key
+    return config
