@@ -22,6 +22,10 @@ def _make_config(arch: str):
         return tf.LlamaConfig(**TINY)
     if arch == "llama-tied":
         return tf.LlamaConfig(**{**TINY, "tie_word_embeddings": True})
+    if arch == "llama3-rope":  # Llama 3.1+ rope scaling
+        return tf.LlamaConfig(**{**TINY, "rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})
     if arch == "qwen2":
         return tf.Qwen2Config(**TINY)
     if arch == "qwen3":

@@ -2,26 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 from torch import nn
 
 
-def rope_parameters(hf_config: Any) -> tuple[float, dict]:
-    """(rope_theta, scaling dict) across transformers 4.x (rope_theta, rope_scaling) and 5.x
-    (rope_parameters)."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
-    if params.get("rope_type", "default") != "default":
-        scaling = dict(params)
-    return float(theta), scaling
-
-
 def _inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """scaling: the config's rope parameters ({"rope_type", ...}, as loader.rope_parameters)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_type = scaling.get("rope_type", "default")
     if rope_type == "default":
         return inv_freq
     if rope_type == "linear":

@@ -12,7 +12,8 @@ from servelm.attention.backend import AttentionBackend, AttentionMetadata
 from servelm.layers.activation import silu_and_mul
 from servelm.layers.linear import Linear, MergedLinear
 from servelm.layers.norm import RMSNorm
-from servelm.layers.rotary import RotaryEmbedding, rope_parameters
+from servelm.layers.rotary import RotaryEmbedding
+from servelm.loader.config import rope_parameters
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class LlamaArgs:
     @staticmethod
     def from_hf(c: Any) -> "LlamaArgs":
         model_type = getattr(c, "model_type", "llama")
-        theta, scaling = rope_parameters(c)
+        rope = rope_parameters(c)
         heads = c.num_attention_heads
         return LlamaArgs(
             hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -46,7 +47,7 @@ class LlamaArgs:
             head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
             vocab_size=c.vocab_size, rms_norm_eps=c.rms_norm_eps,
             max_position=getattr(c, "max_position_embeddings", 8192),
-            rope_theta=theta, rope_scaling=scaling,
+            rope_theta=float(rope["rope_theta"]), rope_scaling=rope,
             qkv_bias=model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
             qk_norm=model_type == "qwen3",
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)))

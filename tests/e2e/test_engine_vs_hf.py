@@ -45,7 +45,7 @@ def check(outs, refs):
         assert c.finish_reason == "length"
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "llama3-rope", "qwen2", "qwen3"])
 def test_greedy_matches_hf(tiny_model_factory, references, arch):
     d, _ = tiny_model_factory(arch)
     prompts = random_prompts(8, LENGTHS, seed=1)
