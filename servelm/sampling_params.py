@@ -46,10 +46,10 @@ class SamplingParams:
 
     def _validate(self) -> None:
         c = self._check
-        c(isinstance(self.n, int) and 1 <= self.n, "n", "an integer >= 1")
+        c(_is_int(self.n) and 1 <= self.n, "n", "an integer >= 1")
         c(_is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0")
         c(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
-        c(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "0 or -1 (disabled) or an integer >= 1")
+        c(_is_int(self.top_k) and self.top_k >= 0, "top_k", "0 or -1 (disabled) or an integer >= 1")
         c(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
         c(_is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
           "presence_penalty", "in [-2, 2]")
@@ -57,21 +57,21 @@ class SamplingParams:
           "frequency_penalty", "in [-2, 2]")
         c(_is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
           "repetition_penalty", "in (0, 2]")
-        c(self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
+        c(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64),
           "seed", "None or a 64-bit integer")
-        c(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        c(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
           "max_tokens", "None or an integer >= 1")
-        c(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "an integer >= 0")
+        c(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
                              f"({self.max_tokens}).")
         c(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings")
-        c(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+        c(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
           "stop_token_ids", "a list of token ids >= 0")
-        c(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs),
+        c(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs),
           "logprobs", "None or an integer >= 0")
         c(self.prompt_logprobs is None
-          or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs),
+          or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs),
           "prompt_logprobs", "None or an integer >= 0")
 
     @property
@@ -92,3 +92,7 @@ class SamplingParams:
 
 def _is_num(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

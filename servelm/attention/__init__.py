@@ -4,7 +4,7 @@ from __future__ import annotations
 from servelm.attention.backend import AttentionBackend, AttentionMetadata
 
 
-def get_attention_backend(name: str, device: str) -> AttentionBackend:
+def get_attention_backend(name: str, device: str, max_model_len: int | None = None) -> AttentionBackend:
     """name: "auto" (triton on CUDA when available, else torch), "torch" or "triton"."""
     if name == "auto":
         name = "torch"
@@ -19,7 +19,8 @@ def get_attention_backend(name: str, device: str) -> AttentionBackend:
         return TorchReferenceBackend()
     if name == "triton":
         from servelm.attention.triton_backend import TritonAttentionBackend
-        return TritonAttentionBackend()
+        # sized for max_model_len so one CUDA graph per batch size serves every context length
+        return TritonAttentionBackend(max_model_len)
     raise ValueError(f"attention_backend must be one of 'auto', 'torch', 'triton'; got {name!r}")
 
 

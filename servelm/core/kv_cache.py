@@ -116,7 +116,8 @@ class KVCacheManager:
 
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Longest cached prefix of req's tokens, in whole blocks. Leaves at least one token to
-        compute, since the last token's logits are needed. Counts the lookup in the stats."""
+        compute, since the last token's logits are needed. The caller records the lookup with
+        ``record_lookup`` once the request is actually scheduled (so retries count once)."""
         if not self.enable_caching or req.params.prompt_logprobs is not None:
             return []
         max_hit = req.num_tokens - 1
@@ -127,9 +128,11 @@ class KVCacheManager:
             if bid is None:
                 break
             hits.append(bid)
-        self.stats.queries += req.num_tokens
-        self.stats.hits += len(hits) * self.block_size
         return hits
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.stats.queries += num_tokens
+        self.stats.hits += num_hit_tokens
 
     def allocate_slots(self, req: Request, num_new_tokens: int,
                        computed_blocks: list[int] = ()) -> Optional[list[int]]:

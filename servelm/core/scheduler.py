@@ -149,10 +149,6 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests, FCFS, unless this step already had to preempt.
-        prefilling_parents = {r.parent_id for r in self.running if r.parent_id is not None and
-                              r.num_computed_tokens + num_scheduled.get(r.request_id, 0)
-                              < r.num_prompt_tokens}
-        skipped: list[Request] = []
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
@@ -160,11 +156,6 @@ class Scheduler:
                 self.waiting.popleft()
                 self._ignore(req, f"the sequence ({req.num_tokens} tokens) does not fit in the KV "
                                   f"cache ({self.kv.num_blocks * self.kv.block_size} tokens)")
-                continue
-            if self.kv.enable_caching and req.parent_id in prefilling_parents:
-                # A sibling (another of the n samples) is computing this prompt: wait for it and
-                # then share its blocks through the prefix cache.
-                skipped.append(self.waiting.popleft())
                 continue
             computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             num_computed = req.num_computed_tokens + len(computed) * self.kv.block_size
@@ -177,15 +168,14 @@ class Scheduler:
             self.waiting.popleft()
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = len(computed) * self.kv.block_size
+                if self.kv.enable_caching and req.params.prompt_logprobs is None:
+                    self.kv.record_lookup(req.num_tokens, req.num_cached_tokens)
             req.num_computed_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             num_scheduled[req.request_id] = n
             budget -= n
             new_reqs.append(self._new_req_data(req))
-            if req.parent_id is not None and num_computed + n < req.num_prompt_tokens:
-                prefilling_parents.add(req.parent_id)
-        self.waiting.extendleft(reversed(skipped))
 
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self.finished_ids, preempted)

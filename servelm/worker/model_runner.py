@@ -12,10 +12,12 @@ import torch
 
 from servelm.attention import AttentionMetadata, get_attention_backend
 from servelm.config import EngineConfig
-from servelm.core.scheduler import SchedulerOutput
+from servelm.core.scheduler import NewRequestData, SchedulerOutput
 from servelm.layers.sampler import Sampler, SamplingMetadata, SamplerOutput
 from servelm.models.registry import build_model
 from servelm.sampling_params import SamplingParams
+from servelm.worker.cuda_graphs import DecodeGraphs
+from servelm.worker.input_batch import InputBatch
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +27,9 @@ TokenLogprobs = dict[int, tuple[float, int]]
 
 @dataclass
 class RequestState:
-    token_ids: list[int]  # prompt + outputs known to the runner
+    row: int  # the request's row in the InputBatch (token ids, block table)
     num_prompt_tokens: int
     params: SamplingParams
-    block_ids: list[int]
     num_computed_tokens: int
     generator: Optional[torch.Generator] = None
 
@@ -61,13 +62,19 @@ class ModelRunner:
         self.dtype = mc.dtype
         self.block_size = config.cache.block_size
         self.max_blocks_per_seq = -(-mc.max_model_len // self.block_size)
-        self.backend = get_attention_backend(config.attention_backend, config.device)
+        self.backend = get_attention_backend(config.attention_backend, config.device,
+                                             mc.max_model_len)
         self.use_kernels = self.device.type == "cuda" and self.backend.name == "triton"
         self.model = self._load_model()
         self.sampler = Sampler()
         self.requests: dict[str, RequestState] = {}
+        # rows: running requests (<= max_num_seqs) plus the profiling batch
+        max_rows = max(config.scheduler.max_num_seqs,
+                       config.scheduler.max_num_batched_tokens // 256 + 2)
+        self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.graphs: Optional[DecodeGraphs] = None
 
     # ---- set-up ---------------------------------------------------------------------------
     def _load_model(self) -> torch.nn.Module:
@@ -129,23 +136,22 @@ class ModelRunner:
         lens = [seq] * (n_tok // seq) + ([n_tok % seq] if n_tok % seq else [])
         nb = sum(-(-n // self.block_size) for n in lens)
         self._allocate_kv(nb)
-        reqs = {f"profile-{i}": RequestState([0] * n, n, SamplingParams(max_tokens=1), [], 0)
-                for i, n in enumerate(lens)}
-        b = 0
-        for st in reqs.values():
-            k = -(-st.num_prompt_tokens // self.block_size)
-            st.block_ids = list(range(b, b + k))
+        g = torch.Generator().manual_seed(0)
+        new, b = [], 0
+        for i, n in enumerate(lens):
+            k = -(-n // self.block_size)
+            ids = torch.randint(0, self.config.model.vocab_size, (n,), generator=g).tolist()
+            new.append(NewRequestData(f"profile-{i}", ids, n, SamplingParams(max_tokens=1),
+                                      list(range(b, b + k)), 0))
             b += k
-        self.requests.update(reqs)
-        self.execute(SchedulerOutput([], [], {r: s.num_prompt_tokens for r, s in reqs.items()},
-                                     n_tok, set()))
+        self.execute(SchedulerOutput(new, [], {r.req_id: len(r.token_ids) for r in new}, n_tok,
+                                     set()))
         # a full decode batch through the sampler (logits of max_num_seqs rows)
         logits = torch.randn(sc.max_num_seqs, self.config.model.vocab_size, device=self.device)
         self.sampler(logits, SamplingMetadata(temperature=torch.ones(sc.max_num_seqs, device=self.device),
                                               all_greedy=False, top_p=torch.full((sc.max_num_seqs,), 0.9, device=self.device),
                                               max_num_logprobs=self.config.max_logprobs))
-        for r in reqs:
-            del self.requests[r]
+        self._update_states(SchedulerOutput([], [], {}, 0, {r.req_id for r in new}))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - sum(
             k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
@@ -166,58 +172,70 @@ class ModelRunner:
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._allocate_kv(num_blocks)
+        if self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager:
+            self.graphs = DecodeGraphs(self._forward, self.config.scheduler.max_num_seqs,
+                                       self.max_blocks_per_seq, self.device,
+                                       self.config.model.max_model_len)
+            self.graphs.capture()
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     # ---- per step -------------------------------------------------------------------------
     def _update_states(self, s: SchedulerOutput) -> None:
         for rid in s.finished_req_ids | s.preempted_req_ids:
-            self.requests.pop(rid, None)
+            st = self.requests.pop(rid, None)
+            if st is not None:
+                self.batch.remove(st.row)
         for nr in s.new_reqs:
             gen = None
-            if nr.params.seed is not None and not nr.params.greedy:
+            old = self.requests.pop(nr.req_id, None)
+            if old is not None:
+                self.batch.remove(old.row)
+                gen = old.generator  # resumed after preemption: keep the random stream going
+            if gen is None and nr.params.seed is not None and not nr.params.greedy:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(nr.params.seed % 2**63)
-            old = self.requests.get(nr.req_id)
-            if old is not None and old.generator is not None:
-                gen = old.generator  # resumed after preemption: keep the random stream going
-            self.requests[nr.req_id] = RequestState(list(nr.token_ids), nr.num_prompt_tokens,
-                                                    nr.params, list(nr.block_ids),
+            row = self.batch.add(nr.token_ids, nr.block_ids)
+            self.requests[nr.req_id] = RequestState(row, nr.num_prompt_tokens, nr.params,
                                                     nr.num_computed_tokens, gen)
         for cr in s.cached_reqs:
             st = self.requests[cr.req_id]
-            st.block_ids.extend(cr.new_block_ids)
+            if cr.new_block_ids:
+                self.batch.append_blocks(st.row, cr.new_block_ids)
             st.num_computed_tokens = cr.num_computed_tokens
 
     def _prepare_inputs(self, s: SchedulerOutput) -> StepInputs:
         req_ids = list(s.num_scheduled_tokens)
-        n_sched = np.fromiter(s.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
+        S = len(req_ids)
+        n_sched = np.fromiter(s.num_scheduled_tokens.values(), dtype=np.int64, count=S)
         states = [self.requests[r] for r in req_ids]
-        starts = np.fromiter((st.num_computed_tokens for st in states), np.int64, len(states))
+        rows = np.fromiter((st.row for st in states), np.int64, S)
+        starts = np.fromiter((st.num_computed_tokens for st in states), np.int64, S)
         ends = starts + n_sched
         T = int(n_sched.sum())
-        cu = np.zeros(len(req_ids) + 1, dtype=np.int64)
+        cu = np.zeros(S + 1, dtype=np.int64)
         np.cumsum(n_sched, out=cu[1:])
-        # positions: per token, its index inside its own sequence
-        req_of_tok = np.repeat(np.arange(len(req_ids)), n_sched)
+        # per token: its sequence, and its position inside that sequence
+        seq_of_tok = np.repeat(np.arange(S), n_sched)
         positions = np.arange(T, dtype=np.int64) - np.repeat(cu[:-1] - starts, n_sched)
-        input_ids = np.empty(T, dtype=np.int64)
-        for i, st in enumerate(states):
-            input_ids[cu[i]:cu[i + 1]] = st.token_ids[starts[i]:ends[i]]
-        max_blocks = max(len(st.block_ids) for st in states)
-        block_table = np.zeros((len(req_ids), max_blocks), dtype=np.int32)
-        for i, st in enumerate(states):
-            block_table[i, :len(st.block_ids)] = st.block_ids
-        slots = (block_table[req_of_tok, positions // self.block_size].astype(np.int64)
+        b = self.batch
+        input_ids = b.token_ids[rows[seq_of_tok], positions].astype(np.int64)
+        width = int(-(-ends.max() // self.block_size))
+        block_table = b.block_table[rows, :width]
+        slots = (block_table[seq_of_tok, positions // self.block_size].astype(np.int64)
                  * self.block_size + positions % self.block_size)
         dev = self.device
-        to = lambda a, dt=None: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)  # noqa: E731
         meta = AttentionMetadata(
             slot_mapping=to(slots), query_start_loc=to(cu.astype(np.int32)),
             seq_lens=to(ends.astype(np.int32)), block_tables=to(block_table),
             max_query_len=int(n_sched.max()), max_seq_len=int(ends.max()),
             query_lens_cpu=tuple(n_sched.tolist()), seq_lens_cpu=tuple(ends.tolist()))
-        sample = [i for i, st in enumerate(states) if ends[i] == len(st.token_ids)]
+        sample = np.nonzero(ends == b.num_tokens[rows])[0]
         return StepInputs(to(input_ids), to(positions), meta, req_ids,
-                          [int(cu[i + 1] - 1) for i in sample], [req_ids[i] for i in sample],
+                          (cu[sample + 1] - 1).tolist(), [req_ids[i] for i in sample],
                           starts.tolist())
 
     def _sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
@@ -242,14 +260,15 @@ class ModelRunner:
             counts = torch.zeros(B, V, device=dev)
             prompt = torch.zeros(B, V, dtype=torch.bool, device=dev)
             for i, st in enumerate(states):
-                out = st.token_ids[st.num_prompt_tokens:]
+                out = self.batch.tokens(st.row, st.num_prompt_tokens).tolist()
                 if out:
                     counts[i].index_add_(0, t(out, torch.int64), torch.ones(len(out), device=dev))
-                prompt[i, t(st.token_ids[:st.num_prompt_tokens], torch.int64)] = True
+                prompt[i, t(self.batch.tokens(st.row, 0, st.num_prompt_tokens).tolist(),
+                            torch.int64)] = True
             m.output_counts, m.prompt_mask = counts, prompt
         eos = list(self.config.model.eos_token_ids)
         for i, (st, p) in enumerate(zip(states, ps)):
-            if len(st.token_ids) - st.num_prompt_tokens < p.min_tokens:
+            if self.batch.num_tokens[st.row] - st.num_prompt_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else eos)
                 if banned:
                     m.banned.append((i, banned))
@@ -263,7 +282,11 @@ class ModelRunner:
         if s.total_num_scheduled_tokens == 0:
             return out
         inp = self._prepare_inputs(s)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)  # [T, hidden]
+        if (self.graphs is not None and inp.meta.decode_only
+                and self.graphs.padded_size(inp.meta.num_seqs) is not None):
+            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+        else:
+            hidden = self._forward(inp.input_ids, inp.positions, inp.meta)  # [T, hidden]
         self._prompt_logprobs(inp, hidden, out)
         if not inp.sample_req_ids:
             return out
@@ -282,9 +305,10 @@ class ModelRunner:
             lp, rank = so.sampled_logprob.tolist(), so.sampled_rank.tolist()
             top_lp = so.top_logprobs.tolist() if so.top_logprobs is not None else None
             top_ids = so.top_ids.tolist() if so.top_ids is not None else None
-        for i, rid in enumerate(req_ids):
-            st = self.requests[rid]
-            st.token_ids.append(tokens[i])
+        states = [self.requests[rid] for rid in req_ids]
+        self.batch.append_tokens(np.fromiter((st.row for st in states), np.int64, len(states)),
+                                 np.asarray(tokens, dtype=np.int32))
+        for i, (rid, st) in enumerate(zip(req_ids, states)):
             out.sampled[rid] = [tokens[i]]
             k = st.params.logprobs
             if k is not None:
@@ -312,7 +336,7 @@ class ModelRunner:
                 continue
             h = hidden[cu[i]:cu[i] + last - start]
             lp = self.model.compute_logits(h).log_softmax(-1)  # [m, V]
-            targets = torch.tensor(st.token_ids[start + 1:last + 1], device=self.device)
+            targets = torch.from_numpy(self.batch.tokens(st.row, start + 1, last + 1).astype(np.int64)).to(self.device)
             tgt_lp = lp.gather(1, targets[:, None]).squeeze(1)
             ranks = (lp > tgt_lp[:, None]).sum(-1) + 1
             top = lp.topk(k, dim=-1) if k > 0 else None

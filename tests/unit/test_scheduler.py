@@ -1,0 +1,620 @@
+"""The token-budget Scheduler driven by a fake model runner.
+
+The fake runner keeps the runner's side of the contract (state from NewRequestData, diffs from
+CachedRequestData, drops finished/preempted ids) and plays the model: it "writes" a key for every
+computed token into its KV slot (the key is a chained hash of the token and everything before it)
+and, before sampling, checks that every position the request attends to holds the right key. So a
+wrong prefix-cache hit, a block shared while written, or a lost block shows up as a failed read.
+A request whose computed tokens reach its token count gets one sampled token: a deterministic
+function of its tokens, so outputs do not depend on batching or preemption.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pytest
+
+from servelm.config import CacheConfig, SchedulerConfig
+from servelm.core.request import Request, RequestStatus
+from servelm.core.scheduler import NewRequestData, Scheduler, SchedulerOutput
+from servelm.sampling_params import SamplingParams
+
+EOS = 2
+
+
+def next_token(token_ids: list[int]) -> int:
+    """The fake model: deterministic in the sequence, never EOS (>= 10)."""
+    return (sum(token_ids[-3:]) * 31 + 7 * len(token_ids)) % 1000 + 10
+
+
+def _key(prev: Optional[int], tok: int) -> int:
+    return hash((prev, tok))
+
+
+@dataclass
+class _State:
+    token_ids: list[int]
+    num_prompt: int
+    block_ids: list[int]
+    num_computed: int
+    keys: list[int] = field(default_factory=list)  # chained key of each position
+
+    def key(self, p: int) -> int:
+        while len(self.keys) <= p:
+            prev = self.keys[-1] if self.keys else None
+            self.keys.append(_key(prev, self.token_ids[len(self.keys)]))
+        return self.keys[p]
+
+
+class FakeRunner:
+    def __init__(self, block_size: int,
+                 policy: Optional[Callable[[str, list[int], int], int]] = None) -> None:
+        self.bs = block_size
+        self.policy = policy or (lambda rid, toks, n_prompt: next_token(toks))
+        self.states: dict[str, _State] = {}
+        self.kv: dict[int, int] = {}  # slot -> key
+
+    def _slot(self, st: _State, p: int) -> int:
+        return st.block_ids[p // self.bs] * self.bs + p % self.bs
+
+    def execute(self, so: SchedulerOutput) -> dict[str, list[int]]:
+        for rid in so.finished_req_ids | so.preempted_req_ids:
+            self.states.pop(rid, None)
+        for nr in so.new_reqs:
+            self.states[nr.req_id] = _State(list(nr.token_ids), nr.num_prompt_tokens,
+                                            list(nr.block_ids), nr.num_computed_tokens)
+        for cr in so.cached_reqs:
+            st = self.states[cr.req_id]
+            st.block_ids.extend(cr.new_block_ids)
+            assert st.num_computed == cr.num_computed_tokens
+        # all writes of the step first (as the attention layer stores KV before reading it)
+        written: dict[int, int] = {}
+        for rid, n in so.num_scheduled_tokens.items():
+            st = self.states[rid]
+            assert n >= 1
+            assert st.num_computed + n <= len(st.token_ids), "scheduled tokens that don't exist"
+            assert len(st.block_ids) * self.bs >= st.num_computed + n, "too few blocks"
+            assert len(set(st.block_ids)) == len(st.block_ids)
+            for p in range(st.num_computed, st.num_computed + n):
+                slot, k = self._slot(st, p), st.key(p)
+                assert written.setdefault(slot, k) == k, f"two requests write slot {slot}"
+                self.kv[slot] = k
+        sampled: dict[str, list[int]] = {}
+        for rid, n in so.num_scheduled_tokens.items():
+            st = self.states[rid]
+            end = st.num_computed + n
+            for p in range(end):
+                assert self.kv.get(self._slot(st, p)) == st.key(p), \
+                    f"{rid}: wrong KV at position {p}"
+            st.num_computed = end
+            if end == len(st.token_ids):
+                t = self.policy(rid, st.token_ids, st.num_prompt)
+                st.token_ids.append(t)
+                sampled[rid] = [t]
+        return sampled
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    finish_reason: Optional[str] = None
+    stop_reason: object = None
+    num_cached_tokens: int = 0
+
+
+def make(num_blocks=256, block_size=4, budget=64, max_num_seqs=16, max_model_len=4096,
+         chunked=True, caching=True, policy=None) -> tuple[Scheduler, FakeRunner]:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                                      max_model_len=max_model_len, enable_chunked_prefill=chunked),
+                      CacheConfig(block_size=block_size, enable_prefix_caching=caching),
+                      num_blocks)
+    return sched, FakeRunner(block_size, policy)
+
+
+def add(sched: Scheduler, rid: str, prompt: list[int], parent_id=None, **kw) -> Request:
+    kw.setdefault("max_tokens", 8)
+    r = Request(rid, prompt, SamplingParams(**kw), arrival_time=0.0, eos_token_ids=(EOS,),
+                parent_id=parent_id)
+    sched.add_request(r)
+    return r
+
+
+class Driver:
+    """Steps the scheduler and the fake runner, checking the step invariants."""
+
+    def __init__(self, sched: Scheduler, runner: FakeRunner) -> None:
+        self.sched, self.runner = sched, runner
+        self.results: dict[str, Result] = {}
+        self.trace: list[SchedulerOutput] = []
+        self.prompts: dict[str, list[int]] = {}
+        self.preempted_ever: set[str] = set()
+        self.resumed: list[NewRequestData] = []
+
+    def step(self, between: Optional[Callable[[], None]] = None):
+        s = self.sched
+        for r in list(s.waiting) + s.running:
+            self.prompts.setdefault(r.request_id, list(r.prompt_token_ids))
+        running_before = [r.request_id for r in s.running]
+        so = s.schedule()
+        self.trace.append(so)
+        cfg = s.config
+        assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
+        assert so.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
+        assert len(so.num_scheduled_tokens) <= cfg.max_num_seqs
+        assert len(s.running) <= cfg.max_num_seqs
+        # preemption takes the newest running requests
+        if so.preempted_req_ids:
+            k = len(so.preempted_req_ids)
+            assert set(running_before[-k:]) == so.preempted_req_ids
+            assert not so.new_reqs, "admitted waiting requests in a step that preempted"
+        for nr in so.new_reqs:
+            if nr.req_id in self.preempted_ever:
+                got = self.results[nr.req_id].tokens if nr.req_id in self.results else []
+                assert nr.token_ids == self.prompts[nr.req_id] + got
+                assert nr.num_prompt_tokens == len(self.prompts[nr.req_id])
+                self.resumed.append(nr)
+        self.preempted_ever |= so.preempted_req_ids
+        for rid in so.num_scheduled_tokens:
+            assert s.requests[rid].status == RequestStatus.RUNNING
+        sampled = self.runner.execute(so)
+        if between is not None:
+            between()
+        outs = s.update(so, sampled, {}, {})
+        for o in outs:
+            res = self.results.setdefault(o.req_id, Result([]))
+            assert res.finish_reason is None, f"{o.req_id} reported after finishing"
+            res.tokens += o.new_token_ids
+            res.num_cached_tokens = o.num_cached_tokens
+            if o.finish_reason is not None:
+                res.finish_reason, res.stop_reason = o.finish_reason, o.stop_reason
+        return so, outs
+
+    def run(self, max_steps: int = 2000) -> dict[str, Result]:
+        for _ in range(max_steps):
+            if not self.sched.has_unfinished_requests():
+                break
+            self.step()
+        else:
+            pytest.fail("scheduler did not finish within the step bound")
+        assert_idle(self.sched)
+        return self.results
+
+
+def assert_idle(sched: Scheduler) -> None:
+    assert not sched.running and not sched.waiting and not sched.ignored
+    assert not sched.requests
+    assert sched.kv.pool.num_free_blocks == sched.kv.num_blocks
+    assert all(c == 0 for c in sched.kv.pool.ref_cnt)
+
+
+def rand_prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(10, 5000) for _ in range(n)]
+
+
+def expected_output(prompt: list[int], n: int) -> list[int]:
+    toks = list(prompt)
+    for _ in range(n):
+        toks.append(next_token(toks))
+    return toks[len(prompt):]
+
+
+# ---- budget, batching, chunking ----------------------------------------------------------------
+@pytest.mark.parametrize("caching", [True, False])
+def test_budget_and_max_num_seqs_random_workload(caching):
+    rng = random.Random(0)
+    sched, runner = make(budget=32, max_num_seqs=3, num_blocks=200, caching=caching)
+    want = {}
+    for i in range(14):
+        p = rand_prompt(rng, rng.randrange(1, 70))
+        m = rng.randrange(1, 12)
+        add(sched, f"r{i}", p, max_tokens=m)
+        want[f"r{i}"] = expected_output(p, m)
+    d = Driver(sched, runner)
+    res = d.run()
+    for rid, toks in want.items():
+        assert res[rid].tokens == toks and res[rid].finish_reason == "length"
+    assert max(so.total_num_scheduled_tokens for so in d.trace) == 32  # budget gets used fully
+    assert max(len(so.num_scheduled_tokens) for so in d.trace) == 3
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3, 4, 5, 6])  # seeds whose workload preempts
+def test_stress_shared_prefixes_preemption_and_eviction(seed):
+    """Shared prefixes, staggered arrivals and a pool small enough to preempt and evict: every
+    read sees the right KV, outputs match the unbatched reference, and all blocks come back."""
+    rng = random.Random(100 + seed)
+    sched, runner = make(num_blocks=16, block_size=4, budget=rng.choice([8, 16, 32]),
+                         max_num_seqs=rng.choice([2, 4, 8]), caching=True)
+    prefixes = [rand_prompt(rng, rng.randrange(4, 30)) for _ in range(3)]
+    pending = []
+    for i in range(16):
+        pre = rng.choice(prefixes)
+        p = pre[:rng.randrange(1, len(pre) + 1)] + rand_prompt(rng, rng.randrange(0, 8))
+        pending.append((f"r{i}", p, rng.randrange(1, 20)))
+    d = Driver(sched, runner)
+    want = {}
+    for _ in range(3000):
+        if pending and rng.random() < 0.6:
+            rid, p, m = pending.pop(0)
+            add(sched, rid, p, max_tokens=m)
+            want[rid] = (p, m)
+        if not sched.has_unfinished_requests():
+            if not pending:
+                break
+            continue
+        d.step()
+    assert_idle(sched)
+    for rid, (p, m) in want.items():
+        r = d.results[rid]
+        if r.finish_reason == "length" and isinstance(r.stop_reason, str):
+            continue  # outgrew the 64-token pool
+        assert r.tokens == expected_output(p, m), rid
+    assert sched.kv.stats.hits > 0 and sched.num_preemptions > 0
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_stress_random_configs_with_aborts_and_siblings(seed):
+    """Random configuration (caching on/off, chunked prefill on/off), n>1 siblings, random aborts
+    and client-side stops between steps: invariants hold every step, unaborted requests produce
+    the reference tokens, and all blocks come back."""
+    rng = random.Random(500 + seed)
+    caching, chunked = rng.random() < 0.6, rng.random() < 0.7
+    max_len = 64
+    sched, runner = make(num_blocks=rng.choice([16, 24, 40]), block_size=rng.choice([2, 4, 8]),
+                         budget=rng.choice([8, 16, 32]) if chunked else max_len,
+                         max_num_seqs=rng.choice([1, 3, 8]), max_model_len=max_len,
+                         caching=caching, chunked=chunked)
+    prefix = rand_prompt(rng, 20)
+    pending = []
+    for i in range(12):
+        p = prefix[:rng.randrange(0, 21)] + rand_prompt(rng, rng.randrange(1, 12))
+        n = rng.choice([1, 1, 2, 3])
+        pending += [(f"r{i}#{j}", p, rng.randrange(1, 16), f"r{i}" if n > 1 else None)
+                    for j in range(n)]
+    d = Driver(sched, runner)
+    want, cut = {}, set()
+    for _ in range(3000):
+        if pending and rng.random() < 0.5:
+            parent = pending[0][3]
+            while pending and (pending[0][3] == parent if parent else True):
+                rid, p, m, par = pending.pop(0)
+                add(sched, rid, list(p), parent_id=par, max_tokens=m)
+                want[rid] = (p, m)
+                if par is None:
+                    break
+        live = list(sched.requests)
+        if live and rng.random() < 0.08:
+            rid = rng.choice(live)
+            status = rng.choice([RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_STOPPED])
+            sched.finish_requests([rid], status)
+            cut.add(rid)
+        if not sched.has_unfinished_requests():
+            if not pending:
+                break
+            continue
+        d.step()
+    assert_idle(sched)
+    assert cut
+    for rid, (p, m) in want.items():
+        r = d.results.get(rid, Result([]))
+        if rid in cut or (r.finish_reason == "length" and isinstance(r.stop_reason, str)):
+            assert r.tokens == expected_output(p, len(r.tokens))
+            continue
+        assert r.tokens == expected_output(p, m), rid
+        assert r.finish_reason == "length"
+    if not caching:
+        assert sched.kv.stats.hits == 0
+
+
+def test_chunked_prefill_of_long_prompt():
+    rng = random.Random(1)
+    sched, runner = make(budget=32)
+    p = rand_prompt(rng, 100)
+    add(sched, "a", p, max_tokens=3)
+    d = Driver(sched, runner)
+    chunks, outs_per_step = [], []
+    for _ in range(4):
+        so, outs = d.step()
+        chunks.append(so.num_scheduled_tokens["a"])
+        outs_per_step.append([t for o in outs for t in o.new_token_ids])
+    assert chunks == [32, 32, 32, 4]
+    assert outs_per_step[:3] == [[], [], []] and len(outs_per_step[3]) == 1
+    assert [len(so.new_reqs) for so in d.trace] == [1, 0, 0, 0]
+    assert [c.num_computed_tokens for so in d.trace[1:] for c in so.cached_reqs] == [32, 64, 96]
+    res = d.run()
+    assert res["a"].tokens == expected_output(p, 3)
+
+
+def test_chunked_prefill_off_waits_for_room_in_budget():
+    rng = random.Random(2)
+    sched, runner = make(budget=64, chunked=False)
+    pa, pb = rand_prompt(rng, 40), rand_prompt(rng, 40)
+    add(sched, "a", pa, max_tokens=3)
+    add(sched, "b", pb, max_tokens=3)
+    d = Driver(sched, runner)
+    so, _ = d.step()
+    assert so.num_scheduled_tokens == {"a": 40}
+    so, _ = d.step()
+    assert so.num_scheduled_tokens == {"a": 1, "b": 40}
+    res = d.run()
+    assert res["a"].tokens == expected_output(pa, 3) and res["b"].tokens == expected_output(pb, 3)
+
+
+def test_mixed_decode_and_prefill_in_one_step():
+    rng = random.Random(3)
+    sched, runner = make(budget=16)
+    pa, pb = rand_prompt(rng, 6), rand_prompt(rng, 50)
+    add(sched, "a", pa, max_tokens=10)
+    d = Driver(sched, runner)
+    d.step()
+    d.step()
+    add(sched, "b", pb, max_tokens=2)
+    so, outs = d.step()
+    assert so.num_scheduled_tokens == {"a": 1, "b": 15}  # running first, then the new prompt
+    assert [c.req_id for c in so.cached_reqs] == ["a"] and [n.req_id for n in so.new_reqs] == ["b"]
+    assert [o.req_id for o in outs] == ["a"]  # b is mid-prompt: nothing to report
+    res = d.run()
+    assert res["a"].tokens == expected_output(pa, 10) and res["b"].tokens == expected_output(pb, 2)
+
+
+def test_fcfs_order():
+    rng = random.Random(4)
+    sched, runner = make(budget=64, max_num_seqs=2)
+    for i in range(8):
+        add(sched, f"r{i}", rand_prompt(rng, rng.randrange(1, 20)), max_tokens=rng.randrange(1, 6))
+    d = Driver(sched, runner)
+    d.run()
+    admitted = [nr.req_id for so in d.trace for nr in so.new_reqs]
+    assert admitted == [f"r{i}" for i in range(8)]
+    for so in d.trace:  # batch order: oldest first
+        ids = [int(r[1:]) for r in so.num_scheduled_tokens]
+        assert ids == sorted(ids)
+
+
+# ---- preemption and requests that never fit ------------------------------------------------------
+@pytest.mark.parametrize("caching", [True, False])
+def test_preemption_resumes_with_all_tokens_and_same_output(caching):
+    rng = random.Random(5)
+    prompts = [rand_prompt(rng, 10) for _ in range(3)]
+    # each request ends at 30 tokens = 8 blocks; 3 of them need 24 > 12 blocks
+    sched, runner = make(num_blocks=12, block_size=4, budget=64, caching=caching)
+    for i, p in enumerate(prompts):
+        add(sched, f"r{i}", p, max_tokens=20)
+    d = Driver(sched, runner)
+    res = d.run()
+    assert sched.num_preemptions > 0 and sched.stats().num_preemptions == sched.num_preemptions
+    assert d.preempted_ever and d.resumed
+    assert {nr.req_id for nr in d.resumed} == d.preempted_ever
+    assert any(len(nr.token_ids) > len(d.prompts[nr.req_id]) for nr in d.resumed)
+    for i, p in enumerate(prompts):
+        assert res[f"r{i}"].tokens == expected_output(p, 20)
+        assert res[f"r{i}"].finish_reason == "length"
+    if caching:  # a resumed request takes its own freed blocks back from the prefix cache
+        assert any(nr.num_computed_tokens > 0 for nr in d.resumed)
+
+
+def test_request_that_never_fits_is_ignored():
+    rng = random.Random(6)
+    sched, runner = make(num_blocks=4, block_size=4)  # 16 tokens of KV
+    p_ok = rand_prompt(rng, 3)
+    add(sched, "big", rand_prompt(rng, 20), max_tokens=4)
+    add(sched, "ok", p_ok, max_tokens=3)
+    res = Driver(sched, runner).run(max_steps=100)
+    assert res["big"].tokens == [] and res["big"].finish_reason == "length"
+    assert isinstance(res["big"].stop_reason, str) and "KV cache" in res["big"].stop_reason
+    assert res["ok"].tokens == expected_output(p_ok, 3)
+
+
+def test_request_that_outgrows_the_cache_ends_with_length():
+    rng = random.Random(7)
+    sched, runner = make(num_blocks=4, block_size=4)  # 16 tokens of KV
+    pa, pb = rand_prompt(rng, 10), rand_prompt(rng, 3)
+    add(sched, "a", pa, max_tokens=50)
+    add(sched, "b", pb, max_tokens=3)
+    res = Driver(sched, runner).run(max_steps=200)
+    a = res["a"]
+    assert a.finish_reason == "length" and isinstance(a.stop_reason, str)
+    assert 0 < len(a.tokens) <= 16 - 10 + 1
+    assert a.tokens == expected_output(pa, len(a.tokens))
+    assert res["b"].tokens == expected_output(pb, 3) and res["b"].finish_reason == "length"
+
+
+# ---- abort -----------------------------------------------------------------------------------
+def test_abort_frees_blocks_at_once():
+    rng = random.Random(8)
+    sched, runner = make(num_blocks=64, budget=64, max_num_seqs=2)
+    prompts = {f"r{i}": rand_prompt(rng, 13) for i in range(3)}
+    for rid, p in prompts.items():
+        add(sched, rid, p, max_tokens=10)
+    d = Driver(sched, runner)
+    d.step()
+    d.step()
+    r0 = sched.requests["r0"]
+    held = len(r0.block_ids)
+    free_before = sched.kv.pool.num_free_blocks
+    assert held > 0 and r0 in sched.running
+    sched.finish_requests(["r0"], RequestStatus.FINISHED_ABORTED)
+    assert sched.kv.pool.num_free_blocks == free_before + held
+    assert r0.status == RequestStatus.FINISHED_ABORTED and r0.status.finish_reason == "abort"
+    assert r0 not in sched.running and "r0" not in sched.requests and r0.block_ids == []
+    # a waiting request can be aborted too; unknown and repeated ids are ignored
+    assert sched.requests["r2"] in sched.waiting
+    sched.finish_requests(["r2", "r0", "nope"], RequestStatus.FINISHED_ABORTED)
+    assert not any(r.request_id == "r2" for r in sched.waiting)
+    so, outs = d.step()
+    assert {"r0", "r2"} <= so.finished_req_ids  # the runner hears about it
+    assert "r0" not in so.num_scheduled_tokens
+    res = d.run()
+    assert set(res) == {"r0", "r1"} and res["r0"].finish_reason is None
+    assert res["r1"].tokens == expected_output(prompts["r1"], 10)
+
+
+def test_abort_between_schedule_and_update():
+    rng = random.Random(9)
+    sched, runner = make()
+    pa, pb = rand_prompt(rng, 9), rand_prompt(rng, 9)
+    add(sched, "a", pa, max_tokens=5)
+    add(sched, "b", pb, max_tokens=5)
+    d = Driver(sched, runner)
+    d.step()
+    so, outs = d.step(between=lambda: sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED))
+    assert "a" in so.num_scheduled_tokens and [o.req_id for o in outs] == ["b"]
+    res = d.run()
+    assert len(res["a"].tokens) == 1 and res["b"].tokens == expected_output(pb, 5)
+
+
+# ---- prefix caching -----------------------------------------------------------------------------
+def test_prefix_cache_hit_for_a_repeated_prompt():
+    rng = random.Random(10)
+    sched, runner = make(block_size=4)
+    p = rand_prompt(rng, 22)
+    add(sched, "a", p, max_tokens=4)
+    d = Driver(sched, runner)
+    d.run()
+    q0, h0 = sched.kv.stats.queries, sched.kv.stats.hits
+    assert h0 == 0 and q0 == 22
+    add(sched, "b", list(p), max_tokens=4)
+    so, _ = d.step()
+    assert so.new_reqs[0].num_computed_tokens == 20  # 5 full blocks; the last token is computed
+    assert so.num_scheduled_tokens == {"b": 2}
+    d.run()
+    assert d.results["b"].tokens == d.results["a"].tokens == expected_output(p, 4)
+    assert d.results["b"].num_cached_tokens == 20 and d.results["a"].num_cached_tokens == 0
+    st = sched.stats()
+    assert (st.prefix_cache_queries, st.prefix_cache_hits) == (44, 20)
+
+
+def test_prefix_cache_hit_in_the_same_step():
+    """Two requests with one prompt arriving together: the second hits the blocks the first
+    registers this very step (their KV is written before it is read)."""
+    rng = random.Random(11)
+    sched, runner = make(block_size=4, budget=64)
+    p = rand_prompt(rng, 17)
+    add(sched, "a", p, max_tokens=3)
+    add(sched, "b", list(p), max_tokens=3)
+    d = Driver(sched, runner)
+    so, _ = d.step()
+    assert so.num_scheduled_tokens == {"a": 17, "b": 1}
+    res = d.run()
+    assert res["a"].tokens == res["b"].tokens == expected_output(p, 3)
+
+
+def test_prefix_caching_off_never_shares_blocks():
+    rng = random.Random(12)
+    sched, runner = make(block_size=4, budget=32, caching=False)
+    p = rand_prompt(rng, 21)
+    for i in range(4):
+        add(sched, f"r{i}", list(p), max_tokens=5)
+    d = Driver(sched, runner)
+    while sched.has_unfinished_requests():
+        so, _ = d.step()
+        assert all(nr.num_computed_tokens == 0 for nr in so.new_reqs)
+        assert all(c <= 1 for c in sched.kv.pool.ref_cnt)
+        tables = [b for r in sched.running for b in r.block_ids]
+        assert len(tables) == len(set(tables))
+        assert len(d.trace) < 500
+    assert_idle(sched)
+    assert sched.kv.stats.hits == 0
+    assert all(d.results[f"r{i}"].tokens == expected_output(p, 5) for i in range(4))
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_n_siblings_wait_for_the_prompt_then_hit(caching):
+    rng = random.Random(13)
+    sched, runner = make(block_size=4, budget=16, caching=caching)
+    p = rand_prompt(rng, 40)
+    for i in range(3):
+        add(sched, f"p#{i}", list(p), parent_id="p", max_tokens=4)
+    d = Driver(sched, runner)
+    res = d.run()
+    if caching:
+        # p#0 prefills 16 + 16 + 8; its siblings wait and join in the step of its last chunk
+        steps = [set(so.num_scheduled_tokens) for so in d.trace]
+        assert steps[0] == {"p#0"} and steps[1] == {"p#0"}
+        assert d.trace[2].num_scheduled_tokens == {"p#0": 8, "p#1": 4, "p#2": 4}
+        assert res["p#1"].num_cached_tokens == res["p#2"].num_cached_tokens == 36
+        assert sched.kv.stats.hits == 72
+    else:
+        assert set(d.trace[0].num_scheduled_tokens) == {"p#0"}  # budget-bound, no waiting rule
+        assert all(r.num_cached_tokens == 0 for r in res.values())
+    for i in range(3):
+        assert res[f"p#{i}"].tokens == expected_output(p, 4)
+
+
+def test_n_siblings_without_chunking_hit_in_the_same_step():
+    rng = random.Random(14)
+    sched, runner = make(block_size=4, budget=64, chunked=False)
+    p = rand_prompt(rng, 40)
+    for i in range(3):
+        add(sched, f"p#{i}", list(p), parent_id="p", max_tokens=2)
+    d = Driver(sched, runner)
+    so, _ = d.step()
+    assert so.num_scheduled_tokens == {"p#0": 40, "p#1": 4, "p#2": 4}
+    res = d.run()
+    assert all(res[f"p#{i}"].tokens == expected_output(p, 2) for i in range(3))
+
+
+# ---- stop conditions -----------------------------------------------------------------------------
+def _scripted(scripts: dict[str, list[int]]):
+    def policy(rid, toks, n_prompt):
+        return scripts[rid][len(toks) - n_prompt]
+    return policy
+
+
+def test_stop_conditions():
+    rng = random.Random(15)
+    filler = [rng.randrange(10, 5000) for _ in range(30)]
+    scripts = {
+        "eos": filler[:3] + [EOS] + filler,
+        "ignore_eos": filler[:3] + [EOS] + filler,
+        "stop_id": filler[:2] + [77] + filler,
+        "eos_is_stop_id": filler[:1] + [EOS] + filler,
+        "min_tokens": [EOS, 77] + filler[:2] + [EOS] + filler,
+        "min_tokens_late": [EOS] + filler[:4] + [77] + filler,
+        "max_tokens": filler,
+        "max_model_len": filler,
+    }
+    sched, runner = make(max_model_len=20, policy=_scripted(scripts))
+    add(sched, "eos", rand_prompt(rng, 5), max_tokens=20)
+    add(sched, "ignore_eos", rand_prompt(rng, 5), max_tokens=6, ignore_eos=True)
+    add(sched, "stop_id", rand_prompt(rng, 5), max_tokens=20, stop_token_ids=[77, 78])
+    add(sched, "eos_is_stop_id", rand_prompt(rng, 5), max_tokens=20, stop_token_ids=[EOS])
+    add(sched, "min_tokens", rand_prompt(rng, 5), max_tokens=20, min_tokens=5,
+        stop_token_ids=[77])
+    add(sched, "min_tokens_late", rand_prompt(rng, 5), max_tokens=20, min_tokens=3,
+        stop_token_ids=[77])
+    add(sched, "max_tokens", rand_prompt(rng, 5), max_tokens=4)
+    add(sched, "max_model_len", rand_prompt(rng, 15), max_tokens=None)
+    res = Driver(sched, runner).run(max_steps=100)
+
+    def check(rid, n, reason, stop_reason=None):
+        r = res[rid]
+        assert r.tokens == scripts[rid][:n], rid
+        assert (r.finish_reason, r.stop_reason) == (reason, stop_reason), rid
+
+    check("eos", 4, "stop")  # the EOS token is part of the output
+    check("ignore_eos", 6, "length")
+    check("stop_id", 3, "stop", 77)
+    check("eos_is_stop_id", 2, "stop")
+    # EOS and stop ids before min_tokens outputs are kept; the min_tokens-th may stop
+    check("min_tokens", 5, "stop")
+    check("min_tokens_late", 6, "stop", 77)
+    check("max_tokens", 4, "length")
+    check("max_model_len", 5, "length")
+
+
+def test_stats_and_usage():
+    rng = random.Random(16)
+    sched, runner = make(num_blocks=32, block_size=4)
+    add(sched, "a", rand_prompt(rng, 9), max_tokens=3)
+    add(sched, "b", rand_prompt(rng, 3), max_tokens=3)
+    st = sched.stats()
+    assert (st.num_running, st.num_waiting, st.kv_cache_usage) == (0, 2, 0.0)
+    d = Driver(sched, runner)
+    d.step()
+    st = sched.stats()
+    assert (st.num_running, st.num_waiting) == (2, 0)
+    assert st.kv_cache_usage == pytest.approx(4 / 32)
+    d.run()
+    assert sched.stats().kv_cache_usage == 0.0
