@@ -102,11 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp = bsub.add_parser("serve", help="load-test an OpenAI-compatible server")
     add_serve_args(bp)
     bp.set_defaults(func=_main_bench_serve)
-    try:
-        from servelm.bench.offline import add_offline_parsers
-        add_offline_parsers(bsub)
-    except ImportError as e:
-        _missing(bsub, "throughput", e)
+    from servelm.bench.offline import add_offline_parsers
+    add_offline_parsers(bsub)
     return parser
 
 

@@ -51,11 +51,18 @@ def tiny_model_factory(tmp_path_factory):
     return get
 
 
+# SERVELM_TEST_DEVICE=cuda runs the engine tests on the GPU (fp32, Triton attention, CUDA
+# graphs) against the same CPU fp32 HF references; SERVELM_TEST_ATTENTION picks the backend.
+TEST_DEVICE = os.environ.get("SERVELM_TEST_DEVICE", "cpu")
+TEST_ATTENTION = os.environ.get("SERVELM_TEST_ATTENTION", "auto")
+
+
 def make_engine(model_dir: str, **kw):
     from servelm.config import EngineArgs
     from servelm.engine.engine import Engine
     args = dict(model=model_dir, skip_tokenizer_init=True, kv_cache_memory=1 << 24, block_size=4,
-                device="cpu", dtype="float32")
+                device=TEST_DEVICE, dtype="float32", attention_backend=TEST_ATTENTION,
+                gpu_memory_utilization=0.3, max_num_seqs=32)
     args.update(kw)
     return Engine.from_engine_args(EngineArgs(**args))
 
