@@ -3,9 +3,9 @@ installed), on the embedded SmolLM2-135M-Instruct GGUF.
 
     python benchmarks/cpu_suite.py [--new-tokens 128] [--batch 64]
 
-Rows: batch-1 decode tok/s (prompt 'chat' of ~30 tokens), and total output tok/s for a batch of
-prompts submitted at once. servelm and transformers run fp32 weights dequantized from the GGUF
-(token-identical greedy output); llama.cpp runs the Q4_1 file as is (its own numerics).
+Rows: batch-1 decode tok/s, and total output tok/s for a batch of prompts submitted at once.
+servelm (fp32 and bf16) and transformers (fp32) run weights dequantized from the GGUF (fp32 is
+token-identical to transformers); llama.cpp runs the Q4_1 file as is (its own numerics).
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ PROMPTS = ["Write a short story about a robot learning to paint.",
            "What are the main differences between Python and C?"]
 
 
-def servelm_rows(path: str, new: int, batch: int) -> dict:
+def servelm_rows(path: str, new: int, batch: int, dtype: str) -> dict:
     from servelm import LLM, SamplingParams
-    llm = LLM(path, kv_cache_memory=1 << 30)
+    llm = LLM(path, kv_cache_memory=1 << 30, dtype=dtype)
     sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     llm.generate(PROMPTS[0], SamplingParams(max_tokens=4), use_tqdm=False)
     runs = []
@@ -86,7 +86,8 @@ def main() -> None:
     args = ap.parse_args()
     from servelm.loader import default_model_path
     path = default_model_path()
-    res = {"servelm": servelm_rows(path, args.new_tokens, args.batch)}
+    res = {"servelm fp32": servelm_rows(path, args.new_tokens, args.batch, "float32"),
+           "servelm bf16": servelm_rows(path, args.new_tokens, args.batch, "bfloat16")}
     if not args.skip_hf:
         res["transformers"] = hf_rows(path, args.new_tokens, args.batch)
     lc = llamacpp_rows(path, args.new_tokens, args.batch)

@@ -87,12 +87,23 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
 def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         if device == "cpu":
-            return torch.float32  # exact and fastest on CPUs without bf16 matrix units
+            # bf16 halves the bytes per token and runs ~3x faster where the CPU has native bf16
+            # dot products; elsewhere fp32 (bf16 would be emulated, slower than fp32).
+            return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
         cfg = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
         if isinstance(cfg, str):
             cfg = _DTYPES.get(cfg)

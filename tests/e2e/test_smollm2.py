@@ -21,7 +21,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, t
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(kv_cache_memory=1 << 28)  # the default model, fp32 on CPU
+    return LLM(kv_cache_memory=1 << 28, dtype="float32")  # the default model
 
 
 @pytest.fixture(scope="module")
