@@ -48,7 +48,8 @@ def decode_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     S, H, D = q.shape
     bs, KVH = k_cache.shape[1], k_cache.shape[2]
     nblk = -(-meta.max_seq_len // bs)
-    bt = meta.block_tables[:, :nblk].long()
+    # entries past a sequence's own blocks are arbitrary: clamp them to a valid id, then mask
+    bt = meta.block_tables[:, :nblk].long().clamp_(0, k_cache.shape[0] - 1)
     k = k_cache[bt].view(S, nblk * bs, KVH, D).float()  # [S, L, KVH, D]
     v = v_cache[bt].view(S, nblk * bs, KVH, D).float()
     qg = q.view(S, KVH, H // KVH, D).float()
