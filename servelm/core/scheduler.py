@@ -7,7 +7,6 @@ batching, chunked prefill, prefix-cache hits and preemption by recompute.
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional

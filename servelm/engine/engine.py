@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Optional, Union
 
 from servelm.config import EngineArgs, EngineConfig
@@ -51,12 +52,15 @@ class InputProcessor:
         if len(ids) >= max_len:
             raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {max_len}: "
                              "shorten the prompt (it must leave room for one output token).")
+        if any(t >= mc.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {mc.vocab_size}).")
         lp = max(params.logprobs or 0, params.prompt_logprobs or 0)
         if lp > self.config.max_logprobs:
             raise ValueError(f"logprobs ({lp}) must be <= max_logprobs ({self.config.max_logprobs}).")
         if params.max_tokens is None:
-            from dataclasses import replace
             params = replace(params, max_tokens=max_len - len(ids))
+        if params.top_k > mc.vocab_size:  # same distribution; keeps the sampler's tensors small
+            params = replace(params, top_k=0)
         return text, ids, params
 
 

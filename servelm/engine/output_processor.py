@@ -88,6 +88,8 @@ class OutputProcessor:
             if parent is None:
                 continue
             st = self.states[parent]
+            if eo.req_id not in st.unfinished:
+                continue  # stopped by a stop string; the core may not have heard yet
             child = st.children[eo.req_id]
             out, p = child.out, st.params
             if st.metrics.first_token_time is None and eo.new_token_ids:

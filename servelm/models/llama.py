@@ -10,7 +10,7 @@ from torch import nn
 
 from servelm.attention.backend import AttentionBackend, AttentionMetadata
 from servelm.layers.activation import silu_and_mul
-from servelm.layers.linear import Linear, MergedLinear
+from servelm.layers.linear import Linear, MergedLinear, linear
 from servelm.layers.norm import RMSNorm
 from servelm.layers.rotary import RotaryEmbedding
 from servelm.loader.config import rope_parameters
@@ -59,8 +59,8 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.qkv_proj = MergedLinear(a.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                                     bias=a.qkv_bias)
-        self.o_proj = Linear(self.q_size, a.hidden_size)
+                                     bias=a.qkv_bias, use_kernel=use_kernels)
+        self.o_proj = Linear(self.q_size, a.hidden_size, use_kernel=use_kernels)
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, use_kernels) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, use_kernels) if a.qk_norm else None
         self.rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling,
@@ -91,8 +91,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, a: LlamaArgs, use_kernels: bool) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(a.hidden_size, [a.intermediate_size] * 2)
-        self.down_proj = Linear(a.intermediate_size, a.hidden_size)
+        self.gate_up_proj = MergedLinear(a.hidden_size, [a.intermediate_size] * 2,
+                                         use_kernel=use_kernels)
+        self.down_proj = Linear(a.intermediate_size, a.hidden_size, use_kernel=use_kernels)
         self.use_kernels = use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +132,7 @@ class LlamaForCausalLM(nn.Module):
                                     for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels)
         self.lm_head = None if a.tie_word_embeddings else Linear(a.hidden_size, a.vocab_size)
+        self.use_kernels = use_kernels
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -145,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, w).float()
+        return linear(hidden, w, use_kernel=self.use_kernels).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in; every parameter must be filled exactly once."""

@@ -1,0 +1,156 @@
+"""The EngineCore in its own process, and the messages that cross the process boundary.
+
+Two ZeroMQ PUSH/PULL sockets on ipc:// paths: the client binds both, the core connects.
+Every message is msgpack of ``[kind, payload]``; dataclasses travel as plain lists in field
+order (no pickle: the core never runs code a message carries).
+
+  client -> core: ["add", EngineRequest], ["abort", [ids]], ["stop", [ids]], ["stats", None],
+                  ["shutdown", None]
+  core -> client: ["ready", {"num_blocks"}], ["outputs", [EngineCoreOutput]],
+                  ["stats", SchedulerStats], ["request_error", [req_id, message]],
+                  ["error", message]  (the core is about to exit)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import traceback
+from typing import Any
+
+import msgpack
+import zmq
+
+from servelm.config import EngineConfig
+from servelm.core.scheduler import EngineCoreOutput, SchedulerStats
+from servelm.engine.core import EngineCore, EngineRequest
+from servelm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+ADD, ABORT, STOP, STATS, SHUTDOWN = "add", "abort", "stop", "stats", "shutdown"
+READY, OUTPUTS, REQUEST_ERROR, ERROR = "ready", "outputs", "request_error", "error"
+
+_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(EngineCoreOutput))
+_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(SchedulerStats))
+_IDLE_POLL_MS = 1000  # while idle, how often the core checks that its parent is alive
+
+
+# ---- encoding ------------------------------------------------------------------------------
+def pack(kind: str, payload: Any = None) -> bytes:
+    return msgpack.packb([kind, payload], use_bin_type=True)
+
+
+def unpack(data: bytes) -> tuple[str, Any]:
+    # int map keys: logprob dicts are keyed by token id
+    kind, payload = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return kind, payload
+
+
+def encode_request(r: EngineRequest) -> list:
+    params = [getattr(r.params, f) for f in _PARAM_FIELDS]
+    return [r.request_id, r.prompt_token_ids, params, r.arrival_time, r.parent_id, r.priority]
+
+
+def decode_request(x: list) -> EngineRequest:
+    rid, ids, params, arrival, parent, priority = x
+    return EngineRequest(rid, ids, SamplingParams(**dict(zip(_PARAM_FIELDS, params))), arrival,
+                         parent, priority)
+
+
+def encode_output(o: EngineCoreOutput) -> list:
+    # logprob dicts {id: (lp, rank)} become maps of 2-lists; the output processor only indexes them
+    return [getattr(o, f) for f in _OUTPUT_FIELDS]
+
+
+def decode_output(x: list) -> EngineCoreOutput:
+    return EngineCoreOutput(*x)
+
+
+def encode_stats(s: SchedulerStats) -> list:
+    return [getattr(s, f) for f in _STATS_FIELDS]
+
+
+def decode_stats(x: list) -> SchedulerStats:
+    return SchedulerStats(*x)
+
+
+# ---- the process ---------------------------------------------------------------------------
+class EngineCoreProc:
+    """Busy loop: drain inputs, step while there is work, block on the input socket when idle."""
+
+    def __init__(self, core: EngineCore, inp: Any, out: Any) -> None:
+        self.core = core
+        self.inp = inp  # zmq PULL
+        self.out = out  # zmq PUSH
+        self.parent_pid = os.getppid()
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            self._drain_inputs(block=not self.core.has_unfinished_requests())
+            if self.running and self.core.has_unfinished_requests():
+                outputs = self.core.step()
+                if outputs:
+                    self.out.send(pack(OUTPUTS, [encode_output(o) for o in outputs]))
+
+    def _drain_inputs(self, block: bool) -> None:
+        while block and self.running:
+            if self.inp.poll(_IDLE_POLL_MS):
+                break
+            if os.getppid() != self.parent_pid:  # the API process is gone: nobody to serve
+                logger.warning("engine core: parent process exited, shutting down")
+                self.running = False
+                return
+        while self.running:
+            try:
+                data = self.inp.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(*unpack(data))
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == ADD:
+            try:
+                self.core.add_request(decode_request(payload))
+            except (ValueError, TypeError) as e:  # bad input must not stop the engine
+                self.out.send(pack(REQUEST_ERROR, [payload[0], str(e)]))
+        elif kind == ABORT:
+            self.core.abort_requests(payload)
+        elif kind == STOP:
+            self.core.stop_requests(payload)
+        elif kind == STATS:
+            self.out.send(pack(STATS, encode_stats(self.core.stats())))
+        elif kind == SHUTDOWN:
+            self.running = False
+        else:
+            logger.error("engine core: unknown message kind %r ignored", kind)
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
+                    log_level: int = logging.WARNING) -> None:
+    """Entry point of the spawned core process."""
+    # Ctrl-C reaches the whole process group; the API process decides when the core stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s[core]: %(message)s")
+    ctx = zmq.Context()
+    inp, out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inp.connect(input_addr)
+    out.connect(output_addr)
+    code = 0
+    try:
+        core = EngineCore(config)
+        out.send(pack(READY, {"num_blocks": core.scheduler.kv.num_blocks, "pid": os.getpid()}))
+        EngineCoreProc(core, inp, out).run()
+    except BaseException as e:  # report why, then exit: the client fails in-flight requests
+        logger.error("engine core failed: %s", traceback.format_exc())
+        out.send(pack(ERROR, f"{type(e).__name__}: {e}"))
+        code = 1
+    finally:
+        inp.close(linger=0)
+        out.close(linger=2000)
+        ctx.term()
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,265 @@
+"""The FastAPI app: routes, body parsing with limits, API keys, errors in OpenAI's shape.
+
+``build_app(engine_config, server_config)`` starts the engine core process in the app's
+lifespan and stops it on shutdown; all state hangs off the app (no module-level state).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from servelm import __version__
+from servelm.config import EngineConfig
+from servelm.engine.async_client import AsyncEngineClient, EngineDeadError
+from servelm.server.metrics import CONTENT_TYPE, ServerMetrics
+from servelm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
+                                     DetokenizeRequest, TokenizeRequest, bad_request,
+                                     validation_error)
+from servelm.server.serving import OpenAIServing, ServerConfig, dumps
+from servelm.server.serving_chat import create_chat_completion, render_chat
+from servelm.server.serving_completion import create_completion
+
+logger = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(dumps(body), status_code=status, media_type="application/json")
+
+
+class SSEResponse(StreamingResponse):
+    """Closes its iterator however the stream ends (disconnect, cancellation), so the request
+    is aborted in the engine at once rather than when the generator is garbage-collected."""
+
+    media_type = "text/event-stream"
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+# ---- request bodies ------------------------------------------------------------------------
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object: 413 past ``limit`` bytes (declared or streamed), 400 if it
+    is not strict JSON (NaN/Infinity refused) or not an object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body ({declared} bytes) exceeds the limit of {limit} "
+                            "bytes.", code="request_too_large")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise APIError(413, f"the request body exceeds the limit of {limit} bytes.",
+                           code="request_too_large")
+    if not buf.strip():
+        raise bad_request("the request body is empty: send a JSON object.")
+    try:
+        obj = json.loads(bytes(buf), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}.")
+    return obj
+
+
+async def parse(request: Request, model: type[M], limit: int) -> M:
+    obj = await read_json(request, limit)
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e.errors(include_url=False)) from None
+
+
+async def cancel_on_disconnect(request: Request, coro: Any) -> Any:
+    """Runs ``coro``; if the client disconnects first, cancels it (aborting its requests)."""
+    task = asyncio.ensure_future(coro)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        return Response(status_code=499)  # nobody is listening
+    return task.result()
+
+
+def _respond(result: Any) -> Response:
+    """A handler's result: a response already, a JSON body, or an SSE stream of strings."""
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, dict):
+        return json_response(result)
+    return SSEResponse(result, headers={"Cache-Control": "no-cache"})
+
+
+# ---- the app -------------------------------------------------------------------------------
+def build_app(engine_config: EngineConfig, server_config: ServerConfig,
+              client: Optional[AsyncEngineClient] = None) -> FastAPI:
+    """The app; it starts its own engine client unless one is given (then the caller owns it)."""
+    metrics = ServerMetrics(server_config.served_model_names[0])
+    limit = server_config.max_body_bytes
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        c = client or await AsyncEngineClient.start(engine_config, listener=metrics)
+        app.state.serving = OpenAIServing(c, server_config)
+        logger.warning("servelm: ready, serving %s", ", ".join(server_config.served_model_names))
+        try:
+            yield
+        finally:
+            if client is None:
+                await c.shutdown()
+
+    app = FastAPI(title="servelm", version=__version__, lifespan=lifespan)
+    _add_error_handlers(app)
+
+    def serving(request: Request) -> OpenAIServing:
+        return request.app.state.serving
+
+    async def check_api_key(request: Request) -> None:
+        key = server_config.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 key.encode()):
+            raise APIError(401, "invalid or missing API key: send the header "
+                                "'Authorization: Bearer <key>'.", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        if serving(request).client.is_healthy:
+            return Response(status_code=200)
+        return json_response(APIError(503, "the engine is not running.",
+                                      type="service_unavailable").body(), 503)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return json_response({"version": __version__})
+
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        stats = await serving(request).client.get_stats()
+        return Response(metrics.render(stats), media_type=CONTENT_TYPE)
+
+    @v1.get("/models")
+    async def models(request: Request) -> Response:
+        s = serving(request)
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "servelm",
+                 "root": engine_config.model.model, "parent": None,
+                 "max_model_len": s.max_model_len} for name in server_config.served_model_names]
+        return json_response({"object": "list", "data": data})
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        req = await parse(request, CompletionRequest, limit)
+        return _respond(await cancel_on_disconnect(request, create_completion(serving(request),
+                                                                              req)))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await parse(request, ChatCompletionRequest, limit)
+        return _respond(await cancel_on_disconnect(request, create_chat_completion(
+            serving(request), req)))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        req = await parse(request, TokenizeRequest, limit)
+        s = serving(request)
+        s.check_model(req.model)
+        tok = s.client.tokenizer
+        if tok is None:
+            raise bad_request("this server has no tokenizer (--skip-tokenizer-init).")
+        if req.messages is not None:
+            text = await s.client.run_in_tokenizer_thread(
+                render_chat, tok, req.messages, req.add_generation_prompt is not False,
+                bool(req.continue_final_message), req.chat_template_kwargs)
+            special = bool(req.add_special_tokens)
+        elif req.prompt is not None:
+            text, special = req.prompt, req.add_special_tokens is not False
+        else:
+            raise bad_request("send either 'prompt' or 'messages'.", "prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request("the prompt has a lone UTF-16 surrogate: send valid Unicode.",
+                              "prompt") from None
+        ids = await s.client.run_in_tokenizer_thread(
+            lambda: tok.encode(text, add_special_tokens=special))
+        strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return json_response({"count": len(ids), "max_model_len": s.max_model_len,
+                              "tokens": ids, "token_strs": strs})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        req = await parse(request, DetokenizeRequest, limit)
+        s = serving(request)
+        s.check_model(req.model)
+        tok, vocab = s.client.tokenizer, engine_config.model.vocab_size
+        if tok is None:
+            raise bad_request("this server has no tokenizer (--skip-tokenizer-init).")
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise bad_request(f"tokens must be token ids in [0, {vocab}).", "tokens")
+        text = await s.client.run_in_tokenizer_thread(lambda: tok.decode(req.tokens))
+        return json_response({"prompt": text})
+
+    app.include_router(v1)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> Response:
+        return json_response(e.body(), e.status)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, e: EngineDeadError) -> Response:
+        return json_response(APIError(503, str(e), type="service_unavailable",
+                                      code="engine_dead").body(), 503)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> Response:
+        err = validation_error(list(e.errors()))
+        return json_response(err.body(), err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+        return json_response(APIError(e.status_code, str(e.detail),
+                                      code=None if e.status_code != 404 else "not_found").body(),
+                             e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> Response:
+        logger.exception("internal error")
+        return json_response(APIError(500, f"internal server error: {type(e).__name__}",
+                                      type="server_error").body(), 500)

@@ -1,0 +1,128 @@
+"""`servelm serve [MODEL]`: the OpenAI-compatible server (uvicorn + FastAPI).
+
+Every engine flag of EngineArgs is accepted, plus the server's own; ``--config x.yaml`` gives
+any of them as YAML keys (``max-model-len`` or ``max_model_len``), and flags given on the
+command line win over the file.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+SERVE_HELP = "start the OpenAI-compatible API server"
+
+
+class _NoDefaults:
+    """Adds arguments to a parser with default=SUPPRESS: flags left out of the command line
+    stay absent from the namespace, so they can be told from explicit ones."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+
+    def add_argument(self, *args: Any, **kw: Any) -> argparse.Action:
+        return self.parser.add_argument(*args, **{**kw, "default": argparse.SUPPRESS})
+
+
+def _add_serve_args(p: Any) -> None:
+    from servelm.config import EngineArgs
+    EngineArgs.add_cli_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: "
+                        "$SERVELM_API_KEY if set)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) the API answers to (default: the model argument)")
+    p.add_argument("--max-request-bytes", type=int, default=32 << 20,
+                   help="largest request body accepted (413 above)")
+    p.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--config", default=None, help="YAML file of flags (CLI flags override it)")
+
+
+def _serve_defaults() -> dict[str, Any]:
+    twin = argparse.ArgumentParser(add_help=False)
+    _add_serve_args(twin)
+    return vars(twin.parse_args([]))
+
+
+def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help=SERVE_HELP, description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_serve_args(_NoDefaults(p))  # main_serve layers: defaults < --config YAML < command line
+    p.set_defaults(func=main_serve)
+    return p
+
+
+def resolve_serve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults, then the YAML file of ``--config``, then the flags given on the command line."""
+    defaults = _serve_defaults()
+    given = {k: v for k, v in vars(args).items() if k in defaults}
+    merged = dict(defaults)
+    path = given.get("config")
+    if path:
+        merged.update(load_yaml_config(path, set(defaults)))
+    merged.update(given)
+    return argparse.Namespace(**merged)
+
+
+def load_yaml_config(path: str, allowed: set[str]) -> dict[str, Any]:
+    import yaml
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read --config {path!r}: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path!r} must be a mapping of flag names to values.")
+    out = {}
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in allowed or name == "config":
+            raise ValueError(f"--config {path!r}: unknown key {key!r}; use flag names such as "
+                             "'max-model-len' or 'port'.")
+        out[name] = value
+    return out
+
+
+def default_model_name(model: str | None) -> str:
+    if model is None:
+        from servelm.loader.default_model import DEFAULT_MODEL_FILE
+        return DEFAULT_MODEL_FILE.split(".")[0]  # SmolLM2-135M-Instruct
+    return model
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from servelm.server.api import build_app
+    except ImportError as e:
+        raise ValueError(f"`servelm serve` needs the server dependencies (missing: {e.name}); "
+                         "install them with `pip install 'servelm[server]'`.") from None
+    from servelm.config import EngineArgs
+    from servelm.server.serving import ServerConfig
+
+    ns = resolve_serve_args(args)
+    engine_config = EngineArgs.from_cli_args(ns).create_engine_config()
+    names = ns.served_model_name or [default_model_name(ns.model)]
+    if isinstance(names, str):
+        names = [names]
+    if ns.max_request_bytes < 1:
+        raise ValueError("--max-request-bytes must be >= 1.")
+    server_config = ServerConfig(served_model_names=tuple(names),
+                                 api_key=ns.api_key or os.environ.get("SERVELM_API_KEY") or None,
+                                 max_body_bytes=ns.max_request_bytes)
+    app = build_app(engine_config, server_config)
+    logging.getLogger(__name__).warning("servelm: starting %s on http://%s:%d", names[0], ns.host,
+                                        ns.port)
+    # on Ctrl-C / SIGTERM, in-flight requests get 10 s before they are cut (and aborted)
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
+                timeout_keep_alive=5, timeout_graceful_shutdown=10)
+    return 0

@@ -1,0 +1,125 @@
+"""Request schemas of the OpenAI-compatible API (pydantic, strict types) and the error shape.
+
+Field names follow OpenAI's API plus vLLM's extensions (top_k, min_p, repetition_penalty,
+ignore_eos, min_tokens, stop_token_ids, ...). Unknown fields are ignored, as in vLLM; known
+fields with the wrong type are a 400 (strict: "1" is not a number, 1.0 is not an integer).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict
+
+
+class APIError(Exception):
+    """An error the API reports as ``{"error": {message, type, param, code}}`` with a status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code = param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: Optional[str] = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def validation_error(errs: list) -> APIError:
+    """A 400 from pydantic's error list (wrong types, missing fields): names the first field."""
+    parts = [f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in errs[:3]]
+    more = f" (and {len(errs) - 3} more)" if len(errs) > 3 else ""
+    param = str(errs[0]["loc"][0]) if errs and errs[0]["loc"] else None
+    return bad_request("invalid request: " + "; ".join(parts) + more, param)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: Optional[bool] = False
+    continuous_usage_stats: Optional[bool] = False
+
+
+class SamplingRequest(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions. None means the default."""
+
+    model: Optional[str] = None
+    n: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: Optional[bool] = False
+    min_tokens: Optional[int] = 0
+    include_stop_str_in_output: Optional[bool] = False
+    skip_special_tokens: Optional[bool] = True
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingRequest):
+    # a string, a list of strings, a list of token ids, or a list of token-id lists
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = 16
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = None
+    add_special_tokens: Optional[bool] = True
+
+
+class ContentPart(_Strict):
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    # extra fields (name, tool_calls, ...) go through to the chat template untouched
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: Optional[Union[str, list[ContentPart]]] = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage]
+    max_tokens: Optional[int] = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = None
+    add_generation_prompt: Optional[bool] = True
+    continue_final_message: Optional[bool] = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_special_tokens: Optional[bool] = False  # the template already has its special tokens
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: either ``prompt`` or chat ``messages``."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: Optional[bool] = None  # default: True for prompt, False for messages
+    add_generation_prompt: Optional[bool] = True
+    continue_final_message: Optional[bool] = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    return_token_strs: Optional[bool] = False
+
+
+class DetokenizeRequest(_Strict):
+    model: Optional[str] = None
+    tokens: list[int]

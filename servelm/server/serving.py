@@ -1,0 +1,266 @@
+"""What the completion and chat endpoints share: the server's limits, sampling params from a
+request, prompt checks, several generators merged into one stream, streamed text deltas, logprob
+formats and SSE framing."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional, TypeVar
+
+from servelm.engine.async_client import AsyncEngineClient, EngineDeadError, ProcessedPrompt
+from servelm.outputs import CompletionOutput, Logprob, PositionLogprobs
+from servelm.sampling_params import SamplingParams
+from servelm.server.protocol import APIError, SamplingRequest, bad_request
+
+T = TypeVar("T")
+_MIN_LOGPROB = -9999.0  # JSON has no -inf: impossible tokens report this, as in vLLM
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_names: tuple[str, ...]
+    api_key: Optional[str] = None
+    max_body_bytes: int = 32 << 20
+    max_n: int = 128
+    max_prompts: int = 1024  # prompts in one /v1/completions request
+
+
+class OpenAIServing:
+    """State shared by the endpoint handlers of one app: the engine client and the limits."""
+
+    def __init__(self, client: AsyncEngineClient, config: ServerConfig) -> None:
+        self.client = client
+        self.config = config
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_names[0]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.client.config.model.max_model_len
+
+    def check_model(self, name: Optional[str]) -> None:
+        if name is not None and name not in self.config.served_model_names:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                                f"{list(self.config.served_model_names)}.",
+                           param="model", code="model_not_found")
+
+    def sampling_params(self, req: SamplingRequest, max_tokens: Optional[int],
+                        logprobs: Optional[int],
+                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        n = 1 if req.n is None else req.n
+        if n > self.config.max_n:
+            raise bad_request(f"n must be <= {self.config.max_n}, got {n}.", "n")
+        kw: dict[str, Any] = dict(
+            n=n, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            seed=req.seed, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
+            ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0,
+            include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            skip_special_tokens=req.skip_special_tokens is not False)
+        for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
+            if getattr(req, name) is not None:
+                kw[name] = getattr(req, name)
+        try:
+            return SamplingParams(**kw)
+        except ValueError as e:
+            raise bad_request(str(e), _param_of(str(e))) from None
+
+    async def prepare(self, prompts: list[Any], params: SamplingParams,
+                      add_special_tokens: bool) -> list[ProcessedPrompt]:
+        """Tokenizes and checks every prompt before anything is generated (errors are 400s)."""
+        self.client.check_health()
+        out = []
+        for p in prompts:
+            try:
+                pp = await self.client.process_input_async(p, params, add_special_tokens)
+            except ValueError as e:
+                raise bad_request(str(e), _param_of(str(e))) from None
+            n_prompt, n_out = len(pp.token_ids), pp.params.max_tokens or 0
+            if n_prompt + n_out > self.max_model_len:
+                raise bad_request(
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"However, you requested {n_prompt + n_out} tokens ({n_prompt} in the "
+                    f"prompt, {n_out} in the completion). Please reduce the length of the "
+                    "prompt or max_tokens.", "max_tokens")
+            out.append(pp)
+        return out
+
+
+_PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | {"prompt"}
+
+
+def _param_of(message: str) -> Optional[str]:
+    """The field a ValueError is about: SamplingParams and InputProcessor messages start with
+    its name ('top_p must be ...', 'prompt token ids must be ...')."""
+    if message.startswith("the prompt"):
+        return "prompt"
+    head = message.split(" ", 1)[0]
+    return head if head in _PARAM_NAMES else None
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+# ---- running several generators ------------------------------------------------------------
+async def merge_generators(gens: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of all generators as (index, item), in arrival order. Closing this iterator
+    cancels the rest, which aborts their requests."""
+    if len(gens) == 1:
+        async with contextlib.aclosing(gens[0]) as g:
+            async for item in g:
+                yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def drain(i: int, g: AsyncIterator[T]) -> None:
+        try:
+            async with contextlib.aclosing(g):
+                async for item in g:
+                    queue.put_nowait((i, item))
+            queue.put_nowait((i, done))
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(drain(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+# ---- streamed text ---------------------------------------------------------------------------
+@dataclass
+class ChoiceCursor:
+    """How much of one output a stream has sent."""
+
+    text: int = 0
+    tokens: int = 0
+    finished: bool = False
+    started: bool = False  # a first chunk (role / echoed prompt) went out
+
+    def advance(self, out: CompletionOutput, holdback: int) -> tuple[str, int, int]:
+        """(new text, first new token, end token). While unfinished, the last ``holdback``
+        characters wait: they may be the start of a stop string, which is never sent."""
+        end = len(out.text) if out.finish_reason is not None else len(out.text) - holdback
+        end = max(end, self.text)
+        text, self.text = out.text[self.text:end], end
+        t0, self.tokens = self.tokens, len(out.token_ids)
+        if out.finish_reason is not None:
+            self.finished = True
+        return text, t0, self.tokens
+
+
+def stop_holdback(params: SamplingParams) -> int:
+    if not params.stop or params.include_stop_str_in_output:
+        return 0
+    return max(len(s) for s in params.stop) - 1
+
+
+# ---- logprobs ----------------------------------------------------------------------------------
+def clamp_logprob(x: float) -> float:
+    return x if math.isfinite(x) and x > _MIN_LOGPROB else _MIN_LOGPROB
+
+
+def _top(pos: PositionLogprobs, n: int) -> list[tuple[int, Logprob]]:
+    ranked = sorted(pos.items(), key=lambda kv: (kv[1].rank or 0))
+    return [(tid, lp) for tid, lp in ranked if lp.rank is not None and lp.rank <= n][:n]
+
+
+def completion_logprobs(token_ids: list[int], positions: list[Optional[PositionLogprobs]], n: int,
+                        offset: int, decode: Any) -> dict:
+    """The legacy /v1/completions shape: tokens, token_logprobs, top_logprobs, text_offset.
+    A position of None (the first prompt token) has no logprob."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for tid, pos in zip(token_ids, positions):
+        entry = pos.get(tid) if pos else None
+        s = entry.decoded_token if entry is not None else None
+        s = s if s is not None else decode(tid)
+        tokens.append(s)
+        offsets.append(offset)
+        offset += len(s)
+        if pos is None or entry is None:
+            lps.append(None)
+            tops.append(None)
+            continue
+        lps.append(clamp_logprob(entry.logprob))
+        top = {(lp.decoded_token if lp.decoded_token is not None else decode(t)):
+               clamp_logprob(lp.logprob) for t, lp in _top(pos, n)}
+        top.setdefault(s, clamp_logprob(entry.logprob))  # the sampled token, as vLLM does
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], n: int,
+                  decode: Any) -> list[dict]:
+    """The /v1/chat/completions ``logprobs.content`` list."""
+    def item(tid: int, lp: Logprob) -> dict:
+        s = lp.decoded_token if lp.decoded_token is not None else decode(tid)
+        return {"token": s, "logprob": clamp_logprob(lp.logprob),
+                "bytes": list(s.encode("utf-8", "replace"))}
+
+    content = []
+    for tid, pos in zip(token_ids, positions):
+        entry = pos.get(tid) or Logprob(float("-inf"))
+        top = [item(t, lp) for t, lp in _top(pos, n)]
+        content.append({**item(tid, entry), "top_logprobs": top})
+    return content
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+# ---- JSON and SSE ------------------------------------------------------------------------------
+def dumps(obj: Any) -> str:
+    """Compact JSON; text that cannot be UTF-8 (a lone surrogate echoed from input) is escaped."""
+    s = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+
+
+def sse(obj: Any) -> str:
+    return f"data: {dumps(obj)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def stream_error(e: Exception) -> str:
+    """An error after a stream has started: an error event, as vLLM sends it."""
+    if isinstance(e, APIError):
+        err = e
+    elif isinstance(e, EngineDeadError):
+        err = APIError(503, str(e), type="service_unavailable", code="engine_dead")
+    elif isinstance(e, ValueError):
+        err = APIError(400, str(e))
+    else:
+        err = APIError(500, f"internal error: {type(e).__name__}", type="server_error")
+    return sse(err.body())

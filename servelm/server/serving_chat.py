@@ -1,0 +1,138 @@
+"""POST /v1/chat/completions: the model's chat template via the tokenizer, logprobs /
+top_logprobs, max_completion_tokens, streaming."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, AsyncIterator, Optional, Union
+
+from servelm.outputs import RequestOutput
+from servelm.server.protocol import APIError, ChatCompletionRequest, ChatMessage, bad_request
+from servelm.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, chat_logprobs,
+                                    merge_generators, new_request_id, now_s, sse, stop_holdback,
+                                    stream_error, usage)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template sees them: text parts joined, other parts refused."""
+    out = []
+    for i, m in enumerate(messages):
+        d = m.model_dump()
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"messages[{i}]: content parts of type {part.type!r} are not "
+                                      "supported; this server takes text only.", "messages")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        d["content"] = content if content is not None else ""
+        out.append(d)
+    return out
+
+
+def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
+                continue_final_message: bool, template_kwargs: Optional[dict]) -> str:
+    """The prompt text; template errors (e.g. roles that must alternate) are 400s."""
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise bad_request("this model has no chat template; use /v1/completions.")
+    if not messages:
+        raise bad_request("messages must not be empty.", "messages")
+    if add_generation_prompt and continue_final_message:
+        raise bad_request("add_generation_prompt and continue_final_message cannot both be true.",
+                          "continue_final_message")
+    # keys that are apply_chat_template's own parameters (tokenize, return_dict, ...) would
+    # change what it returns: only template variables pass
+    reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters)
+    kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in reserved}
+    try:
+        text = tokenizer.apply_chat_template(
+            template_messages(messages), tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, **kwargs)
+    except APIError:
+        raise
+    except Exception as e:  # jinja errors, raise_exception() in templates, bad message shapes
+        raise bad_request(f"the chat template failed on these messages: {e}", "messages") from None
+    if not isinstance(text, str):
+        raise bad_request("the chat template did not produce text.", "messages")
+    return text
+
+
+async def create_chat_completion(serving: OpenAIServing,
+                                 req: ChatCompletionRequest) -> Union[dict, AsyncIterator[str]]:
+    serving.check_model(req.model)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true.", "top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
+                  else req.max_tokens)
+    params = serving.sampling_params(req, max_tokens, logprobs)
+    client = serving.client
+    prompt = await client.run_in_tokenizer_thread(
+        render_chat, client.tokenizer, req.messages, req.add_generation_prompt is not False,
+        bool(req.continue_final_message), req.chat_template_kwargs)
+    (inp,) = await serving.prepare([prompt], params, bool(req.add_special_tokens))
+    rid, created = new_request_id("chatcmpl"), now_s()
+    gen = client.generate(rid, inp)
+    model = req.model or serving.model_name
+    decode = (lambda t: client.tokenizer.decode([t])) if client.tokenizer is not None else str
+    top_n = req.top_logprobs or 0
+
+    def lps(out: Any, t0: int, t1: int) -> Optional[dict]:
+        if not req.logprobs:
+            return None
+        return {"content": chat_logprobs(out.token_ids[t0:t1], (out.logprobs or [])[t0:t1],
+                                         top_n, decode)}
+
+    if req.stream:
+        return _stream(req, gen, rid, created, model, inp.params, lps)
+    final: Optional[RequestOutput] = None
+    async with contextlib.aclosing(merge_generators([gen])) as it:
+        async for _, ro in it:
+            final = ro
+    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                "logprobs": lps(o, 0, len(o.token_ids)), "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_reason} for o in final.outputs]
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": _usage(final)}
+
+
+async def _stream(req: ChatCompletionRequest, gen: Any, rid: str, created: int, model: str,
+                  params: Any, lps: Any) -> AsyncIterator[str]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    extra = {"usage": None} if req.include_usage else {}
+    holdback = stop_holdback(params)
+    cursors = [ChoiceCursor() for _ in range(params.n)]
+    final: Optional[RequestOutput] = None
+    try:
+        for k in range(params.n):
+            role = {"role": "assistant", "content": ""}
+            yield sse({**base, "choices": [{"index": k, "delta": role, "logprobs": None,
+                                            "finish_reason": None}], **extra})
+        async with contextlib.aclosing(merge_generators([gen])) as it:
+            async for _, ro in it:
+                final = ro
+                for out in ro.outputs:
+                    cur = cursors[out.index]
+                    if cur.finished:
+                        continue
+                    text, t0, t1 = cur.advance(out, holdback)
+                    if not (text or cur.finished or (req.logprobs and t1 > t0)):
+                        continue  # a token that ends mid-character: nothing to show yet
+                    delta = {"content": text} if text or not cur.finished else {}
+                    yield sse({**base, "choices": [{
+                        "index": out.index, "delta": delta, "logprobs": lps(out, t0, t1),
+                        "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}],
+                        **extra})
+        if req.include_usage and final is not None:
+            yield sse({**base, "choices": [], "usage": _usage(final)})
+    except Exception as e:
+        yield stream_error(e)
+    yield SSE_DONE
+
+
+def _usage(ro: RequestOutput) -> dict:
+    return usage(len(ro.prompt_token_ids), sum(len(o.token_ids) for o in ro.outputs),
+                 ro.num_cached_tokens)

@@ -1,0 +1,130 @@
+"""POST /v1/completions: prompts as a string, strings, token ids or token-id lists; echo;
+logprobs; streaming."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, AsyncIterator, Optional, Union
+
+from servelm.engine.async_client import ProcessedPrompt
+from servelm.outputs import RequestOutput
+from servelm.server.protocol import CompletionRequest, bad_request
+from servelm.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, completion_logprobs,
+                                    merge_generators, new_request_id, now_s, sse, stop_holdback,
+                                    stream_error, usage)
+
+
+def _prompts(prompt: Union[str, list], max_prompts: int) -> list[Any]:
+    """The request's prompt field as a list of engine prompts (strings or token-id lists)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty.", "prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]  # one prompt of token ids
+    if len(prompt) > max_prompts:
+        raise bad_request(f"at most {max_prompts} prompts per request, got {len(prompt)}.",
+                          "prompt")
+    return list(prompt)
+
+
+async def create_completion(serving: OpenAIServing,
+                            req: CompletionRequest) -> Union[dict, AsyncIterator[str]]:
+    """A response body (dict), or an SSE stream when ``req.stream``."""
+    serving.check_model(req.model)
+    prompts = _prompts(req.prompt, serving.config.max_prompts)
+    echo = bool(req.echo)
+    params = serving.sampling_params(
+        req, req.max_tokens, req.logprobs,
+        prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None)
+    inputs = await serving.prepare(prompts, params, req.add_special_tokens is not False)
+    rid, created = new_request_id("cmpl"), now_s()
+    gens = [serving.client.generate(f"{rid}-{i}", p) for i, p in enumerate(inputs)]
+    fmt = _Formatter(serving, req, inputs, rid, created)
+    if req.stream:
+        return _stream(fmt, gens)
+    finals: list[Optional[RequestOutput]] = [None] * len(gens)
+    async with contextlib.aclosing(merge_generators(gens)) as it:
+        async for i, ro in it:
+            finals[i] = ro
+    choices = [fmt.choice(i, out, out.text, 0, len(out.token_ids), echo, ro, 0)
+               for i, ro in enumerate(finals) for out in ro.outputs]
+    return {"id": rid, "object": "text_completion", "created": created, "model": fmt.model,
+            "choices": choices, "usage": fmt.usage(finals)}
+
+
+class _Formatter:
+    def __init__(self, serving: OpenAIServing, req: CompletionRequest,
+                 inputs: list[ProcessedPrompt], rid: str, created: int) -> None:
+        self.req, self.inputs, self.rid, self.created = req, inputs, rid, created
+        self.model = req.model or serving.model_name
+        self.n = inputs[0].params.n
+        self.tok = serving.client.tokenizer
+        self._prompt_texts: dict[int, str] = {}
+
+    def decode(self, tid: int) -> str:
+        return self.tok.decode([tid]) if self.tok is not None else ""
+
+    def prompt_text(self, i: int) -> str:
+        if i not in self._prompt_texts:
+            p = self.inputs[i]
+            self._prompt_texts[i] = (p.text if p.text is not None else
+                                     self.tok.decode(p.token_ids) if self.tok is not None else "")
+        return self._prompt_texts[i]
+
+    def choice(self, i: int, out: Any, text: str, t0: int, t1: int, echo: bool,
+               ro: Optional[RequestOutput], offset: int) -> dict:
+        """One choice: ``text`` and tokens [t0, t1) of ``out``, after the prompt if ``echo``;
+        ``offset``: where ``text`` starts in the choice's whole text (for text_offset)."""
+        prefix = self.prompt_text(i) if echo else ""
+        lp = None
+        if self.req.logprobs is not None:
+            n = self.req.logprobs
+            lp = completion_logprobs(out.token_ids[t0:t1], (out.logprobs or [])[t0:t1], n,
+                                     offset + len(prefix), self.decode)
+            if echo:
+                ids = self.inputs[i].token_ids
+                rows = (ro.prompt_logprobs if ro is not None else None) or [None] * len(ids)
+                plp = completion_logprobs(ids, rows, n, 0, self.decode)
+                lp = {k: plp[k] + lp[k] for k in lp}
+        return {"index": i * self.n + out.index, "text": prefix + text, "logprobs": lp,
+                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+
+    def usage(self, finals: list[Optional[RequestOutput]]) -> dict:
+        done = [ro for ro in finals if ro is not None]
+        return usage(sum(len(ro.prompt_token_ids) for ro in done),
+                     sum(len(o.token_ids) for ro in done for o in ro.outputs),
+                     sum(ro.num_cached_tokens for ro in done))
+
+
+async def _stream(fmt: _Formatter, gens: list) -> AsyncIterator[str]:
+    holdback = stop_holdback(fmt.inputs[0].params)
+    include_usage = fmt.req.include_usage
+    want_lp = fmt.req.logprobs is not None
+    cursors: dict[tuple[int, int], ChoiceCursor] = {}
+    finals: list[Optional[RequestOutput]] = [None] * len(gens)
+    base = {"id": fmt.rid, "object": "text_completion", "created": fmt.created, "model": fmt.model}
+    try:
+        async with contextlib.aclosing(merge_generators(gens)) as it:
+            async for i, ro in it:
+                finals[i] = ro
+                for out in ro.outputs:
+                    cur = cursors.setdefault((i, out.index), ChoiceCursor())
+                    if cur.finished:
+                        continue
+                    echo = bool(fmt.req.echo) and not cur.started
+                    offset = cur.text + (len(fmt.prompt_text(i)) if cur.started and fmt.req.echo
+                                         else 0)
+                    text, t0, t1 = cur.advance(out, holdback)
+                    if not (text or echo or cur.finished or (want_lp and t1 > t0)):
+                        continue  # a token that ends mid-character: nothing to show yet
+                    cur.started = True
+                    chunk = {**base, "choices": [fmt.choice(i, out, text, t0, t1, echo, ro,
+                                                            offset)]}
+                    if include_usage:
+                        chunk["usage"] = None
+                    yield sse(chunk)
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": fmt.usage(finals)})
+    except Exception as e:
+        yield stream_error(e)
+    yield SSE_DONE

@@ -1,0 +1,276 @@
+"""Errors of `servelm serve`: OpenAI's error shape and the right status for bad keys (401),
+unknown models and routes (404), invalid values and types, bad JSON, over-long prompts (400),
+big bodies (413); no input (lone surrogates, huge numbers, negatives, NaN) ever gets a 5xx or
+stops the engine; and when the engine process dies, in-flight requests fail, /health says
+503 and nothing hangs."""
+from __future__ import annotations
+
+import http.client as http_client
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from tests.e2e.server_utils import ServerProcess, httpx, make_tiny_model
+
+KEY = "sekret"
+MAX_MODEL_LEN = 256
+AUTH = {"Authorization": f"Bearer {KEY}"}
+COMPLETION = {"model": "tiny", "prompt": "Hello world", "max_tokens": 2}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny-errors-model")))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    srv = ServerProcess([model_dir, "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN),
+                         "--kv-cache-memory", str(8 << 20), "--served-model-name", "tiny",
+                         "--api-key", KEY])
+    yield srv
+    log = srv.close()
+    assert "Traceback" not in log and "never retrieved" not in log, log
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    with httpx.Client(base_url=server.base_url, headers=AUTH, timeout=60) as c:
+        yield c
+
+
+def post(api, path: str, body, **kw) -> "httpx.Response":
+    """Body as raw JSON text (ASCII escapes, so lone surrogates travel as \\udXXX)."""
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return api.post(path, content=data, headers={"Content-Type": "application/json"}, **kw)
+
+
+def assert_error(r, status: int, *, contains: str = "") -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert contains in err["message"], err["message"]
+    return err
+
+
+# ---- 401 / 404 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": f"Basic {KEY}"}, {"Authorization": KEY}])
+def test_api_key_required_on_v1(server, headers):
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        assert_error(c.get("/v1/models", headers=headers), 401)
+        for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
+            assert_error(c.post(path, json=body, headers=headers), 401)
+        assert c.get("/health").status_code == 200  # not behind the key, like vLLM
+
+
+def test_api_key_openai_client(server):
+    bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    good = openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0)
+    assert good.completions.create(model="tiny", prompt="Hi", max_tokens=1).choices
+
+
+def test_unknown_model_and_route(api):
+    err = assert_error(post(api, "/v1/completions", {**COMPLETION, "model": "gpt-9"}), 404)
+    assert err["param"] == "model"
+    assert_error(post(api, "/v1/chat/completions", {**CHAT, "model": "gpt-9"}), 404)
+    assert_error(api.get("/v1/nothing-here"), 404)
+    assert_error(api.get("/v1/completions"), 405)
+
+
+# ---- 400 ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {**COMPLETION, "temperature": -1}, "temperature"),
+    ("/v1/completions", {**COMPLETION, "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {**COMPLETION, "top_p": 0}, "top_p"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 2.5}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "n": 0}, "n"),
+    ("/v1/completions", {**COMPLETION, "n": 129}, "n"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {**COMPLETION, "seed": "1"}, "seed"),
+    ("/v1/completions", {**COMPLETION, "stop": 5}, "stop"),
+    ("/v1/completions", {**COMPLETION, "stop_token_ids": [10 ** 30]}, "stop_token_ids"),
+    ("/v1/completions", {**COMPLETION, "min_tokens": 3}, "min_tokens"),
+    ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [1, -1]}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": [10 ** 30]}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": None}, "prompt"),
+    ("/v1/completions", {"model": "tiny"}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "stream": "yes"}, "stream"),
+    ("/v1/chat/completions", {**CHAT, "messages": "Hello"}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"content": "no role"}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 99}, "logprobs"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -3}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "frequency_penalty": 3}, "frequency_penalty"),
+])
+def test_invalid_values_are_400(api, path, body, param):
+    for stream in (False, True):  # a stream that cannot start is a plain JSON error
+        err = assert_error(post(api, path, {**body, "stream": stream}
+                                if "stream" not in body else body), 400)
+        assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"{", b"[1, 2]", b'"text"', b"3", b"null",
+                                 b'{"prompt": "x", "temperature": NaN}',
+                                 b'{"prompt": "x", "temperature": Infinity}',
+                                 b"\xff\xfe\x00garbage", b"[" * 100_000 + b"]" * 100_000,
+                                 b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"])
+def test_bad_bodies_are_400(api, raw):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        assert_error(post(api, path, raw), 400)
+
+
+def test_context_length_limits(api):
+    err = assert_error(post(api, "/v1/completions", {**COMPLETION, "prompt": [5, 6],
+                                                      "max_tokens": 300}),
+                       400, contains=str(MAX_MODEL_LEN))
+    assert "302" in err["message"] and "300" in err["message"]  # prompt 2 + 300 asked
+    assert_error(post(api, "/v1/completions", {**COMPLETION, "prompt": [5] * 300}), 400,
+                 contains="300")
+    err = assert_error(post(api, "/v1/chat/completions", {**CHAT, "max_completion_tokens": 10**9}),
+                       400, contains=str(MAX_MODEL_LEN))
+    assert str(10**9) in err["message"]
+
+
+def test_request_count_limits(api):
+    assert_error(post(api, "/v1/completions", {**COMPLETION, "prompt": ["hi"] * 1025}), 400,
+                 contains="1024")
+    r = post(api, "/v1/completions", {**COMPLETION, "prompt": ["hi"] * 3, "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+
+
+# ---- 413 ---------------------------------------------------------------------------------------
+def test_body_too_large_by_content_length(server):
+    conn = http_client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Authorization", f"Bearer {KEY}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(64 << 20))  # declared, never sent
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 413
+    assert json.loads(r.read())["error"]["code"] == "request_too_large"
+    conn.close()
+
+
+def test_body_too_large_streamed(api):
+    def chunks():  # chunked transfer encoding: no Content-Length to check up front
+        yield b'{"prompt": "'
+        for _ in range(33):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+    assert_error(api.post("/v1/completions", content=chunks()), 413)
+
+
+# ---- nothing breaks the engine -----------------------------------------------------------------
+_FIELDS = ["n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+           "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids",
+           "ignore_eos", "logprobs", "echo", "stream_options", "model", "prompt", "messages",
+           "top_logprobs", "max_completion_tokens", "chat_template_kwargs", "user"]
+_VALUES = [None, True, -1, 0, 10 ** 30, -(10 ** 30), 1.5, 1e308, -1e308, "x", "\ud800", [], {},
+           [10 ** 30], [-1], ["\ud800"], [[]], {"tokenize": True, "x": "\udfff"}]
+
+
+def test_no_input_gets_5xx_or_stops_the_engine(server, api):
+    cases = [(path, {**base, field: value})
+             for path, base in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT))
+             for field in _FIELDS for value in _VALUES]
+
+    def send(case):
+        path, body = case
+        r = post(api, path, body)
+        assert r.status_code < 500, (path, body, r.text)
+        if r.status_code >= 400:
+            assert_error(r, r.status_code)
+        return r.status_code
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent: the engine batches the valid ones
+        statuses = Counter(pool.map(send, cases))
+    assert statuses[400] > 100 and statuses[200] > 10, statuses
+    for raw in ('{"prompt": "a\\ud800b", "model": "tiny"}', '{"prompt": "\\udfff"}',
+                '{"messages": [{"role": "user", "content": "\\ud83d"}]}'):
+        for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+            r = post(api, path, raw)
+            assert r.status_code in (400,), (path, raw, r.text)
+    r = post(api, "/detokenize", {"tokens": [10 ** 30]})
+    assert_error(r, 400)
+    # the engine is still alive and serving
+    assert api.get("/health").status_code == 200
+    r = post(api, "/v1/completions", {**COMPLETION, "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_streamed_errors_are_valid_sse(api):
+    with api.stream("POST", "/v1/completions",
+                     json={**COMPLETION, "stream": True, "max_tokens": 3}) as r:
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert all(ln.startswith("data: ") for ln in lines)
+
+
+# ---- the engine process dies -------------------------------------------------------------------
+def test_engine_death_fails_requests_and_health(model_dir):
+    srv = ServerProcess([model_dir, "--device", "cpu", "--max-model-len", "512",
+                         "--kv-cache-memory", str(8 << 20), "--served-model-name", "tiny"])
+    try:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
+                               timeout=30)
+        started = threading.Barrier(5)
+        errors: list = [None] * 5
+
+        def stream_one(i: int) -> None:
+            try:
+                s = client.completions.create(model="tiny", prompt=f"Hello {i}", max_tokens=500,
+                                              stream=True, extra_body={"ignore_eos": True})
+                for k, _ in enumerate(s):
+                    if k == 0:
+                        started.wait(timeout=30)
+                errors[i] = "finished"
+            except Exception as e:  # noqa: BLE001 - any error is the expected outcome
+                errors[i] = e
+
+        def blocking_one() -> None:
+            try:
+                client.completions.create(model="tiny", prompt="Hi", max_tokens=500,
+                                          extra_body={"ignore_eos": True})
+                errors[4] = "finished"
+            except Exception as e:  # noqa: BLE001
+                errors[4] = e
+
+        threads = [threading.Thread(target=stream_one, args=(i,)) for i in range(4)]
+        threads.append(threading.Thread(target=blocking_one))
+        for t in threads:
+            t.start()
+        started.wait(timeout=30)  # every stream has its first chunk
+        os.kill(srv.core_pid(), signal.SIGKILL)
+        t0 = time.monotonic()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads), "a request hung after the engine died"
+        assert time.monotonic() - t0 < 15
+        assert all(isinstance(e, Exception) for e in errors), errors
+        assert isinstance(errors[4], openai.APIStatusError) and errors[4].status_code == 503
+        r = httpx.get(srv.base_url + "/health", timeout=10)
+        assert r.status_code == 503
+        with pytest.raises(openai.APIStatusError) as info:
+            client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+        assert info.value.status_code == 503
+        assert httpx.get(srv.base_url + "/metrics", timeout=10).status_code == 200
+    finally:
+        srv.close()
