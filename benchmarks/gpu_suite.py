@@ -132,6 +132,15 @@ def run_offline(llm, prompts, out_lens, label: str) -> dict:
     return r
 
 
+def save(results: dict) -> None:
+    """Written after every stage, so a run cut short still leaves its numbers."""
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "gpu_suite.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    print("RESULTS", json.dumps(results), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-hf", action="store_true")
@@ -153,6 +162,7 @@ def main() -> None:
                            env={**os.environ, "PYTHONPATH": os.getcwd()})
         line = [x for x in p.stdout.splitlines() if x.startswith("FIRST_TOKEN")]
         results["cold_start_s"] = float(line[0].split()[1]) if line else None
+        save(results)
         if not line:
             print(p.stdout[-2000:], p.stderr[-4000:])
 
@@ -162,6 +172,7 @@ def main() -> None:
     b2 = random_prompts(args.num_requests, [256] * args.num_requests, 1, V)
     if not args.skip_hf:
         results["hf"] = hf_baseline(cfg, b1_prompt, b2[:args.hf_subset], 256, 64)
+        save(results)
 
     from servelm import LLM, SamplingParams
     t = time.perf_counter()
@@ -185,18 +196,17 @@ def main() -> None:
     roofline = bw / wbytes
     results["B1"] = {"tok_s": b1, "runs": runs, "roofline_tok_s": roofline,
                      "pct_roofline": 100 * b1 / roofline}
+    save(results)
 
     results["B2"] = run_offline(llm, b2, [256] * len(b2), "B2")
+    save(results)
     reqs = sharegpt_like_requests(args.num_requests, seed=0, vocab_size=V, max_model_len=max_len)
     results["B3"] = run_offline(llm, [r.prompt for r in reqs], [r.output_len for r in reqs], "B3")
+    save(results)
     b4 = random_prompts(32, [max_len - 256] * 32, 3, V)
     results["B4"] = run_offline(llm, b4, [256] * 32, "B4")
 
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "gpu_suite.json"), "w") as f:
-            json.dump(results, f, indent=2)
-    print(json.dumps(results, indent=1))
+    save(results)
     hf = results.get("hf", {})
     rows = [
         ("copy bandwidth (TB/s)", f"{results['copy_bw_TBps']:.2f}", ""),
