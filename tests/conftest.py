@@ -64,6 +64,8 @@ def make_engine(model_dir: str, **kw):
                 device=TEST_DEVICE, dtype="float32", attention_backend=TEST_ATTENTION,
                 gpu_memory_utilization=0.3, max_num_seqs=32)
     args.update(kw)
+    if str(args["device"]).startswith("cuda") and "num_gpu_blocks_override" not in kw:
+        args["num_gpu_blocks_override"] = 4096  # tiny models: a small fixed cache per engine
     return Engine.from_engine_args(EngineArgs(**args))
 
 

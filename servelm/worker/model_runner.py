@@ -2,6 +2,7 @@
 SchedulerOutput into one flat ragged batch, runs the forward pass and samples."""
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -65,12 +66,14 @@ class ModelRunner:
         self.backend = get_attention_backend(config.attention_backend, config.device,
                                              mc.max_model_len)
         self.use_kernels = self.device.type == "cuda" and self.backend.name == "triton"
+        cuda = self.device.type == "cuda"
+        self._mem_at_init = torch.cuda.memory_allocated(self.device) if cuda else 0
         self.model = self._load_model()
+        self._mem_weights = (torch.cuda.memory_allocated(self.device) - self._mem_at_init) if cuda else 0
         self.sampler = Sampler()
         self.requests: dict[str, RequestState] = {}
-        # rows: running requests (<= max_num_seqs) plus the profiling batch
-        max_rows = max(config.scheduler.max_num_seqs,
-                       config.scheduler.max_num_batched_tokens // 256 + 2)
+        # rows: running requests (<= max_num_seqs), or the profiling batch
+        max_rows = max(config.scheduler.max_num_seqs, len(self._profile_lens()))
         self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
@@ -122,18 +125,24 @@ class ModelRunner:
                              "max_num_batched_tokens.")
         return n
 
+    def _profile_lens(self) -> list[int]:
+        """The profiling batch: max_num_batched_tokens split into sequences of <= 512 tokens."""
+        n_tok = self.config.scheduler.max_num_batched_tokens
+        seq = min(512, n_tok, self.config.model.max_model_len - 1)
+        return [seq] * (n_tok // seq) + ([n_tok % seq] if n_tok % seq else [])
+
     @torch.inference_mode()
     def _profile_free_memory(self) -> int:
-        """Run the largest batch once with a throwaway cache; the KV cache gets what is left of
-        gpu_memory_utilization * total after the peak."""
+        """Run the largest batch once with a throwaway cache. The KV cache gets what is left of
+        gpu_memory_utilization * total after what others use (other processes, other engines in
+        this one) and this engine's own peak (weights + activations)."""
+        gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
         free0, total = torch.cuda.mem_get_info(self.device)
-        others = total - free0 - torch.cuda.memory_reserved(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
         sc = self.config.scheduler
         n_tok = sc.max_num_batched_tokens
-        seq = min(512, n_tok, self.config.model.max_model_len)
-        lens = [seq] * (n_tok // seq) + ([n_tok % seq] if n_tok % seq else [])
+        lens = self._profile_lens()
         nb = sum(-(-n // self.block_size) for n in lens)
         self._allocate_kv(nb)
         g = torch.Generator().manual_seed(0)
@@ -153,13 +162,17 @@ class ModelRunner:
                                               max_num_logprobs=self.config.max_logprobs))
         self._update_states(SchedulerOutput([], [], {}, 0, {r.req_id for r in new}))
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - sum(
-            k.numel() * k.element_size() * 2 for k, _ in self.kv_caches)
+        # own = weights (allocated before the profile) + the profile's activation peak
+        own = (torch.cuda.max_memory_allocated(self.device) - self._mem_at_init
+               - sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches))
         self.kv_caches = []
         torch.cuda.empty_cache()
-        budget = total * self.config.cache.gpu_memory_utilization - peak - others
-        logger.info("memory: total %.1f GiB, peak activations+weights %.2f GiB, other %.2f GiB -> "
-                    "KV cache %.2f GiB", total / 2**30, peak / 2**30, others / 2**30, budget / 2**30)
+        # in use by anyone else (other processes, other engines here): all used memory after
+        # empty_cache() but this engine's weights, which `own` counts
+        others = total - free0 - self._mem_weights
+        budget = total * self.config.cache.gpu_memory_utilization - own - others
+        logger.info("memory: total %.1f GiB, this engine %.2f GiB, others %.2f GiB -> KV cache "
+                    "%.2f GiB", total / 2**30, own / 2**30, others / 2**30, budget / 2**30)
         return max(0, int(budget))
 
     def _allocate_kv(self, num_blocks: int) -> None:
