@@ -125,7 +125,7 @@ class EngineArgs:
     load_format: str = "auto"
     block_size: int = 16
     max_model_len: Optional[int] = None
-    max_num_seqs: int = 256
+    max_num_seqs: Optional[int] = None  # default: 1024 on GPU (as vLLM on H100), 256 on CPU
     max_num_batched_tokens: Optional[int] = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -147,7 +147,7 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}.")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError("num_gpu_blocks_override must be >= 1.")
@@ -184,7 +184,8 @@ class EngineArgs:
         cache = CacheConfig(self.block_size, self.enable_prefix_caching,
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
                             self.kv_cache_memory)
-        sched = SchedulerConfig(self.max_num_seqs, batched, max_model_len,
+        max_seqs = self.max_num_seqs or (256 if device == "cpu" else 1024)
+        sched = SchedulerConfig(max_seqs, batched, max_model_len,
                                 self.enable_chunked_prefill)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             attention_backend=self.attention_backend,
@@ -207,7 +208,7 @@ class EngineArgs:
         a("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
         a("--block-size", type=int, default=16)
         a("--max-model-len", type=int, default=None)
-        a("--max-num-seqs", type=int, default=256)
+        a("--max-num-seqs", type=int, default=None)
         a("--max-num-batched-tokens", type=int, default=None)
         a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
         a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)

@@ -1,10 +1,16 @@
 """Sampling and stopping settings of one request, validated once at the boundary."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    CUMULATIVE = 0  # every step: the whole output so far
+    FINAL_ONLY = 2  # only when finished (offline generate: no per-step output objects)
 
 
 @dataclass
@@ -30,6 +36,7 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -142,6 +142,11 @@ class KVCacheManager:
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         need = self.blocks_needed(num_computed + num_new_tokens)
         have = len(req.block_ids) + len(computed_blocks)
+        bs = self.block_size
+        if (not computed_blocks and need <= have
+                and (not self.enable_caching
+                     or (num_computed + num_new_tokens) // bs == num_computed // bs)):
+            return []  # the common decode step: room in the last block, no block becomes full
         # cached blocks being revived leave the free queue too
         reviving = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
         new = max(0, need - have)

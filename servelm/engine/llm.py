@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
 
 from servelm.config import EngineArgs
 from servelm.engine.engine import Engine, PromptType
 from servelm.outputs import RequestOutput
-from servelm.sampling_params import SamplingParams
+from servelm.sampling_params import RequestOutputKind, SamplingParams
 
 Conversation = list[dict[str, Any]]
 
@@ -49,6 +50,8 @@ class LLM:
             sampling_params = SamplingParams()
         params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
                   else list(sampling_params))
+        # offline: only finished outputs are wanted, so none are built per step
+        params = [replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params.")
         ids = []

@@ -10,7 +10,7 @@ from typing import Any, Optional
 from servelm.core.scheduler import EngineCoreOutput
 from servelm.engine.detokenizer import IncrementalDetokenizer, find_stop
 from servelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from servelm.sampling_params import SamplingParams
+from servelm.sampling_params import RequestOutputKind, SamplingParams
 
 
 def child_request_id(request_id: str, index: int, n: int) -> str:
@@ -124,6 +124,8 @@ class OutputProcessor:
         results = []
         for rid, st in touched.items():
             done = not st.unfinished
+            if not done and st.params.output_kind == RequestOutputKind.FINAL_ONLY:
+                continue
             if done:
                 st.metrics.finished_time = now
                 del self.states[rid]

@@ -12,7 +12,7 @@ import torch
 class SamplingMetadata:
     """Per-row sampling settings of one step; B = number of rows that sample."""
 
-    temperature: torch.Tensor  # [B] fp32; rows with 0 are greedy
+    temperature: Optional[torch.Tensor]  # [B] fp32, rows with 0 are greedy; None if all greedy
     all_greedy: bool
     top_k: Optional[torch.Tensor] = None  # [B] int64, vocab size = off; None if no row uses it
     top_p: Optional[torch.Tensor] = None  # [B] fp32, 1.0 = off

@@ -13,7 +13,10 @@ class InputBatch:
     """
 
     def __init__(self, max_rows: int, max_model_len: int, max_blocks: int) -> None:
-        self.token_ids = np.zeros((max_rows, max_model_len + 1), dtype=np.int32)
+        # token_ids grows in width on demand (up to max_model_len + 1), so long-context models
+        # with many rows do not pay max_rows * max_model_len up front
+        self.max_width = max_model_len + 1
+        self.token_ids = np.zeros((max_rows, min(self.max_width, 2048)), dtype=np.int32)
         self.num_tokens = np.zeros(max_rows, dtype=np.int64)
         self.block_table = np.zeros((max_rows, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_rows, dtype=np.int64)
@@ -24,6 +27,7 @@ class InputBatch:
             raise RuntimeError("input batch is full: more running requests than max_num_seqs")
         row = self.free_rows.pop()
         n, b = len(token_ids), len(block_ids)
+        self._ensure_width(n + 1)
         self.token_ids[row, :n] = token_ids
         self.num_tokens[row] = n
         self.block_table[row, :b] = block_ids
@@ -35,8 +39,17 @@ class InputBatch:
         self.block_table[row, b:b + len(block_ids)] = block_ids
         self.num_blocks[row] = b + len(block_ids)
 
+    def _ensure_width(self, width: int) -> None:
+        if width > self.token_ids.shape[1]:
+            new = min(self.max_width, max(width, 2 * self.token_ids.shape[1]))
+            grown = np.zeros((self.token_ids.shape[0], new), dtype=np.int32)
+            grown[:, :self.token_ids.shape[1]] = self.token_ids
+            self.token_ids = grown
+
     def append_tokens(self, rows: np.ndarray, tokens: np.ndarray) -> None:
         """One sampled token per row, vectorised."""
+        if len(rows):
+            self._ensure_width(int(self.num_tokens[rows].max()) + 1)
         self.token_ids[rows, self.num_tokens[rows]] = tokens
         self.num_tokens[rows] += 1
 

@@ -186,7 +186,8 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._allocate_kv(num_blocks)
         if self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager:
-            self.graphs = DecodeGraphs(self._forward, self.config.scheduler.max_num_seqs,
+            # larger decode batches run eagerly: launch overhead is small against their compute
+            self.graphs = DecodeGraphs(self._forward, min(self.config.scheduler.max_num_seqs, 512),
                                        self.max_blocks_per_seq, self.device,
                                        self.config.model.max_model_len)
             self.graphs.capture()
@@ -256,9 +257,11 @@ class ModelRunner:
         ps = [st.params for st in states]
         dev, B, V = self.device, len(ps), self.config.model.vocab_size
         t = lambda xs, dt=torch.float32: torch.tensor(xs, dtype=dt, device=dev)  # noqa: E731
-        m = SamplingMetadata(temperature=t([0.0 if p.greedy else p.temperature for p in ps]),
-                             all_greedy=all(p.greedy for p in ps))
-        if not m.all_greedy:
+        all_greedy = all(p.greedy for p in ps)
+        m = SamplingMetadata(temperature=None if all_greedy else
+                             t([0.0 if p.greedy else p.temperature for p in ps]),
+                             all_greedy=all_greedy)
+        if not all_greedy:
             if any(p.top_k > 0 for p in ps):
                 m.top_k = t([p.top_k if p.top_k > 0 else V for p in ps], torch.int64)
             if any(p.top_p < 1 for p in ps):
