@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 ADD, ABORT, STOP, STATS, SHUTDOWN = "add", "abort", "stop", "stats", "shutdown"
 READY, OUTPUTS, REQUEST_ERROR, ERROR = "ready", "outputs", "request_error", "error"
 
-_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+# output_kind only matters to the client's OutputProcessor; the core never sees it
+_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "output_kind")
 _OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(EngineCoreOutput))
 _STATS_FIELDS = tuple(f.name for f in dataclasses.fields(SchedulerStats))
 _IDLE_POLL_MS = 1000  # while idle, how often the core checks that its parent is alive
