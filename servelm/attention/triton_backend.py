@@ -40,7 +40,10 @@ class TritonAttentionBackend(AttentionBackend):
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: [num_tokens, H, D] -> [num_tokens, H, D]
         if meta.decode_only and q.shape[0] == meta.num_seqs:
-            max_len = self.max_model_len or meta.max_seq_len
+            # a captured graph must serve any context: size it for max_model_len; an eager step
+            # knows its own longest context, and fewer idle programs run
+            capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+            max_len = (self.max_model_len or meta.max_seq_len) if capturing else meta.max_seq_len
             return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                     scale, max_seq_len=max_len)
         q_lens = meta.query_lens_cpu

@@ -74,16 +74,18 @@ class Request:
     def check_stop(self, max_model_len: int) -> bool:
         """After appending a sampled token: set a finished status if generation must end."""
         p = self.params
-        last = self.all_token_ids[-1]
-        if self.num_output_tokens >= p.min_tokens:
+        ids = self.all_token_ids
+        num_tokens = len(ids)
+        num_out = num_tokens - self.num_prompt_tokens
+        if num_out >= p.min_tokens:
+            last = ids[-1]
             if not p.ignore_eos and last in self.eos_token_ids:
                 self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, None
                 return True
-            if last in p.stop_token_ids:
+            if p.stop_token_ids and last in p.stop_token_ids:
                 self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
                 return True
-        if (p.max_tokens is not None and self.num_output_tokens >= p.max_tokens) \
-                or self.num_tokens >= max_model_len:
+        if (p.max_tokens is not None and num_out >= p.max_tokens) or num_tokens >= max_model_len:
             self.status = RequestStatus.FINISHED_LENGTH
             return True
         return False

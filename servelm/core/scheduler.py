@@ -127,11 +127,18 @@ class Scheduler:
         preempted: set[str] = set()
 
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
+        bs, caching = self.kv.block_size, self.kv.enable_caching
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            new_blocks = self.kv.allocate_slots(req, n)
+            computed = req.num_computed_tokens
+            n = min(len(req.all_token_ids) - computed, budget)
+            # common decode step: room left in the last block and no block fills up
+            if (computed + n <= len(req.block_ids) * bs
+                    and (not caching or (computed + n) // bs == computed // bs)):
+                new_blocks = []
+            else:
+                new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -212,30 +219,36 @@ class Scheduler:
             outputs.append(EngineCoreOutput(req.request_id, [], req.status.finish_reason,
                                             req.stop_reason, num_cached_tokens=0))
         self.ignored = []
+        # hot loop (once per running request per step): locals, no per-request list removal
+        requests, running_status = self.requests, RequestStatus.RUNNING
+        max_len = self.config.max_model_len
+        finished = False
         for rid, n in sched.num_scheduled_tokens.items():
-            req = self.requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING:
+            req = requests.get(rid)
+            if req is None or req.status != running_status:
                 continue  # aborted or preempted since scheduling
             req.num_computed_tokens += n
-            if rid in prompt_logprobs:
+            if prompt_logprobs and rid in prompt_logprobs:
                 self._prompt_logprobs.setdefault(rid, []).extend(prompt_logprobs[rid])
-            new_tokens = sampled.get(rid) or []
+            new_tokens = sampled.get(rid)
             if not new_tokens:
                 continue  # a chunk of a prompt: nothing to report yet
             appended = []
             for t in new_tokens:
-                req.append_token(t)
+                req.all_token_ids.append(t)
                 appended.append(t)
-                if req.check_stop(self.config.max_model_len):
+                if req.check_stop(max_len):
                     break
-            out = EngineCoreOutput(rid, appended, None, None,
-                                   logprobs.get(rid), num_cached_tokens=max(req.num_cached_tokens, 0))
+            out = EngineCoreOutput(rid, appended, None, None, logprobs.get(rid) if logprobs else None,
+                                   num_cached_tokens=max(req.num_cached_tokens, 0))
             if req.params.prompt_logprobs is not None and req.num_output_tokens == len(appended):
                 out.prompt_logprobs = [None] + self._prompt_logprobs.pop(rid, [])
-            if req.is_finished:
+            if req.status != running_status:
                 out.finish_reason, out.stop_reason = req.status.finish_reason, req.stop_reason
-                self.running.remove(req)
-                self.requests.pop(rid, None)
+                requests.pop(rid, None)
                 self._free(req)
+                finished = True
             outputs.append(out)
+        if finished:
+            self.running = [r for r in self.running if r.status == running_status]
         return outputs

@@ -67,6 +67,9 @@ class ModelRunner:
                                              mc.max_model_len)
         self.use_kernels = self.device.type == "cuda" and self.backend.name == "triton"
         cuda = self.device.type == "cuda"
+        if cuda:  # engines dropped earlier in this process must not count as this one's memory
+            gc.collect()
+            torch.cuda.empty_cache()
         self._mem_at_init = torch.cuda.memory_allocated(self.device) if cuda else 0
         self.model = self._load_model()
         self._mem_weights = (torch.cuda.memory_allocated(self.device) - self._mem_at_init) if cuda else 0
@@ -163,8 +166,8 @@ class ModelRunner:
         self._update_states(SchedulerOutput([], [], {}, 0, {r.req_id for r in new}))
         torch.cuda.synchronize(self.device)
         # own = weights (allocated before the profile) + the profile's activation peak
-        own = (torch.cuda.max_memory_allocated(self.device) - self._mem_at_init
-               - sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches))
+        own = max(self._mem_weights, torch.cuda.max_memory_allocated(self.device)
+                  - self._mem_at_init - sum(k.numel() * k.element_size() * 2 for k, _ in self.kv_caches))
         self.kv_caches = []
         torch.cuda.empty_cache()
         # in use by anyone else (other processes, other engines here): all used memory after
