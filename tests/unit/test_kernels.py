@@ -25,25 +25,10 @@ from servelm.kernels.rmsnorm import (  # noqa: E402
     fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref)
 from servelm.kernels.rotary import rotary_embedding, rotary_embedding_ref  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ON_CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if ON_CUDA else "cpu"
+from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
 pytestmark = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
                                 reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter")
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="large shapes: CUDA only")
-
-if INTERPRET:
-    # Triton 3.6's interpreter turns a scalar (a 1-element array) into a Python int with
-    # int(array), which numpy >= 2.3 refuses; loops with run-time bounds need it.
-    import triton.runtime.interpreter as _interp
-
-    _orig_patch = _interp._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        _orig_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = _patch_lang_tensor
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # The interpreter casts fp32 -> bf16 by truncation, not round-to-nearest: exact-rounding checks

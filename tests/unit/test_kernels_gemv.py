@@ -17,25 +17,10 @@ from servelm.kernels.gemv import (  # noqa: E402
     _TABLE, GemvConfig, _bucket, linear_small_m, linear_small_m_ref, select_config,
     use_small_m_kernel, warmup_gemv)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ON_CUDA = torch.cuda.is_available() and not INTERPRET
-DEVICE = "cuda" if ON_CUDA else "cpu"
+from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
 needs_kernel = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
                                   reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter")
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA only")
-
-if INTERPRET:
-    # Triton 3.6's interpreter turns a scalar into a Python int with int(array), which
-    # numpy >= 2.3 refuses; loops with run-time bounds need it (same patch as test_kernels.py).
-    import triton.runtime.interpreter as _interp
-
-    _orig_patch = _interp._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        _orig_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = _patch_lang_tensor
 
 # ||out - ref|| / ||ref|| allowed; the output's own rounding is ~2e-3 (bf16), ~3e-4 (fp16)
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
