@@ -6,7 +6,6 @@ reads it when the kernels are defined). Otherwise every test here is skipped.
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest

@@ -6,7 +6,6 @@ are plain Python and run wherever triton imports.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
