@@ -69,12 +69,14 @@ def llamacpp_rows(path: str, new: int, batch: int) -> dict | None:
     except ImportError:
         return None
     llm = Llama(model_path=path, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
-    llm(PROMPTS[0], max_tokens=4)
+    msgs = [{"role": "user", "content": PROMPTS[0]}]  # a raw prompt ends at once (EOS) here
     runs = []
     for _ in range(3):
-        t = time.perf_counter()
-        r = llm(PROMPTS[0], max_tokens=new, temperature=0)
-        runs.append(r["usage"]["completion_tokens"] / (time.perf_counter() - t))
+        stamps = []  # decode rate: first content chunk to last, like servelm's row
+        for chunk in llm.create_chat_completion(msgs, max_tokens=new, temperature=0, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+        runs.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return {"b1": statistics.median(runs), "batch": None}  # llama-cpp-python serves one at a time
 
 
