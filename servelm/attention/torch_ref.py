@@ -42,19 +42,42 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def decode_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+_DECODE_GROUP = 16
+
+
+def decode_attention_grouped(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """All query lengths 1: one padded batched computation. q: [S, H, D] -> [S, H, D]."""
+    """All query lengths 1. Sequences sorted by length and padded only within groups of 16, so
+    one long context does not make every sequence gather (and copy) that many tokens."""
+    S = q.shape[0]
+    lens = meta.seq_lens_cpu
+    if S <= _DECODE_GROUP or not lens:
+        return decode_attention_batched(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                        meta.max_seq_len, scale)
+    order = sorted(range(S), key=lens.__getitem__)
+    out = torch.empty_like(q)
+    for g in range(0, S, _DECODE_GROUP):
+        idx = order[g:g + _DECODE_GROUP]
+        rows = torch.tensor(idx, device=q.device)
+        out[rows] = decode_attention_batched(q[rows], k_cache, v_cache, meta.block_tables[rows],
+                                             meta.seq_lens[rows], lens[idx[-1]], scale)
+    return out
+
+
+def decode_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+                             scale: float) -> torch.Tensor:
+    """All query lengths 1, padded to max_len. q: [S, H, D] -> [S, H, D]."""
     S, H, D = q.shape
     bs, KVH = k_cache.shape[1], k_cache.shape[2]
-    nblk = -(-meta.max_seq_len // bs)
+    nblk = -(-max_len // bs)
     # entries past a sequence's own blocks are arbitrary: clamp them to a valid id, then mask
-    bt = meta.block_tables[:, :nblk].long().clamp_(0, k_cache.shape[0] - 1)
+    bt = block_tables[:, :nblk].long().clamp_(0, k_cache.shape[0] - 1)
     k = k_cache[bt].view(S, nblk * bs, KVH, D).float()  # [S, L, KVH, D]
     v = v_cache[bt].view(S, nblk * bs, KVH, D).float()
     qg = q.view(S, KVH, H // KVH, D).float()
     scores = torch.einsum("skgd,slkd->skgl", qg, k) * scale  # [S, KVH, G, L]
-    pad = torch.arange(nblk * bs, device=q.device)[None, :] >= meta.seq_lens[:, None].long()
+    pad = torch.arange(nblk * bs, device=q.device)[None, :] >= seq_lens[:, None].long()
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     out = torch.einsum("skgl,slkd->skgd", scores.softmax(-1), v)
     return out.reshape(S, H, D).to(q.dtype)
@@ -98,5 +121,5 @@ class TorchReferenceBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         if meta.decode_only:
-            return decode_attention_batched(q, k_cache, v_cache, meta, scale)
+            return decode_attention_grouped(q, k_cache, v_cache, meta, scale)
         return prefill_attention(q, k_cache, v_cache, meta, scale)

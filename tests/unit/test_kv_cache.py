@@ -374,3 +374,4 @@ def test_can_ever_fit_and_blocks_needed():
     assert kv.blocks_needed(BS) == 1
     assert kv.blocks_needed(BS + 1) == 2
     assert kv.can_ever_fit(5 * BS) and not kv.can_ever_fit(5 * BS + 1)
+
