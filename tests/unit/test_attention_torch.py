@@ -1,6 +1,7 @@
 """The PyTorch attention backend against the per-sequence reference."""
 import torch
 
+
 def test_torch_decode_attention_grouped_matches_reference():
     """The CPU decode path (sorted, padded per group of 16) equals the per-sequence reference
     on a batch of 40 sequences of very different lengths over shuffled blocks."""
