@@ -60,7 +60,3 @@ class EngineCore:
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.scheduler.kv.pool.num_free_blocks

@@ -339,10 +339,11 @@ class ModelRunner:
     def _prompt_logprobs(self, inp: StepInputs, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
         """For requests asking prompt_logprobs: logprob of each prompt token given its prefix,
         for the prompt positions computed in this chunk (position p predicts token p+1)."""
-        cu = inp.meta.query_start_loc.tolist() if any(
-            self.requests[r].params.prompt_logprobs is not None for r in inp.req_ids) else None
-        if cu is None:
+        if all(self.requests[r].params.prompt_logprobs is None for r in inp.req_ids):
             return
+        cu = [0]  # query start offsets from the host copy: no device sync
+        for n in inp.meta.query_lens_cpu:
+            cu.append(cu[-1] + n)
         for i, rid in enumerate(inp.req_ids):
             st = self.requests[rid]
             k = st.params.prompt_logprobs
