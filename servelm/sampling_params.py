@@ -32,6 +32,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    # token id -> bias added to its logit before sampling (OpenAI's logit_bias)
+    logit_bias: Optional[dict[int, float]] = None
     logprobs: Optional[int] = None  # number of top logprobs per output token (0: sampled only)
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
@@ -43,6 +45,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            self.logit_bias = _logit_bias(self.logit_bias)
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -95,6 +99,31 @@ class SamplingParams:
         from dataclasses import replace
         seed = None if self.seed is None else (self.seed + index) % 2**64
         return replace(self, n=1, seed=seed)
+
+
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+
+
+def _logit_bias(bias: object) -> dict[int, float]:
+    """Validated copy of a logit_bias map: int (or integer-string) keys >= 0, finite values in
+    [-100, 100], at most 300 entries. Ids are checked against the vocabulary at the engine."""
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a map from token id to bias, got {type(bias).__name__}.")
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias must have at most {MAX_LOGIT_BIAS_ENTRIES} entries, got "
+                         f"{len(bias)}.")
+    out: dict[int, float] = {}
+    for k, v in bias.items():
+        tid = k
+        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+            tid = int(k)
+        if not _is_int(tid) or tid < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {k!r}.")
+        if not _is_num(v) or not -100 <= v <= 100:
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {v!r} for "
+                             f"token {k!r}.")
+        out[tid] = float(v)
+    return out
 
 
 def _is_num(x: object) -> bool:

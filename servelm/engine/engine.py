@@ -54,6 +54,9 @@ class InputProcessor:
                              "shorten the prompt (it must leave room for one output token).")
         if any(t >= mc.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids in [0, {mc.vocab_size}).")
+        if params.logit_bias and max(params.logit_bias) >= mc.vocab_size:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {mc.vocab_size}), got "
+                             f"{max(params.logit_bias)}.")
         lp = max(params.logprobs or 0, params.prompt_logprobs or 0)
         if lp > self.config.max_logprobs:
             raise ValueError(f"logprobs ({lp}) must be <= max_logprobs ({self.config.max_logprobs}).")
