@@ -7,6 +7,15 @@ import os
 import pytest
 import torch
 
+# ---- Triton kernels on a CPU-only machine: run them under Triton's interpreter -------------
+# Triton reads TRITON_INTERPRET when a kernel is defined (@triton.jit), so it must be set before
+# anything imports servelm.kernels (conftest.py is imported before the test modules). Only the
+# kernel tests (tests/unit/test_kernels*.py) launch kernels on the CPU; the engine's kernel paths
+# are CUDA-only, so nothing else changes. Run with TRITON_INTERPRET=0 to skip the kernel tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# ---------------------------------------------------------------------------------------------
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -1,8 +1,9 @@
 """linear_small_m (small-M GEMV kernels) vs the fp32 product of the same bf16/fp16 inputs.
 
 Kernel tests run on CUDA; on a CPU-only machine with triton installed, a small-shape subset runs
-under the interpreter when TRITON_INTERPRET=1 is set before pytest starts. The config-table tests
-are plain Python and run wherever triton imports.
+under the interpreter when TRITON_INTERPRET=1 is set before the kernels are defined (as
+tests/conftest.py does when there is no CUDA device). The config-table tests are plain Python and
+run wherever triton imports.
 """
 from __future__ import annotations
 
