@@ -6,9 +6,10 @@ fields with the wrong type are a 400 (strict: "1" is not a number, 1.0 is not an
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 
 class APIError(Exception):
@@ -37,6 +38,9 @@ def validation_error(errs: list) -> APIError:
     return bad_request("invalid request: " + "; ".join(parts) + more, param)
 
 
+_TOKEN_ID_KEY = re.compile(r"\s*-?[0-9]{1,20}\s*", re.ASCII)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -61,6 +65,8 @@ class SamplingRequest(_Strict):
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
+    # OpenAI's {"token id as a string": bias}; ints and floats both pass strict float
+    logit_bias: Optional[dict[str, float]] = None
     ignore_eos: Optional[bool] = False
     min_tokens: Optional[int] = 0
     include_stop_str_in_output: Optional[bool] = False
@@ -68,6 +74,17 @@ class SamplingRequest(_Strict):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_keys(cls, bias: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        # SamplingParams converts the keys and checks ids and values; refused here are keys
+        # that str.isdigit passes but int() does not take (e.g. "²") or takes slowly (huge)
+        for k in bias or ():
+            if not _TOKEN_ID_KEY.fullmatch(k):
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), "
+                                 f"got {k[:32]!r}.")
+        return bias
 
     @property
     def include_usage(self) -> bool:

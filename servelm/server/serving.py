@@ -61,6 +61,7 @@ class OpenAIServing:
         kw: dict[str, Any] = dict(
             n=n, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             seed=req.seed, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
+            logit_bias=req.logit_bias or None,  # string keys: SamplingParams converts them
             ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             skip_special_tokens=req.skip_special_tokens is not False)

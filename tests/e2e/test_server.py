@@ -11,6 +11,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import openai
 import pytest
@@ -216,6 +217,103 @@ def test_chat_n_and_sampling_fields(client):
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert r.usage.completion_tokens == 15
     assert len({c.message.content for c in r.choices}) > 1
+
+
+# ---- logit_bias ----------------------------------------------------------------------------------
+# The tokens are read from logprobs (each token decoded alone, as the server shows it there):
+# a lone byte of a multi-byte character has no text of its own in the output.
+@pytest.fixture(scope="module")
+def token_strs(model_dir) -> list[str]:
+    """Each token id decoded alone, as logprobs show it."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [tok.decode([i]) for i in range(len(tok))]
+
+
+def _ids_of(token_strs: list[str], s: str) -> dict[str, float]:
+    """A -100 bias on every token that shows as ``s`` (then none of them can come first)."""
+    ids = [i for i, t in enumerate(token_strs) if t == s]
+    assert 1 <= len(ids) <= 300, (s, ids)
+    return {str(i): -100 for i in ids}
+
+
+def _forced(token_strs: list[str], avoid: str) -> tuple[int, str]:
+    """A token other than ``avoid`` with printable text no other token has (a BPE merge)."""
+    counts = Counter(token_strs)
+    for i in range(len(token_strs) - 1, -1, -1):  # merges come last in a BPE vocabulary
+        s = token_strs[i]
+        if len(s.strip()) >= 2 and s.isascii() and s.isprintable() and counts[s] == 1 \
+                and s != avoid and s not in ("<s>", "</s>", "<pad>"):
+            return i, s
+    pytest.fail("no token to force")
+
+
+def test_logit_bias_completions(server, client, token_strs):
+    ids = httpx.post(server.base_url + "/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    for prompt in (PROMPT, ids):
+        base = client.completions.create(prompt=prompt, max_tokens=4, logprobs=0, **greedy())
+        first = base.choices[0].logprobs.tokens[0]
+        # -100 on the greedy first token: another token comes first
+        r = client.completions.create(prompt=prompt, max_tokens=1, logprobs=0,
+                                      **greedy(logit_bias=_ids_of(token_strs, first)))
+        assert r.choices[0].logprobs.tokens[0] != first
+        # +100 on another token: every token is that one
+        u, s = _forced(token_strs, avoid=first)
+        r = client.completions.create(prompt=prompt, max_tokens=4, logprobs=0,
+                                      **greedy(logit_bias={str(u): 100}))
+        (c,) = r.choices
+        assert c.logprobs.tokens == [s] * 4 and c.text == s * 4 and c.finish_reason == "length"
+        # -100 on a token that is not the greedy one changes nothing first
+        r = client.completions.create(prompt=prompt, max_tokens=1, logprobs=0,
+                                      **greedy(logit_bias={str(u): -100}))
+        assert r.choices[0].logprobs.tokens[0] == first
+    # sampled (n > 1, seeded) and several prompts: the bias holds for every sample
+    r = client.completions.create(prompt=[ids, ids[:3]], n=2, max_tokens=3, temperature=1.0,
+                                  seed=11, model="tiny", logit_bias={str(u): 100},
+                                  extra_body={"ignore_eos": True})
+    assert [c.text for c in r.choices] == [s * 3] * 4
+
+
+def test_logit_bias_is_per_request(server, token_strs):
+    """Biased and unbiased requests batched together: each gets only its own bias."""
+    async def run() -> tuple[list[str], list[str], str, str]:
+        aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused",
+                                     max_retries=0, timeout=60)
+        try:
+            base = await aclient.completions.create(prompt=PROMPT, max_tokens=4, **greedy())
+            u, s = _forced(token_strs, avoid="")
+            plain = [aclient.completions.create(prompt=PROMPT, max_tokens=4, **greedy())
+                     for _ in range(4)]
+            forced = [aclient.completions.create(prompt=PROMPT, max_tokens=4,
+                                                 **greedy(logit_bias={str(u): 100}))
+                      for _ in range(4)]
+            rs = await asyncio.gather(*(x for pair in zip(plain, forced) for x in pair))
+            texts = [r.choices[0].text for r in rs]
+            return texts[0::2], texts[1::2], base.choices[0].text, s
+        finally:
+            await aclient.close()
+
+    plain, forced, base, s = asyncio.run(run())
+    assert base != s * 4 and plain == [base] * 4 and forced == [s * 4] * 4
+
+
+def test_logit_bias_chat(client, token_strs):
+    msgs = [{"role": "user", "content": "Hello"}]
+    base = client.chat.completions.create(messages=msgs, max_completion_tokens=1, logprobs=True,
+                                          **greedy())
+    first = base.choices[0].logprobs.content[0].token
+    r = client.chat.completions.create(messages=msgs, max_completion_tokens=1, logprobs=True,
+                                       **greedy(logit_bias=_ids_of(token_strs, first)))
+    assert r.choices[0].logprobs.content[0].token != first
+    u, s = _forced(token_strs, avoid=first)
+    r = client.chat.completions.create(messages=msgs, max_completion_tokens=3, logprobs=True,
+                                       **greedy(logit_bias={str(u): 100.0}))
+    (c,) = r.choices
+    assert [x.token for x in c.logprobs.content] == [s] * 3 and c.message.content == s * 3
+    # streamed, with a float bias: the same tokens
+    chunks = client.chat.completions.create(messages=msgs, max_completion_tokens=3, stream=True,
+                                            **greedy(logit_bias={str(u): 99.5}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == s * 3
 
 
 def test_prefix_cache_reported(client):

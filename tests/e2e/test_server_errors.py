@@ -155,6 +155,57 @@ def test_request_count_limits(api):
     assert r.status_code == 200 and len(r.json()["choices"]) == 3
 
 
+# ---- logit_bias --------------------------------------------------------------------------------
+def _vocab_size(model_dir: str) -> int:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f)["vocab_size"]
+
+
+_ENDPOINTS = (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT))
+
+
+@pytest.mark.parametrize("bias", [
+    {"5": 101}, {"5": -100.5}, {"5": 10 ** 30}, {"5": "abc"}, {"5": "1"}, {"5": True},
+    {"5": None}, {"5": [1]}, {"abc": 1}, {"-1": 1}, {"1.5": 1}, {"0x10": 1}, {"": 1},
+    {"\u00b2": 1}, {"\ud800": 1},
+    {"9" * 5000: 1}, {str(i): 1 for i in range(301)}, [5], "5", 5,
+], ids=lambda b: repr(b)[:24])
+def test_logit_bias_invalid_is_400(api, bias):
+    for path, base in _ENDPOINTS:
+        for stream in (False, True):  # refused before a stream starts
+            err = assert_error(post(api, path, {**base, "logit_bias": bias, "stream": stream}),
+                               400, contains="logit_bias")
+            assert err["param"] == "logit_bias" and err["type"] == "invalid_request_error"
+
+
+def test_logit_bias_non_finite_values_are_400(api):
+    for path, base in _ENDPOINTS:
+        # Python's JSON reads 1e400 as infinity: refused as a value, naming the field
+        for big in ("1e400", "-1e400"):
+            body = json.dumps({**base, "logit_bias": {"5": 0}}).replace('{"5": 0}',
+                                                                        '{"5": %s}' % big)
+            err = assert_error(post(api, path, body), 400, contains="logit_bias")
+            assert err["param"] == "logit_bias"
+        # NaN is not JSON: the body is refused before any field is read
+        body = json.dumps({**base, "logit_bias": {"5": 0}}).replace('{"5": 0}', '{"5": NaN}')
+        assert_error(post(api, path, body), 400)
+
+
+def test_logit_bias_token_ids_checked_against_vocab(api, model_dir):
+    vocab = _vocab_size(model_dir)
+    for path, base in _ENDPOINTS:
+        for key in (str(vocab), str(vocab + 1000), "9" * 20):
+            for stream in (False, True):
+                r = post(api, path, {**base, "logit_bias": {"5": 1, key: -1}, "stream": stream})
+                err = assert_error(r, 400, contains=f"[0, {vocab})")
+                assert err["param"] == "logit_bias"
+        # the limits themselves pass: the last id, +-100, 300 entries, ints and floats, {}
+        for bias in ({str(vocab - 1): 100}, {"0": -100, "1": 5, " 2": 5.5, "3": -0.0},
+                     {str(i): 0.5 for i in range(300)}, {}, None):
+            r = post(api, path, {**base, "logit_bias": bias})
+            assert r.status_code == 200, (bias, r.text)
+
+
 # ---- 413 ---------------------------------------------------------------------------------------
 def test_body_too_large_by_content_length(server):
     conn = http_client.HTTPConnection("127.0.0.1", server.port, timeout=30)
