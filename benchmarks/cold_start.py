@@ -30,17 +30,19 @@ def main() -> None:
     from servelm import SamplingParams
     from servelm.config import EngineArgs
     from servelm.engine.engine import Engine
+    from servelm.executor import uniproc
     from servelm.worker import model_runner as mr
     mark("import servelm")
-    # time the runner's phases by wrapping its methods
-    for name in ("_load_model", "determine_num_blocks", "_allocate_kv"):
-        fn = getattr(mr.ModelRunner, name)
+    # time the runner's phases by wrapping its methods (and the executor's profiling call)
+    for owner, name in ((mr.ModelRunner, "_load_model"), (uniproc, "determine_num_blocks"),
+                        (mr.ModelRunner, "allocate_kv")):
+        fn = getattr(owner, name)
 
-        def wrapped(self, *a, _fn=fn, _name=name, **k):
-            out = _fn(self, *a, **k)
+        def wrapped(*a, _fn=fn, _name=name, **k):
+            out = _fn(*a, **k)
             mark(_name)
             return out
-        setattr(mr.ModelRunner, name, wrapped)
+        setattr(owner, name, wrapped)
     from servelm.worker import cuda_graphs
     cap = cuda_graphs.DecodeGraphs.capture
 

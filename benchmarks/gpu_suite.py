@@ -86,11 +86,15 @@ class StepTimer:
 
     def __init__(self, llm) -> None:
         core = llm.engine.core
+        runner = core.executor.runner
         self.host = 0.0
         self.steps = 0
         self.total = 0.0
+        # the sampling set-up of a step: per-row state updates and the step's metadata (before
+        # the seams: the runner's _sampling_metadata)
         for obj, name in [(core.scheduler, "schedule"), (core.scheduler, "update"),
-                          (core.runner, "_prepare_inputs"), (core.runner, "_sampling_metadata")]:
+                          (runner, "_prepare_inputs"),
+                          (runner.sampling, "update"), (runner.sampling, "metadata")]:
             self._wrap(obj, name, host=True)
         self._wrap(core, "step", host=False)
 
@@ -178,10 +182,10 @@ def main() -> None:
     t = time.perf_counter()
     llm = LLM(PRESET, load_format="dummy", max_model_len=max_len, seed=0)
     results["engine_init_s"] = time.perf_counter() - t
-    runner = llm.engine.core.runner
+    runner = llm.engine.core.executor.runner
     wbytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     results["weight_GB"] = wbytes / 1e9
-    results["kv_blocks"] = runner.num_blocks
+    results["kv_blocks"] = llm.engine.core.scheduler.kv.num_blocks
 
     # B1: batch-1 decode
     sp = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)

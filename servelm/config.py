@@ -23,6 +23,7 @@ class ModelConfig:
     seed: int
     tokenizer: Optional[str] = None
     eos_token_ids: tuple[int, ...] = ()
+    quantization: Optional[str] = None  # a LinearMethod name (servelm.quantization); None: dense
 
     @property
     def architecture(self) -> str:
@@ -65,11 +66,26 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is spread over devices; sizes are 1 until the parallel executors exist."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"  # a name in servelm.executor.EXECUTORS
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
     device: str
+    parallel: ParallelConfig = ParallelConfig()
     attention_backend: str = "auto"
     enforce_eager: bool = False
     max_logprobs: int = 20
@@ -136,9 +152,17 @@ class EngineArgs:
     enforce_eager: bool = False
     max_logprobs: int = 20
     skip_tokenizer_init: bool = False
+    quantization: Optional[str] = None
+    distributed_executor_backend: Optional[str] = None  # None: "uni" (one process)
 
     def create_engine_config(self) -> EngineConfig:
+        from servelm.attention import check_attention_backend
+        from servelm.executor import check_executor_backend
         from servelm.loader import load_generation_eos_ids, load_hf_config, resolve_model
+        from servelm.quantization import check_quantization
+        check_attention_backend(self.attention_backend)
+        check_quantization(self.quantization)
+        executor = check_executor_backend(self.distributed_executor_backend or "uni")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError("load_format must be one of 'auto', 'safetensors', 'gguf', 'dummy'; "
                              f"got {self.load_format!r}.")
@@ -180,7 +204,8 @@ class EngineArgs:
                      else list(getattr(hf_config, "eos_token_id", None) or [])))
         model_cfg = ModelConfig(model=str(model), load_format=load_format, hf_config=hf_config,
                                 dtype=dtype, max_model_len=max_model_len, seed=self.seed,
-                                tokenizer=self.tokenizer, eos_token_ids=eos)
+                                tokenizer=self.tokenizer, eos_token_ids=eos,
+                                quantization=self.quantization)
         cache = CacheConfig(self.block_size, self.enable_prefix_caching,
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
                             self.kv_cache_memory)
@@ -188,6 +213,7 @@ class EngineArgs:
         sched = SchedulerConfig(max_seqs, batched, max_model_len,
                                 self.enable_chunked_prefill)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
+                            parallel=ParallelConfig(distributed_executor_backend=executor),
                             attention_backend=self.attention_backend,
                             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
                             skip_tokenizer_init=self.skip_tokenizer_init)
@@ -215,10 +241,18 @@ class EngineArgs:
         a("--gpu-memory-utilization", type=float, default=0.9)
         a("--num-gpu-blocks-override", type=int, default=None)
         a("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU)")
-        a("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+        from servelm.attention import ATTENTION_BACKENDS
+        from servelm.executor import EXECUTORS
+        from servelm.quantization import QUANTIZATION_METHODS
+        a("--attention-backend", default="auto", choices=["auto", *ATTENTION_BACKENDS],
+          help="auto: triton on CUDA, else the torch reference")
         a("--enforce-eager", action="store_true")
         a("--max-logprobs", type=int, default=20)
         a("--skip-tokenizer-init", action="store_true")
+        a("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
+          help="how linear layers store and apply weights (default: as in the checkpoint)")
+        a("--distributed-executor-backend", default=None, choices=list(EXECUTORS),
+          help="how model workers run (default: uni, the engine core's own process)")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":

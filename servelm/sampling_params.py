@@ -115,7 +115,7 @@ def _logit_bias(bias: object) -> dict[int, float]:
     out: dict[int, float] = {}
     for k, v in bias.items():
         tid = k
-        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+        if isinstance(k, str) and k.strip().isascii() and k.strip().isdigit() and len(k) <= 40:
             tid = int(k)
         if not _is_int(tid) or tid < 0:
             raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {k!r}.")

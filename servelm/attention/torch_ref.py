@@ -116,6 +116,9 @@ class TorchReferenceBackend(AttentionBackend):
 
     name = "torch"
 
+    def __init__(self, max_model_len: int | None = None) -> None:
+        pass  # launches are sized per step; nothing to size up front
+
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
         write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 

@@ -7,16 +7,28 @@ needed. Nothing here touches tensors: the model runner owns the KV memory, this 
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Hashable, Optional, Sequence
 
 from servelm.core.request import Request
 
+BlockHash = bytes
 
-def hash_block(parent: Optional[int], tokens: tuple[int, ...]) -> int:
-    """Chained hash: a block's identity includes every token before it."""
-    return hash((parent, tokens))
+
+def hash_block(parent: Optional[BlockHash], tokens: Sequence[int],
+               extra_keys: Optional[tuple[Hashable, ...]] = None) -> BlockHash:
+    """Chained SHA-256 of a full block: its identity includes every token before it (through
+    ``parent``) and ``extra_keys``, anything besides the tokens that changes their KV (a LoRA
+    adapter's id, say). Collision-resistant, unlike Python's ``hash``: two different prefixes
+    sharing a cached block would silently serve one request the other's KV."""
+    h = hashlib.sha256(parent or b"")
+    h.update(array("q", tokens).tobytes())  # token ids as int64: one fixed-width encoding
+    if extra_keys:
+        h.update(repr(extra_keys).encode())
+    return h.digest()
 
 
 @dataclass
@@ -32,9 +44,9 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.ref_cnt = [0] * num_blocks
-        self.block_hash: list[Optional[int]] = [None] * num_blocks
+        self.block_hash: list[Optional[BlockHash]] = [None] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[BlockHash, int] = {}  # block hash -> block id
 
     @property
     def num_free_blocks(self) -> int:
@@ -55,7 +67,7 @@ class BlockPool:
             out.append(bid)
         return out
 
-    def lookup(self, h: int) -> Optional[int]:
+    def lookup(self, h: BlockHash) -> Optional[int]:
         return self.cached.get(h)
 
     def touch(self, block_ids: list[int]) -> None:
@@ -73,7 +85,7 @@ class BlockPool:
             if self.ref_cnt[bid] == 0:
                 self.free_queue[bid] = None
 
-    def cache_block(self, bid: int, h: int) -> None:
+    def cache_block(self, bid: int, h: BlockHash) -> None:
         if self.enable_caching and self.block_hash[bid] is None and h not in self.cached:
             self.block_hash[bid] = h
             self.cached[h] = bid
@@ -112,7 +124,7 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(req.block_hashes), upto_tokens // bs):
             parent = req.block_hashes[-1] if req.block_hashes else None
-            req.block_hashes.append(hash_block(parent, tuple(req.all_token_ids[i * bs:(i + 1) * bs])))
+            req.block_hashes.append(hash_block(parent, req.all_token_ids[i * bs:(i + 1) * bs]))
 
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Longest cached prefix of req's tokens, in whole blocks. Leaves at least one token to

@@ -37,17 +37,19 @@ class Request:
                  parent_id: Optional[str] = None, priority: int = 0) -> None:
         self.request_id = request_id
         self.parent_id = parent_id  # the user's request id when n > 1 fans out
-        self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.arrival_time = arrival_time
         self.priority = priority
         self.eos_token_ids = eos_token_ids
+        # the one owner of this sequence's token ids (its own list: n > 1 samples of a prompt
+        # arrive with one shared message list)
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        self.spec_token_ids: list[int] = []  # drafts proposed for the next step
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit length at first scheduling; -1 = not yet
         self.block_ids: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of the full blocks of all_token_ids
+        self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of all_token_ids
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
@@ -61,6 +63,10 @@ class Request:
         return len(self.all_token_ids) - self.num_prompt_tokens
 
     @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.all_token_ids[:self.num_prompt_tokens]
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self.all_token_ids[self.num_prompt_tokens:]
 
@@ -72,19 +78,21 @@ class Request:
         self.all_token_ids.append(token_id)
 
     def check_stop(self, max_model_len: int) -> bool:
-        """After appending a sampled token: set a finished status if generation must end."""
+        """After appending a sampled token: set a finished status if generation must end.
+
+        min_tokens needs no check here: the min_tokens logits processor keeps EOS and stop
+        token ids from being sampled until then (the one place it is enforced)."""
         p = self.params
         ids = self.all_token_ids
         num_tokens = len(ids)
         num_out = num_tokens - self.num_prompt_tokens
-        if num_out >= p.min_tokens:
-            last = ids[-1]
-            if not p.ignore_eos and last in self.eos_token_ids:
-                self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, None
-                return True
-            if p.stop_token_ids and last in p.stop_token_ids:
-                self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
-                return True
+        last = ids[-1]
+        if not p.ignore_eos and last in self.eos_token_ids:
+            self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, None
+            return True
+        if p.stop_token_ids and last in p.stop_token_ids:
+            self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
+            return True
         if (p.max_tokens is not None and num_out >= p.max_tokens) or num_tokens >= max_model_len:
             self.status = RequestStatus.FINISHED_LENGTH
             return True

@@ -8,67 +8,13 @@ batching, chunked prefill, prefix-cache hits and preemption by recompute.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable
 
 from servelm.config import CacheConfig, SchedulerConfig
 from servelm.core.kv_cache import KVCacheManager
 from servelm.core.request import Request, RequestStatus
-from servelm.sampling_params import SamplingParams
-
-
-@dataclass
-class NewRequestData:
-    """A request the runner has not seen (or sees again after preemption): full state."""
-
-    req_id: str
-    token_ids: list[int]  # prompt + outputs so far
-    num_prompt_tokens: int
-    params: SamplingParams
-    block_ids: list[int]
-    num_computed_tokens: int
-
-
-@dataclass
-class CachedRequestData:
-    """A request the runner already holds: only what changed."""
-
-    req_id: str
-    new_block_ids: list[int]
-    num_computed_tokens: int
-
-
-@dataclass
-class SchedulerOutput:
-    new_reqs: list[NewRequestData]
-    cached_reqs: list[CachedRequestData]
-    num_scheduled_tokens: dict[str, int]  # req id -> tokens to compute this step, batch order
-    total_num_scheduled_tokens: int
-    finished_req_ids: set[str]  # runner drops their state
-    preempted_req_ids: set[str] = field(default_factory=set)
-
-
-@dataclass
-class EngineCoreOutput:
-    """One request's news from one step."""
-
-    req_id: str
-    new_token_ids: list[int]
-    finish_reason: Optional[str] = None
-    stop_reason: int | str | None = None
-    new_logprobs: Optional[list[dict[int, tuple[float, int]]]] = None  # per token: id -> (lp, rank)
-    prompt_logprobs: Optional[list[Optional[dict[int, tuple[float, int]]]]] = None
-    num_cached_tokens: int = 0
-
-
-@dataclass
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
+from servelm.core.step import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
+                               NewRequestData, SchedulerOutput, SchedulerStats)
 
 
 class Scheduler:
@@ -81,8 +27,6 @@ class Scheduler:
         self.finished_ids: set[str] = set()  # finished since the last schedule(): tell the runner
         self.ignored: list[Request] = []  # requests that can never fit, reported at next update
         self.num_preemptions = 0
-        # req id -> prompt-logprob rows computed so far, reported once the prompt is done
-        self._prompt_logprobs: dict[str, list] = {}
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -105,7 +49,6 @@ class Scheduler:
     def _free(self, req: Request) -> None:
         self.kv.free(req)
         self.finished_ids.add(req.request_id)
-        self._prompt_logprobs.pop(req.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running or self.ignored)
@@ -121,6 +64,7 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted: set[str] = set()
+        spec_tokens: dict[str, list[int]] = {}
 
         # 1. Running requests, oldest first; preempt the newest when blocks run out.
         bs, caching = self.kv.block_size, self.kv.enable_caching
@@ -129,6 +73,12 @@ class Scheduler:
             req = self.running[i]
             computed = req.num_computed_tokens
             n = min(len(req.all_token_ids) - computed, budget)
+            if req.spec_token_ids:  # proposed for this step only: used now or dropped
+                drafts = self._fit_drafts(req, budget - n)
+                req.spec_token_ids = []
+                if drafts:
+                    spec_tokens[req.request_id] = drafts
+                    n += len(drafts)
             # common decode step: room left in the last block and no block fills up
             if (computed + n <= len(req.block_ids) * bs
                     and (not caching or (computed + n) // bs == computed // bs)):
@@ -143,6 +93,7 @@ class Scheduler:
                     break
                 new_blocks = self.kv.allocate_slots(req, n)
             if new_blocks is None:
+                spec_tokens.pop(req.request_id, None)
                 break  # req itself was preempted
             num_scheduled[req.request_id] = n
             budget -= n
@@ -180,21 +131,34 @@ class Scheduler:
             new_reqs.append(self._new_req_data(req))
 
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
-                              sum(num_scheduled.values()), self.finished_ids, preempted)
+                              sum(num_scheduled.values()), self.finished_ids, preempted,
+                              spec_tokens)
         self.finished_ids = set()
         return out
 
+    def _fit_drafts(self, req: Request, budget: int) -> list[int]:
+        """The drafts to verify this step: within the token budget, and never past what the
+        request may still generate (all drafts accepted plus one more token must fit both
+        max_model_len and max_tokens)."""
+        room = self.config.max_model_len - req.num_tokens - 1
+        if req.params.max_tokens is not None:
+            room = min(room, req.params.max_tokens - req.num_output_tokens - 1)
+        k = min(len(req.spec_token_ids), budget, room)
+        return req.spec_token_ids[:k] if k > 0 else []
+
     def _new_req_data(self, req: Request) -> NewRequestData:
-        return NewRequestData(req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
-                              req.params, list(req.block_ids), req.num_computed_tokens)
+        # the Request's own list (no copy): the message covers its first num_tokens entries
+        return NewRequestData(req.request_id, req.all_token_ids, req.num_tokens,
+                              req.num_prompt_tokens, req.params, list(req.block_ids),
+                              req.num_computed_tokens)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self._prompt_logprobs.pop(req.request_id, None)
         self.waiting.appendleft(req)
 
     def _ignore(self, req: Request, reason: str) -> None:
@@ -206,10 +170,9 @@ class Scheduler:
         self._free(req)
         self.ignored.append(req)
 
-    def update(self, sched: SchedulerOutput, sampled: dict[str, list[int]],
-               logprobs: dict[str, list[dict[int, tuple[float, int]]]],
-               prompt_logprobs: dict[str, list]) -> list[EngineCoreOutput]:
-        """Advance computed counts, append sampled tokens, check stops, free finished."""
+    def update(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Advance computed counts (less the rejected drafts), append sampled tokens, check
+        stops, free finished requests, keep the drafts proposed for the next step."""
         outputs: list[EngineCoreOutput] = []
         for req in self.ignored:
             outputs.append(EngineCoreOutput(req.request_id, [], req.status.finish_reason,
@@ -218,33 +181,47 @@ class Scheduler:
         # hot loop (once per running request per step): locals, no per-request list removal
         requests, running_status = self.requests, RequestStatus.RUNNING
         max_len = self.config.max_model_len
+        sampled, logprobs = out.sampled_token_ids, out.logprobs
+        prompt_lps, drafts = out.prompt_logprobs_dict, out.draft_token_ids
+        spec = sched.scheduled_spec_decode_tokens
         finished = False
         for rid, n in sched.num_scheduled_tokens.items():
             req = requests.get(rid)
             if req is None or req.status != running_status:
                 continue  # aborted or preempted since scheduling
             req.num_computed_tokens += n
-            if prompt_logprobs and rid in prompt_logprobs:
-                self._prompt_logprobs.setdefault(rid, []).extend(prompt_logprobs[rid])
             new_tokens = sampled.get(rid)
+            if spec and rid in spec:
+                # k drafts verified, len(new_tokens) - 1 of them accepted: the KV of the rejected
+                # ones is stale and gets recomputed (overwritten) from the first rejected position
+                num_accepted = len(new_tokens) - 1 if new_tokens else 0
+                req.num_computed_tokens -= len(spec[rid]) - num_accepted
+            if drafts and rid in drafts:
+                req.spec_token_ids = drafts[rid]
+            plp = prompt_lps.get(rid) if prompt_lps else None
             if not new_tokens:
-                continue  # a chunk of a prompt: nothing to report yet
+                if plp is not None:  # a chunk of a prompt: only its prompt logprobs to report
+                    outputs.append(EngineCoreOutput(rid, [], prompt_logprobs=plp[1],
+                                                    prompt_logprobs_start=plp[0]))
+                continue
             appended = []
             for t in new_tokens:
                 req.all_token_ids.append(t)
                 appended.append(t)
                 if req.check_stop(max_len):
                     break
-            out = EngineCoreOutput(rid, appended, None, None, logprobs.get(rid) if logprobs else None,
-                                   num_cached_tokens=max(req.num_cached_tokens, 0))
-            if req.params.prompt_logprobs is not None and req.num_output_tokens == len(appended):
-                out.prompt_logprobs = [None] + self._prompt_logprobs.pop(rid, [])
+            lps = logprobs.get(rid) if logprobs else None
+            o = EngineCoreOutput(rid, appended, None, None,
+                                 lps[:len(appended)] if lps is not None else None,
+                                 num_cached_tokens=max(req.num_cached_tokens, 0))
+            if plp is not None:
+                o.prompt_logprobs, o.prompt_logprobs_start = plp[1], plp[0]
             if req.status != running_status:
-                out.finish_reason, out.stop_reason = req.status.finish_reason, req.stop_reason
+                o.finish_reason, o.stop_reason = req.status.finish_reason, req.stop_reason
                 requests.pop(rid, None)
                 self._free(req)
                 finished = True
-            outputs.append(out)
+            outputs.append(o)
         if finished:
             self.running = [r for r in self.running if r.status == running_status]
         return outputs

@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from servelm.config import EngineConfig
-from servelm.core.scheduler import SchedulerStats
+from servelm.core.step import SchedulerStats
 from servelm.engine import core_proc as cp
 from servelm.engine.core import EngineRequest
 from servelm.engine.engine import InputProcessor, PromptType

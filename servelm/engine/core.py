@@ -1,4 +1,4 @@
-"""EngineCore: the scheduler and the model runner; one step = schedule, execute, update."""
+"""EngineCore: the scheduler and an executor; one step = schedule, execute, update."""
 from __future__ import annotations
 
 import logging
@@ -8,9 +8,10 @@ from typing import Iterable, Optional
 
 from servelm.config import EngineConfig
 from servelm.core.request import Request, RequestStatus
-from servelm.core.scheduler import EngineCoreOutput, Scheduler, SchedulerStats
+from servelm.core.scheduler import Scheduler
+from servelm.core.step import EngineCoreOutput, SchedulerStats
+from servelm.executor import get_executor_class
 from servelm.sampling_params import SamplingParams
-from servelm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,13 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         t0 = time.perf_counter()
-        self.runner = ModelRunner(config)
-        num_blocks = self.runner.determine_num_blocks()
-        self.runner.initialize_kv_cache(num_blocks)
+        self.executor = get_executor_class(config.parallel.distributed_executor_backend)(config)
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            self.executor.initialize_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens", time.perf_counter() - t0,
                     num_blocks, config.cache.block_size)
@@ -52,11 +57,13 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched)
-        return self.scheduler.update(sched, result.sampled, result.logprobs, result.prompt_logprobs)
+        return self.scheduler.update(sched, self.executor.execute(sched))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

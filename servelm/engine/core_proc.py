@@ -23,7 +23,7 @@ import msgpack
 import zmq
 
 from servelm.config import EngineConfig
-from servelm.core.scheduler import EngineCoreOutput, SchedulerStats
+from servelm.core.step import EngineCoreOutput, SchedulerStats
 from servelm.engine.core import EngineCore, EngineRequest
 from servelm.sampling_params import SamplingParams
 
@@ -141,6 +141,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
     inp.connect(input_addr)
     out.connect(output_addr)
     code = 0
+    core = None
     try:
         core = EngineCore(config)
         out.send(pack(READY, {"num_blocks": core.scheduler.kv.num_blocks, "pid": os.getpid()}))
@@ -150,6 +151,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
         out.send(pack(ERROR, f"{type(e).__name__}: {e}"))
         code = 1
     finally:
+        if core is not None:
+            core.shutdown()
         inp.close(linger=0)
         out.close(linger=2000)
         ctx.term()

@@ -6,7 +6,7 @@ from dataclasses import replace
 from typing import Any, Optional, Union
 
 from servelm.config import EngineArgs, EngineConfig
-from servelm.core.scheduler import SchedulerStats
+from servelm.core.step import SchedulerStats
 from servelm.engine.core import EngineCore, EngineRequest
 from servelm.engine.output_processor import OutputProcessor
 from servelm.outputs import RequestOutput

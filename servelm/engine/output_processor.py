@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from servelm.core.scheduler import EngineCoreOutput
+from servelm.core.step import EngineCoreOutput
 from servelm.engine.detokenizer import IncrementalDetokenizer, find_stop
 from servelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from servelm.sampling_params import RequestOutputKind, SamplingParams
@@ -32,9 +32,12 @@ class _ReqState:
     params: SamplingParams
     children: dict[str, _Child]
     metrics: RequestMetrics
-    prompt_logprobs: Optional[list] = None
+    prompt_logprobs: Optional[list] = None  # complete: [None, row for token 1, ...]
     num_cached_tokens: int = 0
     unfinished: set[str] = field(default_factory=set)
+    # prompt logprob rows as the chunks arrive (from the first sample only: all are equal)
+    prompt_lp_rows: Optional[list] = None
+    prompt_lp_missing: int = 0
 
 
 class OutputProcessor:
@@ -52,6 +55,11 @@ class OutputProcessor:
             raise ValueError("stop strings need a tokenizer; this model has none (pass "
                              "tokenizer=... or use stop_token_ids).")
         st = _ReqState(request_id, prompt, prompt_token_ids, params, {}, RequestMetrics(arrival_time))
+        if params.prompt_logprobs is not None:
+            st.prompt_lp_rows = [None] * len(prompt_token_ids)
+            st.prompt_lp_missing = len(prompt_token_ids) - 1
+            if st.prompt_lp_missing == 0:
+                st.prompt_logprobs = st.prompt_lp_rows
         for i in range(params.n):
             cid = child_request_id(request_id, i, params.n)
             detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
@@ -96,10 +104,11 @@ class OutputProcessor:
                 st.metrics.first_token_time = now
             if eo.new_token_ids:
                 st.metrics.last_token_time = now
+            if eo.prompt_logprobs is not None and child.out.index == 0:
+                self._add_prompt_logprobs(st, eo.prompt_logprobs_start, eo.prompt_logprobs)
+            if not eo.new_token_ids and eo.finish_reason is None:
+                continue  # a prompt chunk: nothing for the user yet
             st.num_cached_tokens = eo.num_cached_tokens
-            if eo.prompt_logprobs is not None and st.prompt_logprobs is None:
-                st.prompt_logprobs = [None if d is None else self._to_logprobs(d)
-                                      for d in eo.prompt_logprobs]
             out.token_ids.extend(eo.new_token_ids)
             child.new_tokens = len(eo.new_token_ids)
             if eo.new_logprobs and out.logprobs is not None:
@@ -139,6 +148,18 @@ class OutputProcessor:
             for c in st.children.values():
                 c.new_tokens = 0
         return results, stopped
+
+    def _add_prompt_logprobs(self, st: _ReqState, start: int, rows: list) -> None:
+        """Rows for prompt tokens start+1, start+2, ... (a recomputed chunk overwrites)."""
+        dst = st.prompt_lp_rows
+        if dst is None:
+            return
+        for j, d in enumerate(rows):
+            if dst[start + 1 + j] is None:
+                st.prompt_lp_missing -= 1
+            dst[start + 1 + j] = self._to_logprobs(d)
+        if st.prompt_lp_missing == 0:
+            st.prompt_logprobs = dst
 
     def _to_logprobs(self, d: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
         return {tid: Logprob(lp, rank, self._decode_token(tid)) for tid, (lp, rank) in d.items()}

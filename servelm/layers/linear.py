@@ -1,55 +1,88 @@
-"""Linear layers whose weights are loaded by name, including merged projections (QKV, gate/up)
-that take several checkpoint tensors as row slices."""
+"""Linear layers: the logical shape, the tensor-parallel split and the checkpoint parts of one
+projection; the weights' layout and the matmul belong to its LinearMethod (servelm.quantization).
+
+Merged projections (q|k|v, gate|up) stack several checkpoint tensors ("parts") along the output
+dimension; each part is loaded on its own with ``shard_id`` = its index. Under tensor parallelism
+a "column" layer holds this rank's slice of every part's rows (and the output stays split), a
+"row" layer this rank's slice of the input columns (and its outputs are summed over the group).
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from servelm.distributed import ParallelGroup, shard_range
+from servelm.quantization import get_linear_method
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           use_kernel: bool = False) -> torch.Tensor:
-    """x: [M, K] @ weight [N, K]^T. With use_kernel on CUDA, small M (decode batches) goes to the
-    Triton GEMV that streams the weights closer to HBM bandwidth than cuBLAS does at M <= 8."""
-    if use_kernel:
-        from servelm.kernels.gemv import linear_small_m, use_small_m_kernel
-        if use_small_m_kernel(x.shape[0], weight.shape[0], weight.shape[1], weight.dtype, x.device):
-            return linear_small_m(x, weight, bias)
-    return F.linear(x, weight, bias)
+Parallel = Literal["replicated", "column", "row"]
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). Parameters are allocated uninitialised: loaders fill them."""
+    """y = x W^T (+ b), W logically [sum(output_sizes), input_size]. Parameters are created
+    uninitialised by the method; loaders fill them."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 use_kernel: bool = False) -> None:
+    def __init__(self, input_size: int, output_sizes: Union[int, Sequence[int]],
+                 bias: bool = False, *, quantization: Optional[str] = None, prefix: str = "",
+                 use_kernel: bool = False, tp: ParallelGroup = ParallelGroup(),
+                 parallel: Parallel = "replicated") -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.use_kernel = use_kernel
+        parts = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        ws = tp.world_size if parallel != "replicated" else 1
+        self.input_size, self.output_sizes = input_size, parts
+        self.tp, self.parallel, self.prefix = tp, parallel, prefix
+        if parallel == "column":
+            for p in parts:
+                shard_range(p, tp, f"{prefix or 'linear'} output part")
+        self.part_sizes = [p // ws for p in parts] if parallel == "column" else parts
+        self.part_offsets = [sum(self.part_sizes[:i]) for i in range(len(parts) + 1)]
+        self.output_size_per_rank = self.part_offsets[-1]
+        self.input_size_per_rank = input_size
+        if parallel == "row":
+            lo, hi = shard_range(input_size, tp, f"{prefix or 'linear'} input")
+            self.input_size_per_rank = hi - lo
+        self.has_bias = bias
+        self.method = get_linear_method(quantization, prefix, use_kernel)
+        self.method.create_weights(self)
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.output_sizes)
+
+    def shard_rows(self, full: torch.Tensor, shard_id: int, what: str) -> torch.Tensor:
+        """This rank's rows of checkpoint part ``shard_id`` (all of them unless column-parallel)."""
+        if not 0 <= shard_id < self.num_parts:
+            raise ValueError(f"{self.prefix}: part {shard_id} does not exist "
+                             f"({self.num_parts} parts)")
+        if full.shape[0] != self.output_sizes[shard_id]:
+            raise ValueError(f"{self.prefix}: checkpoint {what} has {full.shape[0]} rows, "
+                             f"expected {self.output_sizes[shard_id]}")
+        if self.parallel != "column" or self.tp.world_size == 1:
+            return full
+        lo, hi = shard_range(full.shape[0], self.tp)
+        return full[lo:hi]
+
+    def shard_cols(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """This rank's input columns of a 2-D tensor (all of them unless row-parallel)."""
+        if t.dim() < 2 or self.parallel != "row" or self.tp.world_size == 1:
+            return t
+        lo, hi = shard_range(t.shape[1], self.tp, f"{self.prefix} {what} input")
+        return t[:, lo:hi]
+
+    def load_weight(self, name: str, full_tensor: torch.Tensor, shard_id: int = 0) -> None:
+        self.method.load_weight(self, name, full_tensor, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.use_kernel)
+        # x: [M, input_size_per_rank] -> [M, output_size_per_rank]
+        if self.parallel == "row" and self.tp.world_size > 1:
+            y = self.tp.all_reduce(self.method.apply(self, x))
+            return y + self.bias if self.bias is not None else y  # the bias once, after the sum
+        return self.method.apply(self, x, self.bias)
 
 
-class MergedLinear(Linear):
-    """Several projections of the same input stacked along the output dim, e.g. q|k|v.
-
-    ``shard_sizes`` names each part's output size in order; ``load_shard(i, w)`` copies a
-    checkpoint tensor into its rows.
-    """
-
-    def __init__(self, in_features: int, shard_sizes: Sequence[int], bias: bool = False,
-                 use_kernel: bool = False) -> None:
-        super().__init__(in_features, sum(shard_sizes), bias, use_kernel)
-        self.offsets = [sum(shard_sizes[:i]) for i in range(len(shard_sizes) + 1)]
-
-    def load_shard(self, index: int, tensor: torch.Tensor, is_bias: bool = False) -> None:
-        param: Optional[nn.Parameter] = self.bias if is_bias else self.weight
-        assert param is not None
-        lo, hi = self.offsets[index], self.offsets[index + 1]
-        if tensor.shape[0] != hi - lo:
-            raise ValueError(f"checkpoint shard has {tensor.shape[0]} rows, expected {hi - lo}")
-        param.data[lo:hi].copy_(tensor)
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let every linear layer's method repack its weights once they are all in place."""
+    for mod in model.modules():
+        if isinstance(mod, Linear):
+            mod.method.process_after_loading(mod)

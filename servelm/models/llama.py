@@ -3,17 +3,34 @@ q/k RMSNorm), written with servelm's layers over a flat ragged batch of tokens."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from servelm.attention.backend import AttentionBackend, AttentionMetadata
+from servelm.distributed import ParallelGroup
 from servelm.layers.activation import silu_and_mul
-from servelm.layers.linear import Linear, MergedLinear, linear
+from servelm.layers.linear import Linear
 from servelm.layers.norm import RMSNorm
 from servelm.layers.rotary import RotaryEmbedding
 from servelm.loader.config import rope_parameters
+from servelm.quantization.unquantized import dense_linear
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """What every layer of one model is built with."""
+
+    backend: AttentionBackend
+    use_kernels: bool = False
+    quantization: Optional[str] = None
+    tp: ParallelGroup = ParallelGroup()
+
+    def linear(self, prefix: str, input_size: int, output_sizes, bias: bool = False,
+               parallel: str = "replicated") -> Linear:
+        return Linear(input_size, output_sizes, bias, quantization=self.quantization,
+                      prefix=prefix, use_kernel=self.use_kernels, tp=self.tp, parallel=parallel)
 
 
 @dataclass(frozen=True)
@@ -54,18 +71,22 @@ class LlamaArgs:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs, backend: AttentionBackend, use_kernels: bool) -> None:
+    def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        self.qkv_proj = MergedLinear(a.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                                     bias=a.qkv_bias, use_kernel=use_kernels)
-        self.o_proj = Linear(self.q_size, a.hidden_size, use_kernel=use_kernels)
+        ws, use_kernels = o.tp.world_size, o.use_kernels
+        # this rank's heads: q/k/v are column-parallel by heads, o_proj row-parallel
+        self.num_heads, self.num_kv_heads = a.num_heads // ws, a.num_kv_heads // ws
+        self.head_dim = a.head_dim
+        self.q_size, self.kv_size = self.num_heads * a.head_dim, self.num_kv_heads * a.head_dim
+        full_q, full_kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.qkv_proj = o.linear(f"{prefix}.qkv_proj", a.hidden_size, [full_q, full_kv, full_kv],
+                                 bias=a.qkv_bias, parallel="column")
+        self.o_proj = o.linear(f"{prefix}.o_proj", full_q, a.hidden_size, parallel="row")
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, use_kernels) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, use_kernels) if a.qk_norm else None
         self.rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling,
                                       use_kernels)
-        self.backend = backend
+        self.backend = o.backend
         self.scale = a.head_dim ** -0.5
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -89,24 +110,25 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, a: LlamaArgs, use_kernels: bool) -> None:
+    def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(a.hidden_size, [a.intermediate_size] * 2,
-                                         use_kernel=use_kernels)
-        self.down_proj = Linear(a.intermediate_size, a.hidden_size, use_kernel=use_kernels)
-        self.use_kernels = use_kernels
+        self.gate_up_proj = o.linear(f"{prefix}.gate_up_proj", a.hidden_size,
+                                     [a.intermediate_size] * 2, parallel="column")
+        self.down_proj = o.linear(f"{prefix}.down_proj", a.intermediate_size, a.hidden_size,
+                                  parallel="row")
+        self.use_kernels = o.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.use_kernels))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, backend: AttentionBackend, use_kernels: bool) -> None:
+    def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(a, backend, use_kernels)
-        self.mlp = LlamaMLP(a, use_kernels)
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels)
+        self.self_attn = LlamaAttention(a, o, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(a, o, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, o.use_kernels)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, o.use_kernels)
 
     def forward(self, positions, x, residual, kv_cache, meta):
         # residual carries the un-normalised stream; the first layer starts it
@@ -120,18 +142,25 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # checkpoint projection name -> (merged module name, shard index)
+    # checkpoint projection name -> (merged module name, part index)
     _merged = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, hf_config: Any, backend: AttentionBackend, use_kernels: bool = False) -> None:
+    def __init__(self, hf_config: Any, backend: AttentionBackend, use_kernels: bool = False,
+                 quantization: Optional[str] = None, tp: ParallelGroup = ParallelGroup()) -> None:
         super().__init__()
         a = self.args = LlamaArgs.from_hf(hf_config)
+        o = LayerOptions(backend, use_kernels, quantization, tp)
+        if tp.world_size > 1:
+            raise ValueError("LlamaForCausalLM has no vocab-parallel embedding yet: "
+                             "tensor_parallel_size must be 1.")
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size, _weight=torch.empty(a.vocab_size, a.hidden_size))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, backend, use_kernels)
-                                    for _ in range(a.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, o, f"layers.{i}")
+                                    for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels)
-        self.lm_head = None if a.tie_word_embeddings else Linear(a.hidden_size, a.vocab_size)
+        # the head stays dense (unquantized) like vLLM's default; tied: the embedding serves
+        self.lm_head = (None if a.tie_word_embeddings else
+                        Linear(a.hidden_size, a.vocab_size, prefix="lm_head", use_kernel=use_kernels))
         self.use_kernels = use_kernels
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -146,11 +175,13 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, w, use_kernel=self.use_kernels).float()
+        if self.lm_head is None:
+            return dense_linear(hidden, self.embed_tokens.weight, use_kernel=self.use_kernels).float()
+        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in; every parameter must be filled exactly once."""
+        """Copy HF-named tensors in; every parameter (every part of a merged one) must be filled
+        exactly once. Linear layers take theirs through their LinearMethod."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -159,12 +190,19 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding serves as the head
-            parts = name.split(".")
-            if len(parts) >= 2 and parts[-2] in self._merged:
-                merged, idx = self._merged[parts[-2]]
-                mod_name = ".".join(parts[:-2] + [merged])
-                self.get_submodule(mod_name).load_shard(idx, tensor, is_bias=parts[-1] == "bias")
-                loaded.add(f"{mod_name}.{parts[-1]}#{idx}")
+            mod_name, _, pname = name.rpartition(".")
+            shard_id = 0
+            head, _, proj = mod_name.rpartition(".")
+            if proj in self._merged:
+                merged, shard_id = self._merged[proj]
+                mod_name = f"{head}.{merged}"
+            try:
+                module = self.get_submodule(mod_name)
+            except AttributeError:
+                module = None
+            if isinstance(module, Linear):
+                module.load_weight(pname, tensor, shard_id)
+                loaded.add(f"{mod_name}.{pname}#{shard_id}")
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
@@ -174,13 +212,13 @@ class LlamaForCausalLM(nn.Module):
             params[name].data.copy_(tensor)
             loaded.add(name)
         expected = set()
-        for pname, p in params.items():
-            mod = pname.rsplit(".", 1)[0]
-            sub = self.get_submodule(mod) if mod != pname else self
-            if isinstance(sub, MergedLinear):
-                expected.update(f"{pname}#{i}" for i in range(len(sub.offsets) - 1))
+        for mod_name, mod in self.named_modules():
+            if isinstance(mod, Linear):
+                expected.update(f"{mod_name}.{p}#{i}" for p, _ in mod.named_parameters()
+                                for i in range(mod.num_parts))
             else:
-                expected.add(pname)
+                expected.update(f"{mod_name}.{p}" if mod_name else p
+                                for p, _ in mod.named_parameters(recurse=False))
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")

@@ -1,24 +1,40 @@
-"""Architecture name -> model class."""
+"""Architecture name -> model class, as a registry (HF ``architectures`` names, then
+``model_type`` for configs that lack them)."""
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
 
 from servelm.attention.backend import AttentionBackend
+from servelm.distributed import ParallelGroup
+from servelm.registry import load_class
 
-_SUPPORTED = {
-    "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
-    "Qwen3ForCausalLM": "llama",
-}
-_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+MODELS = MappingProxyType({
+    "LlamaForCausalLM": "servelm.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "servelm.models.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "servelm.models.llama:LlamaForCausalLM",
+    "Qwen3ForCausalLM": "servelm.models.llama:LlamaForCausalLM",
+})
+# model_type -> architecture, for configs without `architectures`
+MODEL_TYPES = MappingProxyType({"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"})
 
 
-def build_model(hf_config: Any, backend: AttentionBackend, use_kernels: bool) -> nn.Module:
+def resolve_architecture(hf_config: Any) -> str:
     archs = list(getattr(hf_config, "architectures", None) or [])
-    model_type = getattr(hf_config, "model_type", None)
-    if not any(a in _SUPPORTED for a in archs) and model_type not in _MODEL_TYPES:
-        raise ValueError(f"model architecture {archs or model_type} is not supported; supported: "
-                         f"{sorted(_SUPPORTED)}.")
-    from servelm.models.llama import LlamaForCausalLM
-    return LlamaForCausalLM(hf_config, backend, use_kernels)
+    for a in archs:
+        if a in MODELS:
+            return a
+    arch = MODEL_TYPES.get(getattr(hf_config, "model_type", None))
+    if arch is None:
+        raise ValueError(f"model architecture {archs or getattr(hf_config, 'model_type', None)} "
+                         f"is not supported; supported: {sorted(MODELS)}.")
+    return arch
+
+
+def build_model(hf_config: Any, backend: AttentionBackend, use_kernels: bool,
+                quantization: str | None = None, tp: ParallelGroup = ParallelGroup()) -> nn.Module:
+    cls = load_class(MODELS, resolve_architecture(hf_config), "architecture")
+    return cls(hf_config, backend, use_kernels=use_kernels, quantization=quantization, tp=tp)

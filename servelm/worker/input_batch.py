@@ -1,38 +1,73 @@
-"""Persistent host-side rows of the requests the runner holds, so that building a step's batch is
-a few vectorised numpy gathers instead of per-token Python loops."""
+"""The runner's persistent batch: one row per request it holds, so that building a step's inputs
+is a few vectorised numpy gathers instead of per-token Python loops, and the sampling state
+(``sampling.BatchUpdate``) follows rows that change, not the whole batch each step."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
+import torch
+
+from servelm.core.step import NewRequestData
+from servelm.sampling import AddedRequest, BatchUpdate
 
 
 class InputBatch:
-    """Row r holds one request: its token ids (prompt + outputs) and its block table.
+    """Row r holds one request: its token ids (prompt + outputs, then this step's drafts past
+    ``num_tokens``), its KV progress and its block table.
 
-    token_ids: [max_rows, max_model_len] int32; block_table: [max_rows, max_blocks] int32.
+    token_ids: [max_rows, width] int32 (width grows up to max_model_len + 1 on demand, so long
+    contexts with many rows do not pay for it up front); block_table: [max_rows, max_blocks] int32.
     Rows are recycled when requests finish or are preempted.
     """
 
     def __init__(self, max_rows: int, max_model_len: int, max_blocks: int) -> None:
-        # token_ids grows in width on demand (up to max_model_len + 1), so long-context models
-        # with many rows do not pay max_rows * max_model_len up front
         self.max_width = max_model_len + 1
         self.token_ids = np.zeros((max_rows, min(self.max_width, 2048)), dtype=np.int32)
         self.num_tokens = np.zeros(max_rows, dtype=np.int64)
+        self.num_prompt_tokens = np.zeros(max_rows, dtype=np.int64)
+        self.num_computed_tokens = np.zeros(max_rows, dtype=np.int64)
         self.block_table = np.zeros((max_rows, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_rows, dtype=np.int64)
+        self.prompt_logprobs = np.full(max_rows, -1, dtype=np.int64)  # top-k asked; -1: none
         self.free_rows = list(range(max_rows - 1, -1, -1))
+        self.row_of: dict[str, int] = {}  # req id -> row
+        # changes since the last take_update(), in time order per kind
+        self._update = BatchUpdate()
 
-    def add(self, token_ids: list[int], block_ids: list[int]) -> int:
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self.row_of
+
+    def add(self, nr: NewRequestData, generator: Optional[torch.Generator] = None) -> int:
         if not self.free_rows:
             raise RuntimeError("input batch is full: more running requests than max_num_seqs")
         row = self.free_rows.pop()
-        n, b = len(token_ids), len(block_ids)
+        n, b = nr.num_tokens, len(nr.block_ids)
         self._ensure_width(n + 1)
-        self.token_ids[row, :n] = token_ids
+        tokens = self.token_ids[row]
+        tokens[:n] = nr.token_ids[:n]
         self.num_tokens[row] = n
-        self.block_table[row, :b] = block_ids
+        self.num_prompt_tokens[row] = nr.num_prompt_tokens
+        self.num_computed_tokens[row] = nr.num_computed_tokens
+        pl = nr.params.prompt_logprobs
+        self.prompt_logprobs[row] = -1 if pl is None else pl
+        self.block_table[row, :b] = nr.block_ids
         self.num_blocks[row] = b
+        self.row_of[nr.req_id] = row
+        p = nr.num_prompt_tokens
+        self._update.added.append(AddedRequest(row, nr.params, tokens[:p], tokens[p:n].tolist(),
+                                               generator))
         return row
+
+    def remove(self, req_id: str) -> None:
+        row = self.row_of.pop(req_id, None)
+        if row is None:
+            return
+        self.num_tokens[row] = 0
+        self.num_blocks[row] = 0
+        self.prompt_logprobs[row] = -1
+        self.free_rows.append(row)
+        self._update.removed.append(row)
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
         b = int(self.num_blocks[row])
@@ -46,17 +81,35 @@ class InputBatch:
             grown[:, :self.token_ids.shape[1]] = self.token_ids
             self.token_ids = grown
 
+    def write_drafts(self, row: int, drafts: list[int]) -> None:
+        """Put a step's draft tokens after the row's tokens (not counted in num_tokens)."""
+        n = int(self.num_tokens[row])
+        self._ensure_width(n + len(drafts) + 1)
+        self.token_ids[row, n:n + len(drafts)] = drafts
+
     def append_tokens(self, rows: np.ndarray, tokens: np.ndarray) -> None:
         """One sampled token per row, vectorised."""
         if len(rows):
             self._ensure_width(int(self.num_tokens[rows].max()) + 1)
         self.token_ids[rows, self.num_tokens[rows]] = tokens
         self.num_tokens[rows] += 1
+        self._update.appended.extend(zip(rows.tolist(), ([t] for t in tokens.tolist())))
+
+    def append_token_list(self, row: int, tokens: list[int]) -> None:
+        """Several accepted tokens for one row (speculative steps)."""
+        n = int(self.num_tokens[row])
+        self._ensure_width(n + len(tokens) + 1)
+        self.token_ids[row, n:n + len(tokens)] = tokens
+        self.num_tokens[row] = n + len(tokens)
+        self._update.appended.append((row, tokens))
 
     def tokens(self, row: int, start: int = 0, end: int | None = None) -> np.ndarray:
         return self.token_ids[row, start:self.num_tokens[row] if end is None else end]
 
-    def remove(self, row: int) -> None:
-        self.num_tokens[row] = 0
-        self.num_blocks[row] = 0
-        self.free_rows.append(row)
+    def take_update(self, logits_rows: np.ndarray, logits_rows_t: Optional[torch.Tensor],
+                    drafts: list[tuple[int, list[int]]]) -> BatchUpdate:
+        """The changes since the last call, with this step's logits layout."""
+        bu = self._update
+        bu.logits_rows, bu.logits_rows_t, bu.drafts = logits_rows, logits_rows_t, drafts
+        self._update = BatchUpdate()
+        return bu

@@ -1,11 +1,12 @@
-"""Sampler, apply_penalties and apply_top_k_top_p_min_p on random logits (CPU, fixed seeds)."""
+"""Sampler, apply_penalties and apply_top_k_top_p_min_p on random logits (CPU, fixed seeds).
+The logits processors' per-row state is tested in test_logits_processors.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from servelm.layers.sampler import (Sampler, SamplingMetadata, apply_penalties,
-                                    apply_top_k_top_p_min_p)
+from servelm.sampling.penalties import apply_penalties
+from servelm.sampling.sampler import Sampler, SamplingMetadata, apply_top_k_top_p_min_p
 
 
 def _logits(B: int, V: int, seed: int, scale: float = 3.0) -> torch.Tensor:
@@ -123,15 +124,21 @@ def test_mask_matches_reference_sets(seed):
     assert torch.equal(torch.isfinite(out), probs >= probs.amax(-1, keepdim=True) * mp[:, None])
 
 
-def test_banned_tokens_never_sampled():
+class _BanTop:
+    """A logits processor that bans each row's argmax."""
+
+    def apply(self, logits):
+        return logits.scatter(1, logits.argmax(-1, keepdim=True), float("-inf"))
+
+
+def test_processors_run_before_sampling():
     torch.manual_seed(3)
     B, V = 8, 16
     logits = _logits(B, V, 3)
     top = logits.argmax(-1)
-    banned = [(r, [int(top[r])]) for r in range(B)]
-    m = _meta(B, torch.tensor([0.0, 1.0] * 4), banned=banned)
+    m = _meta(B, torch.tensor([0.0, 1.0] * 4))
     for _ in range(20):
-        out = Sampler()(logits.clone(), m)
+        out = Sampler()(logits.clone(), m, [_BanTop()])
         assert (out.token_ids != top).all()
 
 
@@ -210,10 +217,8 @@ def test_penalties_hand_computed():
     logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 1.5, 3.0]])
     counts = torch.tensor([[2.0, 0.0, 0.0, 1.0, 0.0, 0.0]])  # output: 0, 0, 3
     prompt = torch.tensor([[False, True, False, False, False, True]])  # prompt has 1 and 5
-    m = SamplingMetadata(torch.ones(1), False, presence=torch.tensor([0.5]),
-                         frequency=torch.tensor([0.25]), repetition=torch.tensor([2.0]),
-                         output_counts=counts, prompt_mask=prompt)
-    out = apply_penalties(logits.clone(), m)
+    out = apply_penalties(logits.clone(), counts, prompt, torch.tensor([0.5]),
+                          torch.tensor([0.25]), torch.tensor([2.0]))
     # token 0: 2.0/2 (rep) - 0.25*2 (freq) - 0.5 (presence) = 0.0
     # token 1: -1.0*2 (rep, prompt only)                    = -2.0
     # token 2: untouched                                    = 0.5
@@ -234,9 +239,7 @@ def test_penalties_random_against_loop_reference():
     pres = torch.rand(B, generator=g) * 4 - 2
     freq = torch.rand(B, generator=g) * 4 - 2
     rep = torch.rand(B, generator=g) * 1.8 + 0.1
-    m = SamplingMetadata(torch.ones(B), False, presence=pres, frequency=freq, repetition=rep,
-                         output_counts=counts, prompt_mask=prompt)
-    out = apply_penalties(logits.clone(), m)
+    out = apply_penalties(logits.clone(), counts, prompt, pres, freq, rep)
     ref = logits.clone()
     for b in range(B):
         for v in range(V):
@@ -250,13 +253,19 @@ def test_penalties_random_against_loop_reference():
     torch.testing.assert_close(out, ref)
 
 
+class _Repetition:
+    """Repetition penalty 1.5 on token 0, as the penalties processor would apply it."""
+
+    def apply(self, logits):
+        return apply_penalties(logits, torch.tensor([[1.0, 0.0, 0.0]]),
+                               torch.zeros(1, 3, dtype=torch.bool), torch.tensor([0.0]),
+                               torch.tensor([0.0]), torch.tensor([1.5]))
+
+
 def test_sampler_applies_penalties_before_greedy():
     logits = torch.tensor([[3.0, 2.9, 0.0]])
-    m = SamplingMetadata(torch.zeros(1), True, presence=torch.tensor([0.0]),
-                         frequency=torch.tensor([0.0]), repetition=torch.tensor([1.5]),
-                         output_counts=torch.tensor([[1.0, 0.0, 0.0]]),
-                         prompt_mask=torch.zeros(1, 3, dtype=torch.bool), max_num_logprobs=1)
-    out = Sampler()(logits.clone(), m)
+    m = SamplingMetadata(torch.zeros(1), True, max_num_logprobs=1)
+    out = Sampler()(logits.clone(), m, [_Repetition()])
     assert int(out.token_ids[0]) == 1
     # logprobs are of the raw distribution, not the penalised one
     torch.testing.assert_close(out.sampled_logprob, logits.log_softmax(-1)[:, 1])

@@ -6,7 +6,10 @@ computed token into its KV slot (the key is a chained hash of the token and ever
 and, before sampling, checks that every position the request attends to holds the right key. So a
 wrong prefix-cache hit, a block shared while written, or a lost block shows up as a failed read.
 A request whose computed tokens reach its token count gets one sampled token: a deterministic
-function of its tokens, so outputs do not depend on batching or preemption.
+function of its tokens, so outputs do not depend on batching or preemption. With a fake proposer,
+requests get draft tokens that the fake runner writes into the KV like real ones and verifies
+(keeping the accepted prefix and one more token), so a wrong roll-back of rejected drafts shows
+up as a read of stale KV, and outputs must still match the plain reference.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import pytest
 
 from servelm.config import CacheConfig, SchedulerConfig
 from servelm.core.request import Request, RequestStatus
-from servelm.core.scheduler import NewRequestData, Scheduler, SchedulerOutput
+from servelm.core.scheduler import Scheduler
+from servelm.core.step import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from servelm.sampling.rejection import accept_by_match
 from servelm.sampling_params import SamplingParams
 
 EOS = 2
@@ -41,59 +46,93 @@ class _State:
     num_computed: int
     keys: list[int] = field(default_factory=list)  # chained key of each position
 
-    def key(self, p: int) -> int:
-        while len(self.keys) <= p:
+    def key(self, p: int, drafts: list[int] = ()) -> int:
+        """Key of position p of token_ids + drafts (draft keys are never cached)."""
+        n = len(self.token_ids)
+        while len(self.keys) <= min(p, n - 1):
             prev = self.keys[-1] if self.keys else None
             self.keys.append(_key(prev, self.token_ids[len(self.keys)]))
-        return self.keys[p]
+        if p < n:
+            return self.keys[p]
+        k = self.keys[n - 1]
+        for d in drafts[:p - n + 1]:
+            k = _key(k, d)
+        return k
+
+
+def fake_proposer(rid: str, toks: list[int]) -> list[int]:
+    """Three drafts, right (the fake model's next tokens) or wrong by a fixed pattern."""
+    out, seq = [], list(toks)
+    for j in range(3):
+        t = next_token(seq)
+        if (len(toks) * 7 + j + len(rid)) % 4 == 0:
+            t += 1  # a wrong draft: it and the ones after it get rejected
+        out.append(t)
+        seq.append(t)
+    return out
 
 
 class FakeRunner:
     def __init__(self, block_size: int,
-                 policy: Optional[Callable[[str, list[int], int], int]] = None) -> None:
+                 policy: Optional[Callable[[str, list[int], int], int]] = None,
+                 proposer: Optional[Callable[[str, list[int]], list[int]]] = None) -> None:
         self.bs = block_size
         self.policy = policy or (lambda rid, toks, n_prompt: next_token(toks))
+        self.proposer = proposer
         self.states: dict[str, _State] = {}
         self.kv: dict[int, int] = {}  # slot -> key
 
     def _slot(self, st: _State, p: int) -> int:
         return st.block_ids[p // self.bs] * self.bs + p % self.bs
 
-    def execute(self, so: SchedulerOutput) -> dict[str, list[int]]:
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         for rid in so.finished_req_ids | so.preempted_req_ids:
             self.states.pop(rid, None)
         for nr in so.new_reqs:
-            self.states[nr.req_id] = _State(list(nr.token_ids), nr.num_prompt_tokens,
-                                            list(nr.block_ids), nr.num_computed_tokens)
+            self.states[nr.req_id] = _State(list(nr.token_ids[:nr.num_tokens]),
+                                            nr.num_prompt_tokens, list(nr.block_ids),
+                                            nr.num_computed_tokens)
         for cr in so.cached_reqs:
             st = self.states[cr.req_id]
             st.block_ids.extend(cr.new_block_ids)
             assert st.num_computed == cr.num_computed_tokens
         # all writes of the step first (as the attention layer stores KV before reading it)
         written: dict[int, int] = {}
+        spec = so.scheduled_spec_decode_tokens
         for rid, n in so.num_scheduled_tokens.items():
             st = self.states[rid]
+            drafts = spec.get(rid, [])
             assert n >= 1
-            assert st.num_computed + n <= len(st.token_ids), "scheduled tokens that don't exist"
+            assert st.num_computed + n <= len(st.token_ids) + len(drafts), \
+                "scheduled tokens that don't exist"
+            assert not drafts or st.num_computed + n == len(st.token_ids) + len(drafts)
             assert len(st.block_ids) * self.bs >= st.num_computed + n, "too few blocks"
             assert len(set(st.block_ids)) == len(st.block_ids)
             for p in range(st.num_computed, st.num_computed + n):
-                slot, k = self._slot(st, p), st.key(p)
+                slot, k = self._slot(st, p), st.key(p, drafts)
                 assert written.setdefault(slot, k) == k, f"two requests write slot {slot}"
                 self.kv[slot] = k
-        sampled: dict[str, list[int]] = {}
+        out = ModelRunnerOutput()
         for rid, n in so.num_scheduled_tokens.items():
             st = self.states[rid]
+            drafts = spec.get(rid, [])
             end = st.num_computed + n
             for p in range(end):
-                assert self.kv.get(self._slot(st, p)) == st.key(p), \
+                assert self.kv.get(self._slot(st, p)) == st.key(p, drafts), \
                     f"{rid}: wrong KV at position {p}"
             st.num_computed = end
-            if end == len(st.token_ids):
-                t = self.policy(rid, st.token_ids, st.num_prompt)
-                st.token_ids.append(t)
-                sampled[rid] = [t]
-        return sampled
+            if end == len(st.token_ids) + len(drafts):
+                seq = st.token_ids + drafts
+                base = len(st.token_ids)
+                samples = [self.policy(rid, seq[:base + j], st.num_prompt)
+                           for j in range(len(drafts) + 1)]
+                acc = accept_by_match(samples, drafts)
+                st.num_computed -= len(drafts) - (len(acc) - 1)  # rejected drafts: stale KV
+                st.token_ids.extend(acc)
+                out.sampled_token_ids[rid] = acc
+                if self.proposer is not None:
+                    out.draft_token_ids[rid] = self.proposer(rid, st.token_ids)
+        return out
 
 
 @dataclass
@@ -105,12 +144,12 @@ class Result:
 
 
 def make(num_blocks=256, block_size=4, budget=64, max_num_seqs=16, max_model_len=4096,
-         chunked=True, caching=True, policy=None) -> tuple[Scheduler, FakeRunner]:
+         chunked=True, caching=True, policy=None, proposer=None) -> tuple[Scheduler, FakeRunner]:
     sched = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                                       max_model_len=max_model_len, enable_chunked_prefill=chunked),
                       CacheConfig(block_size=block_size, enable_prefix_caching=caching),
                       num_blocks)
-    return sched, FakeRunner(block_size, policy)
+    return sched, FakeRunner(block_size, policy, proposer)
 
 
 def add(sched: Scheduler, rid: str, prompt: list[int], parent_id=None, **kw) -> Request:
@@ -152,16 +191,16 @@ class Driver:
         for nr in so.new_reqs:
             if nr.req_id in self.preempted_ever:
                 got = self.results[nr.req_id].tokens if nr.req_id in self.results else []
-                assert nr.token_ids == self.prompts[nr.req_id] + got
+                assert list(nr.token_ids[:nr.num_tokens]) == self.prompts[nr.req_id] + got
                 assert nr.num_prompt_tokens == len(self.prompts[nr.req_id])
                 self.resumed.append(nr)
         self.preempted_ever |= so.preempted_req_ids
         for rid in so.num_scheduled_tokens:
             assert s.requests[rid].status == RequestStatus.RUNNING
-        sampled = self.runner.execute(so)
+        result = self.runner.execute(so)
         if between is not None:
             between()
-        outs = s.update(so, sampled, {}, {})
+        outs = s.update(so, result)
         for o in outs:
             res = self.results.setdefault(o.req_id, Result([]))
             assert res.finish_reason is None, f"{o.req_id} reported after finishing"
@@ -200,6 +239,67 @@ def expected_output(prompt: list[int], n: int) -> list[int]:
     return toks[len(prompt):]
 
 
+# ---- speculative tokens through the step contract ------------------------------------------
+@pytest.mark.parametrize("caching", [True, False])
+def test_spec_tokens_several_tokens_per_step(caching):
+    """A fake proposer drafts 3 tokens per request; the fake runner verifies them (accepting a
+    prefix). Steps return 1..4 tokens per request, the scheduler schedules the drafts as spec
+    tokens (k + 1 computed tokens), rolls back rejected ones, and outputs equal the plain ones."""
+    rng = random.Random(7)
+    sched, runner = make(budget=64, max_num_seqs=8, num_blocks=200, caching=caching,
+                         proposer=fake_proposer)
+    want = {}
+    for i in range(6):
+        p = rand_prompt(rng, rng.randrange(3, 20))
+        m = rng.randrange(5, 25)
+        add(sched, f"r{i}", p, max_tokens=m)
+        want[f"r{i}"] = expected_output(p, m)
+    d = Driver(sched, runner)
+    counts = []
+    for _ in range(500):
+        if not sched.has_unfinished_requests():
+            break
+        so, outs = d.step()
+        for rid, drafts in so.scheduled_spec_decode_tokens.items():
+            assert 1 <= len(drafts) <= 3
+            assert so.num_scheduled_tokens[rid] == 1 + len(drafts)
+        counts += [len(o.new_token_ids) for o in outs]
+    assert_idle(sched)
+    for rid, toks in want.items():
+        assert d.results[rid].tokens == toks and d.results[rid].finish_reason == "length"
+    assert max(counts) == 4 and 1 in counts  # all 3 drafts accepted somewhere, none elsewhere
+    assert sum(len(so.scheduled_spec_decode_tokens) for so in d.trace) > 0
+
+
+def test_spec_tokens_clipped_to_max_tokens_and_budget():
+    rng = random.Random(8)
+    sched, runner = make(budget=3, max_num_seqs=2, max_model_len=14, proposer=fake_proposer)
+    pa, pb = rand_prompt(rng, 2), rand_prompt(rng, 6)
+    add(sched, "a", pa, max_tokens=6)
+    add(sched, "b", pb, max_tokens=None)  # up to max_model_len
+    schedule, room = sched.schedule, []
+
+    def recording_schedule():
+        so = schedule()
+        for rid, drafts in so.scheduled_spec_decode_tokens.items():
+            r = sched.requests[rid]
+            left = min(14 - r.num_tokens, (r.params.max_tokens or 99) - r.num_output_tokens)
+            room.append((len(drafts), left))
+        return so
+    sched.schedule = recording_schedule
+    d = Driver(sched, runner)
+    res = d.run()
+    assert res["a"].tokens == expected_output(pa, 6) and res["b"].tokens == expected_output(pb, 8)
+    for so in d.trace:
+        assert so.total_num_scheduled_tokens <= 3
+        for rid, drafts in so.scheduled_spec_decode_tokens.items():
+            assert len(drafts) <= 2  # budget 3 = the last token + 2 drafts
+            assert so.num_scheduled_tokens[rid] == 1 + len(drafts)
+    # all drafts accepted plus one more token always fit max_tokens and max_model_len
+    assert room and all(k + 1 <= left for k, left in room)
+    assert any(k + 1 == left for k, left in room)  # and drafts were clipped to fit
+
+
 # ---- budget, batching, chunking ----------------------------------------------------------------
 @pytest.mark.parametrize("caching", [True, False])
 def test_budget_and_max_num_seqs_random_workload(caching):
@@ -219,13 +319,16 @@ def test_budget_and_max_num_seqs_random_workload(caching):
     assert max(len(so.num_scheduled_tokens) for so in d.trace) == 3
 
 
+@pytest.mark.parametrize("spec", [False, True])
 @pytest.mark.parametrize("seed", [0, 2, 3, 4, 5, 6])  # seeds whose workload preempts
-def test_stress_shared_prefixes_preemption_and_eviction(seed):
+def test_stress_shared_prefixes_preemption_and_eviction(seed, spec):
     """Shared prefixes, staggered arrivals and a pool small enough to preempt and evict: every
-    read sees the right KV, outputs match the unbatched reference, and all blocks come back."""
+    read sees the right KV, outputs match the unbatched reference, and all blocks come back.
+    With spec, draft tokens (some wrong) are verified every step on top of all that."""
     rng = random.Random(100 + seed)
     sched, runner = make(num_blocks=16, block_size=4, budget=rng.choice([8, 16, 32]),
-                         max_num_seqs=rng.choice([2, 4, 8]), caching=True)
+                         max_num_seqs=rng.choice([2, 4, 8]), caching=True,
+                         proposer=fake_proposer if spec else None)
     prefixes = [rand_prompt(rng, rng.randrange(4, 30)) for _ in range(3)]
     pending = []
     for i in range(16):
@@ -250,7 +353,7 @@ def test_stress_shared_prefixes_preemption_and_eviction(seed):
         if r.finish_reason == "length" and isinstance(r.stop_reason, str):
             continue  # outgrew the 64-token pool
         assert r.tokens == expected_output(p, m), rid
-    assert sched.kv.stats.hits > 0 and sched.num_preemptions > 0
+    assert sched.kv.stats.hits > 0 and (spec or sched.num_preemptions > 0)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -386,7 +489,7 @@ def test_preemption_resumes_with_all_tokens_and_same_output(caching):
     assert sched.num_preemptions > 0 and sched.stats().num_preemptions == sched.num_preemptions
     assert d.preempted_ever and d.resumed
     assert {nr.req_id for nr in d.resumed} == d.preempted_ever
-    assert any(len(nr.token_ids) > len(d.prompts[nr.req_id]) for nr in d.resumed)
+    assert any(nr.num_tokens > len(d.prompts[nr.req_id]) for nr in d.resumed)
     for i, p in enumerate(prompts):
         assert res[f"r{i}"].tokens == expected_output(p, 20)
         assert res[f"r{i}"].finish_reason == "length"
@@ -570,8 +673,6 @@ def test_stop_conditions():
         "ignore_eos": filler[:3] + [EOS] + filler,
         "stop_id": filler[:2] + [77] + filler,
         "eos_is_stop_id": filler[:1] + [EOS] + filler,
-        "min_tokens": [EOS, 77] + filler[:2] + [EOS] + filler,
-        "min_tokens_late": [EOS] + filler[:4] + [77] + filler,
         "max_tokens": filler,
         "max_model_len": filler,
     }
@@ -580,10 +681,6 @@ def test_stop_conditions():
     add(sched, "ignore_eos", rand_prompt(rng, 5), max_tokens=6, ignore_eos=True)
     add(sched, "stop_id", rand_prompt(rng, 5), max_tokens=20, stop_token_ids=[77, 78])
     add(sched, "eos_is_stop_id", rand_prompt(rng, 5), max_tokens=20, stop_token_ids=[EOS])
-    add(sched, "min_tokens", rand_prompt(rng, 5), max_tokens=20, min_tokens=5,
-        stop_token_ids=[77])
-    add(sched, "min_tokens_late", rand_prompt(rng, 5), max_tokens=20, min_tokens=3,
-        stop_token_ids=[77])
     add(sched, "max_tokens", rand_prompt(rng, 5), max_tokens=4)
     add(sched, "max_model_len", rand_prompt(rng, 15), max_tokens=None)
     res = Driver(sched, runner).run(max_steps=100)
@@ -597,9 +694,8 @@ def test_stop_conditions():
     check("ignore_eos", 6, "length")
     check("stop_id", 3, "stop", 77)
     check("eos_is_stop_id", 2, "stop")
-    # EOS and stop ids before min_tokens outputs are kept; the min_tokens-th may stop
-    check("min_tokens", 5, "stop")
-    check("min_tokens_late", 6, "stop", 77)
+    # min_tokens is not the scheduler's: the min_tokens logits processor keeps EOS and stop
+    # ids from being sampled (tests/unit/test_logits_processors.py, tests/e2e)
     check("max_tokens", 4, "length")
     check("max_model_len", 5, "length")
 

@@ -1,11 +1,14 @@
-"""Batched sampling: penalties, temperature, top-k/top-p/min-p, per-request seeded generators,
-and logprobs of the raw model distribution (as vLLM reports them by default)."""
+"""Batched sampling: logits processors (in order), temperature, top-k/top-p/min-p, per-request
+seeded generators, and logprobs of the raw model distribution (before any processor or
+temperature, as vLLM returns by default)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+
+from servelm.sampling.logits_processor import LogitsProcessor
 
 
 @dataclass
@@ -17,14 +20,8 @@ class SamplingMetadata:
     top_k: Optional[torch.Tensor] = None  # [B] int64, vocab size = off; None if no row uses it
     top_p: Optional[torch.Tensor] = None  # [B] fp32, 1.0 = off
     min_p: Optional[torch.Tensor] = None  # [B] fp32, 0.0 = off
-    generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> seeded gen
-    # penalties (None if no row uses any)
-    presence: Optional[torch.Tensor] = None  # [B]
-    frequency: Optional[torch.Tensor] = None  # [B]
-    repetition: Optional[torch.Tensor] = None  # [B]
-    output_counts: Optional[torch.Tensor] = None  # [B, V] fp32 counts of generated tokens
-    prompt_mask: Optional[torch.Tensor] = None  # [B, V] bool: token occurs in the prompt
-    banned: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, ids) -> -inf
+    # row -> seeded generator; a request with several rows (drafts) draws for them in order
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_num_logprobs: int = -1  # -1: no row wants logprobs
 
 
@@ -36,18 +33,6 @@ class SamplerOutput:
     sampled_rank: Optional[torch.Tensor] = None  # [B] int64, 1 = most likely
     top_ids: Optional[torch.Tensor] = None  # [B, K] int64
     top_logprobs: Optional[torch.Tensor] = None  # [B, K] fp32
-
-
-def apply_penalties(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
-    """OpenAI presence/frequency penalties on generated tokens; HF/CTRL repetition penalty on
-    prompt and generated tokens (divide positive logits, multiply negative ones)."""
-    counts = m.output_counts
-    seen = (counts > 0) | m.prompt_mask
-    rep = m.repetition[:, None].expand_as(logits)
-    penalised = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(seen, penalised, logits)
-    logits = logits - m.frequency[:, None] * counts
-    return logits - m.presence[:, None] * (counts > 0).to(logits.dtype)
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.Tensor:
@@ -73,15 +58,14 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, m: SamplingMetadata) -> SamplerOutput:
-        """logits: [B, V] fp32 (raw model output)."""
+    def __call__(self, logits: torch.Tensor, m: SamplingMetadata,
+                 processors: Sequence[LogitsProcessor] = ()) -> SamplerOutput:
+        """logits: [B, V] fp32 (raw model output; processors may edit it in place)."""
         out = SamplerOutput(token_ids=torch.empty(0))
         if m.max_num_logprobs >= 0:
             raw_logprobs = logits.log_softmax(-1)
-        if m.output_counts is not None:
-            logits = apply_penalties(logits, m)
-        for row, ids in m.banned:
-            logits[row, ids] = float("-inf")
+        for p in processors:
+            logits = p.apply(logits)
         greedy_ids = logits.argmax(-1)
         if m.all_greedy:
             out.token_ids = greedy_ids

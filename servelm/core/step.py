@@ -1,0 +1,101 @@
+"""One engine step's messages: scheduler -> runner (SchedulerOutput), runner -> scheduler
+(ModelRunnerOutput), core -> client (EngineCoreOutput). Plain ints and lists, no tensors, so the
+same objects can cross a process boundary (multi-process executors, the EngineCore process).
+
+Token ids have one owner, the scheduler's ``Request``. The runner keeps a working copy for its
+input buffers, written from ``NewRequestData`` when a request (re)joins and then only from the
+tokens it samples itself, which are exactly those the scheduler appends, except when a request
+stops inside a step's accepted tokens, and then the request is finished and the runner drops it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from servelm.sampling_params import SamplingParams
+
+# token id -> (logprob, rank), one dict per position (rank 1 = most likely)
+TokenLogprobs = dict[int, tuple[float, int]]
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (or sees again after preemption): full state.
+
+    ``token_ids`` may be the scheduler's own list (in-process: no copy): only its first
+    ``num_tokens`` entries belong to this message, since the scheduler appends to it later.
+    """
+
+    req_id: str
+    token_ids: Sequence[int]  # prompt + outputs so far (the first num_tokens entries)
+    num_tokens: int
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only what changed."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    new_reqs: list[NewRequestData]
+    cached_reqs: list[CachedRequestData]
+    # req id -> tokens to compute this step (spec tokens included), in batch order
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str]  # the runner drops their state
+    preempted_req_ids: set[str] = field(default_factory=set)
+    # req id -> draft tokens to verify this step; they follow the request's last token, and the
+    # request is sampled at all len(drafts) + 1 positions
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What one step produced, per request that sampled.
+
+    ``sampled_token_ids[r]`` holds 1..k+1 tokens for a request verifying k drafts (the accepted
+    drafts and one more); a request in the middle of its prompt has no entry. Logprobs are those
+    of the raw model (before logits processors and temperature), as vLLM returns by default.
+    """
+
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per sampled token
+    # req id -> (index of the first prompt position these rows are for, rows): row j is the
+    # distribution of prompt token start + j + 1 given the tokens before it
+    prompt_logprobs_dict: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # req id -> draft tokens proposed for the next step (speculative decoding)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class EngineCoreOutput:
+    """One request's news from one step."""
+
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: Optional[str] = None
+    stop_reason: int | str | None = None
+    new_logprobs: Optional[list[TokenLogprobs]] = None
+    # a chunk of prompt logprobs: rows for prompt tokens prompt_logprobs_start + 1, + 2, ...
+    prompt_logprobs: Optional[list[TokenLogprobs]] = None
+    prompt_logprobs_start: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int

@@ -1,0 +1,43 @@
+"""LinearMethod: how one linear layer stores its weights and computes ``x @ W^T + b``.
+
+The layer (``layers.linear.Linear``) knows its logical shape and how it is split over tensor-
+parallel ranks; the method owns everything about the weights' layout: which parameters exist
+(``create_weights``), how a checkpoint tensor becomes this rank's share of them (``load_weight``
+receives the whole checkpoint tensor and slices its own shard, so quantized layouts and tensor
+parallelism meet in one place), any repacking once all are loaded (``process_after_loading``),
+and the matmul (``apply``). One method object per layer, chosen once from the registry; model
+files never branch on it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from servelm.layers.linear import Linear
+
+
+class LinearMethod(ABC):
+    @abstractmethod
+    def create_weights(self, layer: "Linear") -> None:
+        """Register the layer's parameters (uninitialised) for this rank's shard:
+        ``layer.output_size_per_rank`` x ``layer.input_size_per_rank`` logical elements, and
+        ``layer.bias`` ([output_size_per_rank]) or None as ``layer.has_bias`` says."""
+
+    @abstractmethod
+    def load_weight(self, layer: "Linear", name: str, full_tensor: torch.Tensor,
+                    shard_id: int = 0) -> None:
+        """Copy checkpoint tensor ``name`` ("weight", "bias", or a quantized layout's own names)
+        of part ``shard_id`` (q/k/v or gate/up of a merged layer; 0 for a plain one) into the
+        layer, slicing this rank's shard out of the unsharded ``full_tensor``. Wrong shapes
+        raise ValueError."""
+
+    @abstractmethod
+    def apply(self, layer: "Linear", x: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [M, input_size_per_rank] -> [M, output_size_per_rank] in x's dtype (+ bias)."""
+
+    def process_after_loading(self, layer: "Linear") -> None:
+        """Repack or convert once every weight is loaded (dummy weights included)."""

@@ -1,0 +1,57 @@
+"""The dense path: weights as stored (bf16/fp16/fp32), ``F.linear``, or on CUDA for small M the
+Triton GEMV that streams weights closer to HBM bandwidth than cuBLAS (kernels/gemv.py)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from servelm.quantization.base import LinearMethod
+
+if TYPE_CHECKING:
+    from servelm.layers.linear import Linear
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 use_kernel: bool = False) -> torch.Tensor:
+    """x: [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N]. With use_kernel on CUDA, small M
+    (decode batches) goes to the Triton GEMV."""
+    if use_kernel:
+        from servelm.kernels.gemv import linear_small_m, use_small_m_kernel
+        if use_small_m_kernel(x.shape[0], weight.shape[0], weight.shape[1], weight.dtype, x.device):
+            return linear_small_m(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    def __init__(self, use_kernel: bool = False) -> None:
+        self.use_kernel = use_kernel
+
+    def create_weights(self, layer: "Linear") -> None:
+        # weight: [output_size_per_rank, input_size_per_rank]
+        layer.weight = nn.Parameter(torch.empty(layer.output_size_per_rank,
+                                                layer.input_size_per_rank), requires_grad=False)
+        layer.bias = (nn.Parameter(torch.empty(layer.output_size_per_rank), requires_grad=False)
+                      if layer.has_bias else None)
+
+    def load_weight(self, layer: "Linear", name: str, full_tensor: torch.Tensor,
+                    shard_id: int = 0) -> None:
+        param = getattr(layer, name, None) if name in ("weight", "bias") else None
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in an unquantized linear "
+                             "layer" + (" without bias" if name == "bias" else ""))
+        rows = layer.shard_rows(full_tensor, shard_id, f"{name} part {shard_id}")
+        if name == "weight":
+            rows = layer.shard_cols(rows, name)
+        lo, hi = layer.part_offsets[shard_id], layer.part_offsets[shard_id + 1]
+        if tuple(rows.shape) != (hi - lo, *param.shape[1:]):
+            raise ValueError(f"checkpoint {name} part {shard_id} has shape {tuple(full_tensor.shape)}"
+                             f", which gives a shard of {tuple(rows.shape)}; this rank expects "
+                             f"{(hi - lo, *param.shape[1:])}")
+        param.data[lo:hi].copy_(rows)
+
+    def apply(self, layer: "Linear", x: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return dense_linear(x, layer.weight, bias, self.use_kernel)

@@ -1,0 +1,81 @@
+"""SamplingPipeline: everything between a step's logits and its tokens, for the runner's
+persistent batch rows: per-row sampling settings (temperature, top-k/p, min-p, logprobs, seeded
+generators) kept in host arrays with device mirrors, the ordered logits processors, and the
+sampler. Rows change only through ``update(BatchUpdate)``, once per step."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from servelm.sampling.logits_processor import BatchUpdate, LogitsProcessor, ProcessorContext, RowTable
+from servelm.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
+
+
+class SamplingPipeline:
+    def __init__(self, ctx: ProcessorContext, processors: Sequence[LogitsProcessor]) -> None:
+        R, V = ctx.max_rows, ctx.vocab_size
+        self.ctx = ctx
+        self.processors = list(processors)
+        self.sampler = Sampler()
+        self.temperature = RowTable((R,), np.float32, 0.0, ctx.device)  # 0: greedy
+        self.top_k = RowTable((R,), np.int64, V, ctx.device)  # V: off
+        self.top_p = RowTable((R,), np.float32, 1.0, ctx.device)
+        self.min_p = RowTable((R,), np.float32, 0.0, ctx.device)
+        self.logprobs = np.full(R, -1, dtype=np.int64)  # top logprobs per token; -1: none
+        self.generators: list[Optional[torch.Generator]] = [None] * R
+        self.has_generator = np.zeros(R, dtype=bool)
+        self.bu = BatchUpdate()
+
+    def _tables(self) -> tuple[RowTable, ...]:
+        return self.temperature, self.top_k, self.top_p, self.min_p
+
+    def update(self, bu: BatchUpdate) -> None:
+        for row in bu.removed:
+            for t in self._tables():
+                t.clear(row)
+            self.logprobs[row] = -1
+            self.generators[row], self.has_generator[row] = None, False
+        for src, dst in bu.moved:
+            for t in self._tables():
+                t.move(src, dst)
+            self.logprobs[dst], self.logprobs[src] = self.logprobs[src], -1
+            self.generators[dst], self.generators[src] = self.generators[src], None
+            self.has_generator[dst], self.has_generator[src] = self.has_generator[src], False
+        V = self.ctx.vocab_size
+        for a in bu.added:
+            p, r = a.params, a.row
+            self.temperature.set(r, 0.0 if p.greedy else p.temperature)
+            self.top_k.set(r, p.top_k if 0 < p.top_k < V else V)
+            self.top_p.set(r, p.top_p)
+            self.min_p.set(r, p.min_p)
+            self.logprobs[r] = -1 if p.logprobs is None else p.logprobs
+            self.generators[r], self.has_generator[r] = a.generator, a.generator is not None
+        for p in self.processors:
+            p.update(bu)
+        self.bu = bu
+
+    def metadata(self) -> SamplingMetadata:
+        """Settings of this step's logits rows (gathered on the device, decided on the host)."""
+        rows = self.bu.logits_rows
+        rows_t = self.bu.logits_rows_t
+        all_greedy = not (self.temperature.host[rows] > 0).any()
+        m = SamplingMetadata(temperature=None if all_greedy else self.temperature.dev[rows_t],
+                             all_greedy=all_greedy)
+        if not all_greedy:
+            V = self.ctx.vocab_size
+            if (self.top_k.host[rows] < V).any():
+                m.top_k = self.top_k.dev[rows_t]
+            if (self.top_p.host[rows] < 1).any():
+                m.top_p = self.top_p.dev[rows_t]
+            if (self.min_p.host[rows] > 0).any():
+                m.min_p = self.min_p.dev[rows_t]
+            m.generators = {int(i): self.generators[rows[i]]
+                            for i in np.nonzero(self.has_generator[rows])[0]}
+        m.max_num_logprobs = int(self.logprobs[rows].max()) if len(rows) else -1
+        return m
+
+    def sample(self, logits: torch.Tensor) -> SamplerOutput:
+        """logits: [L, V] fp32, rows as in the last update's logits_rows."""
+        return self.sampler(logits, self.metadata(), self.processors)

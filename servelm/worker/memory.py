@@ -1,0 +1,93 @@
+"""How many KV blocks fit: a fixed budget on the CPU, on a GPU what a profiling run leaves."""
+from __future__ import annotations
+
+import gc
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from servelm.core.step import NewRequestData, SchedulerOutput
+from servelm.sampling import SamplingMetadata
+from servelm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from servelm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 2 * 1024**3  # default KV budget on the CPU
+
+
+def kv_bytes_per_block(runner: "ModelRunner") -> int:
+    mc = runner.config.model
+    return (2 * mc.num_layers * runner.block_size * mc.num_kv_heads * mc.head_dim
+            * torch.tensor([], dtype=runner.dtype).element_size())
+
+
+def profile_lens(runner: "ModelRunner") -> list[int]:
+    """The profiling batch: max_num_batched_tokens split into sequences of <= 512 tokens."""
+    n_tok = runner.config.scheduler.max_num_batched_tokens
+    seq = min(512, n_tok, runner.config.model.max_model_len - 1)
+    return [seq] * (n_tok // seq) + ([n_tok % seq] if n_tok % seq else [])
+
+
+def determine_num_blocks(runner: "ModelRunner") -> int:
+    cc = runner.config.cache
+    if cc.num_gpu_blocks_override is not None:
+        return cc.num_gpu_blocks_override
+    per_block = kv_bytes_per_block(runner)
+    budget = (cc.kv_cache_memory or CPU_KV_CACHE_BYTES) if runner.device.type == "cpu" \
+        else profile_free_memory(runner)
+    n = int(budget // per_block)
+    if n < 1:
+        raise ValueError(f"no memory left for the KV cache (one block needs {per_block} bytes);"
+                         " raise gpu_memory_utilization / kv_cache_memory or lower "
+                         "max_num_batched_tokens.")
+    return n
+
+
+@torch.inference_mode()
+def profile_free_memory(runner: "ModelRunner") -> int:
+    """Run the largest batch once with a throwaway cache. The KV cache gets what is left of
+    gpu_memory_utilization * total after what others use (other processes, other engines in
+    this one) and this engine's own peak (weights + activations)."""
+    dev = runner.device
+    gc.collect()
+    torch.cuda.empty_cache()
+    free0, total = torch.cuda.mem_get_info(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    sc, mc = runner.config.scheduler, runner.config.model
+    lens = profile_lens(runner)
+    runner.allocate_kv(sum(-(-n // runner.block_size) for n in lens))
+    g = torch.Generator().manual_seed(0)
+    new, b = [], 0
+    for i, n in enumerate(lens):
+        k = -(-n // runner.block_size)
+        ids = torch.randint(0, mc.vocab_size, (n,), generator=g).tolist()
+        new.append(NewRequestData(f"profile-{i}", ids, n, n, SamplingParams(max_tokens=1),
+                                  list(range(b, b + k)), 0))
+        b += k
+    runner.execute(SchedulerOutput(new, [], {r.req_id: r.num_tokens for r in new},
+                                   sc.max_num_batched_tokens, set()))
+    # a full decode batch through the sampler (logits of max_num_seqs rows)
+    B = sc.max_num_seqs
+    logits = torch.randn(B, mc.vocab_size, device=dev)
+    runner.sampling.sampler(logits, SamplingMetadata(
+        temperature=torch.ones(B, device=dev), all_greedy=False,
+        top_p=torch.full((B,), 0.9, device=dev), max_num_logprobs=runner.config.max_logprobs))
+    runner.execute(SchedulerOutput([], [], {}, 0, {r.req_id for r in new}))
+    torch.cuda.synchronize(dev)
+    kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
+    # own = weights (allocated before the profile) + the profile's activation peak
+    own = max(runner.mem_weights,
+              torch.cuda.max_memory_allocated(dev) - runner.mem_at_init - kv_bytes)
+    runner.kv_caches = []
+    torch.cuda.empty_cache()
+    # in use by anyone else (other processes, other engines here): all used memory after
+    # empty_cache() but this engine's weights, which `own` counts
+    others = total - free0 - runner.mem_weights
+    budget = total * runner.config.cache.gpu_memory_utilization - own - others
+    logger.info("memory: total %.1f GiB, this engine %.2f GiB, others %.2f GiB -> KV cache "
+                "%.2f GiB", total / 2**30, own / 2**30, others / 2**30, budget / 2**30)
+    return max(0, int(budget))
