@@ -86,15 +86,18 @@ class StepTimer:
 
     def __init__(self, llm) -> None:
         core = llm.engine.core
-        runner = core.executor.runner
+        # (trees from before the plug-in seams held the runner directly: benchmarks/ab_compare.py)
+        runner = core.executor.runner if hasattr(core, "executor") else core.runner
         self.host = 0.0
         self.steps = 0
         self.total = 0.0
-        # the sampling set-up of a step: per-row state updates and the step's metadata (before
-        # the seams: the runner's _sampling_metadata)
-        for obj, name in [(core.scheduler, "schedule"), (core.scheduler, "update"),
-                          (runner, "_prepare_inputs"),
-                          (runner.sampling, "update"), (runner.sampling, "metadata")]:
+        targets = [(core.scheduler, "schedule"), (core.scheduler, "update"),
+                   (runner, "_prepare_inputs")]
+        if hasattr(runner, "sampling"):  # the sampling set-up: per-row state and metadata
+            targets += [(runner.sampling, "update"), (runner.sampling, "metadata")]
+        else:
+            targets.append((runner, "_sampling_metadata"))
+        for obj, name in targets:
             self._wrap(obj, name, host=True)
         self._wrap(core, "step", host=False)
 

@@ -35,7 +35,9 @@ class BatchUpdate:
     current requests sampled last step), ``removed``, ``moved``, ``added``; then this step's
     logits layout."""
 
-    appended: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, new tokens)
+    # chunks of (rows [n], tokens [n]) int64: row rows[i] got token tokens[i], in order (a row
+    # that got several tokens appears once per token)
+    appended: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
     moved: list[tuple[int, int]] = field(default_factory=list)  # (from row, to row)
     added: list[AddedRequest] = field(default_factory=list)
@@ -44,6 +46,15 @@ class BatchUpdate:
     logits_rows_t: Optional[torch.Tensor] = None
     # (logits row, the drafts before it) for logits rows after at least one draft
     drafts: list[tuple[int, list[int]]] = field(default_factory=list)
+
+    def appended_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """All appended (rows, tokens), concatenated."""
+        if not self.appended:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        if len(self.appended) == 1:
+            return self.appended[0]
+        return (np.concatenate([r for r, _ in self.appended]),
+                np.concatenate([t for _, t in self.appended]))
 
     @property
     def num_logits_rows(self) -> int:

@@ -18,8 +18,8 @@ class MinTokensLogitsProcessor(LogitsProcessor):
         self.bu = BatchUpdate()
 
     def update(self, bu: BatchUpdate) -> None:
-        for row, toks in bu.appended:
-            self.remaining[row] -= len(toks)
+        if bu.appended and (self.remaining > 0).any():
+            np.subtract.at(self.remaining, bu.appended_arrays()[0], 1)
         for row in bu.removed:
             self.remaining[row] = 0
         for src, dst in bu.moved:

@@ -49,10 +49,14 @@ class PenaltiesLogitsProcessor(LogitsProcessor):
 
     def update(self, bu: BatchUpdate) -> None:
         slot = self.slot
-        adds = [(slot[row], t) for row, toks in bu.appended if slot[row] >= 0 for t in toks]
-        if adds:
-            s, t = self._ids([a[0] for a in adds]), self._ids([a[1] for a in adds])
-            self.counts.index_put_((s, t), torch.ones_like(s, dtype=torch.int32), accumulate=True)
+        if bu.appended and len(self.free_slots) < self.counts.shape[0]:  # some slot in use
+            rows, toks = bu.appended_arrays()
+            slots = slot[rows]
+            keep = slots >= 0
+            if keep.any():
+                s, t = self._ids(slots[keep]), self._ids(toks[keep])
+                self.counts.index_put_((s, t), torch.ones_like(s, dtype=torch.int32),
+                                       accumulate=True)
         for row in bu.removed:
             if slot[row] >= 0:
                 self.free_slots.append(int(slot[row]))

@@ -93,7 +93,7 @@ class InputBatch:
             self._ensure_width(int(self.num_tokens[rows].max()) + 1)
         self.token_ids[rows, self.num_tokens[rows]] = tokens
         self.num_tokens[rows] += 1
-        self._update.appended.extend(zip(rows.tolist(), ([t] for t in tokens.tolist())))
+        self._update.appended.append((rows.copy(), tokens.astype(np.int64)))
 
     def append_token_list(self, row: int, tokens: list[int]) -> None:
         """Several accepted tokens for one row (speculative steps)."""
@@ -101,7 +101,8 @@ class InputBatch:
         self._ensure_width(n + len(tokens) + 1)
         self.token_ids[row, n:n + len(tokens)] = tokens
         self.num_tokens[row] = n + len(tokens)
-        self._update.appended.append((row, tokens))
+        self._update.appended.append((np.full(len(tokens), row, dtype=np.int64),
+                                      np.asarray(tokens, dtype=np.int64)))
 
     def tokens(self, row: int, start: int = 0, end: int | None = None) -> np.ndarray:
         return self.token_ids[row, start:self.num_tokens[row] if end is None else end]

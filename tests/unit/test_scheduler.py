@@ -239,6 +239,18 @@ def expected_output(prompt: list[int], n: int) -> list[int]:
     return toks[len(prompt):]
 
 
+def add_random(sched: Scheduler, rng: random.Random, n: int, prompt_lens: tuple[int, int],
+               max_tokens: tuple[int, int]) -> dict[str, list[int]]:
+    """n requests r0.. of random prompts and max_tokens; returns their expected outputs."""
+    want = {}
+    for i in range(n):
+        p = rand_prompt(rng, rng.randrange(*prompt_lens))
+        m = rng.randrange(*max_tokens)
+        add(sched, f"r{i}", p, max_tokens=m)
+        want[f"r{i}"] = expected_output(p, m)
+    return want
+
+
 # ---- speculative tokens through the step contract ------------------------------------------
 @pytest.mark.parametrize("caching", [True, False])
 def test_spec_tokens_several_tokens_per_step(caching):
@@ -248,12 +260,7 @@ def test_spec_tokens_several_tokens_per_step(caching):
     rng = random.Random(7)
     sched, runner = make(budget=64, max_num_seqs=8, num_blocks=200, caching=caching,
                          proposer=fake_proposer)
-    want = {}
-    for i in range(6):
-        p = rand_prompt(rng, rng.randrange(3, 20))
-        m = rng.randrange(5, 25)
-        add(sched, f"r{i}", p, max_tokens=m)
-        want[f"r{i}"] = expected_output(p, m)
+    want = add_random(sched, rng, 6, (3, 20), (5, 25))
     d = Driver(sched, runner)
     counts = []
     for _ in range(500):
@@ -305,12 +312,7 @@ def test_spec_tokens_clipped_to_max_tokens_and_budget():
 def test_budget_and_max_num_seqs_random_workload(caching):
     rng = random.Random(0)
     sched, runner = make(budget=32, max_num_seqs=3, num_blocks=200, caching=caching)
-    want = {}
-    for i in range(14):
-        p = rand_prompt(rng, rng.randrange(1, 70))
-        m = rng.randrange(1, 12)
-        add(sched, f"r{i}", p, max_tokens=m)
-        want[f"r{i}"] = expected_output(p, m)
+    want = add_random(sched, rng, 14, (1, 70), (1, 12))
     d = Driver(sched, runner)
     res = d.run()
     for rid, toks in want.items():
