@@ -63,6 +63,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
+    # schedule step N+1 while step N runs on the device (its tokens land one step later)
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class EngineArgs:
     max_num_batched_tokens: Optional[int] = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    async_scheduling: Optional[bool] = None  # default: on with CUDA, off on the CPU
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory: Optional[int] = None
@@ -210,8 +213,10 @@ class EngineArgs:
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
                             self.kv_cache_memory)
         max_seqs = self.max_num_seqs or (256 if device == "cpu" else 1024)
+        # on the CPU a step's launch already computes it: overlapping gains nothing there
+        async_sched = device != "cpu" if self.async_scheduling is None else bool(self.async_scheduling)
         sched = SchedulerConfig(max_seqs, batched, max_model_len,
-                                self.enable_chunked_prefill)
+                                self.enable_chunked_prefill, async_sched)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=ParallelConfig(distributed_executor_backend=executor),
                             attention_backend=self.attention_backend,
@@ -238,6 +243,8 @@ class EngineArgs:
         a("--max-num-batched-tokens", type=int, default=None)
         a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
         a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+        a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+          help="schedule the next step while the current one runs (default: on with CUDA)")
         a("--gpu-memory-utilization", type=float, default=0.9)
         a("--num-gpu-blocks-override", type=int, default=None)
         a("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU)")

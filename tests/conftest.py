@@ -72,6 +72,8 @@ def make_engine(model_dir: str, **kw):
     args = dict(model=model_dir, skip_tokenizer_init=True, kv_cache_memory=1 << 24, block_size=4,
                 device=TEST_DEVICE, dtype="float32", attention_backend=TEST_ATTENTION,
                 gpu_memory_utilization=0.3, max_num_seqs=32)
+    if os.environ.get("SERVELM_TEST_ASYNC") in ("0", "1"):  # see the scheduling_mode fixture
+        args["async_scheduling"] = os.environ["SERVELM_TEST_ASYNC"] == "1"
     args.update(kw)
     if str(args["device"]).startswith("cuda") and "num_gpu_blocks_override" not in kw:
         args["num_gpu_blocks_override"] = 4096  # tiny models: a small fixed cache per engine
@@ -106,3 +108,11 @@ def random_prompts(n: int, lengths, seed: int = 0, vocab: int = 250):
     g = torch.Generator().manual_seed(seed)
     lens = list(itertools.islice(itertools.cycle(lengths), n))
     return [torch.randint(1, vocab, (L,), generator=g).tolist() for L in lens]
+
+
+@pytest.fixture(params=["sync", "async"])
+def scheduling_mode(request, monkeypatch):
+    """Runs a test with synchronous and with asynchronous scheduling (make_engine's default):
+    a module opts in with ``pytestmark = pytest.mark.usefixtures("scheduling_mode")``."""
+    monkeypatch.setenv("SERVELM_TEST_ASYNC", "1" if request.param == "async" else "0")
+    return request.param

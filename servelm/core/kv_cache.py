@@ -178,6 +178,17 @@ class KVCacheManager:
                 self.pool.cache_block(req.block_ids[i], req.block_hashes[i])
         return new_ids
 
+    def cache_last_full_block(self, req: Request) -> None:
+        """Register the block that req's newest token filled. Needed when that token's KV was
+        scheduled before the token itself was known (asynchronous scheduling), so
+        allocate_slots could not hash the block then."""
+        if not self.enable_caching or req.num_tokens % self.block_size:
+            return
+        i = req.num_tokens // self.block_size - 1
+        if i < len(req.block_ids):
+            self._update_hashes(req, req.num_tokens)
+            self.pool.cache_block(req.block_ids[i], req.block_hashes[i])
+
     def free(self, req: Request) -> None:
         # reverse order: a request's tail blocks are the least likely to be shared, evict first
         self.pool.free(list(reversed(req.block_ids)))

@@ -46,6 +46,9 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.spec_token_ids: list[int] = []  # drafts proposed for the next step
+        # tokens being sampled by steps in flight (scheduled, output not yet back): with
+        # asynchronous scheduling the next step is scheduled before the last one's tokens land
+        self.num_output_placeholders = 0
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit length at first scheduling; -1 = not yet
         self.block_ids: list[int] = []

@@ -8,13 +8,13 @@ batching, chunked prefill, prefix-cache hits and preemption by recompute.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable
+from typing import Iterable, Optional
 
 from servelm.config import CacheConfig, SchedulerConfig
 from servelm.core.kv_cache import KVCacheManager
 from servelm.core.request import Request, RequestStatus
 from servelm.core.step import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
-                               NewRequestData, SchedulerOutput, SchedulerStats)
+                               NewRequestData, SchedulerOutput, SchedulerStats, TokenLogprobs)
 
 
 class Scheduler:
@@ -66,13 +66,21 @@ class Scheduler:
         preempted: set[str] = set()
         spec_tokens: dict[str, list[int]] = {}
 
-        # 1. Running requests, oldest first; preempt the newest when blocks run out.
+        # 1. Running requests, oldest first; preempt the newest when blocks run out. Tokens still
+        # in flight (placeholders) count as known: their step runs before this one.
         bs, caching = self.kv.block_size, self.kv.enable_caching
+        max_len = self.config.max_model_len
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             computed = req.num_computed_tokens
-            n = min(len(req.all_token_ids) - computed, budget)
+            total = len(req.all_token_ids) + req.num_output_placeholders
+            if req.num_output_placeholders and (
+                    total >= max_len or (req.params.max_tokens is not None and
+                                         total - req.num_prompt_tokens >= req.params.max_tokens)):
+                i += 1  # its last token is in flight: nothing more to compute
+                continue
+            n = min(total - computed, budget)
             if req.spec_token_ids:  # proposed for this step only: used now or dropped
                 drafts = self._fit_drafts(req, budget - n)
                 req.spec_token_ids = []
@@ -99,12 +107,17 @@ class Scheduler:
             budget -= n
             cached_reqs.append(CachedRequestData(req.request_id, new_blocks,
                                                  req.num_computed_tokens))
+            req.num_computed_tokens += n
+            if req.num_computed_tokens >= total:  # samples this step
+                req.num_output_placeholders += 1
             i += 1
 
         # 2. Waiting requests, FCFS, unless this step already had to preempt.
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
+            if req.num_output_placeholders:
+                break  # preempted while its last step was in flight: resume once it lands
             if not self.kv.can_ever_fit(req.num_tokens + 1):
                 self.waiting.popleft()
                 self._ignore(req, f"the sequence ({req.num_tokens} tokens) does not fit in the KV "
@@ -129,6 +142,9 @@ class Scheduler:
             num_scheduled[req.request_id] = n
             budget -= n
             new_reqs.append(self._new_req_data(req))
+            req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens:  # samples this step
+                req.num_output_placeholders += 1
 
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self.finished_ids, preempted,
@@ -171,8 +187,9 @@ class Scheduler:
         self.ignored.append(req)
 
     def update(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Advance computed counts (less the rejected drafts), append sampled tokens, check
-        stops, free finished requests, keep the drafts proposed for the next step."""
+        """Append a step's sampled tokens (and roll back rejected drafts), check stops, free
+        finished requests, keep the drafts proposed for the next step. Computed counts moved
+        at schedule time; with asynchronous scheduling a later step is already scheduled."""
         outputs: list[EngineCoreOutput] = []
         for req in self.ignored:
             outputs.append(EngineCoreOutput(req.request_id, [], req.status.finish_reason,
@@ -184,13 +201,20 @@ class Scheduler:
         sampled, logprobs = out.sampled_token_ids, out.logprobs
         prompt_lps, drafts = out.prompt_logprobs_dict, out.draft_token_ids
         spec = sched.scheduled_spec_decode_tokens
+        cache_blocks = self.kv.enable_caching
         finished = False
-        for rid, n in sched.num_scheduled_tokens.items():
+        for rid in sched.num_scheduled_tokens:
             req = requests.get(rid)
-            if req is None or req.status != running_status:
-                continue  # aborted or preempted since scheduling
-            req.num_computed_tokens += n
+            if req is None:
+                continue  # aborted or stopped since scheduling
             new_tokens = sampled.get(rid)
+            if new_tokens:
+                req.num_output_placeholders -= 1
+            if req.status != running_status:
+                if new_tokens and req.status == RequestStatus.PREEMPTED:
+                    outputs.append(self._land_preempted(
+                        req, new_tokens, logprobs.get(rid) if logprobs else None))
+                continue
             if spec and rid in spec:
                 # k drafts verified, len(new_tokens) - 1 of them accepted: the KV of the rejected
                 # ones is stale and gets recomputed (overwritten) from the first rejected position
@@ -221,7 +245,29 @@ class Scheduler:
                 requests.pop(rid, None)
                 self._free(req)
                 finished = True
+            elif cache_blocks and req.num_computed_tokens >= req.num_tokens:
+                self.kv.cache_last_full_block(req)  # its KV was scheduled before the token
             outputs.append(o)
         if finished:
             self.running = [r for r in self.running if r.status == running_status]
         return outputs
+
+    def _land_preempted(self, req: Request, new_tokens: list[int],
+                        lps: Optional[list[TokenLogprobs]]) -> EngineCoreOutput:
+        """The token of a step that was in flight when its request got preempted (asynchronous
+        scheduling): kept, so the request resumes with it, or finishes on it."""
+        appended = []
+        for t in new_tokens:
+            req.all_token_ids.append(t)
+            appended.append(t)
+            if req.check_stop(self.config.max_model_len):
+                break
+        o = EngineCoreOutput(req.request_id, appended, None, None,
+                             lps[:len(appended)] if lps is not None else None,
+                             num_cached_tokens=max(req.num_cached_tokens, 0))
+        if req.is_finished:
+            o.finish_reason, o.stop_reason = req.status.finish_reason, req.stop_reason
+            self.waiting.remove(req)
+            self.requests.pop(req.request_id, None)
+            self._free(req)
+        return o

@@ -9,8 +9,9 @@ from typing import Iterable, Optional
 from servelm.config import EngineConfig
 from servelm.core.request import Request, RequestStatus
 from servelm.core.scheduler import Scheduler
-from servelm.core.step import EngineCoreOutput, SchedulerStats
+from servelm.core.step import EngineCoreOutput, SchedulerOutput, SchedulerStats
 from servelm.executor import get_executor_class
+from servelm.executor.abstract import StepFuture
 from servelm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class EngineCore:
             self.executor.shutdown()
             raise
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        # asynchronous scheduling: the step launched last, whose output is not applied yet
+        self._in_flight: Optional[tuple[SchedulerOutput, StepFuture]] = None
+        self._last_had_drafts = False
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens", time.perf_counter() - t0,
                     num_blocks, config.cache.block_size)
 
@@ -56,11 +60,34 @@ class EngineCore:
         self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_STOPPED)
 
     def step(self) -> list[EngineCoreOutput]:
+        if not self.config.scheduler.async_scheduling:
+            sched = self.scheduler.schedule()
+            return self.scheduler.update(sched, self.executor.execute(sched))
+        return self._step_overlapped()
+
+    def _step_overlapped(self) -> list[EngineCoreOutput]:
+        """Asynchronous scheduling: schedule and launch step N+1, then wait for step N's tokens
+        and apply them, so the device runs N+1 while the host finishes N. A step that proposed
+        drafts is applied before the next one is scheduled: the drafts are its input."""
+        outputs: list[EngineCoreOutput] = []
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None and self._last_had_drafts:
+            outputs += self._land(*prev)
+            prev = None
         sched = self.scheduler.schedule()
-        return self.scheduler.update(sched, self.executor.execute(sched))
+        if sched.total_num_scheduled_tokens or sched.finished_req_ids or sched.preempted_req_ids:
+            self._in_flight = (sched, self.executor.execute(sched, non_block=True))
+        if prev is not None:
+            outputs += self._land(*prev)
+        return outputs
+
+    def _land(self, sched: SchedulerOutput, fut: StepFuture) -> list[EngineCoreOutput]:
+        out = fut.result()
+        self._last_had_drafts = bool(out.draft_token_ids)
+        return self.scheduler.update(sched, out)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

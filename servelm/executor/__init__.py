@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from servelm.executor.abstract import Executor
+from servelm.executor.abstract import Executor, StepFuture
 from servelm.registry import check_name, load_class
 
 EXECUTORS = MappingProxyType({
@@ -19,4 +19,4 @@ def get_executor_class(name: str) -> type[Executor]:
     return load_class(EXECUTORS, name, "distributed_executor_backend")
 
 
-__all__ = ["EXECUTORS", "Executor", "check_executor_backend", "get_executor_class"]
+__all__ = ["EXECUTORS", "Executor", "StepFuture", "check_executor_backend", "get_executor_class"]

@@ -8,11 +8,19 @@ step while this one runs (asynchronous scheduling) or keep several micro-batches
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from concurrent.futures import Future
-from typing import Union
+from typing import Protocol, Union
 
 from servelm.config import EngineConfig
 from servelm.core.step import ModelRunnerOutput, SchedulerOutput
+
+
+class StepFuture(Protocol):
+    """A step in flight (concurrent.futures.Future has this shape too)."""
+
+    def done(self) -> bool: ...
+
+    def result(self) -> ModelRunnerOutput:
+        """Wait for this step (only) and return its output."""
 
 
 class Executor(ABC):
@@ -29,8 +37,9 @@ class Executor(ABC):
 
     @abstractmethod
     def execute(self, sched: SchedulerOutput,
-                non_block: bool = False) -> Union[ModelRunnerOutput, "Future[ModelRunnerOutput]"]:
-        """Run one step. Steps run in submission order; a non-blocking call returns at once."""
+                non_block: bool = False) -> Union[ModelRunnerOutput, StepFuture]:
+        """Run one step. Steps run in submission order; a non-blocking call returns once the
+        step is launched, with a future of its output."""
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -36,6 +36,9 @@ class LogitBiasLogitsProcessor(LogitsProcessor):
                 self.vals.set(a.row, list(bias.values()) + [0.0] * pad)
         self.bu = bu
 
+    def is_active(self) -> bool:
+        return bool(self.active[self.bu.logits_rows].any())
+
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         bu = self.bu
         if bu.num_logits_rows == 0:

@@ -35,9 +35,10 @@ class BatchUpdate:
     current requests sampled last step), ``removed``, ``moved``, ``added``; then this step's
     logits layout."""
 
-    # chunks of (rows [n], tokens [n]) int64: row rows[i] got token tokens[i], in order (a row
-    # that got several tokens appears once per token)
-    appended: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    # chunks of (rows [n] on the host, tokens [n] int64 on the device): row rows[i] got token
+    # tokens[i], in order (a row that got several tokens appears once per token). Tokens stay
+    # on the device: with asynchronous scheduling they are not on the host yet.
+    appended: list[tuple[np.ndarray, torch.Tensor]] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
     moved: list[tuple[int, int]] = field(default_factory=list)  # (from row, to row)
     added: list[AddedRequest] = field(default_factory=list)
@@ -47,14 +48,16 @@ class BatchUpdate:
     # (logits row, the drafts before it) for logits rows after at least one draft
     drafts: list[tuple[int, list[int]]] = field(default_factory=list)
 
-    def appended_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """All appended (rows, tokens), concatenated."""
-        if not self.appended:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    def appended_rows(self) -> np.ndarray:
+        """The rows of all appended tokens, concatenated."""
         if len(self.appended) == 1:
-            return self.appended[0]
-        return (np.concatenate([r for r, _ in self.appended]),
-                np.concatenate([t for _, t in self.appended]))
+            return self.appended[0][0]
+        return np.concatenate([r for r, _ in self.appended] or [np.zeros(0, dtype=np.int64)])
+
+    def appended_tokens(self) -> torch.Tensor:
+        if len(self.appended) == 1:
+            return self.appended[0][1]
+        return torch.cat([t for _, t in self.appended])
 
     @property
     def num_logits_rows(self) -> int:
@@ -91,6 +94,11 @@ class LogitsProcessor(ABC):
     @abstractmethod
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: [L, V] fp32, rows as in the last update's ``logits_rows``."""
+
+    @abstractmethod
+    def is_active(self) -> bool:
+        """Whether apply() would change any of the last update's logits rows (a host check:
+        plain greedy steps then take the argmax computed inside the decode graph)."""
 
 
 class RowTable:

@@ -19,7 +19,7 @@ class MinTokensLogitsProcessor(LogitsProcessor):
 
     def update(self, bu: BatchUpdate) -> None:
         if bu.appended and (self.remaining > 0).any():
-            np.subtract.at(self.remaining, bu.appended_arrays()[0], 1)
+            np.subtract.at(self.remaining, bu.appended_rows(), 1)
         for row in bu.removed:
             self.remaining[row] = 0
         for src, dst in bu.moved:
@@ -36,14 +36,22 @@ class MinTokensLogitsProcessor(LogitsProcessor):
                 self.ids.set(a.row, banned + banned[:1] * (self.ids.host.shape[1] - len(banned)))
         self.bu = bu
 
+    def _active_rows(self) -> np.ndarray:
+        """Logits rows that still need outputs before EOS/stop ids may come."""
+        bu = self.bu
+        left = self.remaining[bu.logits_rows]  # [L]
+        if bu.drafts:
+            left = left - bu.num_prior_drafts()
+        return np.nonzero(left > 0)[0]
+
+    def is_active(self) -> bool:
+        return self.bu.num_logits_rows > 0 and len(self._active_rows()) > 0
+
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         bu = self.bu
         if bu.num_logits_rows == 0:
             return logits
-        left = self.remaining[bu.logits_rows]  # [L]
-        if bu.drafts:
-            left = left - bu.num_prior_drafts()
-        act = np.nonzero(left > 0)[0]
+        act = self._active_rows()
         if len(act) == 0:
             return logits
         dev = logits.device

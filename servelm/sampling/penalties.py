@@ -50,11 +50,11 @@ class PenaltiesLogitsProcessor(LogitsProcessor):
     def update(self, bu: BatchUpdate) -> None:
         slot = self.slot
         if bu.appended and len(self.free_slots) < self.counts.shape[0]:  # some slot in use
-            rows, toks = bu.appended_arrays()
-            slots = slot[rows]
+            slots = slot[bu.appended_rows()]
             keep = slots >= 0
-            if keep.any():
-                s, t = self._ids(slots[keep]), self._ids(toks[keep])
+            if keep.any():  # counted on the device: the tokens may not be on the host yet
+                s = self._ids(slots[keep])
+                t = bu.appended_tokens()[torch.from_numpy(keep).to(self.ctx.device)]
                 self.counts.index_put_((s, t), torch.ones_like(s, dtype=torch.int32),
                                        accumulate=True)
         for row in bu.removed:
@@ -78,6 +78,9 @@ class PenaltiesLogitsProcessor(LogitsProcessor):
             self.prompt_mask[s, self._ids(a.prompt_token_ids)] = True
             self.penalties.set(a.row, [p.presence_penalty, p.frequency_penalty, p.repetition_penalty])
         self.bu = bu
+
+    def is_active(self) -> bool:
+        return bool((self.slot[self.bu.logits_rows] >= 0).any())
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         bu = self.bu

@@ -76,6 +76,13 @@ class SamplingPipeline:
         m.max_num_logprobs = int(self.logprobs[rows].max()) if len(rows) else -1
         return m
 
+    def plain_greedy(self) -> bool:
+        """This step's rows all take the argmax of the raw logits: greedy, no logprobs, no
+        processor with anything to do."""
+        rows = self.bu.logits_rows
+        return (not (self.temperature.host[rows] > 0).any() and not (self.logprobs[rows] >= 0).any()
+                and not any(p.is_active() for p in self.processors))
+
     def sample(self, logits: torch.Tensor) -> SamplerOutput:
         """logits: [L, V] fp32, rows as in the last update's logits_rows."""
         return self.sampler(logits, self.metadata(), self.processors)

@@ -1,11 +1,11 @@
-"""CUDA graphs for decode-only steps: the model's forward captured once per padded batch size and
-replayed over persistent input buffers, which removes per-kernel launch overhead (hundreds of
-launches per step for a 32-layer model)."""
+"""CUDA graphs for decode-only steps: the model's forward, the lm_head and the greedy argmax
+captured once per padded batch size and replayed over persistent input buffers, which removes
+per-kernel launch overhead (hundreds of launches per step for a 32-layer model)."""
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 
@@ -22,15 +22,20 @@ def capture_sizes(max_bs: int) -> list[int]:
     return out
 
 
+# (input_ids [B], positions [B], meta) -> (logits [B, V] fp32, greedy token ids [B] int64)
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], Tuple[torch.Tensor, torch.Tensor]]
+
+
 class DecodeGraphs:
-    """forward(input_ids [B], positions [B], meta) -> hidden [B, hidden] for decode-only steps.
+    """forward(input_ids [B], positions [B], meta) -> (logits [B, V], argmax [B]) for
+    decode-only steps.
 
     Padding rows (B..bs) get seq_len 0 and slot -1: the attention kernels skip them and the KV
     write drops them, so they touch no real cache slot.
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor],
-                 max_bs: int, max_blocks: int, device: torch.device, max_model_len: int) -> None:
+    def __init__(self, forward: DecodeFn, max_bs: int, max_blocks: int, device: torch.device,
+                 max_model_len: int) -> None:
         self.forward = forward
         self.max_bs = max_bs
         self.sizes = capture_sizes(max_bs)
@@ -42,7 +47,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -73,7 +78,8 @@ class DecodeGraphs:
                 return s
         return None
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         B = input_ids.shape[0]
         bs = self.padded_size(B)
         assert bs is not None
@@ -87,4 +93,5 @@ class DecodeGraphs:
             self.slot_mapping[B:bs].fill_(-1)
             self.seq_lens[B:bs].fill_(0)
         self.graphs[bs].replay()
-        return self.outputs[bs][:B]
+        logits, greedy = self.outputs[bs]
+        return logits[:B], greedy[:B]

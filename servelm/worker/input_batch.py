@@ -30,6 +30,12 @@ class InputBatch:
         self.block_table = np.zeros((max_rows, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_rows, dtype=np.int64)
         self.prompt_logprobs = np.full(max_rows, -1, dtype=np.int64)  # top-k asked; -1: none
+        # asynchronous steps: the newest sampled token of a row may still be on the device only
+        # (position dev_pos, host_pending until the step's output lands); generation counts
+        # the row's tenants, so a landing output can tell whether its request still owns it
+        self.dev_pos = np.full(max_rows, -1, dtype=np.int64)
+        self.host_pending = np.zeros(max_rows, dtype=bool)
+        self.generation = np.zeros(max_rows, dtype=np.int64)
         self.free_rows = list(range(max_rows - 1, -1, -1))
         self.row_of: dict[str, int] = {}  # req id -> row
         # changes since the last take_update(), in time order per kind
@@ -51,6 +57,7 @@ class InputBatch:
         self.num_computed_tokens[row] = nr.num_computed_tokens
         pl = nr.params.prompt_logprobs
         self.prompt_logprobs[row] = -1 if pl is None else pl
+        self.generation[row] += 1
         self.block_table[row, :b] = nr.block_ids
         self.num_blocks[row] = b
         self.row_of[nr.req_id] = row
@@ -66,6 +73,8 @@ class InputBatch:
         self.num_tokens[row] = 0
         self.num_blocks[row] = 0
         self.prompt_logprobs[row] = -1
+        self.host_pending[row] = False
+        self.generation[row] += 1
         self.free_rows.append(row)
         self._update.removed.append(row)
 
@@ -87,22 +96,38 @@ class InputBatch:
         self._ensure_width(n + len(drafts) + 1)
         self.token_ids[row, n:n + len(drafts)] = drafts
 
-    def append_tokens(self, rows: np.ndarray, tokens: np.ndarray) -> None:
-        """One sampled token per row, vectorised."""
+    def append_on_device(self, rows: np.ndarray,
+                         tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One sampled token per row, still on the device: counted now (the next step's input
+        takes it from the device), written to the host rows by ``land``. Returns the rows'
+        generations and the tokens' positions, for ``land``."""
+        pos = self.num_tokens[rows]
         if len(rows):
-            self._ensure_width(int(self.num_tokens[rows].max()) + 1)
-        self.token_ids[rows, self.num_tokens[rows]] = tokens
-        self.num_tokens[rows] += 1
-        self._update.appended.append((rows.copy(), tokens.astype(np.int64)))
+            self._ensure_width(int(pos.max()) + 2)
+        self.num_tokens[rows] = pos + 1
+        self.dev_pos[rows] = pos
+        self.host_pending[rows] = True
+        self._update.appended.append((rows, tokens))
+        return self.generation[rows].copy(), pos
 
-    def append_token_list(self, row: int, tokens: list[int]) -> None:
-        """Several accepted tokens for one row (speculative steps)."""
+    def land(self, rows: np.ndarray, gens: np.ndarray, pos: np.ndarray,
+             tokens: np.ndarray) -> None:
+        """The host copy of tokens appended on the device at positions ``pos``, for rows whose
+        request is still the one that sampled them (rows recycled since are left alone)."""
+        own = self.generation[rows] == gens
+        rows, pos, tokens = rows[own], pos[own], tokens[own]
+        self.token_ids[rows, pos] = tokens
+        newest = self.dev_pos[rows] == pos  # no later step has appended to the row since
+        self.host_pending[rows[newest]] = False
+
+    def append_token_list(self, row: int, tokens: list[int], device: torch.device) -> None:
+        """Several accepted tokens for one row, known on the host (speculative steps)."""
         n = int(self.num_tokens[row])
         self._ensure_width(n + len(tokens) + 1)
         self.token_ids[row, n:n + len(tokens)] = tokens
         self.num_tokens[row] = n + len(tokens)
         self._update.appended.append((np.full(len(tokens), row, dtype=np.int64),
-                                      np.asarray(tokens, dtype=np.int64)))
+                                      torch.tensor(tokens, dtype=torch.int64, device=device)))
 
     def tokens(self, row: int, start: int = 0, end: int | None = None) -> np.ndarray:
         return self.token_ids[row, start:self.num_tokens[row] if end is None else end]

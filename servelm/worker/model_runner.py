@@ -1,6 +1,12 @@
 """Model runner: owns the model, the KV cache tensors and the persistent batch; turns a
 SchedulerOutput into one flat ragged batch, runs the forward pass, samples (verifying drafts
-where the step has them) and reports a ModelRunnerOutput."""
+where the step has them) and reports a ModelRunnerOutput.
+
+``execute_async`` launches a step without waiting for the device: the sampled ids go into a
+device buffer from which the next step's inputs are taken, so step N+1 can be launched before
+step N's tokens reach the host (asynchronous scheduling); ``PendingOutput.result()`` waits for
+them. Steps with drafts to verify, prompt logprobs or a proposer need host values and wait
+inside the launch instead."""
 from __future__ import annotations
 
 import gc
@@ -24,6 +30,7 @@ from servelm.worker.cuda_graphs import DecodeGraphs
 from servelm.worker.input_batch import InputBatch
 from servelm.worker.logprobs import SampledLogprobs, prompt_logprobs
 from servelm.worker.memory import profile_lens
+from servelm.worker.pending_output import PendingOutput
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ class StepInputs:
     starts: np.ndarray  # [S] num_computed_tokens of each sequence before this step
     logits_idx: np.ndarray  # [L] rows of the hidden states to compute logits for
     logits_rows: np.ndarray  # [L] batch row of each logits row
+    logits_rows_t: torch.Tensor  # [L] the same on the device
     sample_req_ids: list[str]  # the requests that sample, in logits order
     num_logits: np.ndarray  # [len(sample_req_ids)]: 1 + their number of drafts
     drafts: list[tuple[int, list[int]]]  # (logits row, drafts before it), speculative rows only
@@ -69,6 +77,8 @@ class ModelRunner:
         self.sampling = build_sampling_pipeline(ProcessorContext(
             max_rows, mc.vocab_size, self.device, tuple(mc.eos_token_ids)))
         self.generators: dict[str, torch.Generator] = {}  # seeded requests, kept over preemption
+        # each row's newest sampled token, on the device: the next step's input
+        self.sampled = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
         self.proposer: Optional[Proposer] = None  # drafts for speculative decoding
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: Optional[DecodeGraphs] = None
@@ -112,7 +122,7 @@ class ModelRunner:
         self.allocate_kv(num_blocks)
         if self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager:
             # larger decode batches run eagerly: launch overhead is small against their compute
-            self.graphs = DecodeGraphs(self._forward, min(self.config.scheduler.max_num_seqs, 512),
+            self.graphs = DecodeGraphs(self._decode, min(self.config.scheduler.max_num_seqs, 512),
                                        self.max_blocks_per_seq, self.device,
                                        self.config.model.max_model_len)
             self.graphs.capture()
@@ -120,6 +130,12 @@ class ModelRunner:
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, self.kv_caches, meta)
+
+    def _decode(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a decode graph runs: forward, lm_head, greedy argmax."""
+        logits = self.model.compute_logits(self._forward(input_ids, positions, meta))
+        return logits, logits.argmax(-1)
 
     # ---- per step -------------------------------------------------------------------------
     def _update_states(self, s: SchedulerOutput) -> None:
@@ -159,6 +175,10 @@ class ModelRunner:
         seq_of_tok = np.repeat(np.arange(S), n_sched)
         positions = np.arange(T, dtype=np.int64) - np.repeat(cu[:-1] - starts, n_sched)
         input_ids = b.token_ids[rows[seq_of_tok], positions].astype(np.int64)
+        # tokens sampled by a step whose output has not landed yet: taken on the device
+        pending = b.host_pending[rows]
+        from_dev = (np.nonzero(pending[seq_of_tok] & (positions == b.dev_pos[rows][seq_of_tok]))[0]
+                    if pending.any() else None)
         width = int(-(-ends.max() // self.block_size))
         block_table = b.block_table[rows, :width]
         slots = (block_table[seq_of_tok, positions // self.block_size].astype(np.int64)
@@ -185,63 +205,88 @@ class ModelRunner:
                 d = spec.get(req_ids[i], [])
                 drafts.extend((j + m, d[:m]) for m in range(1, n))
                 j += n
-        return StepInputs(to(input_ids), to(positions), meta, req_ids, rows, starts,
-                          first + ramp, np.repeat(rows[sample], n_logits),
+        input_ids_t = to(input_ids)
+        if from_dev is not None and len(from_dev):
+            input_ids_t[to(from_dev)] = self.sampled[to(rows[seq_of_tok[from_dev]])]
+        logits_rows = np.repeat(rows[sample], n_logits)
+        return StepInputs(input_ids_t, to(positions), meta, req_ids, rows, starts,
+                          first + ramp, logits_rows, to(logits_rows),
                           [req_ids[i] for i in sample], n_logits, drafts)
 
-    @torch.inference_mode()
     def execute(self, s: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_async(s).result()
+
+    @torch.inference_mode()
+    def execute_async(self, s: SchedulerOutput) -> PendingOutput:
+        """Launch one step; the sampled ids stay on the device until ``result()``."""
         self._update_states(s)
         out = ModelRunnerOutput()
         if s.total_num_scheduled_tokens == 0:
             self.sampling.update(self.batch.take_update(np.zeros(0, np.int64), None, []))
-            return out
+            return PendingOutput.ready(out)
         inp = self._prepare_inputs(s)
-        if (self.graphs is not None and inp.meta.decode_only
+        # before the forward: processors read the last step's tokens from the device buffers
+        # this step's graph replay overwrites
+        self.sampling.update(self.batch.take_update(inp.logits_rows, inp.logits_rows_t,
+                                                    inp.drafts))
+        graph_out = None
+        if (self.graphs is not None and inp.meta.decode_only and not self._wants_hidden(inp)
                 and self.graphs.padded_size(inp.meta.num_seqs) is not None):
-            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+            graph_out = self.graphs.run(inp.input_ids, inp.positions, inp.meta)  # logits, argmax
         else:
             hidden = self._forward(inp.input_ids, inp.positions, inp.meta)  # [T, hidden]
-        self._prompt_logprobs(inp, hidden, out)
-        rows_t = torch.from_numpy(inp.logits_rows).to(self.device, non_blocking=True)
-        self.sampling.update(self.batch.take_update(inp.logits_rows, rows_t, inp.drafts))
+            self._prompt_logprobs(inp, hidden, out)
         if not inp.sample_req_ids:
-            return out
-        idx = torch.from_numpy(inp.logits_idx).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden[idx])  # [L, V] fp32
-        self._collect(inp, self.sampling.sample(logits), s, out)
+            return PendingOutput.ready(out)
+        L = len(inp.logits_rows)
+        if graph_out is not None:  # one logits row per sequence in a decode step
+            all_rows = L == inp.meta.num_seqs
+            idx = None if all_rows else torch.from_numpy(inp.logits_idx).to(self.device)
+            logits, greedy = (graph_out if all_rows else (graph_out[0][idx], graph_out[1][idx]))
+            so = (SamplerOutput(greedy) if self.sampling.plain_greedy()
+                  else self.sampling.sample(logits))
+        else:
+            idx = torch.from_numpy(inp.logits_idx).to(self.device, non_blocking=True)
+            so = self.sampling.sample(self.model.compute_logits(hidden[idx]))  # [L, V] fp32
+        if inp.drafts or s.scheduled_spec_decode_tokens:
+            self._collect_verified(inp, so, s, out)  # drafts: verified on the host now
+            return PendingOutput.ready(self._propose(out))
+        self.sampled[inp.logits_rows_t] = so.token_ids  # the next step's inputs
+        gens, pos = self.batch.append_on_device(inp.logits_rows, so.token_ids)
+        rows = inp.logits_rows
+        pending = PendingOutput(out, inp.sample_req_ids, self.sampling.logprobs[rows], so,
+                                lambda toks: self.batch.land(rows, gens, pos, toks))
+        if self.proposer is not None:  # drafting needs the tokens: wait for them
+            return PendingOutput.ready(self._propose(pending.result()))
+        return pending
+
+    def _propose(self, out: ModelRunnerOutput) -> ModelRunnerOutput:
         if self.proposer is not None:
             live = list(out.sampled_token_ids)
             out.draft_token_ids = self.proposer.propose(ProposerInput(
                 live, [self.batch.tokens(self.batch.row_of[r]) for r in live]))
         return out
 
-    def _collect(self, inp: StepInputs, so: SamplerOutput, s: SchedulerOutput,
-                 out: ModelRunnerOutput) -> None:
-        # the one host sync of the step: sampled tokens (and logprobs) to Python
-        tokens = so.token_ids.tolist()
+    def _collect_verified(self, inp: StepInputs, so: SamplerOutput, s: SchedulerOutput,
+                          out: ModelRunnerOutput) -> None:
+        """Keep each request's drafts up to the first one its own samples disagree with."""
+        tokens = so.token_ids.tolist()  # host sync: verification needs the values
         lps = SampledLogprobs(so) if so.sampled_logprob is not None else None
-        b, ids = self.batch, inp.sample_req_ids
-        rows = inp.logits_rows
-        if not inp.drafts and not s.scheduled_spec_decode_tokens:  # one token per request
-            b.append_tokens(rows, np.asarray(tokens, dtype=np.int32))
-            accepted = [[t] for t in tokens]
-        else:
-            accepted, j = [], 0
-            for rid, n in zip(ids, inp.num_logits.tolist()):
-                acc = accept_by_match(tokens[j:j + n], s.scheduled_spec_decode_tokens.get(rid, []))
-                b.append_token_list(int(rows[j]), acc)
-                accepted.append(acc)
-                j += n
-        out.sampled_token_ids = dict(zip(ids, accepted))
-        if lps is None:
-            return
-        j = 0
-        for rid, acc, n in zip(ids, accepted, inp.num_logits.tolist()):
+        b, rows, j = self.batch, inp.logits_rows, 0
+        for rid, n in zip(inp.sample_req_ids, inp.num_logits.tolist()):
+            acc = accept_by_match(tokens[j:j + n], s.scheduled_spec_decode_tokens.get(rid, []))
+            b.append_token_list(int(rows[j]), acc, self.device)
+            out.sampled_token_ids[rid] = acc
             k = self.sampling.logprobs[rows[j]]
-            if k >= 0:
+            if lps is not None and k >= 0:
                 out.logprobs[rid] = [lps.row(j + m, t, int(k)) for m, t in enumerate(acc)]
             j += n
+
+    def _wants_hidden(self, inp: StepInputs) -> bool:
+        """Some sequence computes prompt positions whose logprobs were asked for."""
+        b = self.batch
+        return bool(((b.prompt_logprobs[inp.rows] >= 0)
+                     & (inp.starts < b.num_prompt_tokens[inp.rows] - 1)).any())
 
     def _prompt_logprobs(self, inp: StepInputs, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
         """For requests asking prompt_logprobs: logprob of each prompt token given its prefix,

@@ -8,6 +8,9 @@ import torch
 from servelm import SamplingParams
 from tests.conftest import assert_all_blocks_free, make_engine, random_prompts, run_to_completion
 
+# every test here runs with synchronous and with asynchronous scheduling
+pytestmark = pytest.mark.usefixtures("scheduling_mode")
+
 MAX_NEW = 32
 LENGTHS = (1, 3, 7, 16, 17, 33, 64, 120)  # mixed, across block boundaries (block_size 4)
 

@@ -12,6 +12,9 @@ from servelm.sampling_params import SamplingParams
 from servelm.spec_decode import Proposer, ProposerInput
 from tests.conftest import make_engine, random_prompts, run_to_completion
 
+# every test here runs with synchronous and with asynchronous scheduling
+pytestmark = pytest.mark.usefixtures("scheduling_mode")
+
 
 class OracleProposer(Proposer):
     """Drafts the next k tokens of a known reference continuation, some of them wrong."""
@@ -159,3 +162,29 @@ def test_prompt_logprobs_over_chunks_and_samples(tiny_model_factory):
     for p in range(1, len(prompt)):
         assert abs(plp[p][prompt[p]].logprob - float(ref[p - 1, prompt[p]])) < 1e-4
         assert len(plp[p]) in (2, 3)
+
+
+def test_async_scheduling_schedules_ahead_without_waste(tiny_model_factory):
+    """Step N+1 is scheduled while step N's tokens are in flight; length limits never schedule
+    a token past them (only an EOS stop can cost one step's token); outputs equal sync's."""
+    path, _ = tiny_model_factory("llama")
+    prompts = random_prompts(4, [5, 12, 3, 20], seed=4)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (1, 7, 12, 3)]
+    totals = {}
+    for mode in (False, True):
+        eng = make_engine(path, async_scheduling=mode)
+        sched, seen, scheduled = eng.core.scheduler, [], [0]
+        orig = sched.schedule
+
+        def spy(orig=orig, sched=sched, seen=seen, scheduled=scheduled):
+            seen.append(sum(r.num_output_placeholders for r in sched.running))
+            so = orig()
+            scheduled[0] += so.total_num_scheduled_tokens
+            return so
+        sched.schedule = spy
+        outs = run_to_completion(eng, prompts, params)
+        totals[mode] = ([o.outputs[0].token_ids for o in outs], scheduled[0], max(seen))
+    (sync_toks, sync_n, sync_ahead), (async_toks, async_n, async_ahead) = totals[False], totals[True]
+    assert async_toks == sync_toks
+    assert sync_ahead == 0 and async_ahead > 0
+    assert async_n == sync_n  # no token computed past max_tokens

@@ -137,7 +137,7 @@ def test_processor_matches_reference_through_membership_changes(name, seed):
         for row in {r for r, _ in expected_rows}:
             toks = [rng.randrange(V) for _ in range(rng.choice([1, 1, 2]))]
             live[row][2].extend(toks)
-            pending.appended.append((np.full(len(toks), row), np.asarray(toks)))
+            pending.appended.append((np.full(len(toks), row), torch.tensor(toks)))
 
 
 def test_min_tokens_counts_drafts_as_outputs():

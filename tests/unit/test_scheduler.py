@@ -161,10 +161,16 @@ def add(sched: Scheduler, rid: str, prompt: list[int], parent_id=None, **kw) -> 
 
 
 class Driver:
-    """Steps the scheduler and the fake runner, checking the step invariants."""
+    """Steps the scheduler and the fake runner, checking the step invariants.
 
-    def __init__(self, sched: Scheduler, runner: FakeRunner) -> None:
+    pipelined: asynchronous scheduling as EngineCore does it: step N+1 is scheduled and run
+    before step N's output reaches Scheduler.update (except after a step that proposed drafts:
+    the next schedule needs them, so it waits)."""
+
+    def __init__(self, sched: Scheduler, runner: FakeRunner, pipelined: bool = False) -> None:
         self.sched, self.runner = sched, runner
+        self.pipelined = pipelined
+        self.inflight: Optional[tuple[SchedulerOutput, ModelRunnerOutput]] = None
         self.results: dict[str, Result] = {}
         self.trace: list[SchedulerOutput] = []
         self.prompts: dict[str, list[int]] = {}
@@ -172,6 +178,37 @@ class Driver:
         self.resumed: list[NewRequestData] = []
 
     def step(self, between: Optional[Callable[[], None]] = None):
+        outs = []
+        if self.inflight is not None and self.inflight[1].draft_token_ids:
+            outs += self._land(between)
+            between = None
+        so = self._schedule_and_execute()
+        if self.pipelined:
+            outs += self._land(between)  # the previous step, after this one started
+            self.inflight = self.pending
+        else:
+            self.inflight = self.pending
+            outs += self._land(between)
+        return so, outs
+
+    def _land(self, between) -> list:
+        if self.inflight is None:
+            return []
+        so, result = self.inflight
+        self.inflight = None
+        if between is not None:
+            between()
+        outs = self.sched.update(so, result)
+        for o in outs:
+            res = self.results.setdefault(o.req_id, Result([]))
+            assert res.finish_reason is None, f"{o.req_id} reported after finishing"
+            res.tokens += o.new_token_ids
+            res.num_cached_tokens = o.num_cached_tokens
+            if o.finish_reason is not None:
+                res.finish_reason, res.stop_reason = o.finish_reason, o.stop_reason
+        return outs
+
+    def _schedule_and_execute(self) -> SchedulerOutput:
         s = self.sched
         for r in list(s.waiting) + s.running:
             self.prompts.setdefault(r.request_id, list(r.prompt_token_ids))
@@ -197,18 +234,8 @@ class Driver:
         self.preempted_ever |= so.preempted_req_ids
         for rid in so.num_scheduled_tokens:
             assert s.requests[rid].status == RequestStatus.RUNNING
-        result = self.runner.execute(so)
-        if between is not None:
-            between()
-        outs = s.update(so, result)
-        for o in outs:
-            res = self.results.setdefault(o.req_id, Result([]))
-            assert res.finish_reason is None, f"{o.req_id} reported after finishing"
-            res.tokens += o.new_token_ids
-            res.num_cached_tokens = o.num_cached_tokens
-            if o.finish_reason is not None:
-                res.finish_reason, res.stop_reason = o.finish_reason, o.stop_reason
-        return so, outs
+        self.pending = (so, self.runner.execute(so))
+        return so
 
     def run(self, max_steps: int = 2000) -> dict[str, Result]:
         for _ in range(max_steps):
@@ -217,6 +244,7 @@ class Driver:
             self.step()
         else:
             pytest.fail("scheduler did not finish within the step bound")
+        self._land(None)
         assert_idle(self.sched)
         return self.results
 
@@ -308,12 +336,13 @@ def test_spec_tokens_clipped_to_max_tokens_and_budget():
 
 
 # ---- budget, batching, chunking ----------------------------------------------------------------
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("caching", [True, False])
-def test_budget_and_max_num_seqs_random_workload(caching):
+def test_budget_and_max_num_seqs_random_workload(caching, pipelined):
     rng = random.Random(0)
     sched, runner = make(budget=32, max_num_seqs=3, num_blocks=200, caching=caching)
     want = add_random(sched, rng, 14, (1, 70), (1, 12))
-    d = Driver(sched, runner)
+    d = Driver(sched, runner, pipelined=pipelined)
     res = d.run()
     for rid, toks in want.items():
         assert res[rid].tokens == toks and res[rid].finish_reason == "length"
@@ -321,13 +350,15 @@ def test_budget_and_max_num_seqs_random_workload(caching):
     assert max(len(so.num_scheduled_tokens) for so in d.trace) == 3
 
 
-@pytest.mark.parametrize("spec", [False, True])
+@pytest.mark.parametrize("mode", ["sync", "spec", "pipelined"])
 @pytest.mark.parametrize("seed", [0, 2, 3, 4, 5, 6])  # seeds whose workload preempts
-def test_stress_shared_prefixes_preemption_and_eviction(seed, spec):
+def test_stress_shared_prefixes_preemption_and_eviction(seed, mode):
     """Shared prefixes, staggered arrivals and a pool small enough to preempt and evict: every
     read sees the right KV, outputs match the unbatched reference, and all blocks come back.
-    With spec, draft tokens (some wrong) are verified every step on top of all that."""
+    With spec, draft tokens (some wrong) are verified every step on top of all that; pipelined,
+    each step is scheduled before the previous one's tokens are known."""
     rng = random.Random(100 + seed)
+    spec = mode == "spec"
     sched, runner = make(num_blocks=16, block_size=4, budget=rng.choice([8, 16, 32]),
                          max_num_seqs=rng.choice([2, 4, 8]), caching=True,
                          proposer=fake_proposer if spec else None)
@@ -337,7 +368,7 @@ def test_stress_shared_prefixes_preemption_and_eviction(seed, spec):
         pre = rng.choice(prefixes)
         p = pre[:rng.randrange(1, len(pre) + 1)] + rand_prompt(rng, rng.randrange(0, 8))
         pending.append((f"r{i}", p, rng.randrange(1, 20)))
-    d = Driver(sched, runner)
+    d = Driver(sched, runner, pipelined=mode == "pipelined")
     want = {}
     for _ in range(3000):
         if pending and rng.random() < 0.6:
@@ -349,6 +380,7 @@ def test_stress_shared_prefixes_preemption_and_eviction(seed, spec):
                 break
             continue
         d.step()
+    d.run()
     assert_idle(sched)
     for rid, (p, m) in want.items():
         r = d.results[rid]
@@ -358,8 +390,9 @@ def test_stress_shared_prefixes_preemption_and_eviction(seed, spec):
     assert sched.kv.stats.hits > 0 and (spec or sched.num_preemptions > 0)
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("seed", range(12))
-def test_stress_random_configs_with_aborts_and_siblings(seed):
+def test_stress_random_configs_with_aborts_and_siblings(seed, pipelined):
     """Random configuration (caching on/off, chunked prefill on/off), n>1 siblings, random aborts
     and client-side stops between steps: invariants hold every step, unaborted requests produce
     the reference tokens, and all blocks come back."""
@@ -377,7 +410,7 @@ def test_stress_random_configs_with_aborts_and_siblings(seed):
         n = rng.choice([1, 1, 2, 3])
         pending += [(f"r{i}#{j}", p, rng.randrange(1, 16), f"r{i}" if n > 1 else None)
                     for j in range(n)]
-    d = Driver(sched, runner)
+    d = Driver(sched, runner, pipelined=pipelined)
     want, cut = {}, set()
     for _ in range(3000):
         if pending and rng.random() < 0.5:
@@ -399,6 +432,7 @@ def test_stress_random_configs_with_aborts_and_siblings(seed):
                 break
             continue
         d.step()
+    d.run()
     assert_idle(sched)
     assert cut
     for rid, (p, m) in want.items():
