@@ -3,6 +3,8 @@ interleaved, each run in a fresh process, with engine-step counts and host ms pe
 
     python benchmarks/ab_compare.py --base /path/to/old/tree --new . --rounds 3 [--out DIR]
     python benchmarks/ab_compare.py --cpu --base ... --new . --rounds 3
+    python benchmarks/ab_compare.py --variant old=/old/tree --variant sync=.:'{"async_scheduling": false}' \
+        --variant async=. --rounds 3        # any number of variants: name=tree[:engine kwargs]
 
 GPU: Llama-3-8B-shaped dummy bf16 weights as in gpu_suite.py, B1 128 in / 256 out, B2 1000
 requests of 256 in / 256 out. --cpu: the embedded SmolLM2-135M (bf16 where the CPU has native
@@ -32,8 +34,9 @@ g = torch.Generator().manual_seed(0)
 b1_prompt = torch.randint(0, V, (128 if not cpu else 32,), generator=g).tolist()
 g = torch.Generator().manual_seed(1)
 b2 = [torch.randint(0, V, (in_len,), generator=g).tolist() for _ in range(n_req)]
-llm = (LLM(kv_cache_memory=1 << 30) if cpu else
-       LLM("llama-3-8b", load_format="dummy", max_model_len=8192, seed=0))
+kw = json.loads(sys.argv[5])
+llm = (LLM(kv_cache_memory=1 << 30, **kw) if cpu else
+       LLM("llama-3-8b", load_format="dummy", max_model_len=8192, seed=0, **kw))
 sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
 llm.generate([b1_prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
 b1 = []
@@ -54,9 +57,10 @@ print("RESULT " + json.dumps({"b1_tok_s": sorted(b1)[1], "b1_runs": b1,
 """
 
 
-def one_run(tree: str, n_req: int, log, cpu: bool) -> dict:
+def one_run(tree: str, kwargs: dict, n_req: int, log, cpu: bool) -> dict:
     p = subprocess.run([sys.executable, "-c", ONE_RUN, os.path.abspath(tree),
-                        "cpu" if cpu else "gpu", str(n_req), os.path.dirname(os.path.abspath(__file__))],
+                        "cpu" if cpu else "gpu", str(n_req), os.path.dirname(os.path.abspath(__file__)),
+                        json.dumps(kwargs)],
                        capture_output=True, text=True, timeout=900)
     log.write(p.stdout + p.stderr)
     for line in p.stdout.splitlines():
@@ -67,34 +71,46 @@ def one_run(tree: str, n_req: int, log, cpu: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", required=True)
-    ap.add_argument("--new", default=".")
+    ap.add_argument("--base", default=None, help="shorthand for --variant base=TREE")
+    ap.add_argument("--new", default=None, help="shorthand for --variant new=TREE")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="name=tree[:json engine kwargs]; runs in the order given, rotated per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--num-requests", type=int, default=None, help="B2 size (GPU 1000, CPU 64)")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     n_req = args.num_requests or (64 if args.cpu else 1000)
-    runs: dict[str, list[dict]] = {"base": [], "new": []}
+    variants: dict[str, tuple[str, dict]] = {}
+    for name, tree in (("base", args.base), ("new", args.new)):
+        if tree:
+            variants[name] = (tree, {})
+    for v in args.variant:
+        name, _, rest = v.partition("=")
+        tree, _, kw = rest.partition(":")
+        variants[name] = (tree, json.loads(kw) if kw else {})
+    names = list(variants)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
     path = os.path.join(args.out, "ab_compare.json")
     with open(os.path.join(args.out, "ab_compare.log"), "a") as log:
         for r in range(args.rounds):
-            order = ("base", "new") if r % 2 == 0 else ("new", "base")
-            for name in order:
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 t = time.perf_counter()
-                res = one_run(getattr(args, name), n_req, log, args.cpu)
+                res = one_run(*variants[name], n_req, log, args.cpu)
                 res["wall_s"] = time.perf_counter() - t
                 runs[name].append(res)
                 print(name, json.dumps(res), flush=True)
                 with open(path, "w") as f:
                     json.dump(runs, f, indent=1)
-    print("\n| metric | base median (runs) | new median (runs) | new/base |\n|---|---|---|---|")
+    first = names[0]
+    print(f"\n| metric | {' | '.join(f'{n} median (runs)' for n in names)} | "
+          f"{' | '.join(f'{n}/{first}' for n in names[1:])} |")
+    print("|---" * (2 * len(names)) + "|")
     for key in ("b1_tok_s", "b2_req_s", "b2_steps", "host_ms", "step_ms"):
-        a = [x[key] for x in runs["base"]]
-        b = [x[key] for x in runs["new"]]
-        ma, mb = statistics.median(a), statistics.median(b)
-        fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
-        print(f"| {key} | {ma:.2f} ({fmt(a)}) | {mb:.2f} ({fmt(b)}) | {mb / ma:.3f} |")
+        med = {n: statistics.median(x[key] for x in runs[n]) for n in names}
+        cells = [f"{med[n]:.2f} ({', '.join(f'{x[key]:.2f}' for x in runs[n])})" for n in names]
+        ratios = [f"{med[n] / med[first]:.3f}" for n in names[1:]]
+        print(f"| {key} | {' | '.join(cells)} | {' | '.join(ratios)} |")
 
 
 if __name__ == "__main__":

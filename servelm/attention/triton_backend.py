@@ -19,9 +19,8 @@ from servelm.kernels.prefill_attention import prefill_attention
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """max_model_len: when set, decode launches are sized for it rather than for the step's
-    ``meta.max_seq_len``, so one CUDA graph serves every context length. A graph captured
-    without it must be captured with ``meta.max_seq_len`` = max_model_len."""
+    """Decode launches are sized for ``meta.max_seq_len``: a CUDA graph must be captured with the
+    longest context it will serve there (worker/cuda_graphs.py captures buckets of them)."""
 
     name = "triton"
     # SDPA path: every sequence fresh (query = whole context), at most this many sequences,
@@ -30,7 +29,7 @@ class TritonAttentionBackend(AttentionBackend):
     sdpa_min_len = 512
 
     def __init__(self, max_model_len: int | None = None) -> None:
-        self.max_model_len = max_model_len
+        self.max_model_len = max_model_len  # the registry's common constructor; sizes come per step
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -40,12 +39,10 @@ class TritonAttentionBackend(AttentionBackend):
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: [num_tokens, H, D] -> [num_tokens, H, D]
         if meta.decode_only and q.shape[0] == meta.num_seqs:
-            # a captured graph must serve any context: size it for max_model_len; an eager step
-            # knows its own longest context, and fewer idle programs run
-            capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-            max_len = (self.max_model_len or meta.max_seq_len) if capturing else meta.max_seq_len
+            # the grid is sized for meta.max_seq_len: an eager step's longest context, or, in a
+            # captured graph, the longest context the graph serves (DecodeGraphs sets it)
             return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                    scale, max_seq_len=max_len)
+                                    scale, max_seq_len=meta.max_seq_len)
         q_lens = meta.query_lens_cpu
         if (q_lens and q_lens == meta.seq_lens_cpu and len(q_lens) <= self.sdpa_max_seqs
                 and min(q_lens) >= self.sdpa_min_len and sum(q_lens) == q.shape[0]):

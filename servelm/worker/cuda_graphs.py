@@ -26,9 +26,17 @@ def capture_sizes(max_bs: int) -> list[int]:
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], Tuple[torch.Tensor, torch.Tensor]]
 
 
+# Graphs of small batches are also captured for contexts up to SHORT_CONTEXT: decode attention
+# sizes its grid for the graph's longest context, and a grid sized for max_model_len (say 8192)
+# launches ~20x the programs a 400-token context needs, most of which only check their bounds
+# and exit (measurable at batch 1, where the step is a few ms). Large batches keep one graph.
+SHORT_CONTEXT = 1024
+SHORT_CONTEXT_MAX_BS = 32
+
+
 class DecodeGraphs:
     """forward(input_ids [B], positions [B], meta) -> (logits [B, V], argmax [B]) for
-    decode-only steps.
+    decode-only steps, one graph per (padded batch size, context bucket).
 
     Padding rows (B..bs) get seq_len 0 and slot -1: the attention kernels skip them and the KV
     write drops them, so they touch no real cache slot.
@@ -46,29 +54,39 @@ class DecodeGraphs:
         self.block_tables = z(max_bs, max_blocks, dt=torch.int32)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.max_model_len = max_model_len
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.short = min(SHORT_CONTEXT, max_model_len)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _keys(self) -> list[tuple[int, int]]:
+        """(batch size, longest context) of every graph, largest first."""
+        keys = [(bs, self.max_model_len) for bs in self.sizes]
+        if self.short < self.max_model_len:
+            keys += [(bs, self.short) for bs in self.sizes if bs <= SHORT_CONTEXT_MAX_BS]
+        return sorted(keys, reverse=True)
+
+    def _meta(self, bs: int, max_len: int) -> AttentionMetadata:
+        # max_seq_len: the longest context this graph serves; attention sizes its grid by it
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
             seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs], max_query_len=1,
-            max_seq_len=self.max_model_len)
+            max_seq_len=max_len)
 
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
         pool = None
-        for bs in reversed(self.sizes):  # largest first: later graphs reuse its memory pool
-            meta = self._meta(bs)
+        for key in self._keys():  # largest first: later graphs reuse its memory pool
+            bs, max_len = key
+            meta = self._meta(bs, max_len)
             for _ in range(2):  # warm up: Triton JIT, cuBLAS handles
                 self.forward(self.input_ids[:bs], self.positions[:bs], meta)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self.outputs[bs] = self.forward(self.input_ids[:bs], self.positions[:bs], meta)
+                self.outputs[key] = self.forward(self.input_ids[:bs], self.positions[:bs], meta)
             pool = g.pool()
-            self.graphs[bs] = g
+            self.graphs[key] = g
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
 
@@ -92,6 +110,8 @@ class DecodeGraphs:
         if bs > B:
             self.slot_mapping[B:bs].fill_(-1)
             self.seq_lens[B:bs].fill_(0)
-        self.graphs[bs].replay()
-        logits, greedy = self.outputs[bs]
+        key = (bs, self.short if (meta.max_seq_len <= self.short and (bs, self.short) in self.graphs)
+                   else self.max_model_len)
+        self.graphs[key].replay()
+        logits, greedy = self.outputs[key]
         return logits[:B], greedy[:B]

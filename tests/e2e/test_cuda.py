@@ -91,3 +91,22 @@ def test_graphs_and_eager_agree_on_decode(medium):
                                       enforce_eager=True), prompts, sp)
     same = sum(x.outputs[0].token_ids == y.outputs[0].token_ids for x, y in zip(a, b))
     assert same >= 4  # identical kernels; a rare bf16 near-tie may flip one sequence
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_decode_graph_buckets_across_the_short_context_limit(medium, async_scheduling):
+    """Decode graphs of small batches come in two context buckets (short contexts get a grid
+    sized for them): sequences that cross from one to the other mid-generation, mixed with
+    short ones, stay teacher-forced close to HF."""
+    from servelm.worker.cuda_graphs import SHORT_CONTEXT
+    d, models = medium
+    prompts = random_prompts(3, (SHORT_CONTEXT - 10, 40, SHORT_CONTEXT + 200), seed=35,
+                             vocab=1000)
+    eng = make_engine(d, device="cuda", dtype="bfloat16", block_size=16,
+                      async_scheduling=async_scheduling)
+    graphs = eng.core.executor.runner.graphs
+    assert (1, SHORT_CONTEXT) in graphs.graphs and (1, graphs.max_model_len) in graphs.graphs
+    outs = run_to_completion(eng, prompts, SamplingParams(temperature=0, max_tokens=24,
+                                                         ignore_eos=True, logprobs=0))
+    check_teacher_forced(models, prompts, outs)
+    assert_all_blocks_free(eng)

@@ -359,8 +359,11 @@ def test_concurrent_streams_with_cutoffs_free_everything(server):
             return -1
 
         async def impatient(i: int) -> None:  # a non-streaming client that gives up
+            # after its request reached the engine (0.1 s was sometimes too short for that on
+            # a loaded 2-core machine: 68 prompts queue for one tokenizer thread) and long
+            # before its 200 tokens are done
             with pytest.raises(openai.APITimeoutError):
-                await aclient.with_options(timeout=0.1).completions.create(
+                await aclient.with_options(timeout=0.5).completions.create(
                     prompt=f"{PROMPT} {i}", max_tokens=200, model="tiny",
                     extra_body={"ignore_eos": True})
 
