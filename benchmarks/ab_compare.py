@@ -36,7 +36,8 @@ g = torch.Generator().manual_seed(1)
 b2 = [torch.randint(0, V, (in_len,), generator=g).tolist() for _ in range(n_req)]
 kw = json.loads(sys.argv[5])
 llm = (LLM(kv_cache_memory=1 << 30, **kw) if cpu else
-       LLM("llama-3-8b", load_format="dummy", max_model_len=8192, seed=0, **kw))
+       LLM("llama-3-8b", load_format="dummy", max_model_len=8192, seed=0,
+           skip_tokenizer_init=True, **kw))
 sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
 llm.generate([b1_prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
 b1 = []

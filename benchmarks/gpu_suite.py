@@ -183,7 +183,9 @@ def main() -> None:
 
     from servelm import LLM, SamplingParams
     t = time.perf_counter()
-    llm = LLM(PRESET, load_format="dummy", max_model_len=max_len, seed=0)
+    # token ids in and out, as before dummy presets had a (synthetic) tokenizer
+    llm = LLM(PRESET, load_format="dummy", max_model_len=max_len, seed=0,
+              skip_tokenizer_init=True)
     results["engine_init_s"] = time.perf_counter() - t
     runner = llm.engine.core.executor.runner
     wbytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())

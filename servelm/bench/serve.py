@@ -240,9 +240,14 @@ def _import_aiohttp():
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """A Hugging Face tokenizer from a model directory or hub id, or from a .gguf file."""
+    """A Hugging Face tokenizer from a model directory or hub id, or from a .gguf file, or the
+    synthetic tokenizer of a dummy preset (what `servelm serve PRESET --load-format dummy` uses)."""
     from transformers import AutoTokenizer
 
+    from servelm.loader.presets import PRESETS
+    if spec in PRESETS:
+        from servelm.loader.synthetic_tokenizer import preset_tokenizer
+        return preset_tokenizer(spec)
     try:
         if spec.endswith(".gguf"):
             directory, name = os.path.split(os.path.abspath(spec))
@@ -264,7 +269,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None,
                    help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY if set)")
     g.add_argument("--tokenizer", default=None,
-                   help="HF tokenizer path/id or a .gguf file: turns synthetic prompts into "
+                   help="HF tokenizer path/id, a .gguf file or a dummy preset name: turns synthetic prompts into "
                         "text and measures text prompts (default: send token-id prompts)")
     g = parser.add_argument_group("dataset")
     g.add_argument("--dataset-name", choices=DATASET_NAMES, default="random")

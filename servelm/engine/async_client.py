@@ -113,7 +113,7 @@ class AsyncEngineClient:
                 mc = config.model
                 tokenizer = await asyncio.get_running_loop().run_in_executor(
                     client._tokenize_pool, load_tokenizer,
-                    mc.model if mc.load_format != "dummy" else None, mc.tokenizer, mc.load_format)
+                    mc.model, mc.tokenizer, mc.load_format)
             client.tokenizer = tokenizer
             client.inputs = InputProcessor(config, tokenizer)
             client.outputs = OutputProcessor(tokenizer)

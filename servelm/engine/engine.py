@@ -73,8 +73,7 @@ class Engine:
         self.config = config
         mc = config.model
         if tokenizer is None and not config.skip_tokenizer_init:
-            tokenizer = load_tokenizer(mc.model if mc.load_format != "dummy" else None,
-                                       mc.tokenizer, mc.load_format)
+            tokenizer = load_tokenizer(mc.model, mc.tokenizer, mc.load_format)
         self.tokenizer = tokenizer
         self.core = EngineCore(config)
         self.inputs = InputProcessor(config, tokenizer)

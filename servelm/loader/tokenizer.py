@@ -19,13 +19,18 @@ def load_tokenizer(
     """The tokenizer of `tokenizer` if given (a HF directory or .gguf file), else of `model`.
 
     With load_format="dummy" and no `tokenizer`: the tokenizer of a HF directory (if it has one)
-    or .gguf file given as `model`, otherwise None (a preset name or None has no vocabulary;
-    the engine then takes and returns token ids only).
+    or .gguf file given as `model`; for a preset name, a synthetic tokenizer of the preset's
+    vocabulary (one word per id, see synthetic_tokenizer); otherwise None (the engine then takes
+    and returns token ids only).
     """
     check_load_format(load_format)
     if tokenizer is not None:
         return _load(resolve_model(tokenizer), "auto")
     if load_format == "dummy":
+        from servelm.loader.presets import PRESETS
+        if model in PRESETS:
+            from servelm.loader.synthetic_tokenizer import preset_tokenizer
+            return preset_tokenizer(model)
         path = os.path.expanduser(model) if model is not None else ""
         if not os.path.exists(path) or (
             os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)

@@ -272,8 +272,23 @@ def test_presets_build(name):
     assert config.to_dict() == preset_config(name.upper()).to_dict()
     assert config.architectures[0].lower().startswith(config.model_type)
     assert config.hidden_size % config.num_attention_heads == 0
-    assert load_tokenizer(name, load_format="dummy") is None
     assert load_generation_eos_ids(name, config, None) == [config.eos_token_id]
+
+
+def test_preset_synthetic_tokenizer_round_trips():
+    """Dummy presets get one word per id: the preset's vocabulary and EOS, text that
+    round-trips, a chat template (the online benchmark needs all of them)."""
+    tok = load_tokenizer("smollm2-135m", load_format="dummy")
+    cfg = preset_config("smollm2-135m")
+    assert len(tok) == cfg.vocab_size and tok.eos_token_id == cfg.eos_token_id
+    ids = [5, 17, 49151, 0, 123]
+    text = tok.decode(ids)
+    assert text == "w5 w17 w49151 w0 w123"
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert tok.encode("not a word", add_special_tokens=False) == [0, 0, 0]  # unknown -> w0
+    chat = tok.apply_chat_template([{"role": "user", "content": "w7 w8"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert tok.encode(chat, add_special_tokens=False) == [7, 8, 1]
 
 
 def test_preset_shapes():
