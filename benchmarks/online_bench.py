@@ -41,9 +41,16 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[],
                     help="name=extra serve flags (space separated); default: one plain server")
     ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--prewarm", action="store_true",
+                    help="first run one unmeasured server (fills Triton's on-disk cache, so the "
+                         "first measured variant does not pay compilation the others do not)")
+    ap.add_argument("--warmup", type=int, default=64,
+                    help="prompts sent at once before the measured rates (Triton JIT, caches)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     variants = [v.partition("=")[::2] for v in args.variant] or [("default", "")]
+    if args.prewarm:
+        variants = [("prewarm", variants[0][1])] + variants
     url = f"http://127.0.0.1:{args.port}"
     rows = []
     for name, flags in variants:
@@ -55,7 +62,13 @@ def main() -> None:
         try:
             wait_ready(url, proc)
             print(f"{name}: server ready in {time.time() - t0:.1f}s", flush=True)
-            for rate in args.rates:
+            if args.warmup:  # first-use compilation must not land in the measured TTFTs
+                subprocess.run([sys.executable, "-m", "servelm.cli", "bench", "serve",
+                                "--base-url", url, "--dataset-name", "sharegpt-like",
+                                "--num-prompts", str(args.warmup), "--tokenizer", args.preset,
+                                "--ignore-eos", "--seed", "1", "--disable-tqdm"],
+                               capture_output=True, text=True)
+            for rate in (args.rates if name != "prewarm" else []):
                 path = os.path.join(args.out, f"serve_{name}_rate{rate:g}.json")
                 n = max(1, int(rate * args.duration))
                 bench = [sys.executable, "-m", "servelm.cli", "bench", "serve", "--base-url", url,

@@ -65,6 +65,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # schedule step N+1 while step N runs on the device (its tokens land one step later)
     async_scheduling: bool = False
+    # while requests are decoding, a step computes at most this many prompt tokens, so one long
+    # prompt cannot stretch the decodes' inter-token latency (None: max_num_batched_tokens)
+    max_prefill_tokens_while_decoding: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     async_scheduling: Optional[bool] = None  # default: on with CUDA, off on the CPU
+    max_prefill_tokens_while_decoding: Optional[int] = None
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory: Optional[int] = None
@@ -215,8 +219,11 @@ class EngineArgs:
         max_seqs = self.max_num_seqs or (256 if device == "cpu" else 1024)
         # on the CPU a step's launch already computes it: overlapping gains nothing there
         async_sched = device != "cpu" if self.async_scheduling is None else bool(self.async_scheduling)
+        cap = self.max_prefill_tokens_while_decoding
+        if cap is not None and cap < 1:
+            raise ValueError(f"max_prefill_tokens_while_decoding must be >= 1, got {cap}.")
         sched = SchedulerConfig(max_seqs, batched, max_model_len,
-                                self.enable_chunked_prefill, async_sched)
+                                self.enable_chunked_prefill, async_sched, cap)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=ParallelConfig(distributed_executor_backend=executor),
                             attention_backend=self.attention_backend,
@@ -245,6 +252,9 @@ class EngineArgs:
         a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
         a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
           help="schedule the next step while the current one runs (default: on with CUDA)")
+        a("--max-prefill-tokens-while-decoding", type=int, default=None,
+          help="prompt tokens per step while requests decode (bounds their inter-token latency;"
+               " default: max_num_batched_tokens)")
         a("--gpu-memory-utilization", type=float, default=0.9)
         a("--num-gpu-blocks-override", type=int, default=None)
         a("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU)")

@@ -70,6 +70,13 @@ class Scheduler:
         # in flight (placeholders) count as known: their step runs before this one.
         bs, caching = self.kv.block_size, self.kv.enable_caching
         max_len = self.config.max_model_len
+        # prompt tokens this step may take: capped while some request decodes, so a long prompt
+        # cannot stretch the step (and the decodes' inter-token latency)
+        prefill_left = budget
+        cap = self.config.max_prefill_tokens_while_decoding
+        if cap is not None and any(r.num_tokens + r.num_output_placeholders
+                                   - r.num_computed_tokens <= 1 for r in self.running):
+            prefill_left = min(budget, cap)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -81,6 +88,12 @@ class Scheduler:
                 i += 1  # its last token is in flight: nothing more to compute
                 continue
             n = min(total - computed, budget)
+            if n > 1:  # a prompt chunk (or a recompute after preemption): prefill work
+                n = min(n, prefill_left)
+                if n <= 0:
+                    i += 1
+                    continue
+                prefill_left -= n
             if req.spec_token_ids:  # proposed for this step only: used now or dropped
                 drafts = self._fit_drafts(req, budget - n)
                 req.spec_token_ids = []
@@ -113,7 +126,7 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests, FCFS, unless this step already had to preempt.
-        while (self.waiting and budget > 0 and not preempted
+        while (self.waiting and budget > 0 and prefill_left > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
             if req.num_output_placeholders:
@@ -126,9 +139,10 @@ class Scheduler:
             computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             num_computed = req.num_computed_tokens + len(computed) * self.kv.block_size
             n = req.num_tokens - num_computed
-            if n > budget and not self.config.enable_chunked_prefill:
+            room = min(budget, prefill_left)
+            if n > room and not self.config.enable_chunked_prefill:
                 break
-            n = min(n, budget)
+            n = min(n, room)
             if self.kv.allocate_slots(req, n, computed) is None:
                 break
             self.waiting.popleft()
@@ -141,6 +155,7 @@ class Scheduler:
             self.running.append(req)
             num_scheduled[req.request_id] = n
             budget -= n
+            prefill_left -= n
             new_reqs.append(self._new_req_data(req))
             req.num_computed_tokens += n
             if req.num_computed_tokens == req.num_tokens:  # samples this step

@@ -750,3 +750,33 @@ def test_stats_and_usage():
     assert st.kv_cache_usage == pytest.approx(4 / 32)
     d.run()
     assert sched.stats().kv_cache_usage == 0.0
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_prefill_tokens_capped_while_decoding(pipelined):
+    """With max_prefill_tokens_while_decoding, a step that decodes computes at most that many
+    prompt tokens (long prompts are chunked finer); alone, prompts get the whole budget.
+    Outputs are unchanged."""
+    rng = random.Random(21)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64,
+                                      max_model_len=4096, max_prefill_tokens_while_decoding=10),
+                      CacheConfig(block_size=4), 400)
+    runner = FakeRunner(4)
+    want = add_random(sched, rng, 1, (80, 81), (30, 31))  # r0 decodes first
+    d = Driver(sched, runner, pipelined=pipelined)
+    so, _ = d.step()
+    assert so.total_num_scheduled_tokens == 64  # alone: the whole budget
+    for i in range(1, 4):  # long prompts arrive while r0 decodes
+        p = rand_prompt(rng, 150)
+        add(sched, f"late{i}", p, max_tokens=5)
+        want[f"late{i}"] = expected_output(p, 5)
+    res = d.run()
+    for rid, toks in want.items():
+        assert res[rid].tokens == toks
+    capped = 0
+    for so in d.trace[1:]:
+        prefill = sum(n for n in so.num_scheduled_tokens.values() if n > 1)
+        if any(n == 1 for n in so.num_scheduled_tokens.values()):  # a step that decodes
+            assert prefill <= 10, so.num_scheduled_tokens
+            capped += prefill == 10
+    assert capped >= 25  # prompt tokens went in chunks of 10 beside the decodes
