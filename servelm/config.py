@@ -68,6 +68,7 @@ class SchedulerConfig:
     # while requests are decoding, a step computes at most this many prompt tokens, so one long
     # prompt cannot stretch the decodes' inter-token latency (None: max_num_batched_tokens)
     max_prefill_tokens_while_decoding: Optional[int] = None
+    policy: str = "fcfs"  # the waiting queue: a name in servelm.core.request_queue.REQUEST_QUEUES
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     async_scheduling: Optional[bool] = None  # default: on with CUDA, off on the CPU
     max_prefill_tokens_while_decoding: Optional[int] = None
+    scheduling_policy: str = "fcfs"
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory: Optional[int] = None
@@ -222,8 +224,11 @@ class EngineArgs:
         cap = self.max_prefill_tokens_while_decoding
         if cap is not None and cap < 1:
             raise ValueError(f"max_prefill_tokens_while_decoding must be >= 1, got {cap}.")
+        from servelm.core.request_queue import REQUEST_QUEUES
+        from servelm.registry import check_name
+        policy = check_name(REQUEST_QUEUES, self.scheduling_policy, "scheduling_policy")
         sched = SchedulerConfig(max_seqs, batched, max_model_len,
-                                self.enable_chunked_prefill, async_sched, cap)
+                                self.enable_chunked_prefill, async_sched, cap, policy)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=ParallelConfig(distributed_executor_backend=executor),
                             attention_backend=self.attention_backend,
@@ -252,6 +257,9 @@ class EngineArgs:
         a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
         a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
           help="schedule the next step while the current one runs (default: on with CUDA)")
+        a("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+          help="fcfs: arrival order; priority: lower request priority first (ties by arrival),"
+               " preempting less urgent running requests when slots or blocks run out")
         a("--max-prefill-tokens-while-decoding", type=int, default=None,
           help="prompt tokens per step while requests decode (bounds their inter-token latency;"
                " default: max_num_batched_tokens)")

@@ -7,12 +7,12 @@ batching, chunked prefill, prefix-cache hits and preemption by recompute.
 """
 from __future__ import annotations
 
-from collections import deque
 from typing import Iterable, Optional
 
 from servelm.config import CacheConfig, SchedulerConfig
 from servelm.core.kv_cache import KVCacheManager
 from servelm.core.request import Request, RequestStatus
+from servelm.core.request_queue import REQUEST_QUEUES, priority_key, worst_running
 from servelm.core.step import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
                                NewRequestData, SchedulerOutput, SchedulerStats, TokenLogprobs)
 
@@ -22,7 +22,8 @@ class Scheduler:
         self.config = sched
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.policy = sched.policy
+        self.waiting = REQUEST_QUEUES[sched.policy]()
         self.running: list[Request] = []
         self.finished_ids: set[str] = set()  # finished since the last schedule(): tell the runner
         self.ignored: list[Request] = []  # requests that can never fit, reported at next update
@@ -65,6 +66,9 @@ class Scheduler:
         cached_reqs: list[CachedRequestData] = []
         preempted: set[str] = set()
         spec_tokens: dict[str, list[int]] = {}
+        # priority policy: an urgent waiting request first takes slots and blocks from less
+        # urgent running ones (they wait again, in their place)
+        urgent_preempted = self._preempt_for_urgent() if self.policy == "priority" else set()
 
         # 1. Running requests, oldest first; preempt the newest when blocks run out. Tokens still
         # in flight (placeholders) count as known: their step runs before this one.
@@ -107,7 +111,7 @@ class Scheduler:
             else:
                 new_blocks = self.kv.allocate_slots(req, n)
             while new_blocks is None:
-                victim = self.running.pop()
+                victim = self._victim(i)
                 self._preempt(victim)
                 preempted.add(victim.request_id)
                 if victim is req:
@@ -128,7 +132,7 @@ class Scheduler:
         # 2. Waiting requests, FCFS, unless this step already had to preempt.
         while (self.waiting and budget > 0 and prefill_left > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
-            req = self.waiting[0]
+            req = self.waiting.peek()
             if req.num_output_placeholders:
                 break  # preempted while its last step was in flight: resume once it lands
             if not self.kv.can_ever_fit(req.num_tokens + 1):
@@ -162,9 +166,40 @@ class Scheduler:
                 req.num_output_placeholders += 1
 
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
-                              sum(num_scheduled.values()), self.finished_ids, preempted,
-                              spec_tokens)
+                              sum(num_scheduled.values()), self.finished_ids,
+                              preempted | urgent_preempted, spec_tokens)
         self.finished_ids = set()
+        return out
+
+    def _victim(self, i: int) -> Request:
+        """The running request to preempt when running[i] needs blocks: the newest (FCFS), or
+        the least urgent (priority), among those not yet scheduled this step (i onwards)."""
+        if self.policy != "priority":
+            return self.running.pop()
+        victim = max(self.running[i:], key=priority_key)
+        self.running.remove(victim)
+        return victim
+
+    def _preempt_for_urgent(self) -> set[str]:
+        """While the most urgent waiting request lacks a batch slot or the blocks of its first
+        chunk, preempt running requests less urgent than it, least urgent first."""
+        out: set[str] = set()
+        if not self.waiting:
+            return out
+        head = self.waiting.peek()
+        if head.num_output_placeholders or not self.kv.can_ever_fit(head.num_tokens + 1):
+            return out
+        first_chunk = min(head.num_tokens - head.num_computed_tokens + 1,
+                          self.config.max_num_batched_tokens)
+        need = self.kv.blocks_needed(first_chunk)
+        while (len(self.running) >= self.config.max_num_seqs
+               or self.kv.pool.num_free_blocks < need):
+            victim = worst_running(self.running, than=head)
+            if victim is None:
+                break
+            self.running.remove(victim)
+            self._preempt(victim)
+            out.add(victim.request_id)
         return out
 
     def _fit_drafts(self, req: Request, budget: int) -> list[int]:

@@ -246,6 +246,7 @@ class AsyncEngineClient:
         when the consumer is slower than the engine), the last with ``finished=True``.
         Closing or cancelling the iterator before then aborts the request."""
         self.check_health()
+        self.inputs.check_priority(priority)
         if not isinstance(prompt, ProcessedPrompt):
             prompt = self.process_input(prompt, params or SamplingParams(), add_special_tokens)
         p = prompt.params

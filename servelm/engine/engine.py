@@ -22,6 +22,13 @@ class InputProcessor:
         self.config = config
         self.tokenizer = tokenizer
 
+    def check_priority(self, priority: object) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}.")
+        if priority != 0 and self.config.scheduler.policy != "priority":
+            raise ValueError(f"priority {priority} needs priority scheduling: start the engine "
+                             "with scheduling_policy='priority' (--scheduling-policy priority).")
+
     def process(self, prompt: PromptType, params: SamplingParams,
                 add_special_tokens: bool = True) -> tuple[Optional[str], list[int], SamplingParams]:
         text: Optional[str] = None
@@ -87,6 +94,7 @@ class Engine:
                     arrival_time: Optional[float] = None, priority: int = 0,
                     add_special_tokens: bool = True) -> None:
         arrival = time.time() if arrival_time is None else arrival_time
+        self.inputs.check_priority(priority)
         text, ids, params = self.inputs.process(prompt, params, add_special_tokens)
         child_ids = self.outputs.add_request(request_id, text, ids, params, arrival)
         for i, cid in enumerate(child_ids):

@@ -25,10 +25,12 @@ class LLM:
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True,
+                 priority: Optional[Sequence[int]] = None) -> list[RequestOutput]:
         """prompts: a string, a list of strings, a list of token ids, a list of token-id lists,
-        or dicts with 'prompt' / 'prompt_token_ids'. Outputs come back in input order."""
-        return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm, True)
+        or dicts with 'prompt' / 'prompt_token_ids'. Outputs come back in input order.
+        priority: one per prompt (lower first), with scheduling_policy='priority'."""
+        return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm, True, priority)
 
     def chat(self, messages: Union[Conversation, Sequence[Conversation]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -45,7 +47,8 @@ class LLM:
         return self._run(prompts, sampling_params, use_tqdm, False)
 
     def _run(self, prompts: list[PromptType], sampling_params, use_tqdm: bool,
-             add_special_tokens: bool) -> list[RequestOutput]:
+             add_special_tokens: bool,
+             priority: Optional[Sequence[int]] = None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
@@ -54,11 +57,15 @@ class LLM:
         params = [replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params.")
+        prios = [0] * len(prompts) if priority is None else list(priority)
+        if len(prios) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(prios)} priorities.")
         ids = []
         try:
-            for p, sp in zip(prompts, params):
+            for p, sp, prio in zip(prompts, params, prios):
                 rid = str(next(self._ids))
-                self.engine.add_request(rid, p, sp, add_special_tokens=add_special_tokens)
+                self.engine.add_request(rid, p, sp, priority=prio,
+                                        add_special_tokens=add_special_tokens)
                 ids.append(rid)
         except Exception:
             self.engine.abort_request(ids)

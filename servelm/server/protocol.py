@@ -74,6 +74,7 @@ class SamplingRequest(_Strict):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    priority: Optional[int] = None  # vLLM's: lower first, with --scheduling-policy priority
 
     @field_validator("logit_bias")
     @classmethod

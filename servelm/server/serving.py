@@ -55,6 +55,10 @@ class OpenAIServing:
     def sampling_params(self, req: SamplingRequest, max_tokens: Optional[int],
                         logprobs: Optional[int],
                         prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        try:
+            self.client.inputs.check_priority(req.priority or 0)
+        except ValueError as e:
+            raise bad_request(str(e), "priority") from None
         n = 1 if req.n is None else req.n
         if n > self.config.max_n:
             raise bad_request(f"n must be <= {self.config.max_n}, got {n}.", "n")

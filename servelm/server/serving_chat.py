@@ -75,7 +75,7 @@ async def create_chat_completion(serving: OpenAIServing,
         bool(req.continue_final_message), req.chat_template_kwargs)
     (inp,) = await serving.prepare([prompt], params, bool(req.add_special_tokens))
     rid, created = new_request_id("chatcmpl"), now_s()
-    gen = client.generate(rid, inp)
+    gen = client.generate(rid, inp, priority=req.priority or 0)
     model = req.model or serving.model_name
     decode = (lambda t: client.tokenizer.decode([t])) if client.tokenizer is not None else str
     top_n = req.top_logprobs or 0

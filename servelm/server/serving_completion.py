@@ -38,7 +38,8 @@ async def create_completion(serving: OpenAIServing,
         prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None)
     inputs = await serving.prepare(prompts, params, req.add_special_tokens is not False)
     rid, created = new_request_id("cmpl"), now_s()
-    gens = [serving.client.generate(f"{rid}-{i}", p) for i, p in enumerate(inputs)]
+    gens = [serving.client.generate(f"{rid}-{i}", p, priority=req.priority or 0)
+            for i, p in enumerate(inputs)]
     fmt = _Formatter(serving, req, inputs, rid, created)
     if req.stream:
         return _stream(fmt, gens)

@@ -118,6 +118,10 @@ def test_unknown_model_and_route(api):
     ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 99}, "logprobs"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": -3}, "max_tokens"),
     ("/v1/chat/completions", {**CHAT, "frequency_penalty": 3}, "frequency_penalty"),
+    # priority needs --scheduling-policy priority (this server is fcfs); or is not an int
+    ("/v1/completions", {**COMPLETION, "priority": 1}, "priority"),
+    ("/v1/chat/completions", {**CHAT, "priority": -2}, "priority"),
+    ("/v1/completions", {**COMPLETION, "priority": "high"}, "priority"),
 ])
 def test_invalid_values_are_400(api, path, body, param):
     for stream in (False, True):  # a stream that cannot start is a plain JSON error

@@ -188,3 +188,37 @@ def test_async_scheduling_schedules_ahead_without_waste(tiny_model_factory):
     assert async_toks == sync_toks
     assert sync_ahead == 0 and async_ahead > 0
     assert async_n == sync_n  # no token computed past max_tokens
+
+
+def test_priority_policy_serves_urgent_first_outputs_unchanged(tiny_model_factory):
+    """scheduling_policy='priority' with one batch slot: an urgent request arriving while a
+    long one runs preempts it, finishes first, and every output equals the FCFS engine's."""
+    path, _ = tiny_model_factory("llama")
+    low_p, urgent_p = random_prompts(2, [9, 6], seed=12)
+    sp_low = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    sp_urgent = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    ref = run_to_completion(make_engine(path), [low_p, urgent_p], [sp_low, sp_urgent])
+    eng = make_engine(path, scheduling_policy="priority", max_num_seqs=1)
+    eng.add_request("low", low_p, sp_low, priority=5)
+    for _ in range(4):
+        eng.step()
+    eng.add_request("urgent", urgent_p, sp_urgent, priority=-1)
+    order, done = [], {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                order.append(o.request_id)
+                done[o.request_id] = o
+    assert order == ["urgent", "low"]
+    assert eng.stats().num_preemptions >= 1
+    assert done["low"].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    assert done["urgent"].outputs[0].token_ids == ref[1].outputs[0].token_ids
+
+
+def test_priority_needs_the_priority_policy(tiny_model_factory):
+    path, _ = tiny_model_factory("llama")
+    eng = make_engine(path)
+    with pytest.raises(ValueError, match="needs priority scheduling"):
+        eng.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2), priority=3)
+    with pytest.raises(ValueError, match="scheduling_policy must be one of 'fcfs', 'priority'"):
+        EngineArgs(model=path, device="cpu", scheduling_policy="slo").create_engine_config()

@@ -220,8 +220,9 @@ class Driver:
         assert so.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
         assert len(so.num_scheduled_tokens) <= cfg.max_num_seqs
         assert len(s.running) <= cfg.max_num_seqs
-        # preemption takes the newest running requests
-        if so.preempted_req_ids:
+        # FCFS preemption takes the newest running requests (priority: the least urgent, and an
+        # urgent arrival may take a preempted one's place in the same step)
+        if so.preempted_req_ids and s.policy == "fcfs":
             k = len(so.preempted_req_ids)
             assert set(running_before[-k:]) == so.preempted_req_ids
             assert not so.new_reqs, "admitted waiting requests in a step that preempted"
@@ -780,3 +781,80 @@ def test_prefill_tokens_capped_while_decoding(pipelined):
             assert prefill <= 10, so.num_scheduled_tokens
             capped += prefill == 10
     assert capped >= 25  # prompt tokens went in chunks of 10 beside the decodes
+
+
+# ---- priority scheduling ---------------------------------------------------------------------
+def make_priority(**kw) -> tuple[Scheduler, FakeRunner]:
+    c = dict(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=4096, policy="priority")
+    c.update(kw.pop("sched", {}))
+    sched = Scheduler(SchedulerConfig(**c), CacheConfig(block_size=4), kw.pop("num_blocks", 256))
+    return sched, FakeRunner(4)
+
+
+def add_prio(sched: Scheduler, rid: str, prompt: list[int], priority: int, arrival: float,
+             max_tokens: int = 6) -> None:
+    sched.add_request(Request(rid, prompt, SamplingParams(max_tokens=max_tokens), arrival,
+                              eos_token_ids=(EOS,), priority=priority))
+
+
+def test_priority_order_then_arrival():
+    rng = random.Random(30)
+    sched, runner = make_priority(sched=dict(max_num_seqs=1))
+    prompts = {}
+    for rid, prio, t in [("late-urgent", 0, 3.0), ("low", 5, 0.0), ("early-urgent", 0, 1.0),
+                         ("mid", 2, 0.5)]:
+        prompts[rid] = rand_prompt(rng, 6)
+        add_prio(sched, rid, prompts[rid], prio, t)
+    assert [r.request_id for r in sched.waiting] == ["early-urgent", "late-urgent", "mid", "low"]
+    d = Driver(sched, runner)
+    res = d.run()
+    first_step = {}
+    for step, so in enumerate(d.trace):
+        for nr in so.new_reqs:
+            first_step.setdefault(nr.req_id, step)
+    assert sorted(first_step, key=first_step.get) == ["early-urgent", "late-urgent", "mid", "low"]
+    for rid, p in prompts.items():
+        assert res[rid].tokens == expected_output(p, 6)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+@pytest.mark.parametrize("limit", ["slots", "blocks"])
+def test_urgent_request_preempts_less_urgent_running(limit, pipelined):
+    """An urgent arrival takes the slot (or the KV blocks) of the least urgent running request,
+    which resumes later with all its tokens and the same output; equals never preempt."""
+    rng = random.Random(31)
+    kw = dict(sched=dict(max_num_seqs=2)) if limit == "slots" else dict(
+        sched=dict(max_num_seqs=8), num_blocks=12)
+    sched, runner = make_priority(**kw)
+    p = {r: rand_prompt(rng, 12) for r in ("a", "b", "peer")}
+    p["urgent"] = rand_prompt(rng, 20)  # 6 blocks: more than the 4 left free by a and b
+    add_prio(sched, "a", p["a"], 1, 0.0, max_tokens=20)
+    add_prio(sched, "b", p["b"], 3, 1.0, max_tokens=20)  # the least urgent
+    d = Driver(sched, runner, pipelined=pipelined)
+    for _ in range(4):
+        d.step()
+    assert {r.request_id for r in sched.running} == {"a", "b"}
+    add_prio(sched, "urgent", p["urgent"], 0, 2.0, max_tokens=4)
+    add_prio(sched, "peer", p["peer"], 3, 3.0, max_tokens=4)  # as urgent as b: waits
+    so, _ = d.step()
+    assert "b" in so.preempted_req_ids and "a" not in so.preempted_req_ids
+    assert "urgent" in {nr.req_id for nr in so.new_reqs}
+    res = d.run()
+    assert res["a"].tokens == expected_output(p["a"], 20)
+    assert res["b"].tokens == expected_output(p["b"], 20)
+    assert res["urgent"].tokens == expected_output(p["urgent"], 4)
+    assert res["peer"].tokens == expected_output(p["peer"], 4)
+    assert not any("a" in so.preempted_req_ids for so in d.trace)
+
+
+def test_fcfs_never_preempts_for_arrivals():
+    rng = random.Random(32)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64,
+                                      max_model_len=4096), CacheConfig(block_size=4), 256)
+    d = Driver(sched, FakeRunner(4))
+    add_prio(sched, "a", rand_prompt(rng, 5), 3, 0.0, max_tokens=10)
+    d.step()
+    add_prio(sched, "b", rand_prompt(rng, 5), 0, 1.0, max_tokens=3)
+    d.run()
+    assert not any(so.preempted_req_ids for so in d.trace)
+    assert [nr.req_id for so in d.trace for nr in so.new_reqs] == ["a", "b"]
