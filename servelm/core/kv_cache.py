@@ -178,15 +178,20 @@ class KVCacheManager:
                 self.pool.cache_block(req.block_ids[i], req.block_hashes[i])
         return new_ids
 
-    def cache_last_full_block(self, req: Request) -> None:
-        """Register the block that req's newest token filled. Needed when that token's KV was
-        scheduled before the token itself was known (asynchronous scheduling), so
-        allocate_slots could not hash the block then."""
-        if not self.enable_caching or req.num_tokens % self.block_size:
+    def cache_new_full_blocks(self, req: Request, num_new_tokens: int) -> None:
+        """Register the full blocks among req's computed tokens that its newest num_new_tokens
+        tokens completed. Needed when those tokens' KV was scheduled before the tokens were
+        known (an in-flight sample under asynchronous scheduling, accepted drafts), so
+        allocate_slots could not hash their blocks then. Idempotent."""
+        if not self.enable_caching:
             return
-        i = req.num_tokens // self.block_size - 1
-        if i < len(req.block_ids):
-            self._update_hashes(req, req.num_tokens)
+        bs = self.block_size
+        upto = min(req.num_computed_tokens, req.num_tokens)
+        first = max(0, (req.num_tokens - num_new_tokens) // bs)
+        if upto // bs <= first:
+            return
+        self._update_hashes(req, upto)
+        for i in range(first, min(upto // bs, len(req.block_ids))):
             self.pool.cache_block(req.block_ids[i], req.block_hashes[i])
 
     def free(self, req: Request) -> None:

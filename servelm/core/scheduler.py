@@ -92,6 +92,7 @@ class Scheduler:
                 i += 1  # its last token is in flight: nothing more to compute
                 continue
             n = min(total - computed, budget)
+            assert n >= 1, f"{req.request_id}: nothing to compute ({total} tokens, {computed} done)"
             if n > 1:  # a prompt chunk (or a recompute after preemption): prefill work
                 n = min(n, prefill_left)
                 if n <= 0:
@@ -99,7 +100,9 @@ class Scheduler:
                     continue
                 prefill_left -= n
             if req.spec_token_ids:  # proposed for this step only: used now or dropped
-                drafts = self._fit_drafts(req, budget - n)
+                # drafts follow the last landed token: stale if another is still in flight
+                drafts = ([] if req.num_output_placeholders
+                          else self._fit_drafts(req, budget - n))
                 req.spec_token_ids = []
                 if drafts:
                     spec_tokens[req.request_id] = drafts
@@ -271,7 +274,8 @@ class Scheduler:
                 num_accepted = len(new_tokens) - 1 if new_tokens else 0
                 req.num_computed_tokens -= len(spec[rid]) - num_accepted
             if drafts and rid in drafts:
-                req.spec_token_ids = drafts[rid]
+                # proposed after these tokens: stale if a later step is already in flight
+                req.spec_token_ids = [] if req.num_output_placeholders else drafts[rid]
             plp = prompt_lps.get(rid) if prompt_lps else None
             if not new_tokens:
                 if plp is not None:  # a chunk of a prompt: only its prompt logprobs to report
@@ -295,8 +299,9 @@ class Scheduler:
                 requests.pop(rid, None)
                 self._free(req)
                 finished = True
-            elif cache_blocks and req.num_computed_tokens >= req.num_tokens:
-                self.kv.cache_last_full_block(req)  # its KV was scheduled before the token
+            elif cache_blocks and (req.num_output_placeholders or len(appended) > 1):
+                # blocks these tokens filled whose KV was scheduled before the tokens were known
+                self.kv.cache_new_full_blocks(req, len(appended))
             outputs.append(o)
         if finished:
             self.running = [r for r in self.running if r.status == running_status]

@@ -43,7 +43,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
         # asynchronous scheduling: the step launched last, whose output is not applied yet
         self._in_flight: Optional[tuple[SchedulerOutput, StepFuture]] = None
-        self._last_had_drafts = False
+        self._drafting = False  # a proposer has drafted: steps no longer overlap
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens", time.perf_counter() - t0,
                     num_blocks, config.cache.block_size)
 
@@ -67,11 +67,14 @@ class EngineCore:
 
     def _step_overlapped(self) -> list[EngineCoreOutput]:
         """Asynchronous scheduling: schedule and launch step N+1, then wait for step N's tokens
-        and apply them, so the device runs N+1 while the host finishes N. A step that proposed
-        drafts is applied before the next one is scheduled: the drafts are its input."""
+        and apply them, so the device runs N+1 while the host finishes N. With speculative
+        decoding each step is applied before the next is scheduled: drafts are its input."""
         outputs: list[EngineCoreOutput] = []
         prev, self._in_flight = self._in_flight, None
-        if prev is not None and self._last_had_drafts:
+        # land first when the next schedule needs that step's result: it verified drafts (its
+        # computed count rolls back only then) or may propose them (the next step's input; once
+        # a proposer has drafted, every step waits, or its drafts would come a token late)
+        if prev is not None and (prev[0].scheduled_spec_decode_tokens or self._drafting):
             outputs += self._land(*prev)
             prev = None
         sched = self.scheduler.schedule()
@@ -83,7 +86,7 @@ class EngineCore:
 
     def _land(self, sched: SchedulerOutput, fut: StepFuture) -> list[EngineCoreOutput]:
         out = fut.result()
-        self._last_had_drafts = bool(out.draft_token_ids)
+        self._drafting = self._drafting or bool(out.draft_token_ids)
         return self.scheduler.update(sched, out)
 
     def has_unfinished_requests(self) -> bool:

@@ -122,10 +122,13 @@ class RowTable:
         self.host[src] = self.fill
         self._dev = None
 
-    def widen(self, width: int) -> None:
-        """Grow the second dimension to ``width`` (filled)."""
+    def widen(self, width: int, pad_with_first: bool = False) -> None:
+        """Grow the second dimension to ``width``: new columns hold the fill value, or with
+        pad_with_first each row's own first value (tables padded by repeating an entry)."""
         if width > self.host.shape[1]:
             grown = np.full((self.host.shape[0], width), self.fill, dtype=self.host.dtype)
+            if pad_with_first:
+                grown[:] = self.host[:, :1]
             grown[:, :self.host.shape[1]] = self.host
             self.host = grown
             self._dev = None

@@ -32,7 +32,7 @@ class MinTokensLogitsProcessor(LogitsProcessor):
             left = p.min_tokens - len(a.output_token_ids)
             self.remaining[a.row] = left if banned else 0
             if left > 0 and banned:
-                self.ids.widen(len(banned))
+                self.ids.widen(len(banned), pad_with_first=True)  # token 0 stays allowed
                 self.ids.set(a.row, banned + banned[:1] * (self.ids.host.shape[1] - len(banned)))
         self.bu = bu
 

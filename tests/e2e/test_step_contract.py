@@ -19,8 +19,10 @@ pytestmark = pytest.mark.usefixtures("scheduling_mode")
 class OracleProposer(Proposer):
     """Drafts the next k tokens of a known reference continuation, some of them wrong."""
 
-    def __init__(self, refs: dict[str, list[int]], k: int = 3, vocab: int = 256) -> None:
+    def __init__(self, refs: dict[str, list[int]], k: int = 3, vocab: int = 256,
+                 silent_every: int = 0) -> None:
         self.refs, self.k, self.vocab = refs, k, vocab
+        self.silent_every = silent_every  # every n-th call proposes nothing (as n-gram can)
         self.calls = 0
 
     def load(self, model_config) -> None:
@@ -28,6 +30,8 @@ class OracleProposer(Proposer):
 
     def propose(self, batch: ProposerInput) -> dict[str, list[int]]:
         self.calls += 1
+        if self.silent_every and self.calls % self.silent_every == 0:
+            return {}
         out = {}
         for rid, toks in zip(batch.req_ids, batch.token_ids):
             ref, n = self.refs[rid], len(toks)
@@ -83,6 +87,23 @@ def test_drafts_verified_several_tokens_per_step_output_unchanged(tiny_model_fac
     assert max(per_step) == 4  # the last token + 3 accepted drafts in one step
     assert 2 in per_step or 3 in per_step  # and partial acceptances
     assert len(per_step) < sum(len(o.outputs[0].token_ids) for o in plain)  # fewer steps
+
+
+@pytest.mark.parametrize("silent_every", [2, 3])
+def test_intermittent_drafts_with_async_scheduling(tiny_model_factory, silent_every):
+    """A proposer that sometimes proposes nothing: steps with and without drafts alternate, and
+    with asynchronous scheduling a draft step must land before the next one is scheduled."""
+    path, _ = tiny_model_factory("llama")
+    prompts = random_prompts(3, [4, 11, 7], seed=23)
+    ids = [f"q{i}" for i in range(len(prompts))]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain = run_to_completion(make_engine(path), prompts, params, ids)
+    refs = {rid: p + o.outputs[0].token_ids for rid, p, o in zip(ids, prompts, plain)}
+    eng = make_engine(path, async_scheduling=True)
+    eng.core.executor.runner.proposer = OracleProposer(refs, silent_every=silent_every)
+    spec, per_step = _run_with_steps(eng, prompts, params, ids)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    assert max(per_step) > 1
 
 
 def test_logit_bias_offline(tiny_model_factory):

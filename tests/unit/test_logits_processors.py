@@ -150,6 +150,19 @@ def test_min_tokens_counts_drafts_as_outputs():
     assert torch.isfinite(out[2]).all()  # two outputs (the drafts) before the third row
 
 
+def test_min_tokens_rows_keep_their_bans_when_the_table_widens():
+    """A later request with more banned ids widens the table: earlier rows still ban only their
+    own ids (token 0 stays allowed)."""
+    proc = MinTokensLogitsProcessor(CTX)
+    a = SamplingParams(min_tokens=3, max_tokens=10)  # bans EOS (3) only
+    b = SamplingParams(min_tokens=3, max_tokens=10, stop_token_ids=[10, 11, 12, 13, 14, 15])
+    proc.update(_layout(BatchUpdate(added=[AddedRequest(0, a, np.asarray([1]), [])]), [0]))
+    proc.update(_layout(BatchUpdate(added=[AddedRequest(1, b, np.asarray([1]), [])]), [0, 1]))
+    out = proc.apply(torch.zeros(2, V))
+    assert torch.isinf(out[0]).nonzero().flatten().tolist() == [3]
+    assert torch.isinf(out[1]).nonzero().flatten().tolist() == [3, 10, 11, 12, 13, 14, 15]
+
+
 def test_logit_bias_forces_and_forbids():
     proc = LogitBiasLogitsProcessor(CTX)
     bu = BatchUpdate(added=[AddedRequest(2, SamplingParams(logit_bias={5: 100, 6: -100}),
