@@ -22,6 +22,15 @@ def capture_sizes(max_bs: int) -> list[int]:
     return out
 
 
+def graph_output_bytes(max_bs: int, vocab_size: int) -> int:
+    """Memory the decode graphs keep after capture, beyond what the profiling run peaked at:
+    every graph's fp32 logits output stays live ([bs, V] per captured batch size and context
+    bucket), plus the largest graph's bf16 logits before the cast."""
+    sizes = capture_sizes(max_bs)
+    rows = sum(sizes) + sum(s for s in sizes if s <= SHORT_CONTEXT_MAX_BS)
+    return (rows * 4 + max(sizes) * 2) * vocab_size
+
+
 # (input_ids [B], positions [B], meta) -> (logits [B, V] fp32, greedy token ids [B] int64)
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], Tuple[torch.Tensor, torch.Tensor]]
 

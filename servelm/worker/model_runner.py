@@ -118,13 +118,19 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(mc.num_layers)]
 
+    def will_capture_graphs(self) -> bool:
+        return (self.device.type == "cuda" and self.backend.name == "triton"
+                and not self.config.enforce_eager)
+
+    def graph_max_bs(self) -> int:
+        # larger decode batches run eagerly: launch overhead is small against their compute
+        return min(self.config.scheduler.max_num_seqs, 512)
+
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.allocate_kv(num_blocks)
-        if self.device.type == "cuda" and self.backend.name == "triton" and not self.config.enforce_eager:
-            # larger decode batches run eagerly: launch overhead is small against their compute
-            self.graphs = DecodeGraphs(self._decode, min(self.config.scheduler.max_num_seqs, 512),
-                                       self.max_blocks_per_seq, self.device,
-                                       self.config.model.max_model_len)
+        if self.will_capture_graphs():
+            self.graphs = DecodeGraphs(self._decode, self.graph_max_bs(), self.max_blocks_per_seq,
+                                       self.device, self.config.model.max_model_len)
             self.graphs.capture()
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
