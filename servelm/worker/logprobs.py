@@ -2,12 +2,16 @@
 (computed from the hidden states of the prompt positions in this step's chunk)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from servelm.core.step import TokenLogprobs
 from servelm.sampling import SamplerOutput
+
+if TYPE_CHECKING:
+    from servelm.worker.input_batch import InputBatch
 
 
 class SampledLogprobs:
@@ -47,3 +51,33 @@ def prompt_logprobs(compute_logits: Callable[[torch.Tensor], torch.Tensor], hidd
                 d.setdefault(top[1][j][r], (top[0][j][r], r + 1))
         rows.append(d)
     return rows
+
+
+def wants_prompt_logprobs(batch: "InputBatch", rows: np.ndarray, starts: np.ndarray) -> bool:
+    """Some sequence of the step computes prompt positions whose logprobs were asked for."""
+    return bool(((batch.prompt_logprobs[rows] >= 0)
+                 & (starts < batch.num_prompt_tokens[rows] - 1)).any())
+
+
+def chunk_prompt_logprobs(batch: "InputBatch", req_ids: Sequence[str], rows: np.ndarray,
+                          starts: np.ndarray, query_lens: Sequence[int], hidden: torch.Tensor,
+                          compute_logits: Callable[[torch.Tensor], torch.Tensor]
+                          ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+    """For the step's sequences asking prompt_logprobs: the logprob of each prompt token given
+    its prefix, for the prompt positions computed in this chunk (position p predicts token
+    p+1). hidden: [T, H] of the step's flat batch. Returns req id -> (first position, rows)."""
+    out: dict[str, tuple[int, list[TokenLogprobs]]] = {}
+    wants = np.nonzero(batch.prompt_logprobs[rows] >= 0)[0]
+    if not len(wants):
+        return out
+    cu = np.concatenate([[0], np.cumsum(query_lens)])  # host copy: no sync
+    for i in wants.tolist():
+        row, start = int(rows[i]), int(starts[i])
+        last = min(start + int(cu[i + 1] - cu[i]), int(batch.num_prompt_tokens[row]) - 1)
+        if last <= start:
+            continue  # positions [start, last) predict prompt tokens start+1 .. last
+        h = hidden[int(cu[i]):int(cu[i]) + last - start]
+        targets = torch.from_numpy(batch.tokens(row, start + 1, last + 1).astype(np.int64))
+        out[req_ids[i]] = (start, prompt_logprobs(compute_logits, h, targets.to(hidden.device),
+                                                  int(batch.prompt_logprobs[row])))
+    return out

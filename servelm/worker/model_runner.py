@@ -24,13 +24,13 @@ from servelm.core.step import ModelRunnerOutput, SchedulerOutput
 from servelm.distributed import ParallelGroup
 from servelm.models.registry import build_model
 from servelm.sampling import ProcessorContext, SamplerOutput, build_sampling_pipeline
-from servelm.sampling.rejection import accept_by_match
 from servelm.spec_decode import Proposer, ProposerInput
 from servelm.worker.cuda_graphs import DecodeGraphs
 from servelm.worker.input_batch import InputBatch
-from servelm.worker.logprobs import SampledLogprobs, prompt_logprobs
+from servelm.worker.logprobs import chunk_prompt_logprobs, wants_prompt_logprobs
 from servelm.worker.memory import profile_lens
 from servelm.worker.pending_output import PendingOutput
+from servelm.worker.spec_verify import collect_verified
 
 logger = logging.getLogger(__name__)
 
@@ -236,12 +236,15 @@ class ModelRunner:
         self.sampling.update(self.batch.take_update(inp.logits_rows, inp.logits_rows_t,
                                                     inp.drafts))
         graph_out = None
-        if (self.graphs is not None and inp.meta.decode_only and not self._wants_hidden(inp)
+        if (self.graphs is not None and inp.meta.decode_only
+                and not wants_prompt_logprobs(self.batch, inp.rows, inp.starts)
                 and self.graphs.padded_size(inp.meta.num_seqs) is not None):
             graph_out = self.graphs.run(inp.input_ids, inp.positions, inp.meta)  # logits, argmax
         else:
             hidden = self._forward(inp.input_ids, inp.positions, inp.meta)  # [T, hidden]
-            self._prompt_logprobs(inp, hidden, out)
+            out.prompt_logprobs_dict = chunk_prompt_logprobs(
+                self.batch, inp.req_ids, inp.rows, inp.starts, inp.meta.query_lens_cpu, hidden,
+                self.model.compute_logits)
         if not inp.sample_req_ids:
             return PendingOutput.ready(out)
         L = len(inp.logits_rows)
@@ -254,8 +257,10 @@ class ModelRunner:
         else:
             idx = torch.from_numpy(inp.logits_idx).to(self.device, non_blocking=True)
             so = self.sampling.sample(self.model.compute_logits(hidden[idx]))  # [L, V] fp32
-        if inp.drafts or s.scheduled_spec_decode_tokens:
-            self._collect_verified(inp, so, s, out)  # drafts: verified on the host now
+        if inp.drafts or s.scheduled_spec_decode_tokens:  # drafts: verified on the host now
+            collect_verified(self.batch, self.sampling.logprobs, inp.sample_req_ids,
+                             inp.logits_rows, inp.num_logits, so, s.scheduled_spec_decode_tokens,
+                             out)
             return PendingOutput.ready(self._propose(out))
         self.sampled[inp.logits_rows_t] = so.token_ids  # the next step's inputs
         gens, pos = self.batch.append_on_device(inp.logits_rows, so.token_ids)
@@ -272,43 +277,3 @@ class ModelRunner:
             out.draft_token_ids = self.proposer.propose(ProposerInput(
                 live, [self.batch.tokens(self.batch.row_of[r]) for r in live]))
         return out
-
-    def _collect_verified(self, inp: StepInputs, so: SamplerOutput, s: SchedulerOutput,
-                          out: ModelRunnerOutput) -> None:
-        """Keep each request's drafts up to the first one its own samples disagree with."""
-        tokens = so.token_ids.tolist()  # host sync: verification needs the values
-        lps = SampledLogprobs(so) if so.sampled_logprob is not None else None
-        b, rows, j = self.batch, inp.logits_rows, 0
-        for rid, n in zip(inp.sample_req_ids, inp.num_logits.tolist()):
-            acc = accept_by_match(tokens[j:j + n], s.scheduled_spec_decode_tokens.get(rid, []))
-            b.append_token_list(int(rows[j]), acc, self.device)
-            out.sampled_token_ids[rid] = acc
-            k = self.sampling.logprobs[rows[j]]
-            if lps is not None and k >= 0:
-                out.logprobs[rid] = [lps.row(j + m, t, int(k)) for m, t in enumerate(acc)]
-            j += n
-
-    def _wants_hidden(self, inp: StepInputs) -> bool:
-        """Some sequence computes prompt positions whose logprobs were asked for."""
-        b = self.batch
-        return bool(((b.prompt_logprobs[inp.rows] >= 0)
-                     & (inp.starts < b.num_prompt_tokens[inp.rows] - 1)).any())
-
-    def _prompt_logprobs(self, inp: StepInputs, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
-        """For requests asking prompt_logprobs: logprob of each prompt token given its prefix,
-        for the prompt positions computed in this chunk (position p predicts token p+1)."""
-        b = self.batch
-        wants = np.nonzero(b.prompt_logprobs[inp.rows] >= 0)[0]
-        if not len(wants):
-            return
-        cu = np.concatenate([[0], np.cumsum(inp.meta.query_lens_cpu)])  # host copy: no sync
-        for i in wants.tolist():
-            row, start = int(inp.rows[i]), int(inp.starts[i])
-            last = min(start + int(cu[i + 1] - cu[i]), int(b.num_prompt_tokens[row]) - 1)
-            if last <= start:
-                continue  # positions [start, last) predict prompt tokens start+1 .. last
-            h = hidden[int(cu[i]):int(cu[i]) + last - start]
-            targets = torch.from_numpy(b.tokens(row, start + 1, last + 1).astype(np.int64))
-            out.prompt_logprobs_dict[inp.req_ids[i]] = (start, prompt_logprobs(
-                self.model.compute_logits, h, targets.to(self.device),
-                int(b.prompt_logprobs[row])))

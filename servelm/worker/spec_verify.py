@@ -1,0 +1,33 @@
+"""A speculative step's outputs: each request's drafts kept up to the first one its own samples
+disagree with (sampling.rejection), appended to the batch on the host, with their logprobs."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from servelm.core.step import ModelRunnerOutput
+from servelm.sampling import SamplerOutput
+from servelm.sampling.rejection import accept_by_match
+from servelm.worker.logprobs import SampledLogprobs
+
+if TYPE_CHECKING:
+    from servelm.worker.input_batch import InputBatch
+
+
+def collect_verified(batch: "InputBatch", logprobs_k: np.ndarray, req_ids: list[str],
+                     logits_rows: np.ndarray, num_logits: np.ndarray, so: SamplerOutput,
+                     drafts: dict[str, list[int]], out: ModelRunnerOutput) -> None:
+    """logits_rows: [L] batch row per logits row, num_logits: 1 + drafts per request (in
+    req_ids order); logprobs_k: top logprobs wanted per batch row (-1: none)."""
+    tokens = so.token_ids.tolist()  # host sync: verification needs the values
+    lps = SampledLogprobs(so) if so.sampled_logprob is not None else None
+    device, j = so.token_ids.device, 0
+    for rid, n in zip(req_ids, num_logits.tolist()):
+        acc = accept_by_match(tokens[j:j + n], drafts.get(rid, []))
+        batch.append_token_list(int(logits_rows[j]), acc, device)
+        out.sampled_token_ids[rid] = acc
+        k = int(logprobs_k[logits_rows[j]])
+        if lps is not None and k >= 0:
+            out.logprobs[rid] = [lps.row(j + m, t, k) for m, t in enumerate(acc)]
+        j += n
