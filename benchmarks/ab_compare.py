@@ -25,15 +25,14 @@ import time
 ONE_RUN = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-import torch
 from servelm import LLM, SamplingParams
+sys.path.insert(0, sys.argv[4])  # benchmarks/ of the tree running this comparison
+from gpu_suite import StepTimer, random_prompts
 n_req = int(sys.argv[3])
 cpu = sys.argv[2] == "cpu"
 V, in_len, out_len = (49152, 32, 128) if cpu else (128256, 256, 256)
-g = torch.Generator().manual_seed(0)
-b1_prompt = torch.randint(0, V, (128 if not cpu else 32,), generator=g).tolist()
-g = torch.Generator().manual_seed(1)
-b2 = [torch.randint(0, V, (in_len,), generator=g).tolist() for _ in range(n_req)]
+b1_prompt = random_prompts(1, [32 if cpu else 128], 0, V)[0]
+b2 = random_prompts(n_req, [in_len] * n_req, 1, V)
 kw = json.loads(sys.argv[5])
 llm = (LLM(kv_cache_memory=1 << 30, **kw) if cpu else
        LLM("llama-3-8b", load_format="dummy", max_model_len=8192, seed=0,
@@ -44,8 +43,6 @@ b1 = []
 for _ in range(3):
     m = llm.generate([b1_prompt], sp, use_tqdm=False)[0].metrics
     b1.append((out_len - 1) / (m.last_token_time - m.first_token_time))
-sys.path.insert(0, sys.argv[4])  # benchmarks/ of the tree running this comparison
-from gpu_suite import StepTimer
 timer = StepTimer(llm)
 t = time.perf_counter()
 outs = llm.generate(b2, sp, use_tqdm=False)

@@ -237,6 +237,7 @@ class EngineArgs:
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
+        from servelm.core.request_queue import REQUEST_QUEUES
         if model_positional:
             parser.add_argument("model", nargs="?", default=None,
                                 help="HF directory, .gguf file, or dummy preset (default: the "
@@ -257,7 +258,7 @@ class EngineArgs:
         a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
         a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
           help="schedule the next step while the current one runs (default: on with CUDA)")
-        a("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+        a("--scheduling-policy", default="fcfs", choices=list(REQUEST_QUEUES),
           help="fcfs: arrival order; priority: lower request priority first (ties by arrival),"
                " preempting less urgent running requests when slots or blocks run out")
         a("--max-prefill-tokens-while-decoding", type=int, default=None,

@@ -250,7 +250,6 @@ class Scheduler:
         self.ignored = []
         # hot loop (once per running request per step): locals, no per-request list removal
         requests, running_status = self.requests, RequestStatus.RUNNING
-        max_len = self.config.max_model_len
         sampled, logprobs = out.sampled_token_ids, out.logprobs
         prompt_lps, drafts = out.prompt_logprobs_dict, out.draft_token_ids
         spec = sched.scheduled_spec_decode_tokens
@@ -282,16 +281,7 @@ class Scheduler:
                     outputs.append(EngineCoreOutput(rid, [], prompt_logprobs=plp[1],
                                                     prompt_logprobs_start=plp[0]))
                 continue
-            appended = []
-            for t in new_tokens:
-                req.all_token_ids.append(t)
-                appended.append(t)
-                if req.check_stop(max_len):
-                    break
-            lps = logprobs.get(rid) if logprobs else None
-            o = EngineCoreOutput(rid, appended, None, None,
-                                 lps[:len(appended)] if lps is not None else None,
-                                 num_cached_tokens=max(req.num_cached_tokens, 0))
+            o = self._append(req, new_tokens, logprobs.get(rid) if logprobs else None)
             if plp is not None:
                 o.prompt_logprobs, o.prompt_logprobs_start = plp[1], plp[0]
             if req.status != running_status:
@@ -299,27 +289,32 @@ class Scheduler:
                 requests.pop(rid, None)
                 self._free(req)
                 finished = True
-            elif cache_blocks and (req.num_output_placeholders or len(appended) > 1):
+            elif cache_blocks and (req.num_output_placeholders or len(o.new_token_ids) > 1):
                 # blocks these tokens filled whose KV was scheduled before the tokens were known
-                self.kv.cache_new_full_blocks(req, len(appended))
+                self.kv.cache_new_full_blocks(req, len(o.new_token_ids))
             outputs.append(o)
         if finished:
             self.running = [r for r in self.running if r.status == running_status]
         return outputs
 
-    def _land_preempted(self, req: Request, new_tokens: list[int],
-                        lps: Optional[list[TokenLogprobs]]) -> EngineCoreOutput:
-        """The token of a step that was in flight when its request got preempted (asynchronous
-        scheduling): kept, so the request resumes with it, or finishes on it."""
+    def _append(self, req: Request, new_tokens: list[int],
+                lps: Optional[list[TokenLogprobs]]) -> EngineCoreOutput:
+        """Append sampled tokens up to the first that stops the request; its news."""
         appended = []
         for t in new_tokens:
             req.all_token_ids.append(t)
             appended.append(t)
             if req.check_stop(self.config.max_model_len):
                 break
-        o = EngineCoreOutput(req.request_id, appended, None, None,
-                             lps[:len(appended)] if lps is not None else None,
-                             num_cached_tokens=max(req.num_cached_tokens, 0))
+        return EngineCoreOutput(req.request_id, appended, None, None,
+                                lps[:len(appended)] if lps is not None else None,
+                                num_cached_tokens=max(req.num_cached_tokens, 0))
+
+    def _land_preempted(self, req: Request, new_tokens: list[int],
+                        lps: Optional[list[TokenLogprobs]]) -> EngineCoreOutput:
+        """The token of a step that was in flight when its request got preempted (asynchronous
+        scheduling): kept, so the request resumes with it, or finishes on it."""
+        o = self._append(req, new_tokens, lps)
         if req.is_finished:
             o.finish_reason, o.stop_reason = req.status.finish_reason, req.stop_reason
             self.waiting.remove(req)

@@ -257,7 +257,7 @@ class ModelRunner:
         else:
             idx = torch.from_numpy(inp.logits_idx).to(self.device, non_blocking=True)
             so = self.sampling.sample(self.model.compute_logits(hidden[idx]))  # [L, V] fp32
-        if inp.drafts or s.scheduled_spec_decode_tokens:  # drafts: verified on the host now
+        if s.scheduled_spec_decode_tokens:  # drafts: verified on the host now
             collect_verified(self.batch, self.sampling.logprobs, inp.sample_req_ids,
                              inp.logits_rows, inp.num_logits, so, s.scheduled_spec_decode_tokens,
                              out)
