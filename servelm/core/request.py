@@ -11,11 +11,13 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
+    SWAPPED = 3  # preempted with its KV copied to host memory (preemption_mode="swap")
     # Everything above this line is unfinished.
     FINISHED_STOPPED = 10  # EOS, stop token id or stop string
     FINISHED_LENGTH = 11  # max_tokens or max_model_len reached
     FINISHED_ABORTED = 12  # cancelled by the client
     FINISHED_IGNORED = 13  # can never fit in the KV cache: finishes as "length", with a reason
+    FINISHED_SHED = 14  # the slo policy found its deadline unattainable: HTTP 503
 
     @property
     def finished(self) -> bool:
@@ -23,7 +25,8 @@ class RequestStatus(enum.IntEnum):
 
     @property
     def finish_reason(self) -> Optional[str]:
-        return {10: "stop", 11: "length", 12: "abort", 13: "length"}.get(int(self))
+        return {10: "stop", 11: "length", 12: "abort", 13: "length",
+                14: "slo_unattainable"}.get(int(self))
 
 
 class Request:
@@ -34,12 +37,20 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  arrival_time: float, eos_token_ids: tuple[int, ...] = (),
-                 parent_id: Optional[str] = None, priority: int = 0) -> None:
+                 parent_id: Optional[str] = None, priority: int = 0,
+                 ttft_slo_ms: Optional[float] = None, tpot_slo_ms: Optional[float] = None) -> None:
         self.request_id = request_id
         self.parent_id = parent_id  # the user's request id when n > 1 fans out
         self.params = params
         self.arrival_time = arrival_time
         self.priority = priority
+        # latency objectives (milliseconds): time to first token, mean time per output token
+        self.ttft_slo_ms = ttft_slo_ms
+        self.tpot_slo_ms = tpot_slo_ms
+        # wall-clock times (time.time()) of the request's life, for SLOs and the dashboard
+        self.first_scheduled_time: Optional[float] = None
+        self.first_token_time: Optional[float] = None
+        self.finished_time: Optional[float] = None
         self.eos_token_ids = eos_token_ids
         # the one owner of this sequence's token ids (its own list: n > 1 samples of a prompt
         # arrive with one shared message list)
@@ -79,6 +90,24 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+
+    def slo_met(self) -> Optional[bool]:
+        """Whether a finished request met both its SLOs (None: unfinished, or it set none).
+        TPOT is the mean over the tokens after the first: (finish - first token) / (n - 1)."""
+        if self.ttft_slo_ms is None and self.tpot_slo_ms is None:
+            return None
+        if not self.is_finished or self.finished_time is None:
+            return None
+        if self.first_token_time is None or self.status == RequestStatus.FINISHED_SHED:
+            return False
+        if (self.ttft_slo_ms is not None and
+                (self.first_token_time - self.arrival_time) * 1e3 > self.ttft_slo_ms):
+            return False
+        n = self.num_output_tokens
+        if self.tpot_slo_ms is not None and n > 1:
+            if (self.finished_time - self.first_token_time) * 1e3 / (n - 1) > self.tpot_slo_ms:
+                return False
+        return True
 
     def check_stop(self, max_model_len: int) -> bool:
         """After appending a sampled token: set a finished status if generation must end.

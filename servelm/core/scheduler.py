@@ -7,7 +7,8 @@ batching, chunked prefill, prefix-cache hits and preemption by recompute.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import time
+from typing import Callable, Iterable, Optional
 
 from servelm.config import CacheConfig, SchedulerConfig
 from servelm.core.kv_cache import KVCacheManager
@@ -15,11 +16,15 @@ from servelm.core.request import Request, RequestStatus
 from servelm.core.request_queue import REQUEST_QUEUES, priority_key, worst_running
 from servelm.core.step import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
                                NewRequestData, SchedulerOutput, SchedulerStats, TokenLogprobs)
+from servelm.core.telemetry import Telemetry
 
 
 class Scheduler:
-    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_blocks: int) -> None:
+    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_blocks: int,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = sched
+        self.clock = clock  # wall clock, as requests' arrival times (a fake one in simulations)
+        self.telemetry = Telemetry()
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.policy = sched.policy
@@ -45,9 +50,12 @@ class Scheduler:
             else:
                 self.waiting.remove(req)
             req.status = status
-            self._free(req)
+            self._finish(req)
 
-    def _free(self, req: Request) -> None:
+    def _finish(self, req: Request) -> None:
+        """A request's end, whatever ended it: free its blocks, keep its timeline."""
+        req.finished_time = self.clock()
+        self.telemetry.record_finished(req, shed=req.status == RequestStatus.FINISHED_SHED)
         self.kv.free(req)
         self.finished_ids.add(req.request_id)
 
@@ -57,6 +65,19 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
                               self.num_preemptions, self.kv.stats.queries, self.kv.stats.hits)
+
+    def telemetry_snapshot(self, since_step: int = -1) -> dict:
+        """Recent steps and request timelines for the dashboard (see core/telemetry.py), with
+        the totals of stats()."""
+        live = [*self.running, *self.waiting]
+        snap = self.telemetry.snapshot(since_step, live)
+        st = self.stats()
+        snap.update(num_running=st.num_running, num_waiting=st.num_waiting,
+                    num_swapped=0, kv_cache_usage=st.kv_cache_usage,
+                    num_preemptions=st.num_preemptions,
+                    prefix_cache_queries=st.prefix_cache_queries,
+                    prefix_cache_hits=st.prefix_cache_hits, time=self.clock())
+        return snap
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -153,6 +174,8 @@ class Scheduler:
             if self.kv.allocate_slots(req, n, computed) is None:
                 break
             self.waiting.popleft()
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = self.clock()
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = len(computed) * self.kv.block_size
                 if self.kv.enable_caching and req.params.prompt_logprobs is None:
@@ -172,7 +195,20 @@ class Scheduler:
                               sum(num_scheduled.values()), self.finished_ids,
                               preempted | urgent_preempted, spec_tokens)
         self.finished_ids = set()
+        if num_scheduled:
+            self._record_step(out)
         return out
+
+    def _record_step(self, out: SchedulerOutput) -> None:
+        """The step's batch composition for the dashboard: a request computing exactly one
+        token (plus drafts) decodes; more is prompt work (a chunk, or a recompute)."""
+        spec = out.scheduled_spec_decode_tokens
+        num_spec = sum(len(d) for d in spec.values()) if spec else 0
+        num_decode = sum(1 for rid, n in out.num_scheduled_tokens.items()
+                         if n - (len(spec[rid]) if rid in spec else 0) == 1)
+        self.telemetry.record_step(self.clock(), out.total_num_scheduled_tokens - num_spec
+                                   - num_decode, num_decode, num_spec, len(self.running),
+                                   len(self.waiting), 0, self.kv.usage)
 
     def _victim(self, i: int) -> Request:
         """The running request to preempt when running[i] needs blocks: the newest (FCFS), or
@@ -236,7 +272,7 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
         if req in self.running:
             self.running.remove(req)
-        self._free(req)
+        self._finish(req)
         self.ignored.append(req)
 
     def update(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
@@ -287,7 +323,7 @@ class Scheduler:
             if req.status != running_status:
                 o.finish_reason, o.stop_reason = req.status.finish_reason, req.stop_reason
                 requests.pop(rid, None)
-                self._free(req)
+                self._finish(req)
                 finished = True
             elif cache_blocks and (req.num_output_placeholders or len(o.new_token_ids) > 1):
                 # blocks these tokens filled whose KV was scheduled before the tokens were known
@@ -301,6 +337,8 @@ class Scheduler:
                 lps: Optional[list[TokenLogprobs]]) -> EngineCoreOutput:
         """Append sampled tokens up to the first that stops the request; its news."""
         appended = []
+        if req.first_token_time is None:
+            req.first_token_time = self.clock()
         for t in new_tokens:
             req.all_token_ids.append(t)
             appended.append(t)
@@ -319,5 +357,5 @@ class Scheduler:
             o.finish_reason, o.stop_reason = req.status.finish_reason, req.stop_reason
             self.waiting.remove(req)
             self.requests.pop(req.request_id, None)
-            self._free(req)
+            self._finish(req)
         return o

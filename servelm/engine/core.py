@@ -95,5 +95,8 @@ class EngineCore:
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
+    def telemetry(self, since_step: int = -1) -> dict:
+        return self.scheduler.telemetry_snapshot(since_step)
+
     def shutdown(self) -> None:
         self.executor.shutdown()
