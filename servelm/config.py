@@ -13,6 +13,9 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
 
 
+PREEMPTION_MODES = ("recompute", "swap")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # a local HF directory, a .gguf file, or a dummy preset name
@@ -55,6 +58,7 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory: Optional[int] = None  # bytes for the KV cache (CPU default: 2 GiB)
+    swap_space: float = 4.0  # GiB of (pinned) host memory for swapped-out KV blocks
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class SchedulerConfig:
     # prompt cannot stretch the decodes' inter-token latency (None: max_num_batched_tokens)
     max_prefill_tokens_while_decoding: Optional[int] = None
     policy: str = "fcfs"  # the waiting queue: a name in servelm.core.request_queue.REQUEST_QUEUES
+    # what a preempted request loses: "recompute" frees its KV (recomputed on resuming), "swap"
+    # copies its blocks to host memory and back (recompute when swap space is full)
+    preemption_mode: str = "recompute"
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,20 @@ class EngineConfig:
     enforce_eager: bool = False
     max_logprobs: int = 20
     skip_tokenizer_init: bool = False  # token ids in and out only
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """K and V of one block in every layer."""
+        mc = self.model
+        return (2 * mc.num_layers * self.cache.block_size * mc.num_kv_heads * mc.head_dim
+                * torch.tensor([], dtype=mc.dtype).element_size())
+
+    @property
+    def num_swap_blocks(self) -> int:
+        """Host blocks for swap preemption (none unless preemption_mode is "swap")."""
+        if self.scheduler.preemption_mode != "swap":
+            return 0
+        return int(self.cache.swap_space * 1024**3 // self.kv_bytes_per_block)
 
 
 def _resolve_device(device: str) -> str:
@@ -154,6 +175,8 @@ class EngineArgs:
     async_scheduling: Optional[bool] = None  # default: on with CUDA, off on the CPU
     max_prefill_tokens_while_decoding: Optional[int] = None
     scheduling_policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0  # GiB, used by preemption_mode="swap"
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory: Optional[int] = None
@@ -184,6 +207,11 @@ class EngineArgs:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError("num_gpu_blocks_override must be >= 1.")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {list(PREEMPTION_MODES)}, got "
+                             f"{self.preemption_mode!r}.")
+        if not self.swap_space >= 0:
+            raise ValueError(f"swap_space must be >= 0 (GiB), got {self.swap_space}.")
         device = _resolve_device(self.device)
         model = self.model if self.load_format == "dummy" else resolve_model(self.model)
         hf_config = load_hf_config(model, self.load_format)
@@ -217,7 +245,7 @@ class EngineArgs:
                                 quantization=self.quantization)
         cache = CacheConfig(self.block_size, self.enable_prefix_caching,
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
-                            self.kv_cache_memory)
+                            self.kv_cache_memory, float(self.swap_space))
         max_seqs = self.max_num_seqs or (256 if device == "cpu" else 1024)
         # on the CPU a step's launch already computes it: overlapping gains nothing there
         async_sched = device != "cpu" if self.async_scheduling is None else bool(self.async_scheduling)
@@ -228,7 +256,8 @@ class EngineArgs:
         from servelm.registry import check_name
         policy = check_name(REQUEST_QUEUES, self.scheduling_policy, "scheduling_policy")
         sched = SchedulerConfig(max_seqs, batched, max_model_len,
-                                self.enable_chunked_prefill, async_sched, cap, policy)
+                                self.enable_chunked_prefill, async_sched, cap, policy,
+                                self.preemption_mode)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=ParallelConfig(distributed_executor_backend=executor),
                             attention_backend=self.attention_backend,
@@ -261,6 +290,10 @@ class EngineArgs:
         a("--scheduling-policy", default="fcfs", choices=list(REQUEST_QUEUES),
           help="fcfs: arrival order; priority: lower request priority first (ties by arrival),"
                " preempting less urgent running requests when slots or blocks run out")
+        a("--preemption-mode", default="recompute", choices=list(PREEMPTION_MODES),
+          help="recompute: a preempted request's KV is dropped and recomputed; swap: copied to "
+               "host memory (--swap-space) and back, recompute when that is full")
+        a("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped KV")
         a("--max-prefill-tokens-while-decoding", type=int, default=None,
           help="prompt tokens per step while requests decode (bounds their inter-token latency;"
                " default: max_num_batched_tokens)")

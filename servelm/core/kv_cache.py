@@ -32,6 +32,15 @@ def hash_block(parent: Optional[BlockHash], tokens: Sequence[int],
 
 
 @dataclass
+class SwappedKV:
+    """Where a swapped-out request's KV lives, by position in its block table."""
+
+    kept: dict[int, int]  # position -> GPU block shared with other requests (still referenced)
+    host: dict[int, int]  # position -> host block holding the copy of a private block
+    num_blocks: int  # blocks that held its computed tokens
+
+
+@dataclass
 class PrefixCacheStats:
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # of those, tokens found in the cache
@@ -101,11 +110,16 @@ class BlockPool:
 class KVCacheManager:
     """Per-request block tables on top of a BlockPool."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool,
+                 num_host_blocks: int = 0) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching)
         self.enable_caching = enable_caching
         self.stats = PrefixCacheStats()
+        # free host blocks for swap preemption, popped lowest id first (a request's blocks tend
+        # to be consecutive: fewer, larger copies)
+        self.num_host_blocks = num_host_blocks
+        self.host_free: list[int] = list(range(num_host_blocks - 1, -1, -1))
 
     @property
     def num_blocks(self) -> int:
@@ -198,6 +212,52 @@ class KVCacheManager:
         # reverse order: a request's tail blocks are the least likely to be shared, evict first
         self.pool.free(list(reversed(req.block_ids)))
         req.block_ids = []
+        sw = req.swapped_kv
+        if sw is not None:
+            self.pool.free(list(sw.kept.values()))
+            self.host_free.extend(sorted(sw.host.values(), reverse=True))
+            req.swapped_kv = None
+
+    # ---- swap preemption -------------------------------------------------------------------
+    def swap_out(self, req: Request) -> Optional[list[tuple[int, int]]]:
+        """Move the blocks holding req's computed tokens to host memory: (GPU block, host
+        block) pairs to copy before the blocks are reused, or None (nothing changed) when the
+        host lacks room. Blocks other requests also hold stay on the GPU, referenced; blocks
+        past the computed tokens are just freed."""
+        ids, ref = req.block_ids, self.pool.ref_cnt
+        n = min(self.blocks_needed(req.num_computed_tokens), len(ids))
+        private = [i for i in range(n) if ref[ids[i]] == 1]
+        if len(private) > len(self.host_free):
+            return None
+        host = {i: self.host_free.pop() for i in private}
+        pairs = [(ids[i], host[i]) for i in private]
+        kept = {i: ids[i] for i in range(n) if i not in host}
+        self.pool.free(list(reversed([ids[i] for i in private] + ids[n:])))
+        req.block_ids = []
+        req.swapped_kv = SwappedKV(kept, host, n)
+        return pairs
+
+    def swap_in(self, req: Request) -> Optional[list[tuple[int, int]]]:
+        """Give a swapped-out request GPU blocks again: (host block, GPU block) pairs to copy
+        before its next forward, or None (nothing changed) when the GPU lacks free blocks."""
+        sw = req.swapped_kv
+        assert sw is not None and not req.block_ids
+        if len(sw.host) > self.pool.num_free_blocks:
+            return None
+        fresh = iter(self.pool.allocate(len(sw.host)))
+        table = {**sw.kept, **{i: next(fresh) for i in sw.host}}
+        req.block_ids = [table[i] for i in range(sw.num_blocks)]
+        pairs = [(h, table[i]) for i, h in sw.host.items()]
+        self.host_free.extend(sorted(sw.host.values(), reverse=True))
+        req.swapped_kv = None
+        return pairs
+
+    def swap_in_blocks_needed(self, req: Request, num_new_tokens: int) -> int:
+        """Free GPU blocks a swapped-out request needs to resume with num_new_tokens more."""
+        sw = req.swapped_kv
+        assert sw is not None
+        more = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - sw.num_blocks
+        return len(sw.host) + max(0, more)
 
     def can_ever_fit(self, num_tokens: int) -> bool:
         return self.blocks_needed(num_tokens) <= self.pool.num_blocks

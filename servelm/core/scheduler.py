@@ -21,15 +21,18 @@ from servelm.core.telemetry import Telemetry
 
 class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_blocks: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 num_host_blocks: int = 0, clock: Callable[[], float] = time.time) -> None:
         self.config = sched
         self.clock = clock  # wall clock, as requests' arrival times (a fake one in simulations)
         self.telemetry = Telemetry()
-        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching,
+                                 num_host_blocks if sched.preemption_mode == "swap" else 0)
         self.requests: dict[str, Request] = {}
         self.policy = sched.policy
         self.waiting = REQUEST_QUEUES[sched.policy]()
         self.running: list[Request] = []
+        self.swapped: list[Request] = []  # KV in host memory; resume before any waiting request
+        self._swap_out: list[tuple[int, int]] = []  # this step's (GPU, host) copies
         self.finished_ids: set[str] = set()  # finished since the last schedule(): tell the runner
         self.ignored: list[Request] = []  # requests that can never fit, reported at next update
         self.num_preemptions = 0
@@ -47,6 +50,8 @@ class Scheduler:
                 continue
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
+            elif req.status == RequestStatus.SWAPPED:
+                self.swapped.remove(req)
             else:
                 self.waiting.remove(req)
             req.status = status
@@ -60,20 +65,21 @@ class Scheduler:
         self.finished_ids.add(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running or self.ignored)
+        return bool(self.waiting or self.running or self.swapped or self.ignored)
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
-                              self.num_preemptions, self.kv.stats.queries, self.kv.stats.hits)
+                              self.num_preemptions, self.kv.stats.queries, self.kv.stats.hits,
+                              len(self.swapped))
 
     def telemetry_snapshot(self, since_step: int = -1) -> dict:
         """Recent steps and request timelines for the dashboard (see core/telemetry.py), with
         the totals of stats()."""
-        live = [*self.running, *self.waiting]
+        live = [*self.running, *self.swapped, *self.waiting]
         snap = self.telemetry.snapshot(since_step, live)
         st = self.stats()
         snap.update(num_running=st.num_running, num_waiting=st.num_waiting,
-                    num_swapped=0, kv_cache_usage=st.kv_cache_usage,
+                    num_swapped=st.num_swapped, kv_cache_usage=st.kv_cache_usage,
                     num_preemptions=st.num_preemptions,
                     prefix_cache_queries=st.prefix_cache_queries,
                     prefix_cache_hits=st.prefix_cache_hits, time=self.clock())
@@ -153,9 +159,38 @@ class Scheduler:
                 req.num_output_placeholders += 1
             i += 1
 
-        # 2. Waiting requests, FCFS, unless this step already had to preempt.
-        while (self.waiting and budget > 0 and prefill_left > 0 and not preempted
+        # 2. Swapped-out requests come back (their KV copied in) before any waiting one.
+        swap_in: list[tuple[int, int]] = []
+        while (self.swapped and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
+            req = self.swapped[0]
+            if req.num_output_placeholders:
+                break  # swapped while its last step was in flight: resume once it lands
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n > 1:  # swapped in the middle of its prompt
+                n = min(n, prefill_left)
+                if n <= 0:
+                    break
+                prefill_left -= n
+            if self.kv.swap_in_blocks_needed(req, n) > self.kv.pool.num_free_blocks:
+                break
+            swap_in += self.kv.swap_in(req)
+            new_blocks = self.kv.allocate_slots(req, n)
+            assert new_blocks is not None
+            self.swapped.pop(0)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            num_scheduled[req.request_id] = n
+            budget -= n
+            new_reqs.append(self._new_req_data(req))
+            req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens:  # samples this step
+                req.num_output_placeholders += 1
+
+        # 3. Waiting requests, FCFS, unless this step already had to preempt (or swapped-out
+        # requests still wait for blocks).
+        while (self.waiting and budget > 0 and prefill_left > 0 and not preempted
+               and not self.swapped and len(self.running) < self.config.max_num_seqs):
             req = self.waiting.peek()
             if req.num_output_placeholders:
                 break  # preempted while its last step was in flight: resume once it lands
@@ -193,8 +228,9 @@ class Scheduler:
 
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self.finished_ids,
-                              preempted | urgent_preempted, spec_tokens)
-        self.finished_ids = set()
+                              preempted | urgent_preempted, spec_tokens, self._swap_out,
+                              swap_in)
+        self.finished_ids, self._swap_out = set(), []
         if num_scheduled:
             self._record_step(out)
         return out
@@ -208,7 +244,7 @@ class Scheduler:
                          if n - (len(spec[rid]) if rid in spec else 0) == 1)
         self.telemetry.record_step(self.clock(), out.total_num_scheduled_tokens - num_spec
                                    - num_decode, num_decode, num_spec, len(self.running),
-                                   len(self.waiting), 0, self.kv.usage)
+                                   len(self.waiting), len(self.swapped), self.kv.usage)
 
     def _victim(self, i: int) -> Request:
         """The running request to preempt when running[i] needs blocks: the newest (FCFS), or
@@ -258,12 +294,23 @@ class Scheduler:
                               req.num_computed_tokens)
 
     def _preempt(self, req: Request) -> None:
-        self.kv.free(req)
-        req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
+        """Take req's blocks: swapped out to host memory (preemption_mode="swap", while there
+        is room) or freed, its KV to be recomputed when it runs again."""
         req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
+        pairs = self.kv.swap_out(req) if self.kv.num_host_blocks else None
+        if pairs is not None:
+            self._swap_out += pairs
+            req.status = RequestStatus.SWAPPED
+            self.swapped.append(req)
+            # resume order: as the waiting queue would order them (policy, then arrival)
+            self.swapped.sort(key=priority_key if self.policy == "priority"
+                              else (lambda r: r.arrival_time))
+            return
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
         self.waiting.appendleft(req)
 
     def _ignore(self, req: Request, reason: str) -> None:
@@ -299,7 +346,7 @@ class Scheduler:
             if new_tokens:
                 req.num_output_placeholders -= 1
             if req.status != running_status:
-                if new_tokens and req.status == RequestStatus.PREEMPTED:
+                if new_tokens and req.status in (RequestStatus.PREEMPTED, RequestStatus.SWAPPED):
                     outputs.append(self._land_preempted(
                         req, new_tokens, logprobs.get(rid) if logprobs else None))
                 continue
@@ -355,7 +402,7 @@ class Scheduler:
         o = self._append(req, new_tokens, lps)
         if req.is_finished:
             o.finish_reason, o.stop_reason = req.status.finish_reason, req.stop_reason
-            self.waiting.remove(req)
+            self.swapped.remove(req) if req in self.swapped else self.waiting.remove(req)
             self.requests.pop(req.request_id, None)
             self._finish(req)
         return o

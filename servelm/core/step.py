@@ -56,6 +56,10 @@ class SchedulerOutput:
     # req id -> draft tokens to verify this step; they follow the request's last token, and the
     # request is sampled at all len(drafts) + 1 positions
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # swap preemption: KV blocks to copy before this step's forward, outs first (a block
+    # swapped out may be swapped into, or written, in the same step)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (GPU, host)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, GPU)
 
 
 @dataclass
@@ -99,3 +103,4 @@ class SchedulerStats:
     num_preemptions: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    num_swapped: int = 0

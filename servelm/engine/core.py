@@ -40,7 +40,8 @@ class EngineCore:
         except BaseException:
             self.executor.shutdown()
             raise
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks,
+                                   config.num_swap_blocks)
         # asynchronous scheduling: the step launched last, whose output is not applied yet
         self._in_flight: Optional[tuple[SchedulerOutput, StepFuture]] = None
         self._drafting = False  # a proposer has drafted: steps no longer overlap

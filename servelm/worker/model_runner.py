@@ -31,6 +31,7 @@ from servelm.worker.logprobs import chunk_prompt_logprobs, wants_prompt_logprobs
 from servelm.worker.memory import profile_lens
 from servelm.worker.pending_output import PendingOutput
 from servelm.worker.spec_verify import collect_verified
+from servelm.worker.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class ModelRunner:
         self.proposer: Optional[Proposer] = None  # drafts for speculative decoding
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: Optional[DecodeGraphs] = None
+        self.swap: Optional[SwapSpace] = None  # host blocks for swap preemption
 
     # ---- set-up ---------------------------------------------------------------------------
     def _load_model(self, tp: ParallelGroup) -> torch.nn.Module:
@@ -128,6 +130,8 @@ class ModelRunner:
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.allocate_kv(num_blocks)
+        if self.config.num_swap_blocks:
+            self.swap = SwapSpace(self.kv_caches, self.config.num_swap_blocks)
         if self.will_capture_graphs():
             self.graphs = DecodeGraphs(self._decode, self.graph_max_bs(), self.max_blocks_per_seq,
                                        self.device, self.config.model.max_model_len)
@@ -225,6 +229,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_async(self, s: SchedulerOutput) -> PendingOutput:
         """Launch one step; the sampled ids stay on the device until ``result()``."""
+        if s.blocks_to_swap_out:
+            self.swap.swap_out(self.kv_caches, s.blocks_to_swap_out)
+        if s.blocks_to_swap_in:
+            self.swap.swap_in(self.kv_caches, s.blocks_to_swap_in)
         self._update_states(s)
         out = ModelRunnerOutput()
         if s.total_num_scheduled_tokens == 0:
