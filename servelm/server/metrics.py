@@ -48,9 +48,11 @@ class _SchedulerCollector(Collector):
 
         yield gauge("num_requests_running", "Sequences in the running batch.", s.num_running)
         yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
+        yield gauge("num_requests_swapped", "Sequences swapped out to host memory.",
+                    s.num_swapped)
         yield gauge("kv_cache_usage_perc", "KV cache usage (fraction of blocks in use, 0-1).",
                     s.kv_cache_usage)
-        yield counter("num_preemptions", "Preemptions by recompute.", s.num_preemptions)
+        yield counter("num_preemptions", "Preemptions (by recompute or swap).", s.num_preemptions)
         yield counter("prefix_cache_queries", "Prefix cache queries, in tokens.",
                       s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prefix cache hits, in tokens.", s.prefix_cache_hits)
