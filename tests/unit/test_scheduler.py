@@ -81,11 +81,24 @@ class FakeRunner:
         self.proposer = proposer
         self.states: dict[str, _State] = {}
         self.kv: dict[int, int] = {}  # slot -> key
+        self.host: dict[int, int] = {}  # host slot -> key (swap preemption)
 
     def _slot(self, st: _State, p: int) -> int:
         return st.block_ids[p // self.bs] * self.bs + p % self.bs
 
+    def _copy_blocks(self, src: dict[int, int], dst: dict[int, int],
+                     pairs: list[tuple[int, int]]) -> None:
+        for a, b in pairs:
+            for o in range(self.bs):
+                if a * self.bs + o in src:
+                    dst[b * self.bs + o] = src[a * self.bs + o]
+                else:
+                    dst.pop(b * self.bs + o, None)
+
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        # swaps before the forward, outs first (the runner's order)
+        self._copy_blocks(self.kv, self.host, so.blocks_to_swap_out)
+        self._copy_blocks(self.host, self.kv, so.blocks_to_swap_in)
         for rid in so.finished_req_ids | so.preempted_req_ids:
             self.states.pop(rid, None)
         for nr in so.new_reqs:
@@ -144,11 +157,13 @@ class Result:
 
 
 def make(num_blocks=256, block_size=4, budget=64, max_num_seqs=16, max_model_len=4096,
-         chunked=True, caching=True, policy=None, proposer=None) -> tuple[Scheduler, FakeRunner]:
+         chunked=True, caching=True, policy=None, proposer=None,
+         swap_blocks=0) -> tuple[Scheduler, FakeRunner]:
     sched = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                                      max_model_len=max_model_len, enable_chunked_prefill=chunked),
+                                      max_model_len=max_model_len, enable_chunked_prefill=chunked,
+                                      preemption_mode="swap" if swap_blocks else "recompute"),
                       CacheConfig(block_size=block_size, enable_prefix_caching=caching),
-                      num_blocks)
+                      num_blocks, swap_blocks)
     return sched, FakeRunner(block_size, policy, proposer)
 
 
@@ -251,8 +266,9 @@ class Driver:
 
 
 def assert_idle(sched: Scheduler) -> None:
-    assert not sched.running and not sched.waiting and not sched.ignored
+    assert not sched.running and not sched.waiting and not sched.ignored and not sched.swapped
     assert not sched.requests
+    assert sorted(sched.kv.host_free) == list(range(sched.kv.num_host_blocks))
     assert sched.kv.pool.num_free_blocks == sched.kv.num_blocks
     assert all(c == 0 for c in sched.kv.pool.ref_cnt)
 
@@ -351,25 +367,32 @@ def test_budget_and_max_num_seqs_random_workload(caching, pipelined):
     assert max(len(so.num_scheduled_tokens) for so in d.trace) == 3
 
 
-@pytest.mark.parametrize("mode", ["sync", "spec", "pipelined"])
+@pytest.mark.parametrize("mode", ["sync", "spec", "pipelined", "swap", "swap-pipelined",
+                                  "swap-spec"])
 @pytest.mark.parametrize("seed", [0, 2, 3, 4, 5, 6])  # seeds whose workload preempts
 def test_stress_shared_prefixes_preemption_and_eviction(seed, mode):
     """Shared prefixes, staggered arrivals and a pool small enough to preempt and evict: every
     read sees the right KV, outputs match the unbatched reference, and all blocks come back.
     With spec, draft tokens (some wrong) are verified every step on top of all that; pipelined,
-    each step is scheduled before the previous one's tokens are known."""
+    each step is scheduled before the previous one's tokens are known; swap, preempted requests'
+    blocks go to a small host space (falling back to recompute when it is full) and their KV
+    must read back exactly."""
     rng = random.Random(100 + seed)
-    spec = mode == "spec"
+    spec = mode.endswith("spec")
     sched, runner = make(num_blocks=16, block_size=4, budget=rng.choice([8, 16, 32]),
                          max_num_seqs=rng.choice([2, 4, 8]), caching=True,
-                         proposer=fake_proposer if spec else None)
+                         proposer=fake_proposer if spec else None,
+                         swap_blocks=10 if mode.startswith("swap") else 0)
     prefixes = [rand_prompt(rng, rng.randrange(4, 30)) for _ in range(3)]
     pending = []
     for i in range(16):
         pre = rng.choice(prefixes)
         p = pre[:rng.randrange(1, len(pre) + 1)] + rand_prompt(rng, rng.randrange(0, 8))
         pending.append((f"r{i}", p, rng.randrange(1, 20)))
-    d = Driver(sched, runner, pipelined=mode == "pipelined")
+    d = Driver(sched, runner, pipelined=mode.endswith("pipelined"))
+    swapped = []
+    swap_out = sched.kv.swap_out
+    sched.kv.swap_out = lambda req: swapped.append(swap_out(req)) or swapped[-1]
     want = {}
     for _ in range(3000):
         if pending and rng.random() < 0.6:
@@ -389,6 +412,8 @@ def test_stress_shared_prefixes_preemption_and_eviction(seed, mode):
             continue  # outgrew the 64-token pool
         assert r.tokens == expected_output(p, m), rid
     assert sched.kv.stats.hits > 0 and (spec or sched.num_preemptions > 0)
+    if mode.startswith("swap") and sched.num_preemptions:
+        assert any(p is not None for p in swapped)
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
@@ -403,7 +428,8 @@ def test_stress_random_configs_with_aborts_and_siblings(seed, pipelined):
     sched, runner = make(num_blocks=rng.choice([16, 24, 40]), block_size=rng.choice([2, 4, 8]),
                          budget=rng.choice([8, 16, 32]) if chunked else max_len,
                          max_num_seqs=rng.choice([1, 3, 8]), max_model_len=max_len,
-                         caching=caching, chunked=chunked)
+                         caching=caching, chunked=chunked,
+                         swap_blocks=rng.choice([0, 0, 4, 32]))
     prefix = rand_prompt(rng, 20)
     pending = []
     for i in range(12):
