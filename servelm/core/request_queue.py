@@ -1,6 +1,7 @@
 """The waiting queue, by scheduling policy: ``fcfs`` (arrival order; preempted requests go back
-to the front) and ``priority`` (lower ``priority`` value first, ties by arrival, as vLLM; a
-preempted request returns to its place by that order). Chosen from a registry."""
+to the front), ``priority`` (lower ``priority`` value first, ties by arrival, as vLLM; a
+preempted request returns to its place by that order) and ``slo`` (earliest time-to-first-token
+deadline first, see core/slo.py). Chosen from a registry."""
 from __future__ import annotations
 
 import heapq
@@ -10,6 +11,7 @@ from types import MappingProxyType
 from typing import Iterator, Optional
 
 from servelm.core.request import Request
+from servelm.core.slo import deadline_key
 
 
 class FCFSQueue:
@@ -40,35 +42,47 @@ class FCFSQueue:
 
 
 class PriorityQueue:
-    """A heap of (priority, arrival time, insertion count, request)."""
+    """A heap of (key, insertion count, request); the key is (priority, arrival time)."""
+
+    @staticmethod
+    def key(req: Request) -> tuple:
+        return req.priority, req.arrival_time
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, float, int, Request]] = []
+        self._heap: list[tuple[tuple, int, Request]] = []
         self._count = itertools.count()
 
     def append(self, req: Request) -> None:
-        heapq.heappush(self._heap, (req.priority, req.arrival_time, next(self._count), req))
+        heapq.heappush(self._heap, (self.key(req), next(self._count), req))
 
     appendleft = append  # a preempted request keeps its priority and arrival: its place
 
     def peek(self) -> Request:
-        return self._heap[0][3]
+        return self._heap[0][2]
 
     def popleft(self) -> Request:
-        return heapq.heappop(self._heap)[3]
+        return heapq.heappop(self._heap)[2]
 
     def remove(self, req: Request) -> None:
-        self._heap = [e for e in self._heap if e[3] is not req]
+        self._heap = [e for e in self._heap if e[2] is not req]
         heapq.heapify(self._heap)
 
     def __len__(self) -> int:
         return len(self._heap)
 
     def __iter__(self) -> Iterator[Request]:
-        return (e[3] for e in sorted(self._heap))
+        return (e[2] for e in sorted(self._heap, key=lambda e: e[:2]))
 
 
-REQUEST_QUEUES = MappingProxyType({"fcfs": FCFSQueue, "priority": PriorityQueue})
+class DeadlineQueue(PriorityQueue):
+    """Earliest TTFT deadline first (arrival + ttft_slo_ms; none: after all that have one),
+    ties by arrival."""
+
+    key = staticmethod(deadline_key)
+
+
+REQUEST_QUEUES = MappingProxyType({"fcfs": FCFSQueue, "priority": PriorityQueue,
+                                   "slo": DeadlineQueue})
 
 
 def priority_key(req: Request) -> tuple[int, float]:

@@ -16,6 +16,7 @@ from servelm.core.request import Request, RequestStatus
 from servelm.core.request_queue import REQUEST_QUEUES, priority_key, worst_running
 from servelm.core.step import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
                                NewRequestData, SchedulerOutput, SchedulerStats, TokenLogprobs)
+from servelm.core.slo import StepCostModel, prefill_token_limit, retry_after_s, unattainable
 from servelm.core.telemetry import Telemetry
 
 
@@ -36,6 +37,10 @@ class Scheduler:
         self.finished_ids: set[str] = set()  # finished since the last schedule(): tell the runner
         self.ignored: list[Request] = []  # requests that can never fit, reported at next update
         self.num_preemptions = 0
+        # step cost, learnt from the time between steps (the slo policy's estimates): steps
+        # launched and not yet timed, as (launch time, tokens)
+        self.cost = StepCostModel()
+        self._launched: list[tuple[float, int]] = []
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -87,6 +92,8 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        now = self.clock()
+        self._time_steps(now)
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
@@ -108,6 +115,8 @@ class Scheduler:
         if cap is not None and any(r.num_tokens + r.num_output_placeholders
                                    - r.num_computed_tokens <= 1 for r in self.running):
             prefill_left = min(budget, cap)
+        if self.policy == "slo":
+            prefill_left = self._slo_limits(now, prefill_left)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -233,7 +242,44 @@ class Scheduler:
         self.finished_ids, self._swap_out = set(), []
         if num_scheduled:
             self._record_step(out)
+            self._launched.append((now, out.total_num_scheduled_tokens))
         return out
+
+    def _time_steps(self, now: float) -> None:
+        """Teach the cost model how long the last step took: the time between two schedule()
+        calls of a busy engine. With asynchronous scheduling the wait in between is for the
+        step before the last one (the last was launched just before that wait)."""
+        lag = 2 if self.config.async_scheduling else 1
+        if len(self._launched) >= lag:
+            tokens = self._launched[-lag][1]
+            self.cost.observe(tokens, now - self._launched[-1][0])
+            del self._launched[:len(self._launched) - lag + 1]
+
+    def _slo_limits(self, now: float, prefill_left: int) -> int:
+        """The slo policy, each step: shed the waiting requests that can no longer meet their
+        TTFT, and cap this step's prompt tokens so decodes keep their TPOT."""
+        n_decoding, prefilling = 0, 0  # running requests' decodes and prompt tokens left
+        for r in self.running:
+            left = r.num_tokens + r.num_output_placeholders - r.num_computed_tokens
+            if left <= 1:
+                n_decoding += 1
+            else:
+                prefilling += left
+        if not self.cost.ready:
+            return prefill_left
+        limit = prefill_token_limit(self.running, now, self.cost, n_decoding)
+        if limit is not None:
+            prefill_left = min(prefill_left, limit)
+        per_step = max(1, min(prefill_left, self.config.max_num_batched_tokens - n_decoding))
+        for req, wait_s in unattainable(list(self.waiting), now, self.cost, per_step, n_decoding,
+                                        prefilling):
+            self.waiting.remove(req)
+            req.status = RequestStatus.FINISHED_SHED
+            req.stop_reason = retry_after_s(wait_s)  # seconds: the HTTP Retry-After
+            self.requests.pop(req.request_id, None)
+            self._finish(req)
+            self.ignored.append(req)  # reported at the next update
+        return prefill_left
 
     def _record_step(self, out: SchedulerOutput) -> None:
         """The step's batch composition for the dashboard: a request computing exactly one
@@ -378,6 +424,8 @@ class Scheduler:
             outputs.append(o)
         if finished:
             self.running = [r for r in self.running if r.status == running_status]
+        if not self.running:
+            self._launched.clear()  # idle next: the gap until the next step is no step's cost
         return outputs
 
     def _append(self, req: Request, new_tokens: list[int],

@@ -27,6 +27,8 @@ class EngineRequest:
     arrival_time: float
     parent_id: Optional[str] = None
     priority: int = 0
+    ttft_slo_ms: Optional[float] = None  # latency objectives (see core/slo.py)
+    tpot_slo_ms: Optional[float] = None
 
 
 class EngineCore:
@@ -50,7 +52,8 @@ class EngineCore:
 
     def add_request(self, r: EngineRequest) -> None:
         req = Request(r.request_id, r.prompt_token_ids, r.params, r.arrival_time,
-                      self.config.model.eos_token_ids, r.parent_id, r.priority)
+                      self.config.model.eos_token_ids, r.parent_id, r.priority,
+                      r.ttft_slo_ms, r.tpot_slo_ms)
         self.scheduler.add_request(req)
 
     def abort_requests(self, req_ids: Iterable[str]) -> None:

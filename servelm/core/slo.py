@@ -1,0 +1,124 @@
+"""SLO-aware scheduling (``scheduling_policy="slo"``): what a step will cost, which waiting
+requests can still meet their time-to-first-token objective, and how many prompt tokens a step
+may take without breaking the running requests' time-per-output-token objective.
+
+Goodput (requests meeting both SLOs) is what the policy maximises. Under overload, serving
+every request late yields none; so the waiting queue is ordered by TTFT deadline (arrival +
+ttft_slo_ms), a request whose deadline is out of reach even behind only the requests that can
+still make theirs is shed at once (HTTP 503, ``slo_unattainable``, so its client can go
+elsewhere), and prompt work per step is sized so decodes keep their mean TPOT.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+from servelm.core.request import Request
+
+
+class StepCostModel:
+    """Seconds per step as ``a + b * tokens``, fitted online by exponentially weighted least
+    squares over the observed steps (recent ones weigh most: the machine and batch mix
+    drift). A GPU step is near flat while memory-bound (small decode batches) and linear in
+    tokens once compute-bound; one line over the mix is the estimate the policy needs."""
+
+    def __init__(self, decay: float = 0.97, min_samples: int = 8) -> None:
+        self.decay, self.min_samples = decay, min_samples
+        self.n = 0
+        self._s = [0.0] * 5  # weighted sums: w, x, y, xx, xy
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d, s = self.decay, self._s
+        for i, v in enumerate((1.0, tokens, seconds, tokens * tokens, tokens * seconds)):
+            s[i] = s[i] * d + v
+        self.n += 1
+
+    @property
+    def ready(self) -> bool:
+        return self.n >= self.min_samples
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a seconds, b seconds per token), both >= 0."""
+        w, x, y, xx, xy = self._s
+        if w == 0:
+            return 0.0, 0.0
+        den = w * xx - x * x
+        b = max(0.0, (w * xy - x * y) / den) if den > 1e-9 * max(1.0, w * xx) else 0.0
+        a = (y - b * x) / w
+        if a < 0:  # the fit's intercept went negative: a line through the origin instead
+            a, b = 0.0, (xy / xx if xx > 0 else 0.0)
+        return a, b
+
+    def predict(self, tokens: int) -> float:
+        a, b = self.coefficients()
+        return a + b * tokens
+
+    def time_for(self, prompt_tokens: int, per_step: int, decode_tokens: int) -> float:
+        """Seconds until ``prompt_tokens`` are computed at most ``per_step`` per step, each
+        step also carrying ``decode_tokens``."""
+        if prompt_tokens <= 0:
+            return 0.0
+        a, b = self.coefficients()
+        steps = math.ceil(prompt_tokens / max(1, per_step))
+        return steps * (a + b * decode_tokens) + b * prompt_tokens
+
+
+def ttft_deadline(req: Request) -> float:
+    """When req's first token is due (wall clock); infinite without a TTFT objective."""
+    return (req.arrival_time + req.ttft_slo_ms / 1e3 if req.ttft_slo_ms is not None
+            else math.inf)
+
+
+def deadline_key(req: Request) -> tuple[float, float]:
+    """The slo policy's waiting order: earliest TTFT deadline first, then arrival."""
+    return ttft_deadline(req), req.arrival_time
+
+
+def unattainable(waiting: Iterable[Request], now: float, cost: StepCostModel, per_step: int,
+                 decode_tokens: int, ahead: int = 0) -> list[tuple[Request, float]]:
+    """The waiting requests that cannot meet their TTFT, walking the queue in deadline order:
+    each is estimated to start after the prompt work of those before it that can still make
+    theirs (a request found hopeless does not delay the ones after it). Returns (request,
+    estimated seconds until the queue ahead would have drained). Only requests that never
+    produced a token are candidates. ``ahead``: prompt tokens of running requests still to
+    compute (they go first)."""
+    out = []
+    in_flight = cost.predict(decode_tokens)  # the step running now finishes first
+    for req in waiting:
+        todo = req.num_tokens - req.num_computed_tokens
+        if (req.ttft_slo_ms is None or req.num_output_tokens or req.num_output_placeholders
+                or req.first_token_time is not None):
+            ahead += todo
+            continue
+        eta = now + in_flight + cost.time_for(ahead + todo, per_step, decode_tokens)
+        if eta > ttft_deadline(req):
+            out.append((req, eta - now))
+        else:
+            ahead += todo
+    return out
+
+
+def prefill_token_limit(running: Iterable[Request], now: float, cost: StepCostModel,
+                        decode_tokens: int) -> Optional[int]:
+    """Prompt tokens the next step may carry so that no decoding request's mean TPOT goes
+    over its objective: after this step a request with n output tokens has n - 1 intervals
+    behind it and one more in this step, so the step may last ``slo * n - elapsed`` (its
+    banked slack), and never less than ``slo`` (a request behind catches up only with steps
+    shorter than its objective, and starving every prompt would not help it). None: no limit."""
+    bound = math.inf
+    for r in running:
+        if r.tpot_slo_ms is None or r.first_token_time is None:
+            continue
+        slo = r.tpot_slo_ms / 1e3
+        bound = min(bound, max(slo, slo * r.num_output_tokens - (now - r.first_token_time)))
+    if bound == math.inf or not cost.ready:
+        return None
+    a, b = cost.coefficients()
+    if b <= 0:
+        return None
+    return max(0, int((bound - a) / b) - decode_tokens)
+
+
+def retry_after_s(seconds: float) -> int:
+    """Whole seconds for a Retry-After header (at least 1)."""
+    return max(1, math.ceil(seconds))
