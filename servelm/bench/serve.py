@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
@@ -45,6 +45,7 @@ class ServeBenchConfig:
     ignore_eos: bool = False
     seed: int = 0
     disable_tqdm: bool = False
+    extra_body: tuple[tuple[str, Any], ...] = ()  # fields added to every request body
 
     def __post_init__(self) -> None:
         if not self.request_rate > 0:
@@ -213,7 +214,8 @@ async def run_benchmark(requests: Sequence[BenchRequest], config: ServeBenchConf
     timeout = aiohttp.ClientTimeout(total=_REQUEST_TIMEOUT_S)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         model = config.model or await fetch_model_id(session, config)
-        payloads = [build_payload(r, model, kind, config.ignore_eos) for r in requests]
+        payloads = [{**build_payload(r, model, kind, config.ignore_eos), **dict(config.extra_body)}
+                    for r in requests]
         progress = tqdm(total=len(requests), disable=config.disable_tqdm, desc="requests")
 
         async def one(i: int) -> RequestRecord:
@@ -296,6 +298,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("results")
     g.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
                    help="SLOs for goodput, e.g. --goodput ttft:500 tpot:50 e2el:2000")
+    g.add_argument("--slo-in-request", action="store_true",
+                   help="also send the --goodput ttft/tpot objectives as the request fields "
+                        "ttft_slo_ms / tpot_slo_ms (servelm's slo scheduling policy uses them)")
     g.add_argument("--disable-tqdm", action="store_true")
     g.add_argument("--save-result", default=None, metavar="PATH.json",
                    help="write config, summary and per-request arrays as JSON")
@@ -311,6 +316,12 @@ def main_serve(args: argparse.Namespace, tokenizer: Optional[Tokenizer] = None) 
         request_rate=args.request_rate, max_concurrency=args.max_concurrency,
         ignore_eos=args.ignore_eos, seed=args.seed, disable_tqdm=args.disable_tqdm)
     slo = GoodputSLO.parse(args.goodput) if args.goodput else None
+    if args.slo_in_request:
+        if slo is None or (slo.ttft_ms is None and slo.tpot_ms is None):
+            raise ValueError("--slo-in-request needs --goodput with ttft and/or tpot.")
+        config = replace(config, extra_body=tuple(
+            (k, v) for k, v in (("ttft_slo_ms", slo.ttft_ms), ("tpot_slo_ms", slo.tpot_ms))
+            if v is not None))
     if tokenizer is None and args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     requests = build_requests(

@@ -310,6 +310,15 @@ def test_main_serve_end_to_end(server, tmp_path, capsys):
     assert "sk-test" not in out.read_text()
 
 
+def test_slo_in_request_sends_the_objectives(server):
+    main_serve(_args("--base-url", server.url, "--num-prompts", "2", "--random-input-len", "4",
+                     "--random-output-len", "2", "--goodput", "ttft:500", "tpot:50",
+                     "--slo-in-request"))
+    assert all(b["ttft_slo_ms"] == 500 and b["tpot_slo_ms"] == 50 for b in server.state.payloads)
+    with pytest.raises(ValueError, match="--slo-in-request needs --goodput"):
+        main_serve(_args("--base-url", server.url, "--slo-in-request"))
+
+
 def test_plot(server, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "p.png"
