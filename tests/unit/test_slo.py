@@ -1,6 +1,6 @@
 """SLO-aware scheduling in a simulated overload: the real Scheduler, a runner that only
-samples (token 7 for every request whose step completes its tokens), and a fake clock that each step advances by a fixed cost model (base + per
-token). Requests arrive by a Poisson process at 1.5x the measured capacity with TTFT and TPOT
+samples (token 7 for every request whose step completes its tokens), and a fake clock that
+each step advances by a fixed cost model (base + per token). Requests arrive by a Poisson process at 1.5x the measured capacity with TTFT and TPOT
 objectives; the slo policy's goodput (requests meeting both) must far exceed FCFS's, and
 shed requests are told at once (finish_reason slo_unattainable, a Retry-After in seconds)."""
 from __future__ import annotations
