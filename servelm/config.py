@@ -72,6 +72,9 @@ class SchedulerConfig:
     # while requests are decoding, a step computes at most this many prompt tokens, so one long
     # prompt cannot stretch the decodes' inter-token latency (None: max_num_batched_tokens)
     max_prefill_tokens_while_decoding: Optional[int] = None
+    # the same bound as a step time (ms), through the scheduler's step-cost model: an
+    # inter-token-latency target for running requests while prompts arrive
+    max_step_ms_while_decoding: Optional[float] = None
     policy: str = "fcfs"  # the waiting queue: a name in servelm.core.request_queue.REQUEST_QUEUES
     # what a preempted request loses: "recompute" frees its KV (recomputed on resuming), "swap"
     # copies its blocks to host memory and back (recompute when swap space is full)
@@ -174,6 +177,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     async_scheduling: Optional[bool] = None  # default: on with CUDA, off on the CPU
     max_prefill_tokens_while_decoding: Optional[int] = None
+    max_step_ms_while_decoding: Optional[float] = None
     scheduling_policy: str = "fcfs"
     preemption_mode: str = "recompute"
     swap_space: float = 4.0  # GiB, used by preemption_mode="swap"
@@ -255,8 +259,11 @@ class EngineArgs:
         from servelm.core.request_queue import REQUEST_QUEUES
         from servelm.registry import check_name
         policy = check_name(REQUEST_QUEUES, self.scheduling_policy, "scheduling_policy")
+        step_ms = self.max_step_ms_while_decoding
+        if step_ms is not None and not step_ms > 0:
+            raise ValueError(f"max_step_ms_while_decoding must be > 0, got {step_ms}.")
         sched = SchedulerConfig(max_seqs, batched, max_model_len,
-                                self.enable_chunked_prefill, async_sched, cap, policy,
+                                self.enable_chunked_prefill, async_sched, cap, step_ms, policy,
                                 self.preemption_mode)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=ParallelConfig(distributed_executor_backend=executor),
@@ -297,6 +304,10 @@ class EngineArgs:
         a("--max-prefill-tokens-while-decoding", type=int, default=None,
           help="prompt tokens per step while requests decode (bounds their inter-token latency;"
                " default: max_num_batched_tokens)")
+        a("--max-step-ms-while-decoding", type=float, default=None,
+          help="while requests decode, a step takes only the prompt tokens that fit in this "
+               "many ms by the step-cost model the scheduler learns (an inter-token latency "
+               "target; default: off)")
         a("--gpu-memory-utilization", type=float, default=0.9)
         a("--num-gpu-blocks-override", type=int, default=None)
         a("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU)")

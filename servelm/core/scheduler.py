@@ -16,7 +16,8 @@ from servelm.core.request import Request, RequestStatus
 from servelm.core.request_queue import REQUEST_QUEUES, priority_key, worst_running
 from servelm.core.step import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
                                NewRequestData, SchedulerOutput, SchedulerStats, TokenLogprobs)
-from servelm.core.slo import StepCostModel, prefill_token_limit, retry_after_s, unattainable
+from servelm.core.slo import (StepCostModel, prefill_token_limit, retry_after_s, tokens_within,
+                              unattainable)
 from servelm.core.telemetry import Telemetry
 
 
@@ -110,13 +111,7 @@ class Scheduler:
         max_len = self.config.max_model_len
         # prompt tokens this step may take: capped while some request decodes, so a long prompt
         # cannot stretch the step (and the decodes' inter-token latency)
-        prefill_left = budget
-        cap = self.config.max_prefill_tokens_while_decoding
-        if cap is not None and any(r.num_tokens + r.num_output_placeholders
-                                   - r.num_computed_tokens <= 1 for r in self.running):
-            prefill_left = min(budget, cap)
-        if self.policy == "slo":
-            prefill_left = self._slo_limits(now, prefill_left)
+        prefill_left = self._prefill_budget(now, budget)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -255,9 +250,15 @@ class Scheduler:
             self.cost.observe(tokens, now - self._launched[-1][0])
             del self._launched[:len(self._launched) - lag + 1]
 
-    def _slo_limits(self, now: float, prefill_left: int) -> int:
-        """The slo policy, each step: shed the waiting requests that can no longer meet their
-        TTFT, and cap this step's prompt tokens so decodes keep their TPOT."""
+    def _prefill_budget(self, now: float, budget: int) -> int:
+        """Prompt tokens this step may take. While requests decode it is capped, so a long
+        prompt cannot stretch the step (their inter-token latency): by a token count
+        (max_prefill_tokens_while_decoding), by a step time (max_step_ms_while_decoding,
+        through the step-cost model), and under the slo policy by the decodes' TPOT."""
+        cfg = self.config
+        cap, step_ms = cfg.max_prefill_tokens_while_decoding, cfg.max_step_ms_while_decoding
+        if cap is None and step_ms is None and self.policy != "slo":
+            return budget
         n_decoding, prefilling = 0, 0  # running requests' decodes and prompt tokens left
         for r in self.running:
             left = r.num_tokens + r.num_output_placeholders - r.num_computed_tokens
@@ -265,6 +266,21 @@ class Scheduler:
                 n_decoding += 1
             else:
                 prefilling += left
+        prefill_left = budget
+        if n_decoding and cap is not None:
+            prefill_left = min(prefill_left, cap)
+        if n_decoding and step_ms is not None and self.cost.ready:
+            # at least a block: prompts still move when decodes alone overrun the target
+            fit = tokens_within(self.cost, step_ms / 1e3) - n_decoding
+            prefill_left = min(prefill_left, max(fit, self.kv.block_size))
+        if self.policy == "slo":
+            prefill_left = self._slo_limits(now, prefill_left, n_decoding, prefilling)
+        return prefill_left
+
+    def _slo_limits(self, now: float, prefill_left: int, n_decoding: int,
+                    prefilling: int) -> int:
+        """The slo policy, each step: shed the waiting requests that can no longer meet their
+        TTFT, and cap this step's prompt tokens so decodes keep their TPOT."""
         if not self.cost.ready:
             return prefill_left
         limit = prefill_token_limit(self.running, now, self.cost, n_decoding)

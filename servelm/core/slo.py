@@ -63,6 +63,13 @@ class StepCostModel:
         return steps * (a + b * decode_tokens) + b * prompt_tokens
 
 
+def tokens_within(cost: StepCostModel, seconds: float) -> int:
+    """Tokens a step can carry and still last at most ``seconds`` (large when the model has
+    no per-token cost yet)."""
+    a, b = cost.coefficients()
+    return int((seconds - a) / b) if b > 0 else 1 << 30
+
+
 def ttft_deadline(req: Request) -> float:
     """When req's first token is due (wall clock); infinite without a TTFT objective."""
     return (req.arrival_time + req.ttft_slo_ms / 1e3 if req.ttft_slo_ms is not None
@@ -111,12 +118,9 @@ def prefill_token_limit(running: Iterable[Request], now: float, cost: StepCostMo
             continue
         slo = r.tpot_slo_ms / 1e3
         bound = min(bound, max(slo, slo * r.num_output_tokens - (now - r.first_token_time)))
-    if bound == math.inf or not cost.ready:
+    if bound == math.inf or not cost.ready or cost.coefficients()[1] <= 0:
         return None
-    a, b = cost.coefficients()
-    if b <= 0:
-        return None
-    return max(0, int((bound - a) / b) - decode_tokens)
+    return max(0, tokens_within(cost, bound) - decode_tokens)
 
 
 def retry_after_s(seconds: float) -> int:

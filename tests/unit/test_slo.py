@@ -49,11 +49,13 @@ def workload(n: int, rate: float, seed: int) -> list[tuple[float, list[int], int
     return out
 
 
-def simulate(policy: str, reqs, slo: bool = True) -> tuple[dict[str, Outcome], float]:
-    """Runs the requests to completion in simulated time; (outcomes, makespan seconds)."""
+def simulate(policy: str, reqs, slo: bool = True, steps: list | None = None,
+             **config) -> tuple[dict[str, Outcome], float]:
+    """Runs the requests to completion in simulated time; (outcomes, makespan seconds).
+    ``steps`` collects (seconds, decoding requests in the step) per step."""
     clock = [0.0]
     sched = Scheduler(SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048,
-                                      max_model_len=4096, policy=policy),
+                                      max_model_len=4096, policy=policy, **config),
                       CacheConfig(block_size=16), 4096, clock=lambda: clock[0])
 
     def execute(so: SchedulerOutput) -> ModelRunnerOutput:
@@ -77,7 +79,10 @@ def simulate(policy: str, reqs, slo: bool = True) -> tuple[dict[str, Outcome], f
             continue
         so = sched.schedule()
         ro = execute(so)
-        clock[0] += BASE_S + PER_TOKEN_S * so.total_num_scheduled_tokens
+        dt = BASE_S + PER_TOKEN_S * so.total_num_scheduled_tokens
+        clock[0] += dt
+        if steps is not None:
+            steps.append((dt, sum(n == 1 for n in so.num_scheduled_tokens.values())))
         for o in sched.update(so, ro):
             oc = outcomes[o.req_id]
             if o.new_token_ids and math.isnan(oc.first_token):
@@ -121,6 +126,23 @@ def test_slo_policy_under_light_load_meets_every_slo_and_sheds_none():
     outcomes, _ = simulate("slo", reqs)
     assert not any(o.shed for o in outcomes.values())
     assert sum(o.met() for o in outcomes.values()) >= 0.98 * len(reqs)
+
+
+def test_step_time_target_while_decoding():
+    """max_step_ms_while_decoding: once the cost model has learnt the step cost, steps that
+    carry decodes stay within the target (prompts then go through in chunks), without it they
+    run up to the full token budget."""
+    reqs = workload(150, 20.0, seed=5)
+    for target in (None, 40.0):
+        steps: list = []
+        outcomes, _ = simulate("fcfs", reqs, slo=False, steps=steps,
+                               max_step_ms_while_decoding=target)
+        assert all(not math.isnan(o.finished) for o in outcomes.values())
+        longest = max(dt for dt, n_dec in steps[20:] if n_dec)
+        if target is None:
+            assert longest > 0.1
+        else:  # a block of prompt tokens always fits: the target plus at most 16 tokens
+            assert longest <= target / 1e3 + 16 * PER_TOKEN_S + 1e-9, longest
 
 
 def test_cost_model_fits_a_line():
