@@ -79,6 +79,7 @@ class AsyncEngineClient:
         self._queues: dict[str, asyncio.Queue] = {}
         self._stats_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._last_stats: Optional[SchedulerStats] = None
+        self._telemetry_waiters: collections.deque[asyncio.Future] = collections.deque()
         # one thread: tokenizers are not re-entrant, and big prompts must not stall the loop
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="servelm-tokenize")
         self.dead_error: Optional[EngineDeadError] = None
@@ -241,12 +242,14 @@ class AsyncEngineClient:
 
     async def generate(self, request_id: str, prompt: Union[PromptType, ProcessedPrompt],
                        params: Optional[SamplingParams] = None, *, add_special_tokens: bool = True,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, ttft_slo_ms: Optional[float] = None,
+                       tpot_slo_ms: Optional[float] = None) -> AsyncIterator[RequestOutput]:
         """Yields cumulative RequestOutputs (the latest state; intermediate ones may be skipped
         when the consumer is slower than the engine), the last with ``finished=True``.
         Closing or cancelling the iterator before then aborts the request."""
         self.check_health()
         self.inputs.check_priority(priority)
+        self.inputs.check_slo(ttft_slo_ms, tpot_slo_ms)
         if not isinstance(prompt, ProcessedPrompt):
             prompt = self.process_input(prompt, params or SamplingParams(), add_special_tokens)
         p = prompt.params
@@ -258,7 +261,8 @@ class AsyncEngineClient:
         try:
             for i, cid in enumerate(child_ids):
                 req = EngineRequest(cid, prompt.token_ids, p.child(i) if p.n > 1 else p, arrival,
-                                    request_id if p.n > 1 else None, priority)
+                                    request_id if p.n > 1 else None, priority, ttft_slo_ms,
+                                    tpot_slo_ms)
                 if not self._send(cp.ADD, cp.encode_request(req)):
                     raise EngineDeadError("the engine core is not reachable.")
             while True:
@@ -294,6 +298,26 @@ class AsyncEngineClient:
             return SchedulerStats(0, 0, 0.0, 0, 0, 0)
         return self._last_stats
 
+    async def get_telemetry(self, since_step: int = -1, timeout_s: float = 5.0) -> dict:
+        """The core's telemetry snapshot (Scheduler.telemetry_snapshot): the steps after
+        ``since_step`` and request timelines. Unlike stats, a stale copy would be wrong (it
+        depends on since_step), so this raises: EngineDeadError if the core is gone,
+        TimeoutError if it does not answer within ``timeout_s`` (the core reads messages
+        between steps), RuntimeError if the snapshot failed in the core."""
+        self.check_health()
+        fut = asyncio.get_running_loop().create_future()
+        self._telemetry_waiters.append(fut)
+        if not self._send(cp.TELEMETRY, since_step):
+            self._telemetry_waiters.remove(fut)
+            raise EngineDeadError("the engine core is not reachable.")
+        try:
+            snap = await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the engine core did not answer within {timeout_s:g} s.") from None
+        if "error" in snap:
+            raise RuntimeError(f"the engine core's telemetry failed: {snap['error']}")
+        return snap
+
     # ---- internals ----------------------------------------------------------------------
     def _send(self, kind: str, payload: Any = None) -> bool:
         """Non-blocking; False if the core is gone (a PUSH with no peer refuses at once)."""
@@ -319,6 +343,8 @@ class AsyncEngineClient:
                     self._dispatch([cp.decode_output(x) for x in payload])
                 elif kind == cp.STATS:
                     self._answer_stats(cp.decode_stats(payload))
+                elif kind == cp.TELEMETRY:
+                    _resolve_oldest(self._telemetry_waiters, payload)
                 elif kind == cp.REQUEST_ERROR:
                     self._request_error(*payload)
                 elif kind == cp.ERROR:
@@ -368,10 +394,19 @@ class AsyncEngineClient:
             self.dead_error = err
         for q in self._queues.values():
             q.put_nowait(err)
-        while self._stats_waiters:
-            fut = self._stats_waiters.popleft()
-            if not fut.done():
-                fut.set_exception(err)
+        for waiters in (self._stats_waiters, self._telemetry_waiters):
+            while waiters:
+                fut = waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(err)
+
+
+def _resolve_oldest(waiters: collections.deque, value: Any) -> None:
+    # replies come in request order; a waiter that timed out still owns its (late) reply
+    if waiters:
+        fut = waiters.popleft()
+        if not fut.done():
+            fut.set_result(value)
 
 
 def _check_utf8(s: str) -> None:

@@ -5,9 +5,10 @@ Every message is msgpack of ``[kind, payload]``; dataclasses travel as plain lis
 order (no pickle: the core never runs code a message carries).
 
   client -> core: ["add", EngineRequest], ["abort", [ids]], ["stop", [ids]], ["stats", None],
-                  ["shutdown", None]
+                  ["telemetry", since_step], ["shutdown", None]
   core -> client: ["ready", {"num_blocks"}], ["outputs", [EngineCoreOutput]],
-                  ["stats", SchedulerStats], ["request_error", [req_id, message]],
+                  ["stats", SchedulerStats], ["telemetry", dict (Scheduler.telemetry_snapshot, or
+                  {"error": message})], ["request_error", [req_id, message]],
                   ["error", message]  (the core is about to exit)
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from servelm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 ADD, ABORT, STOP, STATS, SHUTDOWN = "add", "abort", "stop", "stats", "shutdown"
+TELEMETRY = "telemetry"
 READY, OUTPUTS, REQUEST_ERROR, ERROR = "ready", "outputs", "request_error", "error"
 
 # output_kind only matters to the client's OutputProcessor; the core never sees it
@@ -52,13 +54,14 @@ def unpack(data: bytes) -> tuple[str, Any]:
 
 def encode_request(r: EngineRequest) -> list:
     params = [getattr(r.params, f) for f in _PARAM_FIELDS]
-    return [r.request_id, r.prompt_token_ids, params, r.arrival_time, r.parent_id, r.priority]
+    return [r.request_id, r.prompt_token_ids, params, r.arrival_time, r.parent_id, r.priority,
+            r.ttft_slo_ms, r.tpot_slo_ms]
 
 
 def decode_request(x: list) -> EngineRequest:
-    rid, ids, params, arrival, parent, priority = x
+    rid, ids, params, arrival, parent, priority, ttft_slo, tpot_slo = x
     return EngineRequest(rid, ids, SamplingParams(**dict(zip(_PARAM_FIELDS, params))), arrival,
-                         parent, priority)
+                         parent, priority, ttft_slo, tpot_slo)
 
 
 def encode_output(o: EngineCoreOutput) -> list:
@@ -124,10 +127,23 @@ class EngineCoreProc:
             self.core.stop_requests(payload)
         elif kind == STATS:
             self.out.send(pack(STATS, encode_stats(self.core.stats())))
+        elif kind == TELEMETRY:
+            self.out.send(pack(TELEMETRY, self._telemetry(payload)))
         elif kind == SHUTDOWN:
             self.running = False
         else:
             logger.error("engine core: unknown message kind %r ignored", kind)
+
+    def _telemetry(self, since_step: Any) -> dict:
+        # the dashboard is a bystander: a bad value or a bug here must not stop serving, and
+        # the client's waiter still gets its (error) reply in order
+        try:
+            if not isinstance(since_step, int) or isinstance(since_step, bool):
+                raise TypeError(f"since_step must be an integer, got {since_step!r}")
+            return self.core.telemetry(since_step)
+        except Exception as e:
+            logger.exception("engine core: telemetry snapshot failed")
+            return {"error": f"{type(e).__name__}: {e}"}
 
 
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,

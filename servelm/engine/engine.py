@@ -1,6 +1,7 @@
 """In-process engine: input processing (tokenize, validate), EngineCore, OutputProcessor."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from typing import Any, Optional, Union
@@ -28,6 +29,17 @@ class InputProcessor:
         if priority != 0 and self.config.scheduler.policy != "priority":
             raise ValueError(f"priority {priority} needs priority scheduling: start the engine "
                              "with scheduling_policy='priority' (--scheduling-policy priority).")
+
+    @staticmethod
+    def check_slo(ttft_slo_ms: object, tpot_slo_ms: object) -> None:
+        """Latency objectives are positive numbers of milliseconds (or None). Any policy
+        accepts them (they are measured: SLO attainment); the slo policy schedules by them."""
+        for name, v in (("ttft_slo_ms", ttft_slo_ms), ("tpot_slo_ms", tpot_slo_ms)):
+            if v is None:
+                continue
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or v <= 0):
+                raise ValueError(f"{name} must be a positive number of milliseconds, got {v!r}.")
 
     def process(self, prompt: PromptType, params: SamplingParams,
                 add_special_tokens: bool = True) -> tuple[Optional[str], list[int], SamplingParams]:
@@ -92,15 +104,18 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: Optional[float] = None, priority: int = 0,
-                    add_special_tokens: bool = True) -> None:
+                    add_special_tokens: bool = True, ttft_slo_ms: Optional[float] = None,
+                    tpot_slo_ms: Optional[float] = None) -> None:
         arrival = time.time() if arrival_time is None else arrival_time
         self.inputs.check_priority(priority)
+        self.inputs.check_slo(ttft_slo_ms, tpot_slo_ms)
         text, ids, params = self.inputs.process(prompt, params, add_special_tokens)
         child_ids = self.outputs.add_request(request_id, text, ids, params, arrival)
         for i, cid in enumerate(child_ids):
             self.core.add_request(EngineRequest(
                 cid, ids, params.child(i) if params.n > 1 else params, arrival,
-                parent_id=request_id if params.n > 1 else None, priority=priority))
+                parent_id=request_id if params.n > 1 else None, priority=priority,
+                ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms))
 
     def abort_request(self, request_ids: list[str] | str) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
@@ -117,3 +132,8 @@ class Engine:
 
     def stats(self) -> SchedulerStats:
         return self.core.stats()
+
+    def telemetry(self, since_step: int = -1) -> dict:
+        """Recent steps and request timelines (see core/telemetry.py), as the dashboard gets
+        them from a server."""
+        return self.core.telemetry(since_step)

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from servelm import __version__
 from servelm.config import EngineConfig
 from servelm.engine.async_client import AsyncEngineClient, EngineDeadError
+from servelm.server.dashboard import add_dashboard
 from servelm.server.metrics import CONTENT_TYPE, ServerMetrics
 from servelm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                      DetokenizeRequest, TokenizeRequest, bad_request,
@@ -34,8 +35,10 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 
-def json_response(body: Any, status: int = 200) -> Response:
-    return Response(dumps(body), status_code=status, media_type="application/json")
+def json_response(body: Any, status: int = 200,
+                  headers: Optional[dict[str, str]] = None) -> Response:
+    return Response(dumps(body), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 class SSEResponse(StreamingResponse):
@@ -155,6 +158,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
                                 "'Authorization: Bearer <key>'.", code="invalid_api_key")
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    add_dashboard(app, check_api_key)  # /dashboard: the page is open, its data needs the key
 
     @app.get("/health")
     async def health(request: Request) -> Response:
@@ -240,7 +244,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> Response:
-        return json_response(e.body(), e.status)
+        return json_response(e.body(), e.status, e.headers)
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, e: EngineDeadError) -> Response:

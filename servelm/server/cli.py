@@ -33,6 +33,11 @@ def _add_serve_args(p: Any) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: "
                         "$SERVELM_API_KEY if set)")
+    p.add_argument("--default-ttft-slo-ms", type=float, default=None,
+                   help="time-to-first-token objective of requests that set no ttft_slo_ms "
+                        "(the slo scheduling policy orders and sheds by it)")
+    p.add_argument("--default-tpot-slo-ms", type=float, default=None,
+                   help="time-per-output-token objective of requests that set no tpot_slo_ms")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) the API answers to (default: the model argument)")
     p.add_argument("--max-request-bytes", type=int, default=32 << 20,
@@ -116,9 +121,15 @@ def main_serve(args: argparse.Namespace) -> int:
         names = [names]
     if ns.max_request_bytes < 1:
         raise ValueError("--max-request-bytes must be >= 1.")
+    for flag, v in (("--default-ttft-slo-ms", ns.default_ttft_slo_ms),
+                    ("--default-tpot-slo-ms", ns.default_tpot_slo_ms)):
+        if v is not None and not v > 0:
+            raise ValueError(f"{flag} must be a positive number of milliseconds, got {v}.")
     server_config = ServerConfig(served_model_names=tuple(names),
                                  api_key=ns.api_key or os.environ.get("SERVELM_API_KEY") or None,
-                                 max_body_bytes=ns.max_request_bytes)
+                                 max_body_bytes=ns.max_request_bytes,
+                                 default_ttft_slo_ms=ns.default_ttft_slo_ms,
+                                 default_tpot_slo_ms=ns.default_tpot_slo_ms)
     app = build_app(engine_config, server_config)
     logging.getLogger(__name__).warning("servelm: starting %s on http://%s:%d", names[0], ns.host,
                                         ns.port)

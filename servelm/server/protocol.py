@@ -16,10 +16,12 @@ class APIError(Exception):
     """An error the API reports as ``{"error": {message, type, param, code}}`` with a status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None) -> None:
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.param, self.code = param, code
+        self.headers = headers  # extra response headers (Retry-After of a 503)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -75,6 +77,10 @@ class SamplingRequest(_Strict):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     priority: Optional[int] = None  # vLLM's: lower first, with --scheduling-policy priority
+    # latency objectives in ms (default: --default-ttft-slo-ms / --default-tpot-slo-ms); with
+    # --scheduling-policy slo a request that can no longer meet its TTFT gets a 503
+    ttft_slo_ms: Optional[float] = None
+    tpot_slo_ms: Optional[float] = None
 
     @field_validator("logit_bias")
     @classmethod

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, TypeVar
 
 from servelm.engine.async_client import AsyncEngineClient, EngineDeadError, ProcessedPrompt
-from servelm.outputs import CompletionOutput, Logprob, PositionLogprobs
+from servelm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from servelm.sampling_params import SamplingParams
 from servelm.server.protocol import APIError, SamplingRequest, bad_request
 
@@ -29,6 +29,8 @@ class ServerConfig:
     max_body_bytes: int = 32 << 20
     max_n: int = 128
     max_prompts: int = 1024  # prompts in one /v1/completions request
+    default_ttft_slo_ms: Optional[float] = None  # for requests that set no ttft_slo_ms
+    default_tpot_slo_ms: Optional[float] = None
 
 
 class OpenAIServing:
@@ -78,6 +80,23 @@ class OpenAIServing:
         except ValueError as e:
             raise bad_request(str(e), _param_of(str(e))) from None
 
+    def slo(self, req: SamplingRequest) -> dict[str, Optional[float]]:
+        """The request's latency objectives (server defaults where unset), as generate()'s
+        keyword arguments."""
+        out = {"ttft_slo_ms": req.ttft_slo_ms if req.ttft_slo_ms is not None
+               else self.config.default_ttft_slo_ms,
+               "tpot_slo_ms": req.tpot_slo_ms if req.tpot_slo_ms is not None
+               else self.config.default_tpot_slo_ms}
+        try:
+            self.client.inputs.check_slo(**out)
+        except ValueError as e:
+            raise bad_request(str(e), str(e).split(" ", 1)[0]) from None
+        return out
+
+    @property
+    def may_shed(self) -> bool:
+        return self.client.config.scheduler.policy == "slo"
+
     async def prepare(self, prompts: list[Any], params: SamplingParams,
                       add_special_tokens: bool) -> list[ProcessedPrompt]:
         """Tokenizes and checks every prompt before anything is generated (errors are 400s)."""
@@ -117,6 +136,50 @@ def new_request_id(prefix: str) -> str:
 
 def now_s() -> int:
     return int(time.time())
+
+
+# ---- requests the slo policy sheds -----------------------------------------------------------
+SHED = "slo_unattainable"
+
+
+def check_shed(ro: RequestOutput) -> None:
+    """A 503 with Retry-After if the slo scheduling policy shed this request (it can no
+    longer meet its time-to-first-token objective; the engine says when to retry)."""
+    for out in ro.outputs:
+        if out.finish_reason == SHED:
+            retry = out.stop_reason if isinstance(out.stop_reason, int) else 1
+            raise APIError(503, "The server cannot meet this request's time-to-first-token "
+                                f"objective (ttft_slo_ms) under its current load; retry in "
+                                f"{retry} s.", type="service_unavailable", code=SHED,
+                           headers={"Retry-After": str(retry)})
+
+
+async def first_outputs(gens: list[AsyncIterator[RequestOutput]]
+                        ) -> list[AsyncIterator[RequestOutput]]:
+    """Waits for every generator's first output, so a stream that the slo policy sheds
+    answers 503 before any response header goes out. Returns generators that replay it."""
+    firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+    try:
+        for f in firsts:
+            if isinstance(f, BaseException) and not isinstance(f, StopAsyncIteration):
+                raise f
+            if isinstance(f, RequestOutput):
+                check_shed(f)
+    except BaseException:
+        for g in gens:
+            await g.aclose()
+        raise
+    return [_replay(f, g) for f, g in zip(firsts, gens)]
+
+
+async def _replay(first: Any, gen: AsyncIterator[T]) -> AsyncIterator[T]:
+    try:
+        if not isinstance(first, StopAsyncIteration):
+            yield first
+            async for item in gen:
+                yield item
+    finally:
+        await gen.aclose()
 
 
 # ---- running several generators ------------------------------------------------------------

@@ -9,8 +9,8 @@ from typing import Any, AsyncIterator, Optional, Union
 from servelm.outputs import RequestOutput
 from servelm.server.protocol import APIError, ChatCompletionRequest, ChatMessage, bad_request
 from servelm.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, chat_logprobs,
-                                    merge_generators, new_request_id, now_s, sse, stop_holdback,
-                                    stream_error, usage)
+                                    check_shed, first_outputs, merge_generators, new_request_id,
+                                    now_s, sse, stop_holdback, stream_error, usage)
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -75,7 +75,8 @@ async def create_chat_completion(serving: OpenAIServing,
         bool(req.continue_final_message), req.chat_template_kwargs)
     (inp,) = await serving.prepare([prompt], params, bool(req.add_special_tokens))
     rid, created = new_request_id("chatcmpl"), now_s()
-    gen = client.generate(rid, inp, priority=req.priority or 0)
+    slo = serving.slo(req)
+    gen = client.generate(rid, inp, priority=req.priority or 0, **slo)
     model = req.model or serving.model_name
     decode = (lambda t: client.tokenizer.decode([t])) if client.tokenizer is not None else str
     top_n = req.top_logprobs or 0
@@ -87,10 +88,13 @@ async def create_chat_completion(serving: OpenAIServing,
                                          top_n, decode)}
 
     if req.stream:
+        if serving.may_shed and slo["ttft_slo_ms"] is not None:
+            (gen,) = await first_outputs([gen])
         return _stream(req, gen, rid, created, model, inp.params, lps)
     final: Optional[RequestOutput] = None
     async with contextlib.aclosing(merge_generators([gen])) as it:
         async for _, ro in it:
+            check_shed(ro)
             final = ro
     choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                 "logprobs": lps(o, 0, len(o.token_ids)), "finish_reason": o.finish_reason,

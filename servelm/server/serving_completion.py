@@ -9,8 +9,8 @@ from servelm.engine.async_client import ProcessedPrompt
 from servelm.outputs import RequestOutput
 from servelm.server.protocol import CompletionRequest, bad_request
 from servelm.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, completion_logprobs,
-                                    merge_generators, new_request_id, now_s, sse, stop_holdback,
-                                    stream_error, usage)
+                                    check_shed, first_outputs, merge_generators, new_request_id,
+                                    now_s, sse, stop_holdback, stream_error, usage)
 
 
 def _prompts(prompt: Union[str, list], max_prompts: int) -> list[Any]:
@@ -38,14 +38,18 @@ async def create_completion(serving: OpenAIServing,
         prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None)
     inputs = await serving.prepare(prompts, params, req.add_special_tokens is not False)
     rid, created = new_request_id("cmpl"), now_s()
-    gens = [serving.client.generate(f"{rid}-{i}", p, priority=req.priority or 0)
+    slo = serving.slo(req)
+    gens = [serving.client.generate(f"{rid}-{i}", p, priority=req.priority or 0, **slo)
             for i, p in enumerate(inputs)]
     fmt = _Formatter(serving, req, inputs, rid, created)
     if req.stream:
+        if serving.may_shed and slo["ttft_slo_ms"] is not None:
+            gens = await first_outputs(gens)
         return _stream(fmt, gens)
     finals: list[Optional[RequestOutput]] = [None] * len(gens)
     async with contextlib.aclosing(merge_generators(gens)) as it:
         async for i, ro in it:
+            check_shed(ro)
             finals[i] = ro
     choices = [fmt.choice(i, out, out.text, 0, len(out.token_ids), echo, ro, 0)
                for i, ro in enumerate(finals) for out in ro.outputs]

@@ -122,6 +122,10 @@ def test_unknown_model_and_route(api):
     ("/v1/completions", {**COMPLETION, "priority": 1}, "priority"),
     ("/v1/chat/completions", {**CHAT, "priority": -2}, "priority"),
     ("/v1/completions", {**COMPLETION, "priority": "high"}, "priority"),
+    # latency objectives: positive milliseconds (accepted under any policy: they are measured)
+    ("/v1/completions", {**COMPLETION, "ttft_slo_ms": -5}, "ttft_slo_ms"),
+    ("/v1/chat/completions", {**CHAT, "tpot_slo_ms": 0}, "tpot_slo_ms"),
+    ("/v1/completions", {**COMPLETION, "tpot_slo_ms": "fast"}, "tpot_slo_ms"),
 ])
 def test_invalid_values_are_400(api, path, body, param):
     for stream in (False, True):  # a stream that cannot start is a plain JSON error
