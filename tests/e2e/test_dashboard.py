@@ -218,7 +218,9 @@ class Traffic:
                 # prompts of 10 to 140 tokens: with 64 new ones within max_model_len (256)
                 body = {"model": "tiny", "stream": True, "ignore_eos": True,
                         "prompt": "The quick brown fox " * rng.choice([1, 4, 8, 14]),
-                        "max_tokens": rng.choice([16, 32, 64])}
+                        "max_tokens": rng.choice([16, 32, 64]),
+                        # objectives some requests meet and some miss: SLO attainment shows
+                        "ttft_slo_ms": rng.choice([50, 400, 5000]), "tpot_slo_ms": 200}
                 with c.stream("POST", self.base_url + "/v1/completions", json=body) as r:
                     self.statuses.append(r.status_code)
                     for _ in r.iter_lines():
