@@ -2,15 +2,21 @@
 (32 q heads / 8 kv heads, head dim 128, hidden 4096, intermediate 14336, KV block 16, bf16).
 
     PYTHONPATH=. python benchmarks/kernel_bench.py [--sweep] [--sweep-decode] [--no-compile]
-                                                   [--quick]
+                                                   [--quick] [--fused-only]
 
 Medians of ``triton.testing.do_bench``; decode attention and the row kernels are timed as CUDA
 graph replays (``do_bench_cudagraph``), as they run in the engine, so launch overhead does not
 hide the kernel. Prints a table last; writes JSON to $OUT/kernel_bench.json when OUT is set.
+
+``--fused-only`` runs just the fused-vs-unfused decode comparison (group "fused"): SiLU-and-mul +
+down projection vs the GEMV with the activation in its prologue, rotary + KV write vs the fused
+kernel, and one whole Llama-3-8B decoder layer (the model's own modules) with and without both
+fusions, each as graph replays at batch 1 and 8.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -29,11 +35,13 @@ from servelm.attention.torch_ref import write_kv_ref  # noqa: E402
 from servelm.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from servelm.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from servelm.kernels.decode_attention import decode_attention  # noqa: E402
+from servelm.kernels.gemv import linear_small_m  # noqa: E402
 from servelm.kernels.kv_write import write_kv  # noqa: E402
 from servelm.kernels.prefill_attention import prefill_attention  # noqa: E402
 from servelm.kernels.rmsnorm import (  # noqa: E402
     fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref)
 from servelm.kernels.rotary import rotary_embedding, rotary_embedding_ref  # noqa: E402
+from servelm.kernels.rotary_kv import rotary_write_kv  # noqa: E402
 
 DEV = "cuda"
 DT = torch.bfloat16
@@ -309,17 +317,156 @@ def bench_rows(compile_too=True):
         run("silu_mul", f"T={t} I={INTER}", "silu", (xs,), silu_and_mul, 3 * t * INTER * 2 / 1e9)
 
 
+# ------------------------------------------------------------------ fused decode kernels
+
+@contextlib.contextmanager
+def _unfused_seams():
+    """The model's seams without the decode fusions (their ABC defaults), for the duration."""
+    from servelm.attention.backend import AttentionBackend
+    from servelm.quantization.base import LinearMethod
+    from servelm.quantization.unquantized import UnquantizedLinearMethod
+    lin, att = UnquantizedLinearMethod, TritonAttentionBackend
+    saved = (lin.apply_silu_mul, att.rotate_and_write_kv)
+    lin.apply_silu_mul = LinearMethod.apply_silu_mul
+    att.rotate_and_write_kv = AttentionBackend.rotate_and_write_kv
+    try:
+        yield
+    finally:
+        lin.apply_silu_mul, att.rotate_and_write_kv = saved
+
+
+def _decoder_layer(ctx: int, batch: int, num_blocks: int):
+    """One Llama-3-8B decoder layer on the kernel path (random weights), its KV cache and a
+    decode step's inputs: batch sequences of ctx tokens each, blocks scattered."""
+    from servelm.layers.rotary import RotaryEmbedding
+    from servelm.loader import initialize_dummy_weights
+    from servelm.models.llama import LayerOptions, LlamaArgs, LlamaDecoderLayer
+    a = LlamaArgs(hidden_size=HIDDEN, intermediate_size=INTER, num_layers=1, num_heads=H,
+                  num_kv_heads=KVH, head_dim=D, vocab_size=128256, rms_norm_eps=1e-5,
+                  max_position=8192, rope_theta=500000.0, rope_scaling={"rope_type": "default"},
+                  qkv_bias=False, qk_norm=False, tie_word_embeddings=False)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(DT)
+    try:
+        with torch.device(DEV):
+            layer = LlamaDecoderLayer(a, LayerOptions(TritonAttentionBackend(), True), "layers.0")
+    finally:
+        torch.set_default_dtype(prev)
+    for m in layer.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.cos_sin_cache = m.cos_sin_cache.float()  # as the runner keeps it
+    initialize_dummy_weights(layer, seed=0)
+    layer.eval()
+    kc = torch.randn(num_blocks, BS, KVH, D, device=DEV, dtype=DT)
+    vc = torch.randn_like(kc)
+    nb = math.ceil(ctx / BS)
+    tables = torch.randperm(num_blocks, device=DEV)[:batch * nb].view(batch, nb).to(torch.int32)
+    pos = torch.full((batch,), ctx - 1, dtype=torch.int64, device=DEV)
+    slots = (tables[:, -1].long() * BS + (ctx - 1) % BS)
+    meta = AttentionMetadata(
+        slot_mapping=slots, query_start_loc=torch.arange(batch + 1, dtype=torch.int32,
+                                                         device=DEV),
+        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=DEV), block_tables=tables,
+        max_query_len=1, max_seq_len=ctx)
+    x = torch.randn(batch, HIDDEN, device=DEV, dtype=DT)
+    res = torch.randn_like(x)
+    return layer, (kc, vc), (pos, x, res, meta)
+
+
+def bench_fused(batches=(1, 8), ctx=1024, num_layers=32):
+    """Fused vs unfused decode kernels, CUDA-graph replays (the decode step is one graph).
+    Weights stream from HBM (one layer's 436 MB >> 50 MB of L2), as in a decode step."""
+    wd = torch.randn(HIDDEN, INTER, device=DEV, dtype=DT) * INTER ** -0.5
+    down_gb = HIDDEN * INTER * 2 / 1e9
+    num_blocks = 8192
+    for m in batches:
+        gu = torch.randn(m, 2 * INTER, device=DEV, dtype=DT)
+
+        def tbs(ms):
+            return ms and down_gb / (ms * 1e-3) / 1e3
+        ms_u = timed(lambda: linear_small_m(silu_and_mul(gu), wd), graph=True)
+        record("fused", f"silu+down M={m} {HIDDEN}x{INTER}", "unfused (2 launches)", ms_u,
+               "TB/s", tbs(ms_u))
+        ms_f = timed(lambda: linear_small_m(gu, wd, silu_mul=True), graph=True)
+        record("fused", f"silu+down M={m} {HIDDEN}x{INTER}", "fused (GEMV prologue)", ms_f,
+               "TB/s", tbs(ms_f), _saving(ms_u, ms_f))
+        # rotary + KV write: q, k, v views of one qkv output, slots in scattered blocks
+        qkv = torch.randn(m, (H + 2 * KVH) * D, device=DEV, dtype=DT)
+        q = qkv[:, :H * D].view(m, H, D)
+        k = qkv[:, H * D:(H + KVH) * D].view(m, KVH, D)
+        v = qkv[:, (H + KVH) * D:].view(m, KVH, D)
+        kc = torch.randn(num_blocks, BS, KVH, D, device=DEV, dtype=DT)
+        vc = torch.randn_like(kc)
+        slots = torch.randperm(num_blocks * BS, device=DEV)[:m]
+        pos = torch.randint(0, 8192, (m,), device=DEV)
+        inv = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D)
+        fr = torch.arange(8192, device=DEV, dtype=torch.float32)[:, None] * inv[None]
+        cache = torch.cat([fr.cos(), fr.sin()], -1)
+
+        def unfused_rope():
+            rotary_embedding(pos, q, k, cache)
+            write_kv(k, v, kc, vc, slots)
+        ms_u = timed(unfused_rope, graph=True)
+        record("fused", f"rope+kv T={m} {H}/{KVH}x{D}", "unfused (2 launches)", ms_u)
+        ms_f = timed(lambda: rotary_write_kv(pos, q, k, v, cache, kc, vc, slots), graph=True)
+        record("fused", f"rope+kv T={m} {H}/{KVH}x{D}", "fused (1 launch)", ms_f, note=_saving(
+            ms_u, ms_f))
+        del kc, vc
+        # one whole decoder layer, the model's modules: x num_layers ~ a decode step's layers
+        layer, kv, (lpos, x, res, meta) = _decoder_layer(ctx, m, num_blocks)
+
+        def step():
+            return layer(lpos, x, res, kv, meta)
+        with torch.inference_mode():
+            with _unfused_seams():
+                ms_u = timed(step, graph=True)
+            ms_f = timed(step, graph=True)
+        shape = f"layer B={m} ctx={ctx}"
+        record("fused", shape, "unfused", ms_u, f"ms x{num_layers}",
+               ms_u and ms_u * num_layers)
+        record("fused", shape, "fused", ms_f, f"ms x{num_layers}", ms_f and ms_f * num_layers,
+               _saving(ms_u, ms_f, num_layers))
+        del layer, kv
+        torch.cuda.empty_cache()
+
+
+def _saving(ms_before, ms_after, times=1):
+    if not ms_before or not ms_after:
+        return ""
+    note = f"saves {(ms_before - ms_after) * 1e3:.1f} us ({100 * (1 - ms_after / ms_before):.1f}%)"
+    return note + (f", {(ms_before - ms_after) * times * 1e3:.0f} us per {times} layers"
+                   if times > 1 else "")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also sweep prefill kernel configs")
     ap.add_argument("--sweep-decode", action="store_true", help="also sweep decode configs")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     ap.add_argument("--quick", action="store_true", help="fewer decode shapes")
+    ap.add_argument("--fused-only", action="store_true",
+                    help="only the fused vs unfused decode kernels (SiLU+down, rotary+KV, layer)")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}",
           flush=True)
     t0 = time.time()
+    bench_fused()
+    if not args.fused_only:
+        run_all(args)
+    print(f"\n(total {time.time() - t0:.0f} s)\n")
+    print(f"{'group':10s} {'shape':34s} {'impl':26s} {'median us':>10s}  throughput")
+    for r in ROWS:
+        ms = "failed" if r["ms"] is None else f"{r['ms'] * 1e3:10.1f}"
+        val = "" if r["value"] is None else f"{r['value']:8.1f} {r['metric']}"
+        print(f"{r['group']:10s} {r['shape']:34s} {r['impl']:26s} {ms:>10s}  {val} {r['note']}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "kernel_bench.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=triton.__version__, rows=ROWS), f, indent=1)
+
+
+def run_all(args):
     bench_write_kv()
     if args.quick:
         bench_decode((1, 64), (2048, 32768))
@@ -333,16 +480,6 @@ def main():
                         (128, 64, 8, 3)]
     bench_prefill(prefill_cfgs)
     bench_rows(compile_too=not args.no_compile)
-    print(f"\n(total {time.time() - t0:.0f} s)\n")
-    print(f"{'group':10s} {'shape':34s} {'impl':26s} {'median us':>10s}  throughput")
-    for r in ROWS:
-        ms = "failed" if r["ms"] is None else f"{r['ms'] * 1e3:10.1f}"
-        val = "" if r["value"] is None else f"{r['value']:8.1f} {r['metric']}"
-        print(f"{r['group']:10s} {r['shape']:34s} {r['impl']:26s} {ms:>10s}  {val} {r['note']}")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "kernel_bench.json"), "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           triton=triton.__version__, rows=ROWS), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from servelm.layers.rotary import RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,10 @@ class AttentionMetadata:
 class AttentionBackend(ABC):
     """Computes causal attention of a ragged batch against the paged KV cache.
 
-    Contract: ``write_kv`` stores this step's k/v at ``slot_mapping`` *before* ``forward`` runs,
-    so ``forward`` reads every context token (old and new) from the cache. Implementations may
-    read ``k``/``v`` directly for the new tokens as an optimisation, with identical results.
+    Contract: ``write_kv`` (or ``rotate_and_write_kv``, which applies the rotary embedding
+    first) stores this step's k/v at ``slot_mapping`` *before* ``forward`` runs, so ``forward``
+    reads every context token (old and new) from the cache. Implementations may read ``k``/``v``
+    directly for the new tokens as an optimisation, with identical results.
     """
 
     name: str = "abstract"
@@ -58,6 +63,17 @@ class AttentionBackend(ABC):
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """k, v: [num_tokens, num_kv_heads, head_dim]; caches as in the module docstring."""
+
+    def rotate_and_write_kv(self, rotary: "RotaryEmbedding", positions: torch.Tensor,
+                            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rotary(positions, q, k)``, then ``write_kv`` of the rotated k and v; returns the
+        rotated (q, k) to pass to ``forward``. positions: [num_tokens]; shapes as in write_kv.
+        A backend may do both in one kernel (rotating q and k in place); results are identical."""
+        q, k = rotary(positions, q, k)
+        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q, k
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -16,6 +16,7 @@ from servelm.attention.backend import AttentionBackend, AttentionMetadata
 from servelm.kernels.decode_attention import decode_attention
 from servelm.kernels.kv_write import write_kv
 from servelm.kernels.prefill_attention import prefill_attention
+from servelm.kernels.rotary_kv import rotary_write_kv
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -34,6 +35,16 @@ class TritonAttentionBackend(AttentionBackend):
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def rotate_and_write_kv(self, rotary, positions, q, k, v, k_cache, v_cache, slot_mapping):
+        # one launch instead of rotary + write_kv, where the layer runs the Triton rotary (whose
+        # rounding the fused kernel shares); q and k rotate in place: [T, H | KVH, D] views
+        if not rotary.use_kernel:
+            return super().rotate_and_write_kv(rotary, positions, q, k, v, k_cache, v_cache,
+                                               slot_mapping)
+        rotary_write_kv(positions, q, k, v, rotary.cos_sin_cache, k_cache, v_cache,
+                        slot_mapping)
+        return q, k
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

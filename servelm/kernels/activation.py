@@ -1,5 +1,10 @@
 """SiLU-gated MLP activation: silu(gate) * up, rounded like Hugging Face's
-``act_fn(gate_proj(x)) * up_proj(x)`` (silu rounds to the dtype, then the product rounds)."""
+``act_fn(gate_proj(x)) * up_proj(x)`` (silu rounds to the dtype, then the product rounds).
+
+``silu_mul_rounded`` is that arithmetic on register tiles; the standalone kernel here and the
+small-M GEMV's fused prologue (kernels/gemv.py, ``silu_mul=True``) both call it, so the fused
+down projection reads bit-for-bit the activation the unfused kernels would have stored.
+"""
 from __future__ import annotations
 
 import torch
@@ -15,15 +20,24 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def silu_mul_rounded(gate, up):
+    """gate, up: tiles of one shape in the activation dtype -> silu(gate) * up in that dtype:
+    silu in fp32 rounded to the dtype, then the product in fp32 rounded again."""
+    dt = gate.dtype
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(dt)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, INTER: tl.constexpr,
                          BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * stride_x + INTER + cols, mask=mask, other=0.0)
-    act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)
-    out = act.to(tl.float32) * up.to(tl.float32)
+    out = silu_mul_rounded(gate, up)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

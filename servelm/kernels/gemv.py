@@ -18,6 +18,12 @@ over K with 16-byte coalesced loads (W is [N, K], K contiguous), accumulating in
   atomics into a zeroed [M, N] one) and a second kernel reduces, adds the bias and rounds.
   Measured: it loses at M=1 on every swept shape (the second launch costs more than it gains);
   partial buffers beat atomics or tie.
+* SiLU-and-mul prologue (SILU_MUL, ``linear_small_m(gate_up, w, silu_mul=True)``): x is the
+  gate_up projection's [M, 2K] output and each x tile is computed on load as
+  ``silu(gate) * up``, rounded as kernels/activation.py rounds it, so the down projection needs
+  no separate activation kernel and no [M, K] intermediate; the result equals the unfused pair's
+  bit for bit (same tiles, same config). Every program recomputes the activation of the K
+  columns it reads (from L2): cheap next to its share of W at M <= 8.
 
 Configs are a pure function of (M, N, K): a table tuned on one H100 for the Llama-3-8B,
 Qwen2.5-7B and Llama-3.2-1B shapes, else a heuristic. Nothing is autotuned at call time, so a
@@ -34,6 +40,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from servelm.kernels.activation import silu_and_mul_ref, silu_mul_rounded
+
 MAX_M = 16
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -42,6 +50,12 @@ def linear_small_m_ref(x: torch.Tensor, weight: torch.Tensor,
                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x: [M, K], weight: [N, K], bias: [N] -> [M, N] (cuBLAS via torch)."""
     return F.linear(x, weight, bias)
+
+
+def linear_silu_mul_ref(gate_up: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """gate_up: [M, 2K] (gate | up), weight: [N, K] -> [M, N] = silu(gate) * up @ weight.T."""
+    return F.linear(silu_and_mul_ref(gate_up), weight, bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +221,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, strid
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SPLIT: tl.constexpr, USE_DOT: tl.constexpr, ATOMIC: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                 SWAP_AB: tl.constexpr):
-    # grid: (cdiv(N, BLOCK_N), number of K splits); k_per_split is a multiple of BLOCK_K
+                 SWAP_AB: tl.constexpr, SILU_MUL: tl.constexpr):
+    # grid: (cdiv(N, BLOCK_N), number of K splits); k_per_split is a multiple of BLOCK_K.
+    # SILU_MUL: x_ptr holds [M, 2K] (gate | up) and the x tile is silu(gate) * up
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,11 +251,20 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, M, N, K, stride_xm, strid
     for it in tl.range(0, num_iters, num_stages=STAGES):
         if EVEN_K:
             w = tl.load(w_ptrs, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            if SILU_MUL:  # masked rows and columns load 0: silu(0) * 0 = 0
+                x = silu_mul_rounded(tl.load(x_ptrs, mask=mask_m[:, None], other=0.0),
+                                     tl.load(x_ptrs + K, mask=mask_m[:, None], other=0.0))
+            else:
+                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
         else:
             kmask = (k_lo + it * BLOCK_K + offs_k) < K
             w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
+            xmask = mask_m[:, None] & kmask[None, :]
+            if SILU_MUL:
+                x = silu_mul_rounded(tl.load(x_ptrs, mask=xmask, other=0.0),
+                                     tl.load(x_ptrs + K, mask=xmask, other=0.0))
+            else:
+                x = tl.load(x_ptrs, mask=xmask, other=0.0)
         if USE_DOT and SWAP_AB:  # W as the MMA's A operand: [BLOCK_N, BLOCK_K] @ [BLOCK_K, 16]
             acc = tl.dot(w, tl.trans(x), acc)
         elif USE_DOT:
@@ -289,10 +313,14 @@ def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om, NUM_PARTS: tl
     tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+           silu_mul: bool = False) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
-    if x.shape[-1] != weight.shape[1]:
+    if silu_mul and x.shape[-1] != 2 * weight.shape[1]:
+        raise ValueError(f"silu_mul takes x = gate | up of 2K columns; x has {x.shape[-1]} but "
+                         f"weight is {tuple(weight.shape)}")
+    if not silu_mul and x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has K={x.shape[-1]} but weight is {tuple(weight.shape)}")
     if x.dtype not in _DTYPES or weight.dtype != x.dtype:
         raise ValueError(f"linear_small_m takes bf16/fp16 x and weight of one dtype, got "
@@ -304,18 +332,19 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 
 def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    out: Optional[torch.Tensor] = None,
-                   config: Optional[GemvConfig] = None) -> torch.Tensor:
+                   config: Optional[GemvConfig] = None, silu_mul: bool = False) -> torch.Tensor:
     """x: [M, K] (or [..., K]), weight: [N, K], bias: [N] -> out [M, N] (or [..., N]) in x's dtype.
 
     For M <= 16 (larger M runs in chunks of 16 rows, each streaming W again: use F.linear there).
     ``out`` ([M, N], contiguous last dim) is written in place when given; ``config`` overrides the
-    table (benchmarks, tests).
+    table (benchmarks, tests). ``silu_mul``: x is [M, 2K] (gate | up, as the gate_up projection
+    writes it) and the product is ``silu_and_mul(x) @ weight.T``, bit for bit, in one launch.
     """
-    _check(x, weight, bias)
+    _check(x, weight, bias, silu_mul)
     lead = x.shape[:-1]
-    k = x.shape[-1]
+    k = weight.shape[1]
     n = weight.shape[0]
-    x2 = x.reshape(-1, k)  # x2: [M, K]
+    x2 = x.reshape(-1, x.shape[-1])  # x2: [M, K], or [M, 2K] with silu_mul
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.stride(1) != 1:
@@ -331,7 +360,8 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         return out.view(*lead, n)
     if m > MAX_M:  # correct but re-streams W per 16 rows: use F.linear for large M
         for i in range(0, m, MAX_M):
-            linear_small_m(x2[i:i + MAX_M], weight, bias, out=out[i:i + MAX_M], config=config)
+            linear_small_m(x2[i:i + MAX_M], weight, bias, out=out[i:i + MAX_M], config=config,
+                           silu_mul=silu_mul)
         return out.view(*lead, n)
     if k == 0:
         out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
@@ -356,7 +386,7 @@ def linear_small_m(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         k_per_split,
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
         USE_DOT=cfg.use_dot, ATOMIC=cfg.atomic, HAS_BIAS=bias is not None, EVEN_K=even_k,
-        STAGES=cfg.num_stages, SWAP_AB=cfg.swap_ab,
+        STAGES=cfg.num_stages, SWAP_AB=cfg.swap_ab, SILU_MUL=silu_mul,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = 1024

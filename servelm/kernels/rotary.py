@@ -28,23 +28,35 @@ def rotary_embedding_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
 
 @triton.jit
+def rotate_halves(x1, x2, c, s):
+    """x1, x2: [BLOCK_H, HALF_PAD] tiles (first, second half of each head) in the activation
+    dtype; c, s: [1, HALF_PAD] fp32 cos/sin -> the rotated halves in that dtype. Shared with the
+    fused rotary + KV-write kernel (kernels/rotary_kv.py), so both round identically; launch
+    with enable_fp_fusion=False."""
+    dt = x1.dtype
+    c = c.to(dt).to(tl.float32)
+    s = s.to(dt).to(tl.float32)
+    a = x1.to(tl.float32)
+    b = x2.to(tl.float32)
+    # each product rounds to the activation dtype, then the sum does (as HF in bf16)
+    o1 = (a * c).to(dt).to(tl.float32) - (b * s).to(dt).to(tl.float32)
+    o2 = (b * c).to(dt).to(tl.float32) + (a * s).to(dt).to(tl.float32)
+    return o1.to(dt), o2.to(dt)
+
+
+@triton.jit
 def _rope_one(x_ptr, stride_t, stride_h, t, cos, sin, NUM_H: tl.constexpr, HALF: tl.constexpr,
               BLOCK_H: tl.constexpr, HALF_PAD: tl.constexpr):
-    dt = x_ptr.dtype.element_ty
     d = tl.arange(0, HALF_PAD)
-    c = cos.to(dt).to(tl.float32)[None, :]
-    s = sin.to(dt).to(tl.float32)[None, :]
     for h0 in range(0, NUM_H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         mask = (h < NUM_H)[:, None] & (d < HALF)[None, :]
         p1 = x_ptr + t * stride_t + h[:, None] * stride_h + d[None, :]
-        x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-        # each product rounds to the activation dtype, then the sum does (as HF in bf16)
-        o1 = (x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)
-        o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
-        tl.store(p1, o1.to(dt), mask=mask)
-        tl.store(p1 + HALF, o2.to(dt), mask=mask)
+        o1, o2 = rotate_halves(tl.load(p1, mask=mask, other=0.0),
+                               tl.load(p1 + HALF, mask=mask, other=0.0),
+                               cos[None, :], sin[None, :])
+        tl.store(p1, o1, mask=mask)
+        tl.store(p1 + HALF, o2, mask=mask)
 
 
 @triton.jit

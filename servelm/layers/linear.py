@@ -43,6 +43,7 @@ class Linear(nn.Module):
             lo, hi = shard_range(input_size, tp, f"{prefix or 'linear'} input")
             self.input_size_per_rank = hi - lo
         self.has_bias = bias
+        self.use_kernel = use_kernel  # Triton kernels (CUDA) where they apply, else torch ops
         self.method = get_linear_method(quantization, prefix, use_kernel)
         self.method.create_weights(self)
 
@@ -75,10 +76,24 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [M, input_size_per_rank] -> [M, output_size_per_rank]
-        if self.parallel == "row" and self.tp.world_size > 1:
-            y = self.tp.all_reduce(self.method.apply(self, x))
-            return y + self.bias if self.bias is not None else y  # the bias once, after the sum
+        if self._sums_over_ranks:
+            return self._all_reduce(self.method.apply(self, x))
         return self.method.apply(self, x, self.bias)
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """forward(silu(gate) * up) for gate_up: [M, 2 * input_size_per_rank] (gate | up, as a
+        gate_up projection outputs it); the method may fuse the activation into its matmul."""
+        if self._sums_over_ranks:
+            return self._all_reduce(self.method.apply_silu_mul(self, gate_up))
+        return self.method.apply_silu_mul(self, gate_up, self.bias)
+
+    @property
+    def _sums_over_ranks(self) -> bool:
+        return self.parallel == "row" and self.tp.world_size > 1
+
+    def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(partial)
+        return y + self.bias if self.bias is not None else y  # the bias once, after the sum
 
 
 def process_weights_after_loading(model: nn.Module) -> None:

@@ -29,7 +29,11 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embedding to q [T, H, D] and k [T, KVH, D] at positions [T]."""
+    """Applies rotary embedding to q [T, H, D] and k [T, KVH, D] at positions [T].
+
+    Models call it through ``AttentionBackend.rotate_and_write_kv``: the Triton backend then
+    fuses it with the KV-cache write (kernels/rotary_kv.py) when ``use_kernel`` is set, reading
+    ``cos_sin_cache``; the kernel path rotates q and k in place."""
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict,
                  use_kernel: bool = False) -> None:

@@ -10,7 +10,6 @@ from torch import nn
 
 from servelm.attention.backend import AttentionBackend, AttentionMetadata
 from servelm.distributed import ParallelGroup
-from servelm.layers.activation import silu_and_mul
 from servelm.layers.linear import Linear
 from servelm.layers.norm import RMSNorm
 from servelm.layers.rotary import RotaryEmbedding
@@ -100,11 +99,10 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
-        if self.rotary.use_kernel:
-            q, k = q.contiguous(), k.contiguous()
-        q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
-        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        # q, k, v may be strided views of the qkv output: the kernels take strides
+        q, k = self.backend.rotate_and_write_kv(self.rotary, positions, q, k, v, k_cache, v_cache,
+                                                meta.slot_mapping)
         o = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
@@ -116,10 +114,11 @@ class LlamaMLP(nn.Module):
                                      [a.intermediate_size] * 2, parallel="column")
         self.down_proj = o.linear(f"{prefix}.down_proj", a.intermediate_size, a.hidden_size,
                                   parallel="row")
-        self.use_kernels = o.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.use_kernels))
+        # [T, hidden] -> gate | up [T, 2I] -> down(silu(gate) * up) [T, hidden]; the down
+        # projection's method may compute the activation as it loads its input
+        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):

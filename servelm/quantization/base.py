@@ -5,8 +5,9 @@ parallel ranks; the method owns everything about the weights' layout: which para
 (``create_weights``), how a checkpoint tensor becomes this rank's share of them (``load_weight``
 receives the whole checkpoint tensor and slices its own shard, so quantized layouts and tensor
 parallelism meet in one place), any repacking once all are loaded (``process_after_loading``),
-and the matmul (``apply``). One method object per layer, chosen once from the registry; model
-files never branch on it.
+and the matmul (``apply``; ``apply_silu_mul`` for a down projection whose input is still the
+gate | up pair, so a method can fuse the activation into its matmul). One method object per
+layer, chosen once from the registry; model files never branch on it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Optional
 
 import torch
+
+from servelm.layers.activation import silu_and_mul
 
 if TYPE_CHECKING:
     from servelm.layers.linear import Linear
@@ -38,6 +41,14 @@ class LinearMethod(ABC):
     def apply(self, layer: "Linear", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [M, input_size_per_rank] -> [M, output_size_per_rank] in x's dtype (+ bias)."""
+
+    def apply_silu_mul(self, layer: "Linear", gate_up: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """gate_up: [M, 2 * input_size_per_rank] (gate | up, a gate_up projection's output) ->
+        ``apply(layer, silu(gate) * up, bias)``. Methods whose matmul can compute the activation
+        as it loads x override this (the unquantized small-M GEMV); the result must equal this
+        default's in the activation dtype."""
+        return self.apply(layer, silu_and_mul(gate_up, layer.use_kernel), bias)
 
     def process_after_loading(self, layer: "Linear") -> None:
         """Repack or convert once every weight is loaded (dummy weights included)."""

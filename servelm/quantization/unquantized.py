@@ -55,3 +55,15 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: "Linear", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return dense_linear(x, layer.weight, bias, self.use_kernel)
+
+    def apply_silu_mul(self, layer: "Linear", gate_up: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # gate_up: [M, 2K] -> [M, N]; where the small-M GEMV runs (decode batches on CUDA) it
+        # computes silu(gate) * up as it loads x: one launch instead of two, the same bits
+        w = layer.weight  # [N, K]
+        if self.use_kernel:
+            from servelm.kernels.gemv import linear_small_m, use_small_m_kernel
+            if use_small_m_kernel(gate_up.shape[0], w.shape[0], w.shape[1], w.dtype,
+                                  gate_up.device):
+                return linear_small_m(gate_up, w, bias, silu_mul=True)
+        return super().apply_silu_mul(layer, gate_up, bias)

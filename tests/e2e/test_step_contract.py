@@ -241,5 +241,6 @@ def test_priority_needs_the_priority_policy(tiny_model_factory):
     eng = make_engine(path)
     with pytest.raises(ValueError, match="needs priority scheduling"):
         eng.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2), priority=3)
-    with pytest.raises(ValueError, match="scheduling_policy must be one of 'fcfs', 'priority'"):
-        EngineArgs(model=path, device="cpu", scheduling_policy="slo").create_engine_config()
+    with pytest.raises(ValueError,
+                       match="scheduling_policy must be one of 'fcfs', 'priority', 'slo'"):
+        EngineArgs(model=path, device="cpu", scheduling_policy="sjf").create_engine_config()
