@@ -1,4 +1,5 @@
-"""Model configs as transformers `PretrainedConfig`s, from a HF directory, GGUF metadata or a preset.
+"""Model configs: a transformers `PretrainedConfig` for a HF directory; servelm's own `ArchConfig`
+for GGUF metadata and presets (so those paths never import transformers).
 
 load_format: "auto" (a directory -> safetensors, a *.gguf file -> gguf), "safetensors" (a HF
 directory: config.json + *.safetensors, or pytorch_model.bin), "gguf", "dummy" (random weights:
@@ -12,14 +13,15 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from transformers import AutoConfig, PretrainedConfig
 
+from servelm.loader.arch_config import ArchConfig
 from servelm.loader.default_model import require_module, resolve_model
+from servelm.loader.gguf_file import GGUFFile, GGUFTensorInfo
 from servelm.loader.presets import DEFAULT_DUMMY_PRESET, preset_config
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
-# GGUF `general.architecture` -> (transformers model_type, architecture class name).
+# GGUF `general.architecture` -> (HF model_type, architecture class name).
 # A Mistral GGUF is written by llama.cpp as "llama" (same tensors, same q/k permutation).
 GGUF_ARCHITECTURES = MappingProxyType({
     "llama": ("llama", "LlamaForCausalLM"),
@@ -55,8 +57,9 @@ def resolve_load_format(path: str, load_format: str) -> str:
     return load_format
 
 
-def load_hf_config(model: str | None, load_format: str = "auto") -> PretrainedConfig:
-    """The transformers config of `model` (None -> the embedded SmolLM2 GGUF, or for dummy its preset)."""
+def load_hf_config(model: str | None, load_format: str = "auto") -> Any:
+    """The config of `model` (None -> the embedded SmolLM2 GGUF, or for dummy its preset): an
+    `ArchConfig` for a preset or a .gguf file, a transformers `PretrainedConfig` for a HF directory."""
     check_load_format(load_format)
     if load_format == "dummy":
         if model is None:
@@ -66,12 +69,11 @@ def load_hf_config(model: str | None, load_format: str = "auto") -> PretrainedCo
         load_format = "auto"
     path = resolve_model(model)
     if resolve_load_format(path, load_format) == "gguf":
-        gguf = require_module("gguf", "gguf", "reading a GGUF file")
-        return gguf_config_from_reader(gguf.GGUFReader(path), path)
+        return gguf_config_from_reader(GGUFFile(path), path)
     return _hf_dir_config(path)
 
 
-def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
+def rope_parameters(config: Any) -> dict[str, Any]:
     """{"rope_type", "rope_theta", scaling fields...} under transformers 5 (`rope_parameters`) and 4."""
     params = getattr(config, "rope_parameters", None)
     if isinstance(params, dict) and "rope_theta" in params:
@@ -83,22 +85,23 @@ def rope_parameters(config: PretrainedConfig) -> dict[str, Any]:
     return out
 
 
-def _hf_dir_config(path: str) -> PretrainedConfig:
+def _hf_dir_config(path: str) -> Any:
     if not os.path.isfile(os.path.join(path, "config.json")):
         ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         hint = f"; to load a GGUF pass its file path, e.g. {os.path.join(path, ggufs[0])!r}" if ggufs else ""
         raise ValueError(f"{path!r} has no config.json, so it is not a Hugging Face model directory{hint}")
+    from transformers import AutoConfig  # here only: the preset and GGUF paths never import it
+
     return AutoConfig.from_pretrained(path)
 
 
-def gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-    """The value of metadata `key` of a `gguf.GGUFReader` (str, number, bool or list), or default."""
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
+def gguf_field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    """The value of metadata `key` of a GGUF file (str, number, bool or list), or default."""
+    return reader.field(key, default)
 
 
-def gguf_config_from_reader(reader: Any, path: str = "") -> PretrainedConfig:
-    """Builds the transformers config from GGUF metadata (llama.cpp key names)."""
+def gguf_config_from_reader(reader: GGUFFile, path: str = "") -> ArchConfig:
+    """Builds the model config from GGUF metadata (llama.cpp key names)."""
     arch = gguf_field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(
@@ -134,6 +137,7 @@ def gguf_config_from_reader(reader: Any, path: str = "") -> PretrainedConfig:
     rope_theta = float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0))
 
     kwargs: dict[str, Any] = {
+        "model_type": model_type,
         "architectures": [class_name],
         "hidden_size": hidden,
         "num_hidden_layers": int(required("block_count")),
@@ -156,24 +160,26 @@ def gguf_config_from_reader(reader: Any, path: str = "") -> PretrainedConfig:
         value = gguf_field(reader, f"tokenizer.ggml.{gguf_key}")
         if value is not None:
             kwargs[hf_key] = int(value)
-    config = AutoConfig.for_model(model_type, **kwargs)
-    config._name_or_path = path
     # End-of-turn/-message ids (e.g. Llama 3's <|eot_id|>) also end generation; kept here so
     # load_generation_eos_ids need not parse the file again.
     eog = (gguf_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom"))
-    config.eog_token_ids = [int(i) for i in dict.fromkeys(eog) if i is not None]
-    return config
+    kwargs["eog_token_ids"] = [int(i) for i in dict.fromkeys(eog) if i is not None]
+    return ArchConfig(**kwargs, name_or_path=path)
 
 
 def _gguf_rope_scaling(
-    reader: Any, arch: str, tensors: dict[str, Any], head_dim: int, rope_theta: float, path: str
+    reader: GGUFFile, arch: str, tensors: dict[str, GGUFTensorInfo], head_dim: int,
+    rope_theta: float, path: str
 ) -> dict[str, Any] | None:
     scaling_type = gguf_field(reader, f"{arch}.rope.scaling.type")
     factor = gguf_field(reader, f"{arch}.rope.scaling.factor")
     orig_ctx = gguf_field(reader, f"{arch}.rope.scaling.original_context_length")
     if "rope_freqs.weight" in tensors:
-        freqs = tensors["rope_freqs.weight"]
-        return _llama3_scaling_from_rope_freqs(freqs, head_dim, rope_theta, orig_ctx, path)
+        info = tensors["rope_freqs.weight"]
+        gguf = require_module("gguf", "gguf", "reading llama3 rope scaling from a GGUF file")
+        divisors = gguf.quants.dequantize(reader.tensor_data(info),
+                                         gguf.GGMLQuantizationType(info.tensor_type))
+        return _llama3_scaling_from_rope_freqs(divisors, head_dim, rope_theta, orig_ctx, path)
     if scaling_type in (None, "none") or factor is None or float(factor) == 1.0:
         return None
     if scaling_type == "linear":
@@ -186,13 +192,12 @@ def _gguf_rope_scaling(
 
 
 def _llama3_scaling_from_rope_freqs(
-    tensor: Any, head_dim: int, rope_theta: float, orig_ctx: int | None, path: str
+    divisors: np.ndarray, head_dim: int, rope_theta: float, orig_ctx: int | None, path: str
 ) -> dict[str, Any]:
     """llama.cpp stores Llama 3.1+ rope scaling as per-frequency divisors (`rope_freqs.weight`,
     [head_dim // 2]) instead of its parameters. Every Llama 3.x uses low/high freq factors 1 and 4
     and an original context of 8192, so recover the factor and check the divisors match."""
-    gguf = require_module("gguf", "gguf", "reading a GGUF file")
-    divisors = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).ravel()
+    divisors = np.asarray(divisors, dtype=np.float64).ravel()
     factor, low, high = float(divisors.max()), 1.0, 4.0
     orig = int(orig_ctx) if orig_ctx else 8192
     inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)

@@ -2,6 +2,7 @@
 
 Each preset is the published `config.json` of the model, reduced to the fields that shape the
 network. Benchmarks on a preset measure the real model's speed; its outputs are noise.
+Presets build servelm's own `ArchConfig` (no transformers import on the dummy path).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import copy
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from transformers import AutoConfig, PretrainedConfig
+from servelm.loader.arch_config import ArchConfig
 
 _LLAMA3_ROPE_SCALING = MappingProxyType({
     "rope_type": "llama3",
@@ -71,8 +72,8 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
 DEFAULT_DUMMY_PRESET = "smollm2-135m"
 
 
-def preset_config(name: str) -> PretrainedConfig:
-    """A fresh transformers config of the preset `name` (case-insensitive)."""
+def preset_config(name: str) -> ArchConfig:
+    """A fresh config of the preset `name` (case-insensitive)."""
     key = name.lower()
     if key not in PRESETS:
         raise ValueError(
@@ -80,7 +81,4 @@ def preset_config(name: str) -> PretrainedConfig:
             "or pass a local Hugging Face directory whose config.json gives the shape"
         )
     kwargs = {k: copy.deepcopy(dict(v) if isinstance(v, Mapping) else v) for k, v in PRESETS[key].items()}
-    model_type = kwargs.pop("model_type")
-    config = AutoConfig.for_model(model_type, **kwargs)
-    config.name_or_path = key
-    return config
+    return ArchConfig.from_dict({**kwargs, "name_or_path": key})

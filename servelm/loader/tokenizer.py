@@ -1,21 +1,23 @@
-"""Tokenizers (transformers) and the token ids that end generation."""
+"""Tokenizers and the token ids that end generation.
+
+A HF directory gets transformers' AutoTokenizer (imported there only); a .gguf file and a dummy
+preset get servelm's LightTokenizer (gguf_tokenizer, synthetic_tokenizer), so those paths run
+without importing transformers."""
 from __future__ import annotations
 
 import json
 import os
 from typing import Any, Iterator
 
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
-
 from servelm.loader.config import check_load_format, resolve_load_format
-from servelm.loader.default_model import require_module, resolve_model
+from servelm.loader.default_model import resolve_model
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_tokenizer(
     model: str | None, tokenizer: str | None = None, load_format: str = "auto"
-) -> PreTrainedTokenizerBase | None:
+) -> Any:
     """The tokenizer of `tokenizer` if given (a HF directory or .gguf file), else of `model`.
 
     With load_format="dummy" and no `tokenizer`: the tokenizer of a HF directory (if it has one)
@@ -41,21 +43,22 @@ def load_tokenizer(
     return _load(path, load_format)
 
 
-def _load(path: str, load_format: str) -> PreTrainedTokenizerBase:
+def _load(path: str, load_format: str) -> Any:
     if resolve_load_format(path, load_format) == "gguf":
-        require_module("gguf", "gguf", "reading the tokenizer of a GGUF file")
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                             gguf_file=os.path.basename(path))
+        from servelm.loader.gguf_tokenizer import load_gguf_tokenizer
+        return load_gguf_tokenizer(path)
     if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         raise ValueError(
             f"{path!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}): "
             "pass tokenizer=<a local HF directory or .gguf file> that has one"
         )
+    from transformers import AutoTokenizer  # here only: GGUF files and presets never import it
+
     return AutoTokenizer.from_pretrained(path)
 
 
 def load_generation_eos_ids(
-    model: str | None, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None
+    model: str | None, config: Any, tokenizer: Any
 ) -> list[int]:
     """Token ids that stop generation, deduplicated, in the first source that has any:
     the model directory's generation_config.json, config.eos_token_id (plus, for a config built

@@ -16,10 +16,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from transformers import PretrainedConfig
-
 from servelm.loader.config import gguf_config_from_reader, resolve_load_format
 from servelm.loader.default_model import require_module, resolve_model
+from servelm.loader.gguf_file import GGUFFile, GGUFTensorInfo
 
 _GGUF_GLOBAL_NAMES = MappingProxyType({
     "token_embd.weight": "model.embed_tokens.weight",
@@ -56,11 +55,11 @@ def iter_weights(model: str | None, load_format: str = "auto") -> Iterator[tuple
         raise ValueError("load_format='dummy' has no weights to read: use initialize_dummy_weights(model)")
     path = resolve_model(model)
     if resolve_load_format(path, load_format) == "gguf":
-        gguf = require_module("gguf", "gguf", "reading a GGUF file")
-        reader = gguf.GGUFReader(path)
+        require_module("gguf", "gguf", "reading a GGUF file")  # its dequantization
+        reader = GGUFFile(path)
         config = gguf_config_from_reader(reader, path)
         named = [(t, gguf_to_hf_name(t.name)) for t in reader.tensors]  # fails now on unknown tensors
-        return _iter_gguf([(t, name) for t, name in named if name is not None], config)
+        return _iter_gguf(reader, [(t, name) for t, name in named if name is not None], config)
     return _iter_hf_dir(_hf_weight_files(path))
 
 
@@ -123,7 +122,9 @@ def unpermute_llama_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _iter_gguf(named: list[tuple[Any, str]], config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(reader: GGUFFile, named: list[tuple[GGUFTensorInfo, str]],
+               config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     permute_heads = {}
@@ -131,7 +132,7 @@ def _iter_gguf(named: list[tuple[Any, str]], config: PretrainedConfig) -> Iterat
         permute_heads = {"self_attn.q_proj": config.num_attention_heads,
                          "self_attn.k_proj": config.num_key_value_heads}
     for t, hf_name in named:
-        array = dequantize(t.data, t.tensor_type)
+        array = dequantize(reader.tensor_data(t), GGMLQuantizationType(t.tensor_type))
         if not array.flags.writeable:  # a view of the read-only file map (F32 tensors)
             array = array.copy()
         # t.shape is in ggml order (fastest dimension first)

@@ -1,6 +1,13 @@
 """CUDA graphs for decode-only steps: the model's forward, the lm_head and the greedy argmax
 captured once per padded batch size and replayed over persistent input buffers, which removes
-per-kernel launch overhead (hundreds of launches per step for a 32-layer model)."""
+per-kernel launch overhead (hundreds of launches per step for a 32-layer model).
+
+Start-up captures only the largest graph (its memory pool then serves every later capture) and
+the small batches that latency-bound serving starts with (9 of the 26 graphs of an 8B model at
+max_num_seqs >= 512); each other one is captured the first time a step needs it, which stalls
+that step once by what a capture costs at start-up (two eager forwards and the capture). The
+kernels a capture runs are compiled at start-up (worker/kernel_warmup.py), so a late capture
+does not wait for Triton."""
 from __future__ import annotations
 
 import logging
@@ -41,6 +48,25 @@ DecodeFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], Tuple[torch
 # and exit (measurable at batch 1, where the step is a few ms). Large batches keep one graph.
 SHORT_CONTEXT = 1024
 SHORT_CONTEXT_MAX_BS = 32
+# batch sizes captured at start-up (with the largest size); larger ones on first use
+EAGER_CAPTURE_MAX_BS = 8
+
+
+def graph_keys(max_bs: int, max_model_len: int) -> list[tuple[int, int]]:
+    """(batch size, longest context) of every decode graph, largest first."""
+    sizes = capture_sizes(max_bs)
+    short = min(SHORT_CONTEXT, max_model_len)
+    keys = [(bs, max_model_len) for bs in sizes]
+    if short < max_model_len:
+        keys += [(bs, short) for bs in sizes if bs <= SHORT_CONTEXT_MAX_BS]
+    return sorted(keys, reverse=True)
+
+
+def eager_graph_keys(max_bs: int, max_model_len: int) -> list[tuple[int, int]]:
+    """The graphs captured at start-up, largest first: the largest (sizes the shared memory
+    pool) and every one of batch <= EAGER_CAPTURE_MAX_BS."""
+    keys = graph_keys(max_bs, max_model_len)
+    return [k for i, k in enumerate(keys) if i == 0 or k[0] <= EAGER_CAPTURE_MAX_BS]
 
 
 class DecodeGraphs:
@@ -64,15 +90,11 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.max_model_len = max_model_len
         self.short = min(SHORT_CONTEXT, max_model_len)
+        self.keys = frozenset(graph_keys(max_bs, max_model_len))  # captured now or on first use
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _keys(self) -> list[tuple[int, int]]:
-        """(batch size, longest context) of every graph, largest first."""
-        keys = [(bs, self.max_model_len) for bs in self.sizes]
-        if self.short < self.max_model_len:
-            keys += [(bs, self.short) for bs in self.sizes if bs <= SHORT_CONTEXT_MAX_BS]
-        return sorted(keys, reverse=True)
+        self.pool = None  # the memory pool every graph shares (graphs replay one at a time)
+        self.num_lazy_captures = 0
 
     def _meta(self, bs: int, max_len: int) -> AttentionMetadata:
         # max_seq_len: the longest context this graph serves; attention sizes its grid by it
@@ -83,21 +105,32 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        """The start-up graphs, largest first: later ones reuse the first one's memory pool."""
         t0 = time.perf_counter()
-        pool = None
-        for key in self._keys():  # largest first: later graphs reuse its memory pool
-            bs, max_len = key
-            meta = self._meta(bs, max_len)
-            for _ in range(2):  # warm up: Triton JIT, cuBLAS handles
-                self.forward(self.input_ids[:bs], self.positions[:bs], meta)
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[key] = self.forward(self.input_ids[:bs], self.positions[:bs], meta)
-            pool = g.pool()
-            self.graphs[key] = g
+        for key in eager_graph_keys(self.max_bs, self.max_model_len):
+            self._capture(key)
         torch.cuda.synchronize()
-        logger.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
+        logger.info("captured %d of %d CUDA graphs in %.1fs (the rest on first use)",
+                    len(self.graphs), len(self.keys), time.perf_counter() - t0)
+
+    def _capture(self, key: tuple[int, int]) -> None:
+        bs, max_len = key
+        # padding rows only: no KV slot written, no context read (the buffers may hold the
+        # last replay's real rows when a graph is captured while serving)
+        self.slot_mapping[:bs].fill_(-1)
+        self.seq_lens[:bs].fill_(0)
+        self._capture_graph(key, self._meta(bs, max_len))
+
+    def _capture_graph(self, key: tuple[int, int], meta: AttentionMetadata) -> None:
+        bs = key[0]
+        for _ in range(2):  # warm up: cuBLAS handles and workspaces, any kernel not yet compiled
+            self.forward(self.input_ids[:bs], self.positions[:bs], meta)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            self.outputs[key] = self.forward(self.input_ids[:bs], self.positions[:bs], meta)
+        self.pool = g.pool()
+        self.graphs[key] = g
 
     def padded_size(self, num_seqs: int) -> int | None:
         for s in self.sizes:
@@ -110,6 +143,14 @@ class DecodeGraphs:
         B = input_ids.shape[0]
         bs = self.padded_size(B)
         assert bs is not None
+        key = (bs, self.short if (meta.max_seq_len <= self.short and (bs, self.short) in self.keys)
+                   else self.max_model_len)
+        if key not in self.graphs:  # first use: capture before this step's inputs go in
+            t0 = time.perf_counter()
+            self._capture(key)
+            self.num_lazy_captures += 1
+            logger.info("captured the CUDA graph of batch %d, context <= %d, on first use in "
+                        "%.0f ms", bs, key[1], (time.perf_counter() - t0) * 1e3)
         w = meta.block_tables.shape[1]
         self.input_ids[:B].copy_(input_ids, non_blocking=True)
         self.positions[:B].copy_(positions, non_blocking=True)
@@ -119,8 +160,6 @@ class DecodeGraphs:
         if bs > B:
             self.slot_mapping[B:bs].fill_(-1)
             self.seq_lens[B:bs].fill_(0)
-        key = (bs, self.short if (meta.max_seq_len <= self.short and (bs, self.short) in self.graphs)
-                   else self.max_model_len)
         self.graphs[key].replay()
         logits, greedy = self.outputs[key]
         return logits[:B], greedy[:B]

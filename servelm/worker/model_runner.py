@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -87,23 +88,25 @@ class ModelRunner:
 
     # ---- set-up ---------------------------------------------------------------------------
     def _load_model(self, tp: ParallelGroup) -> torch.nn.Module:
+        warmup = self._start_kernel_warmup(tp)  # compiles in other processes while weights load
+        try:
+            model = self._build_and_load(tp)
+        except BaseException:
+            if warmup is not None:
+                warmup.stop()
+            raise
+        # before the first forward (the memory profile), whose kernels then load from the cache
+        self.warmup_report = warmup.wait() if warmup is not None else None
+        return model
+
+    def _build_and_load(self, tp: ParallelGroup) -> torch.nn.Module:
         from servelm.layers.linear import process_weights_after_loading
         from servelm.loader import initialize_dummy_weights, iter_weights
         mc = self.config.model
         t0 = time.perf_counter()
         torch.manual_seed(mc.seed)
         with torch.device(self.device):
-            prev = torch.get_default_dtype()
-            torch.set_default_dtype(self.dtype)
-            try:
-                model = build_model(mc.hf_config, self.backend, self.use_kernels,
-                                    mc.quantization, tp)
-            finally:
-                torch.set_default_dtype(prev)
-        # rotary cos/sin stay fp32 whatever the model dtype
-        for m in model.modules():
-            if hasattr(m, "cos_sin_cache"):
-                m.cos_sin_cache = m.cos_sin_cache.float()
+            model = self._build(mc.hf_config, tp)
         if mc.load_format == "dummy":
             initialize_dummy_weights(model, mc.seed)
         else:
@@ -112,6 +115,53 @@ class ModelRunner:
         model.eval()
         logger.info("loaded %s in %.1fs", mc.model, time.perf_counter() - t0)
         return model
+
+    def _build(self, hf_config, tp: ParallelGroup) -> torch.nn.Module:
+        """The model of `hf_config` on the current default device, parameters uninitialised."""
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            model = build_model(hf_config, self.backend, self.use_kernels,
+                                self.config.model.quantization, tp)
+        finally:
+            torch.set_default_dtype(prev)
+        # rotary cos/sin stay fp32 whatever the model dtype
+        for m in model.modules():
+            if hasattr(m, "cos_sin_cache"):
+                m.cos_sin_cache = m.cos_sin_cache.float()
+        return model
+
+    def _start_kernel_warmup(self, tp: ParallelGroup):
+        """Records the Triton kernels this runner will compile (a dry run of a one-layer shadow
+        model, worker/kernel_jobs.py) and starts compiling the uncached ones in worker
+        processes (worker/kernel_warmup.py). CUDA with Triton kernels only;
+        SERVELM_KERNEL_WARMUP=0 turns it off (kernels then compile on first use)."""
+        if not self.use_kernels:
+            return None
+        from servelm.layers.linear import process_weights_after_loading
+        from servelm.worker.cuda_graphs import graph_keys
+        from servelm.worker.kernel_jobs import DryRunShapes, record_kernel_jobs, shadow_model
+        from servelm.worker.kernel_warmup import configure_compile_cache, start_kernel_warmup
+        configure_compile_cache()  # persistent, whether or not the warm-up runs
+        if os.environ.get("SERVELM_KERNEL_WARMUP") == "0":
+            return None
+        t0 = time.perf_counter()
+        mc = self.config.model
+        try:
+            keys = (graph_keys(self.graph_max_bs(), mc.max_model_len)
+                    if self.will_capture_graphs() else [])
+            shapes = DryRunShapes(mc.num_kv_heads, mc.head_dim, self.dtype, self.block_size,
+                                  mc.max_model_len, self.max_blocks_per_seq,
+                                  tuple(profile_lens(self)), tuple(keys), self.graph_max_bs())
+            shadow = shadow_model(lambda cfg: self._build(cfg, tp), mc.hf_config, self.device)
+            process_weights_after_loading(shadow)
+            jobs = record_kernel_jobs(shadow, shapes, self.device)
+            del shadow
+            torch.cuda.empty_cache()
+            return start_kernel_warmup(jobs, t0, time.perf_counter() - t0)
+        except Exception as e:  # the kernels then compile on first use, as without warm-up
+            logger.warning("kernel warm-up did not start: %s: %s", type(e).__name__, e)
+            return None
 
     def allocate_kv(self, num_blocks: int) -> None:
         mc = self.config.model
