@@ -58,8 +58,11 @@ def random_prompts(n: int, lens, seed: int, vocab: int) -> list[list[int]]:
 
 def hf_baseline(cfg, b1_prompt, b2_prompts, out_len: int, b1_new: int) -> dict:
     import transformers as tf
+    # the preset's own config object -> transformers' config of that model type
+    fields = {k: v for k, v in cfg.to_dict().items() if k != "model_type"}
+    hf_cfg = tf.AutoConfig.for_model(cfg.model_type, **fields)
     with torch.device("cuda"):
-        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+        model = tf.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
     res = {}
     gen = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():

@@ -141,8 +141,11 @@ def gemv_on_this_device(monkeypatch):
 @pytest.mark.parametrize("m", [1, 3, 8, 12])
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_silu_mul_seam(gemv_on_this_device, monkeypatch, m, bias):
-    """Linear.forward_silu_mul == forward(silu_and_mul(gate_up)) bit for bit: fused at M <= 8,
-    the default (unfused) method above; the torch path equals the plain torch expression."""
+    """Linear.forward_silu_mul == forward(silu_and_mul(gate_up)) bit for bit: fused up to
+    SILU_MUL_MAX_M rows (M <= 8 when raised, as the kernel allows), the default (unfused)
+    method above; the torch path equals the plain torch expression."""
+    from servelm.quantization import unquantized
+    monkeypatch.setattr(unquantized, "SILU_MUL_MAX_M", 8)  # the kernel's whole range
     from servelm.layers.activation import silu_and_mul as layer_silu
     from servelm.quantization.base import LinearMethod
     dtype = torch.float16  # M = 3, 8 take the dot path, which the interpreter runs in fp16 only
