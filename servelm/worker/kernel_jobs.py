@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -135,11 +135,8 @@ def _cache(s: DryRunShapes, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def record_kernel_jobs(model: nn.Module, s: DryRunShapes, device: torch.device,
-                       on_job: Optional[Callable[[Job], None]] = None) -> list[Job]:
-    """The compile jobs of every dry-run step, deduplicated, required ones first. ``on_job``
-    sees each as soon as it is recorded (the steps run required ones first, so a job's flag
-    is final when it is first seen)."""
+def record_kernel_jobs(model: nn.Module, s: DryRunShapes, device: torch.device) -> list[Job]:
+    """The compile jobs of every dry-run step, deduplicated, required ones first."""
     from triton import knobs
 
     jobs: dict[tuple[str, str, str], bool] = {}
@@ -147,8 +144,6 @@ def record_kernel_jobs(model: nn.Module, s: DryRunShapes, device: torch.device,
 
     def hook(*, fn: Any, compile: dict, **_: Any) -> bool:
         key = (fn.module, fn.name, compile["specialization_data"])
-        if key not in jobs and on_job is not None:
-            on_job((*key, required))
         jobs[key] = jobs.get(key, False) or required
         return True  # skip: no compile, no launch
 

@@ -4,8 +4,7 @@ A cold Triton compile took 0.1-1.7 s per binary (GEMV configs for sm_90, on the 
 machine) and a model needs a few dozen binaries. Compiling holds the GIL most of the time: there,
 16 GEMV compiles took 7.3 s in one thread and 12.3 s in two, but 5.8 s in two processes against
 9.9 s in one (interpreter start included). So the runner records the compile jobs
-(kernel_jobs.py), hands each one missing from the on-disk Triton cache over as soon as it is
-found (recording took 6 s on the H100 for Llama-3-8B: compiling overlaps it), to worker processes
+(kernel_jobs.py), keeps those missing from the on-disk Triton cache, and starts worker processes
 (`python -m servelm.worker.kernel_warmup`) that compile them into that cache from Triton's
 serialized specializations for the GPU's target, with no GPU memory or CUDA context
 (`triton.compile` with an explicit target, and the launcher stub). The runner's own first
@@ -135,53 +134,30 @@ class WarmupReport:
 
 
 class KernelWarmup:
-    """Workers compiling the jobs handed to `add` (those missing from the cache) for `target`,
-    started at the first such job, so compiling overlaps the recording that finds the rest;
-    see the module docstring. Job i is the file ``job{i}.json`` in a private directory, written
-    whole before it appears; ``closed`` marks the end of the list."""
+    """Workers compiling `jobs` (none cached) for `target`; see the module docstring."""
 
-    def __init__(self, target: Any, num_workers: int, t0: float) -> None:
-        self.target, self.num_workers, self.t0 = target, num_workers, t0
-        self.jobs: list[Job] = []
-        self.num_cached = 0
-        self.record_seconds = 0.0
+    def __init__(self, jobs: list[Job], target: Any, num_workers: int, t0: float,
+                 num_cached: int, record_seconds: float) -> None:
+        self.jobs, self.target, self.t0 = jobs, target, t0
+        self.num_cached, self.record_seconds = num_cached, record_seconds
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Any] = []
-        self.dir = tempfile.mkdtemp(prefix="servelm-warmup-")
-        atexit.register(self.stop)
-
-    def add(self, job: Job) -> None:
-        """A recorded job: compiled by the workers unless the cache has it."""
-        try:
-            cached = is_cached(job, self.target)
-        except Exception:  # the worker's compile will say what is wrong
-            cached = False
-        if cached:
-            self.num_cached += 1
+        self.dir = ""
+        if not jobs:  # everything is cached
             return
-        i = len(self.jobs)
-        self.jobs.append(job)
-        _write(os.path.join(self.dir, f"job{i}.json"), json.dumps(job))
-        if not self.procs and self.num_workers:
-            self._start_workers()
-
-    def close(self, record_seconds: float) -> None:
-        """No more jobs: workers end once none is left."""
-        self.record_seconds = record_seconds
-        _write(os.path.join(self.dir, "closed"), "")
-
-    def _start_workers(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="servelm-warmup-")
         spec = os.path.join(self.dir, "spec.json")
-        _write(spec, json.dumps({"target": target_to_json(self.target), "parent": os.getpid()}))
+        with open(spec, "w") as f:
+            json.dump({"jobs": jobs, "target": target_to_json(target), "parent": os.getpid()}, f)
         pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
                "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)}
-        self.logs = [open(os.path.join(self.dir, f"worker{i}.log"), "w")
-                     for i in range(self.num_workers)]
+        self.logs = [open(os.path.join(self.dir, f"worker{i}.log"), "w") for i in range(num_workers)]
         # own session: ending a worker also ends the compilers (ptxas, gcc) it runs
         self.procs = [subprocess.Popen(
             [sys.executable, "-m", "servelm.worker.kernel_warmup", spec], env=env,
             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True) for log in self.logs]
+        atexit.register(self.stop)
 
     def status(self, i: int) -> Optional[str]:
         """"done", "failed", or None (not yet compiled)."""
@@ -228,7 +204,6 @@ class KernelWarmup:
             p.wait()
         for log in self.logs:
             log.close()
-        self.procs, self.logs = [], []
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -240,23 +215,22 @@ class KernelWarmup:
         return ""
 
 
-def start_kernel_warmup(t0: float, num_workers: Optional[int] = None) -> KernelWarmup:
-    """A warm-up for the current CUDA device's target, ready to take recorded jobs."""
+def start_kernel_warmup(jobs: list[Job], t0: float, record_seconds: float = 0.0,
+                        num_workers: Optional[int] = None) -> KernelWarmup:
+    """Starts compiling the `jobs` missing from the cache, for the current CUDA device's target.
+    Workers start only for two or more (one compiles in `wait()` as fast)."""
     from triton.runtime import driver
 
     configure_compile_cache()
     target = driver.active.get_current_target()
+    missing = [j for j in jobs if not is_cached(j, target)]
     if num_workers is None:
         env = os.environ.get("SERVELM_WARMUP_WORKERS")
         num_workers = int(env) if env else min(MAX_WORKERS, max(1, (os.cpu_count() or 2) - 1))
-    return KernelWarmup(target, num_workers, t0)
-
-
-def _write(path: str, text: str) -> None:
-    """Writes a file that appears complete (rename) for the pollers."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    num_workers = min(num_workers, len(missing)) if len(missing) >= 2 else 0
+    logger.info("kernel warm-up: %d kernels recorded in %.2fs, %d not in the cache %s",
+                len(jobs), record_seconds, len(missing), os.environ["TRITON_CACHE_DIR"])
+    return KernelWarmup(missing, target, num_workers, t0, len(jobs) - len(missing), record_seconds)
 
 
 # ---- the worker process ------------------------------------------------------------------------
@@ -285,33 +259,17 @@ def _run_job(directory: str, i: int, job: Sequence, target: Any) -> None:
 
 
 def worker_main(spec_path: str) -> None:
-    """Compiles the jobs no other process has claimed, in order, as they appear; ends after the
-    last once the list is closed, or when the runner's process is gone (a spawned engine
-    process ends without atexit hooks)."""
+    """Compiles the spec's jobs that no other process has claimed, required ones first; stops
+    when the runner's process is gone (a spawned engine process ends without atexit hooks)."""
     with open(spec_path) as f:
         spec = json.load(f)
     directory, target = os.path.dirname(spec_path), target_from_json(spec["target"])
-    i = 0
-    while True:
+    for i, job in enumerate(spec["jobs"]):
         if os.getppid() != spec["parent"]:
             shutil.rmtree(directory, ignore_errors=True)  # nobody else will
             return
-        path = os.path.join(directory, f"job{i}.json")
-        if not os.path.exists(path):
-            if not os.path.isdir(directory):
-                return  # the warm-up is over
-            if os.path.exists(os.path.join(directory, "closed")) and not os.path.exists(path):
-                return
-            time.sleep(_POLL_S)
-            continue
         if _claim(directory, i):
-            try:
-                with open(path) as f:
-                    job = json.load(f)
-            except OSError:
-                return
             _run_job(directory, i, job, target)
-        i += 1
 
 
 if __name__ == "__main__":

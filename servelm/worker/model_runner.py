@@ -153,20 +153,15 @@ class ModelRunner:
             shapes = DryRunShapes(mc.num_kv_heads, mc.head_dim, self.dtype, self.block_size,
                                   mc.max_model_len, self.max_blocks_per_seq,
                                   tuple(profile_lens(self)), tuple(keys), self.graph_max_bs())
-            warmup = start_kernel_warmup(t0)
+            shadow = shadow_model(lambda cfg: self._build(cfg, tp), mc.hf_config, self.device)
+            process_weights_after_loading(shadow)
+            jobs = record_kernel_jobs(shadow, shapes, self.device)
+            del shadow
+            torch.cuda.empty_cache()
+            return start_kernel_warmup(jobs, t0, time.perf_counter() - t0)
         except Exception as e:  # the kernels then compile on first use, as without warm-up
             logger.warning("kernel warm-up did not start: %s: %s", type(e).__name__, e)
             return None
-        try:  # workers compile each job as the dry run finds it
-            shadow = shadow_model(lambda cfg: self._build(cfg, tp), mc.hf_config, self.device)
-            process_weights_after_loading(shadow)
-            record_kernel_jobs(shadow, shapes, self.device, on_job=warmup.add)
-            del shadow
-            torch.cuda.empty_cache()
-        except Exception as e:  # the jobs found so far still compile; the rest on first use
-            logger.warning("kernel recording stopped: %s: %s", type(e).__name__, e)
-        warmup.close(time.perf_counter() - t0)
-        return warmup
 
     def allocate_kv(self, num_blocks: int) -> None:
         mc = self.config.model

@@ -86,10 +86,7 @@ roundtrip_ok = all(
     for j in jobs
     for _k in [__import__("hashlib").sha256(get_cache_key(*kw._source(j, TARGET)[:3],
                env_vars=get_cache_invalidating_env_vars()).encode()).hexdigest()])
-warm = kw.KernelWarmup(TARGET, 2, time.perf_counter())
-for j in jobs:  # as the runner hands them over while recording
-    warm.add(j)
-warm.close(0.0)
+warm = kw.KernelWarmup(jobs, TARGET, 2, time.perf_counter(), 0, 0.0)
 report = warm.wait()
 deadline = time.time() + 300
 while any(p.poll() is None for p in warm.procs) and time.time() < deadline:
