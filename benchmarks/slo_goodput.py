@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from online_bench import wait_ready  # noqa: E402
@@ -72,6 +73,15 @@ def main() -> None:
             n = max(1, int(rate * args.duration))
             s = bench(url, args.preset, n, rate, os.path.join(args.out, f"overload_{policy}.json"),
                       goodput + ["--slo-in-request"])
+            try:  # what the scheduler learnt and did: its step-cost model, requests shed
+                with urllib.request.urlopen(url + "/dashboard/data", timeout=10) as r:
+                    d = json.load(r)
+                s["scheduler"] = {k: d.get(k) for k in ("step_cost", "num_shed",
+                                                         "num_slo_requests", "num_slo_met",
+                                                         "num_preemptions")}
+                print(policy, s["scheduler"], flush=True)
+            except OSError as e:
+                print(f"{policy}: no dashboard data ({e})", flush=True)
             rows.append((policy, rate, s))
             print(policy, {k: s.get(k) for k in ("request_throughput", "request_goodput",
                                                   "failed", "p99_ttft_ms")}, flush=True)

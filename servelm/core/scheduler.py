@@ -89,6 +89,10 @@ class Scheduler:
                     num_preemptions=st.num_preemptions,
                     prefix_cache_queries=st.prefix_cache_queries,
                     prefix_cache_hits=st.prefix_cache_hits, time=self.clock())
+        a, b = self.cost.coefficients()  # what the slo policy and step-time caps estimate by
+        snap["step_cost"] = {"base_ms": a * 1e3, "per_token_us": b * 1e6,
+                             "recent_step_ms": self.cost.recent_step_s * 1e3,
+                             "samples": self.cost.n}
         return snap
 
     # ---- one step ------------------------------------------------------------------------

@@ -26,11 +26,13 @@ class StepCostModel:
         self.decay, self.min_samples = decay, min_samples
         self.n = 0
         self._s = [0.0] * 5  # weighted sums: w, x, y, xx, xy
+        self.recent_step_s = 0.0  # moving average of step times (the steps as they come)
 
     def observe(self, tokens: int, seconds: float) -> None:
         d, s = self.decay, self._s
         for i, v in enumerate((1.0, tokens, seconds, tokens * tokens, tokens * seconds)):
             s[i] = s[i] * d + v
+        self.recent_step_s = seconds if self.n == 0 else 0.8 * self.recent_step_s + 0.2 * seconds
         self.n += 1
 
     @property
@@ -105,19 +107,30 @@ def unattainable(waiting: Iterable[Request], now: float, cost: StepCostModel, pe
     return out
 
 
+TPOT_HORIZON = 32  # tokens ahead over which a long step's delay may be made up
+
+
 def prefill_token_limit(running: Iterable[Request], now: float, cost: StepCostModel,
                         decode_tokens: int) -> Optional[int]:
     """Prompt tokens the next step may carry so that no decoding request's mean TPOT goes
-    over its objective: after this step a request with n output tokens has n - 1 intervals
-    behind it and one more in this step, so the step may last ``slo * n - elapsed`` (its
-    banked slack), and never less than ``slo`` (a request behind catches up only with steps
-    shorter than its objective, and starving every prompt would not help it). None: no limit."""
+    over its objective. TPOT is a mean: a request with n output tokens, H more to come within
+    the horizon (TPOT_HORIZON, or fewer by its max_tokens) and later steps as long as recent
+    ones (t_d; at least a decode-only step) has ``slo * (n + H - 1) - elapsed - (H - 1) * t_d``
+    for this step, and never less than ``slo`` (a request behind catches up only with steps
+    shorter than its objective, and starving every prompt would not help it). Without the
+    horizon a request that just got its first token would hold every step to ``slo``; with
+    later steps assumed decode-only, sustained overload (every step long) would break every
+    TPOT. None: no limit."""
     bound = math.inf
+    t_d = max(cost.predict(decode_tokens), cost.recent_step_s)
     for r in running:
         if r.tpot_slo_ms is None or r.first_token_time is None:
             continue
-        slo = r.tpot_slo_ms / 1e3
-        bound = min(bound, max(slo, slo * r.num_output_tokens - (now - r.first_token_time)))
+        slo, n = r.tpot_slo_ms / 1e3, r.num_output_tokens
+        left = (r.params.max_tokens - n) if r.params.max_tokens is not None else TPOT_HORIZON
+        h = max(1, min(TPOT_HORIZON, left))
+        allowed = slo * (n + h - 1) - (now - r.first_token_time) - (h - 1) * t_d
+        bound = min(bound, max(slo, allowed))
     if bound == math.inf or not cost.ready or cost.coefficients()[1] <= 0:
         return None
     return max(0, tokens_within(cost, bound) - decode_tokens)

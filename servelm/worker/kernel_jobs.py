@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -158,3 +158,49 @@ def record_kernel_jobs(model: nn.Module, s: DryRunShapes, device: torch.device) 
         torch.cuda.synchronize(device)
     return sorted(((m, n, spec, req) for (m, n, spec), req in jobs.items()),
                   key=lambda j: not j[3])
+
+
+# ---- the recorded list, kept beside the compile cache ---------------------------------------
+# sources whose change may change which kernels a model launches, or how they specialize
+_SOURCE_DIRS = ("kernels", "attention", "layers", "models", "quantization")
+
+
+def job_list_path(cache_dir: str, *parts: Any) -> str:
+    """Where the job list of this configuration is kept: keyed by ``parts`` (shapes, config,
+    dtype, target, ...), the Triton and torch versions and servelm's model and kernel sources,
+    so any change that could change the list records it again."""
+    import hashlib
+    import os
+
+    import triton
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256(repr((parts, triton.__version__, torch.__version__)).encode())
+    for d in _SOURCE_DIRS:
+        folder = os.path.join(root, d)
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return os.path.join(cache_dir, "servelm-jobs", h.hexdigest()[:32] + ".json")
+
+
+def load_job_list(path: str) -> Optional[list[Job]]:
+    import json
+    try:
+        with open(path) as f:
+            return [tuple(j) for j in json.load(f)]  # type: ignore[misc]
+    except (OSError, ValueError):
+        return None
+
+
+def save_job_list(path: str, jobs: list[Job]) -> None:
+    import json
+    import os
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(jobs, f)
+        os.replace(path + ".tmp", path)
+    except OSError:  # a read-only cache: record again next time
+        pass

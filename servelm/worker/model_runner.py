@@ -140,9 +140,10 @@ class ModelRunner:
             return None
         from servelm.layers.linear import process_weights_after_loading
         from servelm.worker.cuda_graphs import graph_keys
-        from servelm.worker.kernel_jobs import DryRunShapes, record_kernel_jobs, shadow_model
+        from servelm.worker.kernel_jobs import (DryRunShapes, job_list_path, load_job_list,
+                                                record_kernel_jobs, save_job_list, shadow_model)
         from servelm.worker.kernel_warmup import configure_compile_cache, start_kernel_warmup
-        configure_compile_cache()  # persistent, whether or not the warm-up runs
+        cache_dir = configure_compile_cache()  # persistent, whether or not the warm-up runs
         if os.environ.get("SERVELM_KERNEL_WARMUP") == "0":
             return None
         t0 = time.perf_counter()
@@ -153,11 +154,19 @@ class ModelRunner:
             shapes = DryRunShapes(mc.num_kv_heads, mc.head_dim, self.dtype, self.block_size,
                                   mc.max_model_len, self.max_blocks_per_seq,
                                   tuple(profile_lens(self)), tuple(keys), self.graph_max_bs())
-            shadow = shadow_model(lambda cfg: self._build(cfg, tp), mc.hf_config, self.device)
-            process_weights_after_loading(shadow)
-            jobs = record_kernel_jobs(shadow, shapes, self.device)
-            del shadow
-            torch.cuda.empty_cache()
+            # a start with the same configuration recorded the list already: the dry run (6-7
+            # s on the H100 for Llama-3-8B) is skipped, and only missing binaries compile
+            path = job_list_path(cache_dir, shapes, repr(mc.hf_config), str(self.dtype),
+                                 mc.quantization, torch.cuda.get_device_capability(self.device))
+            jobs = load_job_list(path)
+            if jobs is None:
+                shadow = shadow_model(lambda cfg: self._build(cfg, tp), mc.hf_config,
+                                      self.device)
+                process_weights_after_loading(shadow)
+                jobs = record_kernel_jobs(shadow, shapes, self.device)
+                del shadow
+                torch.cuda.empty_cache()
+                save_job_list(path, jobs)
             return start_kernel_warmup(jobs, t0, time.perf_counter() - t0)
         except Exception as e:  # the kernels then compile on first use, as without warm-up
             logger.warning("kernel warm-up did not start: %s: %s", type(e).__name__, e)

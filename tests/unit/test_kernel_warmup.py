@@ -217,3 +217,18 @@ def test_compile_cache_defaults_to_a_persistent_directory(monkeypatch, tmp_path)
     assert default_cache_dir() == os.environ["TRITON_CACHE_DIR"]
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
     assert configure_compile_cache() == str(tmp_path / "mine")  # an explicit one is kept
+
+
+def test_job_list_kept_per_configuration(tmp_path):
+    from servelm.worker.kernel_jobs import job_list_path, load_job_list, save_job_list
+    a = job_list_path(str(tmp_path), "shapes-a", "bf16")
+    assert a == job_list_path(str(tmp_path), "shapes-a", "bf16")
+    assert a != job_list_path(str(tmp_path), "shapes-b", "bf16")
+    assert load_job_list(a) is None
+    jobs = [("servelm.kernels.gemv", "_gemv_kernel", '{"x": 1}', True),
+            ("servelm.kernels.rmsnorm", "_rms_norm_kernel", '{"y": 2}', False)]
+    save_job_list(a, jobs)
+    assert load_job_list(a) == jobs
+    with open(a, "w") as f:
+        f.write("not json")
+    assert load_job_list(a) is None  # a damaged list: recorded again

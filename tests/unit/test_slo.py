@@ -159,9 +159,10 @@ def test_cost_model_fits_a_line():
     assert m.time_for(250, 100, 5) == pytest.approx(3 * (a + 5 * b) + 250 * b)
 
 
-def _req(rid, n_prompt, arrival, ttft=None, tpot=None, n_out=0, first_token=None):
-    r = Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=64), arrival,
-                ttft_slo_ms=ttft, tpot_slo_ms=tpot)
+def _req(rid, n_prompt, arrival, ttft=None, tpot=None, n_out=0, first_token=None,
+         max_tokens=64):
+    r = Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens),
+                arrival, ttft_slo_ms=ttft, tpot_slo_ms=tpot)
     r.all_token_ids += [5] * n_out
     r.first_token_time = first_token
     return r
@@ -183,11 +184,11 @@ def test_unattainable_walks_the_queue_in_deadline_order():
 
 def test_prefill_limit_keeps_decodes_within_tpot():
     m = StepCostModel(min_samples=1)
-    for t in (10, 1000, 2000):
+    for t in (10, 1000, 2000) + (3,) * 20:  # lately decode-only steps
         m.observe(t, 0.01 + 1e-4 * t)
-    # 10 tokens out over 0.45 s, 50 ms objective: 0.05 s of slack left: (0.05 - 0.01) / 1e-4
-    # = 400 tokens, less the 3 decodes of this step
-    r = _req("d", 10, 0.0, tpot=50, n_out=10, first_token=1.0)
+    # 10 tokens out over 0.45 s, 50 ms objective, the last token to come (max_tokens 11):
+    # 0.05 s of slack left: (0.05 - 0.01) / 1e-4 = 400 tokens, less the 3 decodes of this step
+    r = _req("d", 10, 0.0, tpot=50, n_out=10, first_token=1.0, max_tokens=11)
     lim = prefill_token_limit([r], now=1.45, cost=m, decode_tokens=3)
     assert lim == 397
     # behind schedule: the step may still last the objective itself
@@ -195,3 +196,14 @@ def test_prefill_limit_keeps_decodes_within_tpot():
     # ahead of schedule: banked slack allows a longer step
     assert prefill_token_limit([r], now=1.0, cost=m, decode_tokens=3) > 397
     assert prefill_token_limit([_req("x", 10, 0.0)], now=1.0, cost=m, decode_tokens=3) is None
+    # more tokens to come: the delay is made up over the horizon (32 tokens here): a request
+    # that just got its first token does not hold the step to its objective
+    fresh = _req("f", 10, 0.0, tpot=50, n_out=1, first_token=1.0, max_tokens=200)
+    t_d = max(0.01 + 3e-4, m.recent_step_s)
+    allowed = 0.05 * 32 - 0.01 - 31 * t_d
+    assert prefill_token_limit([fresh], now=1.01, cost=m, decode_tokens=3) == \
+        int((allowed - 0.01) / 1e-4) - 3 > 397
+    # ... unless recent steps were long too (sustained overload): then the objective itself
+    for _ in range(20):
+        m.observe(2000, 0.01 + 1e-4 * 2000)
+    assert prefill_token_limit([fresh], now=1.01, cost=m, decode_tokens=3) == 397
