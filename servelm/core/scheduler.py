@@ -92,7 +92,7 @@ class Scheduler:
         a, b = self.cost.coefficients()  # what the slo policy and step-time caps estimate by
         snap["step_cost"] = {"base_ms": a * 1e3, "per_token_us": b * 1e6,
                              "recent_step_ms": self.cost.recent_step_s * 1e3,
-                             "samples": self.cost.n}
+                             "samples": self.cost.n, "outliers": self.cost.num_outliers}
         return snap
 
     # ---- one step ------------------------------------------------------------------------

@@ -27,8 +27,15 @@ class StepCostModel:
         self.n = 0
         self._s = [0.0] * 5  # weighted sums: w, x, y, xx, xy
         self.recent_step_s = 0.0  # moving average of step times (the steps as they come)
+        self.num_outliers = 0
 
     def observe(self, tokens: int, seconds: float) -> None:
+        # a step far slower than the model says is a one-off (a kernel compiled or a CUDA
+        # graph captured on first use, a preemption's copies), not the cost of its tokens:
+        # left out, or a few such stalls would tilt the line for hundreds of steps
+        if self.ready and seconds > 4 * self.predict(tokens) + 0.05:
+            self.num_outliers += 1
+            return
         d, s = self.decay, self._s
         for i, v in enumerate((1.0, tokens, seconds, tokens * tokens, tokens * seconds)):
             s[i] = s[i] * d + v

@@ -93,6 +93,10 @@ class EngineCore:
         self._drafting = self._drafting or bool(out.draft_token_ids)
         return self.scheduler.update(sched, out)
 
+    def use_idle_time(self) -> bool:
+        """Deferred start-up work while nothing runs (see Executor.use_idle_time)."""
+        return not self.has_unfinished_requests() and self.executor.use_idle_time()
+
     def has_unfinished_requests(self) -> bool:
         return self._in_flight is not None or self.scheduler.has_unfinished_requests()
 

@@ -93,8 +93,13 @@ class EngineCoreProc:
         self.running = True
 
     def run(self) -> None:
+        idle_work = True  # deferred start-up work (graph captures) left for idle moments
         while self.running:
-            self._drain_inputs(block=not self.core.has_unfinished_requests())
+            busy = self.core.has_unfinished_requests()
+            if not busy and idle_work:
+                idle_work = self.core.use_idle_time()
+                busy = idle_work  # do not block while there is more: poll and come back
+            self._drain_inputs(block=not busy)
             if self.running and self.core.has_unfinished_requests():
                 outputs = self.core.step()
                 if outputs:

@@ -44,3 +44,8 @@ class Executor(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Stop workers and free their resources; safe to call twice."""
+
+    def use_idle_time(self) -> bool:
+        """Called while no step runs or waits: do a little deferred start-up work (one CUDA
+        graph capture). True while more remains."""
+        return False

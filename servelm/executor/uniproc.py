@@ -28,5 +28,8 @@ class UniProcExecutor(Executor):
         pending = self.runner.execute_async(sched)
         return pending if non_block else pending.result()
 
+    def use_idle_time(self) -> bool:
+        return self.runner.capture_pending_graph()
+
     def shutdown(self) -> None:
         pass  # nothing outside this process to stop

@@ -132,6 +132,17 @@ class DecodeGraphs:
         self.pool = g.pool()
         self.graphs[key] = g
 
+    @torch.inference_mode()
+    def capture_next(self) -> bool:
+        """Captures one graph not captured yet (the smallest batch first: the likeliest next
+        at low load); True while more remain. For idle time: a graph captured then costs no
+        step a stall."""
+        missing = sorted(k for k in self.keys if k not in self.graphs)
+        if missing:
+            self._capture(missing[0])
+            torch.cuda.synchronize()
+        return len(missing) > 1
+
     def padded_size(self, num_seqs: int) -> int | None:
         for s in self.sizes:
             if s >= num_seqs:

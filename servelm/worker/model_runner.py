@@ -196,6 +196,11 @@ class ModelRunner:
                                        self.device, self.config.model.max_model_len)
             self.graphs.capture()
 
+    def capture_pending_graph(self) -> bool:
+        """One decode graph deferred at start-up, captured now (idle time); True while more
+        remain."""
+        return self.graphs.capture_next() if self.graphs is not None else False
+
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, self.kv_caches, meta)

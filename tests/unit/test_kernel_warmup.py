@@ -208,6 +208,14 @@ def test_decode_graphs_capture_a_size_on_first_use(monkeypatch):
     log.clear()
     g.run(torch.zeros(20, dtype=torch.int64), torch.zeros(20, dtype=torch.int64), meta)
     assert log == [("replay", key)]  # captured once
+    # idle time captures the rest, one per call, smallest batch first
+    log.clear()
+    calls = 0
+    while g.capture_next():
+        calls += 1
+    assert set(g.graphs) == set(g.keys) and calls == len(log) - 1
+    assert [e[1][0] for e in log] == sorted(e[1][0] for e in log)
+    assert not g.capture_next()
 
 
 def test_compile_cache_defaults_to_a_persistent_directory(monkeypatch, tmp_path):

@@ -382,6 +382,8 @@ def test_llama_fused_equals_unfused(gemv_on_this_device, monkeypatch, arch):
     without the fused kernels."""
     import transformers as tf
     from servelm.attention.backend import AttentionMetadata
+    from servelm.quantization import unquantized
+    monkeypatch.setattr(unquantized, "SILU_MUL_MAX_M", 8)  # fused for the 3-row decode too
     from servelm.loader import initialize_dummy_weights
     from servelm.models.llama import LlamaForCausalLM
     dtype = torch.float16  # the interpreter's tl.dot is wrong in bf16

@@ -155,6 +155,8 @@ def test_cost_model_fits_a_line():
     a, b = m.coefficients()
     assert m.ready and a == pytest.approx(0.01, rel=1e-6) and b == pytest.approx(2e-5, rel=1e-6)
     assert m.time_for(0, 100, 5) == 0.0
+    m.observe(100, 2.5)  # a first-use compile stall: left out
+    assert m.num_outliers == 1 and m.coefficients() == pytest.approx((a, b))
     # 250 prompt tokens at 100 per step, 5 decodes riding along: 3 steps
     assert m.time_for(250, 100, 5) == pytest.approx(3 * (a + 5 * b) + 250 * b)
 
