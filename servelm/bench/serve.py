@@ -243,17 +243,17 @@ def _import_aiohttp():
 
 def load_tokenizer(spec: str) -> Tokenizer:
     """A Hugging Face tokenizer from a model directory or hub id, or from a .gguf file, or the
-    synthetic tokenizer of a dummy preset (what `servelm serve PRESET --load-format dummy` uses)."""
-    from transformers import AutoTokenizer
-
+    synthetic tokenizer of a dummy preset (what `servelm serve PRESET --load-format dummy` uses).
+    Presets and GGUF files go through the engine's own loader (no transformers import)."""
     from servelm.loader.presets import PRESETS
     if spec in PRESETS:
         from servelm.loader.synthetic_tokenizer import preset_tokenizer
         return preset_tokenizer(spec)
     try:
         if spec.endswith(".gguf"):
-            directory, name = os.path.split(os.path.abspath(spec))
-            return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+            from servelm.loader import load_tokenizer as engine_tokenizer
+            return engine_tokenizer(spec, load_format="gguf")
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError, KeyError, ImportError) as e:  # KeyError: a GGUF without one
         raise ValueError(f"could not load a tokenizer from --tokenizer {spec!r}: {e}") from None
