@@ -106,6 +106,7 @@ class EngineConfig:
     enforce_eager: bool = False
     max_logprobs: int = 20
     skip_tokenizer_init: bool = False  # token ids in and out only
+    speculative: Any = None  # servelm.spec_decode.config.SpeculativeConfig, or None (off)
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -190,6 +191,7 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     quantization: Optional[str] = None
     distributed_executor_backend: Optional[str] = None  # None: "uni" (one process)
+    speculative_config: Any = None  # a dict (or its JSON text) with vLLM's keys; None: off
 
     def create_engine_config(self) -> EngineConfig:
         from servelm.attention import check_attention_backend
@@ -198,6 +200,8 @@ class EngineArgs:
         from servelm.quantization import check_quantization
         check_attention_backend(self.attention_backend)
         check_quantization(self.quantization)
+        from servelm.spec_decode.config import parse_speculative_config
+        speculative = parse_speculative_config(self.speculative_config)
         executor = check_executor_backend(self.distributed_executor_backend or "uni")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError("load_format must be one of 'auto', 'safetensors', 'gguf', 'dummy'; "
@@ -269,7 +273,7 @@ class EngineArgs:
                             parallel=ParallelConfig(distributed_executor_backend=executor),
                             attention_backend=self.attention_backend,
                             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
-                            skip_tokenizer_init=self.skip_tokenizer_init)
+                            skip_tokenizer_init=self.skip_tokenizer_init, speculative=speculative)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
@@ -321,6 +325,9 @@ class EngineArgs:
         a("--skip-tokenizer-init", action="store_true")
         a("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
           help="how linear layers store and apply weights (default: as in the checkpoint)")
+        a("--speculative-config", default=None,
+          help='speculative decoding, JSON with vLLM\'s keys, e.g. \'{"method": "ngram", '
+               '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')
         a("--distributed-executor-backend", default=None, choices=list(EXECUTORS),
           help="how model workers run (default: uni, the engine core's own process)")
 

@@ -38,6 +38,7 @@ class Scheduler:
         self.finished_ids: set[str] = set()  # finished since the last schedule(): tell the runner
         self.ignored: list[Request] = []  # requests that can never fit, reported at next update
         self.num_preemptions = 0
+        self.spec_stats: list = [0, 0, 0, []]  # drafts, draft tokens, accepted, per position
         # step cost, learnt from the time between steps (the slo policy's estimates): steps
         # launched and not yet timed, as (launch time, tokens)
         self.cost = StepCostModel()
@@ -76,7 +77,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
                               self.num_preemptions, self.kv.stats.queries, self.kv.stats.hits,
-                              len(self.swapped))
+                              len(self.swapped), *self.spec_stats[:3], list(self.spec_stats[3]))
 
     def telemetry_snapshot(self, since_step: int = -1) -> dict:
         """Recent steps and request timelines for the dashboard (see core/telemetry.py), with
@@ -301,6 +302,16 @@ class Scheduler:
             self.ignored.append(req)  # reported at the next update
         return prefill_left
 
+    def _count_verified(self, num_drafts: int, num_accepted: int) -> None:
+        s = self.spec_stats
+        s[0] += 1
+        s[1] += num_drafts
+        s[2] += num_accepted
+        per_pos = s[3]
+        per_pos.extend([0] * (num_drafts - len(per_pos)))
+        for i in range(num_accepted):
+            per_pos[i] += 1
+
     def _record_step(self, out: SchedulerOutput) -> None:
         """The step's batch composition for the dashboard: a request computing exactly one
         token (plus drafts) decodes; more is prompt work (a chunk, or a recompute)."""
@@ -421,6 +432,7 @@ class Scheduler:
                 # ones is stale and gets recomputed (overwritten) from the first rejected position
                 num_accepted = len(new_tokens) - 1 if new_tokens else 0
                 req.num_computed_tokens -= len(spec[rid]) - num_accepted
+                self._count_verified(len(spec[rid]), num_accepted)
             if drafts and rid in drafts:
                 # proposed after these tokens: stale if a later step is already in flight
                 req.spec_token_ids = [] if req.num_output_placeholders else drafts[rid]

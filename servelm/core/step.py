@@ -78,6 +78,9 @@ class ModelRunnerOutput:
     prompt_logprobs_dict: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # req id -> draft tokens proposed for the next step (speculative decoding)
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # a proposer ran after this step (its drafts, maybe none, are above): the engine lands
+    # such a step before scheduling the next, whose input they are
+    drafting: bool = False
 
 
 @dataclass
@@ -104,3 +107,9 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_swapped: int = 0
+    # speculative decoding, since start (vLLM's spec_decode_* counters): verifications, draft
+    # tokens verified, of those accepted, and accepted ones by draft position (0 = first)
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)

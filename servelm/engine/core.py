@@ -46,7 +46,7 @@ class EngineCore:
                                    config.num_swap_blocks)
         # asynchronous scheduling: the step launched last, whose output is not applied yet
         self._in_flight: Optional[tuple[SchedulerOutput, StepFuture]] = None
-        self._drafting = False  # a proposer has drafted: steps no longer overlap
+        self._drafting = False  # the last landed step proposed drafts: land before scheduling
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens", time.perf_counter() - t0,
                     num_blocks, config.cache.block_size)
 
@@ -76,8 +76,8 @@ class EngineCore:
         outputs: list[EngineCoreOutput] = []
         prev, self._in_flight = self._in_flight, None
         # land first when the next schedule needs that step's result: it verified drafts (its
-        # computed count rolls back only then) or may propose them (the next step's input; once
-        # a proposer has drafted, every step waits, or its drafts would come a token late)
+        # computed count rolls back only then) or may propose them (the next step's input: the
+        # step before it drafted, so this one likely did; else its drafts would come late)
         if prev is not None and (prev[0].scheduled_spec_decode_tokens or self._drafting):
             outputs += self._land(*prev)
             prev = None
@@ -90,7 +90,9 @@ class EngineCore:
 
     def _land(self, sched: SchedulerOutput, fut: StepFuture) -> list[EngineCoreOutput]:
         out = fut.result()
-        self._drafting = self._drafting or bool(out.draft_token_ids)
+        # per step: a proposer that stops drafting (large batches) lets steps overlap again; on
+        # the way back, the first step's drafts come a step late and are dropped (update)
+        self._drafting = out.drafting or bool(out.draft_token_ids)
         return self.scheduler.update(sched, out)
 
     def use_idle_time(self) -> bool:

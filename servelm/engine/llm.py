@@ -23,6 +23,17 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def spec_decode_stats(self) -> dict[str, Any]:
+        """Speculative decoding since the engine started: verifications (``num_drafts``), draft
+        tokens, accepted tokens (also by draft position), the acceptance rate and the mean
+        acceptance length (tokens a verification step yields: 1 + accepted / drafts)."""
+        s = self.engine.stats()
+        n, k, acc = s.spec_num_drafts, s.spec_num_draft_tokens, s.spec_num_accepted_tokens
+        return {"num_drafts": n, "num_draft_tokens": k, "num_accepted_tokens": acc,
+                "accepted_per_position": list(s.spec_accepted_per_pos),
+                "acceptance_rate": acc / k if k else None,
+                "mean_acceptance_length": 1 + acc / n if n else None}
+
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = True,

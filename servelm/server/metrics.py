@@ -56,6 +56,18 @@ class _SchedulerCollector(Collector):
         yield counter("prefix_cache_queries", "Prefix cache queries, in tokens.",
                       s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prefix cache hits, in tokens.", s.prefix_cache_hits)
+        yield counter("spec_decode_num_drafts", "Speculative verifications (a request's drafts "
+                      "checked in one step).", s.spec_num_drafts)
+        yield counter("spec_decode_num_draft_tokens", "Draft tokens verified.",
+                      s.spec_num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                      s.spec_num_accepted_tokens)
+        per_pos = CounterMetricFamily("servelm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.",
+                                      labels=["model_name", "position"])
+        for pos, n in enumerate(s.spec_accepted_per_pos):
+            per_pos.add_metric([self.model_name, str(pos)], n)
+        yield per_pos
 
 
 class ServerMetrics:

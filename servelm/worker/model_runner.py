@@ -82,6 +82,11 @@ class ModelRunner:
         # each row's newest sampled token, on the device: the next step's input
         self.sampled = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
         self.proposer: Optional[Proposer] = None  # drafts for speculative decoding
+        self.spec_max_batch: Optional[int] = None  # no drafting above this many samplers
+        if config.speculative is not None:
+            from servelm.spec_decode.config import build_proposer
+            self.proposer = build_proposer(config.speculative, config.model)
+            self.spec_max_batch = config.speculative.disable_by_batch_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: Optional[DecodeGraphs] = None
         self.swap: Optional[SwapSpace] = None  # host blocks for swap preemption
@@ -339,13 +344,20 @@ class ModelRunner:
         rows = inp.logits_rows
         pending = PendingOutput(out, inp.sample_req_ids, self.sampling.logprobs[rows], so,
                                 lambda toks: self.batch.land(rows, gens, pos, toks))
-        if self.proposer is not None:  # drafting needs the tokens: wait for them
+        if self._drafts_now(len(inp.sample_req_ids)):  # drafting needs the tokens: wait
             return PendingOutput.ready(self._propose(pending.result()))
         return pending
 
+    def _drafts_now(self, num_samplers: int) -> bool:
+        """Whether this step's samplers get drafts: a proposer, and a batch no larger than
+        disable_by_batch_size (above it the step overlaps with the next, undrafted)."""
+        return self.proposer is not None and (self.spec_max_batch is None
+                                              or num_samplers <= self.spec_max_batch)
+
     def _propose(self, out: ModelRunnerOutput) -> ModelRunnerOutput:
-        if self.proposer is not None:
+        if self._drafts_now(len(out.sampled_token_ids)):
             live = list(out.sampled_token_ids)
+            out.drafting = True
             out.draft_token_ids = self.proposer.propose(ProposerInput(
                 live, [self.batch.tokens(self.batch.row_of[r]) for r in live]))
         return out
