@@ -1,0 +1,99 @@
+"""Speculative decoding on vs off, batch 1, in the same run: one table.
+
+    python benchmarks/spec_decode.py --cpu            # SmolLM2-135M (the embedded model)
+
+Prompts: benchmarks/data/spec_decode_prompts.jsonl (a copy-heavy set and a plain chat set,
+committed before any measurement). Each prompt runs alone (batch 1), greedy, on two engines
+held side by side, one with speculation, alternating prompt by prompt so both see the same
+machine state. Decode speed per request: (output tokens - 1) / (last token - first token).
+Outputs are compared token by token: identical in fp32; in bf16 a verification step's
+multi-token matmuls round differently from one-token steps, so near-ties can flip (counted).
+The GPU part (replayed drafts at set acceptance
+rates) is not built yet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                    "spec_decode_prompts.jsonl")
+
+
+def decode_tok_s(out) -> float:
+    m, n = out.metrics, len(out.outputs[0].token_ids)
+    return (n - 1) / (m.last_token_time - m.first_token_time) if n > 1 else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cpu", action="store_true", help="the embedded SmolLM2 on the CPU")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--lookup-min", type=int, default=2)
+    ap.add_argument("--lookup-max", type=int, default=4)
+    ap.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU has it natively")
+    ap.add_argument("--limit", type=int, default=None, help="prompts per set (default: all)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not args.cpu:
+        raise SystemExit("only --cpu exists yet (the H100 replayed-draft benchmark is to come)")
+    from servelm import LLM, SamplingParams
+    spec = {"method": "ngram", "num_speculative_tokens": args.k,
+            "prompt_lookup_min": args.lookup_min, "prompt_lookup_max": args.lookup_max}
+    engines = {"off": LLM(device="cpu", dtype=args.dtype),
+               "ngram": LLM(device="cpu", dtype=args.dtype, speculative_config=spec)}
+    sets: dict[str, list[str]] = {}
+    with open(DATA) as f:
+        for line in f:
+            r = json.loads(line)
+            sets.setdefault(r["set"], []).append(r["prompt"])
+    sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    for llm in engines.values():  # warm-up (first-call costs out of the figures)
+        llm.chat([{"role": "user", "content": "Hello"}], sp, use_tqdm=False)
+    results: dict = {"spec_config": spec, "max_tokens": args.max_tokens, "sets": {}}
+    for name, prompts in sets.items():
+        prompts = prompts[:args.limit] if args.limit else prompts
+        speeds: dict[str, list[float]] = {k: [] for k in engines}
+        mismatches, before = 0, engines["ngram"].spec_decode_stats()
+        t0 = time.perf_counter()
+        for p in prompts:
+            toks = {}
+            for k, llm in engines.items():
+                o = llm.chat([{"role": "user", "content": p}], sp, use_tqdm=False)[0]
+                speeds[k].append(decode_tok_s(o))
+                toks[k] = o.outputs[0].token_ids
+            mismatches += toks["off"] != toks["ngram"]
+        after = engines["ngram"].spec_decode_stats()
+        drafts = after["num_drafts"] - before["num_drafts"]
+        acc = after["num_accepted_tokens"] - before["num_accepted_tokens"]
+        med = {k: statistics.median(v) for k, v in speeds.items()}
+        results["sets"][name] = {
+            "prompts": len(prompts), "tok_s": speeds, "median_tok_s": med,
+            "speedup": med["ngram"] / med["off"], "mismatches": mismatches,
+            "mean_acceptance_length": 1 + acc / drafts if drafts else None,
+            "seconds": time.perf_counter() - t0}
+        print(name, json.dumps({k: v for k, v in results["sets"][name].items()
+                                if k != "tok_s"}), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    print(f"\nSmolLM2-135M on the CPU, batch 1, greedy, {args.max_tokens} new tokens, n-gram k="
+          f"{args.k} lookup {args.lookup_min}-{args.lookup_max}; decode tok/s, median over prompts")
+    print("| set | prompts | off tok/s | n-gram tok/s | speedup | mean acceptance length | "
+          "outputs differing |\n|---|---|---|---|---|---|---|")
+    for name, r in results["sets"].items():
+        mal = r["mean_acceptance_length"]
+        print(f"| {name} | {r['prompts']} | {r['median_tok_s']['off']:.1f} | "
+              f"{r['median_tok_s']['ngram']:.1f} | {r['speedup']:.2f}x | "
+              f"{'-' if mal is None else f'{mal:.2f}'} | {r['mismatches']} |")
+
+
+if __name__ == "__main__":
+    main()
