@@ -168,9 +168,10 @@ class Scheduler:
                 req.num_output_placeholders += 1
             i += 1
 
-        # 2. Swapped-out requests come back (their KV copied in) before any waiting one.
+        # 2. Swapped-out requests come back (their KV copied in) before waiting ones (under the
+        # priority policy: before less urgent ones).
         swap_in: list[tuple[int, int]] = []
-        while (self.swapped and budget > 0 and not preempted
+        while (self._swapped_first() and budget > 0 and not preempted and not urgent_preempted
                and len(self.running) < self.config.max_num_seqs):
             req = self.swapped[0]
             if req.num_output_placeholders:
@@ -199,7 +200,7 @@ class Scheduler:
         # 3. Waiting requests, FCFS, unless this step already had to preempt (or swapped-out
         # requests still wait for blocks).
         while (self.waiting and budget > 0 and prefill_left > 0 and not preempted
-               and not self.swapped and len(self.running) < self.config.max_num_seqs):
+               and not self._swapped_first() and len(self.running) < self.config.max_num_seqs):
             req = self.waiting.peek()
             if req.num_output_placeholders:
                 break  # preempted while its last step was in flight: resume once it lands
@@ -322,6 +323,16 @@ class Scheduler:
         self.telemetry.record_step(self.clock(), out.total_num_scheduled_tokens - num_spec
                                    - num_decode, num_decode, num_spec, len(self.running),
                                    len(self.waiting), len(self.swapped), self.kv.usage)
+
+    def _swapped_first(self) -> bool:
+        """Whether the next swapped-out request resumes before the waiting queue's head: always
+        (it ran already), except under the priority policy for a less urgent one, which would
+        otherwise come straight back into the room just taken from it for an urgent request."""
+        if not self.swapped:
+            return False
+        if self.policy != "priority" or not self.waiting:
+            return True
+        return priority_key(self.swapped[0]) <= priority_key(self.waiting.peek())
 
     def _victim(self, i: int) -> Request:
         """The running request to preempt when running[i] needs blocks: the newest (FCFS), or

@@ -813,7 +813,11 @@ def test_prefill_tokens_capped_while_decoding(pipelined):
 def make_priority(**kw) -> tuple[Scheduler, FakeRunner]:
     c = dict(max_num_seqs=2, max_num_batched_tokens=64, max_model_len=4096, policy="priority")
     c.update(kw.pop("sched", {}))
-    sched = Scheduler(SchedulerConfig(**c), CacheConfig(block_size=4), kw.pop("num_blocks", 256))
+    swap_blocks = kw.pop("swap_blocks", 0)
+    if swap_blocks:
+        c["preemption_mode"] = "swap"
+    sched = Scheduler(SchedulerConfig(**c), CacheConfig(block_size=4), kw.pop("num_blocks", 256),
+                      swap_blocks)
     return sched, FakeRunner(4)
 
 
@@ -843,15 +847,17 @@ def test_priority_order_then_arrival():
         assert res[rid].tokens == expected_output(p, 6)
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("limit", ["slots", "blocks"])
-def test_urgent_request_preempts_less_urgent_running(limit, pipelined):
+def test_urgent_request_preempts_less_urgent_running(limit, pipelined, swap):
     """An urgent arrival takes the slot (or the KV blocks) of the least urgent running request,
-    which resumes later with all its tokens and the same output; equals never preempt."""
+    which resumes later with all its tokens and the same output; equals never preempt. Swapped
+    out (swap), the victim does not come straight back ahead of the urgent request."""
     rng = random.Random(31)
     kw = dict(sched=dict(max_num_seqs=2)) if limit == "slots" else dict(
         sched=dict(max_num_seqs=8), num_blocks=12)
-    sched, runner = make_priority(**kw)
+    sched, runner = make_priority(**kw, swap_blocks=32 if swap else 0)
     p = {r: rand_prompt(rng, 12) for r in ("a", "b", "peer")}
     p["urgent"] = rand_prompt(rng, 20)  # 6 blocks: more than the 4 left free by a and b
     add_prio(sched, "a", p["a"], 1, 0.0, max_tokens=20)
