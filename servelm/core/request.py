@@ -57,6 +57,7 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.spec_token_ids: list[int] = []  # drafts proposed for the next step
+        self.spec_acceptance = 1.0  # recent fraction of its drafts accepted (scheduler's)
         # tokens being sampled by steps in flight (scheduled, output not yet back): with
         # asynchronous scheduling the next step is scheduled before the last one's tokens land
         self.num_output_placeholders = 0

@@ -366,13 +366,18 @@ class Scheduler:
         return out
 
     def _fit_drafts(self, req: Request, budget: int) -> list[int]:
-        """The drafts to verify this step: within the token budget, and never past what the
+        """The drafts to verify this step: within the token budget, never past what the
         request may still generate (all drafts accepted plus one more token must fit both
-        max_model_len and max_tokens)."""
+        max_model_len and max_tokens), and no more than its acceptance so far makes worth
+        verifying: with per-draft acceptance a, a step yields about 1 / (1 - a) tokens, so
+        drafts past the first 1 + round(a / (1 - a)) are mostly rejected (their verification
+        is compute spent for nothing); one is always kept, to notice a change of content."""
         room = self.config.max_model_len - req.num_tokens - 1
         if req.params.max_tokens is not None:
             room = min(room, req.params.max_tokens - req.num_output_tokens - 1)
-        k = min(len(req.spec_token_ids), budget, room)
+        a = req.spec_acceptance
+        worth = 1 + round(a / (1 - a)) if a < 0.99 else room
+        k = min(len(req.spec_token_ids), budget, room, worth)
         return req.spec_token_ids[:k] if k > 0 else []
 
     def _new_req_data(self, req: Request) -> NewRequestData:
@@ -444,6 +449,9 @@ class Scheduler:
                 num_accepted = len(new_tokens) - 1 if new_tokens else 0
                 req.num_computed_tokens -= len(spec[rid]) - num_accepted
                 self._count_verified(len(spec[rid]), num_accepted)
+                # recent acceptance (a moving average, quick to follow a change of content)
+                req.spec_acceptance = (0.5 * req.spec_acceptance
+                                       + 0.5 * num_accepted / len(spec[rid]))
             if drafts and rid in drafts:
                 # proposed after these tokens: stale if a later step is already in flight
                 req.spec_token_ids = [] if req.num_output_placeholders else drafts[rid]

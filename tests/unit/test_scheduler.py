@@ -323,6 +323,32 @@ def test_spec_tokens_several_tokens_per_step(caching):
     assert sum(len(so.scheduled_spec_decode_tokens) for so in d.trace) > 0
 
 
+@pytest.mark.parametrize("right", [True, False])
+def test_drafts_follow_acceptance(right):
+    """Drafts that keep failing shrink to one per step (still checked, so a change of content
+    is noticed); drafts that keep being accepted stay at the full k."""
+    rng = random.Random(8)
+
+    def proposer(rid, toks):
+        seq, out = list(toks), []
+        for _ in range(3):
+            t = next_token(seq) + (0 if right else 1)  # right, or always wrong
+            out.append(t)
+            seq.append(t)
+        return out
+    sched, runner = make(budget=64, max_num_seqs=4, num_blocks=200, proposer=proposer)
+    want = add_random(sched, rng, 2, (3, 8), (30, 31))
+    d = Driver(sched, runner)
+    d.run()
+    for rid, toks in want.items():
+        assert d.results[rid].tokens == toks
+    sizes = [len(v) for so in d.trace for v in so.scheduled_spec_decode_tokens.values()]
+    if right:
+        assert max(sizes) == 3 and sizes.count(3) >= len(sizes) // 2
+    else:  # 3 at first; after a miss (acceptance 0.5) 2; after two (0.25) and on, 1
+        assert sizes[:4] == [3, 3, 2, 2] and set(sizes[4:]) == {1}
+
+
 def test_spec_tokens_clipped_to_max_tokens_and_budget():
     rng = random.Random(8)
     sched, runner = make(budget=3, max_num_seqs=2, max_model_len=14, proposer=fake_proposer)
