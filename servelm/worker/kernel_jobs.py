@@ -76,8 +76,9 @@ def shadow_model(build: Callable[[Any], nn.Module], hf_config: Any,
 def dry_run_steps(model: nn.Module, s: DryRunShapes,
                   device: torch.device) -> Iterator[tuple[str, bool, Callable[[], None]]]:
     """(name, required, run) for each step shape: required ones run before the engine's first
-    step or in its decode graphs; the others are later eager batches."""
-    from servelm.worker.cuda_graphs import DecodeGraphs
+    step or in the decode graphs captured at start-up; the others (later eager batches, graphs
+    captured later) compile in the background, required ones first."""
+    from servelm.worker.cuda_graphs import DecodeGraphs, eager_graph_keys
 
     kv = [(_cache(s, device), _cache(s, device))]
 
@@ -116,8 +117,10 @@ def dry_run_steps(model: nn.Module, s: DryRunShapes,
     if s.graph_keys:
         graphs = DecodeGraphs(lambda *a: None, s.max_graph_bs, s.max_blocks_per_seq, device,
                               s.max_model_len)
-        for bs, max_len in s.graph_keys:
-            yield f"decode graph {bs}x{max_len}", True, decode(graphs, bs, max_len)
+        eager = set(eager_graph_keys(s.max_graph_bs, s.max_model_len)) & set(s.graph_keys)
+        for key in sorted(s.graph_keys, key=lambda k: k not in eager):
+            bs, max_len = key
+            yield f"decode graph {bs}x{max_len}", key in eager, decode(graphs, bs, max_len)
     # later eager steps: several sequences (chunked prefill, mixed batches) and wider block
     # tables; the number of sequences and the table width are specialized ints
     for num_seqs in (1, 2, 16):
