@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--lookup-max", type=int, default=4)
     ap.add_argument("--dtype", default="auto", help="auto: bf16 where the CPU has it natively")
     ap.add_argument("--limit", type=int, default=None, help="prompts per set (default: all)")
+    ap.add_argument("--under-load", type=int, default=0, metavar="N",
+                    help="instead: N prompts (both sets, cycled) at once; output tok/s for "
+                         "speculation off, n-gram, and n-gram with disable_by_batch_size 16")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not args.cpu:
@@ -47,6 +50,8 @@ def main() -> None:
     from servelm import LLM, SamplingParams
     spec = {"method": "ngram", "num_speculative_tokens": args.k,
             "prompt_lookup_min": args.lookup_min, "prompt_lookup_max": args.lookup_max}
+    if args.under_load:
+        return under_load(args, spec)
     engines = {"off": LLM(device="cpu", dtype=args.dtype),
                "ngram": LLM(device="cpu", dtype=args.dtype, speculative_config=spec)}
     sets: dict[str, list[str]] = {}
@@ -93,6 +98,34 @@ def main() -> None:
         print(f"| {name} | {r['prompts']} | {r['median_tok_s']['off']:.1f} | "
               f"{r['median_tok_s']['ngram']:.1f} | {r['speedup']:.2f}x | "
               f"{'-' if mal is None else f'{mal:.2f}'} | {r['mismatches']} |")
+
+
+def under_load(args: argparse.Namespace, spec: dict) -> None:
+    """All prompts at once: total output tok/s per engine (each timed alone, after a warm-up)."""
+    from servelm import LLM, SamplingParams
+    with open(DATA) as f:
+        pool = [json.loads(line)["prompt"] for line in f]
+    convs = [[{"role": "user", "content": pool[i % len(pool)]}] for i in range(args.under_load)]
+    sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    rows = []
+    for name, cfg in (("off", None), ("ngram", spec),
+                      ("ngram, disable_by_batch_size 16", {**spec, "disable_by_batch_size": 16})):
+        llm = LLM(device="cpu", dtype=args.dtype, speculative_config=cfg)
+        llm.chat(convs[:4], sp, use_tqdm=False)
+        t = time.perf_counter()
+        outs = llm.chat(convs, sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        st = llm.spec_decode_stats() if cfg else {}
+        rows.append((name, n / dt, st.get("mean_acceptance_length")))
+        print(name, n / dt, st, flush=True)
+        del llm
+    print(f"\n{args.under_load} prompts at once, SmolLM2-135M on the CPU ({args.dtype}), "
+          f"{args.max_tokens} new tokens, greedy\n| engine | output tok/s | vs off | mean "
+          "acceptance length |\n|---|---|---|---|")
+    for name, tps, mal in rows:
+        print(f"| {name} | {tps:.1f} | {tps / rows[0][1]:.2f}x | "
+              f"{'-' if mal is None else f'{mal:.2f}'} |")
 
 
 if __name__ == "__main__":
