@@ -39,7 +39,6 @@ class Scheduler:
         self.ignored: list[Request] = []  # requests that can never fit, reported at next update
         self.num_preemptions = 0
         self.spec_stats: list = [0, 0, 0, []]  # drafts, draft tokens, accepted, per position
-        self._have_drafts = False  # some request holds drafts for the next step
         # step cost, learnt from the time between steps (the slo policy's estimates): steps
         # launched and not yet timed, as (launch time, tokens)
         self.cost = StepCostModel()
@@ -118,9 +117,6 @@ class Scheduler:
         # prompt tokens this step may take: capped while some request decodes, so a long prompt
         # cannot stretch the step (and the decodes' inter-token latency)
         prefill_left = self._prefill_budget(now, budget)
-        if self._have_drafts:
-            self._have_drafts = False
-            self._drop_unprofitable_drafts()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -307,28 +303,6 @@ class Scheduler:
             self.ignored.append(req)  # reported at the next update
         return prefill_left
 
-    def _drop_unprofitable_drafts(self) -> None:
-        """Speculation only where it pays: a step verifying drafts computes T tokens (1 + k
-        per drafting request) to yield Y (each request's expected accepted run plus one, by its
-        recent acceptance a: (1 - a^(k+1)) / (1 - a)); a plain step computes N to yield N. By
-        the learnt step cost, when Y / cost(T) <= N / cost(N) (large, compute-bound batches, or
-        low acceptance) this step verifies no drafts at all."""
-        if not self.cost.ready:
-            return
-        n = t = 0
-        y = 0.0
-        for r in self.running:
-            if r.num_tokens + r.num_output_placeholders - r.num_computed_tokens > 1:
-                continue  # prefilling: computes its chunk either way
-            n += 1
-            k = len(r.spec_token_ids)
-            a = min(r.spec_acceptance, 0.99)
-            t += 1 + k
-            y += (1 - a ** (k + 1)) / (1 - a) if k else 1.0
-        if n and t > n and y / self.cost.predict(t) <= n / self.cost.predict(n):
-            for r in self.running:
-                r.spec_token_ids = []
-
     def _count_verified(self, num_drafts: int, num_accepted: int) -> None:
         s = self.spec_stats
         s[0] += 1
@@ -481,7 +455,6 @@ class Scheduler:
             if drafts and rid in drafts:
                 # proposed after these tokens: stale if a later step is already in flight
                 req.spec_token_ids = [] if req.num_output_placeholders else drafts[rid]
-                self._have_drafts = True
             plp = prompt_lps.get(rid) if prompt_lps else None
             if not new_tokens:
                 if plp is not None:  # a chunk of a prompt: only its prompt logprobs to report

@@ -916,24 +916,3 @@ def test_fcfs_never_preempts_for_arrivals():
     d.run()
     assert not any(so.preempted_req_ids for so in d.trace)
     assert [nr.req_id for so in d.trace for nr in so.new_reqs] == ["a", "b"]
-
-
-@pytest.mark.parametrize("per_token_s,expect_drafts", [(1e-6, True), (1e-2, False)])
-def test_drafts_dropped_when_verification_does_not_pay(per_token_s, expect_drafts):
-    """With a step cost flat in tokens (memory-bound decode) drafts are verified; when every
-    token costs (compute-bound), 8 requests with 3 drafts of acceptance 0.5 yield fewer tokens
-    per second than plain steps, and the step verifies none."""
-    sched, runner = make(budget=256, max_num_seqs=16, proposer=fake_proposer)
-    for _ in range(20):
-        sched.cost.observe(8, 0.01 + per_token_s * 8)
-        sched.cost.observe(200, 0.01 + per_token_s * 200)
-    rng = random.Random(9)
-    add_random(sched, rng, 8, (3, 6), (30, 31))
-    d = Driver(sched, runner)
-    for _ in range(3):  # prompts, then first drafts
-        d.step()
-    for r in sched.running:
-        r.spec_acceptance = 0.5
-    so, _ = d.step()
-    assert bool(so.scheduled_spec_decode_tokens) == expect_drafts
-    d.run()
