@@ -104,7 +104,8 @@ def dry_run_steps(model: nn.Module, s: DryRunShapes,
         """What a decode graph of `bs` rows runs (DecodeGraphs' own buffers and metadata)."""
         def run() -> None:
             meta = graphs._meta(bs, max_len)
-            logits = model.compute_logits(model(graphs.input_ids[:bs], graphs.positions[:bs], kv, meta))
+            hidden = model(graphs.input_ids[:bs], graphs.positions[:bs], kv, meta)
+            logits = model.compute_logits(hidden)
             logits.argmax(-1)
         return run
 
