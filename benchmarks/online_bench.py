@@ -10,12 +10,14 @@ Prints one table last (p99 TTFT / TPOT / ITL and achieved rates); JSON per run u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+from typing import Iterator
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -31,6 +33,29 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None
             pass
         time.sleep(1)
     raise RuntimeError("server did not become ready")
+
+
+@contextlib.contextmanager
+def dummy_server(preset: str, port: int, flags: list[str], log_path: str,
+                 name: str) -> Iterator[str]:
+    """`servelm serve PRESET --load-format dummy` with ``flags``, ready; yields its URL and
+    stops it (terminate, then kill) however the block ends."""
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "servelm.cli", "serve", preset, "--load-format", "dummy",
+           "--port", str(port), *flags]
+    with open(log_path, "w") as log:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(url, proc)
+            print(f"{name}: server ready in {time.time() - t0:.1f}s", flush=True)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def main() -> None:
@@ -51,17 +76,10 @@ def main() -> None:
     variants = [v.partition("=")[::2] for v in args.variant] or [("default", "")]
     if args.prewarm:
         variants = [("prewarm", variants[0][1])] + variants
-    url = f"http://127.0.0.1:{args.port}"
     rows = []
     for name, flags in variants:
-        log = open(os.path.join(args.out, f"server_{name}.log"), "w")
-        cmd = [sys.executable, "-m", "servelm.cli", "serve", args.preset, "--load-format", "dummy",
-               "--port", str(args.port), *flags.split()]
-        t0 = time.time()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(url, proc)
-            print(f"{name}: server ready in {time.time() - t0:.1f}s", flush=True)
+        with dummy_server(args.preset, args.port, flags.split(),
+                          os.path.join(args.out, f"server_{name}.log"), name) as url:
             if args.warmup:  # first-use compilation must not land in the measured TTFTs
                 subprocess.run([sys.executable, "-m", "servelm.cli", "bench", "serve",
                                 "--base-url", url, "--dataset-name", "sharegpt-like",
@@ -84,13 +102,6 @@ def main() -> None:
                 print(name, rate, {k: s.get(k) for k in ("request_throughput", "p99_ttft_ms",
                                                           "p99_tpot_ms", "p99_itl_ms")},
                       flush=True)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
     print("\n| server | offered req/s | achieved req/s | p99 TTFT ms | median TPOT ms | "
           "p99 TPOT ms | p99 ITL ms | failed |\n|---|---|---|---|---|---|---|---|")
     for name, rate, s in rows:

@@ -17,11 +17,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from online_bench import wait_ready  # noqa: E402
+from online_bench import dummy_server  # noqa: E402
 
 
 def bench(url: str, preset: str, n: int, rate: float, out: str, extra: list[str]) -> dict:
@@ -53,19 +52,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8013)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    url = f"http://127.0.0.1:{args.port}"
     goodput = ["--goodput", f"ttft:{args.ttft_ms:g}", f"tpot:{args.tpot_ms:g}"]
     capacity, rows = None, []
     for policy in args.policies:
-        log = open(os.path.join(args.out, f"server_slo_{policy}.log"), "w")
-        cmd = [sys.executable, "-m", "servelm.cli", "serve", args.preset, "--load-format",
-               "dummy", "--port", str(args.port), "--scheduling-policy", policy,
-               *args.serve_flags.split()]
-        t0 = time.time()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(url, proc)
-            print(f"{policy}: server ready in {time.time() - t0:.1f}s", flush=True)
+        with dummy_server(args.preset, args.port,
+                          ["--scheduling-policy", policy, *args.serve_flags.split()],
+                          os.path.join(args.out, f"server_slo_{policy}.log"), policy) as url:
             bench(url, args.preset, 64, float("inf"),  # warm-up: Triton JIT, the cost model
                   os.path.join(args.out, f"warmup_{policy}.json"), [])
             if capacity is None:
@@ -89,13 +81,6 @@ def main() -> None:
             rows.append((policy, rate, s))
             print(policy, {k: s.get(k) for k in ("request_throughput", "request_goodput",
                                                   "failed", "p99_ttft_ms")}, flush=True)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
     print(f"\nSLOs: TTFT {args.ttft_ms:g} ms, TPOT {args.tpot_ms:g} ms; capacity "
           f"{capacity:.2f} req/s ({args.capacity_prompts} sharegpt-like requests at "
           f"{args.capacity_rate:g} req/s)")
