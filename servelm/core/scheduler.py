@@ -8,6 +8,7 @@ batching, chunked prefill, prefix-cache hits and preemption by recompute.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from servelm.config import CacheConfig, SchedulerConfig
@@ -19,6 +20,26 @@ from servelm.core.step import (CachedRequestData, EngineCoreOutput, ModelRunnerO
 from servelm.core.slo import (StepCostModel, prefill_token_limit, retry_after_s, tokens_within,
                               unattainable)
 from servelm.core.telemetry import Telemetry
+
+
+@dataclass
+class SpecDecodeCounters:
+    """Speculative decoding since start: verifications, draft tokens verified, of those
+    accepted, and accepted ones by draft position (0 = first)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def count(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        per_pos = self.accepted_per_pos
+        per_pos.extend([0] * (num_drafts - len(per_pos)))
+        for i in range(num_accepted):
+            per_pos[i] += 1
 
 
 class Scheduler:
@@ -38,7 +59,7 @@ class Scheduler:
         self.finished_ids: set[str] = set()  # finished since the last schedule(): tell the runner
         self.ignored: list[Request] = []  # requests that can never fit, reported at next update
         self.num_preemptions = 0
-        self.spec_stats: list = [0, 0, 0, []]  # drafts, draft tokens, accepted, per position
+        self.spec = SpecDecodeCounters()
         # step cost, learnt from the time between steps (the slo policy's estimates): steps
         # launched and not yet timed, as (launch time, tokens)
         self.cost = StepCostModel()
@@ -77,7 +98,9 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
                               self.num_preemptions, self.kv.stats.queries, self.kv.stats.hits,
-                              len(self.swapped), *self.spec_stats[:3], list(self.spec_stats[3]))
+                              len(self.swapped), self.spec.num_drafts,
+                              self.spec.num_draft_tokens, self.spec.num_accepted_tokens,
+                              list(self.spec.accepted_per_pos))
 
     def telemetry_snapshot(self, since_step: int = -1) -> dict:
         """Recent steps and request timelines for the dashboard (see core/telemetry.py), with
@@ -242,7 +265,7 @@ class Scheduler:
                               swap_in)
         self.finished_ids, self._swap_out = set(), []
         if num_scheduled:
-            self._record_step(out)
+            self._record_step(out, now)
             self._launched.append((now, out.total_num_scheduled_tokens))
         return out
 
@@ -303,24 +326,14 @@ class Scheduler:
             self.ignored.append(req)  # reported at the next update
         return prefill_left
 
-    def _count_verified(self, num_drafts: int, num_accepted: int) -> None:
-        s = self.spec_stats
-        s[0] += 1
-        s[1] += num_drafts
-        s[2] += num_accepted
-        per_pos = s[3]
-        per_pos.extend([0] * (num_drafts - len(per_pos)))
-        for i in range(num_accepted):
-            per_pos[i] += 1
-
-    def _record_step(self, out: SchedulerOutput) -> None:
+    def _record_step(self, out: SchedulerOutput, now: float) -> None:
         """The step's batch composition for the dashboard: a request computing exactly one
         token (plus drafts) decodes; more is prompt work (a chunk, or a recompute)."""
         spec = out.scheduled_spec_decode_tokens
         num_spec = sum(len(d) for d in spec.values()) if spec else 0
         num_decode = sum(1 for rid, n in out.num_scheduled_tokens.items()
                          if n - (len(spec[rid]) if rid in spec else 0) == 1)
-        self.telemetry.record_step(self.clock(), out.total_num_scheduled_tokens - num_spec
+        self.telemetry.record_step(now, out.total_num_scheduled_tokens - num_spec
                                    - num_decode, num_decode, num_spec, len(self.running),
                                    len(self.waiting), len(self.swapped), self.kv.usage)
 
@@ -448,7 +461,7 @@ class Scheduler:
                 # ones is stale and gets recomputed (overwritten) from the first rejected position
                 num_accepted = len(new_tokens) - 1 if new_tokens else 0
                 req.num_computed_tokens -= len(spec[rid]) - num_accepted
-                self._count_verified(len(spec[rid]), num_accepted)
+                self.spec.count(len(spec[rid]), num_accepted)
                 # recent acceptance (a moving average, quick to follow a change of content)
                 req.spec_acceptance = (0.5 * req.spec_acceptance
                                        + 0.5 * num_accepted / len(spec[rid]))
@@ -501,7 +514,10 @@ class Scheduler:
         o = self._append(req, new_tokens, lps)
         if req.is_finished:
             o.finish_reason, o.stop_reason = req.status.finish_reason, req.stop_reason
-            self.swapped.remove(req) if req in self.swapped else self.waiting.remove(req)
+            if req in self.swapped:
+                self.swapped.remove(req)
+            else:
+                self.waiting.remove(req)
             self.requests.pop(req.request_id, None)
             self._finish(req)
         return o
