@@ -181,7 +181,7 @@ class EngineArgs:
     max_step_ms_while_decoding: Optional[float] = None
     scheduling_policy: str = "fcfs"
     preemption_mode: str = "recompute"
-    swap_space: float = 4.0  # GiB, used by preemption_mode="swap"
+    swap_space: Optional[float] = None  # GiB for preemption_mode="swap" (default 4)
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory: Optional[int] = None
@@ -218,8 +218,13 @@ class EngineArgs:
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {list(PREEMPTION_MODES)}, got "
                              f"{self.preemption_mode!r}.")
-        if not self.swap_space >= 0:
-            raise ValueError(f"swap_space must be >= 0 (GiB), got {self.swap_space}.")
+        if self.swap_space is not None:
+            if self.preemption_mode != "swap":
+                raise ValueError(f"swap_space ({self.swap_space} GiB) is only used with "
+                                 "preemption_mode='swap' (--preemption-mode swap).")
+            if not self.swap_space >= 0:
+                raise ValueError(f"swap_space must be >= 0 (GiB), got {self.swap_space}.")
+        swap_gib = 4.0 if self.swap_space is None else float(self.swap_space)
         device = _resolve_device(self.device)
         model = self.model if self.load_format == "dummy" else resolve_model(self.model)
         hf_config = load_hf_config(model, self.load_format)
@@ -253,7 +258,7 @@ class EngineArgs:
                                 quantization=self.quantization)
         cache = CacheConfig(self.block_size, self.enable_prefix_caching,
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
-                            self.kv_cache_memory, float(self.swap_space))
+                            self.kv_cache_memory, swap_gib)
         max_seqs = self.max_num_seqs or (256 if device == "cpu" else 1024)
         # on the CPU a step's launch already computes it: overlapping gains nothing there
         async_sched = device != "cpu" if self.async_scheduling is None else bool(self.async_scheduling)
@@ -304,7 +309,8 @@ class EngineArgs:
         a("--preemption-mode", default="recompute", choices=list(PREEMPTION_MODES),
           help="recompute: a preempted request's KV is dropped and recomputed; swap: copied to "
                "host memory (--swap-space) and back, recompute when that is full")
-        a("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped KV")
+        a("--swap-space", type=float, default=None,
+          help="GiB of host memory for swapped KV (with --preemption-mode swap; default 4)")
         a("--max-prefill-tokens-while-decoding", type=int, default=None,
           help="prompt tokens per step while requests decode (bounds their inter-token latency;"
                " default: max_num_batched_tokens)")

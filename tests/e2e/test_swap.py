@@ -113,3 +113,6 @@ def test_preemption_mode_is_validated(tiny_model_factory):
     with pytest.raises(ValueError, match="swap_space must be >= 0"):
         EngineArgs(model=path, device="cpu", preemption_mode="swap",
                    swap_space=-1).create_engine_config()
+    # a swap space without swapping would be silently unused: refused
+    with pytest.raises(ValueError, match="only used with preemption_mode='swap'"):
+        EngineArgs(model=path, device="cpu", swap_space=2).create_engine_config()
