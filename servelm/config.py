@@ -79,6 +79,9 @@ class SchedulerConfig:
     # what a preempted request loses: "recompute" frees its KV (recomputed on resuming), "swap"
     # copies its blocks to host memory and back (recompute when swap space is full)
     preemption_mode: str = "recompute"
+    # KV slots reserved past each step's tokens: a model-based proposer's draft passes write
+    # the KV of up to k positions beyond them (vLLM's num_lookahead_tokens)
+    num_lookahead_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,8 @@ class EngineArgs:
                                 dtype=dtype, max_model_len=max_model_len, seed=self.seed,
                                 tokenizer=self.tokenizer, eos_token_ids=eos,
                                 quantization=self.quantization)
+        from servelm.spec_decode.config import finalize_speculative_config
+        speculative = finalize_speculative_config(speculative, model_cfg, self.load_format)
         cache = CacheConfig(self.block_size, self.enable_prefix_caching,
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
                             self.kv_cache_memory, swap_gib)
@@ -273,7 +278,8 @@ class EngineArgs:
             raise ValueError(f"max_step_ms_while_decoding must be > 0, got {step_ms}.")
         sched = SchedulerConfig(max_seqs, batched, max_model_len,
                                 self.enable_chunked_prefill, async_sched, cap, step_ms, policy,
-                                self.preemption_mode)
+                                self.preemption_mode,
+                                speculative.num_lookahead_tokens if speculative else 0)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=ParallelConfig(distributed_executor_backend=executor),
                             attention_backend=self.attention_backend,
@@ -333,7 +339,9 @@ class EngineArgs:
           help="how linear layers store and apply weights (default: as in the checkpoint)")
         a("--speculative-config", default=None,
           help='speculative decoding, JSON with vLLM\'s keys, e.g. \'{"method": "ngram", '
-               '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')
+               '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\', \'{"method": '
+               '"draft_model", "model": PATH, "num_speculative_tokens": 4}\' or \'{"method": '
+               '"layer_skip", "draft_layers": 8, "num_speculative_tokens": 4}\'')
         a("--distributed-executor-backend", default=None, choices=list(EXECUTORS),
           help="how model workers run (default: uni, the engine core's own process)")
 

@@ -161,12 +161,14 @@ class KVCacheManager:
         self.stats.hits += num_hit_tokens
 
     def allocate_slots(self, req: Request, num_new_tokens: int,
-                       computed_blocks: list[int] = ()) -> Optional[list[int]]:
+                       computed_blocks: list[int] = (),
+                       num_lookahead_tokens: int = 0) -> Optional[list[int]]:
         """Make room for num_new_tokens more tokens after req's computed ones (plus
-        ``computed_blocks`` taken from the prefix cache). Returns the newly allocated block ids,
-        or None (and changes nothing) if the pool lacks free blocks."""
+        ``computed_blocks`` taken from the prefix cache), and num_lookahead_tokens slots past
+        them (a draft model's KV; never hashed). Returns the newly allocated block ids, or None
+        (and changes nothing) if the pool lacks free blocks."""
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
-        need = self.blocks_needed(num_computed + num_new_tokens)
+        need = self.blocks_needed(num_computed + num_new_tokens + num_lookahead_tokens)
         have = len(req.block_ids) + len(computed_blocks)
         bs = self.block_size
         if (not computed_blocks and need <= have
@@ -252,11 +254,13 @@ class KVCacheManager:
         req.swapped_kv = None
         return pairs
 
-    def swap_in_blocks_needed(self, req: Request, num_new_tokens: int) -> int:
+    def swap_in_blocks_needed(self, req: Request, num_new_tokens: int,
+                              num_lookahead_tokens: int = 0) -> int:
         """Free GPU blocks a swapped-out request needs to resume with num_new_tokens more."""
         sw = req.swapped_kv
         assert sw is not None
-        more = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - sw.num_blocks
+        more = (self.blocks_needed(req.num_computed_tokens + num_new_tokens
+                                   + num_lookahead_tokens) - sw.num_blocks)
         return len(sw.host) + max(0, more)
 
     def can_ever_fit(self, num_tokens: int) -> bool:

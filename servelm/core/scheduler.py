@@ -166,19 +166,20 @@ class Scheduler:
                 if drafts:
                     spec_tokens[req.request_id] = drafts
                     n += len(drafts)
+            la = self._lookahead(computed + n)
             # common decode step: room left in the last block and no block fills up
-            if (computed + n <= len(req.block_ids) * bs
+            if (computed + n + la <= len(req.block_ids) * bs
                     and (not caching or (computed + n) // bs == computed // bs)):
                 new_blocks = []
             else:
-                new_blocks = self.kv.allocate_slots(req, n)
+                new_blocks = self.kv.allocate_slots(req, n, (), la)
             while new_blocks is None:
                 victim = self._victim(i)
                 self._preempt(victim)
                 preempted.add(victim.request_id)
                 if victim is req:
                     break
-                new_blocks = self.kv.allocate_slots(req, n)
+                new_blocks = self.kv.allocate_slots(req, n, (), la)
             if new_blocks is None:
                 spec_tokens.pop(req.request_id, None)
                 break  # req itself was preempted
@@ -205,10 +206,11 @@ class Scheduler:
                 if n <= 0:
                     break
                 prefill_left -= n
-            if self.kv.swap_in_blocks_needed(req, n) > self.kv.pool.num_free_blocks:
+            la = self._lookahead(req.num_computed_tokens + n)
+            if self.kv.swap_in_blocks_needed(req, n, la) > self.kv.pool.num_free_blocks:
                 break
             swap_in += self.kv.swap_in(req)
-            new_blocks = self.kv.allocate_slots(req, n)
+            new_blocks = self.kv.allocate_slots(req, n, (), la)
             assert new_blocks is not None
             self.swapped.pop(0)
             req.status = RequestStatus.RUNNING
@@ -227,7 +229,7 @@ class Scheduler:
             req = self.waiting.peek()
             if req.num_output_placeholders:
                 break  # preempted while its last step was in flight: resume once it lands
-            if not self.kv.can_ever_fit(req.num_tokens + 1):
+            if not self.kv.can_ever_fit(req.num_tokens + 1 + self._lookahead(req.num_tokens)):
                 self.waiting.popleft()
                 self._ignore(req, f"the sequence ({req.num_tokens} tokens) does not fit in the KV "
                                   f"cache ({self.kv.num_blocks * self.kv.block_size} tokens)")
@@ -239,7 +241,8 @@ class Scheduler:
             if n > room and not self.config.enable_chunked_prefill:
                 break
             n = min(n, room)
-            if self.kv.allocate_slots(req, n, computed) is None:
+            if self.kv.allocate_slots(req, n, computed,
+                                      self._lookahead(num_computed + n)) is None:
                 break
             self.waiting.popleft()
             if req.first_scheduled_time is None:
@@ -377,6 +380,12 @@ class Scheduler:
             self._preempt(victim)
             out.add(victim.request_id)
         return out
+
+    def _lookahead(self, num_tokens: int) -> int:
+        """Slots to reserve past a request's first num_tokens (a draft model writes their KV),
+        never past max_model_len."""
+        la = self.config.num_lookahead_tokens
+        return max(0, min(la, self.config.max_model_len - num_tokens)) if la else 0
 
     def _fit_drafts(self, req: Request, budget: int) -> list[int]:
         """The drafts to verify this step: within the token budget, never past what the

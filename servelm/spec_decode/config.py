@@ -1,18 +1,30 @@
 """``speculative_config``: vLLM's keys, validated once into a frozen SpeculativeConfig."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Optional, Union
 
 # method -> "module:Class" of its Proposer (servelm.registry.load_class)
-PROPOSERS = MappingProxyType({"ngram": "servelm.spec_decode.ngram:NgramProposer"})
-# named by the issue and vLLM, not built yet: refused with that reason, never ignored
-PLANNED_METHODS = ("draft_model", "layer_skip")
+PROPOSERS = MappingProxyType({
+    "ngram": "servelm.spec_decode.ngram:NgramProposer",
+    "draft_model": "servelm.spec_decode.draft_model:DraftModelProposer",
+    "layer_skip": "servelm.spec_decode.layer_skip:LayerSkipProposer",
+})
+# proposers that draft with a model over the paged KV cache: their draft passes write KV up to
+# k positions past a step's tokens, so the scheduler reserves that many lookahead slots
+MODEL_METHODS = ("draft_model", "layer_skip")
 
-_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
-         "disable_by_batch_size"}
+# the keys each method reads (besides method and num_speculative_tokens)
+_METHOD_KEYS = MappingProxyType({
+    "ngram": ("prompt_lookup_min", "prompt_lookup_max"),
+    "draft_model": ("model", "tree"),
+    "layer_skip": ("draft_layers",),
+})
+_KEYS = {"method", "num_speculative_tokens", "disable_by_batch_size",
+         *(k for keys in _METHOD_KEYS.values() for k in keys)}
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,15 @@ class SpeculativeConfig:
     # no drafts while more requests than this sample in a step: large batches are compute-bound,
     # where verifying drafts costs more than it saves (vLLM's speculative_disable_by_batch_size)
     disable_by_batch_size: Optional[int] = None
+    model: Optional[str] = None  # draft_model: a HF directory, a .gguf file or a dummy preset
+    draft_layers: Optional[int] = None  # layer_skip: the target's first layers that draft
+    # draft_model: the draft's resolved config (finalize_speculative_config fills it)
+    draft: Any = None
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV slots past a step's tokens that drafting writes (model-based proposers)."""
+        return self.num_speculative_tokens if self.method in MODEL_METHODS else 0
 
 
 def _int(d: dict, key: str, default: Optional[int], lo: int) -> Optional[int]:
@@ -52,12 +73,15 @@ def parse_speculative_config(raw: Union[None, str, dict, SpeculativeConfig]
         raise ValueError(f"speculative_config has unknown key(s) {unknown}; known keys: "
                          f"{sorted(_KEYS)}.")
     method = raw.get("method")
-    if method in PLANNED_METHODS:
-        raise ValueError(f"speculative_config['method'] {method!r} is not implemented yet; "
-                         f"available: {sorted(PROPOSERS)}.")
     if method not in PROPOSERS:
         raise ValueError(f"speculative_config['method'] must be one of {sorted(PROPOSERS)}, "
                          f"got {method!r}.")
+    foreign = sorted(k for k in raw if k not in ("method", "num_speculative_tokens",
+                                                 "disable_by_batch_size")
+                     and k not in _METHOD_KEYS[method])
+    if foreign:  # never accepted and silently unused
+        raise ValueError(f"speculative_config key(s) {foreign} do not apply to method "
+                         f"{method!r} (its keys: {list(_METHOD_KEYS[method])}).")
     k = _int(raw, "num_speculative_tokens", None, 1)
     if k is None:
         raise ValueError("speculative_config needs 'num_speculative_tokens' (an integer >= 1).")
@@ -66,11 +90,58 @@ def parse_speculative_config(raw: Union[None, str, dict, SpeculativeConfig]
     if hi < lo:
         raise ValueError(f"speculative_config['prompt_lookup_max'] ({hi}) must be >= "
                          f"prompt_lookup_min ({lo}).")
-    return SpeculativeConfig(method, k, lo, hi, _int(raw, "disable_by_batch_size", None, 1))
+    model = raw.get("model")
+    if method == "draft_model" and (not isinstance(model, str) or not model):
+        raise ValueError("speculative_config['model'] is required for method 'draft_model': "
+                         "a HF directory, a .gguf file or (with load_format='dummy') a preset.")
+    if "tree" in raw:
+        raise ValueError("speculative_config['tree'] (token-tree verification) is not "
+                         "implemented yet; drop it to verify one draft sequence per request.")
+    layers = _int(raw, "draft_layers", None, 1)
+    if method == "layer_skip" and layers is None:
+        raise ValueError("speculative_config['draft_layers'] is required for method "
+                         "'layer_skip': how many of the target's first layers draft (>= 1).")
+    return SpeculativeConfig(method, k, lo, hi, _int(raw, "disable_by_batch_size", None, 1),
+                             model, layers)
 
 
-def build_proposer(cfg: SpeculativeConfig, model_config: Any) -> Any:
+def finalize_speculative_config(spec: Optional[SpeculativeConfig], target: Any,
+                                load_format: str) -> Optional[SpeculativeConfig]:
+    """Checks the config against the target's ModelConfig and resolves a draft model's own:
+    same vocabulary, a context at least the target's max_model_len, the target's dtype."""
+    if spec is None:
+        return None
+    if spec.method == "layer_skip" and spec.draft_layers >= target.num_layers:
+        raise ValueError(f"speculative_config['draft_layers'] ({spec.draft_layers}) must be "
+                         f"smaller than the target's {target.num_layers} layers.")
+    if spec.method != "draft_model" or spec.draft is not None:
+        return spec
+    from servelm.loader import load_hf_config, resolve_model
+    try:
+        path = spec.model if load_format == "dummy" else resolve_model(spec.model)
+        hf = load_hf_config(path, load_format)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"speculative_config['model'] {spec.model!r}: {e}") from None
+    fmt = load_format
+    if fmt == "auto":
+        fmt = "gguf" if str(path).endswith(".gguf") else "safetensors"
+    if hf.vocab_size != target.vocab_size:
+        raise ValueError(f"the draft model {spec.model!r} has a vocabulary of {hf.vocab_size} "
+                         f"tokens, the target {target.vocab_size}: a draft must share the "
+                         "target's tokenizer.")
+    ctx = getattr(hf, "max_position_embeddings", None) or 2048
+    if ctx < target.max_model_len:
+        raise ValueError(f"the draft model {spec.model!r} has a context of {ctx} tokens, "
+                         f"shorter than the target's max_model_len ({target.max_model_len}); "
+                         f"pass max_model_len <= {ctx}.")
+    draft = dataclasses.replace(target, model=str(path), load_format=fmt, hf_config=hf,
+                                tokenizer=None, quantization=None)
+    return dataclasses.replace(spec, draft=draft)
+
+
+def build_proposer(cfg: SpeculativeConfig, ctx: Any) -> Any:
+    """ctx: a spec_decode.proposer.ProposerContext."""
     from servelm.registry import load_class
     proposer = load_class(PROPOSERS, cfg.method, "speculative_config['method']")(cfg)
-    proposer.load(model_config)
+    proposer.load(ctx)
     return proposer

@@ -33,7 +33,7 @@ class NgramProposer(Proposer):
     def __init__(self, cfg: SpeculativeConfig) -> None:
         self.cfg = cfg
 
-    def load(self, model_config: Any) -> None:
+    def load(self, ctx: Any) -> None:
         pass  # nothing to load: the drafts come from the request's own tokens
 
     def propose(self, batch: ProposerInput) -> dict[str, list[int]]:

@@ -37,6 +37,8 @@ def determine_num_blocks(runner: "ModelRunner") -> int:
     if cc.num_gpu_blocks_override is not None:
         return cc.num_gpu_blocks_override
     per_block = kv_bytes_per_block(runner)
+    if runner.proposer is not None:  # a draft model's KV: as many blocks, same block ids
+        per_block += runner.proposer.kv_bytes_per_block()
     budget = (cc.kv_cache_memory or CPU_KV_CACHE_BYTES) if runner.device.type == "cpu" \
         else profile_free_memory(runner)
     n = int(budget // per_block)

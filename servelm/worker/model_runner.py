@@ -32,6 +32,7 @@ from servelm.worker.logprobs import chunk_prompt_logprobs, wants_prompt_logprobs
 from servelm.worker.memory import profile_lens
 from servelm.worker.pending_output import PendingOutput
 from servelm.worker.spec_verify import collect_verified
+from servelm.worker.step_meta import step_meta
 from servelm.worker.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class StepInputs:
     sample_req_ids: list[str]  # the requests that sample, in logits order
     num_logits: np.ndarray  # [len(sample_req_ids)]: 1 + their number of drafts
     drafts: list[tuple[int, list[int]]]  # (logits row, drafts before it), speculative rows only
+    # a verification step without prompt work, one sequence per token (worker/step_meta.py):
+    # decode kernels and CUDA graphs serve it. None otherwise
+    token_meta: Optional[AttentionMetadata] = None
 
 
 class ModelRunner:
@@ -72,22 +76,22 @@ class ModelRunner:
             torch.cuda.empty_cache()
         self.mem_at_init = torch.cuda.memory_allocated(self.device) if cuda else 0
         self.model = self._load_model(tp)
-        self.mem_weights = (torch.cuda.memory_allocated(self.device) - self.mem_at_init) if cuda else 0
         # rows: running requests (<= max_num_seqs), or the profiling batch
         max_rows = max(config.scheduler.max_num_seqs, len(profile_lens(self)))
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.proposer: Optional[Proposer] = None  # drafts for speculative decoding
+        self.spec_max_batch: Optional[int] = None  # no drafting above this many samplers
+        if config.speculative is not None:  # before measuring: a draft model's weights count
+            self.proposer = self._build_proposer(max_rows)
+            self.spec_max_batch = config.speculative.disable_by_batch_size
+        self.drafting_ready = False  # KV caches exist: not the memory profile's throwaway run
+        self.mem_weights = (torch.cuda.memory_allocated(self.device) - self.mem_at_init) if cuda else 0
         self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq)
         self.sampling = build_sampling_pipeline(ProcessorContext(
             max_rows, mc.vocab_size, self.device, tuple(mc.eos_token_ids)))
         self.generators: dict[str, torch.Generator] = {}  # seeded requests, kept over preemption
         # each row's newest sampled token, on the device: the next step's input
         self.sampled = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
-        self.proposer: Optional[Proposer] = None  # drafts for speculative decoding
-        self.spec_max_batch: Optional[int] = None  # no drafting above this many samplers
-        if config.speculative is not None:
-            from servelm.spec_decode.config import build_proposer
-            self.proposer = build_proposer(config.speculative, config.model)
-            self.spec_max_batch = config.speculative.disable_by_batch_size
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: Optional[DecodeGraphs] = None
         self.swap: Optional[SwapSpace] = None  # host blocks for swap preemption
 
@@ -104,14 +108,23 @@ class ModelRunner:
         self.warmup_report = warmup.wait() if warmup is not None else None
         return model
 
-    def _build_and_load(self, tp: ParallelGroup) -> torch.nn.Module:
+    def _build_proposer(self, max_rows: int) -> Proposer:
+        from servelm.spec_decode.config import build_proposer
+        from servelm.spec_decode.proposer import ProposerContext
+        return build_proposer(self.config.speculative, ProposerContext(
+            self.config, self.device, self.model, lambda: self.kv_caches,
+            lambda mc: self._build_and_load(ParallelGroup(), mc), self.will_capture_graphs(),
+            max_rows))
+
+    def _build_and_load(self, tp: ParallelGroup, mc=None) -> torch.nn.Module:
+        """The target model (or the ModelConfig `mc`'s: a draft model), weights loaded."""
         from servelm.layers.linear import process_weights_after_loading
         from servelm.loader import initialize_dummy_weights, iter_weights
-        mc = self.config.model
+        mc = mc or self.config.model
         t0 = time.perf_counter()
         torch.manual_seed(mc.seed)
         with torch.device(self.device):
-            model = self._build(mc.hf_config, tp)
+            model = self._build(mc.hf_config, tp, mc.quantization)
         if mc.load_format == "dummy":
             initialize_dummy_weights(model, mc.seed)
         else:
@@ -121,13 +134,12 @@ class ModelRunner:
         logger.info("loaded %s in %.1fs", mc.model, time.perf_counter() - t0)
         return model
 
-    def _build(self, hf_config, tp: ParallelGroup) -> torch.nn.Module:
+    def _build(self, hf_config, tp: ParallelGroup, quantization=None) -> torch.nn.Module:
         """The model of `hf_config` on the current default device, parameters uninitialised."""
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            model = build_model(hf_config, self.backend, self.use_kernels,
-                                self.config.model.quantization, tp)
+            model = build_model(hf_config, self.backend, self.use_kernels, quantization, tp)
         finally:
             torch.set_default_dtype(prev)
         # rotary cos/sin stay fp32 whatever the model dtype
@@ -165,8 +177,8 @@ class ModelRunner:
                                  mc.quantization, torch.cuda.get_device_capability(self.device))
             jobs = load_job_list(path)
             if jobs is None:
-                shadow = shadow_model(lambda cfg: self._build(cfg, tp), mc.hf_config,
-                                      self.device)
+                shadow = shadow_model(lambda cfg: self._build(cfg, tp, mc.quantization),
+                                      mc.hf_config, self.device)
                 process_weights_after_loading(shadow)
                 jobs = record_kernel_jobs(shadow, shapes, self.device)
                 del shadow
@@ -200,11 +212,16 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self._decode, self.graph_max_bs(), self.max_blocks_per_seq,
                                        self.device, self.config.model.max_model_len)
             self.graphs.capture()
+        if self.proposer is not None:
+            self.proposer.initialize_kv_cache(num_blocks)
+        self.drafting_ready = True
 
     def capture_pending_graph(self) -> bool:
-        """One decode graph deferred at start-up, captured now (idle time); True while more
-        remain."""
-        return self.graphs.capture_next() if self.graphs is not None else False
+        """One decode graph deferred at start-up (the target's, then the proposer's), captured
+        now (idle time); True while more remain."""
+        if self.graphs is not None and self.graphs.capture_next():
+            return True
+        return self.proposer is not None and self.proposer.capture_pending_graph()
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -288,9 +305,13 @@ class ModelRunner:
         if from_dev is not None and len(from_dev):
             input_ids_t[to(from_dev)] = self.sampled[to(rows[seq_of_tok[from_dev]])]
         logits_rows = np.repeat(rows[sample], n_logits)
+        token_meta = None
+        if spec and self.graphs is not None and len(sample) == S and (n_sched == k + 1).all():
+            token_meta = step_meta(block_table, starts, ends, self.block_size, dev,
+                                   per_token=True)[2]
         return StepInputs(input_ids_t, to(positions), meta, req_ids, rows, starts,
                           first + ramp, logits_rows, to(logits_rows),
-                          [req_ids[i] for i in sample], n_logits, drafts)
+                          [req_ids[i] for i in sample], n_logits, drafts, token_meta)
 
     def execute(self, s: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_async(s).result()
@@ -313,10 +334,11 @@ class ModelRunner:
         self.sampling.update(self.batch.take_update(inp.logits_rows, inp.logits_rows_t,
                                                     inp.drafts))
         graph_out = None
-        if (self.graphs is not None and inp.meta.decode_only
+        gmeta = inp.meta if inp.meta.decode_only else inp.token_meta
+        if (self.graphs is not None and gmeta is not None
                 and not wants_prompt_logprobs(self.batch, inp.rows, inp.starts)
-                and self.graphs.padded_size(inp.meta.num_seqs) is not None):
-            graph_out = self.graphs.run(inp.input_ids, inp.positions, inp.meta)  # logits, argmax
+                and self.graphs.padded_size(gmeta.num_seqs) is not None):
+            graph_out = self.graphs.run(inp.input_ids, inp.positions, gmeta)  # logits, argmax
         else:
             hidden = self._forward(inp.input_ids, inp.positions, inp.meta)  # [T, hidden]
             out.prompt_logprobs_dict = chunk_prompt_logprobs(
@@ -325,8 +347,8 @@ class ModelRunner:
         if not inp.sample_req_ids:
             return PendingOutput.ready(out)
         L = len(inp.logits_rows)
-        if graph_out is not None:  # one logits row per sequence in a decode step
-            all_rows = L == inp.meta.num_seqs
+        if graph_out is not None:  # one logits row per token of the graph's batch
+            all_rows = L == gmeta.num_seqs
             idx = None if all_rows else torch.from_numpy(inp.logits_idx).to(self.device)
             logits, greedy = (graph_out if all_rows else (graph_out[0][idx], graph_out[1][idx]))
             so = (SamplerOutput(greedy) if self.sampling.plain_greedy()
@@ -351,13 +373,16 @@ class ModelRunner:
     def _drafts_now(self, num_samplers: int) -> bool:
         """Whether this step's samplers get drafts: a proposer, and a batch no larger than
         disable_by_batch_size (above it the step overlaps with the next, undrafted)."""
-        return self.proposer is not None and (self.spec_max_batch is None
-                                              or num_samplers <= self.spec_max_batch)
+        return (self.proposer is not None and self.drafting_ready
+                and (self.spec_max_batch is None or num_samplers <= self.spec_max_batch))
 
     def _propose(self, out: ModelRunnerOutput) -> ModelRunnerOutput:
         if self._drafts_now(len(out.sampled_token_ids)):
+            b = self.batch
             live = list(out.sampled_token_ids)
+            rows = np.fromiter((b.row_of[r] for r in live), np.int64, len(live))
             out.drafting = True
             out.draft_token_ids = self.proposer.propose(ProposerInput(
-                live, [self.batch.tokens(self.batch.row_of[r]) for r in live]))
+                live, [b.tokens(r) for r in rows.tolist()], rows, b.generation[rows].copy(),
+                b.block_table[rows]))
         return out

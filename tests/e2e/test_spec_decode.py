@@ -122,8 +122,9 @@ def test_offline_stats(tiny_model_factory):
 
 
 @pytest.mark.parametrize("cfg,match", [
-    ({"method": "medusa", "num_speculative_tokens": 2}, r"'method'\] must be one of \['ngram'\]"),
-    ({"method": "draft_model", "num_speculative_tokens": 2}, "not implemented yet"),
+    ({"method": "medusa", "num_speculative_tokens": 2},
+     r"'method'\] must be one of \['draft_model', 'layer_skip', 'ngram'\]"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, r"'model'\] is required"),
     ({"method": "ngram"}, "num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "unknown key.*lookahead"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from servelm.sampling_params import SamplingParams
@@ -19,20 +20,20 @@ PROMPT = [1, 2, 3, 4]
 
 
 class FixedDrafts(Proposer):
-    def load(self, model_config) -> None:
+    def load(self, ctx) -> None:
         pass
 
     def propose(self, batch: ProposerInput) -> dict[str, list[int]]:
         return {rid: [0, 1, 2] for rid in batch.req_ids}
 
 
-def _tiny_vocab_model(tmp_path):
+def _tiny_vocab_model(path, seed: int = 7):
     import transformers as tf
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     cfg = tf.LlamaConfig(**{**TINY, "vocab_size": V, "bos_token_id": 0, "initializer_range": 0.5})
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    model.save_pretrained(tmp_path)
-    return str(tmp_path), model
+    model.save_pretrained(path)
+    return str(path), model
 
 
 @torch.no_grad()
@@ -59,12 +60,20 @@ def _p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
 
 
-def test_joint_distribution_of_three_tokens_with_poor_drafts(tmp_path):
-    path, model = _tiny_vocab_model(tmp_path)
+@pytest.mark.parametrize("proposer", ["fixed", "draft_model"])
+def test_joint_distribution_of_three_tokens_with_poor_drafts(tmp_path, proposer):
+    """fixed: always the same drafts; draft_model: another random model's greedy drafts
+    (through the model-drafting path: catch-up, draft KV, lookahead slots)."""
+    path, model = _tiny_vocab_model(tmp_path / "target")
     target = _joint(model)
+    spec = None
+    if proposer == "draft_model":
+        draft, _ = _tiny_vocab_model(tmp_path / "draft", seed=8)
+        spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
     eng = make_engine(path, max_num_seqs=512, max_num_batched_tokens=2048,
-                      async_scheduling=False)
-    eng.core.executor.runner.proposer = FixedDrafts()
+                      async_scheduling=False, speculative_config=spec)
+    if proposer == "fixed":
+        eng.core.executor.runner.proposer = FixedDrafts()
     for i in range(DRAWS):
         eng.add_request(f"d{i}", PROMPT, SamplingParams(temperature=1.0, seed=i, max_tokens=3,
                                                         ignore_eos=True))

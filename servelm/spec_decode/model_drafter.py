@@ -1,0 +1,148 @@
+"""Drafting with a causal LM (a small draft model, or the target's own first layers) over a
+paged KV cache that uses the target's block ids: for each request, catch up on the tokens whose
+draft KV is missing, then k - 1 greedy single-token passes.
+
+The draft's KV of position j lives in the slot the target's block table gives j, in the
+draft's own cache (draft_model) or in the target's first layers (layer_skip). The k draft
+passes write positions up to k - 1 past a request's newest token: the scheduler reserves those
+lookahead slots (SchedulerConfig.num_lookahead_tokens). Drafts are greedy, so each is a point
+mass: verification by matching against the target's own samples keeps the target's
+distribution exactly (sampling.rejection).
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+import numpy as np
+import torch
+
+from servelm.spec_decode.config import SpeculativeConfig
+from servelm.spec_decode.proposer import Proposer, ProposerContext, ProposerInput
+from servelm.worker.step_meta import step_meta
+
+# catch-up passes of at most this many tokens per request are run one-token-per-sequence
+# (decode kernels, CUDA graphs); longer ones (a prompt the draft has not seen) as ragged chunks
+SHORT_CATCH_UP = 8
+
+
+class ModelProposer(Proposer):
+    def __init__(self, cfg: SpeculativeConfig) -> None:
+        self.cfg = cfg
+        self.k = cfg.num_speculative_tokens
+        self.graphs = None  # DecodeGraphs of the draft's single-token passes (CUDA)
+
+    # ---- what a drafting model provides ---------------------------------------------------
+    @abstractmethod
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        """[T] ids and positions -> hidden states [T, hidden] (writing the draft's KV)."""
+
+    @abstractmethod
+    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab]."""
+
+    @abstractmethod
+    def _valid(self, batch: ProposerInput, num_tokens: np.ndarray) -> np.ndarray:
+        """[S] how many leading positions of each request hold valid draft KV (< num_tokens)."""
+
+    def _drafted(self, batch: ProposerInput, num_tokens: np.ndarray, kr: np.ndarray,
+                 drafts: np.ndarray) -> None:
+        """Told after drafting: request s got kr[s] drafts (drafts[s, :kr[s]])."""
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def load(self, ctx: ProposerContext) -> None:
+        self.ctx = ctx
+        self.device = ctx.device
+        self.block_size = ctx.config.cache.block_size
+        self.max_model_len = ctx.config.model.max_model_len
+        self.chunk = ctx.config.scheduler.max_num_batched_tokens  # tokens per catch-up pass
+
+    def _greedy(self, input_ids: torch.Tensor, positions: torch.Tensor, meta):
+        ids = self._compute_logits(self._forward(input_ids, positions, meta)).argmax(-1)
+        return ids, ids  # DecodeGraphs' (logits, greedy) pair: the draft needs only the ids
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        if self.ctx.use_cuda_graphs:
+            from servelm.worker.cuda_graphs import DecodeGraphs
+            sc = self.ctx.config.scheduler
+            # catch-up passes (SHORT_CATCH_UP tokens per request) share the graphs
+            max_bs = min(sc.max_num_seqs * 2, 512)
+            # captured on first use or in idle time (none at start-up)
+            self.graphs = DecodeGraphs(self._greedy, max_bs,
+                                       -(-self.max_model_len // self.block_size), self.device,
+                                       self.max_model_len)
+
+    def capture_pending_graph(self) -> bool:
+        return self.graphs.capture_next() if self.graphs is not None else False
+
+    # ---- drafting -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, batch: ProposerInput) -> dict[str, list[int]]:
+        n = np.fromiter((len(t) for t in batch.token_ids), np.int64, len(batch.req_ids))
+        # draft i (1-based) lands at position n - 1 + i, which must stay < max_model_len
+        kr = np.clip(self.max_model_len - n, 0, self.k)
+        cur = np.nonzero(kr > 0)[0]  # requests still drafting, in the order of `last`
+        if not len(cur):
+            return {}
+        valid = np.minimum(self._valid(batch, n), n - 1)
+        last = self._catch_up(batch, cur, valid[cur], n[cur])  # [len(cur)] first drafts
+        passes = [(cur, last)]  # device ids, read back once at the end (no sync per pass)
+        for i in range(1, self.k):  # draft i + 1 from draft i, which sits at n - 1 + i
+            live = kr[cur] > i
+            if not live.any():
+                break
+            if not live.all():
+                last = last[torch.from_numpy(np.nonzero(live)[0]).to(self.device)]
+                cur = cur[live]
+            pos = n[cur] - 1 + i
+            _, p, meta = step_meta(batch.block_tables[cur], pos, pos + 1, self.block_size,
+                                   self.device)
+            last = self._run(last, torch.from_numpy(p).to(self.device), meta)
+            passes.append((cur, last))
+        drafts = np.zeros((len(n), self.k), dtype=np.int64)
+        host = torch.cat([t for _, t in passes]).cpu().numpy()
+        j = 0
+        for i, (rows, _) in enumerate(passes):
+            drafts[rows, i] = host[j:j + len(rows)]
+            j += len(rows)
+        self._drafted(batch, n, kr, drafts)
+        return {batch.req_ids[s]: drafts[s, :kr[s]].tolist() for s in range(len(n)) if kr[s] > 0}
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        """One decode-shaped pass -> greedy ids [T], through a CUDA graph where one fits."""
+        g = self.graphs
+        if g is not None and meta.decode_only and g.padded_size(meta.num_seqs) is not None:
+            return g.run(input_ids, positions, meta)[1]
+        return self._greedy(input_ids, positions, meta)[1]
+
+    def _catch_up(self, batch: ProposerInput, sel: np.ndarray, valid: np.ndarray,
+                  n: np.ndarray) -> torch.Tensor:
+        """Compute the draft KV of positions valid..n-1 of requests sel (in passes of at most
+        `chunk` tokens) -> the greedy draft after each one's newest token, [len(sel)] on the
+        device."""
+        tables = batch.block_tables[sel]
+        tokens = [batch.token_ids[s] for s in sel]
+        out = torch.zeros(len(sel), dtype=torch.int64, device=self.device)
+        start = valid.copy()
+        while True:
+            todo = np.nonzero(start < n)[0]
+            if not len(todo):
+                return out
+            # this pass: requests in order, each a chunk of what it lacks, `chunk` tokens in all
+            left = np.minimum(n[todo] - start[todo], self.chunk)
+            take = np.minimum(left, np.maximum(0, self.chunk - (np.cumsum(left) - left)))
+            todo, take = todo[take > 0], take[take > 0]
+            s0, s1 = start[todo], start[todo] + take
+            short = int(take.max()) <= SHORT_CATCH_UP
+            _, pos, meta = step_meta(tables[todo], s0, s1, self.block_size, self.device,
+                                     per_token=short)
+            ids_np = np.concatenate([tokens[j][a:b] for j, a, b in zip(todo, s0, s1)])
+            ids = torch.from_numpy(ids_np.astype(np.int64)).to(self.device)
+            p = torch.from_numpy(pos).to(self.device)
+            done = s1 == n[todo]  # chunks that end at the request's newest token
+            last_rows = torch.from_numpy((np.cumsum(take) - 1)[done]).to(self.device)
+            if short:
+                picked = self._run(ids, p, meta)[last_rows]
+            else:
+                hidden = self._forward(ids, p, meta)
+                picked = self._compute_logits(hidden[last_rows]).argmax(-1)
+            out[torch.from_numpy(todo[done]).to(self.device)] = picked
+            start[todo] = s1
