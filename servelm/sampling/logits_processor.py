@@ -26,7 +26,7 @@ class AddedRequest:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]  # generated so far (a request resumed after preemption)
-    generator: Optional[torch.Generator] = None  # seeded sampling: the request's own stream
+    seed: Optional[int] = None  # seeded sampling (params.seed, n > 1 children's derived)
 
 
 @dataclass
@@ -47,6 +47,9 @@ class BatchUpdate:
     logits_rows_t: Optional[torch.Tensor] = None
     # (logits row, the drafts before it) for logits rows after at least one draft
     drafts: list[tuple[int, list[int]]] = field(default_factory=list)
+    # [L] the sequence position of the token each logits row samples (seeded rows draw their
+    # randomness from (seed, position): see sampler.position_seed)
+    sample_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def appended_rows(self) -> np.ndarray:
         """The rows of all appended tokens, concatenated."""

@@ -1,6 +1,6 @@
 """SamplingPipeline: everything between a step's logits and its tokens, for the runner's
-persistent batch rows: per-row sampling settings (temperature, top-k/p, min-p, logprobs, seeded
-generators) kept in host arrays with device mirrors, the ordered logits processors, and the
+persistent batch rows: per-row sampling settings (temperature, top-k/p, min-p, logprobs, seeds)
+kept in host arrays with device mirrors, the ordered logits processors, and the
 sampler. Rows change only through ``update(BatchUpdate)``, once per step."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from servelm.sampling.logits_processor import BatchUpdate, LogitsProcessor, ProcessorContext, RowTable
-from servelm.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata
+from servelm.sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, position_seed
 
 
 class SamplingPipeline:
@@ -24,8 +24,8 @@ class SamplingPipeline:
         self.top_p = RowTable((R,), np.float32, 1.0, ctx.device)
         self.min_p = RowTable((R,), np.float32, 0.0, ctx.device)
         self.logprobs = np.full(R, -1, dtype=np.int64)  # top logprobs per token; -1: none
-        self.generators: list[Optional[torch.Generator]] = [None] * R
-        self.has_generator = np.zeros(R, dtype=bool)
+        self.seeds: list[Optional[int]] = [None] * R
+        self.has_seed = np.zeros(R, dtype=bool)
         self.bu = BatchUpdate()
 
     def _tables(self) -> tuple[RowTable, ...]:
@@ -36,13 +36,13 @@ class SamplingPipeline:
             for t in self._tables():
                 t.clear(row)
             self.logprobs[row] = -1
-            self.generators[row], self.has_generator[row] = None, False
+            self.seeds[row], self.has_seed[row] = None, False
         for src, dst in bu.moved:
             for t in self._tables():
                 t.move(src, dst)
             self.logprobs[dst], self.logprobs[src] = self.logprobs[src], -1
-            self.generators[dst], self.generators[src] = self.generators[src], None
-            self.has_generator[dst], self.has_generator[src] = self.has_generator[src], False
+            self.seeds[dst], self.seeds[src] = self.seeds[src], None
+            self.has_seed[dst], self.has_seed[src] = self.has_seed[src], False
         V = self.ctx.vocab_size
         for a in bu.added:
             p, r = a.params, a.row
@@ -51,7 +51,7 @@ class SamplingPipeline:
             self.top_p.set(r, p.top_p)
             self.min_p.set(r, p.min_p)
             self.logprobs[r] = -1 if p.logprobs is None else p.logprobs
-            self.generators[r], self.has_generator[r] = a.generator, a.generator is not None
+            self.seeds[r], self.has_seed[r] = a.seed, a.seed is not None
         for p in self.processors:
             p.update(bu)
         self.bu = bu
@@ -71,8 +71,9 @@ class SamplingPipeline:
                 m.top_p = self.top_p.dev[rows_t]
             if (self.min_p.host[rows] > 0).any():
                 m.min_p = self.min_p.dev[rows_t]
-            m.generators = {int(i): self.generators[rows[i]]
-                            for i in np.nonzero(self.has_generator[rows])[0]}
+            pos = self.bu.sample_pos
+            m.seeds = {int(i): position_seed(self.seeds[rows[i]], int(pos[i]))
+                       for i in np.nonzero(self.has_seed[rows])[0]}
         m.max_num_logprobs = int(self.logprobs[rows].max()) if len(rows) else -1
         return m
 

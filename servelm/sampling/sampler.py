@@ -1,5 +1,5 @@
 """Batched sampling: logits processors (in order), temperature, top-k/top-p/min-p, per-request
-seeded generators, and logprobs of the raw model distribution (before any processor or
+seeds per token position, and logprobs of the raw model distribution (before any processor or
 temperature, as vLLM returns by default)."""
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ class SamplingMetadata:
     top_k: Optional[torch.Tensor] = None  # [B] int64, vocab size = off; None if no row uses it
     top_p: Optional[torch.Tensor] = None  # [B] fp32, 1.0 = off
     min_p: Optional[torch.Tensor] = None  # [B] fp32, 0.0 = off
-    # row -> seeded generator; a request with several rows (drafts) draws for them in order
-    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    # row -> the seed of its draw (position_seed): seeded rows' randomness depends on the
+    # request's seed and the token's position only, not on the batch, the step or how many
+    # drafts were verified before it
+    seeds: dict[int, int] = field(default_factory=dict)
     max_num_logprobs: int = -1  # -1: no row wants logprobs
 
 
@@ -57,7 +59,31 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, m: SamplingMetadata) -> torch.
     return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed for the token at `position` of a request seeded with `seed`
+    (splitmix64 of both: nearby seeds and positions give unrelated streams, and n > 1 samples'
+    derived seeds seed + i never collide with another position's)."""
+    z = ((seed & _MASK64) * 0x9E3779B97F4A7C15 + (position + 1) * 0xD1B54A32D192ED03) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
 class Sampler:
+    """Turns logits into tokens; holds one reusable generator per device for seeded rows."""
+
+    def __init__(self) -> None:
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        return gen
+
     def __call__(self, logits: torch.Tensor, m: SamplingMetadata,
                  processors: Sequence[LogitsProcessor] = ()) -> SamplerOutput:
         """logits: [B, V] fp32 (raw model output; processors may edit it in place)."""
@@ -74,10 +100,13 @@ class Sampler:
             x = apply_top_k_top_p_min_p(logits / temp[:, None], m)
             probs = x.softmax(-1)
             # Exponential race: argmax(p / q), q ~ Exp(1), samples from p. Seeded rows draw their
-            # own q from their generator, so their tokens do not depend on the rest of the batch.
+            # own q from (seed, position), so their tokens depend on nothing else.
             q = torch.empty_like(probs).exponential_()
-            for row, gen in m.generators.items():
-                q[row].exponential_(generator=gen)
+            if m.seeds:
+                gen = self._generator(probs.device)
+                for row, seed in m.seeds.items():
+                    gen.manual_seed(seed)
+                    q[row].exponential_(generator=gen)
             sampled = (probs / q).argmax(-1)
             out.token_ids = torch.where(m.temperature > 0, sampled, greedy_ids)
         if m.max_num_logprobs >= 0:

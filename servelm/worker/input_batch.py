@@ -44,7 +44,7 @@ class InputBatch:
     def __contains__(self, req_id: str) -> bool:
         return req_id in self.row_of
 
-    def add(self, nr: NewRequestData, generator: Optional[torch.Generator] = None) -> int:
+    def add(self, nr: NewRequestData) -> int:
         if not self.free_rows:
             raise RuntimeError("input batch is full: more running requests than max_num_seqs")
         row = self.free_rows.pop()
@@ -62,8 +62,9 @@ class InputBatch:
         self.num_blocks[row] = b
         self.row_of[nr.req_id] = row
         p = nr.num_prompt_tokens
+        seed = None if nr.params.seed is None or nr.params.greedy else nr.params.seed
         self._update.added.append(AddedRequest(row, nr.params, tokens[:p], tokens[p:n].tolist(),
-                                               generator))
+                                               seed))
         return row
 
     def remove(self, req_id: str) -> None:
@@ -133,9 +134,13 @@ class InputBatch:
         return self.token_ids[row, start:self.num_tokens[row] if end is None else end]
 
     def take_update(self, logits_rows: np.ndarray, logits_rows_t: Optional[torch.Tensor],
-                    drafts: list[tuple[int, list[int]]]) -> BatchUpdate:
-        """The changes since the last call, with this step's logits layout."""
+                    drafts: list[tuple[int, list[int]]],
+                    sample_pos: Optional[np.ndarray] = None) -> BatchUpdate:
+        """The changes since the last call, with this step's logits layout (sample_pos: [L]
+        the position each logits row's token will take)."""
         bu = self._update
         bu.logits_rows, bu.logits_rows_t, bu.drafts = logits_rows, logits_rows_t, drafts
+        if sample_pos is not None:
+            bu.sample_pos = sample_pos
         self._update = BatchUpdate()
         return bu

@@ -57,6 +57,7 @@ class StepInputs:
     # a verification step without prompt work, one sequence per token (worker/step_meta.py):
     # decode kernels and CUDA graphs serve it. None otherwise
     token_meta: Optional[AttentionMetadata] = None
+    sample_pos: Optional[np.ndarray] = None  # [L] the position each logits row's token takes
 
 
 class ModelRunner:
@@ -89,7 +90,6 @@ class ModelRunner:
         self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq)
         self.sampling = build_sampling_pipeline(ProcessorContext(
             max_rows, mc.vocab_size, self.device, tuple(mc.eos_token_ids)))
-        self.generators: dict[str, torch.Generator] = {}  # seeded requests, kept over preemption
         # each row's newest sampled token, on the device: the next step's input
         self.sampled = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
         self.graphs: Optional[DecodeGraphs] = None
@@ -238,16 +238,11 @@ class ModelRunner:
         b = self.batch
         for rid in s.finished_req_ids:
             b.remove(rid)
-            self.generators.pop(rid, None)
         for rid in s.preempted_req_ids:
-            b.remove(rid)  # its generator stays: the random stream goes on after resuming
+            b.remove(rid)
         for nr in s.new_reqs:
             b.remove(nr.req_id)
-            gen = self.generators.get(nr.req_id)
-            if gen is None and nr.params.seed is not None and not nr.params.greedy:
-                gen = self.generators[nr.req_id] = torch.Generator(device=self.device)
-                gen.manual_seed(nr.params.seed % 2**63)
-            b.add(nr, gen)
+            b.add(nr)
         for cr in s.cached_reqs:
             row = b.row_of[cr.req_id]
             if cr.new_block_ids:
@@ -309,9 +304,11 @@ class ModelRunner:
         if spec and self.graphs is not None and len(sample) == S and (n_sched == k + 1).all():
             token_meta = step_meta(block_table, starts, ends, self.block_size, dev,
                                    per_token=True)[2]
+        logits_idx = first + ramp
         return StepInputs(input_ids_t, to(positions), meta, req_ids, rows, starts,
-                          first + ramp, logits_rows, to(logits_rows),
-                          [req_ids[i] for i in sample], n_logits, drafts, token_meta)
+                          logits_idx, logits_rows, to(logits_rows),
+                          [req_ids[i] for i in sample], n_logits, drafts, token_meta,
+                          positions[logits_idx] + 1)
 
     def execute(self, s: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_async(s).result()
@@ -332,7 +329,7 @@ class ModelRunner:
         # before the forward: processors read the last step's tokens from the device buffers
         # this step's graph replay overwrites
         self.sampling.update(self.batch.take_update(inp.logits_rows, inp.logits_rows_t,
-                                                    inp.drafts))
+                                                    inp.drafts, inp.sample_pos))
         graph_out = None
         gmeta = inp.meta if inp.meta.decode_only else inp.token_meta
         if (self.graphs is not None and gmeta is not None

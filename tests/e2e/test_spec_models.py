@@ -131,6 +131,22 @@ def test_seeded_sampling_reproducible(tiny_model_factory, other_draft):
     assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "layer_skip"])
+def test_seeded_sampling_independent_of_speculation(tiny_model_factory, other_draft, method):
+    """A seeded request's randomness is drawn per token position, and a verified draft is kept
+    only where it equals the target's own sample: the output is the one without speculation,
+    however many drafts were verified when (stronger than reproducible)."""
+    from tests.e2e.test_spec_decode import NGRAM
+    path, _ = tiny_model_factory("llama")
+    prompts = repetitive_prompts(4, seed=8)
+    params = SamplingParams(temperature=0.3, seed=11, n=2, max_tokens=30, ignore_eos=True)
+    plain = _tokens(run_to_completion(make_engine(path), prompts, params))
+    spec = {"ngram": NGRAM, "draft_model": _draft(path), "layer_skip": LAYER_SKIP}[method]
+    eng = make_engine(path, speculative_config=spec)
+    assert _tokens(run_to_completion(eng, prompts, params)) == plain
+    assert spec_stats(eng)[1] > 0
+
+
 def test_draft_kv_shares_the_memory_budget(tiny_model_factory, other_draft):
     """The draft's KV comes out of the same budget: blocks of target + draft KV."""
     path, _ = tiny_model_factory("llama")

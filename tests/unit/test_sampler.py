@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from servelm.sampling.penalties import apply_penalties
-from servelm.sampling.sampler import Sampler, SamplingMetadata, apply_top_k_top_p_min_p
+from servelm.sampling.sampler import (Sampler, SamplingMetadata, apply_top_k_top_p_min_p,
+                                     position_seed)
 
 
 def _logits(B: int, V: int, seed: int, scale: float = 3.0) -> torch.Tensor:
@@ -184,17 +185,17 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     V = 50
     target = _logits(1, V, 9, scale=0.5)  # flat: draws differ a lot between seeds
 
-    def run(batch_size: int, row: int, seed_batch: int, steps: int = 8) -> list[int]:
-        gen = torch.Generator().manual_seed(1234)
+    def run(batch_size: int, row: int, seed_batch: int, steps: int = 8,
+            seed: int = 1234) -> list[int]:
         torch.manual_seed(seed_batch)
         toks = []
-        for s in range(steps):
+        for s in range(steps):  # the token at position 10 + s
             logits = _logits(batch_size, V, 1000 * seed_batch + s, scale=0.5)
             logits[row] = target[0]
             temp = torch.rand(batch_size) + 0.5
             temp[row] = 0.9
             m = _meta(batch_size, temp, top_p=torch.full((batch_size,), 0.95),
-                      generators={row: gen})
+                      seeds={row: position_seed(seed, 10 + s)})
             toks.append(int(Sampler()(logits, m).token_ids[row]))
         return toks
 
@@ -203,13 +204,14 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     assert run(9, 0, 2) == ref
     assert run(2, 1, 3) == ref
     assert len(set(ref)) > 1
-    # a different seed gives a different stream
-    gen2 = torch.Generator().manual_seed(999)
-    other = []
-    for _ in range(8):
-        m = _meta(1, torch.tensor([0.9]), top_p=torch.full((1,), 0.95), generators={0: gen2})
-        other.append(int(Sampler()(target.clone(), m).token_ids[0]))
-    assert other != ref
+    assert run(1, 0, 0, seed=999) != ref  # a different seed gives a different stream
+    assert run(1, 0, 0, seed=1235) != ref  # n > 1 samples' seeds are seed + i
+
+
+def test_position_seed_mixes():
+    seeds = {position_seed(s, p) for s in range(64) for p in range(64)}
+    assert len(seeds) == 64 * 64 and all(0 <= x < 2**63 for x in seeds)
+    assert position_seed(-1, 0) == position_seed(2**64 - 1, 0)  # the seed's 64 bits
 
 
 # ---- penalties ---------------------------------------------------------------------------------
