@@ -23,7 +23,8 @@ _METHOD_KEYS = MappingProxyType({
     "draft_model": ("model", "tree"),
     "layer_skip": ("draft_layers",),
 })
-_KEYS = {"method", "num_speculative_tokens", "disable_by_batch_size",
+_COMMON = ("method", "num_speculative_tokens", "disable_by_batch_size", "adaptive")
+_KEYS = {*_COMMON,
          *(k for keys in _METHOD_KEYS.values() for k in keys)}
 
 
@@ -40,6 +41,9 @@ class SpeculativeConfig:
     draft_layers: Optional[int] = None  # layer_skip: the target's first layers that draft
     # draft_model: the draft's resolved config (finalize_speculative_config fills it)
     draft: Any = None
+    # measure steps with and without drafts per batch size and draft only where it pays
+    # (spec_decode/gate.py); False: draft at every step (up to disable_by_batch_size)
+    adaptive: bool = True
 
     @property
     def num_lookahead_tokens(self) -> int:
@@ -76,9 +80,7 @@ def parse_speculative_config(raw: Union[None, str, dict, SpeculativeConfig]
     if method not in PROPOSERS:
         raise ValueError(f"speculative_config['method'] must be one of {sorted(PROPOSERS)}, "
                          f"got {method!r}.")
-    foreign = sorted(k for k in raw if k not in ("method", "num_speculative_tokens",
-                                                 "disable_by_batch_size")
-                     and k not in _METHOD_KEYS[method])
+    foreign = sorted(k for k in raw if k not in _COMMON and k not in _METHOD_KEYS[method])
     if foreign:  # never accepted and silently unused
         raise ValueError(f"speculative_config key(s) {foreign} do not apply to method "
                          f"{method!r} (its keys: {list(_METHOD_KEYS[method])}).")
@@ -101,8 +103,12 @@ def parse_speculative_config(raw: Union[None, str, dict, SpeculativeConfig]
     if method == "layer_skip" and layers is None:
         raise ValueError("speculative_config['draft_layers'] is required for method "
                          "'layer_skip': how many of the target's first layers draft (>= 1).")
+    adaptive = raw.get("adaptive", True)
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"speculative_config['adaptive'] must be true or false, got "
+                         f"{adaptive!r}.")
     return SpeculativeConfig(method, k, lo, hi, _int(raw, "disable_by_batch_size", None, 1),
-                             model, layers)
+                             model, layers, adaptive=adaptive)
 
 
 def finalize_speculative_config(spec: Optional[SpeculativeConfig], target: Any,

@@ -26,6 +26,7 @@ from servelm.distributed import ParallelGroup
 from servelm.models.registry import build_model
 from servelm.sampling import ProcessorContext, SamplerOutput, build_sampling_pipeline
 from servelm.spec_decode import Proposer, ProposerInput
+from servelm.spec_decode.gate import SpeculationGate
 from servelm.worker.cuda_graphs import DecodeGraphs
 from servelm.worker.input_batch import InputBatch
 from servelm.worker.logprobs import chunk_prompt_logprobs, wants_prompt_logprobs
@@ -85,7 +86,11 @@ class ModelRunner:
         if config.speculative is not None:  # before measuring: a draft model's weights count
             self.proposer = self._build_proposer(max_rows)
             self.spec_max_batch = config.speculative.disable_by_batch_size
+        self.gate: Optional[SpeculationGate] = (
+            SpeculationGate() if self.proposer is not None and config.speculative.adaptive
+            else None)
         self.drafting_ready = False  # KV caches exist: not the memory profile's throwaway run
+        self._unlanded: Optional[PendingOutput] = None  # the latest overlapped step's output
         self.mem_weights = (torch.cuda.memory_allocated(self.device) - self.mem_at_init) if cuda else 0
         self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq)
         self.sampling = build_sampling_pipeline(ProcessorContext(
@@ -214,6 +219,8 @@ class ModelRunner:
             self.graphs.capture()
         if self.proposer is not None:
             self.proposer.initialize_kv_cache(num_blocks)
+        if self.gate is not None:  # nothing the memory profile measured
+            self.gate = SpeculationGate()
         self.drafting_ready = True
 
     def capture_pending_graph(self) -> bool:
@@ -341,7 +348,10 @@ class ModelRunner:
             out.prompt_logprobs_dict = chunk_prompt_logprobs(
                 self.batch, inp.req_ids, inp.rows, inp.starts, inp.meta.query_lens_cpu, hidden,
                 self.model.compute_logits)
-        if not inp.sample_req_ids:
+        n_samplers = len(inp.sample_req_ids)
+        if not n_samplers:
+            if self.gate is not None:
+                self.gate.interrupt()
             return PendingOutput.ready(out)
         L = len(inp.logits_rows)
         if graph_out is not None:  # one logits row per token of the graph's batch
@@ -357,24 +367,37 @@ class ModelRunner:
             collect_verified(self.batch, self.sampling.logprobs, inp.sample_req_ids,
                              inp.logits_rows, inp.num_logits, so, s.scheduled_spec_decode_tokens,
                              out)
-            return PendingOutput.ready(self._propose(out))
+            if self.gate is not None:
+                self.gate.observe(n_samplers, True,
+                                  sum(len(t) for t in out.sampled_token_ids.values()))
+            return PendingOutput.ready(self._propose(out, self._drafts_now(n_samplers)))
+        if self.gate is not None:
+            self.gate.observe(n_samplers, False, n_samplers)
         self.sampled[inp.logits_rows_t] = so.token_ids  # the next step's inputs
         gens, pos = self.batch.append_on_device(inp.logits_rows, so.token_ids)
         rows = inp.logits_rows
         pending = PendingOutput(out, inp.sample_req_ids, self.sampling.logprobs[rows], so,
                                 lambda toks: self.batch.land(rows, gens, pos, toks))
-        if self._drafts_now(len(inp.sample_req_ids)):  # drafting needs the tokens: wait
-            return PendingOutput.ready(self._propose(pending.result()))
+        if self._drafts_now(n_samplers):  # drafting needs the tokens: wait
+            return PendingOutput.ready(self._propose(pending.result(), True))
+        self._unlanded = pending
         return pending
 
     def _drafts_now(self, num_samplers: int) -> bool:
-        """Whether this step's samplers get drafts: a proposer, and a batch no larger than
-        disable_by_batch_size (above it the step overlaps with the next, undrafted)."""
+        """Whether this step's samplers get drafts (asked once per step): a proposer, a batch
+        no larger than disable_by_batch_size, and the gate's measurements saying drafting
+        pays at this batch size (else the step overlaps with the next, undrafted)."""
         return (self.proposer is not None and self.drafting_ready
-                and (self.spec_max_batch is None or num_samplers <= self.spec_max_batch))
+                and (self.spec_max_batch is None or num_samplers <= self.spec_max_batch)
+                and (self.gate is None or self.gate.choose(num_samplers)))
 
-    def _propose(self, out: ModelRunnerOutput) -> ModelRunnerOutput:
-        if self._drafts_now(len(out.sampled_token_ids)):
+    def _propose(self, out: ModelRunnerOutput, draft: bool) -> ModelRunnerOutput:
+        if draft:
+            if self._unlanded is not None:
+                # an earlier overlapped step's tokens, still on their way to the host: the
+                # proposer reads every token (its work finished before this step's)
+                self._unlanded.result()
+                self._unlanded = None
             b = self.batch
             live = list(out.sampled_token_ids)
             rows = np.fromiter((b.row_of[r] for r in live), np.int64, len(live))
