@@ -7,6 +7,7 @@ batching, chunked prefill, prefix-cache hits and preemption by recompute.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
@@ -140,6 +141,7 @@ class Scheduler:
         # prompt tokens this step may take: capped while some request decodes, so a long prompt
         # cannot stretch the step (and the decodes' inter-token latency)
         prefill_left = self._prefill_budget(now, budget)
+        rho = None  # _draft_cost_ratio(), once per step that has drafts
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -160,8 +162,10 @@ class Scheduler:
                 prefill_left -= n
             if req.spec_token_ids:  # proposed for this step only: used now or dropped
                 # drafts follow the last landed token: stale if another is still in flight
+                if rho is None:
+                    rho = self._draft_cost_ratio()
                 drafts = ([] if req.num_output_placeholders
-                          else self._fit_drafts(req, budget - n))
+                          else self._fit_drafts(req, budget - n, rho))
                 req.spec_token_ids = []
                 if drafts:
                     spec_tokens[req.request_id] = drafts
@@ -387,20 +391,37 @@ class Scheduler:
         la = self.config.num_lookahead_tokens
         return max(0, min(la, self.config.max_model_len - num_tokens)) if la else 0
 
-    def _fit_drafts(self, req: Request, budget: int) -> list[int]:
+    def _fit_drafts(self, req: Request, budget: int, rho: float) -> list[int]:
         """The drafts to verify this step: within the token budget, never past what the
         request may still generate (all drafts accepted plus one more token must fit both
-        max_model_len and max_tokens), and no more than its acceptance so far makes worth
-        verifying: with per-draft acceptance a, a step yields about 1 / (1 - a) tokens, so
-        drafts past the first 1 + round(a / (1 - a)) are mostly rejected (their verification
-        is compute spent for nothing); one is always kept, to notice a change of content."""
+        max_model_len and max_tokens), and only those worth their verification: with
+        per-draft acceptance a, the j-th draft yields a^j tokens for one more token of step
+        work, and is kept while a^j >= rho, what a token of verification costs against a
+        request's share of the step (``_draft_cost_ratio``). One is always kept, to notice a
+        change of content."""
         room = self.config.max_model_len - req.num_tokens - 1
         if req.params.max_tokens is not None:
             room = min(room, req.params.max_tokens - req.num_output_tokens - 1)
         a = req.spec_acceptance
-        worth = 1 + round(a / (1 - a)) if a < 0.99 else room
-        k = min(len(req.spec_token_ids), budget, room, worth)
+        if rho <= 0 or a >= 0.99:
+            worth = room
+        elif a <= 0:
+            worth = 1
+        else:
+            worth = 1 + int(math.log(rho) / math.log(a))
+        k = min(len(req.spec_token_ids), budget, room, max(1, worth))
         return req.spec_token_ids[:k] if k > 0 else []
+
+    def _draft_cost_ratio(self) -> float:
+        """b * B / (a + b * B) from the step-cost model (a + b * tokens) at B running
+        requests: the cost of one more token in a step against one request's share of it.
+        Near 0 while decode steps are bound by reading the weights (drafts ride along nearly
+        free), toward 1 once steps are compute-bound. 0 until the model has samples."""
+        if not self.cost.ready:
+            return 0.0
+        a, b = self.cost.coefficients()
+        B = max(1, len(self.running))
+        return b * B / (a + b * B) if a + b * B > 0 else 0.0
 
     def _new_req_data(self, req: Request) -> NewRequestData:
         # the Request's own list (no copy): the message covers its first num_tokens entries

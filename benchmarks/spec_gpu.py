@@ -1,0 +1,283 @@
+"""Speculative decoding on one GPU, speculation on vs off in the same process: one table.
+
+    python benchmarks/spec_gpu.py                    # every part, 3 fresh processes each
+    python benchmarks/spec_gpu.py --parts b1 draft --repeat 1
+
+Llama-3-8B-shaped dummy bf16 weights. Random weights make acceptance meaningless, so drafts
+replay the target's own greedy trajectory (recorded by the run with speculation off, on the
+same prompts), each draft token independently replaced by another with probability
+1 - acceptance: per-token acceptance 0.6 / 0.8 / 0.9 (the measured mean acceptance length is
+reported beside). Parts, each in a fresh process, each measuring its own baseline:
+  b1     batch 1 (128 in / 256 out, 3 prompts): off, then replayed drafts (no draft cost), k=4
+  draft  the same with a Llama-3.2-1B-shaped dummy draft model that runs in full (its KV,
+         its k passes) before its proposals are replaced by the replayed ones
+  load   replayed drafts (acceptance 0.8) with 64 and 256 requests at once: off, speculation
+         with the adaptive gate, and without it (drafting at every step)
+  ngram  1000 requests at once whose prompts repeat a span (n-gram finds drafts): off, n-gram
+         with the gate, n-gram without it
+Decode speed at batch 1: (tokens - 1) / (last token - first token); under load, output tokens
+per second of wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from servelm.spec_decode.proposer import Proposer, ProposerInput  # noqa: E402
+
+PRESET, DRAFT = "llama-3-8b", "llama-3.2-1b"
+K, PROMPT_LEN, OUT_LEN = 4, 128, 256
+
+
+class ReplayProposer(Proposer):
+    """Drafts: the recorded greedy continuation of a request's prompt, each token replaced
+    with probability 1 - acceptance (by its own seeded draw: reproducible). With `inner`, that
+    proposer runs first (its whole cost paid, its KV kept) and its drafts are discarded."""
+
+    def __init__(self, vocab: int, inner: Proposer | None = None) -> None:
+        self.vocab, self.inner = vocab, inner
+        self.trajectories: dict[bytes, list[int]] = {}
+        self.acceptance = 0.8
+
+    def load(self, ctx) -> None:
+        pass
+
+    def record(self, prompt: list[int], output: list[int]) -> None:
+        self.trajectories[np.asarray(prompt, dtype=np.int32).tobytes()] = list(output)
+
+    def propose(self, batch: ProposerInput) -> dict[str, list[int]]:
+        if self.inner is not None:
+            self.inner.propose(batch)
+        out = {}
+        for rid, toks in zip(batch.req_ids, batch.token_ids):
+            key = toks[:PROMPT_LEN].tobytes()
+            traj = self.trajectories.get(key)
+            m = len(toks) - PROMPT_LEN  # outputs so far
+            if traj is None or m >= len(traj):
+                continue
+            d = np.array(traj[m:m + K], dtype=np.int64)
+            rng = np.random.default_rng([int.from_bytes(key[:8], "little"), m,
+                                         int(self.acceptance * 100)])
+            bad = rng.random(len(d)) >= self.acceptance
+            d[bad] = (d[bad] + 1 + rng.integers(0, self.vocab - 1, int(bad.sum()))) % self.vocab
+            out[rid] = d.tolist()
+        return out
+
+
+def prompts(n: int, seed: int, vocab: int) -> list[list[int]]:
+    g = np.random.default_rng(seed)
+    return [g.integers(0, vocab, PROMPT_LEN).tolist() for _ in range(n)]
+
+
+def repeated_span_prompts(n: int, seed: int, vocab: int) -> list[list[int]]:
+    """A 32-token span said 6 times with 16 fresh tokens between: 288 tokens."""
+    g = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        span = g.integers(0, vocab, 32).tolist()
+        p = []
+        for _ in range(6):
+            p += span + g.integers(0, vocab, 16).tolist()
+        out.append(p)
+    return out
+
+
+def decode_tok_s(o) -> float:
+    m, n = o.metrics, len(o.outputs[0].token_ids)
+    return (n - 1) / (m.last_token_time - m.first_token_time)
+
+
+def mean_acc_len(llm, before: dict) -> float | None:
+    s = llm.spec_decode_stats()
+    n = s["num_drafts"] - before["num_drafts"]
+    return 1 + (s["num_accepted_tokens"] - before["num_accepted_tokens"]) / n if n else None
+
+
+def engine(args, spec: dict, **kw):
+    from servelm import LLM
+    return LLM(args.preset, load_format="dummy", seed=0, skip_tokenizer_init=True,
+               speculative_config=spec, **kw)
+
+
+def part_b1(args, draft: bool) -> dict:
+    from servelm import SamplingParams
+    spec = ({"method": "draft_model", "model": args.draft, "num_speculative_tokens": K}
+            if draft else {"method": "ngram", "num_speculative_tokens": K})
+    llm = engine(args, spec, max_model_len=2048)
+    runner = llm.engine.core.executor.runner
+    V = runner.config.model.vocab_size
+    replay = ReplayProposer(V, inner=runner.proposer if draft else None)
+    sp = SamplingParams(temperature=0, max_tokens=OUT_LEN, ignore_eos=True)
+    ps = prompts(args.prompts + 1, 0, V)
+    rates = (0.6, 0.8, 0.9) if not draft else (0.8,)
+    res = {"off": [], **{f"a{a}": [] for a in rates}, **{f"a{a}_mal": [] for a in rates}}
+    for i, p in enumerate(ps):  # the first prompt warms up (compiles, graphs), unmeasured
+        runner.proposer = None
+        o = llm.generate([p], sp, use_tqdm=False)[0]
+        replay.record(p, o.outputs[0].token_ids)
+        if i:
+            res["off"].append(decode_tok_s(o))
+        runner.proposer = replay
+        for a in rates:
+            replay.acceptance = a
+            before = llm.spec_decode_stats()
+            o = llm.generate([p], sp, use_tqdm=False)[0]
+            if i:
+                res[f"a{a}"].append(decode_tok_s(o))
+                res[f"a{a}_mal"].append(mean_acc_len(llm, before))
+    return res
+
+
+def part_load(args) -> dict:
+    from servelm import SamplingParams
+    llm = engine(args, {"method": "ngram", "num_speculative_tokens": K}, max_model_len=2048)
+    runner = llm.engine.core.executor.runner
+    V = runner.config.model.vocab_size
+    replay, gate = ReplayProposer(V), runner.gate
+    replay.acceptance = 0.8
+    sp = SamplingParams(temperature=0, max_tokens=OUT_LEN, ignore_eos=True)
+    res = {}
+    for batch in args.load_batches:
+        ps = prompts(batch, batch, V)
+        runner.proposer = None
+        llm.generate(ps[:8], sp, use_tqdm=False)  # warm-up
+        t = time.perf_counter()
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        res[f"{batch}_off"] = batch * OUT_LEN / (time.perf_counter() - t)
+        for p, o in zip(ps, outs):
+            replay.record(p, o.outputs[0].token_ids)
+        runner.proposer = replay
+        for name, g in (("gate", gate), ("always", None)):
+            runner.gate = g
+            before = llm.spec_decode_stats()
+            t = time.perf_counter()
+            llm.generate(ps, sp, use_tqdm=False)
+            res[f"{batch}_{name}"] = batch * OUT_LEN / (time.perf_counter() - t)
+            res[f"{batch}_{name}_mal"] = mean_acc_len(llm, before)
+        runner.gate = gate
+    return res
+
+
+def part_ngram(args) -> dict:
+    from servelm import SamplingParams
+    llm = engine(args, {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 2,
+                        "prompt_lookup_max": 4}, max_model_len=2048)
+    runner = llm.engine.core.executor.runner
+    V = runner.config.model.vocab_size
+    ngram, gate = runner.proposer, runner.gate
+    ps = repeated_span_prompts(args.ngram_requests, 3, V)
+    sp = SamplingParams(temperature=0, max_tokens=OUT_LEN, ignore_eos=True)
+    res = {}
+    for name, prop, g in (("off", None, None), ("gate", ngram, gate), ("always", ngram, None)):
+        runner.proposer, runner.gate = prop, g
+        llm.generate(ps[:16], sp, use_tqdm=False)  # warm-up
+        before = llm.spec_decode_stats()
+        t = time.perf_counter()
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        res[name] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+        res[f"{name}_mal"] = mean_acc_len(llm, before) if prop else None
+    return res
+
+
+PARTS = {"b1": lambda a: part_b1(a, False), "draft": lambda a: part_b1(a, True),
+         "load": part_load, "ngram": part_ngram}
+
+
+def _f(v, fmt: str = ".2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _med(runs: list, key: str):
+    vals = []
+    for r in runs:
+        v = r.get(key)
+        vals += v if isinstance(v, list) else [v]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    ap.add_argument("--repeat", type=int, default=3, help="fresh processes per part")
+    ap.add_argument("--prompts", type=int, default=3, help="batch-1 prompts per process")
+    ap.add_argument("--ngram-requests", type=int, default=1000)
+    ap.add_argument("--load-batches", type=int, nargs="+", default=[64, 256])
+    # smaller shapes for a smoke run (e.g. smollm2-135m on the CPU)
+    ap.add_argument("--preset", default=PRESET, help=argparse.SUPPRESS)
+    ap.add_argument("--draft", default=DRAFT, help=argparse.SUPPRESS)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # run one part, print JSON
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT", json.dumps(PARTS[args.one](args)), flush=True)
+        return
+    results: dict = {}
+    for part in args.parts:
+        results[part] = []
+        for _ in range(args.repeat):
+            cmd = [sys.executable, __file__, "--one", part, "--prompts", str(args.prompts),
+                   "--ngram-requests", str(args.ngram_requests), "--preset", args.preset,
+                   "--draft", args.draft, "--load-batches", *map(str, args.load_batches)]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                print(f"{part} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}", flush=True)
+                break
+            results[part].append(json.loads(line[0][7:]))
+            print(part, line[0][7:], flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+    rows = []
+    if results.get("b1"):
+        r = results["b1"]
+        off = _med(r, "off")
+        rows.append(("batch 1, off", f"{off:.1f}", "1.00x", "-"))
+        for a in (0.6, 0.8, 0.9):
+            v = _med(r, f"a{a}")
+            rows.append((f"batch 1, replayed drafts, acceptance {a}", f"{v:.1f}",
+                         f"{v / off:.2f}x", _f(_med(r, f"a{a}_mal"))))
+    if results.get("draft"):
+        r = results["draft"]
+        off, v = _med(r, "off"), _med(r, "a0.8")
+        rows.append(("batch 1, off (draft-model engine)", f"{off:.1f}", "1.00x", "-"))
+        rows.append((f"batch 1, {args.draft} draft run in full, replayed 0.8", f"{v:.1f}",
+                     f"{v / off:.2f}x", _f(_med(r, "a0.8_mal"))))
+    if results.get("load"):
+        r = results["load"]
+        for b in args.load_batches:
+            off = _med(r, f"{b}_off")
+            rows.append((f"{b} at once, off", f"{off:.0f}", "1.00x", "-"))
+            for name in ("gate", "always"):
+                v = _med(r, f"{b}_{name}")
+                label = "adaptive gate" if name == "gate" else "drafting every step"
+                rows.append((f"{b} at once, replayed 0.8, {label}", f"{v:.0f}",
+                             f"{v / off:.2f}x", _f(_med(r, f"{b}_{name}_mal"))))
+    if results.get("ngram"):
+        r = results["ngram"]
+        off = _med(r, "off")
+        rows.append((f"{args.ngram_requests} repeated-span prompts at once, off", f"{off:.0f}",
+                     "1.00x", "-"))
+        for name in ("gate", "always"):
+            v, mal = _med(r, name), _med(r, f"{name}_mal")
+            label = "adaptive gate" if name == "gate" else "drafting every step"
+            rows.append((f"... n-gram, {label}", f"{v:.0f}", f"{v / off:.2f}x", _f(mal)))
+    print(f"\n{args.preset} dummy bf16, k={K}, {PROMPT_LEN} in / {OUT_LEN} out, greedy; medians of "
+          f"{args.repeat} fresh processes")
+    print("| run | tok/s | vs off | mean acceptance length |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
