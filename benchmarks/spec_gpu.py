@@ -103,9 +103,69 @@ def mean_acc_len(llm, before: dict) -> float | None:
 
 
 def engine(args, spec: dict, **kw):
+    """The engine, every CUDA graph captured (the target's and a draft model's; a server
+    captures the ones it skipped at start-up in idle time): no first-use capture in a run."""
     from servelm import LLM
-    return LLM(args.preset, load_format="dummy", seed=0, skip_tokenizer_init=True,
-               speculative_config=spec, **kw)
+    llm = LLM(args.preset, load_format="dummy", seed=0, skip_tokenizer_init=True,
+              speculative_config=spec, **kw)
+    while llm.engine.core.executor.runner.capture_pending_graph():
+        pass
+    return llm
+
+
+def settle(llm, replay: ReplayProposer, ps: list, sp, rounds: int) -> None:
+    """Re-record the trajectories as the speculative run itself produces them. In bf16 a
+    verification step's multi-token matmuls round differently from one-token steps, so a
+    random model's near-ties can flip and the run leave the recorded trajectory, after which
+    replayed drafts are all wrong. The corruption is seeded per position, so a run with the
+    same trajectory repeats its step structure: after a few rounds the trajectory is the
+    speculative run's own, and the set acceptance holds to the end."""
+    for _ in range(rounds):
+        for p, o in zip(ps, llm.generate(ps, sp, use_tqdm=False)):
+            replay.record(p, o.outputs[0].token_ids)
+
+
+class Breakdown:
+    """Where a speculative step's time goes: wall ms per step in the scheduler, the input
+    build, the target's forward (verification), the host-side acceptance, the proposer, the
+    rest; each timed between CUDA synchronisations (so the run is slightly slower)."""
+
+    def __init__(self, llm) -> None:
+        import torch
+        import servelm.worker.model_runner as mr
+        core = llm.engine.core
+        runner = core.executor.runner
+        self.ms: dict[str, float] = {}
+        self.steps = 0
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+        def wrap(obj, name, label):
+            fn = getattr(obj, name)
+
+            def timed(*a, **k):
+                sync()
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    sync()
+                    self.ms[label] = self.ms.get(label, 0.0) + 1e3 * (time.perf_counter() - t)
+            setattr(obj, name, timed)
+        wrap(core, "step", "step")
+        wrap(core.scheduler, "schedule", "schedule")
+        wrap(core.scheduler, "update", "update")
+        wrap(runner, "_prepare_inputs", "prepare inputs")
+        if runner.graphs is not None:
+            wrap(runner.graphs, "run", "target forward (graph)")
+        wrap(runner, "_forward", "target forward (eager)")
+        wrap(mr, "collect_verified", "accept (host)")
+        wrap(runner.proposer, "propose", "propose")
+        if getattr(runner.proposer, "inner", None) is not None:
+            wrap(runner.proposer.inner, "propose", "draft model")
+
+    def table(self) -> dict:
+        n = max(1, int(self.ms.get("_steps", 0)))
+        return {k: v / n for k, v in self.ms.items() if not k.startswith("_")}
 
 
 def part_b1(args, draft: bool) -> dict:
@@ -120,20 +180,29 @@ def part_b1(args, draft: bool) -> dict:
     ps = prompts(args.prompts + 1, 0, V)
     rates = (0.6, 0.8, 0.9) if not draft else (0.8,)
     res = {"off": [], **{f"a{a}": [] for a in rates}, **{f"a{a}_mal": [] for a in rates}}
-    for i, p in enumerate(ps):  # the first prompt warms up (compiles, graphs), unmeasured
+    for i, p in enumerate(ps):  # the first prompt warms up (compiles), unmeasured
         runner.proposer = None
         o = llm.generate([p], sp, use_tqdm=False)[0]
-        replay.record(p, o.outputs[0].token_ids)
+        off_traj = o.outputs[0].token_ids
         if i:
             res["off"].append(decode_tok_s(o))
         runner.proposer = replay
         for a in rates:
             replay.acceptance = a
+            replay.record(p, off_traj)
+            settle(llm, replay, [p], sp, args.settle)
             before = llm.spec_decode_stats()
             o = llm.generate([p], sp, use_tqdm=False)[0]
             if i:
                 res[f"a{a}"].append(decode_tok_s(o))
                 res[f"a{a}_mal"].append(mean_acc_len(llm, before))
+    # one more run at acceptance 0.8, timed part by part
+    replay.acceptance = 0.8
+    bd = Breakdown(llm)
+    before = llm.spec_decode_stats()
+    llm.generate([ps[-1]], sp, use_tqdm=False)
+    bd.ms["_steps"] = llm.spec_decode_stats()["num_drafts"] - before["num_drafts"]
+    res["breakdown_ms_per_spec_step"] = bd.table()
     return res
 
 
@@ -156,6 +225,7 @@ def part_load(args) -> dict:
         for p, o in zip(ps, outs):
             replay.record(p, o.outputs[0].token_ids)
         runner.proposer = replay
+        settle(llm, replay, ps, sp, args.settle)
         for name, g in (("gate", gate), ("always", None)):
             runner.gate = g
             before = llm.spec_decode_stats()
@@ -212,6 +282,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3, help="batch-1 prompts per process")
     ap.add_argument("--ngram-requests", type=int, default=1000)
     ap.add_argument("--load-batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--settle", type=int, default=2, help="trajectory re-recording rounds")
     # smaller shapes for a smoke run (e.g. smollm2-135m on the CPU)
     ap.add_argument("--preset", default=PRESET, help=argparse.SUPPRESS)
     ap.add_argument("--draft", default=DRAFT, help=argparse.SUPPRESS)
@@ -227,7 +298,8 @@ def main() -> None:
         for _ in range(args.repeat):
             cmd = [sys.executable, __file__, "--one", part, "--prompts", str(args.prompts),
                    "--ngram-requests", str(args.ngram_requests), "--preset", args.preset,
-                   "--draft", args.draft, "--load-batches", *map(str, args.load_batches)]
+                   "--draft", args.draft, "--settle", str(args.settle),
+                   "--load-batches", *map(str, args.load_batches)]
             p = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
@@ -272,6 +344,15 @@ def main() -> None:
             v, mal = _med(r, name), _med(r, f"{name}_mal")
             label = "adaptive gate" if name == "gate" else "drafting every step"
             rows.append((f"... n-gram, {label}", f"{v:.0f}", f"{v / off:.2f}x", _f(mal)))
+    for part in ("b1", "draft"):
+        runs = [r["breakdown_ms_per_spec_step"] for r in results.get(part, [])
+                if "breakdown_ms_per_spec_step" in r]
+        if runs:
+            keys = sorted({k for r in runs for k in r}, key=lambda k: -runs[0].get(k, 0))
+            print(f"\n{part}: ms per verification step (acceptance 0.8, timed between CUDA "
+                  "synchronisations; median over processes)")
+            for k in keys:
+                print(f"  {k:28s} {statistics.median(r.get(k, 0.0) for r in runs):7.2f}")
     print(f"\n{args.preset} dummy bf16, k={K}, {PROMPT_LEN} in / {OUT_LEN} out, greedy; medians of "
           f"{args.repeat} fresh processes")
     print("| run | tok/s | vs off | mean acceptance length |\n|---|---|---|---|")

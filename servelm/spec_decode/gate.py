@@ -25,6 +25,7 @@ class _Arm:
     tokens: float = 0.0  # EW average output tokens per step
     seconds: float = 0.0  # EW average wall seconds per step
     n: int = 0  # steps measured
+    seen: int = 0  # steps observed (the first is not measured: first-use compiles, captures)
     last: int = -1  # the bucket's step count at the latest measurement
 
     def tok_s(self) -> float:
@@ -76,7 +77,8 @@ class SpeculationGate:
         """A step finished (on the host's clock: launched, for an overlapped step): tokens it
         produced, whether it verified drafts. The interval since the previous step is its cost;
         the first step after a switch of arms is not counted (its interval mixes both), nor an
-        interval far longer than the arm's average (the engine was idle in between)."""
+        arm's first step in a bucket (a CUDA graph captured or a kernel compiled on first use),
+        nor an interval far longer than the arm's average (the engine was idle in between)."""
         now = self.clock()
         prev, self._prev = self._prev, (now, drafted)
         b = self.buckets.setdefault(self._key(num_samplers), _Bucket())
@@ -85,7 +87,8 @@ class SpeculationGate:
             return
         dt = now - prev[0]
         arm = b.arms[drafted]
-        if dt <= 0 or (arm.n >= 2 and dt > 4 * arm.seconds):
+        arm.seen += 1
+        if dt <= 0 or arm.seen == 1 or (arm.n >= 2 and dt > 4 * arm.seconds):
             return
         a = self.alpha if arm.n else 1.0
         arm.tokens += a * (tokens - arm.tokens)

@@ -107,10 +107,11 @@ class ModelProposer(Proposer):
         return {batch.req_ids[s]: drafts[s, :kr[s]].tolist() for s in range(len(n)) if kr[s] > 0}
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
-        """One decode-shaped pass -> greedy ids [T], through a CUDA graph where one fits."""
+        """One decode-shaped pass -> greedy ids [T], through a CUDA graph where one fits (its
+        output buffer is the graph's, overwritten by the next replay: copied out)."""
         g = self.graphs
         if g is not None and meta.decode_only and g.padded_size(meta.num_seqs) is not None:
-            return g.run(input_ids, positions, meta)[1]
+            return g.run(input_ids, positions, meta)[1].clone()
         return self._greedy(input_ids, positions, meta)[1]
 
     def _catch_up(self, batch: ProposerInput, sel: np.ndarray, valid: np.ndarray,
