@@ -45,30 +45,34 @@ class ReplayProposer(Proposer):
 
     def __init__(self, vocab: int, inner: Proposer | None = None) -> None:
         self.vocab, self.inner = vocab, inner
-        self.trajectories: dict[bytes, list[int]] = {}
+        # prompt bytes -> (trajectory [L], uniform draws [L, K], replacement offsets [L, K]):
+        # the draws are made once per trajectory (proposing is then a few slices a request)
+        self.trajectories: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.acceptance = 0.8
 
     def load(self, ctx) -> None:
         pass
 
     def record(self, prompt: list[int], output: list[int]) -> None:
-        self.trajectories[np.asarray(prompt, dtype=np.int32).tobytes()] = list(output)
+        key = np.asarray(prompt, dtype=np.int32).tobytes()
+        rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+        L = len(output)
+        self.trajectories[key] = (np.asarray(output, dtype=np.int64), rng.random((L, K)),
+                                  1 + rng.integers(0, self.vocab - 1, (L, K)))
 
     def propose(self, batch: ProposerInput) -> dict[str, list[int]]:
         if self.inner is not None:
             self.inner.propose(batch)
         out = {}
         for rid, toks in zip(batch.req_ids, batch.token_ids):
-            key = toks[:PROMPT_LEN].tobytes()
-            traj = self.trajectories.get(key)
-            m = len(toks) - PROMPT_LEN  # outputs so far
-            if traj is None or m >= len(traj):
+            rec = self.trajectories.get(toks[:PROMPT_LEN].tobytes())
+            m = len(toks) - PROMPT_LEN  # outputs so far: the drafts replay traj[m:m+K]
+            if rec is None or m >= len(rec[0]):
                 continue
-            d = np.array(traj[m:m + K], dtype=np.int64)
-            rng = np.random.default_rng([int.from_bytes(key[:8], "little"), m,
-                                         int(self.acceptance * 100)])
-            bad = rng.random(len(d)) >= self.acceptance
-            d[bad] = (d[bad] + 1 + rng.integers(0, self.vocab - 1, int(bad.sum()))) % self.vocab
+            traj, u, shift = rec
+            d = traj[m:m + K].copy()
+            bad = u[m, :len(d)] >= self.acceptance
+            d[bad] = (d[bad] + shift[m, :len(d)][bad]) % self.vocab
             out[rid] = d.tolist()
         return out
 

@@ -121,14 +121,19 @@ class InputBatch:
         newest = self.dev_pos[rows] == pos  # no later step has appended to the row since
         self.host_pending[rows[newest]] = False
 
-    def append_token_list(self, row: int, tokens: list[int], device: torch.device) -> None:
-        """Several accepted tokens for one row, known on the host (speculative steps)."""
-        n = int(self.num_tokens[row])
-        self._ensure_width(n + len(tokens) + 1)
-        self.token_ids[row, n:n + len(tokens)] = tokens
-        self.num_tokens[row] = n + len(tokens)
-        self._update.appended.append((np.full(len(tokens), row, dtype=np.int64),
-                                      torch.tensor(tokens, dtype=torch.int64, device=device)))
+    def append_token_lists(self, rows: list[int], tokens: list[list[int]],
+                           device: torch.device) -> None:
+        """Accepted tokens of several rows, known on the host (a speculative step): written to
+        the host rows, and to the sampling state in one device copy."""
+        for row, toks in zip(rows, tokens):
+            n = int(self.num_tokens[row])
+            self._ensure_width(n + len(toks) + 1)
+            self.token_ids[row, n:n + len(toks)] = toks
+            self.num_tokens[row] = n + len(toks)
+        flat = [t for toks in tokens for t in toks]
+        self._update.appended.append((np.repeat(np.asarray(rows, dtype=np.int64),
+                                                [len(t) for t in tokens]),
+                                      torch.tensor(flat, dtype=torch.int64).to(device)))
 
     def tokens(self, row: int, start: int = 0, end: int | None = None) -> np.ndarray:
         return self.token_ids[row, start:self.num_tokens[row] if end is None else end]

