@@ -151,6 +151,9 @@ def test_seeded_sampling_independent_of_speculation(tiny_model_factory, other_dr
 
 def test_draft_kv_shares_the_memory_budget(tiny_model_factory, other_draft):
     """The draft's KV comes out of the same budget: blocks of target + draft KV."""
+    from tests.conftest import TEST_DEVICE
+    if TEST_DEVICE != "cpu":
+        pytest.skip("the CPU budget's arithmetic (on a GPU the tests fix the block count)")
     path, _ = tiny_model_factory("llama")
     budget = 1 << 20
     plain = make_engine(path, kv_cache_memory=budget)
