@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -38,6 +38,12 @@ class AttentionMetadata:
     # Host copies, for backends that loop or pick kernels on the host (the reference backend).
     query_lens_cpu: tuple[int, ...] = ()
     seq_lens_cpu: tuple[int, ...] = ()
+    # Token trees (speculative verification of several branches at once): a query sees the
+    # keys before its sequence's tree_start, and of the tree positions tree_start + j those
+    # whose bit j its tree_mask sets (its ancestors and itself; <= 64 positions). A sequence
+    # without a tree has tree_start >= its seq_len. None: plain causal attention.
+    tree_mask: Optional[torch.Tensor] = None  # [num_tokens] int64 bitmasks
+    tree_start: Optional[torch.Tensor] = None  # [num_seqs] int32
 
     @property
     def num_seqs(self) -> int:
@@ -45,7 +51,7 @@ class AttentionMetadata:
 
     @property
     def decode_only(self) -> bool:
-        return self.max_query_len == 1
+        return self.max_query_len == 1 and self.tree_mask is None
 
 
 class AttentionBackend(ABC):

@@ -15,6 +15,23 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+def tree_allowed(meta: AttentionMetadata, s: int, start: int, q_len: int, ctx: int,
+                 device: torch.device) -> torch.Tensor:
+    """[q_len, ctx] keys each query of sequence s may see: causal, and within a token tree
+    (meta.tree_mask / tree_start) only its ancestors and itself."""
+    pos_q = torch.arange(ctx - q_len, ctx, device=device)[:, None]
+    keys = torch.arange(ctx, device=device)[None, :]
+    allowed = keys <= pos_q
+    if meta.tree_mask is not None:
+        ts = int(meta.tree_start[s])
+        if ts < ctx:
+            bits = meta.tree_mask[start:start + q_len].to(device)[:, None]  # [q_len, 1]
+            rel = (keys - ts).clamp(0, 63)
+            anc = ((bits >> rel) & 1) != 0
+            allowed &= (keys < ts) | anc
+    return allowed
+
+
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [num_tokens, H, D] -> [num_tokens, H, D]; context gathered from the cache."""
@@ -32,9 +49,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         k = k_cache[blocks].reshape(-1, num_kv_heads, k_cache.shape[3])[:ctx].transpose(0, 1).float()
         v = v_cache[blocks].reshape(-1, num_kv_heads, v_cache.shape[3])[:ctx].transpose(0, 1).float()
         qs = q[start:start + q_len].transpose(0, 1).float()  # [H, q_len, D]
-        # causal mask with the queries aligned to the end of the context
-        pos_q = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
-        mask = torch.arange(ctx, device=q.device)[None, :] <= pos_q  # [q_len, ctx]
+        # causal mask with the queries aligned to the end of the context (tree-masked)
+        mask = tree_allowed(meta, s, start, q_len, ctx, q.device)  # [q_len, ctx]
         o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale,
                                            enable_gqa=num_heads != num_kv_heads)
         out[start:start + q_len] = o.transpose(0, 1).to(q.dtype)
@@ -96,13 +112,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k = k_cache[blocks].reshape(-1, KVH, D)[:ctx].transpose(0, 1)[:, None]  # [KVH,1,ctx,D]
         v = v_cache[blocks].reshape(-1, KVH, D)[:ctx].transpose(0, 1)[:, None]
         qs = q[start:start + q_len].transpose(0, 1).reshape(KVH, H // KVH, q_len, D)
-        if q_len == ctx:
+        tree = meta.tree_mask is not None
+        if q_len == ctx and not tree:
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
-        elif q_len == 1:
+        elif q_len == 1 and not tree:
             o = F.scaled_dot_product_attention(qs, k, v, scale=scale)
         else:
-            pos_q = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
-            allowed = torch.arange(ctx, device=q.device)[None, :] <= pos_q
+            allowed = tree_allowed(meta, s, start, q_len, ctx, q.device)
             bias = torch.zeros(q_len, ctx, dtype=q.dtype, device=q.device)
             bias.masked_fill_(~allowed, float("-inf"))
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=bias, scale=scale)

@@ -49,6 +49,10 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: [num_tokens, H, D] -> [num_tokens, H, D]
+        if meta.tree_mask is not None:
+            return prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                     meta.query_start_loc, scale, tree_mask=meta.tree_mask,
+                                     tree_start=meta.tree_start)
         if meta.decode_only and q.shape[0] == meta.num_seqs:
             # the grid is sized for meta.max_seq_len: an eager step's longest context, or, in a
             # captured graph, the longest context the graph serves (DecodeGraphs sets it)

@@ -38,8 +38,9 @@ def _find_seq(query_start_loc_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc, scale_log2,
                  d, d_mask, stride_k_blk, stride_k_off, stride_v_blk, stride_v_off,
+                 tree_bits, tree_start,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, TREE: tl.constexpr):
     toks = start + tl.arange(0, BLOCK_N)
     if MASKED:
         t_mask = toks < seq_len
@@ -54,7 +55,16 @@ def _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc, 
                 mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [BLOCK_M, BLOCK_N]
     if MASKED:
-        s = tl.where((toks[None, :] <= pos[:, None]) & t_mask[None, :], s, float("-inf"))
+        ok = (toks[None, :] <= pos[:, None]) & t_mask[None, :]
+        if TREE:
+            # keys at or past the tree's start: only the row's ancestors (and itself), bit
+            # (key - tree_start) of its mask
+            rel = toks - tree_start
+            in_tree = rel >= 0
+            shift = tl.minimum(tl.where(in_tree, rel, 0), 63).to(tl.int64)
+            anc = ((tree_bits[:, None] >> shift[None, :]) & 1) != 0
+            ok = ok & (~in_tree[None, :] | anc)
+        s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -68,14 +78,14 @@ def _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc, 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    out_ptr, scale_log2, num_seqs, group,
+    out_ptr, tree_mask_ptr, tree_start_ptr, scale_log2, num_seqs, group,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kc_blk, stride_kc_off, stride_kc_h,
     stride_vc_blk, stride_vc_off, stride_vc_h,
     stride_bt,
     GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TREE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     pid = tl.program_id(0)
@@ -112,17 +122,25 @@ def _prefill_kernel(
     # keys < full_end are visible to every row of the tile (and < seq_len): no mask needed
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    if TREE:  # token tree: keys from the tree's start on are masked per row
+        tree_start = tl.load(tree_start_ptr + s_idx)
+        tree_bits = tl.load(tree_mask_ptr + tok, mask=row_mask, other=0)
+        full_end = tl.minimum(full_end, tree_start // BLOCK_N * BLOCK_N)
+    else:
+        tree_start = seq_len
+        tree_bits = tl.zeros([BLOCK_M], tl.int64)
     for start in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc,
                                      scale_log2, d, d_mask, stride_kc_blk, stride_kc_off,
-                                     stride_vc_blk, stride_vc_off, BLOCK_SIZE, BLOCK_N, False,
-                                     DOT_PREC)
+                                     stride_vc_blk, stride_vc_off, tree_bits, tree_start,
+                                     BLOCK_SIZE, BLOCK_N, False, DOT_PREC, TREE)
     # the first masked tile starts at full_end <= every row's position: no row is all -inf
+    # (a tree row sees itself and everything before the tree)
     for start in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc,
                                      scale_log2, d, d_mask, stride_kc_blk, stride_kc_off,
-                                     stride_vc_blk, stride_vc_off, BLOCK_SIZE, BLOCK_N, True,
-                                     DOT_PREC)
+                                     stride_vc_blk, stride_vc_off, tree_bits, tree_start,
+                                     BLOCK_SIZE, BLOCK_N, True, DOT_PREC, TREE)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
@@ -143,10 +161,17 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, scale: float,
                       config: tuple[int, int, int, int] | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
+                      tree_start: torch.Tensor | None = None) -> torch.Tensor:
     """q: [num_tokens, H, D]; caches: [num_blocks, block_size, KVH, D]; block_tables:
     [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32; query_start_loc: [num_seqs+1]
-    int32. Any query lengths (0 included). Returns [num_tokens, H, D] in q's dtype."""
+    int32. Any query lengths (0 included). Returns [num_tokens, H, D] in q's dtype.
+
+    Token trees (speculative verification of several branches): tree_mask [num_tokens] int64
+    and tree_start [num_seqs] int32 restrict each query to the keys before its sequence's
+    tree_start plus the tree positions tree_start + j whose bit j its mask sets (its
+    ancestors and itself; at most 64 tree positions). Sequences without a tree: tree_start
+    >= their seq_len."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and q.stride(2) == 1 and k_cache.stride(3) == 1
@@ -163,8 +188,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_m = max(block_m, group_pad, 16)
     block_q = block_m // group_pad
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    tree = tree_mask is not None
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+        tree_mask if tree else seq_lens, tree_start if tree else seq_lens,
         scale * _LOG2E, num_seqs, group,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -172,7 +199,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         block_tables.stride(0),
         GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", TREE=tree,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
