@@ -82,6 +82,9 @@ class SchedulerConfig:
     # KV slots reserved past each step's tokens: a model-based proposer's draft passes write
     # the KV of up to k positions beyond them (vLLM's num_lookahead_tokens)
     num_lookahead_tokens: int = 0
+    # a request's drafts are a token tree's nodes (alternatives verified together), not a
+    # chain: verified as proposed (up to the budget), not trimmed by their expected yield
+    draft_tree: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,7 +282,8 @@ class EngineArgs:
         sched = SchedulerConfig(max_seqs, batched, max_model_len,
                                 self.enable_chunked_prefill, async_sched, cap, step_ms, policy,
                                 self.preemption_mode,
-                                speculative.num_lookahead_tokens if speculative else 0)
+                                speculative.num_lookahead_tokens if speculative else 0,
+                                bool(speculative and speculative.tree))
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=ParallelConfig(distributed_executor_backend=executor),
                             attention_backend=self.attention_backend,

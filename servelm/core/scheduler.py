@@ -403,7 +403,9 @@ class Scheduler:
         if req.params.max_tokens is not None:
             room = min(room, req.params.max_tokens - req.num_output_tokens - 1)
         a = req.spec_acceptance
-        if rho <= 0 or a >= 0.99:
+        if rho <= 0 or a >= 0.99 or self.config.draft_tree:
+            # (a tree's nodes: any prefix is a subtree whose depth is at most its size, so the
+            # room bound above holds for it as well)
             worth = room
         elif a <= 0:
             worth = 1

@@ -44,11 +44,22 @@ class SpeculativeConfig:
     # measure steps with and without drafts per batch size and draft only where it pays
     # (spec_decode/gate.py); False: draft at every step (up to disable_by_batch_size)
     adaptive: bool = True
+    # draft_model: a token tree's branching factor per depth (spec_decode/tree.py); its
+    # depth is num_speculative_tokens. None: one chain of drafts
+    tree: Optional[tuple[int, ...]] = None
+
+    @property
+    def tree_shape(self):
+        from servelm.spec_decode.tree import TreeShape
+        return TreeShape(self.tree) if self.tree else None
 
     @property
     def num_lookahead_tokens(self) -> int:
-        """KV slots past a step's tokens that drafting writes (model-based proposers)."""
-        return self.num_speculative_tokens if self.method in MODEL_METHODS else 0
+        """KV slots past a step's tokens that drafting writes (model-based proposers): k for a
+        chain, every node of a tree."""
+        if self.method not in MODEL_METHODS:
+            return 0
+        return self.tree_shape.num_nodes if self.tree else self.num_speculative_tokens
 
 
 def _int(d: dict, key: str, default: Optional[int], lo: int) -> Optional[int]:
@@ -96,9 +107,20 @@ def parse_speculative_config(raw: Union[None, str, dict, SpeculativeConfig]
     if method == "draft_model" and (not isinstance(model, str) or not model):
         raise ValueError("speculative_config['model'] is required for method 'draft_model': "
                          "a HF directory, a .gguf file or (with load_format='dummy') a preset.")
-    if "tree" in raw:
-        raise ValueError("speculative_config['tree'] (token-tree verification) is not "
-                         "implemented yet; drop it to verify one draft sequence per request.")
+    tree = raw.get("tree")
+    if tree is not None:
+        from servelm.spec_decode.tree import TreeShape
+        if not isinstance(tree, (list, tuple)):
+            raise ValueError(f"speculative_config['tree'] must be a list of branching factors "
+                             f"per depth, e.g. [2, 2, 1, 1]; got {tree!r}.")
+        try:
+            TreeShape(tuple(tree))
+        except ValueError as e:
+            raise ValueError(f"speculative_config['tree']: {e}") from None
+        if len(tree) != k:
+            raise ValueError(f"speculative_config['tree'] has depth {len(tree)}; it must equal "
+                             f"num_speculative_tokens ({k}).")
+        tree = tuple(tree)
     layers = _int(raw, "draft_layers", None, 1)
     if method == "layer_skip" and layers is None:
         raise ValueError("speculative_config['draft_layers'] is required for method "
@@ -108,7 +130,7 @@ def parse_speculative_config(raw: Union[None, str, dict, SpeculativeConfig]
         raise ValueError(f"speculative_config['adaptive'] must be true or false, got "
                          f"{adaptive!r}.")
     return SpeculativeConfig(method, k, lo, hi, _int(raw, "disable_by_batch_size", None, 1),
-                             model, layers, adaptive=adaptive)
+                             model, layers, adaptive=adaptive, tree=tree)
 
 
 def finalize_speculative_config(spec: Optional[SpeculativeConfig], target: Any,

@@ -60,5 +60,7 @@ class DraftModelProposer(ModelProposer):
         self.gen[rows] = batch.generations
         self.seen[rows] = num_tokens
         for s, row in enumerate(rows.tolist()):
-            # drafts 1..kr-1 were inputs of the later passes, at positions n, n+1, ...
-            self.fed[row] = drafts[s, :max(0, int(kr[s]) - 1)].copy()
+            # drafts 1..kr-1 were inputs of the later passes, at positions n, n+1, ... (a
+            # tree's nodes sit at positions in tree order: none counts as in sequence)
+            self.fed[row] = (np.zeros(0, np.int64) if self.tree is not None
+                             else drafts[s, :max(0, int(kr[s]) - 1)].copy())

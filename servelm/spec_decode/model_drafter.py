@@ -11,6 +11,7 @@ distribution exactly (sampling.rejection).
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ class ModelProposer(Proposer):
     def __init__(self, cfg: SpeculativeConfig) -> None:
         self.cfg = cfg
         self.k = cfg.num_speculative_tokens
+        self.tree = cfg.tree_shape  # a token tree (draft_model), or None: one chain
+        # candidates taken after the newest token: the tree's first branching, else 1
+        self.width = self.tree.branching[0] if self.tree else 1
         self.graphs = None  # DecodeGraphs of the draft's single-token passes (CUDA)
 
     # ---- what a drafting model provides ---------------------------------------------------
@@ -56,8 +60,12 @@ class ModelProposer(Proposer):
         self.chunk = ctx.config.scheduler.max_num_batched_tokens  # tokens per catch-up pass
 
     def _greedy(self, input_ids: torch.Tensor, positions: torch.Tensor, meta):
-        ids = self._compute_logits(self._forward(input_ids, positions, meta)).argmax(-1)
-        return ids, ids  # DecodeGraphs' (logits, greedy) pair: the draft needs only the ids
+        """-> (the `width` likeliest ids [T, width], the likeliest [T]): DecodeGraphs'
+        (logits, greedy) pair, of which the draft needs only ids."""
+        logits = self._compute_logits(self._forward(input_ids, positions, meta))
+        top = (logits.topk(self.width, dim=-1).indices if self.width > 1
+               else logits.argmax(-1, keepdim=True))
+        return top, top[:, 0]
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         if self.ctx.use_cuda_graphs:
@@ -83,7 +91,9 @@ class ModelProposer(Proposer):
         if not len(cur):
             return {}
         valid = np.minimum(self._valid(batch, n), n - 1)
-        last = self._catch_up(batch, cur, valid[cur], n[cur])  # [len(cur)] first drafts
+        if self.tree is not None:
+            return self._propose_tree(batch, n, valid)
+        last = self._catch_up(batch, cur, valid[cur], n[cur])[:, 0]  # [len(cur)] first drafts
         passes = [(cur, last)]  # device ids, read back once at the end (no sync per pass)
         for i in range(1, self.k):  # draft i + 1 from draft i, which sits at n - 1 + i
             live = kr[cur] > i
@@ -95,7 +105,7 @@ class ModelProposer(Proposer):
             pos = n[cur] - 1 + i
             _, p, meta = step_meta(batch.block_tables[cur], pos, pos + 1, self.block_size,
                                    self.device)
-            last = self._run(last, torch.from_numpy(p).to(self.device), meta)
+            last = self._run(last, torch.from_numpy(p).to(self.device), meta)[:, 0]
             passes.append((cur, last))
         drafts = np.zeros((len(n), self.k), dtype=np.int64)
         host = torch.cat([t for _, t in passes]).cpu().numpy()
@@ -106,22 +116,58 @@ class ModelProposer(Proposer):
         self._drafted(batch, n, kr, drafts)
         return {batch.req_ids[s]: drafts[s, :kr[s]].tolist() for s in range(len(n)) if kr[s] > 0}
 
+    def _propose_tree(self, batch: ProposerInput, n: np.ndarray,
+                      valid: np.ndarray) -> dict[str, list[int]]:
+        """A token tree per request (its whole tree must fit before max_model_len): the
+        catch-up's `width` likeliest tokens are depth 1; each depth's nodes then run in one
+        tree-masked pass (node j at the KV slot of position n + j, rotary position
+        n - 1 + depth) and their likeliest tokens become the next depth's."""
+        t = self.tree
+        N = t.num_nodes
+        sel = np.nonzero(n + N <= self.max_model_len)[0]
+        if not len(sel):
+            return {}
+        S, dev = len(sel), self.device
+        nodes = torch.zeros(S, N, dtype=torch.int64, device=dev)
+        nodes[:, :self.width] = self._catch_up(batch, sel, valid[sel], n[sel])
+        tables, ns = batch.block_tables[sel], n[sel]
+        for d in range(1, t.depth):  # the nodes of depth d propose depth d + 1
+            f0, f1 = t.level(d)
+            c, fan = f1 - f0, t.branching[d]
+            seq, _, meta = step_meta(tables, ns + f0, ns + f1, self.block_size, dev)
+            meta = dataclasses.replace(
+                meta, tree_start=torch.from_numpy(ns.astype(np.int32)).to(dev),
+                tree_mask=torch.from_numpy(np.tile(t.ancestor_bits[f0:f1], S)).to(dev))
+            rot = torch.from_numpy(ns[seq] - 1 + d).to(dev)
+            hidden = self._forward(nodes[:, f0:f1].reshape(-1), rot, meta)
+            top = self._compute_logits(hidden).topk(fan, dim=-1).indices  # [S * c, fan]
+            g0, g1 = t.level(d + 1)  # children of a level's i-th node: g0 + i * fan ...
+            nodes[:, g0:g1] = top.view(S, c * fan)
+        host = nodes.cpu().numpy()
+        kr = np.zeros(len(n), dtype=np.int64)
+        kr[sel] = N
+        full = np.zeros((len(n), N), dtype=np.int64)
+        full[sel] = host
+        self._drafted(batch, n, kr, full)
+        return {batch.req_ids[s]: host[i].tolist() for i, s in enumerate(sel.tolist())}
+
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
-        """One decode-shaped pass -> greedy ids [T], through a CUDA graph where one fits (its
-        output buffer is the graph's, overwritten by the next replay: copied out)."""
+        """One decode-shaped pass -> the `width` likeliest ids [T, width], through a CUDA
+        graph where one fits (its output buffer is the graph's, overwritten by the next
+        replay: copied out)."""
         g = self.graphs
         if g is not None and meta.decode_only and g.padded_size(meta.num_seqs) is not None:
-            return g.run(input_ids, positions, meta)[1].clone()
-        return self._greedy(input_ids, positions, meta)[1]
+            return g.run(input_ids, positions, meta)[0].clone()
+        return self._greedy(input_ids, positions, meta)[0]
 
     def _catch_up(self, batch: ProposerInput, sel: np.ndarray, valid: np.ndarray,
                   n: np.ndarray) -> torch.Tensor:
         """Compute the draft KV of positions valid..n-1 of requests sel (in passes of at most
-        `chunk` tokens) -> the greedy draft after each one's newest token, [len(sel)] on the
-        device."""
+        `chunk` tokens) -> the `width` likeliest drafts after each one's newest token,
+        [len(sel), width] on the device."""
         tables = batch.block_tables[sel]
         tokens = [batch.token_ids[s] for s in sel]
-        out = torch.zeros(len(sel), dtype=torch.int64, device=self.device)
+        out = torch.zeros(len(sel), self.width, dtype=torch.int64, device=self.device)
         start = valid.copy()
         while True:
             todo = np.nonzero(start < n)[0]
@@ -144,6 +190,8 @@ class ModelProposer(Proposer):
                 picked = self._run(ids, p, meta)[last_rows]
             else:
                 hidden = self._forward(ids, p, meta)
-                picked = self._compute_logits(hidden[last_rows]).argmax(-1)
+                logits = self._compute_logits(hidden[last_rows])
+                picked = (logits.topk(self.width, dim=-1).indices if self.width > 1
+                          else logits.argmax(-1, keepdim=True))
             out[torch.from_numpy(todo[done]).to(self.device)] = picked
             start[todo] = s1

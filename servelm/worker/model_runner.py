@@ -9,6 +9,7 @@ them. Steps with drafts to verify, prompt logprobs or a proposer need host value
 inside the launch instead."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -59,6 +60,9 @@ class StepInputs:
     # decode kernels and CUDA graphs serve it. None otherwise
     token_meta: Optional[AttentionMetadata] = None
     sample_pos: Optional[np.ndarray] = None  # [L] the position each logits row's token takes
+    # token trees: the KV slot position of each logits row's token (its rotary position is
+    # its depth's): where the taken path's KV is moved from
+    logits_slot_pos: Optional[np.ndarray] = None
 
 
 class ModelRunner:
@@ -86,6 +90,8 @@ class ModelRunner:
         if config.speculative is not None:  # before measuring: a draft model's weights count
             self.proposer = self._build_proposer(max_rows)
             self.spec_max_batch = config.speculative.disable_by_batch_size
+        # token-tree verification (draft_model with a "tree"): drafts are a tree's nodes
+        self.tree = config.speculative.tree_shape if config.speculative is not None else None
         self.gate: Optional[SpeculationGate] = (
             SpeculationGate() if self.proposer is not None and config.speculative.adaptive
             else None)
@@ -297,25 +303,44 @@ class ModelRunner:
         first = np.repeat(cu[sample + 1] - n_logits, n_logits)  # first logits row per token
         ramp = np.arange(int(n_logits.sum())) - np.repeat(np.cumsum(n_logits) - n_logits, n_logits)
         drafts: list[tuple[int, list[int]]] = []
+        tree = self.tree if spec else None
+        if tree is not None:  # rotary positions by depth, tree masks; slot positions kept
+            slot_pos = positions.copy()
+            tree_bits = np.zeros(T, dtype=np.int64)
+            tree_start = np.full(S, 1 << 30, dtype=np.int32)
         if spec:
             j = 0
             for i, n in zip(sample.tolist(), n_logits.tolist()):
                 d = spec.get(req_ids[i], [])
-                drafts.extend((j + m, d[:m]) for m in range(1, n))
+                if tree is None:
+                    drafts.extend((j + m, d[:m]) for m in range(1, n))
+                elif d:
+                    m = len(d)
+                    assert n_sched[i] == 1 + m, "a token tree's request computes nothing else"
+                    # each node's row samples after its path (processors see that prefix)
+                    drafts.extend((j + 1 + f, [d[p] for p in tree.path(f)]) for f in range(m))
+                    tree_start[i] = starts[i] + 1
+                    tree_bits[cu[i] + 1:cu[i + 1]] = tree.ancestor_bits[:m]
+                    positions[cu[i] + 1:cu[i + 1]] = starts[i] + tree.depths[:m]
                 j += n
+            if tree is not None:
+                meta = dataclasses.replace(meta, tree_mask=to(tree_bits),
+                                           tree_start=to(tree_start))
         input_ids_t = to(input_ids)
         if from_dev is not None and len(from_dev):
             input_ids_t[to(from_dev)] = self.sampled[to(rows[seq_of_tok[from_dev]])]
         logits_rows = np.repeat(rows[sample], n_logits)
         token_meta = None
-        if spec and self.graphs is not None and len(sample) == S and (n_sched == k + 1).all():
+        if (spec and tree is None and self.graphs is not None and len(sample) == S
+                and (n_sched == k + 1).all()):
             token_meta = step_meta(block_table, starts, ends, self.block_size, dev,
                                    per_token=True)[2]
         logits_idx = first + ramp
         return StepInputs(input_ids_t, to(positions), meta, req_ids, rows, starts,
                           logits_idx, logits_rows, to(logits_rows),
                           [req_ids[i] for i in sample], n_logits, drafts, token_meta,
-                          positions[logits_idx] + 1)
+                          positions[logits_idx] + 1,
+                          slot_pos[logits_idx] if tree is not None else None)
 
     def execute(self, s: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_async(s).result()
@@ -366,9 +391,11 @@ class ModelRunner:
             idx = torch.from_numpy(inp.logits_idx).to(self.device, non_blocking=True)
             so = self.sampling.sample(self.model.compute_logits(hidden[idx]))  # [L, V] fp32
         if s.scheduled_spec_decode_tokens:  # drafts: verified on the host now
-            collect_verified(self.batch, self.sampling.logprobs, inp.sample_req_ids,
-                             inp.logits_rows, inp.num_logits, so, s.scheduled_spec_decode_tokens,
-                             out)
+            paths = collect_verified(self.batch, self.sampling.logprobs, inp.sample_req_ids,
+                                     inp.logits_rows, inp.num_logits, so,
+                                     s.scheduled_spec_decode_tokens, out, self.tree)
+            if paths:
+                self._compact_tree_kv(inp, paths)
             if measured:
                 self.gate.observe(n_samplers, True,
                                   sum(len(t) for t in out.sampled_token_ids.values()))
@@ -384,6 +411,28 @@ class ModelRunner:
             return PendingOutput.ready(self._propose(pending.result(), True))
         self._unlanded = pending
         return pending
+
+    def _compact_tree_kv(self, inp: StepInputs, paths: list[tuple[int, list[int]]]) -> None:
+        """Move each verified tree's taken path to the positions after its root: node f's KV
+        (slot position root + 1 + f) to root + 1 + depth - 1, in every layer. paths: (first
+        logits row of the request, taken node indices). A destination never holds a later
+        source (a node's index is at least its depth - 1), and sources are gathered first."""
+        b, bs = self.batch, self.block_size
+        src, dst = [], []
+        for j, path in paths:
+            row, root = int(inp.logits_rows[j]), int(inp.logits_slot_pos[j])
+            for i, f in enumerate(path):
+                if f != i:
+                    for pos, out in ((root + 1 + f, src), (root + 1 + i, dst)):
+                        out.append(int(b.block_table[row, pos // bs]) * bs + pos % bs)
+        if not src:
+            return
+        s_t = torch.tensor(src, dtype=torch.int64, device=self.device)
+        d_t = torch.tensor(dst, dtype=torch.int64, device=self.device)
+        for k, v in self.kv_caches:
+            for c in (k, v):
+                flat = c.view(-1, *c.shape[2:])
+                flat.index_copy_(0, d_t, flat.index_select(0, s_t))
 
     def _drafts_now(self, num_samplers: int) -> bool:
         """Whether this step's samplers get drafts (asked once per step): a proposer, a batch

@@ -133,7 +133,7 @@ def test_offline_stats(tiny_model_factory):
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
       "prompt_lookup_max": 2}, "prompt_lookup_max"),
     ('{"method": "ngram", ', "not valid JSON"),
-    ({"method": "ngram", "num_speculative_tokens": 2, "adaptive": "yes"}, "'adaptive'\] must be"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "adaptive": "yes"}, r"'adaptive'\] must be"),
 ])
 def test_invalid_configs(tiny_model_factory, cfg, match):
     path, _ = tiny_model_factory("llama")

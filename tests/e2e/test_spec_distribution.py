@@ -60,16 +60,18 @@ def _p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
 
 
-@pytest.mark.parametrize("proposer", ["fixed", "draft_model"])
+@pytest.mark.parametrize("proposer", ["fixed", "draft_model", "tree"])
 def test_joint_distribution_of_three_tokens_with_poor_drafts(tmp_path, proposer):
     """fixed: always the same drafts; draft_model: another random model's greedy drafts
-    (through the model-drafting path: catch-up, draft KV, lookahead slots)."""
+    (through the model-drafting path: catch-up, draft KV, lookahead slots); tree: its top-2 x
+    top-2 x top-1 token tree, verified by walking down the target's samples."""
     path, model = _tiny_vocab_model(tmp_path / "target")
     target = _joint(model)
     spec = None
-    if proposer == "draft_model":
+    if proposer != "fixed":
         draft, _ = _tiny_vocab_model(tmp_path / "draft", seed=8)
-        spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+        spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3,
+                **({"tree": [2, 2, 1]} if proposer == "tree" else {})}
     eng = make_engine(path, max_num_seqs=512, max_num_batched_tokens=2048,
                       async_scheduling=False, speculative_config=spec)
     if proposer == "fixed":
