@@ -33,7 +33,7 @@ from servelm.worker.input_batch import InputBatch
 from servelm.worker.logprobs import chunk_prompt_logprobs, wants_prompt_logprobs
 from servelm.worker.memory import profile_lens
 from servelm.worker.pending_output import PendingOutput
-from servelm.worker.spec_verify import collect_verified
+from servelm.worker.spec_verify import collect_verified, compact_tree_kv, tree_step_inputs
 from servelm.worker.step_meta import step_meta
 from servelm.worker.swap import SwapSpace
 
@@ -306,26 +306,15 @@ class ModelRunner:
         tree = self.tree if spec else None
         if tree is not None:  # rotary positions by depth, tree masks; slot positions kept
             slot_pos = positions.copy()
-            tree_bits = np.zeros(T, dtype=np.int64)
-            tree_start = np.full(S, 1 << 30, dtype=np.int32)
-        if spec:
+            drafts, bits, tree_start = tree_step_inputs(
+                tree, [spec.get(req_ids[i], []) for i in sample], sample, cu, starts, positions)
+            meta = dataclasses.replace(meta, tree_mask=to(bits), tree_start=to(tree_start))
+        elif spec:
             j = 0
             for i, n in zip(sample.tolist(), n_logits.tolist()):
                 d = spec.get(req_ids[i], [])
-                if tree is None:
-                    drafts.extend((j + m, d[:m]) for m in range(1, n))
-                elif d:
-                    m = len(d)
-                    assert n_sched[i] == 1 + m, "a token tree's request computes nothing else"
-                    # each node's row samples after its path (processors see that prefix)
-                    drafts.extend((j + 1 + f, [d[p] for p in tree.path(f)]) for f in range(m))
-                    tree_start[i] = starts[i] + 1
-                    tree_bits[cu[i] + 1:cu[i + 1]] = tree.ancestor_bits[:m]
-                    positions[cu[i] + 1:cu[i + 1]] = starts[i] + tree.depths[:m]
+                drafts.extend((j + m, d[:m]) for m in range(1, n))
                 j += n
-            if tree is not None:
-                meta = dataclasses.replace(meta, tree_mask=to(tree_bits),
-                                           tree_start=to(tree_start))
         input_ids_t = to(input_ids)
         if from_dev is not None and len(from_dev):
             input_ids_t[to(from_dev)] = self.sampled[to(rows[seq_of_tok[from_dev]])]
@@ -395,7 +384,8 @@ class ModelRunner:
                                      inp.logits_rows, inp.num_logits, so,
                                      s.scheduled_spec_decode_tokens, out, self.tree)
             if paths:
-                self._compact_tree_kv(inp, paths)
+                compact_tree_kv(self.kv_caches, self.batch.block_table, self.block_size,
+                                inp.logits_rows, inp.logits_slot_pos, paths)
             if measured:
                 self.gate.observe(n_samplers, True,
                                   sum(len(t) for t in out.sampled_token_ids.values()))
@@ -411,28 +401,6 @@ class ModelRunner:
             return PendingOutput.ready(self._propose(pending.result(), True))
         self._unlanded = pending
         return pending
-
-    def _compact_tree_kv(self, inp: StepInputs, paths: list[tuple[int, list[int]]]) -> None:
-        """Move each verified tree's taken path to the positions after its root: node f's KV
-        (slot position root + 1 + f) to root + 1 + depth - 1, in every layer. paths: (first
-        logits row of the request, taken node indices). A destination never holds a later
-        source (a node's index is at least its depth - 1), and sources are gathered first."""
-        b, bs = self.batch, self.block_size
-        src, dst = [], []
-        for j, path in paths:
-            row, root = int(inp.logits_rows[j]), int(inp.logits_slot_pos[j])
-            for i, f in enumerate(path):
-                if f != i:
-                    for pos, out in ((root + 1 + f, src), (root + 1 + i, dst)):
-                        out.append(int(b.block_table[row, pos // bs]) * bs + pos % bs)
-        if not src:
-            return
-        s_t = torch.tensor(src, dtype=torch.int64, device=self.device)
-        d_t = torch.tensor(dst, dtype=torch.int64, device=self.device)
-        for k, v in self.kv_caches:
-            for c in (k, v):
-                flat = c.view(-1, *c.shape[2:])
-                flat.index_copy_(0, d_t, flat.index_select(0, s_t))
 
     def _drafts_now(self, num_samplers: int) -> bool:
         """Whether this step's samplers get drafts (asked once per step): a proposer, a batch
