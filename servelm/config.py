@@ -82,9 +82,10 @@ class SchedulerConfig:
     # KV slots reserved past each step's tokens: a model-based proposer's draft passes write
     # the KV of up to k positions beyond them (vLLM's num_lookahead_tokens)
     num_lookahead_tokens: int = 0
-    # a request's drafts are a token tree's nodes (alternatives verified together), not a
-    # chain: verified as proposed (up to the budget), not trimmed by their expected yield
-    draft_tree: bool = False
+    # > 0: a request's drafts are the nodes of a token tree this deep (alternatives verified
+    # together), not a chain: verified as proposed (up to the budget), not trimmed by their
+    # expected yield; accepted tokens are counted by depth
+    draft_tree_depth: int = 0
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ class EngineArgs:
                                 self.enable_chunked_prefill, async_sched, cap, step_ms, policy,
                                 self.preemption_mode,
                                 speculative.num_lookahead_tokens if speculative else 0,
-                                bool(speculative and speculative.tree))
+                                len(speculative.tree) if speculative and speculative.tree else 0)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=ParallelConfig(distributed_executor_backend=executor),
                             attention_backend=self.attention_backend,

@@ -26,19 +26,19 @@ from servelm.core.telemetry import Telemetry
 @dataclass
 class SpecDecodeCounters:
     """Speculative decoding since start: verifications, draft tokens verified, of those
-    accepted, and accepted ones by draft position (0 = first)."""
+    accepted, and accepted ones by draft position (0 = first; a token tree's: by depth)."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
 
-    def count(self, num_drafts: int, num_accepted: int) -> None:
+    def count(self, num_drafts: int, num_accepted: int, num_positions: int) -> None:
         self.num_drafts += 1
         self.num_draft_tokens += num_drafts
         self.num_accepted_tokens += num_accepted
         per_pos = self.accepted_per_pos
-        per_pos.extend([0] * (num_drafts - len(per_pos)))
+        per_pos.extend([0] * (num_positions - len(per_pos)))
         for i in range(num_accepted):
             per_pos[i] += 1
 
@@ -403,7 +403,7 @@ class Scheduler:
         if req.params.max_tokens is not None:
             room = min(room, req.params.max_tokens - req.num_output_tokens - 1)
         a = req.spec_acceptance
-        if rho <= 0 or a >= 0.99 or self.config.draft_tree:
+        if rho <= 0 or a >= 0.99 or self.config.draft_tree_depth:
             # (a tree's nodes: any prefix is a subtree whose depth is at most its size, so the
             # room bound above holds for it as well)
             worth = room
@@ -493,7 +493,9 @@ class Scheduler:
                 # ones is stale and gets recomputed (overwritten) from the first rejected position
                 num_accepted = len(new_tokens) - 1 if new_tokens else 0
                 req.num_computed_tokens -= len(spec[rid]) - num_accepted
-                self.spec.count(len(spec[rid]), num_accepted)
+                k = len(spec[rid])
+                depth = self.config.draft_tree_depth
+                self.spec.count(k, num_accepted, min(k, depth) if depth else k)
                 # recent acceptance (a moving average, quick to follow a change of content)
                 req.spec_acceptance = (0.5 * req.spec_acceptance
                                        + 0.5 * num_accepted / len(spec[rid]))

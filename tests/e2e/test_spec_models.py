@@ -57,6 +57,8 @@ def test_self_draft_identical_and_fully_accepted(tiny_model_factory, arch, tree)
     # with a tree, the likeliest branch is taken at every depth (3 of its 10 nodes)
     full = eng.stats().spec_num_drafts * 3 if tree else drafted
     assert drafted > 0 and accepted >= 0.9 * full, (drafted, accepted, full)
+    # accepted tokens by position: by depth for a tree (3), by draft for a chain (4)
+    assert len(eng.stats().spec_accepted_per_pos) == (3 if tree else 4)
     assert_all_blocks_free(eng)
 
 
