@@ -56,9 +56,11 @@ class DraftModelProposer(ModelProposer):
         return out
 
     def _drafted(self, batch, num_tokens, kr, drafts) -> None:
-        rows = batch.rows
-        self.gen[rows] = batch.generations
-        self.seen[rows] = num_tokens
+        done = kr > 0  # the requests the draft ran for (the others' KV is as it was)
+        rows = batch.rows[done]
+        self.gen[rows] = batch.generations[done]
+        self.seen[rows] = num_tokens[done]
+        kr, drafts = kr[done], drafts[done]
         for s, row in enumerate(rows.tolist()):
             # drafts 1..kr-1 were inputs of the later passes, at positions n, n+1, ... (a
             # tree's nodes sit at positions in tree order: none counts as in sequence)
