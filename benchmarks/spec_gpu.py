@@ -161,6 +161,8 @@ class Breakdown:
         wrap(runner, "_prepare_inputs", "prepare inputs")
         if runner.graphs is not None:
             wrap(runner.graphs, "run", "target forward (graph)")
+        if getattr(runner, "tree_graphs", None) is not None:
+            wrap(runner.tree_graphs, "run", "target forward (tree graph)")
         wrap(runner, "_forward", "target forward (eager)")
         wrap(mr, "collect_verified", "accept (host)")
         wrap(runner.proposer, "propose", "propose")
@@ -264,8 +266,33 @@ def part_ngram(args) -> dict:
     return res
 
 
+def part_tree(args) -> dict:
+    """A token tree [2, 2, 1, 1] (14 nodes) drafted by the 1B dummy draft, verified with and
+    without the tree CUDA graphs: ms per verification step, whole and the target's forward
+    (random weights: the draft's branches are rejected, acceptance means nothing here)."""
+    from servelm import SamplingParams
+    spec = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": K,
+            "tree": [2, 2, 1, 1], "adaptive": False}
+    llm = engine(args, spec, max_model_len=2048)
+    runner = llm.engine.core.executor.runner
+    V = runner.config.model.vocab_size
+    tg = runner.tree_graphs
+    bd = Breakdown(llm)
+    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    res = {}
+    for name, g in (("warm-up", tg), ("graph", tg), ("eager", None)):
+        runner.tree_graphs = g
+        bd.ms.clear()
+        before = llm.spec_decode_stats()
+        llm.generate(prompts(args.prompts, 11, V), sp, use_tqdm=False)
+        steps = max(1, llm.spec_decode_stats()["num_drafts"] - before["num_drafts"])
+        if name != "warm-up":
+            res[name] = {k: v / steps for k, v in bd.ms.items()}
+    return res
+
+
 PARTS = {"b1": lambda a: part_b1(a, False), "draft": lambda a: part_b1(a, True),
-         "load": part_load, "ngram": part_ngram}
+         "load": part_load, "ngram": part_ngram, "tree": part_tree}
 
 
 def _f(v, fmt: str = ".2f") -> str:
@@ -350,6 +377,11 @@ def main() -> None:
             v, mal = _med(r, name), _med(r, f"{name}_mal")
             label = "adaptive gate" if name == "gate" else "drafting every step"
             rows.append((f"... n-gram, {label}", f"{v:.0f}", f"{v / off:.2f}x", _f(mal)))
+    for r in results.get("tree", []):
+        print("\ntree [2, 2, 1, 1] with the 1B draft: ms per verification step, CUDA graph vs "
+              "eager")
+        for k in sorted(set(r["graph"]) | set(r["eager"]), key=lambda k: -r["eager"].get(k, 0)):
+            print(f"  {k:28s} {r['graph'].get(k, 0.0):7.2f} {r['eager'].get(k, 0.0):7.2f}")
     for part in ("b1", "draft"):
         runs = [r["breakdown_ms_per_spec_step"] for r in results.get(part, [])
                 if "breakdown_ms_per_spec_step" in r]

@@ -35,6 +35,7 @@ from servelm.worker.memory import profile_lens
 from servelm.worker.pending_output import PendingOutput
 from servelm.worker.spec_verify import collect_verified, compact_tree_kv, tree_step_inputs
 from servelm.worker.step_meta import step_meta
+from servelm.worker.tree_graphs import TreeGraphs
 from servelm.worker.swap import SwapSpace
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class ModelRunner:
             self.spec_max_batch = config.speculative.disable_by_batch_size
         # token-tree verification (draft_model with a "tree"): drafts are a tree's nodes
         self.tree = config.speculative.tree_shape if config.speculative is not None else None
+        self.tree_graphs: Optional[TreeGraphs] = None  # CUDA graphs of tree verification
         self.gate: Optional[SpeculationGate] = (
             SpeculationGate() if self.proposer is not None and config.speculative.adaptive
             else None)
@@ -223,6 +225,9 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self._decode, self.graph_max_bs(), self.max_blocks_per_seq,
                                        self.device, self.config.model.max_model_len)
             self.graphs.capture()
+            if self.tree is not None:  # captured on first use or in idle time
+                self.tree_graphs = TreeGraphs(self._decode, 1 + self.tree.num_nodes,
+                                              self.max_blocks_per_seq, self.device)
         if self.proposer is not None:
             self.proposer.initialize_kv_cache(num_blocks)
         if self.gate is not None:  # nothing the memory profile measured
@@ -233,6 +238,8 @@ class ModelRunner:
         """One decode graph deferred at start-up (the target's, then the proposer's), captured
         now (idle time); True while more remain."""
         if self.graphs is not None and self.graphs.capture_next():
+            return True
+        if self.tree_graphs is not None and self.tree_graphs.capture_next():
             return True
         return self.proposer is not None and self.proposer.capture_pending_graph()
 
@@ -353,10 +360,13 @@ class ModelRunner:
                                                     inp.drafts, inp.sample_pos))
         graph_out = None
         gmeta = inp.meta if inp.meta.decode_only else inp.token_meta
-        if (self.graphs is not None and gmeta is not None
-                and not wants_prompt_logprobs(self.batch, inp.rows, inp.starts)
-                and self.graphs.padded_size(gmeta.num_seqs) is not None):
+        no_plp = self.graphs is not None and not wants_prompt_logprobs(self.batch, inp.rows,
+                                                                       inp.starts)
+        if no_plp and gmeta is not None and self.graphs.padded_size(gmeta.num_seqs) is not None:
             graph_out = self.graphs.run(inp.input_ids, inp.positions, gmeta)  # logits, argmax
+        elif no_plp and self._uniform_tree_step(inp):
+            gmeta = inp.meta  # every request: its root and the whole tree
+            graph_out = self.tree_graphs.run(inp.input_ids, inp.positions, gmeta)
         else:
             hidden = self._forward(inp.input_ids, inp.positions, inp.meta)  # [T, hidden]
             out.prompt_logprobs_dict = chunk_prompt_logprobs(
@@ -371,7 +381,7 @@ class ModelRunner:
         if not n_samplers:
             return PendingOutput.ready(out)
         if graph_out is not None:  # one logits row per token of the graph's batch
-            all_rows = L == gmeta.num_seqs
+            all_rows = L == graph_out[1].shape[0]
             idx = None if all_rows else torch.from_numpy(inp.logits_idx).to(self.device)
             logits, greedy = (graph_out if all_rows else (graph_out[0][idx], graph_out[1][idx]))
             so = (SamplerOutput(greedy) if self.sampling.plain_greedy()
@@ -401,6 +411,14 @@ class ModelRunner:
             return PendingOutput.ready(self._propose(pending.result(), True))
         self._unlanded = pending
         return pending
+
+    def _uniform_tree_step(self, inp: StepInputs) -> bool:
+        """Every request of the step verifies a whole token tree (nothing else), few enough
+        for a tree graph."""
+        tg = self.tree_graphs
+        return (tg is not None and inp.meta.tree_mask is not None
+                and tg.fits(inp.meta.num_seqs) and len(inp.sample_req_ids) == inp.meta.num_seqs
+                and all(n == tg.q for n in inp.meta.query_lens_cpu))
 
     def _drafts_now(self, num_samplers: int) -> bool:
         """Whether this step's samplers get drafts (asked once per step): a proposer, a batch
