@@ -284,7 +284,8 @@ def part_tree(args) -> dict:
         runner.tree_graphs = g
         bd.ms.clear()
         before = llm.spec_decode_stats()
-        llm.generate(prompts(args.prompts, 11, V), sp, use_tqdm=False)
+        for p in prompts(args.prompts, 11, V):  # batch 1: a verification per step
+            llm.generate([p], sp, use_tqdm=False)
         steps = max(1, llm.spec_decode_stats()["num_drafts"] - before["num_drafts"])
         if name != "warm-up":
             res[name] = {k: v / steps for k, v in bd.ms.items()}
