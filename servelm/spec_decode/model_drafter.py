@@ -33,6 +33,7 @@ class ModelProposer(Proposer):
         # candidates taken after the newest token: the tree's first branching, else 1
         self.width = self.tree.branching[0] if self.tree else 1
         self.graphs = None  # DecodeGraphs of the draft's single-token passes (CUDA)
+        self.level_graphs: dict = {}  # token trees: depth -> TreeGraphs of that level's pass
 
     # ---- what a drafting model provides ---------------------------------------------------
     @abstractmethod
@@ -74,12 +75,29 @@ class ModelProposer(Proposer):
             # catch-up passes (SHORT_CATCH_UP tokens per request) share the graphs
             max_bs = min(sc.max_num_seqs * 2, 512)
             # captured on first use or in idle time (none at start-up)
-            self.graphs = DecodeGraphs(self._greedy, max_bs,
-                                       -(-self.max_model_len // self.block_size), self.device,
+            max_blocks = -(-self.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self._greedy, max_bs, max_blocks, self.device,
                                        self.max_model_len)
+            if self.tree is not None:  # each tree level's pass: a graph per request count
+                from servelm.worker.tree_graphs import TreeGraphs
+                t = self.tree
+                for d in range(1, t.depth):
+                    f0, f1 = t.level(d)
+                    fan = t.branching[d]
+                    self.level_graphs[d] = TreeGraphs(
+                        lambda i, p, m, fan=fan: self._topk(i, p, m, fan), f1 - f0,
+                        max_blocks, self.device)
 
     def capture_pending_graph(self) -> bool:
-        return self.graphs.capture_next() if self.graphs is not None else False
+        if self.graphs is not None and self.graphs.capture_next():
+            return True
+        return any(tg.capture_next() for tg in self.level_graphs.values())
+
+    def _topk(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, fan: int):
+        """One tree level: -> (the `fan` likeliest ids after each node [T, fan], the
+        likeliest [T])."""
+        top = self._compute_logits(self._forward(input_ids, positions, meta)).topk(fan, dim=-1)
+        return top.indices, top.indices[:, 0]
 
     # ---- drafting -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -139,8 +157,12 @@ class ModelProposer(Proposer):
                 meta, tree_start=torch.from_numpy(ns.astype(np.int32)).to(dev),
                 tree_mask=torch.from_numpy(np.tile(t.ancestor_bits[f0:f1], S)).to(dev))
             rot = torch.from_numpy(ns[seq] - 1 + d).to(dev)
-            hidden = self._forward(nodes[:, f0:f1].reshape(-1), rot, meta)
-            top = self._compute_logits(hidden).topk(fan, dim=-1).indices  # [S * c, fan]
+            ids = nodes[:, f0:f1].reshape(-1)
+            tg = self.level_graphs[d] if self.level_graphs else None
+            if tg is not None and tg.fits(S):  # [S * c, fan]
+                top = tg.run(ids, rot, meta)[0].clone()
+            else:
+                top = self._topk(ids, rot, meta, fan)[0]
             g0, g1 = t.level(d + 1)  # children of a level's i-th node: g0 + i * fan ...
             nodes[:, g0:g1] = top.view(S, c * fan)
         host = nodes.cpu().numpy()
