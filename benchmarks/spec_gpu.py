@@ -1,6 +1,7 @@
 """Speculative decoding on one GPU, speculation on vs off in the same process: one table.
 
     python benchmarks/spec_gpu.py                    # every part, 3 fresh processes each
+    python benchmarks/spec_gpu.py --parts tree --repeat 1
     python benchmarks/spec_gpu.py --parts b1 draft --repeat 1
 
 Llama-3-8B-shaped dummy bf16 weights. Random weights make acceptance meaningless, so drafts
@@ -15,6 +16,8 @@ reported beside). Parts, each in a fresh process, each measuring its own baselin
          with the adaptive gate, and without it (drafting at every step)
   ngram  1000 requests at once whose prompts repeat a span (n-gram finds drafts): off, n-gram
          with the gate, n-gram without it
+  tree   a [2, 2, 1, 1] token tree from the 1B dummy draft, batch 1: ms per verification step
+         with the target's tree CUDA graphs and without (acceptance is meaningless here)
 Decode speed at batch 1: (tokens - 1) / (last token - first token); under load, output tokens
 per second of wall time.
 """
