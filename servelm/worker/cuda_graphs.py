@@ -69,6 +69,19 @@ def eager_graph_keys(max_bs: int, max_model_len: int) -> list[tuple[int, int]]:
     return [k for i, k in enumerate(keys) if i == 0 or k[0] <= EAGER_CAPTURE_MAX_BS]
 
 
+def capture_graph(forward: DecodeFn, input_ids: torch.Tensor, positions: torch.Tensor,
+                  meta: AttentionMetadata, pool) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    """forward(input_ids, positions, meta) captured over those persistent buffers in the
+    memory pool `pool` (None: a new one): the graph and its output tensors."""
+    for _ in range(2):  # warm up: cuBLAS handles and workspaces, any kernel not yet compiled
+        forward(input_ids, positions, meta)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        outputs = forward(input_ids, positions, meta)
+    return g, outputs
+
+
 class DecodeGraphs:
     """forward(input_ids [B], positions [B], meta) -> (logits [B, V], argmax [B]) for
     decode-only steps, one graph per (padded batch size, context bucket).
@@ -123,14 +136,9 @@ class DecodeGraphs:
 
     def _capture_graph(self, key: tuple[int, int], meta: AttentionMetadata) -> None:
         bs = key[0]
-        for _ in range(2):  # warm up: cuBLAS handles and workspaces, any kernel not yet compiled
-            self.forward(self.input_ids[:bs], self.positions[:bs], meta)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            self.outputs[key] = self.forward(self.input_ids[:bs], self.positions[:bs], meta)
-        self.pool = g.pool()
-        self.graphs[key] = g
+        self.graphs[key], self.outputs[key] = capture_graph(
+            self.forward, self.input_ids[:bs], self.positions[:bs], meta, self.pool)
+        self.pool = self.graphs[key].pool()
 
     @torch.inference_mode()
     def capture_next(self) -> bool:

@@ -34,7 +34,7 @@ from servelm.worker.logprobs import chunk_prompt_logprobs, wants_prompt_logprobs
 from servelm.worker.memory import profile_lens
 from servelm.worker.pending_output import PendingOutput
 from servelm.worker.spec_verify import collect_verified, compact_tree_kv, tree_step_inputs
-from servelm.worker.step_meta import step_meta
+from servelm.worker.step_meta import ragged_positions, slots_of, step_meta
 from servelm.worker.tree_graphs import TreeGraphs
 from servelm.worker.swap import SwapSpace
 
@@ -282,9 +282,7 @@ class ModelRunner:
         T = int(n_sched.sum())
         cu = np.zeros(S + 1, dtype=np.int64)
         np.cumsum(n_sched, out=cu[1:])
-        # per token: its sequence, and its position inside that sequence
-        seq_of_tok = np.repeat(np.arange(S), n_sched)
-        positions = np.arange(T, dtype=np.int64) - np.repeat(cu[:-1] - starts, n_sched)
+        seq_of_tok, positions = ragged_positions(starts, ends)  # per token: sequence, position
         input_ids = b.token_ids[rows[seq_of_tok], positions].astype(np.int64)
         # tokens sampled by a step whose output has not landed yet: taken on the device
         pending = b.host_pending[rows]
@@ -292,8 +290,7 @@ class ModelRunner:
                     if pending.any() else None)
         width = int(-(-ends.max() // self.block_size))
         block_table = b.block_table[rows, :width]
-        slots = (block_table[seq_of_tok, positions // self.block_size].astype(np.int64)
-                 * self.block_size + positions % self.block_size)
+        slots = slots_of(block_table, seq_of_tok, positions, self.block_size)
         dev = self.device
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)  # noqa: E731
         meta = AttentionMetadata(
@@ -328,7 +325,7 @@ class ModelRunner:
         logits_rows = np.repeat(rows[sample], n_logits)
         token_meta = None
         if (spec and tree is None and self.graphs is not None and len(sample) == S
-                and (n_sched == k + 1).all()):
+                and (n_sched == k + 1).all() and self.graphs.padded_size(T) is not None):
             token_meta = step_meta(block_table, starts, ends, self.block_size, dev,
                                    per_token=True)[2]
         logits_idx = first + ramp

@@ -12,7 +12,7 @@ import time
 import torch
 
 from servelm.attention.backend import AttentionMetadata
-from servelm.worker.cuda_graphs import DecodeFn
+from servelm.worker.cuda_graphs import DecodeFn, capture_graph
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +70,10 @@ class TreeGraphs:
     def _capture(self, bs: int) -> None:
         t0 = time.perf_counter()
         self._pad(0, bs)
-        meta, n = self._meta(bs), bs * self.q
-        for _ in range(2):  # warm up: workspaces, kernels not compiled yet
-            self.forward(self.input_ids[:n], self.positions[:n], meta)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            self.outputs[bs] = self.forward(self.input_ids[:n], self.positions[:n], meta)
-        self.pool = g.pool()
-        self.graphs[bs] = g
+        n = bs * self.q
+        self.graphs[bs], self.outputs[bs] = capture_graph(
+            self.forward, self.input_ids[:n], self.positions[:n], self._meta(bs), self.pool)
+        self.pool = self.graphs[bs].pool()
         logger.info("captured the token-tree graph of %d requests in %.0f ms", bs,
                     (time.perf_counter() - t0) * 1e3)
 

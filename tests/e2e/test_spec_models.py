@@ -1,7 +1,7 @@
-"""Model-based speculative decoding on tiny HF models (CPU, fp32): a draft model (the target
-itself, so every draft should be accepted, which checks that the draft's KV stays right after
-rejections, preemption and prefix hits; and a different random model) and self-speculative
-layer skip. Greedy output equals the engine's without speculation across chunked prefill,
+"""Speculative decoding on tiny HF models (CPU, fp32): a draft model (the target itself, so
+every draft should be accepted, which checks that the draft's KV stays right after rejections,
+preemption and prefix hits; and a different random model), self-speculative layer skip, token
+trees, and n-gram in the regimes every method shares. Greedy output equals the engine's without speculation across chunked prefill,
 prefix-cache hits, preemption (recompute and swap), n > 1, stops and max_model_len; all KV
 blocks are free afterwards; bad configs are refused with the reason."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from servelm.config import EngineArgs
 from servelm.sampling_params import SamplingParams
 from tests.conftest import _make_config, assert_all_blocks_free, make_engine, run_to_completion
-from tests.e2e.test_spec_decode import GREEDY, repetitive_prompts, spec_stats
+from tests.e2e.test_spec_decode import GREEDY, NGRAM, repetitive_prompts, spec_stats
 
 pytestmark = pytest.mark.usefixtures("scheduling_mode")
 
@@ -37,6 +37,12 @@ LAYER_SKIP = {"method": "layer_skip", "draft_layers": 1, "num_speculative_tokens
 
 def _tree(path: str, tree=(2, 2, 1)) -> dict:
     return {**_draft(path, len(tree)), "tree": list(tree)}
+
+
+def _spec(method: str, path: str) -> dict:
+    """The config of `method`, a draft model being the target itself."""
+    return {"ngram": NGRAM, "draft_model": _draft(path), "layer_skip": LAYER_SKIP,
+            "tree": _tree(path)}[method]
 
 
 def _tokens(outs) -> list:
@@ -79,7 +85,7 @@ def test_other_drafts_identical(tiny_model_factory, other_draft, cfg):
 
 
 @pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
-@pytest.mark.parametrize("method", ["draft_model", "layer_skip", "tree"])
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "layer_skip", "tree"])
 def test_chunked_prefill_prefix_hits_and_preemption(tiny_model_factory, method,
                                                     preemption_mode):
     path, _ = tiny_model_factory("llama")
@@ -87,7 +93,7 @@ def test_chunked_prefill_prefix_hits_and_preemption(tiny_model_factory, method,
     head = repetitive_prompts(1, seed=30)[0][:12]
     prompts = [head + p for p in repetitive_prompts(8, seed=3)]
     plain = run_to_completion(make_engine(path), prompts, GREEDY)
-    spec = {"draft_model": _draft(path), "layer_skip": LAYER_SKIP, "tree": _tree(path)}[method]
+    spec = _spec(method, path)
     kw = dict(swap_space=0.01) if preemption_mode == "swap" else {}
     # a 16-token budget chunks every prompt (and the draft's catch-up); 40 blocks of 4 tokens
     # force preemptions; a second round runs the same prompts again
@@ -105,7 +111,7 @@ def test_chunked_prefill_prefix_hits_and_preemption(tiny_model_factory, method,
     assert_all_blocks_free(eng)
 
 
-@pytest.mark.parametrize("method", ["draft_model", "layer_skip", "tree"])
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "layer_skip", "tree"])
 def test_n_stops_and_max_model_len(tiny_model_factory, method):
     path, _ = tiny_model_factory("llama")
     prompts = repetitive_prompts(4, seed=4)
@@ -115,7 +121,7 @@ def test_n_stops_and_max_model_len(tiny_model_factory, method):
               SamplingParams(temperature=0, max_tokens=13, ignore_eos=True),
               SamplingParams(temperature=0, n=3, max_tokens=25, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)]
-    spec = {"draft_model": _draft(path), "layer_skip": LAYER_SKIP, "tree": _tree(path)}[method]
+    spec = _spec(method, path)
     # max_model_len 50: the last request runs into it, drafting (and its lookahead slots)
     # right up to the end of the context
     ref = run_to_completion(make_engine(path, max_model_len=50), prompts, params)
@@ -146,13 +152,11 @@ def test_seeded_sampling_independent_of_speculation(tiny_model_factory, other_dr
     """A seeded request's randomness is drawn per token position, and a verified draft is kept
     only where it equals the target's own sample: the output is the one without speculation,
     however many drafts were verified when (stronger than reproducible)."""
-    from tests.e2e.test_spec_decode import NGRAM
     path, _ = tiny_model_factory("llama")
     prompts = repetitive_prompts(4, seed=8)
     params = SamplingParams(temperature=0.3, seed=11, n=2, max_tokens=30, ignore_eos=True)
     plain = _tokens(run_to_completion(make_engine(path), prompts, params))
-    spec = {"ngram": NGRAM, "draft_model": _draft(path), "layer_skip": LAYER_SKIP,
-            "tree": _tree(path)}[method]
+    spec = _spec(method, path)
     eng = make_engine(path, speculative_config=spec)
     assert _tokens(run_to_completion(eng, prompts, params)) == plain
     drafted, accepted = spec_stats(eng)
