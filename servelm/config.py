@@ -26,7 +26,8 @@ class ModelConfig:
     seed: int
     tokenizer: Optional[str] = None
     eos_token_ids: tuple[int, ...] = ()
-    quantization: Optional[str] = None  # a LinearMethod name (servelm.quantization); None: dense
+    # servelm.quantization.QuantConfig (method, group size, head, checkpoint details); None: dense
+    quantization: Any = None
 
     @property
     def architecture(self) -> str:
@@ -59,6 +60,9 @@ class CacheConfig:
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory: Optional[int] = None  # bytes for the KV cache (CPU default: 2 GiB)
     swap_space: float = 4.0  # GiB of (pinned) host memory for swapped-out KV blocks
+    # "auto": the model's dtype; "fp8": e4m3 bytes with a float32 scale per (token, kv head)
+    # stored behind each head row (attention/kv_quant.py), about half the bytes of bf16
+    cache_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -115,19 +119,30 @@ class EngineConfig:
     skip_tokenizer_init: bool = False  # token ids in and out only
     speculative: Any = None  # servelm.spec_decode.config.SpeculativeConfig, or None (off)
 
-    @property
-    def kv_bytes_per_block(self) -> int:
-        """K and V of one block in every layer."""
-        mc = self.model
-        return (2 * mc.num_layers * self.cache.block_size * mc.num_kv_heads * mc.head_dim
-                * torch.tensor([], dtype=mc.dtype).element_size())
+    def kv_cache_spec(self, mc: Optional[ModelConfig] = None) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape of one block of one layer's K (or V) cache, its dtype) for model ``mc`` (the
+        target by default; a draft model's KV is laid out the same way): [block_size, kv heads,
+        head_dim] in the model dtype, or with cache_dtype "fp8" [block_size, kv heads,
+        head_dim + 4] uint8 (e4m3 bytes, then the row's float32 scale)."""
+        mc = mc or self.model
+        if self.cache.cache_dtype == "fp8":
+            return (self.cache.block_size, mc.num_kv_heads, mc.head_dim + 4), torch.uint8
+        return (self.cache.block_size, mc.num_kv_heads, mc.head_dim), mc.dtype
+
+    def kv_bytes_per_block(self, mc: Optional[ModelConfig] = None) -> int:
+        """K and V of one block in every layer of model ``mc`` (the target by default)."""
+        shape, dtype = self.kv_cache_spec(mc)
+        n = 1
+        for d in shape:
+            n *= d
+        return 2 * (mc or self.model).num_layers * n * torch.tensor([], dtype=dtype).element_size()
 
     @property
     def num_swap_blocks(self) -> int:
         """Host blocks for swap preemption (none unless preemption_mode is "swap")."""
         if self.scheduler.preemption_mode != "swap":
             return 0
-        return int(self.cache.swap_space * 1024**3 // self.kv_bytes_per_block)
+        return int(self.cache.swap_space * 1024**3 // self.kv_bytes_per_block())
 
 
 def _resolve_device(device: str) -> str:
@@ -167,6 +182,26 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: str) -> tor
     return _DTYPES[dtype]
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def _resolve_kv_cache_dtype(name: str, device: str) -> str:
+    """vLLM's kv_cache_dtype names -> "auto" | "fp8" (e4m3 with per-row scales)."""
+    if name == "fp8_e5m2":
+        raise ValueError("kv_cache_dtype='fp8_e5m2' is not supported: use 'fp8' (e4m3 with a "
+                         "scale per token and head, as accurate and as small) or 'auto'.")
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {name!r}.")
+    if name == "auto":
+        return "auto"
+    if device.startswith("cuda") and torch.cuda.get_device_capability(device) < (8, 9):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(f"kv_cache_dtype='fp8' needs a GPU with fp8 conversions (compute "
+                         f"capability 8.9+: Ada, Hopper); this one is {cap}. Use "
+                         "kv_cache_dtype='auto', or device='cpu'.")
+    return "fp8"
+
+
 @dataclass
 class EngineArgs:
     """Arguments with vLLM's names; ``create_engine_config`` validates and resolves them."""
@@ -196,7 +231,10 @@ class EngineArgs:
     enforce_eager: bool = False
     max_logprobs: int = 20
     skip_tokenizer_init: bool = False
-    quantization: Optional[str] = None
+    quantization: Optional[str] = None  # a name in servelm.quantization.QUANTIZATION_METHODS
+    quantization_group_size: Optional[int] = None  # int4/int8 at load (default 128; -1: per row)
+    quantize_lm_head: bool = False  # fp8/int8/int4: the head too (a tied head gets a copy)
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (e4m3 with scales)
     distributed_executor_backend: Optional[str] = None  # None: "uni" (one process)
     speculative_config: Any = None  # a dict (or its JSON text) with vLLM's keys; None: off
 
@@ -239,6 +277,13 @@ class EngineArgs:
         if load_format == "auto":
             load_format = "gguf" if str(model).endswith(".gguf") else "safetensors"
         dtype = _resolve_dtype(self.dtype, hf_config, device)
+        from servelm.quantization import resolve_quant_config
+        if self.load_format == "dummy" and self.quantization in ("gguf", "gptq", "awq"):
+            raise ValueError(f"load_format='dummy' makes dense random weights: quantization="
+                             f"{self.quantization!r} loads a checkpoint as stored; use 'int4', "
+                             "'int8' or 'fp8' (quantized as the dummy weights load).")
+        quant = resolve_quant_config(self.quantization, hf_config, load_format, device,
+                                     self.quantization_group_size, self.quantize_lm_head)
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
         # Sliding-window models (Mistral 7B v0.1) are exact with full attention up to the window.
         window = getattr(hf_config, "sliding_window", None)
@@ -262,12 +307,13 @@ class EngineArgs:
         model_cfg = ModelConfig(model=str(model), load_format=load_format, hf_config=hf_config,
                                 dtype=dtype, max_model_len=max_model_len, seed=self.seed,
                                 tokenizer=self.tokenizer, eos_token_ids=eos,
-                                quantization=self.quantization)
+                                quantization=quant)
         from servelm.spec_decode.config import finalize_speculative_config
         speculative = finalize_speculative_config(speculative, model_cfg, self.load_format)
         cache = CacheConfig(self.block_size, self.enable_prefix_caching,
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
-                            self.kv_cache_memory, swap_gib)
+                            self.kv_cache_memory, swap_gib,
+                            _resolve_kv_cache_dtype(self.kv_cache_dtype, device))
         max_seqs = self.max_num_seqs or (256 if device == "cpu" else 1024)
         # on the CPU a step's launch already computes it: overlapping gains nothing there
         async_sched = device != "cpu" if self.async_scheduling is None else bool(self.async_scheduling)
@@ -340,8 +386,17 @@ class EngineArgs:
         a("--enforce-eager", action="store_true")
         a("--max-logprobs", type=int, default=20)
         a("--skip-tokenizer-init", action="store_true")
+        a("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+          help="auto: the model dtype; fp8 (= fp8_e4m3): e4m3 with a scale per token and kv "
+               "head, about half the KV bytes (twice the tokens in the same memory)")
         a("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
-          help="how linear layers store and apply weights (default: as in the checkpoint)")
+          help="how linear layers store and apply weights: fp8 (W8A8), int8/int4 (weight-only, "
+               "quantized at load), gptq/awq (such checkpoints, detected), gguf (a .gguf's "
+               "blocks; the default for .gguf on CUDA), none (dense; a .gguf dequantized)")
+        a("--quantization-group-size", type=int, default=None,
+          help="int4/int8: input columns per scale (default 128; -1: one per row)")
+        a("--quantize-lm-head", action="store_true",
+          help="fp8/int8/int4: quantize the lm_head too (a tied head gets its own copy)")
         a("--speculative-config", default=None,
           help='speculative decoding, JSON with vLLM\'s keys, e.g. \'{"method": "ngram", '
                '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\', \'{"method": '

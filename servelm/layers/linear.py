@@ -8,7 +8,7 @@ a "column" layer holds this rank's slice of every part's rows (and the output st
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, Sequence, Union
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ class Linear(nn.Module):
     uninitialised by the method; loaders fill them."""
 
     def __init__(self, input_size: int, output_sizes: Union[int, Sequence[int]],
-                 bias: bool = False, *, quantization: Optional[str] = None, prefix: str = "",
+                 bias: bool = False, *, quantization=None, prefix: str = "",
                  use_kernel: bool = False, tp: ParallelGroup = ParallelGroup(),
                  parallel: Parallel = "replicated") -> None:
         super().__init__()
@@ -38,18 +38,26 @@ class Linear(nn.Module):
         self.part_sizes = [p // ws for p in parts] if parallel == "column" else parts
         self.part_offsets = [sum(self.part_sizes[:i]) for i in range(len(parts) + 1)]
         self.output_size_per_rank = self.part_offsets[-1]
-        self.input_size_per_rank = input_size
+        self.input_size_per_rank, self.input_start = input_size, 0
         if parallel == "row":
             lo, hi = shard_range(input_size, tp, f"{prefix or 'linear'} input")
-            self.input_size_per_rank = hi - lo
+            self.input_size_per_rank, self.input_start = hi - lo, lo
         self.has_bias = bias
         self.use_kernel = use_kernel  # Triton kernels (CUDA) where they apply, else torch ops
+        # quantization: a servelm.quantization.QuantConfig, or None (dense)
         self.method = get_linear_method(quantization, prefix, use_kernel)
         self.method.create_weights(self)
 
     @property
     def num_parts(self) -> int:
         return len(self.output_sizes)
+
+    def part_range(self, shard_id: int) -> tuple[int, int]:
+        """[lo, hi) of part ``shard_id``'s rows on this rank."""
+        if not 0 <= shard_id < self.num_parts:
+            raise ValueError(f"{self.prefix}: part {shard_id} does not exist "
+                             f"({self.num_parts} parts)")
+        return self.part_offsets[shard_id], self.part_offsets[shard_id + 1]
 
     def shard_rows(self, full: torch.Tensor, shard_id: int, what: str) -> torch.Tensor:
         """This rank's rows of checkpoint part ``shard_id`` (all of them unless column-parallel)."""

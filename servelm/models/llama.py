@@ -3,7 +3,7 @@ q/k RMSNorm), written with servelm's layers over a flat ragged batch of tokens."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ class LayerOptions:
 
     backend: AttentionBackend
     use_kernels: bool = False
-    quantization: Optional[str] = None
+    quantization: Any = None  # servelm.quantization.QuantConfig, or None (dense)
     tp: ParallelGroup = ParallelGroup()
 
     def linear(self, prefix: str, input_size: int, output_sizes, bias: bool = False,
@@ -146,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, hf_config: Any, backend: AttentionBackend, use_kernels: bool = False,
-                 quantization: Optional[str] = None, tp: ParallelGroup = ParallelGroup()) -> None:
+                 quantization: Any = None, tp: ParallelGroup = ParallelGroup()) -> None:
         super().__init__()
         a = self.args = LlamaArgs.from_hf(hf_config)
         o = LayerOptions(backend, use_kernels, quantization, tp)
@@ -157,9 +157,12 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(a, o, f"layers.{i}")
                                     for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels)
-        # the head stays dense (unquantized) like vLLM's default; tied: the embedding serves
-        self.lm_head = (None if a.tie_word_embeddings else
-                        Linear(a.hidden_size, a.vocab_size, prefix="lm_head", use_kernel=use_kernels))
+        # the head is dense (vLLM's default) unless the QuantConfig quantizes it; a tied head is
+        # the embedding itself, or a quantized copy of it
+        head_q = quantization if quantization is not None and quantization.lm_head else None
+        self.lm_head = (None if a.tie_word_embeddings and head_q is None else
+                        Linear(a.hidden_size, a.vocab_size, quantization=head_q, prefix="lm_head",
+                               use_kernel=use_kernels))
         self.use_kernels = use_kernels
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -187,8 +190,11 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding serves as the head
+            if name == "lm_head.weight" and self.args.tie_word_embeddings:
+                continue  # tied: the embedding serves as the head (or its quantized copy)
+            if name == "embed_tokens.weight" and self.args.tie_word_embeddings and self.lm_head is not None:
+                self.lm_head.load_weight("weight", tensor)
+                loaded.add("lm_head.weight#0")
             mod_name, _, pname = name.rpartition(".")
             shard_id = 0
             head, _, proj = mod_name.rpartition(".")
@@ -213,7 +219,7 @@ class LlamaForCausalLM(nn.Module):
         expected = set()
         for mod_name, mod in self.named_modules():
             if isinstance(mod, Linear):
-                expected.update(f"{mod_name}.{p}#{i}" for p, _ in mod.named_parameters()
+                expected.update(f"{mod_name}.{p}#{i}" for p in mod.method.checkpoint_names
                                 for i in range(mod.num_parts))
             else:
                 expected.update(f"{mod_name}.{p}" if mod_name else p

@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 
 
 class LinearMethod(ABC):
+    # the checkpoint tensors one part of a layer needs (each loaded once per part), set by
+    # create_weights: the model's loader checks them all present
+    checkpoint_names: tuple[str, ...] = ("weight",)
+    # converting methods take a dense "weight" and quantize it as it loads; dummy weights reach
+    # them that way (loader/dummy.py)
+    accepts_dense: bool = True
+
+    def __init__(self, quant_config=None, prefix: str = "", use_kernel: bool = False) -> None:
+        self.quant_config = quant_config  # a quantization.config.QuantConfig, or None
+        self.prefix = prefix
+        self.use_kernel = use_kernel
+
     @abstractmethod
     def create_weights(self, layer: "Linear") -> None:
         """Register the layer's parameters (uninitialised) for this rank's shard:
@@ -52,3 +64,31 @@ class LinearMethod(ABC):
 
     def process_after_loading(self, layer: "Linear") -> None:
         """Repack or convert once every weight is loaded (dummy weights included)."""
+
+
+def load_rows(layer: "Linear", name: str, full: torch.Tensor, shard_id: int,
+              device: torch.device) -> torch.Tensor:
+    """This rank's slice of checkpoint part ``shard_id`` of a dense weight [out, in] (rows of
+    the part; input columns too in a row-parallel layer) or bias [out], shape-checked, moved to
+    ``device``; not yet copied anywhere."""
+    rows = layer.shard_cols(layer.shard_rows(full, shard_id, f"{name} part {shard_id}"), name)
+    lo, hi = layer.part_range(shard_id)
+    want = (hi - lo, layer.input_size_per_rank) if full.dim() == 2 else (hi - lo,)
+    if tuple(rows.shape) != want:
+        raise ValueError(f"{layer.prefix}: checkpoint {name} part {shard_id} has shape "
+                         f"{tuple(full.shape)}, which gives a shard of {tuple(rows.shape)}; this "
+                         f"rank expects {want}")
+    return rows.to(device)
+
+
+def load_bias(layer: "Linear", full: torch.Tensor, shard_id: int) -> None:
+    if layer.bias is None:
+        raise ValueError(f"{layer.prefix}: checkpoint has a bias this layer was built without")
+    lo, hi = layer.part_range(shard_id)
+    layer.bias.data[lo:hi].copy_(load_rows(layer, "bias", full, shard_id, layer.bias.device))
+
+
+def create_bias(layer: "Linear", dtype: Optional[torch.dtype] = None) -> None:
+    from torch import nn
+    layer.bias = (nn.Parameter(torch.empty(layer.output_size_per_rank, dtype=dtype),
+                               requires_grad=False) if layer.has_bias else None)

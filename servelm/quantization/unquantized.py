@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from servelm.quantization.base import LinearMethod
+from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
 
 if TYPE_CHECKING:
     from servelm.layers.linear import Linear
@@ -31,31 +31,23 @@ SILU_MUL_MAX_M = 1
 
 
 class UnquantizedLinearMethod(LinearMethod):
-    def __init__(self, use_kernel: bool = False) -> None:
-        self.use_kernel = use_kernel
-
     def create_weights(self, layer: "Linear") -> None:
         # weight: [output_size_per_rank, input_size_per_rank]
         layer.weight = nn.Parameter(torch.empty(layer.output_size_per_rank,
                                                 layer.input_size_per_rank), requires_grad=False)
-        layer.bias = (nn.Parameter(torch.empty(layer.output_size_per_rank), requires_grad=False)
-                      if layer.has_bias else None)
+        create_bias(layer)
+        self.checkpoint_names = ("weight", "bias") if layer.has_bias else ("weight",)
 
     def load_weight(self, layer: "Linear", name: str, full_tensor: torch.Tensor,
                     shard_id: int = 0) -> None:
-        param = getattr(layer, name, None) if name in ("weight", "bias") else None
-        if param is None:
+        if name == "bias":
+            return load_bias(layer, full_tensor, shard_id)
+        if name != "weight":
             raise ValueError(f"checkpoint tensor {name!r} has no place in an unquantized linear "
-                             "layer" + (" without bias" if name == "bias" else ""))
-        rows = layer.shard_rows(full_tensor, shard_id, f"{name} part {shard_id}")
-        if name == "weight":
-            rows = layer.shard_cols(rows, name)
-        lo, hi = layer.part_offsets[shard_id], layer.part_offsets[shard_id + 1]
-        if tuple(rows.shape) != (hi - lo, *param.shape[1:]):
-            raise ValueError(f"checkpoint {name} part {shard_id} has shape {tuple(full_tensor.shape)}"
-                             f", which gives a shard of {tuple(rows.shape)}; this rank expects "
-                             f"{(hi - lo, *param.shape[1:])}")
-        param.data[lo:hi].copy_(rows)
+                             f"layer ({layer.prefix})")
+        rows = load_rows(layer, name, full_tensor, shard_id, layer.weight.device)
+        lo, hi = layer.part_range(shard_id)
+        layer.weight.data[lo:hi].copy_(rows)
 
     def apply(self, layer: "Linear", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:

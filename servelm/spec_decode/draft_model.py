@@ -25,16 +25,13 @@ class DraftModelProposer(ModelProposer):
         self.fed: list[np.ndarray] = [np.zeros(0, np.int64)] * ctx.max_rows
 
     def kv_bytes_per_block(self) -> int:
-        mc = self.mc
-        return (2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim
-                * torch.tensor([], dtype=mc.dtype).element_size())
+        return self.ctx.config.kv_bytes_per_block(self.mc)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        mc = self.mc
-        shape = (num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv = [(torch.zeros(shape, dtype=mc.dtype, device=self.device),
-                    torch.zeros(shape, dtype=mc.dtype, device=self.device))
-                   for _ in range(mc.num_layers)]
+        block, dtype = self.ctx.config.kv_cache_spec(self.mc)
+        self.kv = [(torch.zeros((num_blocks, *block), dtype=dtype, device=self.device),
+                    torch.zeros((num_blocks, *block), dtype=dtype, device=self.device))
+                   for _ in range(self.mc.num_layers)]
         super().initialize_kv_cache(num_blocks)
 
     def _forward(self, input_ids, positions, meta):

@@ -19,12 +19,6 @@ logger = logging.getLogger(__name__)
 CPU_KV_CACHE_BYTES = 2 * 1024**3  # default KV budget on the CPU
 
 
-def kv_bytes_per_block(runner: "ModelRunner") -> int:
-    mc = runner.config.model
-    return (2 * mc.num_layers * runner.block_size * mc.num_kv_heads * mc.head_dim
-            * torch.tensor([], dtype=runner.dtype).element_size())
-
-
 def profile_lens(runner: "ModelRunner") -> list[int]:
     """The profiling batch: max_num_batched_tokens split into sequences of <= 512 tokens."""
     n_tok = runner.config.scheduler.max_num_batched_tokens
@@ -36,7 +30,7 @@ def determine_num_blocks(runner: "ModelRunner") -> int:
     cc = runner.config.cache
     if cc.num_gpu_blocks_override is not None:
         return cc.num_gpu_blocks_override
-    per_block = kv_bytes_per_block(runner)
+    per_block = runner.config.kv_bytes_per_block()
     if runner.proposer is not None:  # a draft model's KV: as many blocks, same block ids
         per_block += runner.proposer.kv_bytes_per_block()
     budget = (cc.kv_cache_memory or CPU_KV_CACHE_BYTES) if runner.device.type == "cpu" \

@@ -203,11 +203,10 @@ class ModelRunner:
             return None
 
     def allocate_kv(self, num_blocks: int) -> None:
-        mc = self.config.model
-        shape = (num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(mc.num_layers)]
+        block, dtype = self.config.kv_cache_spec()
+        self.kv_caches = [(torch.zeros((num_blocks, *block), dtype=dtype, device=self.device),
+                           torch.zeros((num_blocks, *block), dtype=dtype, device=self.device))
+                          for _ in range(self.config.model.num_layers)]
 
     def will_capture_graphs(self) -> bool:
         return (self.device.type == "cuda" and self.backend.name == "triton"

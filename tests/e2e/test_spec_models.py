@@ -173,7 +173,7 @@ def test_draft_kv_shares_the_memory_budget(tiny_model_factory, other_draft):
     budget = 1 << 20
     plain = make_engine(path, kv_cache_memory=budget)
     eng = make_engine(path, kv_cache_memory=budget, speculative_config=_draft(other_draft))
-    target_block = plain.core.executor.runner.config.kv_bytes_per_block
+    target_block = plain.core.executor.runner.config.kv_bytes_per_block()
     draft_block = eng.core.executor.runner.proposer.kv_bytes_per_block()
     assert draft_block > 0
     assert plain.core.scheduler.kv.num_blocks == budget // target_block

@@ -1,0 +1,107 @@
+"""GGUF linear layers kept in llama.cpp's block formats (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K):
+each weight stays the file's bytes, uint8 [N, row_bytes], dequantized inside the matmul
+(kernels/gguf_matmul.py on CUDA; quantization/gguf_formats.py's reference elsewhere).
+
+The loader hands a quantized tensor over as a ``GGUFWeight``; tensors the file stores as
+F32/F16/BF16 (or in a block format without a kernel here) arrive dense. The parts of a merged
+layer (q|k|v, gate|up) may differ in type (Q4_K_M files keep v and down in Q6_K): parts of one
+type are concatenated into one [N, row_bytes] tensor (one matmul); otherwise each part keeps
+its own tensor and matmul, and the outputs are concatenated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
+from torch import nn
+
+from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
+from servelm.quantization.unquantized import dense_linear
+
+if TYPE_CHECKING:
+    from servelm.layers.linear import Linear
+
+
+@dataclass(frozen=True)
+class GGUFWeight:
+    """A quantized GGUF tensor as stored: raw [N, row_bytes] uint8 (row n = row n's blocks),
+    its ggml type, and its logical shape (N, K)."""
+
+    raw: torch.Tensor
+    ggml_type: int
+    shape: tuple[int, int]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from servelm.quantization.gguf_formats import dequantize_gguf
+        return dequantize_gguf(self.raw, self.ggml_type, self.shape[1], dtype)
+
+
+class GGUFLinearMethod(LinearMethod):
+    def create_weights(self, layer: "Linear") -> None:
+        if layer.tp.world_size > 1 and layer.parallel != "replicated":
+            raise ValueError(f"{layer.prefix}: GGUF blocks under tensor parallelism are not "
+                             "supported yet; use tensor_parallel_size=1 or quantization='none'")
+        self.dtype = torch.get_default_dtype()
+        self.device = torch.empty(0).device  # the model is built under its device's context
+        # per part: (ggml type or None for dense, tensor); the layout is known only once loaded
+        self.parts: list[Optional[tuple[Optional[int], torch.Tensor]]] = [None] * layer.num_parts
+        self.groups: list[tuple[Optional[int], int, int]] = []  # (type, row lo, row hi) per matmul
+        create_bias(layer)
+        self.checkpoint_names = ("weight", "bias") if layer.has_bias else ("weight",)
+
+    def load_weight(self, layer: "Linear", name: str, full_tensor: Union[torch.Tensor, GGUFWeight],
+                    shard_id: int = 0) -> None:
+        if name == "bias":
+            return load_bias(layer, full_tensor, shard_id)
+        if name != "weight":
+            raise ValueError(f"{layer.prefix}: GGUF linear layers take 'weight' and 'bias', not "
+                             f"{name!r}")
+        device = self.device
+        if isinstance(full_tensor, GGUFWeight):
+            n, k = full_tensor.shape
+            if k != layer.input_size_per_rank or n != layer.output_sizes[shard_id]:
+                raise ValueError(f"{layer.prefix}: GGUF weight part {shard_id} is {n} x {k}, "
+                                 f"expected {layer.output_sizes[shard_id]} x "
+                                 f"{layer.input_size_per_rank}")
+            self.parts[shard_id] = (full_tensor.ggml_type, full_tensor.raw.to(device))
+        else:
+            w = load_rows(layer, name, full_tensor, shard_id, device)
+            self.parts[shard_id] = (None, w.to(self.dtype))
+
+    def process_after_loading(self, layer: "Linear") -> None:
+        if any(p is None for p in self.parts):
+            raise ValueError(f"{layer.prefix}: GGUF weight parts missing")
+        # consecutive parts of one type share a tensor (one matmul)
+        tensors, self.groups = [], []
+        for i, (kind, t) in enumerate(self.parts):
+            lo, hi = layer.part_offsets[i], layer.part_offsets[i + 1]
+            if self.groups and self.groups[-1][0] == kind:
+                tensors[-1].append(t)
+                self.groups[-1] = (kind, self.groups[-1][1], hi)
+            else:
+                tensors.append([t])
+                self.groups.append((kind, lo, hi))
+        for j, ts in enumerate(tensors):
+            merged = torch.cat(ts) if len(ts) > 1 else ts[0]
+            setattr(layer, f"weight_{j}", nn.Parameter(merged, requires_grad=False))
+        self.parts = []  # the parameters hold them now
+
+    def apply(self, layer: "Linear", x: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x: [M, K] -> [M, N]: one matmul per run of same-typed parts
+        outs = [self._matmul(getattr(layer, f"weight_{j}"), kind, x)
+                for j, (kind, _, _) in enumerate(self.groups)]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return y if bias is None else y + bias
+
+    def _matmul(self, w: torch.Tensor, kind: Optional[int], x: torch.Tensor) -> torch.Tensor:
+        if kind is None:
+            return dense_linear(x, w, None, self.use_kernel)
+        k = x.shape[1]
+        if self.use_kernel:
+            from servelm.kernels.gguf_matmul import gguf_linear, use_gguf_kernel
+            if use_gguf_kernel(x, kind):
+                return gguf_linear(x, w, kind, k)
+        from servelm.quantization.gguf_formats import gguf_linear_ref
+        return gguf_linear_ref(x, w, kind)

@@ -1,0 +1,68 @@
+"""int4 weight-only linear layers (W4A16): the GPTQ layout of quantization/ref.py, converted at
+load from a dense checkpoint (``int4``: round-to-nearest, asymmetric, ``group_size`` columns per
+scale), or loaded as stored (``gptq``, ``awq``: quantization/gptq.py, awq.py subclass this).
+
+Parameters (K = input_size_per_rank, N = output_size_per_rank, G = group size):
+``qweight`` int32 [K // 8, N], ``scales`` and ``zeros`` [ceil(K / G), N] in the model dtype.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import nn
+
+from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
+from servelm.quantization.ref import int4_linear_ref, num_groups, quantize_int4
+
+if TYPE_CHECKING:
+    from servelm.layers.linear import Linear
+
+
+def _param(*shape: int, dtype: Optional[torch.dtype] = None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Int4LinearMethod(LinearMethod):
+    def create_weights(self, layer: "Linear") -> None:
+        K, N = layer.input_size_per_rank, layer.output_size_per_rank
+        if K % 8:
+            raise ValueError(f"{layer.prefix}: int4 packs 8 input columns per int32; the input "
+                             f"size {K} is not a multiple of 8")
+        self.group_size = self.quant_config.group_for(K, layer.prefix, layer.input_start)
+        layer.qweight = _param(K // 8, N, dtype=torch.int32)
+        groups = num_groups(K, self.group_size)
+        layer.scales = _param(groups, N)  # the default dtype: the model's
+        layer.zeros = _param(groups, N)
+        create_bias(layer)
+        self.checkpoint_names = ("weight", "bias") if layer.has_bias else ("weight",)
+
+    def load_weight(self, layer: "Linear", name: str, full_tensor: torch.Tensor,
+                    shard_id: int = 0) -> None:
+        if name == "bias":
+            return load_bias(layer, full_tensor, shard_id)
+        if name != "weight":
+            raise ValueError(f"{layer.prefix}: checkpoint tensor {name!r} has no place in an "
+                             "int4 layer converted at load (it takes a dense 'weight')")
+        lo, hi = layer.part_range(shard_id)
+        # w: [n, K] of this part, in the model dtype (the dense engine's weights), quantized here
+        w = load_rows(layer, name, full_tensor, shard_id, layer.qweight.device)
+        q, s, z = quantize_int4(w.to(layer.scales.dtype), self.group_size)
+        layer.qweight.data[:, lo:hi].copy_(q)
+        layer.scales.data[:, lo:hi].copy_(s)
+        layer.zeros.data[:, lo:hi].copy_(z)
+
+    def apply(self, layer: "Linear", x: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x: [M, K] -> [M, N]
+        x = self._permute_input(layer, x)
+        if self.use_kernel:
+            from servelm.kernels.quant_matmul import int4_linear, use_quant_kernel
+            if use_quant_kernel(x):
+                return int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.group_size, bias)
+        return int4_linear_ref(x, layer.qweight, layer.scales, layer.zeros, self.group_size, bias)
+
+    def _permute_input(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        """GPTQ act-order layers keep their input columns sorted by group (gptq.py)."""
+        perm = getattr(layer, "input_perm", None)
+        return x if perm is None else x.index_select(1, perm)

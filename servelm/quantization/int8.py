@@ -1,0 +1,47 @@
+"""int8 weight-only linear layers (W8A16), converted at load: symmetric round-to-nearest,
+``group_size`` input columns per scale (quantization/ref.py's layout):
+``qweight`` int8 [N, K], ``scales`` [N, ceil(K / G)] in the model dtype."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import nn
+
+from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
+from servelm.quantization.ref import int8_linear_ref, num_groups, quantize_int8
+
+if TYPE_CHECKING:
+    from servelm.layers.linear import Linear
+
+
+class Int8LinearMethod(LinearMethod):
+    def create_weights(self, layer: "Linear") -> None:
+        K, N = layer.input_size_per_rank, layer.output_size_per_rank
+        self.group_size = self.quant_config.group_for(K, layer.prefix, layer.input_start)
+        layer.qweight = nn.Parameter(torch.empty(N, K, dtype=torch.int8), requires_grad=False)
+        layer.scales = nn.Parameter(torch.empty(N, num_groups(K, self.group_size)),
+                                    requires_grad=False)
+        create_bias(layer)
+        self.checkpoint_names = ("weight", "bias") if layer.has_bias else ("weight",)
+
+    def load_weight(self, layer: "Linear", name: str, full_tensor: torch.Tensor,
+                    shard_id: int = 0) -> None:
+        if name == "bias":
+            return load_bias(layer, full_tensor, shard_id)
+        if name != "weight":
+            raise ValueError(f"{layer.prefix}: checkpoint tensor {name!r} has no place in an "
+                             "int8 layer converted at load (it takes a dense 'weight')")
+        lo, hi = layer.part_range(shard_id)
+        w = load_rows(layer, name, full_tensor, shard_id, layer.qweight.device)
+        q, s = quantize_int8(w.to(layer.scales.dtype), self.group_size)
+        layer.qweight.data[lo:hi].copy_(q)
+        layer.scales.data[lo:hi].copy_(s)
+
+    def apply(self, layer: "Linear", x: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.use_kernel:
+            from servelm.kernels.quant_matmul import int8_linear, use_quant_kernel
+            if use_quant_kernel(x):
+                return int8_linear(x, layer.qweight, layer.scales, self.group_size, bias)
+        return int8_linear_ref(x, layer.qweight, layer.scales, self.group_size, bias)
