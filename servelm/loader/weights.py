@@ -45,11 +45,14 @@ _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _HF_SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def iter_weights(model: str | None, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(model: str | None, load_format: str = "auto",
+                 keep_gguf_blocks: bool = False) -> Iterator[tuple[str, Any]]:
     """(HF name, CPU tensor) pairs of the checkpoint at `model` (a HF directory or a .gguf file;
     None -> the embedded default GGUF). Bad paths and formats raise here, not on first `next`.
 
-    safetensors keep their stored dtype; GGUF tensors (quantized or not) come dequantized to float32.
+    safetensors keep their stored dtype; GGUF tensors (quantized or not) come dequantized to
+    float32, except, with ``keep_gguf_blocks``, linear layers' weights in a block format that
+    quantization/gguf_formats.py reads: those come as a ``GGUFWeight`` (the bytes as stored).
     """
     if load_format == "dummy":
         raise ValueError("load_format='dummy' has no weights to read: use initialize_dummy_weights(model)")
@@ -59,7 +62,8 @@ def iter_weights(model: str | None, load_format: str = "auto") -> Iterator[tuple
         reader = GGUFFile(path)
         config = gguf_config_from_reader(reader, path)
         named = [(t, gguf_to_hf_name(t.name)) for t in reader.tensors]  # fails now on unknown tensors
-        return _iter_gguf(reader, [(t, name) for t, name in named if name is not None], config)
+        return _iter_gguf(reader, [(t, name) for t, name in named if name is not None], config,
+                          keep_gguf_blocks)
     return _iter_hf_dir(_hf_weight_files(path))
 
 
@@ -122,23 +126,38 @@ def unpermute_llama_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+_LINEAR_WEIGHT_RE = re.compile(r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+                               r"|lm_head)\.weight")
+
+
 def _iter_gguf(reader: GGUFFile, named: list[tuple[GGUFTensorInfo, str]],
-               config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+               config: Any, keep_blocks: bool = False) -> Iterator[tuple[str, Any]]:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
+
+    from servelm.quantization.gguf import GGUFWeight
+    from servelm.quantization.gguf_formats import GGUF_QUANT_TYPES
 
     permute_heads = {}
     if config.model_type == "llama":  # qwen2/qwen3 GGUFs keep HF row order (NeoX-style rope)
         permute_heads = {"self_attn.q_proj": config.num_attention_heads,
                          "self_attn.k_proj": config.num_key_value_heads}
     for t, hf_name in named:
+        module = hf_name.rsplit(".", 1)[0].split(".", 3)[-1]
+        if keep_blocks and t.tensor_type in GGUF_QUANT_TYPES and _LINEAR_WEIGHT_RE.fullmatch(hf_name):
+            # raw: [N, row_bytes] uint8, row n = output row n's blocks, so llama's q/k row
+            # permutation applies to it as to the dequantized rows
+            raw = torch.from_numpy(np.array(reader.tensor_data(t)))
+            if module in permute_heads:
+                raw = unpermute_llama_qk(raw, permute_heads[module])
+            yield hf_name, GGUFWeight(raw, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))
+            continue
         array = dequantize(reader.tensor_data(t), GGMLQuantizationType(t.tensor_type))
         if not array.flags.writeable:  # a view of the read-only file map (F32 tensors)
             array = array.copy()
         # t.shape is in ggml order (fastest dimension first)
         tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         tensor = tensor.reshape([int(d) for d in reversed(t.shape)])
-        module = hf_name.rsplit(".", 1)[0].split(".", 3)[-1]
         if module in permute_heads:
             tensor = unpermute_llama_qk(tensor, permute_heads[module])
         yield hf_name, tensor

@@ -141,7 +141,9 @@ class ModelRunner:
         if mc.load_format == "dummy":
             initialize_dummy_weights(model, mc.seed)
         else:
-            model.load_weights(iter_weights(mc.model, mc.load_format))
+            q = mc.quantization
+            model.load_weights(iter_weights(mc.model, mc.load_format,
+                                            keep_gguf_blocks=q is not None and q.method == "gguf"))
         process_weights_after_loading(model)
         model.eval()
         logger.info("loaded %s in %.1fs", mc.model, time.perf_counter() - t0)
