@@ -58,7 +58,9 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
-    kv_cache_memory: Optional[int] = None  # bytes for the KV cache (CPU default: 2 GiB)
+    # bytes for the KV cache (CPU default: 2 GiB); on a GPU at most this much of what
+    # gpu_memory_utilization leaves
+    kv_cache_memory: Optional[int] = None
     swap_space: float = 4.0  # GiB of (pinned) host memory for swapped-out KV blocks
     # "auto": the model's dtype; "fp8": e4m3 bytes with a float32 scale per (token, kv head)
     # stored behind each head row (attention/kv_quant.py), about half the bytes of bf16
@@ -377,7 +379,9 @@ class EngineArgs:
                "target; default: off)")
         a("--gpu-memory-utilization", type=float, default=0.9)
         a("--num-gpu-blocks-override", type=int, default=None)
-        a("--kv-cache-memory", type=int, default=None, help="KV cache bytes (CPU)")
+        a("--kv-cache-memory", type=int, default=None,
+          help="KV cache bytes (CPU default 2 GiB; on a GPU a cap on what "
+               "--gpu-memory-utilization leaves)")
         from servelm.attention import ATTENTION_BACKENDS
         from servelm.executor import EXECUTORS
         from servelm.quantization import QUANTIZATION_METHODS

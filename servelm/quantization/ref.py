@@ -35,10 +35,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     K, N = q.shape
     if K % 8:
         raise ValueError(f"int4 packing needs K divisible by 8, got {K}")
-    q = q.to(torch.int64).reshape(K // 8, 8, N)
-    shifts = (torch.arange(8, device=q.device, dtype=torch.int64) * 4).view(1, 8, 1)
-    packed = (q << shifts).sum(dim=1)  # [K // 8, N], < 2**32
-    return (packed - (packed >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
+    q = q.to(torch.int32).reshape(K // 8, 8, N)
+    packed = q[:, 0].clone()
+    for i in range(1, 8):  # int32 shifts wrap: nibble 7 lands in the sign bit, as stored
+        packed |= q[:, i] << (4 * i)
+    return packed
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
@@ -61,11 +62,11 @@ def _pad_k(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int) -> torch.Tensor:
     """-> w [N, K] in scales' dtype (computed in fp32, rounded once)."""
-    q = unpack_int4(qweight).float()  # [K, N]
-    K = q.shape[0]
-    s = scales.float().repeat_interleave(group_size, dim=0)[:K]
-    z = zeros.float().repeat_interleave(group_size, dim=0)[:K]
-    return ((q - z) * s).t().contiguous().to(scales.dtype)
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    groups = scales.shape[0]
+    q = F.pad(unpack_int4(qweight).float(), (0, 0, 0, groups * group_size - K))
+    w = (q.view(groups, group_size, N) - zeros.float().unsqueeze(1)) * scales.float().unsqueeze(1)
+    return w.view(groups * group_size, N)[:K].t().contiguous().to(scales.dtype)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,8 +33,12 @@ def determine_num_blocks(runner: "ModelRunner") -> int:
     per_block = runner.config.kv_bytes_per_block()
     if runner.proposer is not None:  # a draft model's KV: as many blocks, same block ids
         per_block += runner.proposer.kv_bytes_per_block()
-    budget = (cc.kv_cache_memory or CPU_KV_CACHE_BYTES) if runner.device.type == "cpu" \
-        else profile_free_memory(runner)
+    if runner.device.type == "cpu":
+        budget = cc.kv_cache_memory or CPU_KV_CACHE_BYTES
+    else:  # kv_cache_memory caps the GPU's share too (vLLM's kv_cache_memory_bytes)
+        budget = profile_free_memory(runner)
+        if cc.kv_cache_memory is not None:
+            budget = min(budget, cc.kv_cache_memory)
     n = int(budget // per_block)
     if n < 1:
         raise ValueError(f"no memory left for the KV cache (one block needs {per_block} bytes);"
