@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_chat_parser(sub)
     except ImportError as e:
         _missing(sub, "chat", e)
-    bench = sub.add_parser("bench", help="benchmarks: serve | throughput | latency")
+    bench = sub.add_parser("bench", help="benchmarks: serve | throughput | latency | perplexity")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     from servelm.bench.serve import add_serve_args
     bp = bsub.add_parser("serve", help="load-test an OpenAI-compatible server")
@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     bp.set_defaults(func=_main_bench_serve)
     from servelm.bench.offline import add_offline_parsers
     add_offline_parsers(bsub)
+    from servelm.bench.perplexity import add_perplexity_args, main_perplexity
+    pp = bsub.add_parser("perplexity", help="perplexity, KL and top-1 agreement of engine "
+                                            "configurations on a fixed text")
+    add_perplexity_args(pp)
+    pp.set_defaults(func=main_perplexity)
     return parser
 
 
