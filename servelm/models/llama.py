@@ -159,7 +159,8 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels)
         # the head is dense (vLLM's default) unless the QuantConfig quantizes it; a tied head is
         # the embedding itself, or a quantized copy of it
-        head_q = quantization if quantization is not None and quantization.lm_head else None
+        tied = a.tie_word_embeddings
+        head_q = quantization if quantization is not None and quantization.quantized_head(tied) else None
         self.lm_head = (None if a.tie_word_embeddings and head_q is None else
                         Linear(a.hidden_size, a.vocab_size, quantization=head_q, prefix="lm_head",
                                use_kernel=use_kernels))

@@ -52,6 +52,14 @@ class QuantConfig:
                              f"column {shard_start}); pick a group size that divides {shard_start}.")
         return g
 
+    def quantized_head(self, tied: bool) -> bool:
+        """Whether the lm_head is a quantized layer: a GGUF's untied head keeps its blocks
+        (a tied one is the embedding, dequantized); a converting method quantizes the head, a
+        tied one as a copy of the embedding, when asked (lm_head)."""
+        if self.method == "gguf":
+            return not tied
+        return self.lm_head and (not tied or self.method in CONVERTING)
+
     def keeps_dense(self, prefix: str) -> bool:
         return any(prefix == p or prefix.startswith(p + ".") for p in self.ignore)
 
