@@ -35,8 +35,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     K, N = q.shape
     if K % 8:
         raise ValueError(f"int4 packing needs K divisible by 8, got {K}")
-    q = q.to(torch.int32).reshape(K // 8, 8, N)
-    packed = q[:, 0].clone()
+    q = q.to(torch.int32).contiguous().reshape(K // 8, 8, N)
+    packed = q[:, 0].contiguous()
     for i in range(1, 8):  # int32 shifts wrap: nibble 7 lands in the sign bit, as stored
         packed |= q[:, i] << (4 * i)
     return packed
@@ -83,7 +83,8 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     # scales/zeros are kept in w's dtype: quantize against the rounded values the kernel uses
     scales_c, zeros_c = scales.to(w.dtype), zeros.to(w.dtype)
     q = torch.round(wf / scales_c.float().unsqueeze(1) + zeros_c.float().unsqueeze(1)).clamp(0, 15)
-    return pack_int4(q.reshape(groups * group_size, N)[:K].to(torch.int32)), scales_c, zeros_c
+    return (pack_int4(q.reshape(groups * group_size, N)[:K].to(torch.int32)),
+            scales_c.contiguous(), zeros_c.contiguous())
 
 
 def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -108,7 +109,7 @@ def quantize_int8(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     wf = _pad_k(w.float(), group_size).reshape(N, groups, group_size)
     scales = (wf.abs().amax(dim=2) / 127.0).clamp(min=_MIN_SCALE).to(w.dtype)
     q = torch.round(wf / scales.float().unsqueeze(2)).clamp(-127, 127)
-    return q.reshape(N, groups * group_size)[:, :K].to(torch.int8), scales
+    return q.reshape(N, groups * group_size)[:, :K].to(torch.int8).contiguous(), scales
 
 
 def int8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

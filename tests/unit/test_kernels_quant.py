@@ -400,3 +400,18 @@ def test_cuda_graph_capture():
                 want = _reference(method, x, weights, w32, b)
                 err = ((out.float() - want).norm() / want.norm()).item()
                 assert torch.isfinite(out).all() and err < TOL[dtype], (method, m, err)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,g", [(40, 256, 128), (72, 576, 128), (300, 512, 64), (24, 64, 32)])
+def test_int4_dequantize_t_matches_reference(n, k, g):
+    from servelm.kernels.int4_dequant import int4_dequantize_t, int4_matmul_dequant
+    gen = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(DEVICE, torch.float16)
+    q, s, z = ref.quantize_int4(w, g)
+    assert torch.equal(int4_dequantize_t(q, s, z, g), ref.dequantize_int4(q, s, z, g).t())
+    x = torch.randn(33, k, generator=gen).to(DEVICE, torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEVICE, torch.float16)
+    got = int4_matmul_dequant(x, q, s, z, g, bias).float()
+    want = ref.int4_linear_ref(x.float(), q, s.float(), z.float(), g, bias.float())
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
