@@ -320,9 +320,9 @@ def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, M, N,
             g = k0 // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zc += 8388608.0
-            # w: [BLOCK_N, BLOCK_K] = (q - z) * s rounded once to x's dtype, as the reference
-            w = ((_unpack_int4_nk(p, magic) - zc[:, None]) * s[:, None])
+            # w: [BLOCK_N, BLOCK_K] = (q - z) * s rounded once to x's dtype, as the reference;
+            # 2**23 comes off first (exact), since zeros may be fractional (HQQ-refined)
+            w = (((_unpack_int4_nk(p, magic) - 8388608.0) - zc[:, None]) * s[:, None])
             w = w.to(x_ptr.dtype.element_ty)
             x = _load_x_tile(x_ptr, offs_m, mask_m, k0 + offs_k, K, stride_xm, BLOCK_M, EVEN_K)
             if SWAP_AB:  # [BLOCK_N, BLOCK_K] @ [BLOCK_K, 16]
@@ -611,8 +611,7 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, stri
         g = k0 // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         zc = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zc += 8388608.0
-        w = ((_unpack_int4_nk(p, magic) - zc[:, None]) * s[:, None])
+        w = (((_unpack_int4_nk(p, magic) - 8388608.0) - zc[:, None]) * s[:, None])
         w = w.to(x_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_K]
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(x), acc)

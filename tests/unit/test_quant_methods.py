@@ -73,10 +73,15 @@ def test_int4_pack_roundtrip_and_ragged_last_group():
     q = torch.randint(0, 16, (576, 24), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     assert torch.equal(unpack_int4(pack_int4(q)), q)
     w = _rand(24, 576, seed=3)
-    qw, s, z = quantize_int4(w, 128)
+    qw, s, z = quantize_int4(w, 128, hqq_iters=0)  # round to nearest
     assert s.shape == (5, 24)  # 576 = 4 * 128 + 64: a last group of 64
     err = (dequantize_int4(qw, s, z, 128) - w).abs()
     assert (err <= s.repeat_interleave(128, 0)[:576].t() * 0.5 + 1e-6).all()
+    # HQQ's refined zeros: fractional, and a smaller mean error than rounding's
+    qh, sh, zh = quantize_int4(w, 128)
+    err_h = (dequantize_int4(qh, sh, zh, 128) - w).abs()
+    assert torch.equal(sh, s) and not torch.equal(zh, zh.round())
+    assert err_h.mean() < err.mean()
 
 
 def test_group_size_errors():
