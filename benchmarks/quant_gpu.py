@@ -84,7 +84,7 @@ def child(args: argparse.Namespace) -> dict:
             runs.append(255 / (o.metrics.last_token_time - o.metrics.first_token_time))
         r["b1_tok_s"] = statistics.median(runs)
         r["b1_runs"] = runs
-    if "b2" in args.parts:
+    if "b2" in args.parts and args.config in args.b2_configs:
         ps = prompts(args.b2_requests, 256, 1, cfg.vocab_size)
         sp = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
         t = time.perf_counter()
@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["b1", "b2", "kv"], choices=["b1", "b2", "kv"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--b2-requests", type=int, default=1000)
+    ap.add_argument("--b2-configs", nargs="+", default=["bf16", "fp8"],
+                    help="the configurations that also run b2 (it takes ~30 s each)")
     ap.add_argument("--kv-requests", type=int, default=64)
     ap.add_argument("--kv-in", type=int, default=2048)
     ap.add_argument("--kv-out", type=int, default=512)
@@ -138,7 +140,9 @@ def main() -> None:
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             if line:
                 runs[c].append(json.loads(line[0][7:]))
-            print(f"run {i} {c}: rc {p.returncode}", flush=True)
+            short = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in
+                     (runs[c][-1] if line else {}).items() if k not in ("device", "b1_runs")}
+            print(f"run {i} {c}: rc {p.returncode} {short}", flush=True)
     with open(args.json or os.path.join(out_dir, "quant_gpu.json"), "w") as f:
         json.dump({"copy_bw_TBps": bw / 1e12, "runs": runs}, f, indent=2)
 

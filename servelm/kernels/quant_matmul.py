@@ -528,8 +528,8 @@ def _fp8_quant_kernel(x_ptr, xq_ptr, xs_ptr, M, K, stride_xm, BLOCK: tl.constexp
             v = tl.load(row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
         amax = tl.max(amax, axis=0)
-    # scale = max(amax / 448, 1e-12) and x / scale with IEEE division, as the reference
-    scale = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-12)
+    # scale = max(amax * fp32(1/448), 1e-12) and x / scale with IEEE division, as the reference
+    scale = tl.maximum(amax * 0.002232142857142857, 1e-12)
     tl.store(xs_ptr + m, scale)
     if ONE_PASS:
         v = tl.minimum(tl.maximum(tl.math.div_rn(xf, scale), -448.0), 448.0)

@@ -143,14 +143,16 @@ def int8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 # ---- fp8 W8A8 ---------------------------------------------------------------------------------
 def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (weight e4m3 [N, K], weight_scale fp32 [N]): each row's max maps to 448."""
-    scale = (w.float().abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    scale = (w.float().abs().amax(dim=1) * (1.0 / FP8_MAX)).clamp(min=_MIN_SCALE)
     q = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (xq e4m3 [M, K], x_scale fp32 [M]): dynamic, each row's max maps to 448."""
-    scale = (x.float().abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    """x [M, K] -> (xq e4m3 [M, K], x_scale fp32 [M]): dynamic, each row's max maps to 448.
+    The scale is amax times fp32(1/448), one multiply: the same bits on every device (torch on
+    CUDA divides by a scalar through its reciprocal, the CPU divides), as the kernel does."""
+    scale = (x.float().abs().amax(dim=1) * (1.0 / FP8_MAX)).clamp(min=_MIN_SCALE)
     q = (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
