@@ -129,27 +129,39 @@ def select_gemv_config(method: str, m: int, n: int, k: int, group_size: int = 0)
     """The small-M launch config for ``method`` in ("int4", "int8", "fp8"); deterministic.
     ``group_size`` 0 (or >= k): one group per row.
 
-    Not tuned on a GPU: the tiles were sized with sm_90 SASS instruction counts (per weight in
+    Sized first with sm_90 SASS instruction counts (per weight in
     the K loop: int4 FMA ~5.6 per nibble, int4 dot ~7, int8 FMA ~7, int8 dot ~8, fp8 FMA ~3.5,
     fp8 dot < 1) and gemv.py's measured bf16 winners (FMA at M = 1, W @ x.T on the tensor cores
-    above). FMA programs split K only below one program per SM, dot programs below two."""
+    above); then the int4 and int8 tiles were swept on one H100 (benchmarks/quant_gemv_bench.py
+    --sweep, Llama-3-8B shapes, contiguous weights) and the winners put here. FMA programs
+    split K only below one program per SM, dot programs below two."""
     k_pow2 = max(16, triton.next_power_of_2(k))
     group_size = group_size or k
     if method == "int4":
         if m == 1:  # [128, 16] words = 8 KB per tile; 256 programs at N = 4096
             cfg = QGemvConfig(block_n=16, block_k=min(1024, k_pow2), num_warps=4, num_stages=3)
-        else:
-            cfg = QGemvConfig(block_n=128, block_k=_tile_k(128, k, group_size), num_warps=4,
-                              num_stages=4, use_dot=True, swap_ab=True)
+            if n >= 65536:  # lm_head-sized: swept 127 vs 166 us (128256 x 4096)
+                cfg = QGemvConfig(block_n=64, block_k=min(256, k_pow2), num_warps=4,
+                                  num_stages=3)
+            elif n >= 16384:  # gate_up-sized: swept 34.2 vs 41.3 us (28672 x 4096)
+                cfg = QGemvConfig(block_n=32, block_k=min(256, k_pow2), num_warps=4,
+                                  num_stages=4)
+        else:  # swept at M = 4, 8, 16: 64-column tiles split over K (down: 28.5 vs 42.6 us)
+            bn, stages = (128, 4) if n >= 16384 else (64, 4)
+            if n >= 65536:
+                bn, stages = 128, 6
+            cfg = QGemvConfig(block_n=bn, block_k=_tile_k(64 if n >= 65536 else 128, k,
+                                                          group_size),
+                              num_warps=4, num_stages=stages, use_dot=True, swap_ab=True)
     elif method == "int8":
         if m == 1:  # [8, 1024] bytes = 8 KB per tile, in sub-tiles of one group each
             bk = min(1024, k_pow2)
             if group_size < k and group_size % bk and bk % group_size:
                 bk = _pow2_part(group_size)
             cfg = QGemvConfig(block_n=8, block_k=bk, num_warps=4, num_stages=3)
-        else:
-            cfg = QGemvConfig(block_n=64, block_k=_tile_k(128, k, group_size), num_warps=4,
-                              num_stages=4, use_dot=True, swap_ab=True)
+        else:  # swept at M = 4, 8, 16: x @ W.T on 32-column tiles (qkv 15.0 vs 17.3 us)
+            cfg = QGemvConfig(block_n=32, block_k=_tile_k(128, k, group_size), num_warps=4,
+                              num_stages=4, use_dot=True, swap_ab=False)
     elif method == "fp8":
         if m <= 2:  # [8, 1024] bytes = 8 KB per tile (M=2: 4 rows, the same registers)
             cfg = QGemvConfig(block_n=8 // m, block_k=min(1024, k_pow2), num_warps=4,
