@@ -5,6 +5,15 @@ The KV cache of one layer is two tensors, ``k_cache`` and ``v_cache``, each
 ``block_table[i // block_size] * block_size + i % block_size``; a flat view
 ``k_cache.view(-1, num_kv_heads, head_dim)[slot]`` addresses it.
 
+fp8 KV cache (``kv_cache_dtype="fp8"``, see ``attention/kv_quant.py``): the caches are
+``torch.uint8`` ``[num_blocks, block_size, num_kv_heads, head_dim + 4]``, contiguous. Each head
+row of a token is head_dim e4m3 bytes (``torch.float8_e4m3fn`` bit patterns) followed by a
+float32 scale (little-endian): value = float(e4m3) * scale. The scale is dynamic per (token, kv
+head), max(amax(|row|), tiny) / 448, and the e4m3 value is row / scale clamped to +-448, rounded
+to nearest even. A backend quantizes in ``write_kv`` / ``rotate_and_write_kv`` and dequantizes
+in ``forward``; a uint8 cache always means this layout, any other dtype holds the values
+themselves. Slots, block tables, swaps and block copies use dims 0-1 only, alike for both.
+
 A step's batch is ragged: the query tokens of all sequences are concatenated, sequence ``s`` owning
 rows ``query_start_loc[s]:query_start_loc[s+1]``. Those are the *last* query_len tokens of its
 context of ``seq_lens[s]`` tokens (the earlier ones are already in the cache), so causal masking
@@ -68,7 +77,8 @@ class AttentionBackend(ABC):
     @abstractmethod
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """k, v: [num_tokens, num_kv_heads, head_dim]; caches as in the module docstring."""
+        """k, v: [num_tokens, num_kv_heads, head_dim]; caches as in the module docstring (fp8:
+        each row quantized with its own scale)."""
 
     def rotate_and_write_kv(self, rotary: "RotaryEmbedding", positions: torch.Tensor,
                             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

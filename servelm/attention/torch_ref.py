@@ -6,13 +6,19 @@ import torch
 import torch.nn.functional as F
 
 from servelm.attention.backend import AttentionBackend, AttentionMetadata
+from servelm.attention.kv_quant import is_fp8_kv, kv_head_dim, kv_rows, quantize_kv_rows
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
-    # flat caches: [num_blocks * block_size, num_kv_heads, head_dim]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    # flat caches: [num_blocks * block_size, num_kv_heads, head_dim (+ 4 in fp8)]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, _cache_rows(k, k_cache))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, _cache_rows(v, v_cache))
+
+
+def _cache_rows(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x: [T, KVH, D] -> the rows stored for it in cache: e4m3 + scale (uint8) or cast."""
+    return quantize_kv_rows(x) if is_fp8_kv(cache) else x.to(cache.dtype)
 
 
 def tree_allowed(meta: AttentionMetadata, s: int, start: int, q_len: int, ctx: int,
@@ -36,7 +42,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [num_tokens, H, D] -> [num_tokens, H, D]; context gathered from the cache."""
     block_size = k_cache.shape[1]
-    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[2], q.shape[2]
     out = torch.empty_like(q)
     q_lens = meta.query_lens_cpu or tuple(
         (meta.query_start_loc[1:] - meta.query_start_loc[:-1]).tolist())
@@ -45,9 +51,11 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     for s, (q_len, ctx) in enumerate(zip(q_lens, s_lens)):
         n_blocks = (ctx + block_size - 1) // block_size
         blocks = meta.block_tables[s, :n_blocks].long()
-        # [ctx, KVH, D] -> [KVH, ctx, D], computed in fp32 for a stable reference
-        k = k_cache[blocks].reshape(-1, num_kv_heads, k_cache.shape[3])[:ctx].transpose(0, 1).float()
-        v = v_cache[blocks].reshape(-1, num_kv_heads, v_cache.shape[3])[:ctx].transpose(0, 1).float()
+        # [ctx, KVH, D] -> [KVH, ctx, D], computed in fp32 for a stable reference (fp8 rows
+        # dequantized: e4m3 * scale)
+        k = kv_rows(k_cache[blocks], torch.float32).reshape(-1, num_kv_heads, head_dim)[:ctx]
+        v = kv_rows(v_cache[blocks], torch.float32).reshape(-1, num_kv_heads, head_dim)[:ctx]
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
         qs = q[start:start + q_len].transpose(0, 1).float()  # [H, q_len, D]
         # causal mask with the queries aligned to the end of the context (tree-masked)
         mask = tree_allowed(meta, s, start, q_len, ctx, q.device)  # [q_len, ctx]
@@ -89,8 +97,8 @@ def decode_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     nblk = -(-max_len // bs)
     # entries past a sequence's own blocks are arbitrary: clamp them to a valid id, then mask
     bt = block_tables[:, :nblk].long().clamp_(0, k_cache.shape[0] - 1)
-    k = k_cache[bt].view(S, nblk * bs, KVH, D).float()  # [S, L, KVH, D]
-    v = v_cache[bt].view(S, nblk * bs, KVH, D).float()
+    k = kv_rows(k_cache[bt], torch.float32).view(S, nblk * bs, KVH, D)  # [S, L, KVH, D]
+    v = kv_rows(v_cache[bt], torch.float32).view(S, nblk * bs, KVH, D)
     qg = q.view(S, KVH, H // KVH, D).float()
     scores = torch.einsum("skgd,slkd->skgl", qg, k) * scale  # [S, KVH, G, L]
     pad = torch.arange(nblk * bs, device=q.device)[None, :] >= seq_lens[:, None].long()
@@ -103,14 +111,15 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Per sequence; a whole prompt (no cached prefix) takes SDPA's causal fast path, a chunk
     after a prefix an explicit mask. GQA through broadcasting, not repeat (no copies)."""
-    bs, KVH, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    bs, KVH, D = k_cache.shape[1], k_cache.shape[2], kv_head_dim(k_cache)
     H = q.shape[1]
     out = torch.empty_like(q)
     start = 0
     for s, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         blocks = meta.block_tables[s, :-(-ctx // bs)].long()
-        k = k_cache[blocks].reshape(-1, KVH, D)[:ctx].transpose(0, 1)[:, None]  # [KVH,1,ctx,D]
-        v = v_cache[blocks].reshape(-1, KVH, D)[:ctx].transpose(0, 1)[:, None]
+        # [KVH, 1, ctx, D] in q's dtype (fp8 rows dequantized; other caches hold q's dtype)
+        k = kv_rows(k_cache[blocks], q.dtype).reshape(-1, KVH, D)[:ctx].transpose(0, 1)[:, None]
+        v = kv_rows(v_cache[blocks], q.dtype).reshape(-1, KVH, D)[:ctx].transpose(0, 1)[:, None]
         qs = q[start:start + q_len].transpose(0, 1).reshape(KVH, H // KVH, q_len, D)
         tree = meta.tree_mask is not None
         if q_len == ctx and not tree:

@@ -6,6 +6,9 @@ causal kernel runs at ~560 TFLOP/s there, the paged Triton kernel at ~320-350).
 Importing this module raises ImportError when triton is missing (the registry then falls back
 to the torch reference). It imports on a CPU-only machine; the kernels need a CUDA device (or
 ``TRITON_INTERPRET=1`` for CPU tensors, slowly, in tests).
+
+fp8 caches (uint8, kv_quant's layout) go through the same kernels, which quantize on write and
+dequantize on read; the SDPA path then reads this step's k and v back from the cache.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from servelm.attention.backend import AttentionBackend, AttentionMetadata
+from servelm.attention.kv_quant import dequantize_kv_rows, is_fp8_kv
 from servelm.kernels.decode_attention import decode_attention
 from servelm.kernels.kv_write import write_kv
 from servelm.kernels.prefill_attention import prefill_attention
@@ -61,6 +65,12 @@ class TritonAttentionBackend(AttentionBackend):
         q_lens = meta.query_lens_cpu
         if (q_lens and q_lens == meta.seq_lens_cpu and len(q_lens) <= self.sdpa_max_seqs
                 and min(q_lens) >= self.sdpa_min_len and sum(q_lens) == q.shape[0]):
+            if is_fp8_kv(k_cache):
+                # the values the cache holds (as every other path reads them), not k and v:
+                # [T, KVH, D + 4] rows at this step's slots, dequantized to q's dtype
+                slots = meta.slot_mapping.long()
+                k = dequantize_kv_rows(k_cache.view(-1, *k_cache.shape[2:])[slots], q.dtype)
+                v = dequantize_kv_rows(v_cache.view(-1, *v_cache.shape[2:])[slots], q.dtype)
             return _fresh_prefill_sdpa(q, k, v, q_lens, scale)
         return prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                  meta.query_start_loc, scale)

@@ -11,6 +11,13 @@ CUDA graphs: the grid is (num_seqs, num_kv_heads, num_splits), a function of ten
 the host int ``max_seq_len`` only (pass the model's max_model_len when capturing); programs
 past a sequence's end return at once; a sequence of length 0 yields zeros.
 
+fp8 caches (uint8, ``servelm.attention.kv_quant``'s layout: head rows of e4m3 bytes + an fp32
+scale) go through kernels/kv_write.py's fp8 helpers: a tile's bytes convert exactly for the dots
+(fp16 for q @ k^T, bf16 for p @ v in a bf16 model: see its docstring) and the per-key scales
+apply to the columns of the scores and of p: in a bf16 model a byte costs a share of a 4-byte
+load and a conversion, no multiply (sm_90 SASS of the loop, D=128: ~7.5 instructions per fp8
+byte against ~2 per bf16 byte; rows of D + 4 bytes allow no wider loads).
+
 Reference: ``servelm.attention.torch_ref.paged_attention_ref`` with all query lengths 1.
 """
 from __future__ import annotations
@@ -19,7 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
+from servelm.attention.kv_quant import FP8_KV_EXTRA
+from servelm.kernels.kv_write import (fp8_dot_q, fp8_native_cvt, fp8_offsets_int64, fp8_pv,
+                                      fp8_row_offsets, fp8_scale_ptr, fp8_scores)
+
 _LOG2E = 1.4426950408889634
+# the fp8 path's dot dtypes follow q's (kv_write.py's docstring)
+_Q_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -41,6 +54,8 @@ def _decode_partition_kernel(
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_PART: tl.constexpr, DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr, Q_DT: tl.constexpr, OFF64: tl.constexpr,
+    FP8_CVT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -69,24 +84,43 @@ def _decode_partition_kernel(
     bt_row = block_tables_ptr + b64 * stride_bt
     k_base = k_cache_ptr + kvh * stride_kc_h
     v_base = v_cache_ptr + kvh * stride_vc_h
+    if KV_FP8:  # q for the fp8 dots [GROUP_PAD, D_PAD]; the softmax scale undoes its scaling
+        q_dot, q_down = fp8_dot_q(q, Q_DT)
+        fp8_scale_log2 = scale_log2 * q_down
     for t0 in range(start, end, BLOCK_N):
         toks = t0 + tl.arange(0, BLOCK_N)
         t_mask = toks < end
-        blk = tl.load(bt_row + toks // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        off = toks % BLOCK_SIZE
         kv_mask = t_mask[:, None] & d_mask[None, :]
-        # k, v: [BLOCK_N, D_PAD], gathered page by page
-        k = tl.load(k_base + blk[:, None] * stride_kc_blk + off[:, None] * stride_kc_off
-                    + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [GROUP_PAD, BLOCK_N]
+        if KV_FP8:
+            # [BLOCK_N] byte offsets of the rows, for k and v alike (same strides); their e4m3
+            # bytes [BLOCK_N, D_PAD] and scales [BLOCK_N]
+            kv_row = fp8_row_offsets(toks, t_mask, bt_row, kvh * stride_kc_h, stride_kc_blk,
+                                     stride_kc_off, BLOCK_SIZE, OFF64, True)
+            k8 = tl.load(k_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0)
+            k_sc = tl.load(fp8_scale_ptr(k_cache_ptr + kv_row, HEAD_DIM), mask=t_mask, other=0.0)
+            # s: [GROUP_PAD, BLOCK_N]
+            s = fp8_scores(q_dot, k8, k_sc * fp8_scale_log2, DOT_PREC, FP8_CVT)
+        else:
+            blk = tl.load(bt_row + toks // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+            off = toks % BLOCK_SIZE
+            # k, v: [BLOCK_N, D_PAD], gathered page by page
+            k = tl.load(k_base + blk[:, None] * stride_kc_blk + off[:, None] * stride_kc_off
+                        + d[None, :], mask=kv_mask, other=0.0)
+            # s: [GROUP_PAD, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + blk[:, None] * stride_vc_blk + off[:, None] * stride_vc_off
-                    + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        if KV_FP8:
+            v8 = tl.load(v_cache_ptr + kv_row[:, None] + d[None, :], mask=kv_mask, other=0)
+            v_sc = tl.load(fp8_scale_ptr(v_cache_ptr + kv_row, HEAD_DIM), mask=t_mask, other=0.0)
+            acc = acc * alpha[:, None] + fp8_pv(p, v8, v_sc, Q_DT, DOT_PREC, FP8_CVT)
+        else:
+            v = tl.load(v_base + blk[:, None] * stride_vc_blk + off[:, None] * stride_vc_off
+                        + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
     if SINGLE_PART:
@@ -153,16 +187,23 @@ def pick_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      max_seq_len: int, num_splits: int | None = None,
-                     min_partition: int | None = None, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [num_seqs, H, D]; caches: [num_blocks, block_size, KVH, D]; block_tables:
+                     min_partition: int | None = None, block_n: int = 64,
+                     num_warps: int | None = None, num_stages: int = 2,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [num_seqs, H, D]; caches: [num_blocks, block_size, KVH, D], or uint8
+    [num_blocks, block_size, KVH, D + 4] for fp8 (kv_quant's layout); block_tables:
     [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32 (each <= max_seq_len; longer
     ones are still attended in full, with longer partitions). num_splits / min_partition
-    override ``pick_splits``. Returns [num_seqs, H, D] in q's dtype."""
+    override ``pick_splits``. num_warps: 4, or 8 for fp8 caches with head_dim > 128 (4 spill
+    registers there on sm_90). Returns [num_seqs, H, D] in q's dtype."""
     num_seqs, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    _, block_size, num_kv_heads, row_len = k_cache.shape
+    fp8 = k_cache.dtype == torch.uint8
     assert num_heads % num_kv_heads == 0 and q.stride(2) == 1 and k_cache.stride(3) == 1
     assert v_cache.stride(3) == 1 and block_tables.stride(1) == 1
+    assert row_len == head_dim + (FP8_KV_EXTRA if fp8 else 0) and v_cache.dtype == k_cache.dtype
+    # fp8: the scales stay 4-byte aligned; k and v rows share their offsets
+    assert not fp8 or (head_dim % 4 == 0 and v_cache.stride() == k_cache.stride())
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
@@ -170,6 +211,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = num_heads // num_kv_heads
     group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     d_pad = max(16, triton.next_power_of_2(head_dim))
+    num_warps = num_warps or (8 if fp8 and d_pad > 128 else 4)
     splits, min_part = pick_splits(num_seqs, num_kv_heads, max_seq_len, block_n)
     splits = num_splits or splits
     min_part = min_partition or min_part
@@ -192,6 +234,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.stride(0), splits, min_part, num_heads, group,
         GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, SINGLE_PART=single, DOT_PREC=dot_prec,
+        KV_FP8=fp8, Q_DT=_Q_DT.get(q.dtype, "fp32"), OFF64=fp8 and fp8_offsets_int64(k_cache),
+        FP8_CVT=not fp8 or fp8_native_cvt(q.device),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:

@@ -9,6 +9,11 @@ The grid is (num_tokens // BLOCK_Q + num_seqs, num_kv_heads): a function of shap
 program finds its sequence by binary search over ``query_start_loc`` on the device (no host
 sync; CUDA-graph capturable); surplus programs return at once.
 
+fp8 caches (uint8, ``servelm.attention.kv_quant``'s layout) are read as in
+kernels/decode_attention.py, with kernels/kv_write.py's fp8 helpers: e4m3 bytes converted exactly
+for the dots (dtypes in kv_write.py's docstring), the per-key scales applied to the columns of
+the scores and of p.
+
 Reference: ``servelm.attention.torch_ref.paged_attention_ref``.
 """
 from __future__ import annotations
@@ -17,7 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
+from servelm.attention.kv_quant import FP8_KV_EXTRA
+from servelm.kernels.kv_write import (fp8_dot_q, fp8_native_cvt, fp8_offsets_int64, fp8_pv,
+                                      fp8_row_offsets, fp8_scale_ptr, fp8_scores)
+
 _LOG2E = 1.4426950408889634
+# the fp8 path's dot dtypes follow q's (kv_write.py's docstring)
+_Q_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -38,22 +49,45 @@ def _find_seq(query_start_loc_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc, scale_log2,
                  d, d_mask, stride_k_blk, stride_k_off, stride_v_blk, stride_v_off,
-                 tree_bits, tree_start,
+                 tree_bits, tree_start, head_off,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 DOT_PREC: tl.constexpr, TREE: tl.constexpr):
+                 DOT_PREC: tl.constexpr, TREE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 KV_FP8: tl.constexpr, Q_DT: tl.constexpr, OFF64: tl.constexpr,
+                 FP8_CVT: tl.constexpr):
+    # KV_FP8: k_base, v_base are the caches themselves, head_off the kv head's byte offset in
+    # a token's rows; q is fp8_dot_q's and scale_log2 includes its factor. Else k_base, v_base
+    # point at the kv head's rows.
     toks = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        t_mask = toks < seq_len
-        blk = tl.load(bt_row + toks // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
-        kv_mask = t_mask[:, None] & d_mask[None, :]
+    if KV_FP8:
+        if MASKED:
+            t_mask = toks < seq_len
+            kv_mask = t_mask[:, None] & d_mask[None, :]
+        else:
+            t_mask = None
+            kv_mask = d_mask[None, :]
+        # [BLOCK_N] byte offsets of the rows, for k and v alike (same strides); their e4m3
+        # bytes [BLOCK_N, D_PAD] and scales [BLOCK_N]
+        kv_row = fp8_row_offsets(toks, t_mask, bt_row, head_off, stride_k_blk, stride_k_off,
+                                 BLOCK_SIZE, OFF64, MASKED)
+        k8 = tl.load(k_base + kv_row[:, None] + d[None, :], mask=kv_mask, other=0)
+        if MASKED:
+            k_sc = tl.load(fp8_scale_ptr(k_base + kv_row, HEAD_DIM), mask=t_mask, other=0.0)
+        else:
+            k_sc = tl.load(fp8_scale_ptr(k_base + kv_row, HEAD_DIM))
+        s = fp8_scores(q, k8, k_sc * scale_log2, DOT_PREC, FP8_CVT)  # [BLOCK_M, BLOCK_N]
     else:
-        blk = tl.load(bt_row + toks // BLOCK_SIZE).to(tl.int64)
-        kv_mask = d_mask[None, :]
-    off = toks % BLOCK_SIZE
-    # k, v: [BLOCK_N, D_PAD]
-    k = tl.load(k_base + blk[:, None] * stride_k_blk + off[:, None] * stride_k_off + d[None, :],
-                mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            t_mask = toks < seq_len
+            blk = tl.load(bt_row + toks // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+            kv_mask = t_mask[:, None] & d_mask[None, :]
+        else:
+            blk = tl.load(bt_row + toks // BLOCK_SIZE).to(tl.int64)
+            kv_mask = d_mask[None, :]
+        off = toks % BLOCK_SIZE
+        # k, v: [BLOCK_N, D_PAD]
+        k = tl.load(k_base + blk[:, None] * stride_k_blk + off[:, None] * stride_k_off
+                    + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [BLOCK_M, BLOCK_N]
     if MASKED:
         ok = (toks[None, :] <= pos[:, None]) & t_mask[None, :]
         if TREE:
@@ -69,9 +103,17 @@ def _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc, 
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + blk[:, None] * stride_v_blk + off[:, None] * stride_v_off + d[None, :],
-                mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    if KV_FP8:
+        v8 = tl.load(v_base + kv_row[:, None] + d[None, :], mask=kv_mask, other=0)
+        if MASKED:
+            v_sc = tl.load(fp8_scale_ptr(v_base + kv_row, HEAD_DIM), mask=t_mask, other=0.0)
+        else:
+            v_sc = tl.load(fp8_scale_ptr(v_base + kv_row, HEAD_DIM))
+        acc = acc * alpha[:, None] + fp8_pv(p, v8, v_sc, Q_DT, DOT_PREC, FP8_CVT)
+    else:
+        v = tl.load(v_base + blk[:, None] * stride_v_blk + off[:, None] * stride_v_off
+                    + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return m_new, l_i, acc
 
 
@@ -86,6 +128,8 @@ def _prefill_kernel(
     GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TREE: tl.constexpr,
+    KV_FP8: tl.constexpr, Q_DT: tl.constexpr, OFF64: tl.constexpr,
+    FP8_CVT: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     pid = tl.program_id(0)
@@ -116,8 +160,18 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     bt_row = block_tables_ptr + s_idx.to(tl.int64) * stride_bt
-    k_base = k_cache_ptr + kvh * stride_kc_h
-    v_base = v_cache_ptr + kvh * stride_vc_h
+    if KV_FP8:
+        # q for the fp8 dots [BLOCK_M, D_PAD], the softmax scale undoing its scaling; the head's
+        # offset joins each tile's row offsets (see _tile_update)
+        q, q_down = fp8_dot_q(q, Q_DT)
+        scale_log2 = scale_log2 * q_down
+        k_base = k_cache_ptr
+        v_base = v_cache_ptr
+        head_off = kvh * stride_kc_h
+    else:
+        k_base = k_cache_ptr + kvh * stride_kc_h
+        v_base = v_cache_ptr + kvh * stride_vc_h
+        head_off = 0
     first_pos = ctx + tile * BLOCK_Q
     # keys < full_end are visible to every row of the tile (and < seq_len): no mask needed
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
@@ -133,14 +187,16 @@ def _prefill_kernel(
         m_i, l_i, acc = _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc,
                                      scale_log2, d, d_mask, stride_kc_blk, stride_kc_off,
                                      stride_vc_blk, stride_vc_off, tree_bits, tree_start,
-                                     BLOCK_SIZE, BLOCK_N, False, DOT_PREC, TREE)
+                                     head_off, BLOCK_SIZE, BLOCK_N, False, DOT_PREC, TREE,
+                                     HEAD_DIM, KV_FP8, Q_DT, OFF64, FP8_CVT)
     # the first masked tile starts at full_end <= every row's position: no row is all -inf
     # (a tree row sees itself and everything before the tree)
     for start in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc,
                                      scale_log2, d, d_mask, stride_kc_blk, stride_kc_off,
                                      stride_vc_blk, stride_vc_off, tree_bits, tree_start,
-                                     BLOCK_SIZE, BLOCK_N, True, DOT_PREC, TREE)
+                                     head_off, BLOCK_SIZE, BLOCK_N, True, DOT_PREC, TREE,
+                                     HEAD_DIM, KV_FP8, Q_DT, OFF64, FP8_CVT)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
@@ -163,7 +219,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       config: tuple[int, int, int, int] | None = None,
                       out: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
                       tree_start: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [num_tokens, H, D]; caches: [num_blocks, block_size, KVH, D]; block_tables:
+    """q: [num_tokens, H, D]; caches: [num_blocks, block_size, KVH, D], or uint8
+    [num_blocks, block_size, KVH, D + 4] for fp8 (kv_quant's layout); block_tables:
     [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32; query_start_loc: [num_seqs+1]
     int32. Any query lengths (0 included). Returns [num_tokens, H, D] in q's dtype.
 
@@ -173,9 +230,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     ancestors and itself; at most 64 tree positions). Sequences without a tree: tree_start
     >= their seq_len."""
     num_tokens, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    _, block_size, num_kv_heads, row_len = k_cache.shape
+    fp8 = k_cache.dtype == torch.uint8
     assert num_heads % num_kv_heads == 0 and q.stride(2) == 1 and k_cache.stride(3) == 1
     assert v_cache.stride(3) == 1 and block_tables.stride(1) == 1
+    assert row_len == head_dim + (FP8_KV_EXTRA if fp8 else 0) and v_cache.dtype == k_cache.dtype
+    # fp8: the scales stay 4-byte aligned; k and v rows share their offsets
+    assert not fp8 or (head_dim % 4 == 0 and v_cache.stride() == k_cache.stride())
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_seqs = seq_lens.shape[0]
@@ -200,6 +261,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         GROUP_PAD=group_pad, BLOCK_Q=block_q, HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", TREE=tree,
+        KV_FP8=fp8, Q_DT=_Q_DT.get(q.dtype, "fp32"), OFF64=fp8 and fp8_offsets_int64(k_cache),
+        FP8_CVT=not fp8 or fp8_native_cvt(q.device),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

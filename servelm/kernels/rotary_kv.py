@@ -7,6 +7,9 @@ the cache. The rotation is ``rotary.rotate_halves``, so q, k and the cache hold 
 the unfused pair. Grid: (num_tokens, 3) programs (q; k; v) so that a single decode token still
 spreads its three loads over three SMs; a token with slot < 0 (CUDA-graph padding) is rotated
 but not stored. Shapes depend on num_tokens only: capturable in a CUDA graph.
+
+A uint8 cache is the fp8 layout of ``servelm.attention.kv_quant``: the rotated k (in k's dtype,
+as the unfused pair stores it) and v are quantized per head row (kernels/kv_write.py's helpers).
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from servelm.attention.kv_quant import FP8_KV_EXTRA, is_fp8_kv, quantize_kv_rows
+from servelm.kernels.kv_write import fp8_encode, fp8_row_scale, fp8_scale_ptr
 from servelm.kernels.rotary import _rope_one, rotary_embedding_ref, rotate_halves
 
 
@@ -21,13 +26,28 @@ def rotary_write_kv_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                         v: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """positions: [T]; q: [T, H, D]; k, v: [T, KVH, D]; cos_sin_cache: [max_pos, D] fp32;
-    caches: [num_blocks, block_size, KVH, D]; slot_mapping: [T], < 0 skips the token.
+    caches: [num_blocks, block_size, KVH, D] (or uint8 [..., D + 4]: fp8 rows, quantized);
+    slot_mapping: [T], < 0 skips the token.
     Rotates q and k in place, then stores the rotated k and v at their slots."""
     rotary_embedding_ref(positions, q, k, cos_sin_cache)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        rows = quantize_kv_rows(x[keep]) if is_fp8_kv(cache) else x[keep].to(cache.dtype)
+        cache.view(-1, *cache.shape[2:])[slots] = rows
+
+
+@triton.jit
+def _store_fp8_halves(row_ptr, c1, x1, x2, mask, row_mask, HALF: tl.constexpr):
+    """One fp8 row per head from its two halves. row_ptr: [BLOCK_KVH] row starts; c1:
+    [BLOCK_KVH, HALF_PAD] pointers to the first half's bytes; x1, x2: the halves' values;
+    mask: [BLOCK_KVH, HALF_PAD] valid entries; row_mask: [BLOCK_KVH] rows to store."""
+    a1 = tl.where(mask, x1.to(tl.float32), 0.0)
+    a2 = tl.where(mask, x2.to(tl.float32), 0.0)
+    scale = fp8_row_scale(tl.maximum(tl.max(tl.abs(a1), 1), tl.max(tl.abs(a2), 1)))  # [BLOCK_KVH]
+    tl.store(c1, fp8_encode(a1, scale[:, None]), mask=mask)
+    tl.store(c1 + HALF, fp8_encode(a2, scale[:, None]), mask=mask)
+    tl.store(fp8_scale_ptr(row_ptr, 2 * HALF), scale, mask=row_mask)
 
 
 @triton.jit
@@ -37,7 +57,7 @@ def _rotary_kv_kernel(
     stride_kc_blk, stride_kc_off, stride_kc_h, stride_vc_blk, stride_vc_off, stride_vc_h,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     role = tl.program_id(1)  # 0: rotate q; 1: rotate k, store it to k and its slot; 2: store v
@@ -70,9 +90,13 @@ def _rotary_kv_kernel(
                                        cos[None, :], sin[None, :])
                 tl.store(p1, o1, mask=mask)
                 tl.store(p1 + HALF, o2, mask=mask)
-                cdt = k_cache_ptr.dtype.element_ty
-                tl.store(c1, o1.to(cdt), mask=mask & keep)
-                tl.store(c1 + HALF, o2.to(cdt), mask=mask & keep)
+                if KV_FP8:
+                    _store_fp8_halves(kc + hh * stride_kc_h, c1, o1, o2, mask & keep,
+                                      (hh < NUM_KV_HEADS) & keep, HALF)
+                else:
+                    cdt = k_cache_ptr.dtype.element_ty
+                    tl.store(c1, o1.to(cdt), mask=mask & keep)
+                    tl.store(c1 + HALF, o2.to(cdt), mask=mask & keep)
         else:
             vc = v_cache_ptr + blk * stride_vc_blk + off * stride_vc_off
             for h0 in range(0, NUM_KV_HEADS, BLOCK_KVH):
@@ -81,9 +105,14 @@ def _rotary_kv_kernel(
                 # the two halves of each v head: [BLOCK_KVH, HALF_PAD] each
                 p1 = v_ptr + t * stride_vt + hh[:, None] * stride_vh + d[None, :]
                 c1 = vc + hh[:, None] * stride_vc_h + d[None, :]
-                cdt = v_cache_ptr.dtype.element_ty
-                tl.store(c1, tl.load(p1, mask=mask).to(cdt), mask=mask)
-                tl.store(c1 + HALF, tl.load(p1 + HALF, mask=mask).to(cdt), mask=mask)
+                if KV_FP8:
+                    _store_fp8_halves(vc + hh * stride_vc_h, c1, tl.load(p1, mask=mask),
+                                      tl.load(p1 + HALF, mask=mask), mask,
+                                      (hh < NUM_KV_HEADS) & keep, HALF)
+                else:
+                    cdt = v_cache_ptr.dtype.element_ty
+                    tl.store(c1, tl.load(p1, mask=mask).to(cdt), mask=mask)
+                    tl.store(c1 + HALF, tl.load(p1 + HALF, mask=mask).to(cdt), mask=mask)
 
 
 def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -91,14 +120,18 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                     slot_mapping: torch.Tensor) -> None:
     """positions: [T] int; q: [T, H, D]; k, v: [T, KVH, D] (last dims contiguous; may be views
     of a fused qkv output); cos_sin_cache: [max_pos, D] fp32 (cos | sin); caches:
-    [num_blocks, block_size, KVH, D] (last dim contiguous); slot_mapping: [T] int, < 0 skips
-    the token. Rotates q and k in place and stores the rotated k and v into the caches."""
+    [num_blocks, block_size, KVH, D] (last dim contiguous), or uint8 [..., D + 4] for fp8
+    (kv_quant's layout: quantized here); slot_mapping: [T] int, < 0 skips the token. Rotates
+    q and k in place and stores the rotated k and v into the caches."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert head_dim % 2 == 0 and k.shape == v.shape == (num_tokens, num_kv_heads, head_dim)
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
     assert cos_sin_cache.shape[1] == head_dim and cos_sin_cache.stride(1) == 1
-    assert k_cache.shape[2:] == (num_kv_heads, head_dim) and v_cache.shape == k_cache.shape
+    fp8 = is_fp8_kv(k_cache)
+    assert k_cache.shape[2:] == (num_kv_heads, head_dim + (FP8_KV_EXTRA if fp8 else 0))
+    assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype
+    assert not fp8 or head_dim % 4 == 0, "fp8 rows keep their fp32 scale 4-byte aligned"
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     if num_tokens == 0:
         return
@@ -114,6 +147,7 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, HALF_PAD=half_pad,
-        BLOCK_H=block_h, BLOCK_KVH=block_kvh, BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+        BLOCK_H=block_h, BLOCK_KVH=block_kvh, BLOCK_SIZE=k_cache.shape[1], KV_FP8=fp8,
+        num_warps=4,
         # as kernels/rotary.py: no fma contraction, which would skip a rounding
         enable_fp_fusion=False)

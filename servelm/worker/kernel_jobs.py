@@ -44,6 +44,7 @@ class DryRunShapes:
     profile_lens: tuple[int, ...]
     graph_keys: tuple[tuple[int, int], ...]
     max_graph_bs: int
+    kv_cache_dtype: str = "auto"  # "fp8": uint8 rows of head_dim e4m3 bytes + a float32 scale
 
 
 def one_layer_config(hf_config: Any) -> Any:
@@ -134,7 +135,10 @@ def dry_run_steps(model: nn.Module, s: DryRunShapes,
 
 
 def _cache(s: DryRunShapes, device: torch.device) -> torch.Tensor:
-    """One block of one layer's cache: [1, block_size, KVH, D]."""
+    """One block of one layer's cache: [1, block_size, KVH, D] (fp8: [.., D + 4] uint8)."""
+    if s.kv_cache_dtype == "fp8":
+        return torch.zeros(1, s.block_size, s.num_kv_heads, s.head_dim + 4, device=device,
+                           dtype=torch.uint8)
     return torch.zeros(1, s.block_size, s.num_kv_heads, s.head_dim, device=device, dtype=s.dtype)
 
 

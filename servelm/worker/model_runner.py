@@ -185,7 +185,8 @@ class ModelRunner:
                     if self.will_capture_graphs() else [])
             shapes = DryRunShapes(mc.num_kv_heads, mc.head_dim, self.dtype, self.block_size,
                                   mc.max_model_len, self.max_blocks_per_seq,
-                                  tuple(profile_lens(self)), tuple(keys), self.graph_max_bs())
+                                  tuple(profile_lens(self)), tuple(keys), self.graph_max_bs(),
+                                  self.config.cache.cache_dtype)
             # a start with the same configuration recorded the list already: the dry run (6-7
             # s on the H100 for Llama-3-8B) is skipped, and only missing binaries compile
             path = job_list_path(cache_dir, shapes, repr(mc.hf_config), str(self.dtype),
