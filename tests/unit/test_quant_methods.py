@@ -261,3 +261,36 @@ def test_checkpoint_contradiction(tmp_path, tiny_model_factory):
         make_engine(qdir, quantization="gptq")
     with pytest.raises(ValueError, match="contradicts the checkpoint's group size"):
         make_engine(qdir, quantization_group_size=64)
+
+
+def test_fp8_checkpoint_per_tensor_scales(tmp_path, tiny_model_factory):
+    """``quant_method: fp8`` with one scale per tensor (each part of q|k|v, gate|up its own):
+    loads as stored and computes with exactly those weights."""
+    _, model = tiny_model_factory("llama")
+    qstate, dense = {}, {}
+    for name, w in model.state_dict().items():
+        parts = name.rsplit(".", 2)
+        if len(parts) == 3 and parts[-2] in LINEARS and parts[-1] == "weight":
+            scale = w.abs().max() / 448.0
+            q = (w / scale).to(torch.float8_e4m3fn)
+            qstate[name] = q
+            qstate[name.replace(".weight", ".weight_scale")] = scale.reshape(())
+            dense[name] = q.float() * scale
+        else:
+            qstate[name] = dense[name] = w.detach().clone()
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    qdir = _save(tmp_path / "fp8t", {**model.config.to_dict(), "quantization_config": qc}, qstate)
+    eng = make_engine(qdir)
+    layer = eng.core.executor.runner.model.layers[1].self_attn.qkv_proj
+    q_rows = layer.output_sizes[0]
+    want = dense["model.layers.1.self_attn.q_proj.weight"]
+    got = (layer.weight.float() * layer.weight_scale[:, None])[:q_rows]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    k_scale = qstate["model.layers.1.self_attn.k_proj.weight_scale"]
+    assert torch.equal(layer.weight_scale[q_rows], k_scale.float())
+    out, _ = _greedy(qdir)
+    assert all(len(t) == 12 for t in out)
+    with pytest.raises(ValueError, match="block-wise fp8"):
+        _save(tmp_path / "fp8b", {**model.config.to_dict(), "quantization_config": {
+            "quant_method": "fp8", "weight_block_size": [128, 128]}}, qstate)
+        make_engine(str(tmp_path / "fp8b"))
