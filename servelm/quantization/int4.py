@@ -19,8 +19,9 @@ if TYPE_CHECKING:
     from servelm.layers.linear import Linear
 
 
-# above this many rows, dequantize + cuBLAS beats the fused int4 GEMM (kernels/int4_dequant.py:
-# H100, Llama-3-8B stack: M = 512 18.1 vs 28.2 ms; M = 64 12.7 vs 8.8 ms)
+# above this many rows, dequantize + cuBLAS beats the fused int4 GEMM (kernels/dequant_matmul.py;
+# H100, Llama-3-8B layers x 32: M = 256 13.2 vs 16.7 ms, M = 512 16.9 vs 27.6, M = 2048 47.9 vs
+# 94.2 (bf16 41.4); M = 64 11.9 vs 8.6)
 DEQUANT_MATMUL_MIN_M = 128
 
 
@@ -65,7 +66,7 @@ class Int4LinearMethod(LinearMethod):
             from servelm.kernels.quant_matmul import int4_linear, use_quant_kernel
             if use_quant_kernel(x):
                 if x.shape[0] > DEQUANT_MATMUL_MIN_M:
-                    from servelm.kernels.int4_dequant import int4_matmul_dequant
+                    from servelm.kernels.dequant_matmul import int4_matmul_dequant
                     return int4_matmul_dequant(x, layer.qweight, layer.scales, layer.zeros,
                                                self.group_size, bias)
                 return int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.group_size, bias)

@@ -405,7 +405,7 @@ def test_cuda_graph_capture():
 @needs_kernel
 @pytest.mark.parametrize("n,k,g", [(40, 256, 128), (72, 576, 128), (300, 512, 64), (24, 64, 32)])
 def test_int4_dequantize_t_matches_reference(n, k, g):
-    from servelm.kernels.int4_dequant import int4_dequantize_t, int4_matmul_dequant
+    from servelm.kernels.dequant_matmul import int4_dequantize_t, int4_matmul_dequant
     gen = torch.Generator().manual_seed(n + k)
     w = (torch.randn(n, k, generator=gen) * 0.05).to(DEVICE, torch.float16)
     q, s, z = ref.quantize_int4(w, g)
@@ -414,4 +414,18 @@ def test_int4_dequantize_t_matches_reference(n, k, g):
     bias = torch.randn(n, generator=gen).to(DEVICE, torch.float16)
     got = int4_matmul_dequant(x, q, s, z, g, bias).float()
     want = ref.int4_linear_ref(x.float(), q, s.float(), z.float(), g, bias.float())
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,g", [(40, 256, 128), (72, 576, 128), (300, 512, 64), (24, 64, 64)])
+def test_int8_dequantize_matches_reference(n, k, g):
+    from servelm.kernels.dequant_matmul import int8_dequantize, int8_matmul_dequant
+    gen = torch.Generator().manual_seed(n * k)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(DEVICE, torch.float16)
+    q, s = ref.quantize_int8(w, g)
+    assert torch.equal(int8_dequantize(q, s, g), ref.dequantize_int8(q, s, g))
+    x = torch.randn(33, k, generator=gen).to(DEVICE, torch.float16)
+    got = int8_matmul_dequant(x, q, s, g).float()
+    want = ref.int8_linear_ref(x.float(), q, s.float(), g)
     assert ((got - want).norm() / want.norm()).item() < 2e-3

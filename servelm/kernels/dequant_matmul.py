@@ -1,10 +1,12 @@
-"""Large-M int4 matmul (prefill, big decode batches): the GPTQ-layout weight (quantization/ref.py)
-dequantized by one Triton kernel into a [K, N] buffer, then one cuBLAS matmul.
+"""Large-M int4/int8 matmuls (prefill, big decode batches): the quantized weight
+(quantization/ref.py's layouts) dequantized by one Triton kernel into a dense buffer (int4:
+[K, N], the transposed layout qweight already has; int8: [N, K]), then one cuBLAS matmul.
 
 Measured on one H100 (devscripts int4 comparison, CUDA-graph replays, Llama-3-8B shapes): the
 32-layer stack + lm_head at M = 512 takes 18.1 ms this way against 28.2 ms for
 quant_matmul's fused int4 GEMM (bf16: 10.7 ms); at M = 64 the fused GEMM wins (8.8 vs 12.7 ms).
-quantization/int4.py picks by M. Reference: ``ref.dequantize_int4``.
+quantization/int4.py and int8.py pick by M. References: ``ref.dequantize_int4``,
+``ref.dequantize_int8``.
 """
 from __future__ import annotations
 
@@ -52,3 +54,33 @@ def int4_matmul_dequant(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     cuBLAS matmul, x [M, K] @ w.T [K, N] (+ bias)."""
     wt = int4_dequantize_t(qweight, scales, zeros, group_size)
     return torch.addmm(bias, x, wt) if bias is not None else x @ wt
+
+
+@triton.jit
+def _int8_dequant_kernel(qw_ptr, s_ptr, out_ptr, N, K, G, NG,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # qweight [N, K] int8, scales [N, groups] -> out [N, K]: loads and stores contiguous along K
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    rows = offs_n.to(tl.int64)[:, None]
+    q = tl.load(qw_ptr + rows * K + offs_k[None, :], mask=mask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + rows * NG + (offs_k // G)[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * K + offs_k[None, :], (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def int8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """-> w [N, K] in scales' dtype (= ref.dequantize_int8)."""
+    n, k = qweight.shape
+    out = torch.empty((n, k), dtype=scales.dtype, device=qweight.device)
+    block_n, block_k = 16, 256
+    _int8_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        qweight, scales, out, n, k, group_size, scales.shape[1], BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+def int8_matmul_dequant(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Large M: dequantize once into [N, K], then one cuBLAS matmul (+ bias)."""
+    return torch.nn.functional.linear(x, int8_dequantize(qweight, scales, group_size), bias)
