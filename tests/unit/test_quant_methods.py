@@ -294,3 +294,16 @@ def test_fp8_checkpoint_per_tensor_scales(tmp_path, tiny_model_factory):
         _save(tmp_path / "fp8b", {**model.config.to_dict(), "quantization_config": {
             "quant_method": "fp8", "weight_block_size": [128, 128]}}, qstate)
         make_engine(str(tmp_path / "fp8b"))
+
+
+@pytest.mark.parametrize("spec", [{"method": "layer_skip", "draft_layers": 1,
+                                   "num_speculative_tokens": 3, "adaptive": False},
+                                  {"method": "ngram", "num_speculative_tokens": 3,
+                                   "adaptive": False}])
+def test_quantized_target_with_speculation_is_exact(tiny_model_factory, spec):
+    """Speculative decoding over quantized weights keeps greedy output identical."""
+    path, _ = tiny_model_factory("llama")
+    plain, _ = _greedy(path, quantization="int4", quantization_group_size=32)
+    spec_out, _ = _greedy(path, quantization="int4", quantization_group_size=32,
+                          speculative_config=spec)
+    assert spec_out == plain
