@@ -20,6 +20,7 @@ import sys
 import time
 import typing
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 
 DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "perplexity.txt")
 _NONE_WORDS = ("none", "null")
-_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
-               "false": False, "0": False, "no": False, "off": False}
+_BOOL_WORDS = MappingProxyType({"true": True, "1": True, "yes": True, "on": True,
+               "false": False, "0": False, "no": False, "off": False})
 
 
 @dataclass(frozen=True)

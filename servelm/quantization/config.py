@@ -14,6 +14,7 @@ engine argument, the checkpoint's ``quantization_config`` (config.json) and its 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Optional
 
 from servelm.registry import check_name
@@ -22,7 +23,8 @@ DEFAULT_GROUP_SIZE = 128
 # methods that turn a dense checkpoint into their layout as it loads
 CONVERTING = ("fp8", "int8", "int4")
 # a checkpoint's quant_method -> the method that loads it as stored
-CHECKPOINT_METHODS = {"gptq": "gptq", "awq": "awq", "fp8": "fp8", "compressed-tensors": "fp8"}
+CHECKPOINT_METHODS = MappingProxyType({"gptq": "gptq", "awq": "awq", "fp8": "fp8",
+                                       "compressed-tensors": "fp8"})
 
 
 @dataclass(frozen=True)

@@ -66,9 +66,9 @@ class GPTQLinearMethod(Int4LinearMethod):
 
     def load_weight(self, layer: "Linear", name: str, full_tensor: torch.Tensor,
                     shard_id: int = 0) -> None:
-        if name in ("bias", "weight") or name not in ("qweight", "qzeros", "scales", "g_idx"):
-            if name == "bias":
-                return super().load_weight(layer, name, full_tensor, shard_id)
+        if name == "bias":
+            return super().load_weight(layer, name, full_tensor, shard_id)
+        if name not in ("qweight", "qzeros", "scales", "g_idx"):
             raise ValueError(f"{layer.prefix}: checkpoint tensor {name!r} has no place in a "
                              f"{self.quant_config.method} layer (qweight, qzeros, scales, "
                              "g_idx, bias)")
