@@ -16,11 +16,35 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch import nn
 
+from servelm.quantization import cpu_int4
 from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
 from servelm.quantization.unquantized import dense_linear
 
 if TYPE_CHECKING:
     from servelm.layers.linear import Linear
+
+
+Q4_0, Q4_1 = 2, 3  # ggml type ids
+CPU_INT4 = -1  # a run of Q4_0/Q4_1 parts repacked for the CPU's packed int4 kernel
+
+
+def _q4_fields(raw: torch.Tensor, ggml_type: int, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 blocks [N, row_bytes] -> (codes [N, K] 0..15, scales [K / 32, N],
+    offsets [K / 32, N]) with w = (q - 8) * scale + offset: Q4_0 d * (q - 8) has offset 0,
+    Q4_1 d * q + m has offset m + 8 d. Element j < 16 of a block is qs[j] & 15, 16 + j qs[j] >> 4."""
+    n, nb = raw.shape[0], k // 32
+    ts = 18 if ggml_type == Q4_0 else 20
+    blocks = raw.reshape(n, nb, ts)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)  # [N, nb]
+    qs = blocks[..., ts - 16:].to(torch.int32)  # [N, nb, 16]
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, k)
+    if ggml_type == Q4_0:
+        offsets = torch.zeros_like(d)
+    else:
+        m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
+        offsets = m + 8.0 * d
+    return q, d.t(), offsets.t()
 
 
 @dataclass(frozen=True)
@@ -84,13 +108,26 @@ class GGUFLinearMethod(LinearMethod):
                 self.groups.append((kind, lo, hi))
         for j, ts in enumerate(tensors):
             merged = torch.cat(ts) if len(ts) > 1 else ts[0]
+            kind = self.groups[j][0]
+            if kind in (Q4_0, Q4_1) and cpu_int4.usable(merged.device, self.dtype, 32,
+                                                       merged.shape[0]):
+                # the CPU's packed int4 kernel takes Q4_0/Q4_1 exactly (cpu_int4.py)
+                k = layer.input_size_per_rank
+                q, scales, offsets = _q4_fields(merged, kind, k)
+                packed, sz = cpu_int4.pack(q, scales, offsets, 32, self.dtype)
+                setattr(layer, f"weight_{j}", nn.Parameter(packed, requires_grad=False))
+                layer.register_buffer(f"weight_{j}_scales_zeros", sz)
+                self.groups[j] = (CPU_INT4, *self.groups[j][1:])
+                continue
             setattr(layer, f"weight_{j}", nn.Parameter(merged, requires_grad=False))
         self.parts = []  # the parameters hold them now
 
     def apply(self, layer: "Linear", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: [M, K] -> [M, N]: one matmul per run of same-typed parts
-        outs = [self._matmul(getattr(layer, f"weight_{j}"), kind, x)
+        outs = [cpu_int4.linear(x, getattr(layer, f"weight_{j}"),
+                                getattr(layer, f"weight_{j}_scales_zeros"), 32)
+                if kind == CPU_INT4 else self._matmul(getattr(layer, f"weight_{j}"), kind, x)
                 for j, (kind, _, _) in enumerate(self.groups)]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return y if bias is None else y + bias

@@ -109,15 +109,15 @@ class GPTQLinearMethod(Int4LinearMethod):
     def process_after_loading(self, layer: "Linear") -> None:
         K = layer.input_size_per_rank
         natural = torch.arange(K, dtype=torch.int32, device=layer.g_idx.device) // self.group_size
-        if torch.equal(layer.g_idx, natural):
-            return
-        # act-order: sort the input columns by group; each group must then be G columns
-        perm = torch.argsort(layer.g_idx, stable=True)
-        if not torch.equal(layer.g_idx[perm], natural):
-            raise ValueError(f"{layer.prefix}: g_idx does not assign {self.group_size} input "
-                             "columns to each group")
-        layer.qweight.data.copy_(pack_int4(unpack_int4(layer.qweight.data)[perm]))
-        layer.register_buffer("input_perm", perm)  # x[:, perm] matches the sorted rows
+        if not torch.equal(layer.g_idx, natural):
+            # act-order: sort the input columns by group; each group must then be G columns
+            perm = torch.argsort(layer.g_idx, stable=True)
+            if not torch.equal(layer.g_idx[perm], natural):
+                raise ValueError(f"{layer.prefix}: g_idx does not assign {self.group_size} input "
+                                 "columns to each group")
+            layer.qweight.data.copy_(pack_int4(unpack_int4(layer.qweight.data)[perm]))
+            layer.register_buffer("input_perm", perm)  # x[:, perm] matches the sorted rows
+        super().process_after_loading(layer)
 
 
 class AWQLinearMethod(GPTQLinearMethod):

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
+from servelm.quantization import cpu_int4
 from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
-from servelm.quantization.ref import int4_linear_ref, num_groups, quantize_int4
+from servelm.quantization.ref import int4_linear_ref, num_groups, quantize_int4, unpack_int4
 
 if TYPE_CHECKING:
     from servelm.layers.linear import Linear
@@ -58,10 +59,27 @@ class Int4LinearMethod(LinearMethod):
         layer.scales.data[:, lo:hi].copy_(s)
         layer.zeros.data[:, lo:hi].copy_(z)
 
+    def process_after_loading(self, layer: "Linear") -> None:
+        """On the CPU with bf16/fp16 activations: repack into PyTorch's packed int4 layout
+        (quantization/cpu_int4.py) and drop the GPTQ-layout copy."""
+        if self.use_kernel or not cpu_int4.usable(layer.qweight.device, layer.scales.dtype,
+                                                   self.group_size, layer.qweight.shape[1]):
+            return
+        s, z = layer.scales.float(), layer.zeros.float()
+        packed, sz = cpu_int4.pack(unpack_int4(layer.qweight).t(), s, (8.0 - z) * s,
+                                   self.group_size, layer.scales.dtype)
+        layer.register_buffer("cpu_packed", packed)
+        layer.register_buffer("cpu_scales_zeros", sz)
+        for name in ("qweight", "scales", "zeros"):
+            getattr(layer, name).data = torch.empty(0, dtype=getattr(layer, name).dtype)
+
     def apply(self, layer: "Linear", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: [M, K] -> [M, N]
         x = self._permute_input(layer, x)
+        packed = getattr(layer, "cpu_packed", None)
+        if packed is not None:
+            return cpu_int4.linear(x, packed, layer.cpu_scales_zeros, self.group_size, bias)
         if self.use_kernel:
             from servelm.kernels.quant_matmul import int4_linear, use_quant_kernel
             if use_quant_kernel(x):

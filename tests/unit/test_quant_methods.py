@@ -47,14 +47,22 @@ def test_layer_matches_its_dequantized_reference(method, k, parts, group, dtype)
     ws = [_rand(n, k, seed=i + 1) * 0.1 for i, n in enumerate(parts)]
     for i, w in enumerate(ws):
         lin.load_weight("weight", w, i)
+    stored = {n: p.detach().clone() for n, p in lin.named_parameters()}
     process_weights_after_loading(lin)
     x = _rand(5, k, seed=99, dtype=dtype)
     y = lin(x)
     assert y.shape == (5, sum(parts)) and y.dtype == dtype
     g = k if group == -1 else group
     if method == "int4":
-        wq = dequantize_int4(lin.qweight, lin.scales, lin.zeros, g)
+        wq = dequantize_int4(stored["qweight"], stored["scales"], stored["zeros"], g)
         ref = F.linear(x, wq.to(dtype))
+        if getattr(lin, "cpu_packed", None) is not None:
+            # bf16 on the CPU: PyTorch's packed int4 kernel (quantization/cpu_int4.py), the
+            # zero term rounded to bf16 and fp32 sums in another order: close, not bit-equal
+            assert dtype == torch.bfloat16 and g in (32, 64, 128, 256)
+            ref32 = F.linear(x.float(), wq.float())
+            assert ((y.float() - ref32).norm() / ref32.norm()).item() < 1e-2
+            ref = y
     elif method == "int8":
         wq = dequantize_int8(lin.qweight, lin.scales, g)
         ref = F.linear(x, wq.to(dtype))
