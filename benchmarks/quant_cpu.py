@@ -1,13 +1,14 @@
 """The embedded SmolLM2-135M GGUF (Q4_1) on the CPU: kept in its blocks (quantization="gguf")
 against dequantized at load (the CPU default), one table.
 
-    python benchmarks/quant_cpu.py [--configs none gguf int8] [--decode 64] [--prefill 512]
+    python benchmarks/quant_cpu.py [--configs none gguf int4] [--decode 64] [--prefill 512]
 
 Each configuration runs in a fresh process (its memory is its own): the linear layers' bytes
 (parameters and buffers of the model), the process's peak RSS, batch-1 decode tok/s (median of 3
 runs of --decode greedy tokens after a warm-up) and prefill tok/s of one --prefill-token prompt.
-The gguf path here is the CPU reference (every block dequantized at every matmul); fast CPU
-kernels behind the same method names belong to the CPU fast-path work.
+With bf16 activations (the default on a CPU with native bf16) the Q4_1 blocks and int4 run
+PyTorch's packed int4 kernel (quantization/cpu_int4.py); "default" is what the engine picks
+without a quantization argument (for this GGUF and dtype: gguf).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def child(config: str, decode: int, prefill: int) -> dict:
     import torch
 
     from servelm import LLM, SamplingParams
-    kw = {} if config == "none" else {"quantization": config}
+    kw = {} if config == "default" else {"quantization": config}
     t = time.perf_counter()
     llm = LLM(**kw)
     init = time.perf_counter() - t
@@ -57,7 +58,7 @@ def child(config: str, decode: int, prefill: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", nargs="+", default=["none", "gguf"])
+    ap.add_argument("--configs", nargs="+", default=["none", "gguf", "int4"])
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

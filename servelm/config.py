@@ -285,7 +285,8 @@ class EngineArgs:
                              f"{self.quantization!r} loads a checkpoint as stored; use 'int4', "
                              "'int8' or 'fp8' (quantized as the dummy weights load).")
         quant = resolve_quant_config(self.quantization, hf_config, load_format, device,
-                                     self.quantization_group_size, self.quantize_lm_head)
+                                     self.quantization_group_size, self.quantize_lm_head, dtype,
+                                     str(model) if load_format == "gguf" else None)
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
         # Sliding-window models (Mistral 7B v0.1) are exact with full attention up to the window.
         window = getattr(hf_config, "sliding_window", None)

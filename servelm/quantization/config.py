@@ -117,16 +117,31 @@ def _from_checkpoint(qc: dict) -> QuantConfig:
     return QuantConfig("fp8", prequantized=True, ignore=ignore)
 
 
+def gguf_cpu_fast(path: str) -> bool:
+    """Whether every linear weight of the .gguf at ``path`` is Q4_0, Q4_1 or a plain float type:
+    the formats the CPU runs from its packed int4 kernel (quantization/cpu_int4.py)."""
+    from servelm.loader.gguf_file import GGUFFile
+    from servelm.loader.weights import _LINEAR_WEIGHT_RE, gguf_to_hf_name
+    fast = {0, 1, 2, 3, 30}  # F32, F16, Q4_0, Q4_1, BF16
+    for t in GGUFFile(path).tensors:
+        name = gguf_to_hf_name(t.name)
+        if name is not None and _LINEAR_WEIGHT_RE.fullmatch(name) and t.tensor_type not in fast:
+            return False
+    return True
+
+
 def resolve_quant_config(requested: Optional[str], hf_config: Any, load_format: str,
                          device: str, group_size: Optional[int] = None,
-                         quantize_lm_head: bool = False) -> Optional[QuantConfig]:
+                         quantize_lm_head: bool = False, dtype: Any = None,
+                         model_path: Optional[str] = None) -> Optional[QuantConfig]:
     """The model's QuantConfig, or None for dense weights as stored.
 
-    A .gguf file defaults to ``gguf`` on CUDA; on the CPU it is dequantized at load (``none``)
-    unless ``quantization="gguf"`` is asked for, since the CPU's reference path would dequantize
-    every weight at every step (the CPU fast-path kernels come with their own issue). A checkpoint
-    with a quantization_config loads as stored; a ``quantization`` that contradicts it is an
-    error."""
+    A .gguf file defaults to ``gguf`` (its blocks kept) on CUDA, and on the CPU where a fast
+    kernel reads them: bf16/fp16 activations and only Q4_0/Q4_1 linear weights (the embedded
+    SmolLM2). Elsewhere on the CPU (fp32, K-quants) it is dequantized at load (``none``), since
+    the reference path would dequantize every weight at every step; ``quantization="gguf"``
+    keeps the blocks anyway. A checkpoint with a quantization_config loads as stored; a
+    ``quantization`` that contradicts it is an error."""
     from servelm.quantization import QUANTIZATION_METHODS
     if requested is not None:
         check_name(QUANTIZATION_METHODS, requested, "quantization")
@@ -153,7 +168,12 @@ def resolve_quant_config(requested: Optional[str], hf_config: Any, load_format: 
                          "dense checkpoint at load use 'int4' (or 'int8', 'fp8').")
     if load_format == "gguf":
         if requested is None:
-            requested = "gguf" if device.startswith("cuda") else "none"
+            import torch
+
+            from servelm.quantization import cpu_int4
+            cpu_fast = (dtype in (torch.bfloat16, torch.float16) and cpu_int4.available()
+                        and model_path is not None and gguf_cpu_fast(model_path))
+            requested = "gguf" if device.startswith("cuda") or cpu_fast else "none"
     elif requested == "gguf":
         raise ValueError("quantization='gguf' keeps a .gguf file's blocks; this checkpoint is "
                          f"{load_format}. Use 'int4', 'int8' or 'fp8' to quantize it at load.")
