@@ -17,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 GROUPS = (32, 64, 128, 256)
+# above this many rows (prefill) the packed kernel loses to dequantizing the weight once and
+# calling the dense bf16 GEMM (SmolLM2, 512-token prompt on the 2-core machine: 345 tok/s
+# packed against 488 dense), so the methods keep their own layout for that path too
+MAX_M = 32
 _INNER_K_TILES = 2
 
 

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 
 Q4_0, Q4_1 = 2, 3  # ggml type ids
-CPU_INT4 = -1  # a run of Q4_0/Q4_1 parts repacked for the CPU's packed int4 kernel
 
 
 def _q4_fields(raw: torch.Tensor, ggml_type: int, k: int
@@ -111,23 +110,24 @@ class GGUFLinearMethod(LinearMethod):
             kind = self.groups[j][0]
             if kind in (Q4_0, Q4_1) and cpu_int4.usable(merged.device, self.dtype, 32,
                                                        merged.shape[0]):
-                # the CPU's packed int4 kernel takes Q4_0/Q4_1 exactly (cpu_int4.py)
+                # small M: the packed int4 kernel reads Q4_0/Q4_1 exactly (cpu_int4.py); prefill
+                # dequantizes the blocks, kept as well
                 k = layer.input_size_per_rank
                 q, scales, offsets = _q4_fields(merged, kind, k)
                 packed, sz = cpu_int4.pack(q, scales, offsets, 32, self.dtype)
-                setattr(layer, f"weight_{j}", nn.Parameter(packed, requires_grad=False))
+                layer.register_buffer(f"weight_{j}_packed", packed)
                 layer.register_buffer(f"weight_{j}_scales_zeros", sz)
-                self.groups[j] = (CPU_INT4, *self.groups[j][1:])
-                continue
             setattr(layer, f"weight_{j}", nn.Parameter(merged, requires_grad=False))
         self.parts = []  # the parameters hold them now
 
     def apply(self, layer: "Linear", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: [M, K] -> [M, N]: one matmul per run of same-typed parts
-        outs = [cpu_int4.linear(x, getattr(layer, f"weight_{j}"),
+        small = x.shape[0] <= cpu_int4.MAX_M
+        outs = [cpu_int4.linear(x, getattr(layer, f"weight_{j}_packed"),
                                 getattr(layer, f"weight_{j}_scales_zeros"), 32)
-                if kind == CPU_INT4 else self._matmul(getattr(layer, f"weight_{j}"), kind, x)
+                if small and hasattr(layer, f"weight_{j}_packed")
+                else self._matmul(getattr(layer, f"weight_{j}"), kind, x)
                 for j, (kind, _, _) in enumerate(self.groups)]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return y if bias is None else y + bias

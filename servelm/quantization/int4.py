@@ -60,8 +60,8 @@ class Int4LinearMethod(LinearMethod):
         layer.zeros.data[:, lo:hi].copy_(z)
 
     def process_after_loading(self, layer: "Linear") -> None:
-        """On the CPU with bf16/fp16 activations: repack into PyTorch's packed int4 layout
-        (quantization/cpu_int4.py) and drop the GPTQ-layout copy."""
+        """On the CPU with bf16/fp16 activations: also pack into PyTorch's packed int4 layout
+        (quantization/cpu_int4.py) for small M; prefill keeps the reference path."""
         if self.use_kernel or not cpu_int4.usable(layer.qweight.device, layer.scales.dtype,
                                                    self.group_size, layer.qweight.shape[1]):
             return
@@ -70,15 +70,13 @@ class Int4LinearMethod(LinearMethod):
                                    self.group_size, layer.scales.dtype)
         layer.register_buffer("cpu_packed", packed)
         layer.register_buffer("cpu_scales_zeros", sz)
-        for name in ("qweight", "scales", "zeros"):
-            getattr(layer, name).data = torch.empty(0, dtype=getattr(layer, name).dtype)
 
     def apply(self, layer: "Linear", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: [M, K] -> [M, N]
         x = self._permute_input(layer, x)
         packed = getattr(layer, "cpu_packed", None)
-        if packed is not None:
+        if packed is not None and x.shape[0] <= cpu_int4.MAX_M:
             return cpu_int4.linear(x, packed, layer.cpu_scales_zeros, self.group_size, bias)
         if self.use_kernel:
             from servelm.kernels.quant_matmul import int4_linear, use_quant_kernel
