@@ -81,6 +81,21 @@ def load_rows(layer: "Linear", name: str, full: torch.Tensor, shard_id: int,
     return rows.to(device)
 
 
+def dense_weight_part(layer: "Linear", name: str, full: torch.Tensor, shard_id: int,
+                      device: torch.device, what: str) -> Optional[torch.Tensor]:
+    """The shared start of ``load_weight`` for methods fed dense checkpoints: a "bias" is
+    loaded here (None returned); a "weight" gives this rank's rows of part ``shard_id`` on
+    ``device`` for the method to store or quantize; any other name is a ValueError naming
+    ``what`` layer this is."""
+    if name == "bias":
+        load_bias(layer, full, shard_id)
+        return None
+    if name != "weight":
+        raise ValueError(f"{layer.prefix}: checkpoint tensor {name!r} has no place in {what} "
+                         "(it takes a dense 'weight' and 'bias')")
+    return load_rows(layer, name, full, shard_id, device)
+
+
 def load_bias(layer: "Linear", full: torch.Tensor, shard_id: int) -> None:
     if layer.bias is None:
         raise ValueError(f"{layer.prefix}: checkpoint has a bias this layer was built without")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from servelm.quantization import cpu_int4
-from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
+from servelm.quantization.base import LinearMethod, create_bias, dense_weight_part
 from servelm.quantization.ref import int4_linear_ref, num_groups, quantize_int4, unpack_int4
 
 if TYPE_CHECKING:
@@ -46,14 +46,12 @@ class Int4LinearMethod(LinearMethod):
 
     def load_weight(self, layer: "Linear", name: str, full_tensor: torch.Tensor,
                     shard_id: int = 0) -> None:
-        if name == "bias":
-            return load_bias(layer, full_tensor, shard_id)
-        if name != "weight":
-            raise ValueError(f"{layer.prefix}: checkpoint tensor {name!r} has no place in an "
-                             "int4 layer converted at load (it takes a dense 'weight')")
-        lo, hi = layer.part_range(shard_id)
         # w: [n, K] of this part, in the model dtype (the dense engine's weights), quantized here
-        w = load_rows(layer, name, full_tensor, shard_id, layer.qweight.device)
+        w = dense_weight_part(layer, name, full_tensor, shard_id, layer.qweight.device,
+                              "an int4 layer converted at load")
+        if w is None:
+            return
+        lo, hi = layer.part_range(shard_id)
         q, s, z = quantize_int4(w.to(layer.scales.dtype), self.group_size)
         layer.qweight.data[:, lo:hi].copy_(q)
         layer.scales.data[:, lo:hi].copy_(s)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
+from servelm.quantization.base import LinearMethod, create_bias, dense_weight_part
 from servelm.quantization.ref import int8_linear_ref, num_groups, quantize_int8
 
 if TYPE_CHECKING:
@@ -33,13 +33,11 @@ class Int8LinearMethod(LinearMethod):
 
     def load_weight(self, layer: "Linear", name: str, full_tensor: torch.Tensor,
                     shard_id: int = 0) -> None:
-        if name == "bias":
-            return load_bias(layer, full_tensor, shard_id)
-        if name != "weight":
-            raise ValueError(f"{layer.prefix}: checkpoint tensor {name!r} has no place in an "
-                             "int8 layer converted at load (it takes a dense 'weight')")
+        w = dense_weight_part(layer, name, full_tensor, shard_id, layer.qweight.device,
+                              "an int8 layer converted at load")
+        if w is None:
+            return
         lo, hi = layer.part_range(shard_id)
-        w = load_rows(layer, name, full_tensor, shard_id, layer.qweight.device)
         q, s = quantize_int8(w.to(layer.scales.dtype), self.group_size)
         layer.qweight.data[lo:hi].copy_(q)
         layer.scales.data[lo:hi].copy_(s)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
+from servelm.quantization.base import LinearMethod, create_bias, dense_weight_part
 
 if TYPE_CHECKING:
     from servelm.layers.linear import Linear
@@ -40,12 +40,10 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def load_weight(self, layer: "Linear", name: str, full_tensor: torch.Tensor,
                     shard_id: int = 0) -> None:
-        if name == "bias":
-            return load_bias(layer, full_tensor, shard_id)
-        if name != "weight":
-            raise ValueError(f"checkpoint tensor {name!r} has no place in an unquantized linear "
-                             f"layer ({layer.prefix})")
-        rows = load_rows(layer, name, full_tensor, shard_id, layer.weight.device)
+        rows = dense_weight_part(layer, name, full_tensor, shard_id, layer.weight.device,
+                                 "an unquantized linear layer")
+        if rows is None:
+            return
         lo, hi = layer.part_range(shard_id)
         layer.weight.data[lo:hi].copy_(rows)
 
