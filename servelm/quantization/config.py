@@ -158,6 +158,10 @@ def resolve_quant_config(requested: Optional[str], hf_config: Any, load_format: 
                              f"quantization_config (quant_method={ckpt.get('quant_method')!r}, "
                              f"loaded as {qc.method!r}): drop --quantization or pass "
                              f"{qc.method!r}.")
+        if quantize_lm_head:
+            raise ValueError("quantize_lm_head quantizes the head while a dense checkpoint is "
+                             "converted (fp8, int8, int4); a pre-quantized checkpoint's "
+                             "quantization_config decides its head: drop quantize_lm_head.")
         if group_size is not None and group_size != qc.group_size:
             raise ValueError(f"quantization_group_size={group_size} contradicts the checkpoint's "
                              f"group size {qc.group_size}.")
@@ -189,8 +193,11 @@ def resolve_quant_config(requested: Optional[str], hf_config: Any, load_format: 
             raise ValueError(f"quantization='fp8' needs fp8 tensor cores (compute capability "
                              f"8.9+: Ada, Hopper); this GPU is {cap[0]}.{cap[1]}. Use 'int8' or "
                              "'int4' (weight-only), or device='cpu'.")
+    if quantize_lm_head and requested not in CONVERTING:
+        raise ValueError(f"quantize_lm_head applies to fp8, int8 and int4; with {requested!r} "
+                         "the file decides the head (a GGUF's output.weight keeps its blocks).")
     if group_size is not None and requested not in ("int4", "int8"):
         raise ValueError(f"quantization_group_size applies to int4/int8, not {requested!r}.")
     # a GGUF head (untied output.weight) stays in the file's blocks like every other linear
     return QuantConfig(requested, DEFAULT_GROUP_SIZE if group_size is None else group_size,
-                       quantize_lm_head or requested == "gguf")
+                       quantize_lm_head or requested == "gguf")  # gguf: the file's head

@@ -45,9 +45,16 @@ def test_fp8_kv_prefix_reuse_and_swap(tiny_model_factory):
     rerun = _run(eng, prompts)  # the prompts' fp8 blocks found in the prefix cache
     assert [o.outputs[0].token_ids for o in rerun] == first
     assert all(o.num_cached_tokens >= 24 for o in rerun)
-    # a cache too small for all at once: swap preemption copies fp8 blocks out and back
+    # a cache too small for all at once (13 blocks of 640 bytes: 2 layers x K,V x 4 slots x
+    # 2 heads x (16 + 4) bytes; each request needs ~11): swap preemption moves fp8 blocks
     small = make_engine(path, kv_cache_dtype="fp8", preemption_mode="swap",
-                        num_gpu_blocks_override=None, kv_cache_memory=20 * 4 * 2 * 2 * 20 * 2)
+                        num_gpu_blocks_override=None, kv_cache_memory=13 * 640)
+    swap_outs = []
+    runner = small.core.executor.runner
+    orig = runner.swap.swap_out
+    runner.swap.swap_out = lambda caches, pairs: (swap_outs.append(len(pairs)),
+                                                  orig(caches, pairs))[1]
     out = [o.outputs[0].token_ids for o in _run(small, prompts, max_tokens=8)]
     assert out == first
+    assert small.core.scheduler.num_preemptions > 0 and sum(swap_outs) > 0  # fp8 blocks moved
     assert_all_blocks_free(small)

@@ -252,6 +252,7 @@ def test_quantized_lm_head(tiny_model_factory):
     (dict(quantization="gguf"), "keeps a .gguf file's blocks"),
     (dict(quantization="fp8", quantization_group_size=64), "applies to int4/int8"),
     (dict(quantization_group_size=64), "need a quantization method"),
+    (dict(quantization="none", quantize_lm_head=True), "need a quantization method"),
     (dict(quantization="int4", quantization_group_size=0), "must be -1"),
     (dict(kv_cache_dtype="fp8_e5m2"), "use 'fp8'"),
     (dict(kv_cache_dtype="int8"), "kv_cache_dtype must be one of"),
@@ -269,6 +270,8 @@ def test_checkpoint_contradiction(tmp_path, tiny_model_factory):
         make_engine(qdir, quantization="gptq")
     with pytest.raises(ValueError, match="contradicts the checkpoint's group size"):
         make_engine(qdir, quantization_group_size=64)
+    with pytest.raises(ValueError, match="decides its head: drop quantize_lm_head"):
+        make_engine(qdir, quantize_lm_head=True)
 
 
 def test_fp8_checkpoint_per_tensor_scales(tmp_path, tiny_model_factory):
