@@ -2,9 +2,9 @@
 (quantization/ref.py's layouts) dequantized by one Triton kernel into a dense buffer (int4:
 [K, N], the transposed layout qweight already has; int8: [N, K]), then one cuBLAS matmul.
 
-Measured on one H100 (devscripts int4 comparison, CUDA-graph replays, Llama-3-8B shapes): the
-32-layer stack + lm_head at M = 512 takes 18.1 ms this way against 28.2 ms for
-quant_matmul's fused int4 GEMM (bf16: 10.7 ms); at M = 64 the fused GEMM wins (8.8 vs 12.7 ms).
+Measured on one H100 (benchmarks/dequant_bench.py: Llama-3-8B layers x 32 without the head,
+CUDA-graph replays): int4 at M = 512 takes 16.9 ms this way against 27.6 ms for quant_matmul's
+fused int4 GEMM (bf16: 10.0 ms); at M = 64 the fused GEMM wins (8.6 vs 11.9 ms).
 quantization/int4.py and int8.py pick by M. References: ``ref.dequantize_int4``,
 ``ref.dequantize_int8``.
 """
