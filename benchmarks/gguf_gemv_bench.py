@@ -24,14 +24,15 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from quant_gemv_bench import graph_us  # noqa: E402  (CUDA-graph replay timing, shared)
 from servelm.kernels.gguf_matmul import (  # noqa: E402
     MAX_M, GgufConfig, gguf_linear, select_config)
 from servelm.quantization.gguf_formats import (  # noqa: E402
@@ -62,37 +63,11 @@ def gguf_pool(n, k, t):
     return [raw] + [raw.clone() for _ in range(copies - 1)]  # distinct addresses: no L2 reuse
 
 
-def graph_us(fn, pool, bytes_per_call, target_ms=2.0):
-    """Per-call us of back-to-back calls (rotating over the pool) replayed from one CUDA graph."""
-    for w in pool[:2]:
-        fn(w)  # compiles, allocates
-    torch.cuda.synchronize()
-    est_ms = max(bytes_per_call / 2.5e9, 0.005)
-    calls = max(len(pool), math.ceil(target_ms / est_ms))
-    calls = math.ceil(calls / len(pool)) * len(pool)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(pool[i % len(pool)])
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
-    del g
-    return statistics.median(times)
-
-
 def copy_tbs():
     """Device-to-device copy of 1 GiB, read + write bytes per second (TB/s)."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
     b = torch.empty_like(a)
-    us = graph_us(lambda w: b.copy_(w), [a], a.numel(), target_ms=20.0)
+    us = graph_us(lambda w: b.copy_(w), [a], target_ms=20.0)
     return 2 * a.numel() / us / 1e6
 
 
@@ -126,7 +101,6 @@ def sweep(pools, xs, budget_s):
     for fname, t in FORMATS.items():
         for name, n, k in SHAPES:
             pool = pools[(t, n, k)]
-            nbytes = pool[0].numel()
             for m in (1, 8):
                 x = xs[(m, k)]
                 default = select_config(m, n, k, t)
@@ -136,7 +110,7 @@ def sweep(pools, xs, budget_s):
                         break
                     try:
                         us = graph_us(lambda w, c=cfg: gguf_linear(x, w, t, k, config=c), pool,
-                                      nbytes, target_ms=1.0)
+                                      target_ms=1.0)
                     except Exception as e:  # e.g. out of shared memory or registers
                         log(f"  ! {fname} {name} M={m} {cfg}: {type(e).__name__}")
                         torch.cuda.synchronize()
@@ -175,14 +149,14 @@ def main():
         wpool = bf16_pool(n, k)
         for m in MS:
             x = xs[(m, k)]
-            us = graph_us(lambda w: F.linear(x, w), wpool, n * k * 2)
+            us = graph_us(lambda w: F.linear(x, w), wpool)
             rows.append(dict(shape=name, n=n, k=k, m=m, impl="bf16", us=us,
                              tbs=n * k * 2 / us / 1e6))
             for fname, t in FORMATS.items():
                 pool = pools[(t, n, k)]
                 nbytes = n * gguf_row_bytes(t, k)
                 cfg = best.get((fname, name, m), (None,))[0] if m <= MAX_M else None
-                us = graph_us(lambda w: gguf_linear(x, w, t, k, config=cfg), pool, nbytes)
+                us = graph_us(lambda w: gguf_linear(x, w, t, k, config=cfg), pool)
                 rows.append(dict(shape=name, n=n, k=k, m=m, impl=fname, us=us,
                                  tbs=nbytes / us / 1e6, config=dataclasses.asdict(
                                      cfg or select_config(m, n, k, t)) if m <= MAX_M else None))
@@ -190,8 +164,7 @@ def main():
                     fcfg = GgufConfig(block_n=64, blocks=max(1, 64 // GGUF_BLOCK_SIZES[t][0]),
                                       num_warps=8, use_dot=True, block_m=64 if m <= 64 else 128)
                     try:
-                        us = graph_us(lambda w: gguf_linear(x, w, t, k, config=fcfg), pool,
-                                      nbytes)
+                        us = graph_us(lambda w: gguf_linear(x, w, t, k, config=fcfg), pool)
                         rows.append(dict(shape=name, n=n, k=k, m=m, impl=fname + " fused",
                                          us=us, tbs=nbytes / us / 1e6))
                     except Exception as e:
