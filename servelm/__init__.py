@@ -3,7 +3,8 @@ from servelm.config import EngineArgs
 from servelm.engine.llm import LLM
 from servelm.outputs import CompletionOutput, Logprob, RequestOutput
 from servelm.sampling_params import SamplingParams
+from servelm.structured_output import StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "__version__"]
+__all__ = ["LLM", "EngineArgs", "SamplingParams", "StructuredOutputsParams", "RequestOutput",
+           "CompletionOutput", "Logprob", "__version__"]

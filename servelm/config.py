@@ -120,6 +120,8 @@ class EngineConfig:
     max_logprobs: int = 20
     skip_tokenizer_init: bool = False  # token ids in and out only
     speculative: Any = None  # servelm.spec_decode.config.SpeculativeConfig, or None (off)
+    # servelm.structured_output.StructuredOutputsConfig (None: the defaults)
+    structured_outputs: Any = None
 
     def kv_cache_spec(self, mc: Optional[ModelConfig] = None) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape of one block of one layer's K (or V) cache, its dtype) for model ``mc`` (the
@@ -239,6 +241,8 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (e4m3 with scales)
     distributed_executor_backend: Optional[str] = None  # None: "uni" (one process)
     speculative_config: Any = None  # a dict (or its JSON text) with vLLM's keys; None: off
+    # backend (auto | xgrammar), disable_any_whitespace, compile_timeout_s, max_cached_grammars
+    structured_outputs_config: Any = None
 
     def create_engine_config(self) -> EngineConfig:
         from servelm.attention import check_attention_backend
@@ -249,6 +253,8 @@ class EngineArgs:
         check_quantization(self.quantization)
         from servelm.spec_decode.config import parse_speculative_config
         speculative = parse_speculative_config(self.speculative_config)
+        from servelm.structured_output import StructuredOutputsConfig
+        structured = StructuredOutputsConfig.parse(self.structured_outputs_config)
         executor = check_executor_backend(self.distributed_executor_backend or "uni")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError("load_format must be one of 'auto', 'safetensors', 'gguf', 'dummy'; "
@@ -338,7 +344,8 @@ class EngineArgs:
                             parallel=ParallelConfig(distributed_executor_backend=executor),
                             attention_backend=self.attention_backend,
                             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
-                            skip_tokenizer_init=self.skip_tokenizer_init, speculative=speculative)
+                            skip_tokenizer_init=self.skip_tokenizer_init, speculative=speculative,
+                            structured_outputs=structured)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
@@ -407,6 +414,9 @@ class EngineArgs:
                '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\', \'{"method": '
                '"draft_model", "model": PATH, "num_speculative_tokens": 4}\' or \'{"method": '
                '"layer_skip", "draft_layers": 8, "num_speculative_tokens": 4}\'')
+        a("--structured-outputs-config", default=None,
+          help='structured outputs, JSON: {"backend": "xgrammar", "disable_any_whitespace": '
+               'false, "compile_timeout_s": 10, "max_cached_grammars": 1024}')
         a("--distributed-executor-backend", default=None, choices=list(EXECUTORS),
           help="how model workers run (default: uni, the engine core's own process)")
 

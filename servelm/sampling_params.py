@@ -5,6 +5,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
+from servelm.structured_output.params import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
 
 
@@ -38,6 +40,9 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    # constrain the output to a JSON schema, JSON, a regex, a choice or a grammar (vLLM's
+    # StructuredOutputsParams; a dict with its keys is converted)
+    structured_outputs: Optional[StructuredOutputsParams] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -47,6 +52,11 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.logit_bias is not None:
             self.logit_bias = _logit_bias(self.logit_bias)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams (or a dict of "
+                             f"its fields), got {type(self.structured_outputs).__name__}.")
         if self.top_k == -1:
             self.top_k = 0
         self._validate()

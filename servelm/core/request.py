@@ -69,6 +69,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # structured outputs: the compiled grammar (set by the engine core before scheduling)
+        self.grammar = None
 
     @property
     def num_tokens(self) -> int:

@@ -429,7 +429,7 @@ class Scheduler:
         # the Request's own list (no copy): the message covers its first num_tokens entries
         return NewRequestData(req.request_id, req.all_token_ids, req.num_tokens,
                               req.num_prompt_tokens, req.params, list(req.block_ids),
-                              req.num_computed_tokens)
+                              req.num_computed_tokens, req.grammar)
 
     def _preempt(self, req: Request) -> None:
         """Take req's blocks: swapped out to host memory (preemption_mode="swap", while there

@@ -10,7 +10,7 @@ stops inside a step's accepted tokens, and then the request is finished and the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from servelm.sampling_params import SamplingParams
 
@@ -33,6 +33,9 @@ class NewRequestData:
     params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    # structured outputs: the compiled grammar (an object: in-process executors only; one
+    # that crosses processes sends params.structured_outputs and compiles there)
+    grammar: Any = None
 
 
 @dataclass

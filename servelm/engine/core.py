@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from servelm.config import EngineConfig
 from servelm.core.request import Request, RequestStatus
@@ -13,6 +13,8 @@ from servelm.core.step import EngineCoreOutput, SchedulerOutput, SchedulerStats
 from servelm.executor import get_executor_class
 from servelm.executor.abstract import StepFuture
 from servelm.sampling_params import SamplingParams
+from servelm.structured_output import StructuredOutputsConfig
+from servelm.structured_output.manager import GrammarManager
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,9 @@ class EngineRequest:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tokenizer: Any = None) -> None:
+        """tokenizer: the client's, when in the same process (structured outputs read its
+        vocabulary; else they load it on first use)."""
         self.config = config
         t0 = time.perf_counter()
         self.executor = get_executor_class(config.parallel.distributed_executor_backend)(config)
@@ -44,6 +48,12 @@ class EngineCore:
             raise
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks,
                                    config.num_swap_blocks)
+        # structured outputs: requests wait there until their grammar is compiled
+        self.grammars = GrammarManager(config.structured_outputs or StructuredOutputsConfig(),
+                                       config.model, tokenizer)
+        # (request id, message) of requests that failed before running (a grammar that did
+        # not compile): the client reports them as errors (HTTP 400)
+        self.request_errors: list[tuple[str, str]] = []
         # asynchronous scheduling: the step launched last, whose output is not applied yet
         self._in_flight: Optional[tuple[SchedulerOutput, StepFuture]] = None
         self._drafting = False  # the last landed step proposed drafts: land before scheduling
@@ -54,16 +64,38 @@ class EngineCore:
         req = Request(r.request_id, r.prompt_token_ids, r.params, r.arrival_time,
                       self.config.model.eos_token_ids, r.parent_id, r.priority,
                       r.ttft_slo_ms, r.tpot_slo_ms)
-        self.scheduler.add_request(req)
+        if r.params.structured_outputs is not None:
+            self.grammars.add(req)  # joins the scheduler once its grammar is compiled
+        else:
+            self.scheduler.add_request(req)
 
     def abort_requests(self, req_ids: Iterable[str]) -> None:
+        req_ids = [r for r in req_ids if not self.grammars.drop(r)]
         self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
 
     def stop_requests(self, req_ids: Iterable[str]) -> None:
         """Finish requests that the client found a stop string in."""
+        req_ids = [r for r in req_ids if not self.grammars.drop(r)]
         self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_STOPPED)
 
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar is ready join the scheduler; failed ones are reported. With
+        nothing else to run, wait a little for a grammar rather than spin."""
+        if not self.grammars.pending:
+            return
+        if not self.scheduler.has_unfinished_requests() and self._in_flight is None:
+            self.grammars.wait(0.005)
+        ready, failed = self.grammars.collect()
+        for req in ready:
+            self.scheduler.add_request(req)
+        self.request_errors += [(req.request_id, msg) for req, msg in failed]
+
+    def take_request_errors(self) -> list[tuple[str, str]]:
+        errors, self.request_errors = self.request_errors, []
+        return errors
+
     def step(self) -> list[EngineCoreOutput]:
+        self._admit_compiled()
         if not self.config.scheduler.async_scheduling:
             sched = self.scheduler.schedule()
             return self.scheduler.update(sched, self.executor.execute(sched))
@@ -97,16 +129,25 @@ class EngineCore:
 
     def use_idle_time(self) -> bool:
         """Deferred start-up work while nothing runs (see Executor.use_idle_time)."""
-        return not self.has_unfinished_requests() and self.executor.use_idle_time()
+        if self.has_unfinished_requests():
+            return False
+        if self.executor.use_idle_time():
+            return True
+        self.grammars.warm_up()  # in the background: nothing more to do here
+        return False
 
     def has_unfinished_requests(self) -> bool:
-        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
+        return (self._in_flight is not None or self.scheduler.has_unfinished_requests()
+                or bool(self.grammars.pending))
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        st = self.scheduler.stats()
+        st.num_waiting += len(self.grammars.pending)
+        return st
 
     def telemetry(self, since_step: int = -1) -> dict:
         return self.scheduler.telemetry_snapshot(since_step)
 
     def shutdown(self) -> None:
+        self.grammars.shutdown()
         self.executor.shutdown()

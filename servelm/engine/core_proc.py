@@ -54,6 +54,9 @@ def unpack(data: bytes) -> tuple[str, Any]:
 
 def encode_request(r: EngineRequest) -> list:
     params = [getattr(r.params, f) for f in _PARAM_FIELDS]
+    so = r.params.structured_outputs
+    if so is not None:  # a frozen dataclass: travels as its field dict
+        params[_PARAM_FIELDS.index("structured_outputs")] = so.to_dict()
     return [r.request_id, r.prompt_token_ids, params, r.arrival_time, r.parent_id, r.priority,
             r.ttft_slo_ms, r.tpot_slo_ms]
 
@@ -104,6 +107,8 @@ class EngineCoreProc:
                 outputs = self.core.step()
                 if outputs:
                     self.out.send(pack(OUTPUTS, [encode_output(o) for o in outputs]))
+                for rid, message in self.core.take_request_errors():
+                    self.out.send(pack(REQUEST_ERROR, [rid, message]))
 
     def _drain_inputs(self, block: bool) -> None:
         while block and self.running:

@@ -12,6 +12,7 @@ from servelm.engine.core import EngineCore, EngineRequest
 from servelm.engine.output_processor import OutputProcessor
 from servelm.outputs import RequestOutput
 from servelm.sampling_params import SamplingParams
+from servelm.structured_output import StructuredOutputsConfig, StructuredOutputsParams
 
 PromptType = Union[str, list[int], dict]
 
@@ -40,6 +41,19 @@ class InputProcessor:
             if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                     or v <= 0):
                 raise ValueError(f"{name} must be a positive number of milliseconds, got {v!r}.")
+
+    def check_structured_outputs(self, so: StructuredOutputsParams) -> StructuredOutputsParams:
+        """The request's constraint with the engine's defaults filled in, after the backend's
+        cheap checks (syntax, unsupported keywords): ValueError (HTTP 400) at once, before
+        anything reaches the engine core, which compiles it."""
+        if self.config.skip_tokenizer_init:
+            raise ValueError("structured outputs need the tokenizer: start the engine without "
+                             "skip_tokenizer_init.")
+        from servelm.structured_output.backend import backend_class
+        cfg = self.config.structured_outputs or StructuredOutputsConfig()
+        so = so.with_defaults(cfg)
+        backend_class(cfg.backend).validate(so)
+        return so
 
     def process(self, prompt: PromptType, params: SamplingParams,
                 add_special_tokens: bool = True) -> tuple[Optional[str], list[int], SamplingParams]:
@@ -79,6 +93,9 @@ class InputProcessor:
         lp = max(params.logprobs or 0, params.prompt_logprobs or 0)
         if lp > self.config.max_logprobs:
             raise ValueError(f"logprobs ({lp}) must be <= max_logprobs ({self.config.max_logprobs}).")
+        if params.structured_outputs is not None:
+            params = replace(params, structured_outputs=self.check_structured_outputs(
+                params.structured_outputs))
         if params.max_tokens is None:
             params = replace(params, max_tokens=max_len - len(ids))
         if params.top_k > mc.vocab_size:  # same distribution; keeps the sampler's tensors small
@@ -94,7 +111,7 @@ class Engine:
         if tokenizer is None and not config.skip_tokenizer_init:
             tokenizer = load_tokenizer(mc.model, mc.tokenizer, mc.load_format)
         self.tokenizer = tokenizer
-        self.core = EngineCore(config)
+        self.core = EngineCore(config, tokenizer)
         self.inputs = InputProcessor(config, tokenizer)
         self.outputs = OutputProcessor(tokenizer)
 
@@ -125,6 +142,11 @@ class Engine:
         outs, stopped = self.outputs.process(self.core.step())
         if stopped:
             self.core.stop_requests(stopped)
+        errors = self.core.take_request_errors()
+        if errors:  # requests that cannot run (a grammar that did not compile)
+            for rid, _ in errors:
+                self.abort_request(self.outputs.child_to_parent.get(rid, rid))
+            raise ValueError(f"request {errors[0][0]}: {errors[0][1]}")
         return outs
 
     def has_unfinished_requests(self) -> bool:

@@ -16,6 +16,8 @@ LOGITS_PROCESSORS = MappingProxyType({
     "logit_bias": "servelm.sampling.logit_bias:LogitBiasLogitsProcessor",
     "min_tokens": "servelm.sampling.min_tokens:MinTokensLogitsProcessor",
     "penalties": "servelm.sampling.penalties:PenaltiesLogitsProcessor",
+    # structured outputs: -inf where the grammar forbids (order-free: -inf stays -inf)
+    "grammar": "servelm.structured_output.processor:GrammarLogitsProcessor",
 })
 
 

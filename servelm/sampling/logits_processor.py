@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ class AddedRequest:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]  # generated so far (a request resumed after preemption)
     seed: Optional[int] = None  # seeded sampling (params.seed, n > 1 children's derived)
+    # structured outputs: the request's compiled grammar (structured_output.CompiledGrammar)
+    grammar: Any = None
 
 
 @dataclass

@@ -64,7 +64,7 @@ class InputBatch:
         p = nr.num_prompt_tokens
         seed = None if nr.params.seed is None or nr.params.greedy else nr.params.seed
         self._update.added.append(AddedRequest(row, nr.params, tokens[:p], tokens[p:n].tolist(),
-                                               seed))
+                                               seed, nr.grammar))
         return row
 
     def remove(self, req_id: str) -> None:
