@@ -43,6 +43,11 @@ class EngineDeadError(RuntimeError):
     """The engine core process has exited; no request can be served."""
 
 
+class RequestError(ValueError):
+    """The engine core refused one request for its input (e.g. a grammar that does not compile
+    in time): the client's fault, an HTTP 400."""
+
+
 @dataclass(frozen=True)
 class ProcessedPrompt:
     """A tokenized, validated prompt with its final sampling params (max_tokens resolved)."""
@@ -387,7 +392,7 @@ class AsyncEngineClient:
         parent = self.outputs.child_to_parent.get(child_id, child_id)
         q = self._queues.get(parent)
         if q is not None:
-            q.put_nowait(ValueError(message))
+            q.put_nowait(RequestError(message))
 
     def _fail_all(self, err: EngineDeadError) -> None:
         if self.dead_error is None and not self._closed:

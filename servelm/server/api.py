@@ -21,15 +21,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servelm import __version__
 from servelm.config import EngineConfig
-from servelm.engine.async_client import AsyncEngineClient, EngineDeadError
+from servelm.engine.async_client import AsyncEngineClient, EngineDeadError, RequestError
 from servelm.server.dashboard import add_dashboard
 from servelm.server.metrics import CONTENT_TYPE, ServerMetrics
 from servelm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                      DetokenizeRequest, TokenizeRequest, bad_request,
                                      validation_error)
+from servelm.server.request_fields import refuse_unsupported
+from servelm.server.serve_settings import set_chat_template
 from servelm.server.serving import OpenAIServing, ServerConfig, dumps
 from servelm.server.serving_chat import create_chat_completion, render_chat
 from servelm.server.serving_completion import create_completion
+from servelm.server.surface import add_surface_routes, model_card
 
 logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -85,6 +88,7 @@ async def read_json(request: Request, limit: int) -> dict:
 
 async def parse(request: Request, model: type[M], limit: int) -> M:
     obj = await read_json(request, limit)
+    refuse_unsupported(model, obj)  # fields that would change the meaning: 400, not ignored
     try:
         return model.model_validate(obj)
     except ValidationError as e:
@@ -133,6 +137,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         c = client or await AsyncEngineClient.start(engine_config, listener=metrics)
+        set_chat_template(c.tokenizer, server_config.chat_template)  # --chat-template
         app.state.serving = OpenAIServing(c, server_config)
         logger.warning("servelm: ready, serving %s", ", ".join(server_config.served_model_names))
         try:
@@ -141,7 +146,9 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
             if client is None:
                 await c.shutdown()
 
-    app = FastAPI(title="servelm", version=__version__, lifespan=lifespan)
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: surface.py serves /docs
+    app = FastAPI(title="servelm", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     _add_error_handlers(app)
 
     def serving(request: Request) -> OpenAIServing:
@@ -159,6 +166,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
     add_dashboard(app, check_api_key)  # /dashboard: the page is open, its data needs the key
+    add_surface_routes(app, v1, created, server_config.served_model_names)
 
     @app.get("/health")
     async def health(request: Request) -> Response:
@@ -179,9 +187,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     @v1.get("/models")
     async def models(request: Request) -> Response:
         s = serving(request)
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "servelm",
-                 "root": engine_config.model.model, "parent": None,
-                 "max_model_len": s.max_model_len} for name in server_config.served_model_names]
+        names = server_config.served_model_names
+        data = [model_card(name, names[0], created, s.max_model_len) for name in names]
         return json_response({"object": "list", "data": data})
 
     @v1.post("/completions")
@@ -245,6 +252,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> Response:
         return json_response(e.body(), e.status, e.headers)
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, e: RequestError) -> Response:
+        return json_response(APIError(400, str(e)).body(), 400)
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, e: EngineDeadError) -> Response:

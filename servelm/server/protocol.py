@@ -7,9 +7,9 @@ fields with the wrong type are a 400 (strict: "1" is not a number, 1.0 is not an
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class APIError(Exception):
@@ -52,6 +52,33 @@ class StreamOptions(_Strict):
     continuous_usage_stats: Optional[bool] = False
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[Union[dict[str, Any], bool]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's ``structured_outputs`` request field: exactly one constraint."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    json_: Optional[Union[dict[str, Any], str]] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    disable_any_whitespace: Optional[bool] = None
+
+
 class SamplingRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions. None means the default."""
 
@@ -81,6 +108,16 @@ class SamplingRequest(_Strict):
     # --scheduling-policy slo a request that can no longer meet its TTFT gets a 503
     ttft_slo_ms: Optional[float] = None
     tpot_slo_ms: Optional[float] = None
+    # structured outputs (server/structured.py): OpenAI's response_format, vLLM's
+    # structured_outputs and its older guided_* fields; at most one of them per request
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsRequest] = None
+    guided_json: Optional[Union[dict[str, Any], str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -105,6 +142,12 @@ class CompletionRequest(SamplingRequest):
     echo: Optional[bool] = False
     logprobs: Optional[int] = None
     add_special_tokens: Optional[bool] = True
+    # OpenAI's best_of: best_of samples, the n with the highest cumulative logprob returned
+    best_of: Optional[int] = None
+    # vLLM's: the n best of best_of (or n) beams, scored as transformers' beam search
+    use_beam_search: Optional[bool] = None
+    length_penalty: Optional[float] = None  # with use_beam_search; default 1.0
+    early_stopping: Optional[bool] = None  # with use_beam_search; default False
 
 
 class ContentPart(_Strict):
@@ -129,6 +172,15 @@ class ChatCompletionRequest(SamplingRequest):
     continue_final_message: Optional[bool] = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: Optional[bool] = False  # the template already has its special tokens
+    use_beam_search: Optional[bool] = None  # /v1/completions only: true is a 400
+
+    @field_validator("use_beam_search")
+    @classmethod
+    def _no_beam_search(cls, v: Optional[bool]) -> Optional[bool]:
+        if v:
+            raise ValueError("use_beam_search is supported by /v1/completions only (send the "
+                             "rendered prompt there).")
+        return v
 
 
 class TokenizeRequest(_Strict):

@@ -17,6 +17,8 @@ from servelm.engine.async_client import AsyncEngineClient, EngineDeadError, Proc
 from servelm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from servelm.sampling_params import SamplingParams
 from servelm.server.protocol import APIError, SamplingRequest, bad_request
+from servelm.server.serve_settings import with_defaults
+from servelm.server.structured import structured_outputs_of
 
 T = TypeVar("T")
 _MIN_LOGPROB = -9999.0  # JSON has no -inf: impossible tokens report this, as in vLLM
@@ -31,6 +33,11 @@ class ServerConfig:
     max_prompts: int = 1024  # prompts in one /v1/completions request
     default_ttft_slo_ms: Optional[float] = None  # for requests that set no ttft_slo_ms
     default_tpot_slo_ms: Optional[float] = None
+    chat_template: Optional[str] = None  # --chat-template's text: replaces the tokenizer's
+    # (request field, value) pairs of --generation-config, for fields a request leaves unset
+    default_sampling_params: tuple[tuple[str, Any], ...] = ()
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: Optional[str] = None
 
 
 class OpenAIServing:
@@ -57,6 +64,7 @@ class OpenAIServing:
     def sampling_params(self, req: SamplingRequest, max_tokens: Optional[int],
                         logprobs: Optional[int],
                         prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        req, max_tokens = with_defaults(req, max_tokens, self.config.default_sampling_params)
         try:
             self.client.inputs.check_priority(req.priority or 0)
         except ValueError as e:
@@ -70,7 +78,8 @@ class OpenAIServing:
             logit_bias=req.logit_bias or None,  # string keys: SamplingParams converts them
             ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
-            skip_special_tokens=req.skip_special_tokens is not False)
+            skip_special_tokens=req.skip_special_tokens is not False,
+            structured_outputs=structured_outputs_of(req))
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                      "frequency_penalty", "repetition_penalty"):
             if getattr(req, name) is not None:
@@ -96,6 +105,13 @@ class OpenAIServing:
     @property
     def may_shed(self) -> bool:
         return self.client.config.scheduler.policy == "slo"
+
+    def wait_first(self, params: SamplingParams, slo: dict) -> bool:
+        """Whether a stream waits for its first output before answering: the engine may still
+        refuse the request then (a shed request is a 503, a grammar that does not compile a
+        400), which must not come after a 200 has gone out."""
+        return ((self.may_shed and slo["ttft_slo_ms"] is not None)
+                or params.structured_outputs is not None)
 
     async def prepare(self, prompts: list[Any], params: SamplingParams,
                       add_special_tokens: bool) -> list[ProcessedPrompt]:

@@ -88,7 +88,7 @@ async def create_chat_completion(serving: OpenAIServing,
                                          top_n, decode)}
 
     if req.stream:
-        if serving.may_shed and slo["ttft_slo_ms"] is not None:
+        if serving.wait_first(inp.params, slo):
             (gen,) = await first_outputs([gen])
         return _stream(req, gen, rid, created, model, inp.params, lps)
     final: Optional[RequestOutput] = None

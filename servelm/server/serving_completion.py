@@ -7,6 +7,8 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from servelm.engine.async_client import ProcessedPrompt
 from servelm.outputs import RequestOutput
+from servelm.server.completion_search import completion_search
+from servelm.server.prompt_scoring import drop_generated, scores_prompt_only
 from servelm.server.protocol import CompletionRequest, bad_request
 from servelm.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, completion_logprobs,
                                     check_shed, first_outputs, merge_generators, new_request_id,
@@ -33,17 +35,22 @@ async def create_completion(serving: OpenAIServing,
     serving.check_model(req.model)
     prompts = _prompts(req.prompt, serving.config.max_prompts)
     echo = bool(req.echo)
+    score_only = scores_prompt_only(req)  # echo with max_tokens 0: runs with 1, drops it
     params = serving.sampling_params(
-        req, req.max_tokens, req.logprobs,
+        req, 1 if score_only else req.max_tokens, req.logprobs,
         prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None)
+    search = completion_search(serving, req, params)  # use_beam_search / best_of, or None
     inputs = await serving.prepare(prompts, params, req.add_special_tokens is not False)
     rid, created = new_request_id("cmpl"), now_s()
     slo = serving.slo(req)
-    gens = [serving.client.generate(f"{rid}-{i}", p, priority=req.priority or 0, **slo)
+    generate = search or serving.client.generate
+    gens = [generate(f"{rid}-{i}", p, priority=req.priority or 0, **slo)
             for i, p in enumerate(inputs)]
+    if score_only:
+        gens = [drop_generated(g) for g in gens]
     fmt = _Formatter(serving, req, inputs, rid, created)
     if req.stream:
-        if serving.may_shed and slo["ttft_slo_ms"] is not None:
+        if serving.wait_first(params, slo):
             gens = await first_outputs(gens)
         return _stream(fmt, gens)
     finals: list[Optional[RequestOutput]] = [None] * len(gens)
@@ -52,7 +59,8 @@ async def create_completion(serving: OpenAIServing,
             check_shed(ro)
             finals[i] = ro
     choices = [fmt.choice(i, out, out.text, 0, len(out.token_ids), echo, ro, 0)
-               for i, ro in enumerate(finals) for out in ro.outputs]
+               for i, ro in enumerate(finals) for out in ro.outputs
+               if out.index < fmt.n]  # best_of: the n best of all (which usage counts)
     return {"id": rid, "object": "text_completion", "created": created, "model": fmt.model,
             "choices": choices, "usage": fmt.usage(finals)}
 
