@@ -6,6 +6,7 @@ from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
 
 from servelm.config import EngineArgs
+from servelm.engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from servelm.engine.engine import Engine, PromptType
 from servelm.outputs import RequestOutput
 from servelm.sampling_params import RequestOutputKind, SamplingParams
@@ -56,6 +57,12 @@ class LLM:
                                            **(chat_template_kwargs or {})) for c in convs]
         # the template already holds the special tokens it wants
         return self._run(prompts, sampling_params, use_tqdm, False)
+
+    def beam_search(self, prompts: Union[PromptType, Sequence[PromptType]],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: per prompt the ``params.beam_width`` best sequences,
+        scored and stopped as transformers' beam search (see engine/beam_search.py)."""
+        return beam_search(self, _as_prompt_list(prompts), params)
 
     def _run(self, prompts: list[PromptType], sampling_params, use_tqdm: bool,
              add_special_tokens: bool,
