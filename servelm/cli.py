@@ -84,7 +84,8 @@ def _main_generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="servelm", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from servelm.cli_parser import SubcommandParser  # unknown flags: the subcommand's usage
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     _add_generate(sub)
     try:
         from servelm.server.cli import add_serve_parser

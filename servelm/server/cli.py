@@ -27,6 +27,7 @@ class _NoDefaults:
 
 def _add_serve_args(p: Any) -> None:
     from servelm.config import EngineArgs
+    from servelm.server.tool_parsers import TOOL_PARSERS
     EngineArgs.add_cli_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -45,6 +46,32 @@ def _add_serve_args(p: Any) -> None:
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.add_argument("--config", default=None, help="YAML file of flags (CLI flags override it)")
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", default=None,
+                   help="the model, as the positional argument (vLLM's spelling; giving both "
+                        "with different values is an error)")
+    p.add_argument("--chat-template", default=None,
+                   help="chat template replacing the tokenizer's: a file, or the Jinja text "
+                        "itself (used by chat completions, /tokenize and /tokenizer_info)")
+    p.add_argument("--generation-config", default="auto",
+                   help="sampling defaults (temperature, top_p, top_k, min_p, "
+                        "repetition_penalty) for fields a request leaves unset, and a cap on "
+                        "output tokens (max_new_tokens): 'auto' reads the model directory's "
+                        "generation_config.json if it has one, 'vllm' ignores it, or a folder "
+                        "holding one")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="let the model call tools on its own (tool_choice 'auto'); needs "
+                        "--tool-call-parser")
+    p.add_argument("--tool-call-parser", default=None, choices=list(TOOL_PARSERS),
+                   help="how tool calls are read out of the model's text")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM compatibility; no effect: servelm runs no code "
+                        "from model folders")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="accepted for vLLM compatibility; no effect: servelm does not log "
+                        "requests")
+    p.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="accepted for vLLM compatibility; no effect: GET /tokenizer_info is "
+                        "always served (lm-eval's remote tokenizer reads it)")
 
 
 def _serve_defaults() -> dict[str, Any]:
@@ -65,11 +92,18 @@ def resolve_serve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Defaults, then the YAML file of ``--config``, then the flags given on the command line."""
     defaults = _serve_defaults()
     given = {k: v for k, v in vars(args).items() if k in defaults}
+    flag = given.pop("model_flag", None)
+    if flag is not None:
+        if given.get("model") not in (None, flag):
+            raise ValueError(f"the model is given twice, as {given['model']!r} and --model "
+                             f"{flag!r}: give one.")
+        given["model"] = flag
     merged = dict(defaults)
     path = given.get("config")
     if path:
-        merged.update(load_yaml_config(path, set(defaults)))
+        merged.update(load_yaml_config(path, set(defaults) - {"model_flag"}))
     merged.update(given)
+    merged.pop("model_flag")
     return argparse.Namespace(**merged)
 
 
@@ -112,10 +146,21 @@ def main_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"`servelm serve` needs the server dependencies (missing: {e.name}); "
                          "install them with `pip install 'servelm[server]'`.") from None
     from servelm.config import EngineArgs
+    from servelm.server.serve_settings import load_chat_template, load_generation_defaults
     from servelm.server.serving import ServerConfig
+    from servelm.server.tool_parsers import TOOL_PARSERS
 
     ns = resolve_serve_args(args)
+    parsers = ", ".join(TOOL_PARSERS)
+    if ns.tool_call_parser is not None and ns.tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(f"--tool-call-parser must be one of {parsers}, got "
+                         f"{ns.tool_call_parser!r}.")  # a YAML --config skips argparse's check
+    if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
+        raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {parsers}).")
+    chat_template = load_chat_template(ns.chat_template)
     engine_config = EngineArgs.from_cli_args(ns).create_engine_config()
+    sampling_defaults = load_generation_defaults(str(ns.generation_config),
+                                                 engine_config.model.model)
     names = ns.served_model_name or [default_model_name(ns.model)]
     if isinstance(names, str):
         names = [names]
@@ -129,7 +174,11 @@ def main_serve(args: argparse.Namespace) -> int:
                                  api_key=ns.api_key or os.environ.get("SERVELM_API_KEY") or None,
                                  max_body_bytes=ns.max_request_bytes,
                                  default_ttft_slo_ms=ns.default_ttft_slo_ms,
-                                 default_tpot_slo_ms=ns.default_tpot_slo_ms)
+                                 default_tpot_slo_ms=ns.default_tpot_slo_ms,
+                                 chat_template=chat_template,
+                                 default_sampling_params=sampling_defaults,
+                                 enable_auto_tool_choice=bool(ns.enable_auto_tool_choice),
+                                 tool_call_parser=ns.tool_call_parser)
     app = build_app(engine_config, server_config)
     logging.getLogger(__name__).warning("servelm: starting %s on http://%s:%d", names[0], ns.host,
                                         ns.port)
