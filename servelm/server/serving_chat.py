@@ -3,11 +3,15 @@ top_logprobs, max_completion_tokens, streaming."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from typing import Any, AsyncIterator, Optional, Union
 
 from servelm.outputs import RequestOutput
 from servelm.server.protocol import APIError, ChatCompletionRequest, ChatMessage, bad_request
+from servelm.server.tool_parsers import get_tool_parser
+from servelm.server.tools import (ToolOutput, ToolPlan, plan_tools, template_inputs,
+                                  template_supports_tools)
 from servelm.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, chat_logprobs,
                                     check_shed, first_outputs, merge_generators, new_request_id,
                                     now_s, sse, stop_holdback, stream_error, usage)
@@ -33,8 +37,10 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
-                continue_final_message: bool, template_kwargs: Optional[dict]) -> str:
-    """The prompt text; template errors (e.g. roles that must alternate) are 400s."""
+                continue_final_message: bool, template_kwargs: Optional[dict],
+                tools: Optional[ToolPlan] = None) -> str:
+    """The prompt text; template errors (e.g. roles that must alternate) are 400s. Tools go
+    to the template, or into the system message where the template has no place for them."""
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise bad_request("this model has no chat template; use /v1/completions.")
     if not messages:
@@ -46,10 +52,13 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
     # change what it returns: only template variables pass
     reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters)
     kwargs = {k: v for k, v in (template_kwargs or {}).items() if k not in reserved}
+    msgs, tool_list = template_inputs(template_messages(messages), tools,
+                                      template_supports_tools(tokenizer))
+    if tool_list is not None:
+        kwargs["tools"] = tool_list
     try:
         text = tokenizer.apply_chat_template(
-            template_messages(messages), tokenize=False,
-            add_generation_prompt=add_generation_prompt,
+            msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, **kwargs)
     except APIError:
         raise
@@ -69,10 +78,20 @@ async def create_chat_completion(serving: OpenAIServing,
     max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
                   else req.max_tokens)
     params = serving.sampling_params(req, max_tokens, logprobs)
+    cfg = serving.config
+    plan = plan_tools(req, cfg.enable_auto_tool_choice, cfg.tool_call_parser)
+    if plan is not None and plan.structured is not None:  # required / named: a grammar
+        if params.structured_outputs is not None:
+            raise bad_request("tool_choice 'required' or a named function cannot be combined "
+                              "with response_format or other output constraints.", "tool_choice")
+        params = dataclasses.replace(params, structured_outputs=plan.structured)
+    calls = plan is not None and plan.mode != "none"
+    if calls and plan.mode == "auto" and not get_tool_parser(plan.parser).skip_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)  # markers are special
     client = serving.client
     prompt = await client.run_in_tokenizer_thread(
         render_chat, client.tokenizer, req.messages, req.add_generation_prompt is not False,
-        bool(req.continue_final_message), req.chat_template_kwargs)
+        bool(req.continue_final_message), req.chat_template_kwargs, plan)
     (inp,) = await serving.prepare([prompt], params, bool(req.add_special_tokens))
     rid, created = new_request_id("chatcmpl"), now_s()
     slo = serving.slo(req)
@@ -90,21 +109,34 @@ async def create_chat_completion(serving: OpenAIServing,
     if req.stream:
         if serving.wait_first(inp.params, slo):
             (gen,) = await first_outputs([gen])
-        return _stream(req, gen, rid, created, model, inp.params, lps)
+        tool_outs = ([ToolOutput(plan, client.tokenizer) for _ in range(inp.params.n)]
+                     if calls else None)
+        return _stream(req, gen, rid, created, model, inp.params, lps, tool_outs)
     final: Optional[RequestOutput] = None
     async with contextlib.aclosing(merge_generators([gen])) as it:
         async for _, ro in it:
             check_shed(ro)
             final = ro
-    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                "logprobs": lps(o, 0, len(o.token_ids)), "finish_reason": o.finish_reason,
-                "stop_reason": o.stop_reason} for o in final.outputs]
+    choices = []
+    for o in final.outputs:
+        message: dict[str, Any] = {"role": "assistant", "content": o.text}
+        finish = o.finish_reason
+        if calls:
+            content, tool_calls = ToolOutput(plan, client.tokenizer).final(o.text)
+            message["content"] = content
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+                finish = "tool_calls" if finish == "stop" else finish
+        choices.append({"index": o.index, "message": message,
+                        "logprobs": lps(o, 0, len(o.token_ids)), "finish_reason": finish,
+                        "stop_reason": o.stop_reason})
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": _usage(final)}
 
 
 async def _stream(req: ChatCompletionRequest, gen: Any, rid: str, created: int, model: str,
-                  params: Any, lps: Any) -> AsyncIterator[str]:
+                  params: Any, lps: Any,
+                  tool_outs: Optional[list[ToolOutput]] = None) -> AsyncIterator[str]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     extra = {"usage": None} if req.include_usage else {}
     holdback = stop_holdback(params)
@@ -123,12 +155,23 @@ async def _stream(req: ChatCompletionRequest, gen: Any, rid: str, created: int, 
                     if cur.finished:
                         continue
                     text, t0, t1 = cur.advance(out, holdback)
-                    if not (text or cur.finished or (req.logprobs and t1 > t0)):
+                    finish = out.finish_reason
+                    if tool_outs is not None:  # content and calls, from the text so far
+                        tool = tool_outs[out.index]
+                        text, tool_deltas = tool.delta(out.text[:cur.text], cur.finished)
+                        text = text or ""
+                        if tool.called and finish == "stop":
+                            finish = "tool_calls"
+                    if not (text or cur.finished or (req.logprobs and t1 > t0)
+                            or (tool_outs is not None and tool_deltas)):
                         continue  # a token that ends mid-character: nothing to show yet
-                    delta = {"content": text} if text or not cur.finished else {}
+                    delta: dict[str, Any] = {"content": text} if text or not cur.finished else {}
+                    if tool_outs is not None and tool_deltas:
+                        delta = {**({"content": text} if text else {}),
+                                 "tool_calls": tool_deltas}
                     yield sse({**base, "choices": [{
                         "index": out.index, "delta": delta, "logprobs": lps(out, t0, t1),
-                        "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}],
+                        "finish_reason": finish, "stop_reason": out.stop_reason}],
                         **extra})
         if req.include_usage and final is not None:
             yield sse({**base, "choices": [], "usage": _usage(final)})

@@ -1,0 +1,101 @@
+"""Mistral tool calls (vLLM's ``mistral``), after the ``[TOOL_CALLS]`` special token:
+
+    content[TOOL_CALLS][{"name": "f", "arguments": {...}}, ...]      tokenizers before v11
+    content[TOOL_CALLS]f{...}[TOOL_CALLS]g{...}                       v11+
+    content[TOOL_CALLS]f[ARGS]{...}  /  f[CALL_ID]abc123XYZ[ARGS]{...}  later tokenizers
+
+``[TOOL_CALLS]`` is a special token, so the output must be detokenized keeping special tokens.
+A marker not followed by a valid call stays content (the text after it is scanned on as usual).
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from servelm.server.tool_parsers.base import (Item, NeedMoreText, ToolCall, ToolParser,
+                                              call_from_object, decode_at, make_call,
+                                              partial_marker_len, skip_ws)
+
+BOT = "[TOOL_CALLS]"
+ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_CALL_ID = re.compile(r"[A-Za-z0-9]+")
+
+
+class MistralToolParser(ToolParser):
+    skip_special_tokens = False  # [TOOL_CALLS] must survive detokenization
+
+    def _scan(self, text: str, pos: int, finished: bool) -> tuple[list[Item], int]:
+        items: list[Item] = []
+        while pos < len(text):
+            start = text.find(BOT, pos)
+            if start < 0:
+                end = len(text) if finished else len(text) - partial_marker_len(text, pos, BOT)
+                if end > pos:
+                    items.append(text[pos:end])
+                return items, end
+            if start > pos:
+                items.append(text[pos:start])
+                pos = start
+            try:
+                found = _calls_after(text, start + len(BOT), finished)
+            except NeedMoreText:
+                return items, pos
+            if found is None:  # not a call: the marker is content, what follows is scanned on
+                items.append(BOT)
+                pos = start + len(BOT)
+            else:
+                calls, pos = found
+                items.extend(calls)
+        return items, pos
+
+
+def _calls_after(text: str, i: int, finished: bool) -> Optional[tuple[list[ToolCall], int]]:
+    """The calls right after a marker ending at ``i`` and the position after them; None if
+    there are none. NeedMoreText if the text may still be completing them."""
+    i = skip_ws(text, i)
+    if i == len(text):
+        return _none_or_wait(finished)
+    if text[i] == "[":  # pre-v11: a JSON array of call objects
+        decoded = decode_at(text, i)
+        if decoded is None:
+            return _none_or_wait(finished)
+        arr, end = decoded
+        calls = [call_from_object(c) for c in arr] if isinstance(arr, list) else [None]
+        return (calls, end) if calls and None not in calls else None
+    return _named_call(text, i, finished)
+
+
+def _named_call(text: str, i: int, finished: bool) -> Optional[tuple[list[ToolCall], int]]:
+    """v11+: ``name[CALL_ID]id[ARGS]{...}``, the two bracketed parts optional."""
+    m = _NAME.match(text, i)
+    if m is None:
+        return None
+    name, i = m.group(), m.end()
+    if text.startswith(CALL_ID, i):
+        m = _CALL_ID.match(text, i + len(CALL_ID))
+        i = m.end() if m else i + len(CALL_ID)
+    if text.startswith(ARGS, i):
+        i += len(ARGS)
+    if i == len(text) or _is_proper_prefix(text, i, (CALL_ID, ARGS)):
+        return _none_or_wait(finished)  # name, id or tag may still be growing
+    if text[i] != "{":
+        return None
+    decoded = decode_at(text, i)
+    if decoded is None:
+        return _none_or_wait(finished)
+    call = make_call(name, decoded[0])
+    return ([call], decoded[1]) if call is not None else None
+
+
+def _is_proper_prefix(text: str, i: int, markers: tuple[str, ...]) -> bool:
+    """``text[i:]`` (non-empty) is a proper prefix of one of ``markers``."""
+    rest = text[i:]
+    return any(len(rest) < len(m) and m.startswith(rest) for m in markers)
+
+
+def _none_or_wait(finished: bool) -> None:
+    """At the end of the output an unfinished call is no call; before it, wait."""
+    if not finished:
+        raise NeedMoreText
+    return None
