@@ -20,10 +20,26 @@ from servelm.registry import check_name, load_class
 from servelm.structured_output.params import StructuredOutputsParams
 
 
+class BatchOps:
+    """Many matchers at once (a step's rows); here one at a time, a backend may do better."""
+
+    def fill(self, matchers: Sequence[Any], bitmask: Any, rows: Sequence[int]) -> None:
+        for m, r in zip(matchers, rows):
+            m.fill_next_token_bitmask(bitmask, r)
+
+    def accept(self, matchers: Sequence[Any], tokens: Sequence[int]) -> None:
+        for m, t in zip(matchers, tokens):
+            m.accept_token(t)
+
+
 class CompiledGrammar(ABC):
     @abstractmethod
     def matcher(self, max_rollback_tokens: int) -> Any:
         """A fresh matcher at the grammar's start; it can roll back that many tokens."""
+
+    def batch_ops(self) -> BatchOps:
+        """Batched fill/accept for this backend's matchers (the processor keeps one)."""
+        return BatchOps()
 
 
 class GrammarBackend(ABC):

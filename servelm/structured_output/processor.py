@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from servelm.sampling.logits_processor import BatchUpdate, LogitsProcessor, ProcessorContext
+from servelm.structured_output.backend import BatchOps
 
 _BITS = 32
 
@@ -41,6 +42,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self._stop_row = stop.view(np.int32)  # [W]: only the stop tokens allowed
         # bit j of a word, to expand the mask on the device: [32] int32
         self._shifts: dict[torch.device, torch.Tensor] = {}
+        self._ops: Optional[BatchOps] = None  # batched fill/accept, from the first grammar
         self.bu = BatchUpdate()
 
     # ---- batch membership --------------------------------------------------------------
@@ -60,6 +62,8 @@ class GrammarLogitsProcessor(LogitsProcessor):
             if a.grammar is None:
                 self.matchers[a.row], self.active[a.row] = None, False
                 continue
+            if self._ops is None:
+                self._ops = a.grammar.batch_ops()
             m = a.grammar.matcher(max_rollback_tokens=-1)
             for t in a.output_token_ids:  # resumed after preemption: replay its output
                 m.accept_token(int(t))
@@ -81,9 +85,11 @@ class GrammarLogitsProcessor(LogitsProcessor):
         for matchers, host, event in self._landing:
             if event is not None:
                 event.synchronize()  # the last step's sampling only, not this step's forward
-            for m, t in zip(matchers, host.tolist()):
-                if not m.is_terminated():
-                    m.accept_token(t)
+            toks = host.tolist()
+            live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+            if len(live) < len(matchers):
+                matchers, toks = [matchers[i] for i in live], [toks[i] for i in live]
+            self._ops.accept(matchers, toks)
         self._landing.clear()
 
     def is_active(self) -> bool:
@@ -101,8 +107,18 @@ class GrammarLogitsProcessor(LogitsProcessor):
                                         pin_memory=self.ctx.device.type == "cuda")
         bm = self._bitmask
         bm_np = bm.numpy()
-        prior = dict(bu.drafts) if bu.drafts else {}
         rows = bu.logits_rows
+        if not bu.drafts:  # one batched fill for all live rows
+            ms = [self.matchers[r] for r in rows[act].tolist()]
+            live = [k for k, m in enumerate(ms) if not m.is_terminated()]
+            if len(live) < A:
+                for k in sorted(set(range(A)) - set(live)):
+                    bm_np[k] = self._stop_row  # done: only a stop token (ignore_eos runs on)
+                ms = [ms[k] for k in live]
+            if live:
+                self._ops.fill(ms, bm, live)
+            return bm[:A]
+        prior = dict(bu.drafts)
         for k, i in enumerate(act.tolist()):
             m = self.matchers[rows[i]]
             drafts = prior.get(i, ())

@@ -189,8 +189,9 @@ def test_penalty_slots_grow_and_are_reused():
 def test_pipeline_order_and_registry():
     pipe = build_sampling_pipeline(CTX)
     assert [type(p).__name__ for p in pipe.processors] == [
-        "LogitBiasLogitsProcessor", "MinTokensLogitsProcessor", "PenaltiesLogitsProcessor"]
-    assert list(LOGITS_PROCESSORS) == ["logit_bias", "min_tokens", "penalties"]
+        "LogitBiasLogitsProcessor", "MinTokensLogitsProcessor", "PenaltiesLogitsProcessor",
+        "GrammarLogitsProcessor"]
+    assert list(LOGITS_PROCESSORS) == ["logit_bias", "min_tokens", "penalties", "grammar"]
     with pytest.raises(ValueError, match="logits processor must be one of"):
         build_sampling_pipeline(CTX, ["logit_bias", "nope"])
 
