@@ -58,11 +58,11 @@ def choice_grammar(choices: Sequence[str]) -> str:
 
 
 class XgrammarBatchOps(BatchOps):
-    """xgrammar's batch calls: one C++ call for all rows, fills spread over threads with the
-    GIL released (the step's forward runs on the GPU meanwhile)."""
+    """xgrammar's batch calls: one C++ call for all rows; fills spread over threads (4 at
+    most: measured on the H100 host, 256 rows, 1/4/8/16 threads took 12.7/5.4/6.1/6.6 ms)."""
 
     def __init__(self) -> None:
-        threads = max(1, min(16, (os.cpu_count() or 2) // 2))
+        threads = max(1, min(4, (os.cpu_count() or 2) // 2))
         self.batch = xgr.BatchGrammarMatcher(max_threads=threads)
 
     def fill(self, matchers: Sequence[Any], bitmask: Any, rows: Sequence[int]) -> None:

@@ -119,7 +119,7 @@ def test_mixed_batch_follows_grammars(tiny, mode):
     kw = {"sync": dict(async_scheduling=False), "async": dict(async_scheduling=True),
           "ngram": dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                             "prompt_lookup_min": 1, "prompt_lookup_max": 3}),
-          "preempt": dict(kv_cache_memory=40 * 2048, max_num_seqs=8)}[mode]
+          "preempt": dict(kv_cache_memory=40 * 2048, num_gpu_blocks_override=40, max_num_seqs=8)}[mode]
     eng = _engine(tiny, **kw)
     tok = eng.tokenizer
     prompts, params = [], []
