@@ -70,12 +70,22 @@ def _best_of(client: AsyncEngineClient, best_of: int) -> Generate:
     return generate
 
 
-def _beam_search(client: AsyncEngineClient, req: CompletionRequest, params: SamplingParams,
+def chat_beam_search(serving: OpenAIServing, req: Any,
+                     params: SamplingParams) -> Optional[Generate]:
+    """/v1/chat/completions' use_beam_search (n beams; no best_of in chat), or None."""
+    if not req.use_beam_search:
+        return None
+    if req.tools and req.tool_choice not in (None, "none"):
+        raise bad_request("use_beam_search cannot be combined with tool calls.", "tool_choice")
+    return _beam_search(serving.client, req, params, params.n)
+
+
+def _beam_search(client: AsyncEngineClient, req: Any, params: SamplingParams,
                  width: int) -> Generate:
     if req.stream:
         raise bad_request("use_beam_search cannot stream (beams are ranked only at the end): "
                           "set stream to false.", "use_beam_search")
-    if req.max_tokens == 0:
+    if getattr(req, "max_tokens", None) == 0:
         raise bad_request("use_beam_search needs max_tokens >= 1.", "max_tokens")
     fmt = getattr(req, "response_format", None)
     for name, unset in {**_NOT_WITH_BEAMS, "response_format": ()}.items():
@@ -92,7 +102,8 @@ def _beam_search(client: AsyncEngineClient, req: CompletionRequest, params: Samp
                               early_stopping=bool(req.early_stopping))
         check_beam_search(bp, client.config, [], params.logprobs or 0)
     except ValueError as e:
-        raise bad_request(str(e), "best_of" if req.best_of is not None else "n") from None
+        raise bad_request(str(e), "best_of" if getattr(req, "best_of", None) is not None
+                          else "n") from None
 
     async def generate(request_id: str, prompt: ProcessedPrompt, *, priority: int = 0,
                        **_slo: Any) -> AsyncIterator[RequestOutput]:

@@ -197,15 +197,10 @@ class ChatCompletionRequest(SamplingRequest):
     continue_final_message: Optional[bool] = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: Optional[bool] = False  # the template already has its special tokens
-    use_beam_search: Optional[bool] = None  # /v1/completions only: true is a 400
-
-    @field_validator("use_beam_search")
-    @classmethod
-    def _no_beam_search(cls, v: Optional[bool]) -> Optional[bool]:
-        if v:
-            raise ValueError("use_beam_search is supported by /v1/completions only (send the "
-                             "rendered prompt there).")
-        return v
+    # vLLM's: the n best beams of the rendered conversation (server/completion_search.py)
+    use_beam_search: Optional[bool] = None
+    length_penalty: Optional[float] = None
+    early_stopping: Optional[bool] = None
 
 
 class TokenizeRequest(_Strict):

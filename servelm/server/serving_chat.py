@@ -8,6 +8,7 @@ import inspect
 from typing import Any, AsyncIterator, Optional, Union
 
 from servelm.outputs import RequestOutput
+from servelm.server.completion_search import chat_beam_search
 from servelm.server.protocol import APIError, ChatCompletionRequest, ChatMessage, bad_request
 from servelm.server.tool_parsers import get_tool_parser
 from servelm.server.tools import (ToolOutput, ToolPlan, plan_tools, template_inputs,
@@ -92,10 +93,11 @@ async def create_chat_completion(serving: OpenAIServing,
     prompt = await client.run_in_tokenizer_thread(
         render_chat, client.tokenizer, req.messages, req.add_generation_prompt is not False,
         bool(req.continue_final_message), req.chat_template_kwargs, plan)
+    search = chat_beam_search(serving, req, params)  # use_beam_search: 400s before any work
     (inp,) = await serving.prepare([prompt], params, bool(req.add_special_tokens))
     rid, created = new_request_id("chatcmpl"), now_s()
     slo = serving.slo(req)
-    gen = client.generate(rid, inp, priority=req.priority or 0, **slo)
+    gen = (search or client.generate)(rid, inp, priority=req.priority or 0, **slo)
     model = req.model or serving.model_name
     decode = (lambda t: client.tokenizer.decode([t])) if client.tokenizer is not None else str
     top_n = req.top_logprobs or 0

@@ -253,10 +253,19 @@ def test_http_beam_search_and_best_of(tmp_path_factory):
             ]:
                 r = post(body)
                 assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-            r = post({"messages": [{"role": "user", "content": "hi"}], "use_beam_search": True},
+            # chat: the beams of the rendered conversation, as the completion of that prompt
+            msgs = [{"role": "user", "content": "hi"}]
+            r = post({"messages": msgs, "use_beam_search": True, "n": 2, "max_tokens": 5,
+                      "length_penalty": 0.5}, "/v1/chat/completions")
+            assert r.status_code == 200, r.text
+            rendered = c.post("/tokenize", json={"model": "tiny", "messages": msgs}).json()
+            via = post({"prompt": rendered["tokens"], "use_beam_search": True, "n": 2,
+                        "max_tokens": 5, "length_penalty": 0.5})
+            assert [ch["message"]["content"] for ch in r.json()["choices"]] == \
+                [ch["text"] for ch in via.json()["choices"]]
+            r = post({"messages": msgs, "use_beam_search": True, "stream": True},
                      "/v1/chat/completions")
-            assert r.status_code == 400, r.text
-            assert r.json()["error"]["param"] == "use_beam_search"
+            assert r.status_code == 400 and r.json()["error"]["param"] == "use_beam_search"
     finally:
         log = srv.close()
     assert "Traceback" not in log and "never retrieved" not in log, log
