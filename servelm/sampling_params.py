@@ -68,7 +68,10 @@ class SamplingParams:
     def _validate(self) -> None:
         c = self._check
         c(_is_int(self.n) and 1 <= self.n, "n", "an integer >= 1")
-        c(_is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0")
+        # bounded so that every accepted value keeps the sampler's arithmetic finite in fp32
+        # (logits / temperature, logits / repetition_penalty)
+        c(_is_num(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE, "temperature",
+          f"a number in [0, {MAX_TEMPERATURE:g}]")
         c(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]")
         c(_is_int(self.top_k) and self.top_k >= 0, "top_k", "0 or -1 (disabled) or an integer >= 1")
         c(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "in [0, 1]")
@@ -76,8 +79,8 @@ class SamplingParams:
           "presence_penalty", "in [-2, 2]")
         c(_is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
           "frequency_penalty", "in [-2, 2]")
-        c(_is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
-          "repetition_penalty", "in (0, 2]")
+        c(_is_num(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 2,
+          "repetition_penalty", "in [0.01, 2]")
         c(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64),
           "seed", "None or a 64-bit integer")
         c(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
@@ -112,6 +115,7 @@ class SamplingParams:
 
 
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+MAX_TEMPERATURE = 1e5  # past this the distribution is uniform in fp32 anyway
 
 
 def _logit_bias(bias: object) -> dict[int, float]:

@@ -145,6 +145,9 @@ class AsyncEngineClient:
             if kind == cp.READY:
                 logger.info("engine core ready (pid %s, %s KV blocks)", payload.get("pid"),
                             payload.get("num_blocks"))
+                if isinstance(payload.get("num_blocks"), int):
+                    self.inputs.kv_capacity_tokens = (payload["num_blocks"]
+                                                      * self.config.cache.block_size)
                 return
             if kind == cp.ERROR:
                 raise RuntimeError(f"the engine core failed to start: {payload}")

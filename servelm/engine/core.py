@@ -59,6 +59,12 @@ class EngineCore:
         self._drafting = False  # the last landed step proposed drafts: land before scheduling
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens", time.perf_counter() - t0,
                     num_blocks, config.cache.block_size)
+        kv_tokens = num_blocks * config.cache.block_size
+        if config.model.max_model_len > kv_tokens:
+            logger.warning("max_model_len (%d) exceeds the KV cache (%d tokens): longer prompts "
+                           "are refused, and sequences past it cannot run; lower "
+                           "max_model_len or give the KV cache more memory.",
+                           config.model.max_model_len, kv_tokens)
 
     def add_request(self, r: EngineRequest) -> None:
         req = Request(r.request_id, r.prompt_token_ids, r.params, r.arrival_time,

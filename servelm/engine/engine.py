@@ -23,6 +23,9 @@ class InputProcessor:
     def __init__(self, config: EngineConfig, tokenizer: Any) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        # tokens the whole KV cache holds, once the engine has sized it (a longer prompt could
+        # never run: refused at admission)
+        self.kv_capacity_tokens: Optional[int] = None
 
     def check_priority(self, priority: object) -> None:
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -85,6 +88,11 @@ class InputProcessor:
         if len(ids) >= max_len:
             raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {max_len}: "
                              "shorten the prompt (it must leave room for one output token).")
+        cap = self.kv_capacity_tokens
+        if cap is not None and len(ids) + 1 > cap:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but the whole KV cache holds "
+                             f"{cap}: it could never run. Shorten the prompt, or give the KV "
+                             "cache more memory (gpu_memory_utilization, kv_cache_memory).")
         if any(t >= mc.vocab_size for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids in [0, {mc.vocab_size}).")
         if params.logit_bias and max(params.logit_bias) >= mc.vocab_size:
@@ -113,6 +121,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.core = EngineCore(config, tokenizer)
         self.inputs = InputProcessor(config, tokenizer)
+        self.inputs.kv_capacity_tokens = self.core.scheduler.kv.num_blocks * config.cache.block_size
         self.outputs = OutputProcessor(tokenizer)
 
     @classmethod

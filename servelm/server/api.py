@@ -63,8 +63,14 @@ def _reject_constant(name: str) -> None:
 
 
 async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object: 413 past ``limit`` bytes (declared or streamed), 400 if it
-    is not strict JSON (NaN/Infinity refused) or not an object."""
+    """The body as a JSON object: 415 unless declared as JSON (a browser page cannot then post
+    cross-site without a CORS preflight), 413 past ``limit`` bytes (declared or streamed), 400
+    if it is not strict JSON (NaN/Infinity refused) or not an object."""
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != "application/json":
+        raise APIError(415, f"the request body must be JSON, sent with 'Content-Type: "
+                            f"application/json' (got {ctype or 'no Content-Type'!r}).",
+                       code="unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body ({declared} bytes) exceeds the limit of {limit} "
@@ -166,7 +172,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
     add_dashboard(app, check_api_key)  # /dashboard: the page is open, its data needs the key
-    add_surface_routes(app, v1, created, server_config.served_model_names)
+    add_surface_routes(app, v1, created, server_config.served_model_names, check_api_key)
 
     @app.get("/health")
     async def health(request: Request) -> Response:
@@ -175,11 +181,16 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         return json_response(APIError(503, "the engine is not running.",
                                       type="service_unavailable").body(), 503)
 
-    @app.get("/version")
+    # with --api-key every route needs it except /health and the static pages (/docs,
+    # /dashboard and its assets, /openapi.json: no data); --metrics-without-api-key leaves
+    # /metrics to a scraper that cannot send headers
+    keyed = [Depends(check_api_key)]
+
+    @app.get("/version", dependencies=keyed)
     async def version() -> Response:
         return json_response({"version": __version__})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[] if server_config.metrics_without_api_key else keyed)
     async def prometheus(request: Request) -> Response:
         stats = await serving(request).client.get_stats()
         return Response(metrics.render(stats), media_type=CONTENT_TYPE)
@@ -203,7 +214,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         return _respond(await cancel_on_disconnect(request, create_chat_completion(
             serving(request), req)))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", dependencies=keyed)
     async def tokenize(request: Request) -> Response:
         req = await parse(request, TokenizeRequest, limit)
         s = serving(request)
@@ -231,7 +242,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         return json_response({"count": len(ids), "max_model_len": s.max_model_len,
                               "tokens": ids, "token_strs": strs})
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", dependencies=keyed)
     async def detokenize(request: Request) -> Response:
         req = await parse(request, DetokenizeRequest, limit)
         s = serving(request)
@@ -269,9 +280,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> Response:
+        # a 405 keeps Starlette's Allow header (the methods the route takes)
         return json_response(APIError(e.status_code, str(e.detail),
                                       code=None if e.status_code != 404 else "not_found").body(),
-                             e.status_code)
+                             e.status_code, getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(_: Request, e: Exception) -> Response:

@@ -32,8 +32,10 @@ def _add_serve_args(p: Any) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: "
-                        "$SERVELM_API_KEY if set)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health and "
+                        "the static pages (default: $SERVELM_API_KEY if set)")
+    p.add_argument("--metrics-without-api-key", action="store_true", default=False,
+                   help="leave /metrics open (for a Prometheus scraper) when --api-key is set")
     p.add_argument("--default-ttft-slo-ms", type=float, default=None,
                    help="time-to-first-token objective of requests that set no ttft_slo_ms "
                         "(the slo scheduling policy orders and sheds by it)")
@@ -172,6 +174,7 @@ def main_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be a positive number of milliseconds, got {v}.")
     server_config = ServerConfig(served_model_names=tuple(names),
                                  api_key=ns.api_key or os.environ.get("SERVELM_API_KEY") or None,
+                                 metrics_without_api_key=bool(ns.metrics_without_api_key),
                                  max_body_bytes=ns.max_request_bytes,
                                  default_ttft_slo_ms=ns.default_ttft_slo_ms,
                                  default_tpot_slo_ms=ns.default_tpot_slo_ms,

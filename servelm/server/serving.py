@@ -28,6 +28,7 @@ _MIN_LOGPROB = -9999.0  # JSON has no -inf: impossible tokens report this, as in
 class ServerConfig:
     served_model_names: tuple[str, ...]
     api_key: Optional[str] = None
+    metrics_without_api_key: bool = False  # /metrics open to scrapers even with an api key
     max_body_bytes: int = 32 << 20
     max_n: int = 128
     max_prompts: int = 1024  # prompts in one /v1/completions request

@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any, Callable, Optional
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -73,7 +73,7 @@ def _plain(obj: Any) -> Any:
 
 
 def add_surface_routes(app: FastAPI, v1: APIRouter, created: int,
-                       served_names: tuple[str, ...]) -> None:
+                       served_names: tuple[str, ...], check_api_key: Any = None) -> None:
     """Registers /v1/models/{id} on ``v1`` (before the app includes it), /tokenizer_info and
     /docs on ``app``, and the OpenAPI generator that adds the request bodies."""
 
@@ -86,7 +86,8 @@ def add_surface_routes(app: FastAPI, v1: APIRouter, created: int,
         s = request.app.state.serving
         return _json(model_card(model_id, served_names[0], created, s.max_model_len))
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info",
+             dependencies=[Depends(check_api_key)] if check_api_key is not None else [])
     async def get_tokenizer_info(request: Request) -> Response:
         s = request.app.state.serving
         tok = s.client.tokenizer

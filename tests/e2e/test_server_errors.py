@@ -71,6 +71,27 @@ def test_api_key_required_on_v1(server, headers):
         for path, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)):
             assert_error(c.post(path, json=body, headers=headers), 401)
         assert c.get("/health").status_code == 200  # not behind the key, like vLLM
+        # every other route with data is behind it too
+        for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+            assert_error(c.post(path, json=body, headers=headers), 401)
+        for path in ("/metrics", "/version", "/tokenizer_info", "/v1/models/tiny"):
+            assert_error(c.get(path, headers=headers), 401)
+        assert c.get("/docs").status_code == 200  # static pages, no data
+
+
+def test_non_json_content_type_is_415_and_405_has_allow(api):
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                  None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        r = api.post("/v1/completions", content=json.dumps(COMPLETION), headers=headers)
+        err = assert_error(r, 415, contains="application/json")
+        assert err["code"] == "unsupported_media_type"
+    r = api.post("/v1/completions", content=json.dumps(COMPLETION),
+                 headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+    r = api.get("/v1/completions")
+    assert_error(r, 405)
+    assert r.headers["allow"] == "POST"
 
 
 def test_api_key_openai_client(server):
@@ -234,7 +255,8 @@ def test_body_too_large_streamed(api):
         for _ in range(33):
             yield b"a" * (1 << 20)
         yield b'"}'
-    assert_error(api.post("/v1/completions", content=chunks()), 413)
+    assert_error(api.post("/v1/completions", content=chunks(),
+                          headers={"Content-Type": "application/json"}), 413)
 
 
 # ---- nothing breaks the engine -----------------------------------------------------------------

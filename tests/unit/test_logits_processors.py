@@ -210,3 +210,44 @@ def test_pipeline_samples_rows_with_their_own_settings():
     raw = logits.log_softmax(-1)
     torch.testing.assert_close(so.sampled_logprob[1], raw[1, 9])
     assert so.top_ids.shape == (2, 2)
+
+
+def test_extreme_accepted_values_keep_sampling_finite():
+    """Fuzz: every accepted sampling value at its extremes, combined (biases of +-100 on every
+    token at the smallest non-greedy temperature, penalties at their bounds, a repetition
+    penalty of 0.01 on large logits, temperature 1e5): the processed and tempered logits hold
+    no NaN and no +inf, and every sampled token is a real, allowed token."""
+    from servelm.sampling.sampler import apply_top_k_top_p_min_p
+    from servelm.sampling_params import MAX_TEMPERATURE
+    rng = random.Random(0)
+    for trial in range(60):
+        pipe = build_sampling_pipeline(CTX)
+        added, rows = [], list(range(8))
+        for r in rows:
+            bias = {t: rng.choice((-100.0, 100.0)) for t in rng.sample(range(V), rng.randint(0, V))}
+            p = SamplingParams(
+                temperature=rng.choice((1.01e-5, 1e-3, 1.0, MAX_TEMPERATURE)),
+                top_p=rng.choice((1e-9, 0.5, 1.0)), top_k=rng.choice((0, 1, V)),
+                min_p=rng.choice((0.0, 1.0)),
+                presence_penalty=rng.choice((-2.0, 2.0)), frequency_penalty=rng.choice((-2.0, 2.0)),
+                repetition_penalty=rng.choice((0.01, 2.0)), logit_bias=bias or None,
+                min_tokens=rng.choice((0, 5)), seed=trial * 8 + r)
+            prompt = np.asarray([rng.randrange(V) for _ in range(rng.randint(1, 30))])
+            added.append(AddedRequest(r, p, prompt, [rng.randrange(V) for _ in range(3)],
+                                      seed=p.seed))
+        bu = _layout(BatchUpdate(added=added), rows)
+        bu.sample_pos = np.full(8, 40, dtype=np.int64)
+        pipe.update(bu)
+        logits = torch.randn(8, V, generator=torch.Generator().manual_seed(trial)) * 40
+        x = logits.clone()
+        for proc in pipe.processors:
+            x = proc.apply(x)
+        assert not torch.isnan(x).any() and not torch.isposinf(x).any()
+        m = pipe.metadata()
+        tempered = apply_top_k_top_p_min_p(x / m.temperature[:, None], m)
+        assert not torch.isnan(tempered).any() and not torch.isposinf(tempered).any()
+        assert torch.isfinite(tempered).any(-1).all()  # something is always left to sample
+        so = pipe.sample(logits.clone())
+        tok = so.token_ids
+        assert ((tok >= 0) & (tok < V)).all()
+        assert torch.isfinite(x.gather(1, tok[:, None])).all()  # never a banned token

@@ -9,13 +9,13 @@ NAN, INF = float("nan"), float("inf")
 
 INVALID = {
     "n": [0, -1, 1.5, "2", None],
-    "temperature": [-0.1, -1, NAN, INF, "1", None],
+    "temperature": [-0.1, -1, NAN, INF, "1", None, 1e39, 1e5 + 1],
     "top_p": [0, 0.0, -0.5, 1.01, NAN, INF, None],
     "top_k": [-2, -10, 2.5, "5", None],
     "min_p": [-0.01, 1.01, NAN, INF, None],
     "presence_penalty": [-2.01, 2.01, NAN, INF, None],
     "frequency_penalty": [-2.5, 2.5, NAN, -INF, None],
-    "repetition_penalty": [0, 0.0, -1.0, 2.01, NAN, INF, None],
+    "repetition_penalty": [0, 0.0, -1.0, 2.01, NAN, INF, None, 1e-40, 0.009],
     "seed": [1.5, "3", 2**64, -2**63 - 1],
     "max_tokens": [0, -5, 2.0, "8"],
     "min_tokens": [-1, 1.5, None],
