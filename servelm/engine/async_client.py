@@ -289,6 +289,10 @@ class AsyncEngineClient:
             if not finished:
                 self._abort(request_id)
 
+    def num_sequences_in_flight(self) -> int:
+        """Sequences added and not finished (running or waiting in the core)."""
+        return len(self.outputs.child_to_parent)
+
     async def abort(self, request_id: str) -> None:
         self._abort(request_id)
 

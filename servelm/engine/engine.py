@@ -26,6 +26,7 @@ class InputProcessor:
         # tokens the whole KV cache holds, once the engine has sized it (a longer prompt could
         # never run: refused at admission)
         self.kv_capacity_tokens: Optional[int] = None
+        self._max_token_chars: Optional[int] = None  # longest vocabulary string (on first use)
 
     def check_priority(self, priority: object) -> None:
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -44,6 +45,21 @@ class InputProcessor:
             if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                     or v <= 0):
                 raise ValueError(f"{name} must be a positive number of milliseconds, got {v!r}.")
+
+    def _check_text_length(self, text: str) -> None:
+        """Refuse, before encoding, a text that must have more tokens than max_model_len: each
+        token covers at most as many characters as its vocabulary string has (byte-level and
+        byte-fallback strings spell every byte at least once), so a text longer than
+        max_model_len times the longest string cannot fit. A 10 MB prompt is then refused in
+        microseconds instead of after seconds of tokenizing."""
+        if self._max_token_chars is None:
+            vocab = self.tokenizer.get_vocab()
+            self._max_token_chars = max((len(t) for t in vocab), default=1) or 1
+        limit = self.config.model.max_model_len * self._max_token_chars
+        if len(text) > limit:
+            raise ValueError(f"the prompt has {len(text)} characters: more than max_model_len "
+                             f"({self.config.model.max_model_len}) tokens of this tokenizer "
+                             f"can hold (at most {limit}); shorten the prompt.")
 
     def check_structured_outputs(self, so: StructuredOutputsParams) -> StructuredOutputsParams:
         """The request's constraint with the engine's defaults filled in, after the backend's
@@ -78,6 +94,7 @@ class InputProcessor:
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompt token ids, or a "
                                  "tokenizer=... path.")
+            self._check_text_length(text)
             ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         mc = self.config.model
         if not ids:

@@ -34,6 +34,14 @@ def _add_serve_args(p: Any) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health and "
                         "the static pages (default: $SERVELM_API_KEY if set)")
+    p.add_argument("--max-sequences-per-request", type=int, default=1024,
+                   help="sequences one request may ask for: prompts x n (x best_of); 400 above")
+    p.add_argument("--max-stop-sequences", type=int, default=64,
+                   help="stop strings per request (and 16x as many stop_token_ids); 400 above")
+    p.add_argument("--max-stop-length", type=int, default=1024,
+                   help="characters per stop string; 400 above")
+    p.add_argument("--max-waiting-requests", type=int, default=4096,
+                   help="sequences queued beyond the running batch; 429 with Retry-After above")
     p.add_argument("--metrics-without-api-key", action="store_true", default=False,
                    help="leave /metrics open (for a Prometheus scraper) when --api-key is set")
     p.add_argument("--default-ttft-slo-ms", type=float, default=None,
@@ -168,6 +176,13 @@ def main_serve(args: argparse.Namespace) -> int:
         names = [names]
     if ns.max_request_bytes < 1:
         raise ValueError("--max-request-bytes must be >= 1.")
+    for flag, v in (("--max-sequences-per-request", ns.max_sequences_per_request),
+                    ("--max-stop-sequences", ns.max_stop_sequences),
+                    ("--max-stop-length", ns.max_stop_length)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}.")
+    if ns.max_waiting_requests < 0:
+        raise ValueError(f"--max-waiting-requests must be >= 0, got {ns.max_waiting_requests}.")
     for flag, v in (("--default-ttft-slo-ms", ns.default_ttft_slo_ms),
                     ("--default-tpot-slo-ms", ns.default_tpot_slo_ms)):
         if v is not None and not v > 0:
@@ -175,6 +190,10 @@ def main_serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(served_model_names=tuple(names),
                                  api_key=ns.api_key or os.environ.get("SERVELM_API_KEY") or None,
                                  metrics_without_api_key=bool(ns.metrics_without_api_key),
+                                 max_sequences_per_request=ns.max_sequences_per_request,
+                                 max_stop_sequences=ns.max_stop_sequences,
+                                 max_stop_length=ns.max_stop_length,
+                                 max_waiting_requests=ns.max_waiting_requests,
                                  max_body_bytes=ns.max_request_bytes,
                                  default_ttft_slo_ms=ns.default_ttft_slo_ms,
                                  default_tpot_slo_ms=ns.default_tpot_slo_ms,

@@ -39,6 +39,11 @@ class ServerConfig:
     default_sampling_params: tuple[tuple[str, Any], ...] = ()
     enable_auto_tool_choice: bool = False
     tool_call_parser: Optional[str] = None
+    # bounds on one request's work and on the queue (--max-... flags); over them: 400 / 429
+    max_sequences_per_request: int = 1024  # prompts x n (x best_of)
+    max_stop_sequences: int = 64
+    max_stop_length: int = 1024  # characters per stop string
+    max_waiting_requests: int = 4096  # sequences queued beyond the running batch
 
 
 class OpenAIServing:
@@ -114,10 +119,43 @@ class OpenAIServing:
         return ((self.may_shed and slo["ttft_slo_ms"] is not None)
                 or params.structured_outputs is not None)
 
+    def check_limits(self, params: SamplingParams, num_prompts: int,
+                     samples_per_prompt: Optional[int] = None) -> None:
+        """The request's work against the server's bounds (400s), and the queue (429)."""
+        c = self.config
+        seqs = num_prompts * (samples_per_prompt or params.n)
+        if seqs > c.max_sequences_per_request:
+            raise bad_request(f"this request asks for {seqs} sequences (prompts x n); the limit "
+                              f"is {c.max_sequences_per_request} (--max-sequences-per-request).",
+                              "n")
+        if len(params.stop) > c.max_stop_sequences:
+            raise bad_request(f"at most {c.max_stop_sequences} stop sequences, got "
+                              f"{len(params.stop)}.", "stop")
+        if any(len(s) > c.max_stop_length for s in params.stop):
+            raise bad_request(f"stop sequences must be at most {c.max_stop_length} characters.",
+                              "stop")
+        if len(params.stop_token_ids) > c.max_stop_sequences * 16:
+            raise bad_request(f"at most {c.max_stop_sequences * 16} stop_token_ids, got "
+                              f"{len(params.stop_token_ids)}.", "stop_token_ids")
+        # sequences in flight beyond what one step runs are waiting: bounded, so a burst gets
+        # a 429 to retry rather than an unbounded queue
+        capacity = self.client.config.scheduler.max_num_seqs + c.max_waiting_requests
+        if seqs > capacity:  # more than an empty queue takes: retrying cannot help
+            raise bad_request(f"this request asks for {seqs} sequences; this server runs and "
+                              f"queues at most {capacity} at a time.", "n")
+        in_flight = self.client.num_sequences_in_flight()
+        if seqs > capacity - in_flight:
+            raise APIError(429, f"the server's queue is full ({in_flight} sequences in flight, "
+                                f"--max-waiting-requests {c.max_waiting_requests}); retry "
+                                "shortly.", type="rate_limit_exceeded", code="queue_full",
+                           headers={"Retry-After": "1"})
+
     async def prepare(self, prompts: list[Any], params: SamplingParams,
-                      add_special_tokens: bool) -> list[ProcessedPrompt]:
+                      add_special_tokens: bool, samples_per_prompt: Optional[int] = None
+                      ) -> list[ProcessedPrompt]:
         """Tokenizes and checks every prompt before anything is generated (errors are 400s)."""
         self.client.check_health()
+        self.check_limits(params, len(prompts), samples_per_prompt)
         out = []
         for p in prompts:
             try:

@@ -40,7 +40,8 @@ async def create_completion(serving: OpenAIServing,
         req, 1 if score_only else req.max_tokens, req.logprobs,
         prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None)
     search = completion_search(serving, req, params)  # use_beam_search / best_of, or None
-    inputs = await serving.prepare(prompts, params, req.add_special_tokens is not False)
+    inputs = await serving.prepare(prompts, params, req.add_special_tokens is not False,
+                                   samples_per_prompt=req.best_of)
     rid, created = new_request_id("cmpl"), now_s()
     slo = serving.slo(req)
     generate = search or serving.client.generate

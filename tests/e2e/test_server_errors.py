@@ -184,6 +184,46 @@ def test_request_count_limits(api):
     assert r.status_code == 200 and len(r.json()["choices"]) == 3
 
 
+def test_work_and_queue_limits(model_dir):
+    """--max-sequences-per-request, --max-stop-sequences, --max-stop-length (400s naming the
+    field) and --max-waiting-requests (429 with Retry-After once the queue is full)."""
+    srv = ServerProcess([model_dir, "--device", "cpu", "--max-model-len", "512",
+                         "--kv-cache-memory", str(8 << 20), "--served-model-name", "tiny",
+                         "--max-num-seqs", "1", "--max-waiting-requests", "2",
+                         "--max-sequences-per-request", "8", "--max-stop-sequences", "2",
+                         "--max-stop-length", "5"])
+    try:
+        with httpx.Client(base_url=srv.base_url, timeout=60) as c:
+            def p(body):
+                return c.post("/v1/completions", json={**COMPLETION, **body})
+            assert assert_error(p({"prompt": ["a"] * 3, "n": 3}), 400)["param"] == "n"
+            assert assert_error(p({"stop": ["a", "b", "c"]}), 400)["param"] == "stop"
+            assert assert_error(p({"stop": ["abcdef"]}), 400)["param"] == "stop"
+            assert assert_error(p({"prompt": ["a"] * 2, "n": 2}), 400,
+                                contains="at most 3 at a time")["param"] == "n"
+            assert p({"stop": ["ab", "cd"], "n": 3}).status_code == 200
+            # 3 sequences in flight fill 1 running + 2 waiting (one after another: seconds of
+            # work), so the next request is a 429
+            long = {**COMPLETION, "n": 3, "max_tokens": 500, "ignore_eos": True}
+            with ThreadPoolExecutor(1) as pool:
+                busy = pool.submit(p, long)
+                refused = None
+                for _ in range(200):  # while the long request runs: a small one is refused
+                    r = c.post("/v1/completions", json={**COMPLETION, "max_tokens": 1})
+                    if r.status_code == 429:
+                        refused = r
+                        break
+                    time.sleep(0.01)
+                assert busy.result().status_code == 200
+            assert refused is not None, "no 429 while the queue was full"
+            err = assert_error(refused, 429)
+            assert err["code"] == "queue_full" and refused.headers["retry-after"] == "1"
+            assert p({"max_tokens": 1}).status_code == 200  # the finished request freed it
+    finally:
+        log = srv.close()
+    assert "Traceback" not in log, log
+
+
 # ---- logit_bias --------------------------------------------------------------------------------
 def _vocab_size(model_dir: str) -> int:
     with open(os.path.join(model_dir, "config.json")) as f:
