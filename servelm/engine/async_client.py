@@ -43,6 +43,11 @@ class EngineDeadError(RuntimeError):
     """The engine core process has exited; no request can be served."""
 
 
+class ShuttingDownError(RuntimeError):
+    """The server is shutting down: requests still running at the end of its grace period
+    end with this (HTTP 503), as do requests that arrive during it."""
+
+
 class RequestError(ValueError):
     """The engine core refused one request for its input (e.g. a grammar that does not compile
     in time): the client's fault, an HTTP 400."""
@@ -288,6 +293,13 @@ class AsyncEngineClient:
             self._queues.pop(request_id, None)
             if not finished:
                 self._abort(request_id)
+
+    def end_requests(self, err: BaseException) -> int:
+        """End every request in flight with ``err`` (their generators raise it; leaving, they
+        abort their sequences in the core); how many there were."""
+        for q in self._queues.values():
+            q.put_nowait(err)
+        return len(self._queues)
 
     def num_sequences_in_flight(self) -> int:
         """Sequences added and not finished (running or waiting in the core)."""

@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from servelm import __version__
 from servelm.config import EngineConfig
-from servelm.engine.async_client import AsyncEngineClient, EngineDeadError, RequestError
+from servelm.engine.async_client import (AsyncEngineClient, EngineDeadError, RequestError,
+                                        ShuttingDownError)
 from servelm.server.dashboard import add_dashboard
 from servelm.server.metrics import CONTENT_TYPE, ServerMetrics
 from servelm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
@@ -267,6 +268,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(_: Request, e: RequestError) -> Response:
         return json_response(APIError(400, str(e)).body(), 400)
+
+    @app.exception_handler(ShuttingDownError)
+    async def shutting_down(_: Request, e: ShuttingDownError) -> Response:
+        return json_response(APIError(503, str(e), type="service_unavailable",
+                                      code="server_shutting_down").body(), 503,
+                             {"Retry-After": "5", "Connection": "close"})
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, e: EngineDeadError) -> Response:

@@ -42,6 +42,9 @@ def _add_serve_args(p: Any) -> None:
                    help="characters per stop string; 400 above")
     p.add_argument("--max-waiting-requests", type=int, default=4096,
                    help="sequences queued beyond the running batch; 429 with Retry-After above")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds requests in flight get to finish on SIGTERM / Ctrl-C; those "
+                        "still running then end with a 503 (streams: an error event, [DONE])")
     p.add_argument("--metrics-without-api-key", action="store_true", default=False,
                    help="leave /metrics open (for a Prometheus scraper) when --api-key is set")
     p.add_argument("--default-ttft-slo-ms", type=float, default=None,
@@ -181,6 +184,8 @@ def main_serve(args: argparse.Namespace) -> int:
                     ("--max-stop-length", ns.max_stop_length)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}.")
+    if not ns.shutdown_timeout > 0:
+        raise ValueError(f"--shutdown-timeout must be > 0 seconds, got {ns.shutdown_timeout}.")
     if ns.max_waiting_requests < 0:
         raise ValueError(f"--max-waiting-requests must be >= 0, got {ns.max_waiting_requests}.")
     for flag, v in (("--default-ttft-slo-ms", ns.default_ttft_slo_ms),
@@ -204,7 +209,9 @@ def main_serve(args: argparse.Namespace) -> int:
     app = build_app(engine_config, server_config)
     logging.getLogger(__name__).warning("servelm: starting %s on http://%s:%d", names[0], ns.host,
                                         ns.port)
-    # on Ctrl-C / SIGTERM, in-flight requests get 10 s before they are cut (and aborted)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
-                timeout_keep_alive=5, timeout_graceful_shutdown=10)
+    # on Ctrl-C / SIGTERM, in-flight requests get --shutdown-timeout seconds, then an error
+    from servelm.server.shutdown import install
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=ns.shutdown_timeout)
+    install(uvicorn.Server, app, ns.shutdown_timeout)(config).run()
     return 0

@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, TypeVar
 
-from servelm.engine.async_client import AsyncEngineClient, EngineDeadError, ProcessedPrompt
+from servelm.engine.async_client import (AsyncEngineClient, EngineDeadError, ProcessedPrompt,
+                                        ShuttingDownError)
 from servelm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from servelm.sampling_params import SamplingParams
 from servelm.server.protocol import APIError, SamplingRequest, bad_request
@@ -52,6 +53,7 @@ class OpenAIServing:
     def __init__(self, client: AsyncEngineClient, config: ServerConfig) -> None:
         self.client = client
         self.config = config
+        self.shutting_down = False  # SIGTERM: new requests get a 503 (server/shutdown.py)
 
     @property
     def model_name(self) -> str:
@@ -154,6 +156,9 @@ class OpenAIServing:
                       add_special_tokens: bool, samples_per_prompt: Optional[int] = None
                       ) -> list[ProcessedPrompt]:
         """Tokenizes and checks every prompt before anything is generated (errors are 400s)."""
+        if self.shutting_down:
+            raise ShuttingDownError("the server is shutting down; retry on another replica or "
+                                    "once it is back.")
         self.client.check_health()
         self.check_limits(params, len(prompts), samples_per_prompt)
         out = []
@@ -382,6 +387,8 @@ def stream_error(e: Exception) -> str:
         err = e
     elif isinstance(e, EngineDeadError):
         err = APIError(503, str(e), type="service_unavailable", code="engine_dead")
+    elif isinstance(e, ShuttingDownError):
+        err = APIError(503, str(e), type="service_unavailable", code="server_shutting_down")
     elif isinstance(e, ValueError):
         err = APIError(400, str(e))
     else:

@@ -232,13 +232,16 @@ def test_eos_ends_generation_unless_ignored(tiny_model_factory):
 def test_request_that_can_never_fit_finishes_with_reason(tiny_model_factory):
     d, _ = tiny_model_factory("llama")
     eng = make_engine(d, num_gpu_blocks_override=8)  # 32 tokens of KV in all
-    outs = run_to_completion(eng, random_prompts(2, (40, 10), seed=14),
-                             SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
-    assert outs[0].outputs[0].finish_reason == "length" and outs[0].outputs[0].token_ids == []
-    assert "KV cache" in str(outs[0].outputs[0].stop_reason)
-    # the second one runs until it outgrows the whole cache, then ends the same way
-    assert outs[1].outputs[0].finish_reason == "length"
-    assert 0 < len(outs[1].outputs[0].token_ids) <= 32 - 10 + 1  # the last one needs no KV yet
+    long, short = random_prompts(2, (40, 10), seed=14)
+    # a prompt the whole cache cannot hold is refused at admission (test_admission.py)
+    with pytest.raises(ValueError, match="could never run"):
+        eng.add_request("long", long, SamplingParams(max_tokens=64))
+    # one that fits runs until it outgrows the whole cache, then ends with the reason
+    (out,) = run_to_completion(eng, [short], SamplingParams(temperature=0, max_tokens=64,
+                                                            ignore_eos=True))
+    assert out.outputs[0].finish_reason == "length"
+    assert "KV cache" in str(out.outputs[0].stop_reason)
+    assert 0 < len(out.outputs[0].token_ids) <= 32 - 10 + 1  # the last one needs no KV yet
     assert_all_blocks_free(eng)
 
 

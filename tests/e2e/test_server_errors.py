@@ -205,8 +205,12 @@ def test_work_and_queue_limits(model_dir):
             # 3 sequences in flight fill 1 running + 2 waiting (one after another: seconds of
             # work), so the next request is a 429
             long = {**COMPLETION, "n": 3, "max_tokens": 500, "ignore_eos": True}
+            def post_long():  # its own client: one httpx client would serialize the two
+                with httpx.Client(base_url=srv.base_url, timeout=60) as c2:
+                    return c2.post("/v1/completions", json=long)
             with ThreadPoolExecutor(1) as pool:
-                busy = pool.submit(p, long)
+                busy = pool.submit(post_long)
+                time.sleep(0.3)  # it is queued first (else a probe could take its room)
                 refused = None
                 for _ in range(200):  # while the long request runs: a small one is refused
                     r = c.post("/v1/completions", json={**COMPLETION, "max_tokens": 1})
@@ -395,3 +399,35 @@ def test_engine_death_fails_requests_and_health(model_dir):
         assert httpx.get(srv.base_url + "/metrics", timeout=10).status_code == 200
     finally:
         srv.close()
+
+
+def test_sigterm_ends_requests_in_flight_with_openai_errors(model_dir):
+    """SIGTERM with long requests running: within --shutdown-timeout each gets an error in
+    OpenAI's shape (a JSON 503; a stream's error event, then [DONE]), and the server exits."""
+    srv = ServerProcess([model_dir, "--device", "cpu", "--max-model-len", "512",
+                         "--kv-cache-memory", str(8 << 20), "--served-model-name", "tiny",
+                         "--max-num-seqs", "1", "--shutdown-timeout", "2"])
+    try:
+        long = {**COMPLETION, "n": 4, "max_tokens": 500, "ignore_eos": True}
+        with httpx.Client(base_url=srv.base_url, timeout=60) as c, ThreadPoolExecutor(2) as pool:
+            def stream():
+                with c.stream("POST", "/v1/completions", json={**long, "stream": True}) as s:
+                    return s.status_code, [line for line in s.iter_lines() if line]
+            plain = pool.submit(c.post, "/v1/completions", json=long)
+            streamed = pool.submit(stream)
+            time.sleep(1.0)  # both running (8 sequences one at a time: many seconds of work)
+            t0 = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            r = plain.result(timeout=30)
+            status, lines = streamed.result(timeout=30)
+        assert time.monotonic() - t0 < 6
+        err = assert_error(r, 503, contains="shutting down")
+        assert err["code"] == "server_shutting_down"
+        assert status == 200 and lines[-1] == "data: [DONE]"
+        last = json.loads(lines[-2][len("data: "):])
+        assert last["error"]["code"] == "server_shutting_down"
+        # uvicorn re-raises the signal once shut down: the exit status says "terminated"
+        assert srv.proc.wait(timeout=20) in (0, -signal.SIGTERM)
+    finally:
+        log = srv.close()
+    assert "Traceback" not in log, log
