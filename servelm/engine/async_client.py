@@ -18,7 +18,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Protocol, Union
+from typing import Any, AsyncIterator, Callable, Optional, Protocol, Union
 
 import zmq
 import zmq.asyncio
@@ -93,6 +93,9 @@ class AsyncEngineClient:
         # one thread: tokenizers are not re-entrant, and big prompts must not stall the loop
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="servelm-tokenize")
         self.dead_error: Optional[EngineDeadError] = None
+        # called (on the event loop) once the core process died unasked, after every request
+        # in flight got the error: the server restarts the core or exits
+        self.on_dead: Optional[Callable[[EngineDeadError], None]] = None
         self._exited: asyncio.Future = asyncio.get_running_loop().create_future()
         self._reader: Optional[asyncio.Task] = None
         self._tasks: list[asyncio.Future] = []  # the watchdog (and a liveness poller if needed)
@@ -180,8 +183,15 @@ class AsyncEngineClient:
         await asyncio.sleep(_LAST_WORDS_S)  # let the reader take outputs and an error message
         if self._reader is not None:
             self._reader.cancel()
-        self._fail_all(EngineDeadError(
-            f"the engine core process died (exit code {self._proc.exitcode})."))
+        code = self._proc.exitcode
+        how = (f"killed by signal {-code}" if code is not None and code < 0
+               else f"exit code {code}")
+        err = self.dead_error or EngineDeadError(f"the engine core process died ({how}).")
+        logger.error("engine core (pid %s) died (%s): %s; %d request(s) in flight failed",
+                     self._proc.pid, how, err, len(self._queues))
+        self._fail_all(err)
+        if self.on_dead is not None:
+            self.on_dead(err)
 
     async def shutdown(self) -> None:
         if self._closed:

@@ -29,6 +29,7 @@ from servelm.server.protocol import (APIError, ChatCompletionRequest, Completion
                                      DetokenizeRequest, TokenizeRequest, bad_request,
                                      validation_error)
 from servelm.server.request_fields import refuse_unsupported
+from servelm.server.recovery import EngineRecovery
 from servelm.server.serve_settings import set_chat_template
 from servelm.server.serving import OpenAIServing, ServerConfig, dumps
 from servelm.server.serving_chat import create_chat_completion, render_chat
@@ -146,12 +147,15 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         c = client or await AsyncEngineClient.start(engine_config, listener=metrics)
         set_chat_template(c.tokenizer, server_config.chat_template)  # --chat-template
         app.state.serving = OpenAIServing(c, server_config)
+        if client is None:  # a core this app started: it restarts it, or exits, if it dies
+            EngineRecovery(app, engine_config, metrics,
+                           server_config.on_engine_failure).attach(c)
         logger.warning("servelm: ready, serving %s", ", ".join(server_config.served_model_names))
         try:
             yield
         finally:
             if client is None:
-                await c.shutdown()
+                await app.state.serving.client.shutdown()  # the current one (restarts)
 
     # FastAPI's own /docs and /redoc load their scripts from a CDN: surface.py serves /docs
     app = FastAPI(title="servelm", version=__version__, lifespan=lifespan, docs_url=None,

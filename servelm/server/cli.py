@@ -42,6 +42,10 @@ def _add_serve_args(p: Any) -> None:
                    help="characters per stop string; 400 above")
     p.add_argument("--max-waiting-requests", type=int, default=4096,
                    help="sequences queued beyond the running batch; 429 with Retry-After above")
+    p.add_argument("--on-engine-failure", default="restart", choices=["restart", "exit"],
+                   help="when the engine core process dies (requests in flight fail with 503): "
+                        "restart it (more than 3 deaths in 10 minutes: exit), or exit with "
+                        "status 1 for a supervisor to restart the server")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds requests in flight get to finish on SIGTERM / Ctrl-C; those "
                         "still running then end with a 503 (streams: an error event, [DONE])")
@@ -199,6 +203,7 @@ def main_serve(args: argparse.Namespace) -> int:
                                  max_stop_sequences=ns.max_stop_sequences,
                                  max_stop_length=ns.max_stop_length,
                                  max_waiting_requests=ns.max_waiting_requests,
+                                 on_engine_failure=ns.on_engine_failure,
                                  max_body_bytes=ns.max_request_bytes,
                                  default_ttft_slo_ms=ns.default_ttft_slo_ms,
                                  default_tpot_slo_ms=ns.default_tpot_slo_ms,
@@ -213,5 +218,7 @@ def main_serve(args: argparse.Namespace) -> int:
     from servelm.server.shutdown import install
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
                             timeout_keep_alive=5, timeout_graceful_shutdown=ns.shutdown_timeout)
-    install(uvicorn.Server, app, ns.shutdown_timeout)(config).run()
-    return 0
+    server = install(uvicorn.Server, app, ns.shutdown_timeout)(config)
+    app.state.uvicorn_server = server  # --on-engine-failure exit stops it
+    server.run()
+    return getattr(app.state, "exit_code", 0)

@@ -45,6 +45,7 @@ class ServerConfig:
     max_stop_sequences: int = 64
     max_stop_length: int = 1024  # characters per stop string
     max_waiting_requests: int = 4096  # sequences queued beyond the running batch
+    on_engine_failure: str = "restart"  # or "exit" (server/recovery.py)
 
 
 class OpenAIServing:

@@ -350,9 +350,14 @@ def test_streamed_errors_are_valid_sse(api):
 
 
 # ---- the engine process dies -------------------------------------------------------------------
-def test_engine_death_fails_requests_and_health(model_dir):
+@pytest.mark.parametrize("mode", ["restart", "exit"])
+def test_engine_death_fails_requests_then_restarts_or_exits(model_dir, mode):
+    """SIGKILL of the engine core under load: every request in flight fails (503) at once and
+    the cause is logged; then --on-engine-failure restart serves again with a new core, and
+    exit stops the server with status 1."""
     srv = ServerProcess([model_dir, "--device", "cpu", "--max-model-len", "512",
-                         "--kv-cache-memory", str(8 << 20), "--served-model-name", "tiny"])
+                         "--kv-cache-memory", str(8 << 20), "--served-model-name", "tiny",
+                         "--on-engine-failure", mode])
     try:
         client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
                                timeout=30)
@@ -383,7 +388,8 @@ def test_engine_death_fails_requests_and_health(model_dir):
         for t in threads:
             t.start()
         started.wait(timeout=30)  # every stream has its first chunk
-        os.kill(srv.core_pid(), signal.SIGKILL)
+        dead_pid = srv.core_pid()
+        os.kill(dead_pid, signal.SIGKILL)
         t0 = time.monotonic()
         for t in threads:
             t.join(timeout=30)
@@ -391,14 +397,22 @@ def test_engine_death_fails_requests_and_health(model_dir):
         assert time.monotonic() - t0 < 15
         assert all(isinstance(e, Exception) for e in errors), errors
         assert isinstance(errors[4], openai.APIStatusError) and errors[4].status_code == 503
-        r = httpx.get(srv.base_url + "/health", timeout=10)
-        assert r.status_code == 503
-        with pytest.raises(openai.APIStatusError) as info:
-            client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
-        assert info.value.status_code == 503
-        assert httpx.get(srv.base_url + "/metrics", timeout=10).status_code == 200
+        if mode == "exit":
+            assert srv.proc.wait(timeout=30) == 1
+        else:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if httpx.get(srv.base_url + "/health", timeout=10).status_code == 200:
+                    break
+                time.sleep(0.2)
+            assert srv.core_pid() != dead_pid
+            out = client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+            assert out.choices[0].text is not None
+            assert httpx.get(srv.base_url + "/metrics", timeout=10).status_code == 200
     finally:
-        srv.close()
+        log = srv.close()
+    assert "died (killed by signal 9)" in log, log
+    assert ("engine core restarted" in log) == (mode == "restart"), log
 
 
 def test_sigterm_ends_requests_in_flight_with_openai_errors(model_dir):
