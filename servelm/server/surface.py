@@ -111,6 +111,7 @@ def _openapi_with_bodies(app: FastAPI, bodies: tuple[tuple[str, type[BaseModel]]
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                              description="OpenAI-compatible API of servelm.")
         add_request_bodies(schema, bodies)
+        document_responses(schema)
         app.openapi_schema = schema
         return schema
     return openapi
@@ -142,6 +143,36 @@ def add_request_bodies(schema: dict, bodies: tuple[tuple[str, type[BaseModel]], 
         op.setdefault("responses", {}).update(
             {"400": {"description": "invalid request", **error},
              "404": {"description": "unknown model", **error}})
+
+
+# statuses any route may answer with an error body (API key, unknown route or model, engine
+# down or shutting down), and those of routes that take a body (bad, too large, not JSON,
+# queue full)
+_ANY_ERRORS = {"401": "missing or wrong API key", "404": "not found",
+               "503": "engine not running, or the server is shutting down"}
+_BODY_ERRORS = {"400": "invalid request", "413": "body too large",
+                "415": "body not sent as application/json", "429": "queue full"}
+# routes whose 200 is not JSON
+_NOT_JSON = {"/metrics": {"text/plain": {"schema": {"type": "string"}}}, "/health": None}
+
+
+def document_responses(schema: dict) -> None:
+    """Every status the server answers with, on every operation (so a schema-driven client
+    or fuzzer finds none undocumented), and the real content types of /metrics and /health."""
+    error = {"content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            extra = dict(_ANY_ERRORS)
+            if method == "post":
+                extra.update(_BODY_ERRORS)
+            for status, what in extra.items():
+                responses.setdefault(status, {"description": what, **error})
+            if path in _NOT_JSON and "200" in responses:
+                content = _NOT_JSON[path]
+                responses["200"] = ({"description": "OK", "content": content} if content
+                                    else {"description": "OK (no body)"})
 
 
 def _error_schema() -> dict:
