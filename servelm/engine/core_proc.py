@@ -13,6 +13,7 @@ order (no pickle: the core never runs code a message carries).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -97,8 +98,12 @@ class EngineCoreProc:
 
     def run(self) -> None:
         idle_work = True  # deferred start-up work (graph captures) left for idle moments
+        was_busy = False
         while self.running:
             busy = self.core.has_unfinished_requests()
+            if was_busy and not busy:
+                release_free_memory()  # idle again: heap pages freed by the steps go back
+            was_busy = busy
             if not busy and idle_work:
                 idle_work = self.core.use_idle_time()
                 busy = idle_work  # do not block while there is more: poll and come back
@@ -156,9 +161,24 @@ class EngineCoreProc:
             return {"error": f"{type(e).__name__}: {e}"}
 
 
+def release_free_memory() -> None:
+    """Hand free heap memory back to the OS (glibc's malloc_trim). Steps of varying batch
+    shapes leave freed blocks in malloc's arenas, and without this the core's resident memory
+    ratchets up under load (about +40% over 900 requests of a soak) though nothing leaks."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
                     log_level: int = logging.WARNING) -> None:
     """Entry point of the spawned core process."""
+    # oneDNN (bf16 matmuls on the CPU) caches a compiled kernel per GEMM shape, 1024 by
+    # default: with batches of every size that is hundreds of MB that never come back (a soak:
+    # +280 MB over 1,800 requests of a tiny model). 256 kernels cover the shapes in use; set
+    # before the first matmul, as oneDNN reads it once.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
     # Ctrl-C reaches the whole process group; the API process decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s[core]: %(message)s")
