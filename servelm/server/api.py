@@ -60,6 +60,9 @@ class SSEResponse(StreamingResponse):
 
 
 # ---- request bodies ------------------------------------------------------------------------
+_BIG_BODY = 1 << 20  # bytes of JSON worth parsing on a thread
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -86,7 +89,11 @@ async def read_json(request: Request, limit: int) -> dict:
     if not buf.strip():
         raise bad_request("the request body is empty: send a JSON object.")
     try:
-        obj = json.loads(bytes(buf), parse_constant=_reject_constant)
+        if len(buf) > _BIG_BODY:  # parsed beside the event loop: other requests keep moving
+            obj = await asyncio.to_thread(json.loads, bytes(buf),
+                                          parse_constant=_reject_constant)
+        else:
+            obj = json.loads(bytes(buf), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
