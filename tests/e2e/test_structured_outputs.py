@@ -1,8 +1,9 @@
 """Structured outputs through the engine (tiny random Llama with a real byte-level BPE tokenizer,
 CPU fp32): greedy output is token-identical to transformers with the same grammar mask applied
 step by step; every output follows its grammar; constrained and unconstrained requests share a
-batch; sync and async scheduling, n-gram speculative decoding, preemption, n > 1 seeded
-sampling; bad grammars and compile timeouts fail their request with a ValueError."""
+batch; sync and async scheduling, speculative decoding (n-gram, a draft model, a token tree),
+preemption, n > 1 seeded sampling; bad grammars and compile timeouts fail their request with a
+ValueError."""
 from __future__ import annotations
 
 import json
@@ -111,7 +112,7 @@ def test_greedy_matches_transformers_with_the_same_mask(tiny):
     assert_all_blocks_free(eng)
 
 
-@pytest.mark.parametrize("mode", ["sync", "async", "ngram", "preempt"])
+@pytest.mark.parametrize("mode", ["sync", "async", "ngram", "draft", "tree", "preempt"])
 def test_mixed_batch_follows_grammars(tiny, mode):
     """Every constraint and unconstrained requests in one batch, greedy and seeded sampling:
     constrained outputs follow their grammar (unless cut by max_tokens), unconstrained ones
@@ -119,6 +120,12 @@ def test_mixed_batch_follows_grammars(tiny, mode):
     kw = {"sync": dict(async_scheduling=False), "async": dict(async_scheduling=True),
           "ngram": dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                             "prompt_lookup_min": 1, "prompt_lookup_max": 3}),
+          # the model drafts for itself, unconstrained: drafts the grammar refuses are verified
+          # against masked rows (a chain of 3, and a token tree of 2 x 2 x 1)
+          "draft": dict(speculative_config={"method": "draft_model", "model": tiny,
+                                            "num_speculative_tokens": 3}),
+          "tree": dict(speculative_config={"method": "draft_model", "model": tiny,
+                                           "num_speculative_tokens": 3, "tree": [2, 2, 1]}),
           "preempt": dict(kv_cache_memory=40 * 2048, num_gpu_blocks_override=40, max_num_seqs=8)}[mode]
     eng = _engine(tiny, **kw)
     tok = eng.tokenizer
@@ -143,7 +150,7 @@ def test_mixed_batch_follows_grammars(tiny, mode):
         [o.outputs[0].token_ids for o in alone]
     if mode == "preempt":
         assert eng.stats().num_preemptions > 0
-    if mode == "ngram":
+    if mode in ("ngram", "draft", "tree"):
         assert eng.stats().spec_num_draft_tokens > 0
     # greedy constrained output does not depend on the mode (sync is the reference)
     ref = run_to_completion(_engine(tiny, async_scheduling=False),
