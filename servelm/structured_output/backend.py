@@ -43,8 +43,8 @@ class CompiledGrammar(ABC):
 
 
 class GrammarBackend(ABC):
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
-        self.vocab_size = vocab_size
+    """Built as ``cls(tokenizer, vocab_size, stop_token_ids)`` (the model's vocabulary size:
+    ids past the tokenizer's are never allowed; stop ids end a finished grammar)."""
 
     @staticmethod
     @abstractmethod

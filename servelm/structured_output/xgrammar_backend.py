@@ -86,7 +86,6 @@ class XgrammarCompiled(CompiledGrammar):
 class XgrammarBackend(GrammarBackend):
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int],
                  max_threads: int = 4) -> None:
-        super().__init__(tokenizer, vocab_size, stop_token_ids)
         self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         # xgrammar caches compiled grammars by their source and options; bounded in bytes
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads,

@@ -188,6 +188,22 @@ def _finite(value: Any) -> bool:
     return True
 
 
+def content_before(items: list, text: str, pos: int, marker: str,
+                   finished: bool) -> tuple[int, int]:
+    """Appends to ``items`` the content from ``pos`` to the next ``marker`` and returns (the
+    marker's start, or -1 if there is none yet; the new position). Without a marker, a tail
+    that may still become one is held back unless ``finished``."""
+    start = text.find(marker, pos)
+    if start < 0:
+        end = len(text) if finished else len(text) - partial_marker_len(text, pos, marker)
+        if end > pos:
+            items.append(text[pos:end])
+        return -1, max(end, pos)
+    if start > pos:
+        items.append(text[pos:start])
+    return start, start
+
+
 def partial_marker_len(text: str, pos: int, marker: str) -> int:
     """Length of the longest suffix of ``text[pos:]`` that is a proper prefix of ``marker``:
     text that must be held back because the next characters may complete the marker."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from servelm.server.tool_parsers.base import (Item, ToolCall, ToolParser, call_from_object, loads,
-                                              partial_marker_len)
+from servelm.server.tool_parsers.base import (Item, ToolCall, ToolParser, call_from_object,
+                                              content_before, loads)
 
 START, END = "<tool_call>", "</tool_call>"
 
@@ -23,16 +23,9 @@ class HermesToolParser(ToolParser):
     def _scan(self, text: str, pos: int, finished: bool) -> tuple[list[Item], int]:
         items: list[Item] = []
         while pos < len(text):
-            start = text.find(START, pos)
+            start, pos = content_before(items, text, pos, START, finished)  # "<tool" waits
             if start < 0:
-                # a tail like "<tool" may still become a marker
-                end = len(text) if finished else len(text) - partial_marker_len(text, pos, START)
-                if end > pos:
-                    items.append(text[pos:end])
-                return items, end
-            if start > pos:
-                items.append(text[pos:start])
-                pos = start
+                return items, pos
             body_start = start + len(START)
             close = text.find(END, body_start)
             if close < 0 and not finished:

@@ -14,7 +14,7 @@ from typing import Optional
 
 from servelm.server.tool_parsers.base import (Item, NeedMoreText, ToolCall, ToolParser,
                                               call_from_object, decode_at, make_call,
-                                              partial_marker_len, skip_ws)
+                                              content_before, skip_ws)
 
 BOT = "[TOOL_CALLS]"
 ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
@@ -28,15 +28,9 @@ class MistralToolParser(ToolParser):
     def _scan(self, text: str, pos: int, finished: bool) -> tuple[list[Item], int]:
         items: list[Item] = []
         while pos < len(text):
-            start = text.find(BOT, pos)
+            start, pos = content_before(items, text, pos, BOT, finished)
             if start < 0:
-                end = len(text) if finished else len(text) - partial_marker_len(text, pos, BOT)
-                if end > pos:
-                    items.append(text[pos:end])
-                return items, end
-            if start > pos:
-                items.append(text[pos:start])
-                pos = start
+                return items, pos
             try:
                 found = _calls_after(text, start + len(BOT), finished)
             except NeedMoreText:
