@@ -35,10 +35,21 @@ _NOT_WITH_BEAMS = {"temperature": (0,), "top_p": (1,), "top_k": (0, -1), "min_p"
                    "guided_grammar": ()}
 
 
+def _check_beam_fields(req: Any) -> None:
+    """length_penalty and early_stopping mean something only to beam search: alone, a 400
+    rather than a silently ignored field."""
+    if not req.use_beam_search:
+        for name in ("length_penalty", "early_stopping"):
+            if getattr(req, name) is not None:
+                raise bad_request(f"{name} applies to beam search only: set use_beam_search "
+                                  "to true, or leave it out.", name)
+
+
 def completion_search(serving: OpenAIServing, req: CompletionRequest,
                       params: SamplingParams) -> Optional[Generate]:
     """None for plain sampling; else the generate stand-in. ``params``: the request's (n
     resolved). Raises the 400s of what cannot be combined, before anything runs."""
+    _check_beam_fields(req)
     n, best_of = params.n, req.best_of
     if best_of is not None:
         if best_of < n:
@@ -73,6 +84,7 @@ def _best_of(client: AsyncEngineClient, best_of: int) -> Generate:
 def chat_beam_search(serving: OpenAIServing, req: Any,
                      params: SamplingParams) -> Optional[Generate]:
     """/v1/chat/completions' use_beam_search (n beams; no best_of in chat), or None."""
+    _check_beam_fields(req)
     if not req.use_beam_search:
         return None
     if req.tools and req.tool_choice not in (None, "none"):

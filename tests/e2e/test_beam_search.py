@@ -250,6 +250,8 @@ def test_http_beam_search_and_best_of(tmp_path_factory):
                 ({"prompt": prompt, "use_beam_search": True, "n": 11}, "n"),  # 22 logprobs
                 ({"prompt": prompt, "n": 2, "best_of": 1}, "best_of"),
                 ({"prompt": prompt, "best_of": 3, "stream": True}, "best_of"),
+                ({"prompt": prompt, "length_penalty": 2.0}, "length_penalty"),  # no beams
+                ({"prompt": prompt, "early_stopping": True}, "early_stopping"),
             ]:
                 r = post(body)
                 assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
