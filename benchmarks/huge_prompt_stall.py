@@ -18,15 +18,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tests.e2e.server_utils import ServerProcess, httpx, make_tiny_model  # noqa: E402
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+from tests.e2e.server_utils import ServerProcess, httpx, make_tiny_model, rss_mb  # noqa: E402
 
 
 def main() -> int:
@@ -53,7 +45,7 @@ def main() -> int:
                 c.post("/v1/completions", json=small)
                 lat.append(time.perf_counter() - t)
             idle = statistics.median(lat)
-            rss0 = _rss_mb(srv.proc.pid)
+            rss0 = rss_mb(srv.proc.pid)
             print("| run | huge request | its time | small requests during | worst | vs idle |")
             print("|---|---|---|---|---|---|")
             for i in range(a.repeat):
@@ -72,7 +64,7 @@ def main() -> int:
                       f"{worst * 1e3:.1f} ms | {worst / idle:.1f}x |")
             time.sleep(3.0)  # the API process trims freed memory 2 s after a big body
             print(f"\nidle small-request latency {idle * 1e3:.1f} ms; API RSS {rss0:.0f} -> "
-                  f"{_rss_mb(srv.proc.pid):.0f} MB")
+                  f"{rss_mb(srv.proc.pid):.0f} MB")
     finally:
         srv.close()
         os.unlink(body.name)

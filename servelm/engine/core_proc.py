@@ -176,7 +176,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
     """Entry point of the spawned core process."""
     # oneDNN (bf16 matmuls on the CPU) caches a compiled kernel per GEMM shape, 1024 by
     # default: with batches of every size that is hundreds of MB that never come back (a soak:
-    # +280 MB over 1,800 requests of a tiny model). 256 kernels cover the shapes in use; set
+    # +364 MB over 2,500 requests of a tiny model). 256 kernels cover the shapes in use; set
     # before the first matmul, as oneDNN reads it once.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
     # Ctrl-C reaches the whole process group; the API process decides when the core stops.

@@ -87,6 +87,11 @@ def plan_tools(req: ChatCompletionRequest, auto_enabled: bool,
         if not (auto_enabled and parser):
             raise bad_request('"auto" tool choice needs the server started with '
                               "--enable-auto-tool-choice and --tool-call-parser.", "tool_choice")
+        strict = [t.function.name for t in req.tools if t.function.strict]
+        if strict:  # a parser reads what the model wrote; only a grammar guarantees a schema
+            raise bad_request(f"strict function schemas ({strict}) are enforced with tool_choice "
+                              "'required' or a named function; with 'auto' send strict false "
+                              "or leave it out.", "tools")
         plan.mode, plan.parser = "auto", parser
         return plan
     if choice == "required":

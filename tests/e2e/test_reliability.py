@@ -11,20 +11,12 @@ import time
 
 import pytest
 
-from tests.e2e.server_utils import ServerProcess, make_tiny_model
+from tests.e2e.server_utils import ServerProcess, make_tiny_model, rss_mb
 
 openai = pytest.importorskip("openai")
 
 N_REQUESTS = 500
 CONCURRENCY = 32
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +111,13 @@ def test_soak_with_cutoffs_leaves_nothing_behind(server):
         asyncio.run(_soak(server.base_url, 300, seed=seed))
     _idle(server)
     api_pid, core_pid = server.proc.pid, server.core_pid()
-    rss0 = (_rss_mb(api_pid), _rss_mb(core_pid))
+    rss0 = (rss_mb(api_pid), rss_mb(core_pid))
     cut, done, failures = asyncio.run(_soak(server.base_url, N_REQUESTS, seed=0))
     assert not failures, failures[:5]
     assert cut >= 0.15 * N_REQUESTS and cut + done == N_REQUESTS
     m = _idle(server)
     assert m["servelm:num_requests_running"] == 0 and m["servelm:num_requests_waiting"] == 0
     assert m["servelm:kv_cache_usage_perc"] == 0
-    rss1 = (_rss_mb(api_pid), _rss_mb(core_pid))
+    rss1 = (rss_mb(api_pid), rss_mb(core_pid))
     for name, before, after in zip(("API", "engine core"), rss0, rss1):
         assert after <= before * 1.10, f"{name} RSS grew from {before:.0f} to {after:.0f} MB"

@@ -297,7 +297,10 @@ def test_tool_history_renders_and_limits(client):
                dict(tools=[{"type": "function", "function": {"name": f"f{i}"}}
                            for i in range(129)]),
                dict(tools=[WEATHER], tool_choice="required",
-                    response_format={"type": "json_object"})):
+                    response_format={"type": "json_object"}),
+               # strict under auto: a parser cannot guarantee the schema (400, not ignored)
+               dict(tools=[{**WEATHER, "function": {**WEATHER["function"], "strict": True}}],
+                    tool_choice="auto")):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=model, messages=ASK, max_tokens=5, **kw)
 
