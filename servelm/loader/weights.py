@@ -144,7 +144,10 @@ def _iter_gguf(reader: GGUFFile, named: list[tuple[GGUFTensorInfo, str]],
                          "self_attn.k_proj": config.num_key_value_heads}
     for t, hf_name in named:
         module = hf_name.rsplit(".", 1)[0].split(".", 3)[-1]
-        if keep_blocks and t.tensor_type in GGUF_QUANT_TYPES and _LINEAR_WEIGHT_RE.fullmatch(hf_name):
+        # the embedding too: a tied head may keep its blocks (the model dequantizes the
+        # embedding's own copy)
+        if keep_blocks and t.tensor_type in GGUF_QUANT_TYPES and (
+                _LINEAR_WEIGHT_RE.fullmatch(hf_name) or hf_name == "model.embed_tokens.weight"):
             # raw: [N, row_bytes] uint8, row n = output row n's blocks, so llama's q/k row
             # permutation applies to it as to the dequantized rows
             raw = torch.from_numpy(np.array(reader.tensor_data(t)))

@@ -196,6 +196,8 @@ class LlamaForCausalLM(nn.Module):
             if name == "embed_tokens.weight" and self.args.tie_word_embeddings and self.lm_head is not None:
                 self.lm_head.load_weight("weight", tensor)
                 loaded.add("lm_head.weight#0")
+            if name == "embed_tokens.weight" and hasattr(tensor, "dequantize"):
+                tensor = tensor.dequantize(torch.float32)  # GGUF blocks: the lookup table is dense
             mod_name, _, pname = name.rpartition(".")
             shard_id = 0
             head, _, proj = mod_name.rpartition(".")

@@ -38,6 +38,9 @@ class QuantConfig:
     desc_act: bool = False  # gptq act-order: g_idx permutes the input columns
     # module names (prefix match on the layer's name) kept dense, from the checkpoint's config
     ignore: tuple[str, ...] = field(default_factory=tuple)
+    # gguf on the CPU: a tied head keeps its own copy of the embedding's blocks (the C GEMV of
+    # cpu/ reads them: SmolLM2's Q8_0 head is 30 MB a token against 57 MB in bf16)
+    tied_head_blocks: bool = False
 
     def group_for(self, k: int, prefix: str, shard_start: int = 0) -> int:
         """The group size of a layer with ``k`` input columns on this rank (its shard starting
@@ -59,7 +62,7 @@ class QuantConfig:
         (a tied one is the embedding, dequantized); a converting method quantizes the head, a
         tied one as a copy of the embedding, when asked (lm_head)."""
         if self.method == "gguf":
-            return not tied
+            return not tied or self.tied_head_blocks
         return self.lm_head and (not tied or self.method in CONVERTING)
 
     def keeps_dense(self, prefix: str) -> bool:
@@ -119,7 +122,8 @@ def _from_checkpoint(qc: dict) -> QuantConfig:
 
 def gguf_cpu_fast(path: str) -> bool:
     """Whether every linear weight of the .gguf at ``path`` is Q4_0, Q4_1 or a plain float type:
-    the formats the CPU runs from its packed int4 kernel (quantization/cpu_int4.py)."""
+    the formats the CPU runs fast (the C GEMV of cpu/, or the packed int4 kernel of
+    quantization/cpu_int4.py)."""
     from servelm.loader.gguf_file import GGUFFile
     from servelm.loader.weights import _LINEAR_WEIGHT_RE, gguf_to_hf_name
     fast = {0, 1, 2, 3, 30}  # F32, F16, Q4_0, Q4_1, BF16
@@ -175,7 +179,9 @@ def resolve_quant_config(requested: Optional[str], hf_config: Any, load_format: 
             import torch
 
             from servelm.quantization import cpu_int4
-            cpu_fast = (dtype in (torch.bfloat16, torch.float16) and cpu_int4.available()
+            from servelm.cpu import native
+            cpu_fast = (dtype in (torch.bfloat16, torch.float16)
+                        and (cpu_int4.available() or native.load() is not None)
                         and model_path is not None and gguf_cpu_fast(model_path))
             requested = "gguf" if device.startswith("cuda") or cpu_fast else "none"
     elif requested == "gguf":
@@ -199,5 +205,10 @@ def resolve_quant_config(requested: Optional[str], hf_config: Any, load_format: 
     if group_size is not None and requested not in ("int4", "int8"):
         raise ValueError(f"quantization_group_size applies to int4/int8, not {requested!r}.")
     # a GGUF head (untied output.weight) stays in the file's blocks like every other linear
+    tied_blocks = False
+    if requested == "gguf" and device == "cpu":
+        from servelm.cpu import native
+        tied_blocks = native.load() is not None
     return QuantConfig(requested, DEFAULT_GROUP_SIZE if group_size is None else group_size,
-                       quantize_lm_head or requested == "gguf")  # gguf: the file's head
+                       quantize_lm_head or requested == "gguf",  # gguf: the file's head
+                       tied_head_blocks=tied_blocks)

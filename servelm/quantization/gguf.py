@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 Q4_0, Q4_1 = 2, 3  # ggml type ids
 
 
+def _native_lib():
+    from servelm.cpu import native
+    return native.load()
+
+
+def _native_max_m() -> int:
+    from servelm.cpu.ops import NATIVE_MAX_M
+    return NATIVE_MAX_M
+
+
 def _q4_fields(raw: torch.Tensor, ggml_type: int, k: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_0 / Q4_1 blocks [N, row_bytes] -> (codes [N, K] 0..15, scales [K / 32, N],
@@ -105,11 +115,14 @@ class GGUFLinearMethod(LinearMethod):
             else:
                 tensors.append([t])
                 self.groups.append((kind, lo, hi))
+        # the CPU's C GEMV reads the blocks as they are; without it (no compiler) Q4_0/Q4_1
+        # get a packed int4 copy for PyTorch's kernel
+        native = self.device.type == "cpu" and _native_lib() is not None
         for j, ts in enumerate(tensors):
             merged = torch.cat(ts) if len(ts) > 1 else ts[0]
             kind = self.groups[j][0]
-            if kind in (Q4_0, Q4_1) and cpu_int4.usable(merged.device, self.dtype, 32,
-                                                       merged.shape[0]):
+            if not native and kind in (Q4_0, Q4_1) and cpu_int4.usable(merged.device, self.dtype, 32,
+                                                                      merged.shape[0]):
                 # small M: the packed int4 kernel reads Q4_0/Q4_1 exactly (cpu_int4.py); prefill
                 # dequantizes the blocks, kept as well
                 k = layer.input_size_per_rank
@@ -119,10 +132,18 @@ class GGUFLinearMethod(LinearMethod):
                 layer.register_buffer(f"weight_{j}_scales_zeros", sz)
             setattr(layer, f"weight_{j}", nn.Parameter(merged, requires_grad=False))
         self.parts = []  # the parameters hold them now
+        self.native = None
+        if native:
+            from servelm.cpu.ops import native_linear_for
+            self.native = native_linear_for(layer)
 
     def apply(self, layer: "Linear", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: [M, K] -> [M, N]: one matmul per run of same-typed parts
+        native = getattr(self, "native", None)
+        if native is not None and x.shape[0] <= _native_max_m():
+            y = native(x)  # the C GEMV over the blocks as stored, all parts at once
+            return y if bias is None else y + bias
         small = x.shape[0] <= cpu_int4.MAX_M
         outs = [cpu_int4.linear(x, getattr(layer, f"weight_{j}_packed"),
                                 getattr(layer, f"weight_{j}_scales_zeros"), 32)

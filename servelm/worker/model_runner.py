@@ -105,6 +105,7 @@ class ModelRunner:
             max_rows, mc.vocab_size, self.device, tuple(mc.eos_token_ids)))
         # each row's newest sampled token, on the device: the next step's input
         self.sampled = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
+        # decode-only steps: CUDA graphs, or on the CPU the C decode step (cpu/decode_step.py)
         self.graphs: Optional[DecodeGraphs] = None
         self.swap: Optional[SwapSpace] = None  # host blocks for swap preemption
 
@@ -230,6 +231,11 @@ class ModelRunner:
             if self.tree is not None:  # captured on first use or in idle time
                 self.tree_graphs = TreeGraphs(self._decode, 1 + self.tree.num_nodes,
                                               self.max_blocks_per_seq, self.device)
+        elif self.device.type == "cpu" and not self.config.enforce_eager:
+            from servelm.cpu.decode_step import build_decode_step  # the C decode step
+            self.graphs = build_decode_step(self.model, self.kv_caches,
+                                            self.config.model.max_model_len,
+                                            torch.get_num_threads())
         if self.proposer is not None:
             self.proposer.initialize_kv_cache(num_blocks)
         if self.gate is not None:  # nothing the memory profile measured

@@ -1,0 +1,555 @@
+/* servelm's CPU decode step: a Llama-family forward for a few tokens (one per sequence) in
+ * one call, over weights as the linear methods store them (GGUF Q4_0 / Q4_1 / Q8_0 blocks as
+ * in the file, dense bf16 / fp32) and the paged KV cache (read in place, never gathered).
+ *
+ * Why: at 135M parameters a decode token is ~100 MB of weights, 3-8 ms of memory traffic on
+ * two cores, while PyTorch's per-op dispatch over 30 layers costs more than that. Here one call
+ * runs every layer inside one OpenMP parallel region (the process's libgomp: torch's, loaded
+ * first), threads splitting each matmul's output rows, a barrier between ops.
+ *
+ * Numerics: activations in fp32 throughout; weights decoded to fp32 in registers with ggml's
+ * formulas (Q4_0 d * (q - 8), Q4_1 d * q + m, Q8_0 d * q); the KV cache holds the model dtype
+ * (bf16 rounded to nearest even, as torch's cast). Sums run in a different order from the
+ * PyTorch reference, so results agree to rounding, not bit for bit.
+ *
+ * Built at first use by servelm/cpu/native.py with -O3 -march=native -fopenmp; the AVX-512
+ * paths compile where the CPU has them, portable C (auto-vectorised) elsewhere.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define SL_AVX512 1
+#else
+#define SL_AVX512 0
+#endif
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+enum { SL_F32 = 0, SL_BF16 = 1, SL_Q4_0 = 2, SL_Q4_1 = 3, SL_Q8_0 = 8 };
+
+/* One weight matrix [n, k]: row r's bytes at data + r * row_bytes; its outputs land in
+ * columns out_off .. out_off + n of the projection's output. */
+typedef struct {
+    int32_t type, n, k, out_off;
+    int64_t row_bytes;
+    const uint8_t *data;
+} sl_mat;
+
+/* A projection: up to 3 matrices side by side (q|k|v or gate|up of different formats), and an
+ * fp32 bias over all outputs (or NULL). */
+typedef struct {
+    int32_t nparts, n;
+    sl_mat part[3];
+    const float *bias;
+} sl_proj;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm, *q_norm, *k_norm; /* fp32; q/k norms NULL unless Qwen3 */
+    sl_proj qkv, o, gate_up, down;
+    void *k_cache, *v_cache; /* [blocks, block_size, n_kv_heads, head_dim] in the KV dtype */
+} sl_layer;
+
+typedef struct {
+    int32_t hidden, n_heads, n_kv_heads, head_dim, inter, n_layers, vocab, block_size;
+    int32_t kv_bf16, max_ctx, max_rows, pad;
+    float eps, scale;
+    const float *cos_sin; /* [max_position, head_dim]: cos of the D/2 frequencies, then sin */
+    const float *final_norm;
+    sl_proj head;
+    const sl_layer *layers;
+} sl_model;
+
+/* ---- scalars ------------------------------------------------------------------------------ */
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalise */
+            exp = 113;
+            while (!(man & 1024)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 1023) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's cast */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 64); /* NaN */
+    bits += 0x7fff + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+#if SL_AVX512
+static inline __m512 bf16x16(const uint16_t *p) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#endif
+
+/* ---- matmul: y[s, out_off + r] = sum_j W[r, j] x[s, j], rows r0..r1 of one matrix ---------- */
+/* x: [S, k] fp32 (row stride xs); xsum: [S, k / 32] sums of each 32-block of x (Q4 offsets).
+ * The work is done in tiles of RB weight rows x SN activation rows: each weight block is
+ * decoded into registers once and used SN times, and the RB * SN accumulators are independent
+ * chains (one chain per row would wait on FMA latency every block). RB and SN are constants at
+ * every call (always_inline), so the accumulators live in registers. */
+#define SL_SCHUNK 8
+#define SL_INLINE static inline __attribute__((always_inline))
+
+SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, const int SN,
+                    const float *x, const int xs, const float *xsum, const int nsum, float *y,
+                    const int ys) {
+    const int k = w->k, nb = k / 32;
+    const uint8_t *rows[4];
+    float out[4][SL_SCHUNK];
+    for (int i = 0; i < RB; i++) {
+        rows[i] = w->data + (int64_t)(r + i) * w->row_bytes;
+        for (int s = 0; s < SN; s++) out[i][s] = 0.f;
+    }
+#if SL_AVX512
+    __m512 acc[4][SL_SCHUNK];
+    for (int i = 0; i < RB; i++)
+        for (int s = 0; s < SN; s++) acc[i][s] = _mm512_setzero_ps();
+#endif
+    if (w->type == SL_Q4_0 || w->type == SL_Q4_1) {
+        const int bs = w->type == SL_Q4_0 ? 18 : 20, qoff = bs - 16, q41 = w->type == SL_Q4_1;
+        for (int b = 0; b < nb; b++) {
+            for (int i = 0; i < RB; i++) {
+                const uint8_t *blk = rows[i] + (int64_t)b * bs;
+                const float d = f16_to_f32(*(const uint16_t *)blk);
+                const float m = q41 ? f16_to_f32(*(const uint16_t *)(blk + 2)) : -8.f * d;
+                for (int s = 0; s < SN; s++) out[i][s] += m * xsum[(s0 + s) * nsum + b];
+#if SL_AVX512
+                const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + qoff)));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                const __m512 dv = _mm512_set1_ps(d);
+                for (int s = 0; s < SN; s++) {
+                    const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
+                    __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xp));
+                    t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + 16), t);
+                    acc[i][s] = _mm512_fmadd_ps(t, dv, acc[i][s]);
+                }
+#else
+                const uint8_t *qs = blk + qoff;
+                for (int s = 0; s < SN; s++) {
+                    const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
+                    float t = 0.f;
+                    for (int j = 0; j < 16; j++)
+                        t += (float)(qs[j] & 15) * xp[j] + (float)(qs[j] >> 4) * xp[j + 16];
+                    out[i][s] += d * t;
+                }
+#endif
+            }
+        }
+    } else if (w->type == SL_Q8_0) {
+        for (int b = 0; b < nb; b++) {
+            for (int i = 0; i < RB; i++) {
+                const uint8_t *blk = rows[i] + (int64_t)b * 34;
+                const float d = f16_to_f32(*(const uint16_t *)blk);
+                const int8_t *qs = (const int8_t *)(blk + 2);
+#if SL_AVX512
+                const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)));
+                const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))));
+                const __m512 dv = _mm512_set1_ps(d);
+                for (int s = 0; s < SN; s++) {
+                    const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
+                    __m512 t = _mm512_mul_ps(q0, _mm512_loadu_ps(xp));
+                    t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xp + 16), t);
+                    acc[i][s] = _mm512_fmadd_ps(t, dv, acc[i][s]);
+                }
+#else
+                for (int s = 0; s < SN; s++) {
+                    const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
+                    float t = 0.f;
+                    for (int j = 0; j < 32; j++) t += (float)qs[j] * xp[j];
+                    out[i][s] += d * t;
+                }
+#endif
+            }
+        }
+    } else { /* dense bf16 / fp32 */
+        int j = 0;
+#if SL_AVX512
+        for (; j + 32 <= k; j += 32) {
+            for (int i = 0; i < RB; i++) {
+                __m512 w0, w1;
+                if (w->type == SL_BF16) {
+                    w0 = bf16x16((const uint16_t *)rows[i] + j);
+                    w1 = bf16x16((const uint16_t *)rows[i] + j + 16);
+                } else {
+                    w0 = _mm512_loadu_ps((const float *)rows[i] + j);
+                    w1 = _mm512_loadu_ps((const float *)rows[i] + j + 16);
+                }
+                for (int s = 0; s < SN; s++) {
+                    const float *xp = x + (int64_t)(s0 + s) * xs + j;
+                    acc[i][s] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[i][s]);
+                    acc[i][s] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + 16), acc[i][s]);
+                }
+            }
+        }
+#endif
+        for (; j < k; j++)
+            for (int i = 0; i < RB; i++) {
+                const float wv = w->type == SL_BF16 ? bf16_to_f32(((const uint16_t *)rows[i])[j])
+                                                    : ((const float *)rows[i])[j];
+                for (int s = 0; s < SN; s++) out[i][s] += wv * x[(int64_t)(s0 + s) * xs + j];
+            }
+    }
+    for (int i = 0; i < RB; i++)
+        for (int s = 0; s < SN; s++) {
+#if SL_AVX512
+            out[i][s] += _mm512_reduce_add_ps(acc[i][s]);
+#endif
+            y[(int64_t)(s0 + s) * ys + w->out_off + r + i] = out[i][s];
+        }
+}
+
+/* rows r0..r1 of w for all S activation rows: tiles of RB rows x SN sequences */
+#define SL_TILES(RB, SN) do { \
+        int r = r0; \
+        for (; r + (RB) <= r1; r += (RB)) tile(w, r, (RB), s0, (SN), x, xs, xsum, nsum, y, ys); \
+        for (; r < r1; r++) tile(w, r, 1, s0, (SN), x, xs, xsum, nsum, y, ys); \
+    } while (0)
+
+static void mat_rows(const sl_mat *w, int r0, int r1, int S, const float *x, int xs,
+                     const float *xsum, int nsum, float *y, int ys) {
+    for (int s0 = 0; s0 < S; s0 += SL_SCHUNK) {
+        switch (S - s0 < SL_SCHUNK ? S - s0 : SL_SCHUNK) {
+            case 1: SL_TILES(4, 1); break;
+            case 2: SL_TILES(4, 2); break;
+            case 3: SL_TILES(2, 3); break;
+            case 4: SL_TILES(2, 4); break;
+            case 5: SL_TILES(2, 5); break;
+            case 6: SL_TILES(2, 6); break;
+            case 7: SL_TILES(2, 7); break;
+            default: SL_TILES(2, 8); break;
+        }
+    }
+}
+
+/* sums of each 32-block of x (the Q4 formats' offset term): xsum[s, b] */
+static void block_sums(int S, int k, const float *x, int xs, float *xsum) {
+    const int nb = k / 32;
+    for (int s = 0; s < S; s++)
+        for (int b = 0; b < nb; b++) {
+            float t = 0.f;
+            for (int j = 0; j < 32; j++) t += x[(int64_t)s * xs + b * 32 + j];
+            xsum[s * nb + b] = t;
+        }
+}
+
+/* This thread's share of a projection: every part's rows split evenly (in 8-row steps).
+ * xsum: a per-thread scratch of S * k / 32 floats. The bias is added by the same thread. */
+static void proj_thread(const sl_proj *p, int S, const float *x, int xs, float *y, int ys,
+                        float *xsum, int tid, int nt) {
+    const int k = p->part[0].k;
+    block_sums(S, k, x, xs, xsum);
+    for (int i = 0; i < p->nparts; i++) {
+        const sl_mat *w = &p->part[i];
+        const int steps = (w->n + 7) / 8;
+        const int a = (int)((int64_t)steps * tid / nt) * 8, bnd = (int)((int64_t)steps * (tid + 1) / nt) * 8;
+        const int r1 = bnd < w->n ? bnd : w->n;
+        if (a < r1) {
+            mat_rows(w, a, r1, S, x, xs, xsum, k / 32, y, ys);
+            if (p->bias)
+                for (int s = 0; s < S; s++)
+                    for (int r = a; r < r1; r++) y[(int64_t)s * ys + w->out_off + r] += p->bias[w->out_off + r];
+        }
+    }
+}
+
+/* ---- small ops ----------------------------------------------------------------------------- */
+static void rms_norm_row(const float *x, const float *w, float *out, int n, float eps) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+/* rotate_half style rotary embedding of one head row, in place */
+static void rope_row(float *x, const float *cs, int d) {
+    const int h = d / 2;
+    for (int i = 0; i < h; i++) {
+        const float c = cs[i], s = cs[h + i], a = x[i], b = x[i + h];
+        x[i] = a * c - b * s;
+        x[i + h] = b * c + a * s;
+    }
+}
+
+static inline void kv_store(void *cache, int bf16, int64_t off, const float *src, int d) {
+    if (bf16) {
+        uint16_t *p = (uint16_t *)cache + off;
+        for (int i = 0; i < d; i++) p[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy((float *)cache + off, src, sizeof(float) * (size_t)d);
+    }
+}
+
+static inline float dot_kv(const float *q, const void *cache, int bf16, int64_t off, int d) {
+#if SL_AVX512
+    if (d % 16 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < d; i += 16) {
+            const __m512 kv = bf16 ? bf16x16((const uint16_t *)cache + off + i)
+                                   : _mm512_loadu_ps((const float *)cache + off + i);
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv, acc);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float t = 0.f;
+    if (bf16)
+        for (int i = 0; i < d; i++) t += q[i] * bf16_to_f32(((const uint16_t *)cache)[off + i]);
+    else
+        for (int i = 0; i < d; i++) t += q[i] * ((const float *)cache)[off + i];
+    return t;
+}
+
+static inline void axpy_kv(float *o, float a, const void *cache, int bf16, int64_t off, int d) {
+#if SL_AVX512
+    if (d % 16 == 0) {
+        const __m512 av = _mm512_set1_ps(a);
+        for (int i = 0; i < d; i += 16) {
+            const __m512 kv = bf16 ? bf16x16((const uint16_t *)cache + off + i)
+                                   : _mm512_loadu_ps((const float *)cache + off + i);
+            _mm512_storeu_ps(o + i, _mm512_fmadd_ps(av, kv, _mm512_loadu_ps(o + i)));
+        }
+        return;
+    }
+#endif
+    if (bf16)
+        for (int i = 0; i < d; i++) o[i] += a * bf16_to_f32(((const uint16_t *)cache)[off + i]);
+    else
+        for (int i = 0; i < d; i++) o[i] += a * ((const float *)cache)[off + i];
+}
+
+/* Decode attention of one sequence's kv head g for its G = H / KVH query heads: q [G, D] ->
+ * out [G, D], reading the ctx cached tokens through the block table (paged, in place).
+ * scores: a scratch of G * ctx floats. */
+static void attend(const float *q, float *out, const void *kc, const void *vc, int bf16,
+                   const int32_t *bt, int ctx, int bsz, int kvh, int g, int G, int D,
+                   float scale, float *scores) {
+    for (int t = 0; t < ctx; t++) {
+        const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
+        for (int h = 0; h < G; h++) scores[h * ctx + t] = dot_kv(q + h * D, kc, bf16, off, D) * scale;
+    }
+    for (int h = 0; h < G; h++) {
+        float *sc = scores + h * ctx, mx = -INFINITY, sum = 0.f;
+        for (int t = 0; t < ctx; t++) mx = sc[t] > mx ? sc[t] : mx;
+        for (int t = 0; t < ctx; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+        const float inv = 1.f / sum;
+        for (int t = 0; t < ctx; t++) sc[t] *= inv;
+        memset(out + h * D, 0, sizeof(float) * (size_t)D);
+    }
+    for (int t = 0; t < ctx; t++) {
+        const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
+        for (int h = 0; h < G; h++) axpy_kv(out + h * D, scores[h * ctx + t], vc, bf16, off, D);
+    }
+}
+
+static inline double sl_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* profiling: thread 0 adds the time since its last mark to accumulator i */
+#define MARK(i) do { if (prof && tid == 0) { const double now_ = sl_now(); prof[i] += now_ - t_last; t_last = now_; } } while (0)
+
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+
+/* ---- the step ------------------------------------------------------------------------------ */
+/* Scratch layout (floats), sized by sl_scratch_floats for max_rows sequences and nt threads. */
+typedef struct {
+    float *resid, *xn, *qkv, *attn, *h, *gu, *act;
+    float *xsum;   /* per thread: max_rows * max(k) / 32 */
+    float *scores; /* per thread: G * max_ctx */
+    int64_t xsum_stride, scores_stride;
+} sl_bufs;
+
+static int64_t layout(const sl_model *m, int nt, float *base, sl_bufs *b) {
+    const int64_t R = m->max_rows, H = m->hidden, D = m->head_dim;
+    const int64_t nqkv = (int64_t)(m->n_heads + 2 * m->n_kv_heads) * D;
+    int64_t kmax = H; /* the widest matmul input: hidden, intermediate or the heads' outputs */
+    if (m->inter > kmax) kmax = m->inter;
+    if ((int64_t)m->n_heads * D > kmax) kmax = (int64_t)m->n_heads * D;
+    const int64_t G = m->n_heads / m->n_kv_heads;
+    int64_t o = 0;
+#define TAKE(field, count) do { if (b) b->field = base + o; o += (count); } while (0)
+    TAKE(resid, R * H);
+    TAKE(xn, R * H);
+    TAKE(qkv, R * nqkv);
+    TAKE(attn, R * m->n_heads * D);
+    TAKE(h, R * H);
+    TAKE(gu, R * 2 * m->inter);
+    TAKE(act, R * m->inter);
+    TAKE(xsum, (int64_t)nt * R * (kmax / 32 + 1));
+    TAKE(scores, (int64_t)nt * G * m->max_ctx);
+#undef TAKE
+    if (b) {
+        b->xsum_stride = R * (kmax / 32 + 1);
+        b->scores_stride = G * m->max_ctx;
+    }
+    return o;
+}
+
+int64_t sl_scratch_floats(const sl_model *m, int nt) { return layout(m, nt, 0, 0); }
+
+/* S sequences, one new token each. x: [S, hidden] fp32 embeddings; positions [S]; slots [S]
+ * (cache slot of each new token); block_tables [S, bt_stride]; seq_lens [S] (context after
+ * this token). Writes logits [S, vocab] (if non-NULL) and argmax [S]; hidden_out [S, hidden]
+ * (if non-NULL) gets the final-normed hidden states. prof (if non-NULL): 11 accumulators of
+ * seconds per phase (norm, qkv, rope+kv write, attention, o, norm, gate_up, silu*mul, down,
+ * final norm, head), timed on thread 0 from barrier to barrier. Returns 0, or -1 on bad sizes. */
+int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions,
+              const int64_t *slots, const int32_t *block_tables, int bt_stride,
+              const int32_t *seq_lens, float *logits, int64_t *argmax, float *hidden_out,
+              float *scratch, int nt, double *prof) {
+    if (S < 1 || S > m->max_rows || nt < 1) return -1;
+    for (int s = 0; s < S; s++)
+        if (seq_lens[s] < 1 || seq_lens[s] > m->max_ctx) return -1;
+    sl_bufs B;
+    layout(m, nt, scratch, &B);
+    const int H = m->hidden, D = m->head_dim, NH = m->n_heads, KVH = m->n_kv_heads;
+    const int G = NH / KVH, I = m->inter, nqkv = (NH + 2 * KVH) * D;
+    memcpy(B.resid, x, sizeof(float) * (size_t)S * H);
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        float *xsum = B.xsum + tid * B.xsum_stride;
+        float *scores = B.scores + tid * B.scores_stride;
+        double t_last = prof ? sl_now() : 0.;
+        for (int l = 0; l < m->n_layers; l++) {
+            const sl_layer *L = &m->layers[l];
+            for (int s = tid; s < S; s += nth) {
+                if (l > 0)
+                    for (int i = 0; i < H; i++) B.resid[s * H + i] += B.h[s * H + i];
+                rms_norm_row(B.resid + s * H, L->attn_norm, B.xn + s * H, H, m->eps);
+            }
+#pragma omp barrier
+        MARK(0);
+            proj_thread(&L->qkv, S, B.xn, H, B.qkv, nqkv, xsum, tid, nth);
+#pragma omp barrier
+        MARK(1);
+            for (int s = tid; s < S; s += nth) {
+                float *q = B.qkv + (int64_t)s * nqkv, *k = q + NH * D, *v = k + KVH * D;
+                if (L->q_norm) {
+                    for (int h = 0; h < NH; h++) rms_norm_row(q + h * D, L->q_norm, q + h * D, D, m->eps);
+                    for (int h = 0; h < KVH; h++) rms_norm_row(k + h * D, L->k_norm, k + h * D, D, m->eps);
+                }
+                const float *cs = m->cos_sin + positions[s] * D;
+                for (int h = 0; h < NH; h++) rope_row(q + h * D, cs, D);
+                for (int h = 0; h < KVH; h++) rope_row(k + h * D, cs, D);
+                kv_store(L->k_cache, m->kv_bf16, slots[s] * KVH * D, k, KVH * D);
+                kv_store(L->v_cache, m->kv_bf16, slots[s] * KVH * D, v, KVH * D);
+            }
+#pragma omp barrier
+        MARK(2);
+            for (int w = tid; w < S * KVH; w += nth) {
+                const int s = w / KVH, g = w % KVH;
+                attend(B.qkv + (int64_t)s * nqkv + g * G * D, B.attn + ((int64_t)s * NH + g * G) * D,
+                       L->k_cache, L->v_cache, m->kv_bf16, block_tables + (int64_t)s * bt_stride,
+                       seq_lens[s], m->block_size, KVH, g, G, D, m->scale, scores);
+            }
+#pragma omp barrier
+        MARK(3);
+            proj_thread(&L->o, S, B.attn, NH * D, B.h, H, xsum, tid, nth);
+#pragma omp barrier
+        MARK(4);
+            for (int s = tid; s < S; s += nth) {
+                for (int i = 0; i < H; i++) B.resid[s * H + i] += B.h[s * H + i];
+                rms_norm_row(B.resid + s * H, L->ffn_norm, B.xn + s * H, H, m->eps);
+            }
+#pragma omp barrier
+        MARK(5);
+            proj_thread(&L->gate_up, S, B.xn, H, B.gu, 2 * I, xsum, tid, nth);
+#pragma omp barrier
+        MARK(6);
+            {   /* silu(gate) * up, split over all S * I elements */
+                const int64_t total = (int64_t)S * I, a = total * tid / nth, e = total * (tid + 1) / nth;
+                for (int64_t j = a; j < e; j++) {
+                    const int64_t s = j / I, i = j % I;
+                    B.act[j] = silu(B.gu[s * 2 * I + i]) * B.gu[s * 2 * I + I + i];
+                }
+            }
+#pragma omp barrier
+        MARK(7);
+            proj_thread(&L->down, S, B.act, I, B.h, H, xsum, tid, nth);
+#pragma omp barrier
+        MARK(8);
+        }
+        for (int s = tid; s < S; s += nth) {
+            for (int i = 0; i < H; i++) B.resid[s * H + i] += B.h[s * H + i];
+            rms_norm_row(B.resid + s * H, m->final_norm, B.xn + s * H, H, m->eps);
+        }
+#pragma omp barrier
+        MARK(9);
+        if (logits) proj_thread(&m->head, S, B.xn, H, logits, m->vocab, xsum, tid, nth);
+#pragma omp barrier
+        MARK(10);
+    }
+    if (hidden_out) memcpy(hidden_out, B.xn, sizeof(float) * (size_t)S * H);
+    if (logits && argmax)
+        for (int s = 0; s < S; s++) { /* first maximum, as torch.argmax */
+            const float *row = logits + (int64_t)s * m->vocab;
+            int64_t best = 0;
+            for (int64_t j = 1; j < m->vocab; j++)
+                if (row[j] > row[best]) best = j;
+            argmax[s] = best;
+        }
+    return 0;
+}
+
+/* ---- single kernels, for tests against their PyTorch references ---------------------------- */
+/* y [S, n] = x [S, k] @ W^T (+ bias) for one projection, on nt threads. */
+int sl_linear(const sl_proj *p, int S, const float *x, float *y, float *xsum, int nt) {
+    /* xsum: nt * S * (k / 32 + 1) floats */
+    const int k = p->part[0].k;
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num();
+        proj_thread(p, S, x, k, y, p->n, xsum + (int64_t)tid * S * (k / 32 + 1), tid,
+                    omp_get_num_threads());
+    }
+    return 0;
+}
+
+/* Paged decode attention: q [S, H, D] -> out [S, H, D] over caches as in sl_layer. */
+int sl_attention(const float *q, float *out, const void *kc, const void *vc, int bf16,
+                 const int32_t *block_tables, int bt_stride, const int32_t *seq_lens, int S,
+                 int H, int KVH, int D, int bsz, float scale, float *scores, int max_ctx, int nt) {
+    const int G = H / KVH;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int w = 0; w < S * KVH; w++) {
+        const int s = w / KVH, g = w % KVH;
+        attend(q + ((int64_t)s * H + g * G) * D, out + ((int64_t)s * H + g * G) * D, kc, vc, bf16,
+               block_tables + (int64_t)s * bt_stride, seq_lens[s], bsz, KVH, g, G, D, scale,
+               scores + (int64_t)omp_get_thread_num() * G * max_ctx);
+    }
+    return 0;
+}

@@ -1,0 +1,134 @@
+"""Builds csrc/decode.c at first use and loads it (ctypes): the C compiler is the only
+requirement, no torch headers, so a build takes about a second. The shared object is cached
+under ``$SERVELM_CACHE_DIR`` (default ``~/.cache/servelm``), keyed by the source, the compiler
+and the flags; a machine without a compiler gets None (and the PyTorch path) with one notice.
+
+The struct classes here mirror the C ones field for field (``sl_mat``, ``sl_proj``,
+``sl_layer``, ``sl_model``)."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "decode.c")
+
+# sl_mat.type values (ggml type ids for the block formats)
+SL_F32, SL_BF16, SL_Q4_0, SL_Q4_1, SL_Q8_0 = 0, 1, 2, 3, 8
+
+_P = ctypes.c_void_p
+
+
+class SlMat(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                ("out_off", ctypes.c_int32), ("row_bytes", ctypes.c_int64), ("data", _P)]
+
+
+class SlProj(ctypes.Structure):
+    _fields_ = [("nparts", ctypes.c_int32), ("n", ctypes.c_int32), ("part", SlMat * 3),
+                ("bias", _P)]
+
+
+class SlLayer(ctypes.Structure):
+    _fields_ = [("attn_norm", _P), ("ffn_norm", _P), ("q_norm", _P), ("k_norm", _P),
+                ("qkv", SlProj), ("o", SlProj), ("gate_up", SlProj), ("down", SlProj),
+                ("k_cache", _P), ("v_cache", _P)]
+
+
+class SlModel(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_int32), ("n_heads", ctypes.c_int32),
+                ("n_kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32),
+                ("inter", ctypes.c_int32), ("n_layers", ctypes.c_int32),
+                ("vocab", ctypes.c_int32), ("block_size", ctypes.c_int32),
+                ("kv_bf16", ctypes.c_int32), ("max_ctx", ctypes.c_int32),
+                ("max_rows", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("cos_sin", _P), ("final_norm", _P), ("head", SlProj),
+                ("layers", ctypes.POINTER(SlLayer))]
+
+
+def _flags() -> list[str]:
+    arch = ["-mcpu=native"] if platform.machine() in ("aarch64", "arm64") else ["-march=native"]
+    return ["-O3", *arch, "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=fast"]
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("SERVELM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "servelm")
+    return os.path.join(base, "cpu_kernels")
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(cc: str) -> str:
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(src + version.encode() + " ".join(_flags()).encode()
+                         + platform.node().encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    path = os.path.join(out_dir, f"decode-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:  # built beside, renamed into place: concurrent builders never load half a file
+        r = subprocess.run([cc, *_flags(), SOURCE, "-o", tmp, "-lm"], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-800:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, or None (no C compiler, or the build failed: logged once)."""
+    import torch  # noqa: F401  (its libgomp first: the kernels share torch's OpenMP runtime)
+    cc = _compiler()
+    if cc is None:
+        logger.warning("CPU fast path off: no C compiler (cc/gcc/clang) found; decode runs the "
+                       "PyTorch path (slower). Install gcc to enable it.")
+        return None
+    try:
+        lib = ctypes.CDLL(_build(cc))
+    except (RuntimeError, OSError) as e:
+        logger.warning("CPU fast path off: building its kernels failed (%s); decode runs the "
+                       "PyTorch path (slower).", e)
+        return None
+    i32, i64, f32 = ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.sl_scratch_floats.argtypes = [ctypes.POINTER(SlModel), i32]
+    lib.sl_scratch_floats.restype = i64
+    lib.sl_decode.argtypes = [ctypes.POINTER(SlModel), i32, _P, _P, _P, _P, i32, _P, _P, _P, _P,
+                              _P, i32, _P]
+    lib.sl_decode.restype = i32
+    lib.sl_linear.argtypes = [ctypes.POINTER(SlProj), i32, _P, _P, _P, i32]
+    lib.sl_linear.restype = i32
+    lib.sl_attention.argtypes = [_P, _P, _P, _P, i32, _P, i32, _P, i32, i32, i32, i32, i32, f32,
+                                 _P, i32, i32]
+    lib.sl_attention.restype = i32
+    if not has_avx512():
+        logger.info("CPU fast path: no AVX-512 on this CPU; its kernels run as portable C")
+    return lib
+
+
+def has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False

@@ -1,0 +1,150 @@
+"""Describes a loaded Llama-family model to the C decode step (csrc/decode.c): one ``SlModel``
+holding pointers to every weight where its linear method keeps it (no copies but the fp32 norm
+weights and biases), and the KV caches.
+
+Which layouts the C step reads is decided here, per linear method: a layer whose method has no
+entry in ``_PROJECTIONS`` (or a format it does not read) makes ``build_plan`` return None with
+the reason, and the model keeps the PyTorch path. The tensors the structs point at are kept
+alive by the plan object."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from servelm.cpu import native
+from servelm.cpu.native import SL_BF16, SL_F32, SL_Q4_0, SL_Q4_1, SL_Q8_0, SlLayer, SlModel, SlProj
+
+_DENSE = {torch.float32: SL_F32, torch.bfloat16: SL_BF16}
+_GGUF_TYPES = (SL_Q4_0, SL_Q4_1, SL_Q8_0)
+
+
+class Unsupported(Exception):
+    """The model (or one layer) has something the C step does not read: the PyTorch path runs."""
+
+
+@dataclass
+class NativePlan:
+    """The struct the C step reads, and the tensors it points into."""
+
+    model: SlModel
+    layers: Any  # the SlLayer array
+    keep: list = field(default_factory=list)
+    max_rows: int = 0
+
+
+def _dense_part(w: torch.Tensor, off: int, keep: list) -> tuple:
+    if w.dtype not in _DENSE or w.dim() != 2:
+        raise Unsupported(f"dense weights of {w.dtype}")
+    w = w.contiguous()
+    keep.append(w)
+    return (_DENSE[w.dtype], w.shape[0], w.shape[1], off, w.shape[1] * w.element_size(), w.data_ptr())
+
+
+def _unquantized_parts(layer, keep: list) -> list[tuple]:
+    return [_dense_part(layer.weight, 0, keep)]
+
+
+def _gguf_parts(layer, keep: list) -> list[tuple]:
+    parts = []
+    for j, (kind, lo, hi) in enumerate(layer.method.groups):
+        w = getattr(layer, f"weight_{j}")
+        if kind is None:
+            parts.append(_dense_part(w, lo, keep))
+            continue
+        if kind not in _GGUF_TYPES:
+            raise Unsupported(f"GGUF type {kind} in {layer.prefix}")
+        w = w.contiguous()
+        keep.append(w)
+        parts.append((kind, hi - lo, layer.input_size_per_rank, lo, w.shape[1], w.data_ptr()))
+    return parts
+
+
+# linear method class name -> its weights as (type, n, k, out_off, row_bytes, data) parts
+_PROJECTIONS: dict[str, Callable[[Any, list], list[tuple]]] = {
+    "UnquantizedLinearMethod": _unquantized_parts,
+    "GGUFLinearMethod": _gguf_parts,
+}
+
+
+def projection(layer, keep: list, with_bias: bool = True) -> SlProj:
+    """A ``layers.linear.Linear`` as the C struct (its method's own tensors, in place); the
+    bias too unless ``with_bias`` is off (a caller that adds it itself)."""
+    fn = _PROJECTIONS.get(type(layer.method).__name__)
+    if fn is None:
+        raise Unsupported(f"linear method {type(layer.method).__name__} ({layer.prefix})")
+    if getattr(layer, "_sums_over_ranks", False) or layer.tp.world_size > 1:
+        raise Unsupported("tensor parallelism")
+    parts = fn(layer, keep)
+    if len(parts) > 3:
+        raise Unsupported(f"{layer.prefix} has {len(parts)} weight groups")
+    p = SlProj()
+    p.nparts, p.n = len(parts), layer.output_size_per_rank
+    for i, (t, n, k, off, rb, data) in enumerate(parts):
+        if t in _GGUF_TYPES and k % 32:
+            raise Unsupported(f"{layer.prefix}: K={k} is not a multiple of 32")
+        p.part[i].type, p.part[i].n, p.part[i].k, p.part[i].out_off = t, n, k, off
+        p.part[i].row_bytes, p.part[i].data = rb, data
+    p.bias = _f32(layer.bias, keep) if with_bias and layer.bias is not None else None
+    return p
+
+
+def _f32(t: torch.Tensor, keep: list) -> int:
+    t = t.detach().float().contiguous()
+    keep.append(t)
+    return t.data_ptr()
+
+
+def build_plan(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_rows: int,
+               max_ctx: int) -> NativePlan:
+    """The C step's view of ``model`` (a models.llama.LlamaForCausalLM) and its caches, for up
+    to ``max_rows`` sequences of up to ``max_ctx`` tokens. Raises Unsupported (with the reason)
+    when some part of it is not something the C step reads."""
+    a = getattr(model, "args", None)
+    if a is None or not hasattr(model, "layers") or not hasattr(model, "embed_tokens"):
+        raise Unsupported(f"model class {type(model).__name__}")
+    k0 = kv_caches[0][0]
+    if k0.dtype not in (torch.float32, torch.bfloat16) or k0.dim() != 4:
+        raise Unsupported(f"KV cache of {k0.dtype}")
+    keep: list = []
+    layers = (SlLayer * a.num_layers)()
+    for i, (layer, (kc, vc)) in enumerate(zip(model.layers, kv_caches)):
+        att, mlp = layer.self_attn, layer.mlp
+        L = layers[i]
+        L.attn_norm = _f32(layer.input_layernorm.weight, keep)
+        L.ffn_norm = _f32(layer.post_attention_layernorm.weight, keep)
+        L.q_norm = _f32(att.q_norm.weight, keep) if att.q_norm is not None else None
+        L.k_norm = _f32(att.k_norm.weight, keep) if att.k_norm is not None else None
+        L.qkv, L.o = projection(att.qkv_proj, keep), projection(att.o_proj, keep)
+        L.gate_up, L.down = projection(mlp.gate_up_proj, keep), projection(mlp.down_proj, keep)
+        if not (kc.is_contiguous() and vc.is_contiguous()):
+            raise Unsupported("non-contiguous KV cache")
+        L.k_cache, L.v_cache = kc.data_ptr(), vc.data_ptr()
+    m = SlModel()
+    m.hidden, m.n_heads, m.n_kv_heads = a.hidden_size, a.num_heads, a.num_kv_heads
+    m.head_dim, m.inter, m.n_layers, m.vocab = a.head_dim, a.intermediate_size, a.num_layers, a.vocab_size
+    m.block_size, m.kv_bf16 = k0.shape[1], int(k0.dtype == torch.bfloat16)
+    m.max_ctx, m.max_rows = max_ctx, max_rows
+    m.eps, m.scale = a.rms_norm_eps, a.head_dim ** -0.5
+    cos_sin = model.layers[0].self_attn.rotary.cos_sin_cache
+    m.cos_sin = _f32(cos_sin, keep)
+    if cos_sin.shape[0] < max_ctx:
+        raise Unsupported(f"rotary table of {cos_sin.shape[0]} positions < {max_ctx}")
+    m.final_norm = _f32(model.norm.weight, keep)
+    if model.lm_head is not None:
+        m.head = projection(model.lm_head, keep)
+    else:  # tied: the embedding matrix is the head
+        p = SlProj()
+        p.nparts, p.n = 1, a.vocab_size
+        t, n, k, off, rb, data = _dense_part(model.embed_tokens.weight, 0, keep)
+        p.part[0].type, p.part[0].n, p.part[0].k, p.part[0].out_off = t, n, k, off
+        p.part[0].row_bytes, p.part[0].data = rb, data
+        m.head = p
+    m.layers = ctypes.cast(layers, ctypes.POINTER(SlLayer))
+    return NativePlan(m, layers, keep, max_rows)
+
+
+def lib_or_none():
+    return native.load()
