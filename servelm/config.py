@@ -122,6 +122,10 @@ class EngineConfig:
     speculative: Any = None  # servelm.spec_decode.config.SpeculativeConfig, or None (off)
     # servelm.structured_output.StructuredOutputsConfig (None: the defaults)
     structured_outputs: Any = None
+    # CPU math threads (cpu/threads.py; 0: as PyTorch is set), and the CPUs the creating
+    # process could use: the engine takes the first ``threads`` of them, the API process the rest
+    threads: int = 0
+    cpus: tuple[int, ...] = ()
 
     def kv_cache_spec(self, mc: Optional[ModelConfig] = None) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape of one block of one layer's K (or V) cache, its dtype) for model ``mc`` (the
@@ -243,14 +247,17 @@ class EngineArgs:
     speculative_config: Any = None  # a dict (or its JSON text) with vLLM's keys; None: off
     # backend (auto | xgrammar), disable_any_whitespace, compile_timeout_s, max_cached_grammars
     structured_outputs_config: Any = None
+    threads: Optional[int] = None  # CPU math threads (llama.cpp's name); None: usable CPUs
 
     def create_engine_config(self) -> EngineConfig:
         from servelm.attention import check_attention_backend
         from servelm.executor import check_executor_backend
         from servelm.loader import load_generation_eos_ids, load_hf_config, resolve_model
         from servelm.quantization import check_quantization
+        from servelm.cpu.threads import resolve_threads, usable_cpus
         check_attention_backend(self.attention_backend)
         check_quantization(self.quantization)
+        resolve_threads(self.threads)  # a bad value fails before anything loads
         from servelm.spec_decode.config import parse_speculative_config
         speculative = parse_speculative_config(self.speculative_config)
         from servelm.structured_output import StructuredOutputsConfig
@@ -345,7 +352,8 @@ class EngineArgs:
                             attention_backend=self.attention_backend,
                             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
                             skip_tokenizer_init=self.skip_tokenizer_init, speculative=speculative,
-                            structured_outputs=structured)
+                            structured_outputs=structured,
+                            threads=resolve_threads(self.threads), cpus=tuple(usable_cpus()))
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
@@ -395,7 +403,12 @@ class EngineArgs:
         from servelm.quantization import QUANTIZATION_METHODS
         a("--attention-backend", default="auto", choices=["auto", *ATTENTION_BACKENDS],
           help="auto: triton on CUDA, else the torch reference")
-        a("--enforce-eager", action="store_true")
+        a("--enforce-eager", action="store_true",
+          help="no CUDA graphs, and on the CPU no C decode step: every step runs PyTorch ops")
+        a("--threads", type=int, default=None,
+          help="CPU threads for the math (default: the CPUs this process may use, honouring "
+               "its affinity and a cgroup CPU quota); the API process keeps off them where "
+               "CPUs are left over")
         a("--max-logprobs", type=int, default=20)
         a("--skip-tokenizer-init", action="store_true")
         a("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),

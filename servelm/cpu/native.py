@@ -30,7 +30,8 @@ _P = ctypes.c_void_p
 
 class SlMat(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("out_off", ctypes.c_int32), ("row_bytes", ctypes.c_int64), ("data", _P)]
+                ("out_off", ctypes.c_int32), ("row_bytes", ctypes.c_int64), ("data", _P),
+                ("d", _P), ("m", _P)]
 
 
 class SlProj(ctypes.Structure):
@@ -118,6 +119,10 @@ def load() -> Optional[ctypes.CDLL]:
     lib.sl_decode.restype = i32
     lib.sl_linear.argtypes = [ctypes.POINTER(SlProj), i32, _P, _P, _P, i32]
     lib.sl_linear.restype = i32
+    lib.sl_dequantize.argtypes = [ctypes.POINTER(SlMat), _P, i32, i32]
+    lib.sl_dequantize.restype = i32
+    lib.sl_linear_scratch.argtypes = [i32, i32]
+    lib.sl_linear_scratch.restype = i64
     lib.sl_attention.argtypes = [_P, _P, _P, _P, i32, _P, i32, _P, i32, i32, i32, i32, i32, f32,
                                  _P, i32, i32]
     lib.sl_attention.restype = i32

@@ -29,7 +29,7 @@ class NativeLinear:
         threads = torch.get_num_threads()
         xf = x.float().contiguous()
         y = torch.empty(m, self.proj.n, dtype=torch.float32)
-        scratch = torch.empty(threads * m * (self.k // 32 + 1), dtype=torch.float32)
+        scratch = torch.empty(threads * self.lib.sl_linear_scratch(m, self.k), dtype=torch.float32)
         self.lib.sl_linear(self.proj, m, xf.data_ptr(), y.data_ptr(), scratch.data_ptr(), threads)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from servelm.cpu import native
+from servelm.cpu.blocks import mat_fields
 from servelm.cpu.native import SL_BF16, SL_F32, SL_Q4_0, SL_Q4_1, SL_Q8_0, SlLayer, SlModel, SlProj
 
 _DENSE = {torch.float32: SL_F32, torch.bfloat16: SL_BF16}
@@ -40,7 +41,8 @@ def _dense_part(w: torch.Tensor, off: int, keep: list) -> tuple:
         raise Unsupported(f"dense weights of {w.dtype}")
     w = w.contiguous()
     keep.append(w)
-    return (_DENSE[w.dtype], w.shape[0], w.shape[1], off, w.shape[1] * w.element_size(), w.data_ptr())
+    return (_DENSE[w.dtype], w.shape[0], w.shape[1], off, w.shape[1] * w.element_size(),
+            w.data_ptr(), None, None)
 
 
 def _unquantized_parts(layer, keep: list) -> list[tuple]:
@@ -50,19 +52,19 @@ def _unquantized_parts(layer, keep: list) -> list[tuple]:
 def _gguf_parts(layer, keep: list) -> list[tuple]:
     parts = []
     for j, (kind, lo, hi) in enumerate(layer.method.groups):
-        w = getattr(layer, f"weight_{j}")
         if kind is None:
-            parts.append(_dense_part(w, lo, keep))
+            parts.append(_dense_part(getattr(layer, f"weight_{j}"), lo, keep))
             continue
-        if kind not in _GGUF_TYPES:
+        blocks = layer.method.split_blocks(layer, j)  # the C kernels' layout (cpu/blocks.py)
+        if blocks is None:
             raise Unsupported(f"GGUF type {kind} in {layer.prefix}")
-        w = w.contiguous()
-        keep.append(w)
-        parts.append((kind, hi - lo, layer.input_size_per_rank, lo, w.shape[1], w.data_ptr()))
+        keep.append(blocks)
+        t, rb, data, d, m = mat_fields(blocks)
+        parts.append((t, hi - lo, layer.input_size_per_rank, lo, rb, data, d, m))
     return parts
 
 
-# linear method class name -> its weights as (type, n, k, out_off, row_bytes, data) parts
+# linear method class name -> its weights as (type, n, k, out_off, row_bytes, data, d, m) parts
 _PROJECTIONS: dict[str, Callable[[Any, list], list[tuple]]] = {
     "UnquantizedLinearMethod": _unquantized_parts,
     "GGUFLinearMethod": _gguf_parts,
@@ -82,13 +84,15 @@ def projection(layer, keep: list, with_bias: bool = True) -> SlProj:
         raise Unsupported(f"{layer.prefix} has {len(parts)} weight groups")
     p = SlProj()
     p.nparts, p.n = len(parts), layer.output_size_per_rank
-    for i, (t, n, k, off, rb, data) in enumerate(parts):
-        if t in _GGUF_TYPES and k % 32:
-            raise Unsupported(f"{layer.prefix}: K={k} is not a multiple of 32")
-        p.part[i].type, p.part[i].n, p.part[i].k, p.part[i].out_off = t, n, k, off
-        p.part[i].row_bytes, p.part[i].data = rb, data
+    for i, part in enumerate(parts):
+        _set_mat(p.part[i], *part)
     p.bias = _f32(layer.bias, keep) if with_bias and layer.bias is not None else None
     return p
+
+
+def _set_mat(mat, t, n, k, off, row_bytes, data, d, m) -> None:
+    mat.type, mat.n, mat.k, mat.out_off = t, n, k, off
+    mat.row_bytes, mat.data, mat.d, mat.m = row_bytes, data, d, m
 
 
 def _f32(t: torch.Tensor, keep: list) -> int:
@@ -138,9 +142,7 @@ def build_plan(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_ro
     else:  # tied: the embedding matrix is the head
         p = SlProj()
         p.nparts, p.n = 1, a.vocab_size
-        t, n, k, off, rb, data = _dense_part(model.embed_tokens.weight, 0, keep)
-        p.part[0].type, p.part[0].n, p.part[0].k, p.part[0].out_off = t, n, k, off
-        p.part[0].row_bytes, p.part[0].data = rb, data
+        _set_mat(p.part[0], *_dense_part(model.embed_tokens.weight, 0, keep))
         m.head = p
     m.layers = ctypes.cast(layers, ctypes.POINTER(SlLayer))
     return NativePlan(m, layers, keep, max_rows)

@@ -119,6 +119,9 @@ class AsyncEngineClient:
             target=cp.run_engine_core, name="servelm-engine-core", daemon=True,
             args=(config, in_addr, out_addr, logging.getLogger().getEffectiveLevel()))
         proc.start()
+        if config.device == "cpu":  # the core takes the first CPUs, this process the rest
+            from servelm.cpu.threads import configure_api
+            configure_api(config.threads, config.cpus)
         client = cls(config, None, proc, tmpdir, in_sock, out_sock, (sync_ctx, async_ctx), listener)
         client._watch_process()
         try:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from servelm.cpu.blocks import BLOCK_FORMATS, split_blocks
 from servelm.quantization import cpu_int4
 from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
 from servelm.quantization.unquantized import dense_linear
@@ -30,6 +32,11 @@ Q4_0, Q4_1 = 2, 3  # ggml type ids
 def _native_lib():
     from servelm.cpu import native
     return native.load()
+
+
+def dequantize_blocks(blocks, dtype: torch.dtype) -> torch.Tensor:
+    from servelm.cpu.blocks import dequantize
+    return dequantize(blocks, dtype)
 
 
 def _native_max_m() -> int:
@@ -115,14 +122,22 @@ class GGUFLinearMethod(LinearMethod):
             else:
                 tensors.append([t])
                 self.groups.append((kind, lo, hi))
-        # the CPU's C GEMV reads the blocks as they are; without it (no compiler) Q4_0/Q4_1
-        # get a packed int4 copy for PyTorch's kernel
+        # on the CPU the C kernels read Q4_0 / Q4_1 / Q8_0 (their scales moved beside the
+        # blocks); without them (no compiler) Q4_0/Q4_1 get a packed int4 copy for PyTorch
         native = self.device.type == "cpu" and _native_lib() is not None
         for j, ts in enumerate(tensors):
             merged = torch.cat(ts) if len(ts) > 1 else ts[0]
             kind = self.groups[j][0]
-            if not native and kind in (Q4_0, Q4_1) and cpu_int4.usable(merged.device, self.dtype, 32,
-                                                                      merged.shape[0]):
+            if native and kind in BLOCK_FORMATS:
+                # the scales moved out of the blocks (cpu/blocks.py): the same bytes, no copy
+                blocks = split_blocks(merged, kind)
+                layer.register_buffer(f"weight_{j}_codes", blocks.codes)
+                layer.register_buffer(f"weight_{j}_d", blocks.d)
+                if blocks.m is not None:
+                    layer.register_buffer(f"weight_{j}_m", blocks.m)
+                continue
+            if kind in (Q4_0, Q4_1) and cpu_int4.usable(merged.device, self.dtype, 32,
+                                                        merged.shape[0]):
                 # small M: the packed int4 kernel reads Q4_0/Q4_1 exactly (cpu_int4.py); prefill
                 # dequantizes the blocks, kept as well
                 k = layer.input_size_per_rank
@@ -148,10 +163,21 @@ class GGUFLinearMethod(LinearMethod):
         outs = [cpu_int4.linear(x, getattr(layer, f"weight_{j}_packed"),
                                 getattr(layer, f"weight_{j}_scales_zeros"), 32)
                 if small and hasattr(layer, f"weight_{j}_packed")
+                else F.linear(x, dequantize_blocks(self.split_blocks(layer, j), x.dtype))
+                if hasattr(layer, f"weight_{j}_codes")
                 else self._matmul(getattr(layer, f"weight_{j}"), kind, x)
                 for j, (kind, _, _) in enumerate(self.groups)]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return y if bias is None else y + bias
+
+    def split_blocks(self, layer: "Linear", j: int):
+        """Group j's blocks in the CPU kernels' layout (cpu/blocks.SplitBlocks), or None where
+        the group keeps the file's bytes (other formats, other devices)."""
+        if not hasattr(layer, f"weight_{j}_codes"):
+            return None
+        from servelm.cpu.blocks import SplitBlocks
+        return SplitBlocks(self.groups[j][0], getattr(layer, f"weight_{j}_codes"),
+                           getattr(layer, f"weight_{j}_d"), getattr(layer, f"weight_{j}_m", None))
 
     def _matmul(self, w: torch.Tensor, kind: Optional[int], x: torch.Tensor) -> torch.Tensor:
         if kind is None:

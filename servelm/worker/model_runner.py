@@ -70,6 +70,9 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, tp: ParallelGroup = ParallelGroup()) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":  # math threads and CPUs (cpu/threads.py)
+            from servelm.cpu.threads import configure_engine
+            configure_engine(config.threads, config.cpus)
         mc = config.model
         self.dtype = mc.dtype
         self.block_size = config.cache.block_size
@@ -235,7 +238,7 @@ class ModelRunner:
             from servelm.cpu.decode_step import build_decode_step  # the C decode step
             self.graphs = build_decode_step(self.model, self.kv_caches,
                                             self.config.model.max_model_len,
-                                            torch.get_num_threads())
+                                            self.config.threads or torch.get_num_threads())
         if self.proposer is not None:
             self.proposer.initialize_kv_cache(num_blocks)
         if self.gate is not None:  # nothing the memory profile measured

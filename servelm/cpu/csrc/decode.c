@@ -33,11 +33,16 @@
 enum { SL_F32 = 0, SL_BF16 = 1, SL_Q4_0 = 2, SL_Q4_1 = 3, SL_Q8_0 = 8 };
 
 /* One weight matrix [n, k]: row r's bytes at data + r * row_bytes; its outputs land in
- * columns out_off .. out_off + n of the projection's output. */
+ * columns out_off .. out_off + n of the projection's output. The block formats are ggml's,
+ * with each block's fp16 scale (and Q4_1 min) moved into arrays of their own at load, so a
+ * row's scales convert 16 at a time and every block's codes are 16 (Q4) or 32 (Q8) aligned
+ * bytes: data is [n, k / 2] Q4 codes (a block's element j < 16 in the low nibble of byte j,
+ * 16 + j in its high nibble) or [n, k] int8 Q8 codes; d, m are fp16 [n, k / 32]. */
 typedef struct {
     int32_t type, n, k, out_off;
     int64_t row_bytes;
     const uint8_t *data;
+    const uint16_t *d, *m; /* Q4_0 / Q4_1 / Q8_0: scales; Q4_1: mins (NULL otherwise) */
 } sl_mat;
 
 /* A projection: up to 3 matrices side by side (q|k|v or gate|up of different formats), and an
@@ -112,13 +117,24 @@ static inline __m512 bf16x16(const uint16_t *p) {
 #endif
 
 /* ---- matmul: y[s, out_off + r] = sum_j W[r, j] x[s, j], rows r0..r1 of one matrix ---------- */
-/* x: [S, k] fp32 (row stride xs); xsum: [S, k / 32] sums of each 32-block of x (Q4 offsets).
+/* x: [S, k] fp32 (row stride xs); xsum: [S, k / 32] sums of each 32-block of x (Q4 offsets:
+ * a Q4_1 block is d * q + m, so its dot product is d * (q . x) + m * sum(x)).
  * The work is done in tiles of RB weight rows x SN activation rows: each weight block is
  * decoded into registers once and used SN times, and the RB * SN accumulators are independent
  * chains (one chain per row would wait on FMA latency every block). RB and SN are constants at
  * every call (always_inline), so the accumulators live in registers. */
 #define SL_SCHUNK 8
 #define SL_INLINE static inline __attribute__((always_inline))
+
+/* n fp16 -> fp32 */
+static inline void f16_row(const uint16_t *src, float *dst, int n) {
+    int j = 0;
+#if SL_AVX512
+    for (; j + 16 <= n; j += 16)
+        _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + j))));
+#endif
+    for (; j < n; j++) dst[j] = f16_to_f32(src[j]);
+}
 
 SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, const int SN,
                     const float *x, const int xs, const float *xsum, const int nsum, float *y,
@@ -135,19 +151,32 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
     for (int i = 0; i < RB; i++)
         for (int s = 0; s < SN; s++) acc[i][s] = _mm512_setzero_ps();
 #endif
+    const int quant = w->type == SL_Q4_0 || w->type == SL_Q4_1 || w->type == SL_Q8_0;
+    float dsc[4][quant ? nb : 1], mn[quant ? nb : 1];
+    if (quant)
+        for (int i = 0; i < RB; i++) {
+            f16_row(w->d + (int64_t)(r + i) * nb, dsc[i], nb);
+            if (w->type == SL_Q8_0) continue;
+            if (w->type == SL_Q4_1)
+                f16_row(w->m + (int64_t)(r + i) * nb, mn, nb);
+            else
+                for (int b = 0; b < nb; b++) mn[b] = -8.f * dsc[i][b];
+            for (int s = 0; s < SN; s++) { /* the offsets: sum over blocks of m * sum(x) */
+                const float *xsp = xsum + (s0 + s) * nsum;
+                float t = 0.f;
+                for (int b = 0; b < nb; b++) t += mn[b] * xsp[b];
+                out[i][s] = t;
+            }
+        }
     if (w->type == SL_Q4_0 || w->type == SL_Q4_1) {
-        const int bs = w->type == SL_Q4_0 ? 18 : 20, qoff = bs - 16, q41 = w->type == SL_Q4_1;
         for (int b = 0; b < nb; b++) {
             for (int i = 0; i < RB; i++) {
-                const uint8_t *blk = rows[i] + (int64_t)b * bs;
-                const float d = f16_to_f32(*(const uint16_t *)blk);
-                const float m = q41 ? f16_to_f32(*(const uint16_t *)(blk + 2)) : -8.f * d;
-                for (int s = 0; s < SN; s++) out[i][s] += m * xsum[(s0 + s) * nsum + b];
+                const uint8_t *qs = rows[i] + b * 16;
 #if SL_AVX512
-                const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + qoff)));
+                const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
                 const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
                 const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-                const __m512 dv = _mm512_set1_ps(d);
+                const __m512 dv = _mm512_set1_ps(dsc[i][b]);
                 for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
                     __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xp));
@@ -155,13 +184,12 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
                     acc[i][s] = _mm512_fmadd_ps(t, dv, acc[i][s]);
                 }
 #else
-                const uint8_t *qs = blk + qoff;
                 for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
                     float t = 0.f;
                     for (int j = 0; j < 16; j++)
                         t += (float)(qs[j] & 15) * xp[j] + (float)(qs[j] >> 4) * xp[j + 16];
-                    out[i][s] += d * t;
+                    out[i][s] += dsc[i][b] * t;
                 }
 #endif
             }
@@ -169,13 +197,11 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
     } else if (w->type == SL_Q8_0) {
         for (int b = 0; b < nb; b++) {
             for (int i = 0; i < RB; i++) {
-                const uint8_t *blk = rows[i] + (int64_t)b * 34;
-                const float d = f16_to_f32(*(const uint16_t *)blk);
-                const int8_t *qs = (const int8_t *)(blk + 2);
+                const int8_t *qs = (const int8_t *)(rows[i] + b * 32);
 #if SL_AVX512
                 const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)));
                 const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))));
-                const __m512 dv = _mm512_set1_ps(d);
+                const __m512 dv = _mm512_set1_ps(dsc[i][b]);
                 for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
                     __m512 t = _mm512_mul_ps(q0, _mm512_loadu_ps(xp));
@@ -187,7 +213,7 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
                     const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
                     float t = 0.f;
                     for (int j = 0; j < 32; j++) t += (float)qs[j] * xp[j];
-                    out[i][s] += d * t;
+                    out[i][s] += dsc[i][b] * t;
                 }
 #endif
             }
@@ -263,24 +289,64 @@ static void block_sums(int S, int k, const float *x, int xs, float *xsum) {
         }
 }
 
+/* floats of per-thread scratch a projection with k inputs needs for S rows (block sums) */
+static inline int64_t proj_scratch(int S, int k) { return (int64_t)S * (k / 32 + 1) + 16; }
+
 /* This thread's share of a projection: every part's rows split evenly (in 8-row steps).
- * xsum: a per-thread scratch of S * k / 32 floats. The bias is added by the same thread. */
+ * scratch: proj_scratch(S, k) floats of this thread's own. The bias is added by the same
+ * thread. */
 static void proj_thread(const sl_proj *p, int S, const float *x, int xs, float *y, int ys,
-                        float *xsum, int tid, int nt) {
+                        float *scratch, int tid, int nt) {
     const int k = p->part[0].k;
-    block_sums(S, k, x, xs, xsum);
+    block_sums(S, k, x, xs, scratch);
     for (int i = 0; i < p->nparts; i++) {
         const sl_mat *w = &p->part[i];
         const int steps = (w->n + 7) / 8;
         const int a = (int)((int64_t)steps * tid / nt) * 8, bnd = (int)((int64_t)steps * (tid + 1) / nt) * 8;
         const int r1 = bnd < w->n ? bnd : w->n;
         if (a < r1) {
-            mat_rows(w, a, r1, S, x, xs, xsum, k / 32, y, ys);
+            mat_rows(w, a, r1, S, x, xs, scratch, k / 32, y, ys);
             if (p->bias)
                 for (int s = 0; s < S; s++)
                     for (int r = a; r < r1; r++) y[(int64_t)s * ys + w->out_off + r] += p->bias[w->out_off + r];
         }
     }
+}
+
+/* Dequantize rows of a block matrix (for prompt-sized matmuls, which PyTorch's GEMM does):
+ * out [n, k] in fp32 (bf16 = 0) or bf16 (bf16 = 1, rounded to nearest even). */
+int sl_dequantize(const sl_mat *w, void *out, int bf16, int nt) {
+    const int k = w->k, nb = k / 32;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int r = 0; r < w->n; r++) {
+        float row[k];
+        const uint8_t *q = w->data + (int64_t)r * w->row_bytes;
+        for (int b = 0; b < nb; b++) {
+            const float d = f16_to_f32(w->d[(int64_t)r * nb + b]);
+            if (w->type == SL_Q8_0) {
+                for (int j = 0; j < 32; j++) row[b * 32 + j] = d * (float)((const int8_t *)q)[b * 32 + j];
+            } else {
+                const float m = w->type == SL_Q4_1 ? f16_to_f32(w->m[(int64_t)r * nb + b]) : 0.f;
+                const uint8_t *qs = q + b * 16;
+                for (int j = 0; j < 16; j++) {
+                    if (w->type == SL_Q4_1) { /* ggml: d * q + m */
+                        row[b * 32 + j] = d * (float)(qs[j] & 15) + m;
+                        row[b * 32 + 16 + j] = d * (float)(qs[j] >> 4) + m;
+                    } else { /* d * (q - 8) */
+                        row[b * 32 + j] = d * (float)((qs[j] & 15) - 8);
+                        row[b * 32 + 16 + j] = d * (float)((qs[j] >> 4) - 8);
+                    }
+                }
+            }
+        }
+        if (bf16) {
+            uint16_t *o = (uint16_t *)out + (int64_t)r * k;
+            for (int j = 0; j < k; j++) o[j] = f32_to_bf16(row[j]);
+        } else {
+            memcpy((float *)out + (int64_t)r * k, row, sizeof(float) * (size_t)k);
+        }
+    }
+    return 0;
 }
 
 /* ---- small ops ----------------------------------------------------------------------------- */
@@ -408,11 +474,11 @@ static int64_t layout(const sl_model *m, int nt, float *base, sl_bufs *b) {
     TAKE(h, R * H);
     TAKE(gu, R * 2 * m->inter);
     TAKE(act, R * m->inter);
-    TAKE(xsum, (int64_t)nt * R * (kmax / 32 + 1));
+    TAKE(xsum, (int64_t)nt * proj_scratch((int)R, (int)kmax));
     TAKE(scores, (int64_t)nt * G * m->max_ctx);
 #undef TAKE
     if (b) {
-        b->xsum_stride = R * (kmax / 32 + 1);
+        b->xsum_stride = proj_scratch((int)R, (int)kmax);
         b->scores_stride = G * m->max_ctx;
     }
     return o;
@@ -527,13 +593,15 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
 
 /* ---- single kernels, for tests against their PyTorch references ---------------------------- */
 /* y [S, n] = x [S, k] @ W^T (+ bias) for one projection, on nt threads. */
+int64_t sl_linear_scratch(int S, int k) { return proj_scratch(S, k); }
+
 int sl_linear(const sl_proj *p, int S, const float *x, float *y, float *xsum, int nt) {
-    /* xsum: nt * S * (k / 32 + 1) floats */
+    /* xsum: nt * sl_linear_scratch(S, k) floats */
     const int k = p->part[0].k;
 #pragma omp parallel num_threads(nt)
     {
         const int tid = omp_get_thread_num();
-        proj_thread(p, S, x, k, y, p->n, xsum + (int64_t)tid * S * (k / 32 + 1), tid,
+        proj_thread(p, S, x, k, y, p->n, xsum + (int64_t)tid * proj_scratch(S, k), tid,
                     omp_get_num_threads());
     }
     return 0;
