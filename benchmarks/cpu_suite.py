@@ -1,106 +1,238 @@
-"""servelm on the CPU, side by side with transformers (and llama.cpp when llama-cpp-python is
-installed), on the embedded SmolLM2-135M-Instruct GGUF.
+"""servelm on the CPU side by side with llama.cpp's own programs, on the embedded
+SmolLM2-135M-Instruct GGUF (Q4_1, the same file for both), the same thread count, one table.
 
-    python benchmarks/cpu_suite.py [--new-tokens 128] [--batch 64]
+    python benchmarks/cpu_suite.py [--runs 3] [--threads N] [--serve-runs 1] [--skip-serve]
 
-Rows: batch-1 decode tok/s, and total output tok/s for a batch of prompts submitted at once.
-servelm (fp32 and bf16) and transformers (fp32) run weights dequantized from the GGUF (fp32 is
-token-identical to transformers); llama.cpp runs the Q4_1 file as is (its own numerics).
+llama.cpp is built by benchmarks/llamacpp_build.py from the sources inside the llama-cpp-python
+sdist (the only download). Every figure is the median of --runs fresh runs (a new process each):
+
+* batch-1 decode: servelm generates 128 tokens after a 16-token prompt (tokens 2..128 over
+  their time); llama.cpp: ``llama-bench`` tg128.
+* prefill: one 512-token prompt (servelm: its time to the first token); ``llama-bench`` pp512.
+* 64 sequences: 64 prompts of 64 tokens, 128 new tokens each, all at once; servelm's offline
+  output tok/s (wall clock, prefill included) against ``llama-batched-bench`` -npp 64 -ntg 128
+  -npl 64 (its 64 x 128 tokens over its total time).
+* serving: ``servelm bench serve`` (sharegpt-like, 200 prompts, ignore_eos and an EOS
+  logit_bias) at rate 2 and unlimited, against ``servelm serve`` and ``llama-server -np 64 -cb``.
+* resident memory of each server after its runs.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-
-import torch
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PROMPTS = ["Write a short story about a robot learning to paint.",
-           "Explain how photosynthesis works in simple terms.",
-           "List five tips for staying productive while working from home.",
-           "What are the main differences between Python and C?"]
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def servelm_rows(path: str, new: int, batch: int, dtype: str) -> dict:
+# ---- servelm, one measurement per fresh process ------------------------------------------------
+def servelm_child(kind: str, threads: int | None) -> float:
+    import torch
+
     from servelm import LLM, SamplingParams
-    llm = LLM(path, kv_cache_memory=1 << 30, dtype=dtype)
-    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    llm.generate(PROMPTS[0], SamplingParams(max_tokens=4), use_tqdm=False)
-    runs = []
-    for _ in range(3):
-        o = llm.generate(PROMPTS[0], sp, use_tqdm=False)[0]
-        runs.append((new - 1) / (o.metrics.last_token_time - o.metrics.first_token_time))
-    prompts = [PROMPTS[i % len(PROMPTS)] + f" (variant {i})" for i in range(batch)]
-    t = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
-    dt = time.perf_counter() - t
-    return {"b1": statistics.median(runs), "batch": sum(len(o.outputs[0].token_ids) for o in outs) / dt}
-
-
-def hf_rows(path: str, new: int, batch: int) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    d, f = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    gen = dict(do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id or 0)
-    with torch.no_grad():
-        ids = tok(PROMPTS[0], return_tensors="pt")
-        model.generate(**ids, max_new_tokens=4, **gen)
-        runs = []
-        for _ in range(2):
-            t = time.perf_counter()
-            model.generate(**ids, max_new_tokens=new, **gen)
-            runs.append(new / (time.perf_counter() - t))
-        prompts = [PROMPTS[i % len(PROMPTS)] + f" (variant {i})" for i in range(batch)]
-        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    llm = LLM(kv_cache_memory=2 << 30, threads=threads)
+    g = torch.Generator().manual_seed(int(time.time() * 1e6) % 2**31)  # no prefix-cache hits
+    rand = lambda n: torch.randint(100, 40000, (n,), generator=g).tolist()  # noqa: E731
+    warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate([rand(16)], warm, use_tqdm=False)
+    if kind == "decode":
+        o = llm.generate([rand(16)], SamplingParams(temperature=0, max_tokens=128, ignore_eos=True),
+                         use_tqdm=False)[0]
+        return 127 / (o.metrics.last_token_time - o.metrics.first_token_time)
+    if kind == "prefill":
+        llm.generate([rand(512)], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
         t = time.perf_counter()
-        model.generate(**enc, max_new_tokens=new, **gen)
-        dt = time.perf_counter() - t
-    return {"b1": statistics.median(runs), "batch": batch * new / dt}
+        llm.generate([rand(512)], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        return 512 / (time.perf_counter() - t)
+    if kind == "batch64":
+        prompts = [rand(64) for _ in range(64)]
+        t = time.perf_counter()
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=128, ignore_eos=True),
+                            use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+    raise ValueError(kind)
 
 
-def llamacpp_rows(path: str, new: int, batch: int) -> dict | None:
+def servelm_runs(kind: str, runs: int, threads: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind,
+                            "--threads", str(threads)], capture_output=True, text=True)
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            raise RuntimeError(f"servelm {kind} run failed:\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}")
+        out.append(float(line[0].split()[1]))
+    return out
+
+
+# ---- llama.cpp ---------------------------------------------------------------------------------
+def llama_bench_runs(bin_dir: str, model: str, runs: int, threads: int) -> tuple[list, list]:
+    tg, pp = [], []
+    for _ in range(runs):
+        p = subprocess.run([os.path.join(bin_dir, "llama-bench"), "-m", model, "-t", str(threads),
+                            "-p", "512", "-n", "128", "-r", "1", "-o", "json"],
+                           capture_output=True, text=True, check=True)
+        for row in json.loads(p.stdout):
+            (pp if row["n_prompt"] else tg).append(row["avg_ts"])
+    return tg, pp
+
+
+def llama_batched_runs(bin_dir: str, model: str, runs: int, threads: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        p = subprocess.run([os.path.join(bin_dir, "llama-batched-bench"), "-m", model,
+                            "-c", "16384", "-b", "2048", "-ub", "512", "-npp", "64", "-ntg", "128",
+                            "-npl", "64", "-t", str(threads)], capture_output=True, text=True,
+                           check=True)
+        rows = [r for r in p.stdout.splitlines() if re.match(r"^\|\s+64 \|\s+128 \|\s+64 \|", r)]
+        total_s = float(rows[0].split("|")[9])  # T s: prompt processing and generation
+        out.append(64 * 128 / total_s)
+    return out
+
+
+# ---- serving -----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(1)
+    raise RuntimeError(f"server not ready after {timeout} s")
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (servelm serve: API + engine core)."""
+    total = 0.0
+    pids = [pid]
     try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=path, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
-    msgs = [{"role": "user", "content": PROMPTS[0]}]  # a raw prompt ends at once (EOS) here
-    runs = []
-    for _ in range(3):
-        stamps = []  # decode rate: first content chunk to last, like servelm's row
-        for chunk in llm.create_chat_completion(msgs, max_tokens=new, temperature=0, stream=True):
-            if chunk["choices"][0]["delta"].get("content"):
-                stamps.append(time.perf_counter())
-        runs.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return {"b1": statistics.median(runs), "batch": None}  # llama-cpp-python serves one at a time
+        kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        pids += [int(k) for k in kids]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def bench_serve(base_url: str, rate: str, eos: int, out_json: str) -> dict:
+    cmd = [sys.executable, "-m", "servelm.cli", "bench", "serve", "--base-url", base_url,
+           "--dataset-name", "sharegpt-like", "--num-prompts", "200", "--request-rate", rate,
+           "--ignore-eos", "--eos-logit-bias", str(eos), "--disable-tqdm", "--save-result", out_json]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    with open(out_json) as f:
+        return json.load(f)
+
+
+def serve_rows(server: str, bin_dir: str, model: str, threads: int, eos: int, runs: int,
+               tmp: str) -> dict:
+    """{rate: [summary per run]}, and the server's RSS after its runs."""
+    res: dict = {"2": [], "inf": [], "rss": []}
+    for _ in range(runs):
+        port = _free_port()
+        if server == "servelm":
+            cmd = [sys.executable, "-m", "servelm.cli", "serve", "--port", str(port),
+                   "--threads", str(threads)]
+        else:
+            cmd = [os.path.join(bin_dir, "llama-server"), "-m", model, "-t", str(threads), "-np",
+                   "64", "-cb", "-c", str(64 * 2048), "--port", str(port)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}/health", proc)
+            for rate in ("2", "inf"):
+                res[rate].append(bench_serve(f"http://127.0.0.1:{port}", rate, eos,
+                                             os.path.join(tmp, f"{server}-{rate}.json")))
+            res["rss"].append(_rss_mb(proc.pid))
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+    return res
+
+
+def _med(xs: list) -> float:
+    return statistics.median(xs) if xs else float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--serve-runs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print(f"RESULT {servelm_child(args.child, args.threads)}", flush=True)
+        return
+    from benchmarks.llamacpp_build import ensure_llamacpp
+    from servelm.cpu.threads import default_threads
     from servelm.loader import default_model_path
-    path = default_model_path()
-    res = {"servelm fp32": servelm_rows(path, args.new_tokens, args.batch, "float32"),
-           "servelm bf16": servelm_rows(path, args.new_tokens, args.batch, "bfloat16")}
-    if not args.skip_hf:
-        res["transformers"] = hf_rows(path, args.new_tokens, args.batch)
-    lc = llamacpp_rows(path, args.new_tokens, args.batch)
-    if lc:
-        res["llama.cpp"] = lc
-    print(f"\nSmolLM2-135M-Instruct on CPU ({os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}), {args.new_tokens} new tokens")
-    print(f"| engine | batch-1 decode tok/s | {args.batch} prompts, output tok/s |\n|---|---|---|")
-    for k, v in res.items():
-        b = "n/a" if v["batch"] is None else f"{v['batch']:.1f}"
-        print(f"| {k} | {v['b1']:.1f} | {b} |")
+    threads = args.threads or default_threads()
+    model = default_model_path()
+    bin_dir = ensure_llamacpp()
+    rows = []  # (what, servelm runs, llama.cpp runs, unit, target ratio, higher is better)
+    tg, pp = llama_bench_runs(bin_dir, model, args.runs, threads)
+    rows.append(("batch-1 decode, 128 tokens", servelm_runs("decode", args.runs, threads), tg,
+                 "tok/s", 1.0, True))
+    rows.append(("prefill, 512-token prompt", servelm_runs("prefill", args.runs, threads), pp,
+                 "tok/s", 2.0, True))
+    rows.append(("64 sequences, 64 in / 128 out", servelm_runs("batch64", args.runs, threads),
+                 llama_batched_runs(bin_dir, model, args.runs, threads), "output tok/s", 3.0, True))
+    rss = {}
+    if not args.skip_serve:
+        eos = 2  # SmolLM2's <|im_end|>; the bench's prompts are token ids
+        with tempfile.TemporaryDirectory() as tmp:
+            s = serve_rows("servelm", bin_dir, model, threads, eos, args.serve_runs, tmp)
+            lc = serve_rows("llama.cpp", bin_dir, model, threads, eos, args.serve_runs, tmp)
+        for rate in ("2", "inf"):
+            rows.append((f"serve rate {rate}: output tok/s",
+                         [r["output_throughput"] for r in s[rate]],
+                         [r["output_throughput"] for r in lc[rate]], "tok/s", 2.0, True))
+            rows.append((f"serve rate {rate}: p99 TTFT", [r["p99_ttft_ms"] for r in s[rate]],
+                         [r["p99_ttft_ms"] for r in lc[rate]], "ms",
+                         1.0 if rate == "2" else None, False))
+        rss = {"servelm": _med(s["rss"]), "llama.cpp": _med(lc["rss"])}
+    print(f"\nSmolLM2-135M-Instruct Q4_1 on the CPU ({os.cpu_count()} cores, {threads} threads), "
+          f"medians of {args.runs} fresh runs (serving: {args.serve_runs})")
+    print("| what | servelm | llama.cpp | ratio | target | runs (servelm; llama.cpp) |")
+    print("|---|---|---|---|---|---|")
+    for what, s_runs, l_runs, unit, target, higher in rows:
+        sm, lm = _med(s_runs), _med(l_runs)
+        ratio = sm / lm if higher else lm / sm
+        tgt = "-" if target is None else (f">= {target:.1f}x" if higher or target != 1.0 else "lower")
+        met = "" if target is None else (" met" if ratio >= target else " MISSED")
+        print(f"| {what} ({unit}) | {sm:.1f} | {lm:.1f} | {ratio:.2f}x | {tgt}{met} | "
+              f"{', '.join(f'{x:.1f}' for x in s_runs)}; {', '.join(f'{x:.1f}' for x in l_runs)} |")
+    for k, v in rss.items():
+        print(f"| resident memory, {k} server (MB) | {v:.0f} | | | reported | |")
 
 
 if __name__ == "__main__":

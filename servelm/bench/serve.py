@@ -293,6 +293,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-concurrency", type=int, default=None,
                    help="most requests in flight at once (default: no limit)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eos-logit-bias", default=None, metavar="ID[,ID...]",
+                   help="also send logit_bias -100 on these token ids (the model's EOS), for "
+                        "servers that ignore ignore_eos: every server then generates the "
+                        "same lengths")
     g.add_argument("--ignore-eos", action="store_true",
                    help="ask the server to generate exactly output_len tokens")
     g = parser.add_argument_group("results")
@@ -315,11 +319,19 @@ def main_serve(args: argparse.Namespace, tokenizer: Optional[Tokenizer] = None) 
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
         request_rate=args.request_rate, max_concurrency=args.max_concurrency,
         ignore_eos=args.ignore_eos, seed=args.seed, disable_tqdm=args.disable_tqdm)
+    if getattr(args, "eos_logit_bias", None):
+        try:
+            ids = [int(t) for t in str(args.eos_logit_bias).split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--eos-logit-bias takes token ids separated by commas, got "
+                             f"{args.eos_logit_bias!r}.") from None
+        config = replace(config, extra_body=config.extra_body
+                         + (("logit_bias", {str(i): -100 for i in ids}),))
     slo = GoodputSLO.parse(args.goodput) if args.goodput else None
     if args.slo_in_request:
         if slo is None or (slo.ttft_ms is None and slo.tpot_ms is None):
             raise ValueError("--slo-in-request needs --goodput with ttft and/or tpot.")
-        config = replace(config, extra_body=tuple(
+        config = replace(config, extra_body=config.extra_body + tuple(
             (k, v) for k, v in (("ttft_slo_ms", slo.ttft_ms), ("tpot_slo_ms", slo.tpot_ms))
             if v is not None))
     if tokenizer is None and args.tokenizer:

@@ -85,14 +85,19 @@ def _build(cc: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
+    src_copy = tmp[:-3] + ".c"  # compiled from the bytes hashed, whatever the file is now
+    with open(src_copy, "wb") as f:
+        f.write(src)
     try:  # built beside, renamed into place: concurrent builders never load half a file
-        r = subprocess.run([cc, *_flags(), SOURCE, "-o", tmp, "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *_flags(), src_copy, "-o", tmp, "-lm"], capture_output=True,
+                           text=True)
         if r.returncode:
             raise RuntimeError(f"{cc} failed: {r.stderr.strip()[-800:]}")
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, src_copy):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return path
 
 

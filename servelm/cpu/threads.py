@@ -66,19 +66,23 @@ def engine_cpus(threads: int, cpus: list[int]) -> list[int]:
     return cpus[:threads] if threads < len(cpus) else cpus
 
 
-def configure_engine(threads: int, cpus: tuple[int, ...] = ()) -> None:
-    """In the process that runs the model: PyTorch's (and the C kernels') thread count, and its
-    CPUs (set, not narrowed: a core restarted by an API process that moved off the engine's
-    CPUs gets them back)."""
+def configure_engine(threads: int) -> None:
+    """In the process that runs the model: PyTorch's (and the C kernels') thread count."""
     import torch
-    if threads < 1:  # not configured (an EngineConfig built by hand): leave PyTorch's setting
+    if threads >= 1:  # 0: not configured (an EngineConfig built by hand): leave it
+        torch.set_num_threads(threads)
+
+
+def pin_engine_process(threads: int, cpus: tuple[int, ...]) -> None:
+    """In the engine core process the server spawns (not an offline LLM's, which is the
+    user's own): its CPUs, set rather than narrowed, so a core restarted by an API process that
+    moved off the engine's CPUs gets them back."""
+    if threads < 1 or not cpus:
         return
-    if cpus:
-        try:
-            os.sched_setaffinity(0, engine_cpus(threads, list(cpus)))
-        except (AttributeError, OSError, ValueError):
-            pass
-    torch.set_num_threads(threads)
+    try:
+        os.sched_setaffinity(0, engine_cpus(threads, list(cpus)))
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def configure_api(threads: int, cpus: tuple[int, ...] = ()) -> None:

@@ -182,6 +182,9 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
     # Ctrl-C reaches the whole process group; the API process decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s[core]: %(message)s")
+    if config.device == "cpu":  # the first CPUs; the API process keeps to the others
+        from servelm.cpu.threads import pin_engine_process
+        pin_engine_process(config.threads, config.cpus)
     ctx = zmq.Context()
     inp, out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     inp.connect(input_addr)

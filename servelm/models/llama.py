@@ -14,6 +14,7 @@ from servelm.layers.linear import Linear
 from servelm.layers.norm import RMSNorm
 from servelm.layers.rotary import RotaryEmbedding
 from servelm.loader.config import rope_parameters
+from servelm.quantization.gguf import GGUFWeight
 from servelm.quantization.unquantized import dense_linear
 
 
@@ -196,7 +197,7 @@ class LlamaForCausalLM(nn.Module):
             if name == "embed_tokens.weight" and self.args.tie_word_embeddings and self.lm_head is not None:
                 self.lm_head.load_weight("weight", tensor)
                 loaded.add("lm_head.weight#0")
-            if name == "embed_tokens.weight" and hasattr(tensor, "dequantize"):
+            if name == "embed_tokens.weight" and isinstance(tensor, GGUFWeight):
                 tensor = tensor.dequantize(torch.float32)  # GGUF blocks: the lookup table is dense
             mod_name, _, pname = name.rpartition(".")
             shard_id = 0

@@ -72,7 +72,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":  # math threads and CPUs (cpu/threads.py)
             from servelm.cpu.threads import configure_engine
-            configure_engine(config.threads, config.cpus)
+            configure_engine(config.threads)
         mc = config.model
         self.dtype = mc.dtype
         self.block_size = config.cache.block_size
