@@ -69,7 +69,9 @@ class CpuDecodeStep:
             raise ValueError(f"CPU decode step refused its inputs (batch {S}, contexts "
                              f"{lens.tolist()}; limits {self.plan.max_rows} rows, "
                              f"{self.plan.model.max_ctx} tokens)")
-        return logits, greedy
+        # the ids outlive this call (an overlapped step lands them after the next one runs):
+        # a copy, not the buffer the next step overwrites; the logits are sampled before that
+        return logits, greedy.clone()
 
 
 def build_decode_step(model, kv_caches, max_model_len: int, threads: int,

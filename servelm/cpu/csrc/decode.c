@@ -174,14 +174,22 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
                 const uint8_t *qs = rows[i] + b * 16;
 #if SL_AVX512
                 const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
-                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
-                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
                 const __m512 dv = _mm512_set1_ps(dsc[i][b]);
-                for (int s = 0; s < SN; s++) {
-                    const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
+                if (SN == 1) { /* scale the block's dot product: 3 ops */
+                    const float *xp = x + (int64_t)s0 * xs + b * 32;
                     __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xp));
                     t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + 16), t);
-                    acc[i][s] = _mm512_fmadd_ps(t, dv, acc[i][s]);
+                    acc[i][0] = _mm512_fmadd_ps(t, dv, acc[i][0]);
+                } else { /* scale the weights once, then 2 ops per sequence */
+                    lo = _mm512_mul_ps(lo, dv);
+                    hi = _mm512_mul_ps(hi, dv);
+                    for (int s = 0; s < SN; s++) {
+                        const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
+                        acc[i][s] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), acc[i][s]);
+                        acc[i][s] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + 16), acc[i][s]);
+                    }
                 }
 #else
                 for (int s = 0; s < SN; s++) {
@@ -199,14 +207,22 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
             for (int i = 0; i < RB; i++) {
                 const int8_t *qs = (const int8_t *)(rows[i] + b * 32);
 #if SL_AVX512
-                const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)));
-                const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))));
+                __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)));
+                __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))));
                 const __m512 dv = _mm512_set1_ps(dsc[i][b]);
-                for (int s = 0; s < SN; s++) {
-                    const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
+                if (SN == 1) {
+                    const float *xp = x + (int64_t)s0 * xs + b * 32;
                     __m512 t = _mm512_mul_ps(q0, _mm512_loadu_ps(xp));
                     t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xp + 16), t);
-                    acc[i][s] = _mm512_fmadd_ps(t, dv, acc[i][s]);
+                    acc[i][0] = _mm512_fmadd_ps(t, dv, acc[i][0]);
+                } else {
+                    q0 = _mm512_mul_ps(q0, dv);
+                    q1 = _mm512_mul_ps(q1, dv);
+                    for (int s = 0; s < SN; s++) {
+                        const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
+                        acc[i][s] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(xp), acc[i][s]);
+                        acc[i][s] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xp + 16), acc[i][s]);
+                    }
                 }
 #else
                 for (int s = 0; s < SN; s++) {
