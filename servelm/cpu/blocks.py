@@ -18,12 +18,15 @@ BLOCK_FORMATS = {2: (18, 2, None, 16), 3: (20, 4, 2, 16), 8: (34, 2, None, 32)}
 
 @dataclass(frozen=True)
 class SplitBlocks:
-    """codes [N, K/2] (Q4) or [N, K] (Q8) uint8, d [N, K/32] fp16, m [N, K/32] fp16 or None."""
+    """codes [N, K/2] (Q4) or [N, K] (Q8) uint8/int8, d [N, groups] (fp16 for GGUF: a group
+    per 32-block; the int4/int8 methods' groups of G columns in fp32/bf16), m [N, groups] (the
+    offset of w = d * q + m) or None."""
 
     ggml_type: int
     codes: torch.Tensor
     d: torch.Tensor
     m: Optional[torch.Tensor]
+    group: int = 32  # input columns per scale (the last group of a row may be shorter)
 
 
 def split_blocks(raw: torch.Tensor, ggml_type: int) -> SplitBlocks:
@@ -38,19 +41,37 @@ def split_blocks(raw: torch.Tensor, ggml_type: int) -> SplitBlocks:
 
 
 def mat_fields(blocks: SplitBlocks) -> tuple:
-    """(type, row_bytes, data, d, m) pointers of an ``sl_mat``."""
+    """(type, row_bytes, data, d, m, group, scale dtype) of an ``sl_mat``."""
     return (blocks.ggml_type, blocks.codes.shape[1], blocks.codes.data_ptr(),
-            blocks.d.data_ptr(), blocks.m.data_ptr() if blocks.m is not None else None)
+            blocks.d.data_ptr(), blocks.m.data_ptr() if blocks.m is not None else None,
+            blocks.group, native.SCALE_DTYPES[str(blocks.d.dtype).removeprefix("torch.")])
 
 
 def dequantize(blocks: SplitBlocks, dtype: torch.dtype) -> torch.Tensor:
     """The dense [N, K] matrix in dtype (fp32 or bf16; ggml's arithmetic in fp32, rounded once)."""
     lib = native.load()
-    n, nb = blocks.d.shape
+    n = blocks.codes.shape[0]
+    k = blocks.codes.shape[1] * (2 if blocks.ggml_type != 8 else 1)
     out_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    out = torch.empty(n, nb * 32, dtype=out_dtype)
+    out = torch.empty(n, k, dtype=out_dtype)
     mat = native.SlMat()
-    mat.type, mat.n, mat.k, mat.out_off = blocks.ggml_type, n, nb * 32, 0
-    _, mat.row_bytes, mat.data, mat.d, mat.m = mat_fields(blocks)
+    mat.type, mat.n, mat.k, mat.out_off = blocks.ggml_type, n, k, 0
+    _, mat.row_bytes, mat.data, mat.d, mat.m, mat.group, mat.scale_dtype = mat_fields(blocks)
     lib.sl_dequantize(mat, out.data_ptr(), int(out_dtype == torch.bfloat16), torch.get_num_threads())
     return out if out.dtype == dtype else out.to(dtype)
+
+
+def int4_blocks(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group: int) -> Optional[SplitBlocks]:
+    """The int4 method's GPTQ layout (qweight int32 [K / 8, N], scales and zeros [groups, N],
+    w = (q - z) * s) in the kernels' Q4_1 layout: codes [N, K / 2] in ggml's nibble order,
+    d = s and m = -z * s in fp32 [N, groups] (exact: z is an integer). None where K or the
+    group is not a multiple of 32."""
+    from servelm.quantization.ref import unpack_int4
+    k = qweight.shape[0] * 8
+    if k % 32 or group % 32:
+        return None
+    q = unpack_int4(qweight).t().to(torch.uint8).reshape(-1, k // 32, 2, 16)  # [N, nb, 2, 16]
+    codes = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], k // 2).contiguous()
+    s, z = scales.float(), zeros.float()
+    return SplitBlocks(3, codes, s.t().contiguous(), (-z * s).t().contiguous(), group)

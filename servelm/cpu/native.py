@@ -22,15 +22,17 @@ logger = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "decode.c")
 
-# sl_mat.type values (ggml type ids for the block formats)
+# sl_mat.type values (ggml type ids for the block formats), and its scale_dtype values
 SL_F32, SL_BF16, SL_Q4_0, SL_Q4_1, SL_Q8_0 = 0, 1, 2, 3, 8
+SCALE_DTYPES = {"float16": 0, "bfloat16": 1, "float32": 2}
 
 _P = ctypes.c_void_p
 
 
 class SlMat(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("out_off", ctypes.c_int32), ("row_bytes", ctypes.c_int64), ("data", _P),
+                ("out_off", ctypes.c_int32), ("group", ctypes.c_int32),
+                ("scale_dtype", ctypes.c_int32), ("row_bytes", ctypes.c_int64), ("data", _P),
                 ("d", _P), ("m", _P)]
 
 

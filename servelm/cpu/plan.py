@@ -42,7 +42,7 @@ def _dense_part(w: torch.Tensor, off: int, keep: list) -> tuple:
     w = w.contiguous()
     keep.append(w)
     return (_DENSE[w.dtype], w.shape[0], w.shape[1], off, w.shape[1] * w.element_size(),
-            w.data_ptr(), None, None)
+            w.data_ptr(), None, None, 32, 0)
 
 
 def _unquantized_parts(layer, keep: list) -> list[tuple]:
@@ -59,15 +59,45 @@ def _gguf_parts(layer, keep: list) -> list[tuple]:
         if blocks is None:
             raise Unsupported(f"GGUF type {kind} in {layer.prefix}")
         keep.append(blocks)
-        t, rb, data, d, m = mat_fields(blocks)
-        parts.append((t, hi - lo, layer.input_size_per_rank, lo, rb, data, d, m))
+        t, rb, data, d, m, group, sdt = mat_fields(blocks)
+        parts.append((t, hi - lo, layer.input_size_per_rank, lo, rb, data, d, m, group, sdt))
     return parts
 
 
-# linear method class name -> its weights as (type, n, k, out_off, row_bytes, data, d, m) parts
+def _int8_parts(layer, keep: list) -> list[tuple]:
+    """int8 weight-only: qweight int8 [N, K] read as Q8 codes, scales [N, groups]."""
+    q, s = layer.qweight, layer.scales
+    g = layer.method.group_size
+    k = q.shape[1]
+    if k % 32 or g % 32 or s.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise Unsupported(f"{layer.prefix}: int8 with K={k}, group {g}")
+    q, s = q.contiguous(), s.contiguous()
+    keep += [q, s]
+    return [(SL_Q8_0, q.shape[0], k, 0, k, q.data_ptr(), s.data_ptr(), None, g,
+             native.SCALE_DTYPES[str(s.dtype).removeprefix("torch.")])]
+
+
+def _int4_parts(layer, keep: list) -> list[tuple]:
+    """int4 (and GPTQ/AWQ) weight-only: the kernels' copy made at load (cpu/blocks.py)."""
+    blocks = layer.method.cpu_blocks(layer)
+    if blocks is None:
+        raise Unsupported(f"{layer.prefix}: int4 layout (act-order, or K / group not a multiple "
+                          "of 32)")
+    keep.append(blocks)
+    t, rb, data, d, m, group, sdt = mat_fields(blocks)
+    return [(t, layer.output_size_per_rank, layer.input_size_per_rank, 0, rb, data, d, m,
+             group, sdt)]
+
+
+# linear method class name -> its weights as (type, n, k, out_off, row_bytes, data, d, m, group,
+# scale dtype) parts
 _PROJECTIONS: dict[str, Callable[[Any, list], list[tuple]]] = {
     "UnquantizedLinearMethod": _unquantized_parts,
     "GGUFLinearMethod": _gguf_parts,
+    "Int8LinearMethod": _int8_parts,
+    "Int4LinearMethod": _int4_parts,
+    "GPTQLinearMethod": _int4_parts,
+    "AWQLinearMethod": _int4_parts,
 }
 
 
@@ -90,9 +120,10 @@ def projection(layer, keep: list, with_bias: bool = True) -> SlProj:
     return p
 
 
-def _set_mat(mat, t, n, k, off, row_bytes, data, d, m) -> None:
+def _set_mat(mat, t, n, k, off, row_bytes, data, d, m, group, scale_dtype) -> None:
     mat.type, mat.n, mat.k, mat.out_off = t, n, k, off
     mat.row_bytes, mat.data, mat.d, mat.m = row_bytes, data, d, m
+    mat.group, mat.scale_dtype = group, scale_dtype
 
 
 def _f32(t: torch.Tensor, keep: list) -> int:

@@ -136,7 +136,7 @@ def _iter_gguf(reader: GGUFFile, named: list[tuple[GGUFTensorInfo, str]],
     from gguf.quants import dequantize
 
     from servelm.quantization.gguf import GGUFWeight
-    from servelm.quantization.gguf_formats import GGUF_QUANT_TYPES
+    from servelm.quantization.gguf_formats import GGUF_BLOCK_SIZES, GGUF_QUANT_TYPES
 
     permute_heads = {}
     if config.model_type == "llama":  # qwen2/qwen3 GGUFs keep HF row order (NeoX-style rope)
@@ -146,8 +146,10 @@ def _iter_gguf(reader: GGUFFile, named: list[tuple[GGUFTensorInfo, str]],
         module = hf_name.rsplit(".", 1)[0].split(".", 3)[-1]
         # the embedding too: a tied head may keep its blocks (the model dequantizes the
         # embedding's own copy)
+        embed_blocks = (hf_name == "model.embed_tokens.weight"
+                        and GGUF_BLOCK_SIZES.get(int(t.tensor_type), (1,))[0] > 1)
         if keep_blocks and t.tensor_type in GGUF_QUANT_TYPES and (
-                _LINEAR_WEIGHT_RE.fullmatch(hf_name) or hf_name == "model.embed_tokens.weight"):
+                _LINEAR_WEIGHT_RE.fullmatch(hf_name) or embed_blocks):
             # raw: [N, row_bytes] uint8, row n = output row n's blocks, so llama's q/k row
             # permutation applies to it as to the dequantized rows
             raw = torch.from_numpy(np.array(reader.tensor_data(t)))

@@ -166,6 +166,7 @@ class LlamaForCausalLM(nn.Module):
                         Linear(a.hidden_size, a.vocab_size, quantization=head_q, prefix="lm_head",
                                use_kernel=use_kernels))
         self.use_kernels = use_kernels
+        self.quantization = quantization
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -195,7 +196,9 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.args.tie_word_embeddings:
                 continue  # tied: the embedding serves as the head (or its quantized copy)
             if name == "embed_tokens.weight" and self.args.tie_word_embeddings and self.lm_head is not None:
-                self.lm_head.load_weight("weight", tensor)
+                keep = getattr(self.quantization, "tied_head_blocks", ())
+                self.lm_head.load_weight("weight", tensor if not isinstance(tensor, GGUFWeight)
+                                         or tensor.ggml_type in keep else tensor.dequantize())
                 loaded.add("lm_head.weight#0")
             if name == "embed_tokens.weight" and isinstance(tensor, GGUFWeight):
                 tensor = tensor.dequantize(torch.float32)  # GGUF blocks: the lookup table is dense

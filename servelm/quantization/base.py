@@ -107,3 +107,9 @@ def create_bias(layer: "Linear", dtype: Optional[torch.dtype] = None) -> None:
     from torch import nn
     layer.bias = (nn.Parameter(torch.empty(layer.output_size_per_rank, dtype=dtype),
                                requires_grad=False) if layer.has_bias else None)
+
+
+def native_max_m() -> int:
+    """Rows up to which the CPU's C GEMV (servelm/cpu/ops.py) takes a layer's matmul."""
+    from servelm.cpu.ops import NATIVE_MAX_M
+    return NATIVE_MAX_M

@@ -38,9 +38,10 @@ class QuantConfig:
     desc_act: bool = False  # gptq act-order: g_idx permutes the input columns
     # module names (prefix match on the layer's name) kept dense, from the checkpoint's config
     ignore: tuple[str, ...] = field(default_factory=tuple)
-    # gguf on the CPU: a tied head keeps its own copy of the embedding's blocks (the C GEMV of
-    # cpu/ reads them: SmolLM2's Q8_0 head is 30 MB a token against 57 MB in bf16)
-    tied_head_blocks: bool = False
+    # gguf on the CPU: the ggml types in which a tied head keeps its own copy of the
+    # embedding's blocks, those the C GEMV of cpu/ reads (SmolLM2's Q8_0 head is 30 MB a token
+    # against 57 MB in bf16); a tied head of another type gets a dense copy
+    tied_head_blocks: tuple[int, ...] = ()
 
     def group_for(self, k: int, prefix: str, shard_start: int = 0) -> int:
         """The group size of a layer with ``k`` input columns on this rank (its shard starting
@@ -62,7 +63,7 @@ class QuantConfig:
         (a tied one is the embedding, dequantized); a converting method quantizes the head, a
         tied one as a copy of the embedding, when asked (lm_head)."""
         if self.method == "gguf":
-            return not tied or self.tied_head_blocks
+            return not tied or bool(self.tied_head_blocks)
         return self.lm_head and (not tied or self.method in CONVERTING)
 
     def keeps_dense(self, prefix: str) -> bool:
@@ -205,10 +206,11 @@ def resolve_quant_config(requested: Optional[str], hf_config: Any, load_format: 
     if group_size is not None and requested not in ("int4", "int8"):
         raise ValueError(f"quantization_group_size applies to int4/int8, not {requested!r}.")
     # a GGUF head (untied output.weight) stays in the file's blocks like every other linear
-    tied_blocks = False
+    tied_blocks: tuple[int, ...] = ()
     if requested == "gguf" and device == "cpu":
         from servelm.cpu import native
-        tied_blocks = native.load() is not None
+        from servelm.cpu.blocks import BLOCK_FORMATS
+        tied_blocks = tuple(BLOCK_FORMATS) if native.load() is not None else ()
     return QuantConfig(requested, DEFAULT_GROUP_SIZE if group_size is None else group_size,
                        quantize_lm_head or requested == "gguf",  # gguf: the file's head
                        tied_head_blocks=tied_blocks)

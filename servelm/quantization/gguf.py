@@ -19,7 +19,8 @@ from torch import nn
 
 from servelm.cpu.blocks import BLOCK_FORMATS, split_blocks
 from servelm.quantization import cpu_int4
-from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
+from servelm.quantization.base import (LinearMethod, create_bias, load_bias, load_rows,
+                                       native_max_m)
 from servelm.quantization.unquantized import dense_linear
 
 if TYPE_CHECKING:
@@ -39,9 +40,6 @@ def dequantize_blocks(blocks, dtype: torch.dtype) -> torch.Tensor:
     return dequantize(blocks, dtype)
 
 
-def _native_max_m() -> int:
-    from servelm.cpu.ops import NATIVE_MAX_M
-    return NATIVE_MAX_M
 
 
 def _q4_fields(raw: torch.Tensor, ggml_type: int, k: int
@@ -156,7 +154,7 @@ class GGUFLinearMethod(LinearMethod):
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: [M, K] -> [M, N]: one matmul per run of same-typed parts
         native = getattr(self, "native", None)
-        if native is not None and x.shape[0] <= _native_max_m():
+        if native is not None and x.shape[0] <= native_max_m():
             y = native(x)  # the C GEMV over the blocks as stored, all parts at once
             return y if bias is None else y + bias
         small = x.shape[0] <= cpu_int4.MAX_M

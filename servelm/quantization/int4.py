@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from servelm.quantization import cpu_int4
-from servelm.quantization.base import LinearMethod, create_bias, dense_weight_part
+from servelm.quantization.base import (LinearMethod, create_bias, dense_weight_part,
+                                       native_max_m)
 from servelm.quantization.ref import int4_linear_ref, num_groups, quantize_int4, unpack_int4
 
 if TYPE_CHECKING:
@@ -58,8 +59,22 @@ class Int4LinearMethod(LinearMethod):
         layer.zeros.data[:, lo:hi].copy_(z)
 
     def process_after_loading(self, layer: "Linear") -> None:
-        """On the CPU with bf16/fp16 activations: also pack into PyTorch's packed int4 layout
-        (quantization/cpu_int4.py) for small M; prefill keeps the reference path."""
+        """On the CPU: a copy in the C kernels' Q4 layout (cpu/blocks.py) for small M where
+        they are built, else (bf16/fp16 activations) PyTorch's packed int4 layout
+        (quantization/cpu_int4.py); prefill keeps the reference path."""
+        self.native = None
+        if not self.use_kernel and layer.qweight.device.type == "cpu":
+            from servelm.cpu import native
+            if native.load() is not None and getattr(layer, "input_perm", None) is None:
+                from servelm.cpu.blocks import int4_blocks
+                blocks = int4_blocks(layer.qweight, layer.scales, layer.zeros, self.group_size)
+                if blocks is not None:
+                    layer.register_buffer("cpu_codes", blocks.codes)
+                    layer.register_buffer("cpu_d", blocks.d)
+                    layer.register_buffer("cpu_m", blocks.m)
+                    from servelm.cpu.ops import native_linear_for
+                    self.native = native_linear_for(layer)
+                    return
         if self.use_kernel or not cpu_int4.usable(layer.qweight.device, layer.scales.dtype,
                                                    self.group_size, layer.qweight.shape[1]):
             return
@@ -72,6 +87,10 @@ class Int4LinearMethod(LinearMethod):
     def apply(self, layer: "Linear", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         # x: [M, K] -> [M, N]
+        native = getattr(self, "native", None)
+        if native is not None and x.shape[0] <= native_max_m():
+            y = native(x)  # the C GEMV (cpu/), all groups of this layer
+            return y if bias is None else y + bias
         x = self._permute_input(layer, x)
         packed = getattr(layer, "cpu_packed", None)
         if packed is not None and x.shape[0] <= cpu_int4.MAX_M:
@@ -85,6 +104,13 @@ class Int4LinearMethod(LinearMethod):
                                                self.group_size, bias)
                 return int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.group_size, bias)
         return int4_linear_ref(x, layer.qweight, layer.scales, layer.zeros, self.group_size, bias)
+
+    def cpu_blocks(self, layer: "Linear"):
+        """The copy for the C kernels (cpu/blocks.SplitBlocks), or None where none was made."""
+        if not hasattr(layer, "cpu_codes"):
+            return None
+        from servelm.cpu.blocks import SplitBlocks
+        return SplitBlocks(3, layer.cpu_codes, layer.cpu_d, layer.cpu_m, self.group_size)
 
     def _permute_input(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         """GPTQ act-order layers keep their input columns sorted by group (gptq.py)."""

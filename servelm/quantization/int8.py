@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from servelm.quantization.base import LinearMethod, create_bias, dense_weight_part
+from servelm.quantization.base import (LinearMethod, create_bias, dense_weight_part,
+                                       native_max_m)
 from servelm.quantization.ref import int8_linear_ref, num_groups, quantize_int8
 
 if TYPE_CHECKING:
@@ -42,8 +43,19 @@ class Int8LinearMethod(LinearMethod):
         layer.qweight.data[lo:hi].copy_(q)
         layer.scales.data[lo:hi].copy_(s)
 
+    def process_after_loading(self, layer: "Linear") -> None:
+        """On the CPU: the C kernels read qweight and scales in place for small M (cpu/)."""
+        self.native = None
+        if not self.use_kernel and layer.qweight.device.type == "cpu":
+            from servelm.cpu.ops import native_linear_for
+            self.native = native_linear_for(layer)
+
     def apply(self, layer: "Linear", x: torch.Tensor,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        native = getattr(self, "native", None)
+        if native is not None and x.shape[0] <= native_max_m():
+            y = native(x)  # the C GEMV over the int8 codes and group scales
+            return y if bias is None else y + bias
         if self.use_kernel:
             from servelm.kernels.quant_matmul import int8_linear, use_quant_kernel
             if use_quant_kernel(x):

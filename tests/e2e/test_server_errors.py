@@ -422,14 +422,14 @@ def test_sigterm_ends_requests_in_flight_with_openai_errors(model_dir):
                          "--kv-cache-memory", str(8 << 20), "--served-model-name", "tiny",
                          "--max-num-seqs", "1", "--shutdown-timeout", "2"])
     try:
-        long = {**COMPLETION, "n": 4, "max_tokens": 500, "ignore_eos": True}
+        long = {**COMPLETION, "n": 16, "max_tokens": 500, "ignore_eos": True}
         with httpx.Client(base_url=srv.base_url, timeout=60) as c, ThreadPoolExecutor(2) as pool:
             def stream():
                 with c.stream("POST", "/v1/completions", json={**long, "stream": True}) as s:
                     return s.status_code, [line for line in s.iter_lines() if line]
             plain = pool.submit(c.post, "/v1/completions", json=long)
             streamed = pool.submit(stream)
-            time.sleep(1.0)  # both running (8 sequences one at a time: many seconds of work)
+            time.sleep(1.0)  # both running (32 sequences one at a time: many seconds of work)
             t0 = time.monotonic()
             srv.proc.send_signal(signal.SIGTERM)
             r = plain.result(timeout=30)

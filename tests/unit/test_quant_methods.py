@@ -69,6 +69,20 @@ def test_layer_matches_its_dequantized_reference(method, k, parts, group, dtype)
     else:
         wq = lin.weight.float() * lin.weight_scale[:, None]
         ref = fp8_linear_ref(x, lin.weight, lin.weight_scale)
+    if getattr(lin.method, "native", None) is not None:
+        # the CPU's C GEMV (servelm/cpu/): fp32 products and sums in its own order, rounded
+        # once to the activation dtype; within fp32 rounding of the exact result (a bf16 output
+        # within half a bf16 step of it, plus that)
+        # (its weights are the exact fp32 products code x scale, not rounded to bf16)
+        w32 = (dequantize_int4(stored["qweight"], stored["scales"].float(),
+                               stored["zeros"].float(), g) if method == "int4"
+               else dequantize_int8(lin.qweight, lin.scales.float(), g))
+        exact = x.double() @ w32.double().t()
+        bound = (x.double().abs() @ w32.double().abs().t()) * k * 2.0 ** -24
+        if dtype == torch.bfloat16:
+            bound = bound + exact.abs() * 2.0 ** -8
+        assert ((y.double() - exact).abs() <= bound + 1e-30).all()
+        ref = y
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
     # and the quantization error is that of the format
     dense = torch.cat(ws).to(dtype).float()

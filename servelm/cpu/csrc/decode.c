@@ -40,10 +40,15 @@ enum { SL_F32 = 0, SL_BF16 = 1, SL_Q4_0 = 2, SL_Q4_1 = 3, SL_Q8_0 = 8 };
  * 16 + j in its high nibble) or [n, k] int8 Q8 codes; d, m are fp16 [n, k / 32]. */
 typedef struct {
     int32_t type, n, k, out_off;
+    /* the block formats: inputs per scale (32 for GGUF; a multiple of 32 for the int4/int8
+     * methods' groups) and the scales' dtype (SL_S_F16, SL_S_BF16, SL_S_F32) */
+    int32_t group, scale_dtype;
     int64_t row_bytes;
     const uint8_t *data;
-    const uint16_t *d, *m; /* Q4_0 / Q4_1 / Q8_0: scales; Q4_1: mins (NULL otherwise) */
+    const void *d, *m; /* Q4_0 / Q4_1 / Q8_0: scales [n, ceil(k / group)]; Q4_1: mins (or NULL) */
 } sl_mat;
+
+enum { SL_S_F16 = 0, SL_S_BF16 = 1, SL_S_F32 = 2 };
 
 /* A projection: up to 3 matrices side by side (q|k|v or gate|up of different formats), and an
  * fp32 bias over all outputs (or NULL). */
@@ -136,6 +141,22 @@ static inline void f16_row(const uint16_t *src, float *dst, int n) {
     for (; j < n; j++) dst[j] = f16_to_f32(src[j]);
 }
 
+/* One row's scales (or mins) for each of its nb 32-blocks: dst[b] = src[row, b * 32 / group] */
+static inline void block_scales(const sl_mat *w, const void *src, int row, float *dst, int nb) {
+    const int ng = (w->k + w->group - 1) / w->group;
+    if (w->group == 32 && w->scale_dtype == SL_S_F16) {
+        f16_row((const uint16_t *)src + (int64_t)row * nb, dst, nb);
+        return;
+    }
+    const int per = w->group / 32;
+    for (int b = 0; b < nb; b++) {
+        const int64_t i = (int64_t)row * ng + b / per;
+        dst[b] = w->scale_dtype == SL_S_F32 ? ((const float *)src)[i]
+               : w->scale_dtype == SL_S_BF16 ? bf16_to_f32(((const uint16_t *)src)[i])
+               : f16_to_f32(((const uint16_t *)src)[i]);
+    }
+}
+
 SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, const int SN,
                     const float *x, const int xs, const float *xsum, const int nsum, float *y,
                     const int ys) {
@@ -155,10 +176,10 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
     float dsc[4][quant ? nb : 1], mn[quant ? nb : 1];
     if (quant)
         for (int i = 0; i < RB; i++) {
-            f16_row(w->d + (int64_t)(r + i) * nb, dsc[i], nb);
+            block_scales(w, w->d, r + i, dsc[i], nb);
             if (w->type == SL_Q8_0) continue;
             if (w->type == SL_Q4_1)
-                f16_row(w->m + (int64_t)(r + i) * nb, mn, nb);
+                block_scales(w, w->m, r + i, mn, nb);
             else
                 for (int b = 0; b < nb; b++) mn[b] = -8.f * dsc[i][b];
             for (int s = 0; s < SN; s++) { /* the offsets: sum over blocks of m * sum(x) */
@@ -335,14 +356,16 @@ int sl_dequantize(const sl_mat *w, void *out, int bf16, int nt) {
     const int k = w->k, nb = k / 32;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int r = 0; r < w->n; r++) {
-        float row[k];
+        float row[k], ds[nb], ms[nb];
         const uint8_t *q = w->data + (int64_t)r * w->row_bytes;
+        block_scales(w, w->d, r, ds, nb);
+        if (w->type == SL_Q4_1) block_scales(w, w->m, r, ms, nb);
         for (int b = 0; b < nb; b++) {
-            const float d = f16_to_f32(w->d[(int64_t)r * nb + b]);
+            const float d = ds[b];
             if (w->type == SL_Q8_0) {
                 for (int j = 0; j < 32; j++) row[b * 32 + j] = d * (float)((const int8_t *)q)[b * 32 + j];
             } else {
-                const float m = w->type == SL_Q4_1 ? f16_to_f32(w->m[(int64_t)r * nb + b]) : 0.f;
+                const float m = w->type == SL_Q4_1 ? ms[b] : 0.f;
                 const uint8_t *qs = q + b * 16;
                 for (int j = 0; j < 16; j++) {
                     if (w->type == SL_Q4_1) { /* ggml: d * q + m */
