@@ -539,8 +539,9 @@ def test_decode_step_bf16(arch, tiny_model):
 
 @needs_lib
 def test_decode_step_batches_above_max_rows(tiny_model):
-    """18 sequences finishing at different lengths: steps of more than MAX_ROWS sequences take
-    the PyTorch path, the smaller ones the C step, with the eager engine's tokens throughout."""
+    """18 sequences finishing at different lengths: the C step takes every decode batch (up to
+    MAX_ROWS), 18..9 sequences through its batched kernel (each weight row decoded once, then a
+    tiled product) and fewer through its GEMV tiles, with the eager engine's tokens throughout."""
     from servelm import SamplingParams
     from servelm.cpu.decode_step import MAX_ROWS
     path, _ = tiny_model("llama")
@@ -555,8 +556,9 @@ def test_decode_step_batches_above_max_rows(tiny_model):
         seen = None if eager else _watch_decode_steps(llm)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         runs.append([list(o.outputs[0].token_ids) for o in outs])
-    assert 18 > MAX_ROWS and max(lg.shape[0] for lg, _, _ in seen) == MAX_ROWS
-    _check_step_logits(seen, rtol=1e-4, full_batch=MAX_ROWS)
+    sizes = {lg.shape[0] for lg, _, _ in seen}
+    assert 18 <= MAX_ROWS and max(sizes) == 18 and min(sizes) == 1 and {9, 8} <= sizes
+    _check_step_logits(seen, rtol=1e-4, full_batch=18)
     assert runs[0] == runs[1]
 
 
