@@ -581,22 +581,124 @@ static inline void axpy_kv(float *o, float a, const void *cache, int bf16, int64
         for (int i = 0; i < d; i++) o[i] += a * ((const float *)cache)[off + i];
 }
 
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+
+#if SL_AVX512
+/* e^x for 16 lanes: Cody-Waite reduction to r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial
+ * (about 1 ulp), scaled by 2^n with vscalefps (which underflows to 0 and overflows to inf as
+ * expf does). The softmax and SiLU loops call it instead of expf one element at a time. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.72283935546875f)), _mm512_set1_ps(-104.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* out[i] = silu(g[i]) * u[i], n elements */
+static void silu_mul(const float *g, const float *u, float *out, int64_t n) {
+    int64_t i = 0;
+#if SL_AVX512
+    for (; i + 16 <= n; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        const __m512 sv = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(sv, _mm512_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) out[i] = silu(g[i]) * u[i];
+}
+
+/* sc[0..n) <- softmax(sc) */
+static void softmax_row(float *sc, int n) {
+    float mx = -INFINITY, sum = 0.f;
+    int t = 0;
+#if SL_AVX512
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sc + t));
+    mx = _mm512_reduce_max_ps(mv);
+#endif
+    for (; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+    t = 0;
+#if SL_AVX512
+    const __m512 mxv = _mm512_set1_ps(mx);
+    __m512 sv = _mm512_setzero_ps();
+    for (; t + 16 <= n; t += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + t), mxv));
+        _mm512_storeu_ps(sc + t, e);
+        sv = _mm512_add_ps(sv, e);
+    }
+    sum = _mm512_reduce_add_ps(sv);
+#endif
+    for (; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+    const float inv = 1.f / sum;
+    t = 0;
+#if SL_AVX512
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (; t + 16 <= n; t += 16) _mm512_storeu_ps(sc + t, _mm512_mul_ps(_mm512_loadu_ps(sc + t), iv));
+#endif
+    for (; t < n; t++) sc[t] *= inv;
+}
+
 /* Decode attention of one sequence's kv head g for its G = H / KVH query heads: q [G, D] ->
  * out [G, D], reading the ctx cached tokens through the block table (paged, in place).
  * scores: a scratch of G * ctx floats. */
 static void attend(const float *q, float *out, const void *kc, const void *vc, int bf16,
                    const int32_t *bt, int ctx, int bsz, int kvh, int g, int G, int D,
                    float scale, float *scores) {
+#if SL_AVX512
+    if (D % 16 == 0 && D <= 128 && G <= 8) {
+        /* each cached K and V row read and widened once for the G query heads that share it */
+        const int nv = D / 16;
+        for (int t = 0; t < ctx; t++) {
+            const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
+            __m512 kv[8];
+            for (int v = 0; v < nv; v++)
+                kv[v] = bf16 ? bf16x16((const uint16_t *)kc + off + v * 16)
+                             : _mm512_loadu_ps((const float *)kc + off + v * 16);
+            for (int h = 0; h < G; h++) {
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + h * D), kv[0]);
+                for (int v = 1; v < nv; v++)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + v * 16), kv[v], acc);
+                scores[h * ctx + t] = _mm512_reduce_add_ps(acc) * scale;
+            }
+        }
+        for (int h = 0; h < G; h++) {
+            softmax_row(scores + h * ctx, ctx);
+            memset(out + h * D, 0, sizeof(float) * (size_t)D);
+        }
+        for (int t = 0; t < ctx; t++) {
+            const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
+            __m512 vv[8];
+            for (int v = 0; v < nv; v++)
+                vv[v] = bf16 ? bf16x16((const uint16_t *)vc + off + v * 16)
+                             : _mm512_loadu_ps((const float *)vc + off + v * 16);
+            for (int h = 0; h < G; h++) {
+                const __m512 pv = _mm512_set1_ps(scores[h * ctx + t]);
+                for (int v = 0; v < nv; v++) {
+                    float *o = out + h * D + v * 16;
+                    _mm512_storeu_ps(o, _mm512_fmadd_ps(pv, vv[v], _mm512_loadu_ps(o)));
+                }
+            }
+        }
+        return;
+    }
+#endif
     for (int t = 0; t < ctx; t++) {
         const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
         for (int h = 0; h < G; h++) scores[h * ctx + t] = dot_kv(q + h * D, kc, bf16, off, D) * scale;
     }
     for (int h = 0; h < G; h++) {
-        float *sc = scores + h * ctx, mx = -INFINITY, sum = 0.f;
-        for (int t = 0; t < ctx; t++) mx = sc[t] > mx ? sc[t] : mx;
-        for (int t = 0; t < ctx; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-        const float inv = 1.f / sum;
-        for (int t = 0; t < ctx; t++) sc[t] *= inv;
+        softmax_row(scores + h * ctx, ctx);
         memset(out + h * D, 0, sizeof(float) * (size_t)D);
     }
     for (int t = 0; t < ctx; t++) {
@@ -614,7 +716,7 @@ static inline double sl_now(void) {
 /* profiling: thread 0 adds the time since its last mark to accumulator i */
 #define MARK(i) do { if (prof && tid == 0) { const double now_ = sl_now(); prof[i] += now_ - t_last; t_last = now_; } } while (0)
 
-static inline float silu(float v) { return v / (1.f + expf(-v)); }
+
 
 /* ---- the step ------------------------------------------------------------------------------ */
 /* Scratch layout (floats), sized by sl_scratch_floats for max_rows sequences and nt threads. */
@@ -725,9 +827,10 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
         MARK(6);
             {   /* silu(gate) * up, split over all S * I elements */
                 const int64_t total = (int64_t)S * I, a = total * tid / nth, e = total * (tid + 1) / nth;
-                for (int64_t j = a; j < e; j++) {
-                    const int64_t s = j / I, i = j % I;
-                    B.act[j] = silu(B.gu[s * 2 * I + i]) * B.gu[s * 2 * I + I + i];
+                for (int64_t s = a / I; s * I < e; s++) { /* this thread's part of row s */
+                    const int64_t lo = s * I > a ? s * I : a, hi = (s + 1) * I < e ? (s + 1) * I : e;
+                    silu_mul(B.gu + s * 2 * I + (lo - s * I), B.gu + s * 2 * I + I + (lo - s * I),
+                             B.act + lo, hi - lo);
                 }
             }
 #pragma omp barrier
