@@ -13,7 +13,9 @@ sdist (the only download). Every figure is the median of --runs fresh runs (a ne
   output tok/s (wall clock, prefill included) against ``llama-batched-bench`` -npp 64 -ntg 128
   -npl 64 (its 64 x 128 tokens over its total time).
 * serving: ``servelm bench serve`` (sharegpt-like, 200 prompts, ignore_eos and an EOS
-  logit_bias) at rate 2 and unlimited, against ``servelm serve`` and ``llama-server -np 64 -cb``.
+  logit_bias, so both servers generate the same lengths; seed 0 at rate 2, then seed 1
+  unlimited, so no prompt is served twice) against ``servelm serve`` and ``llama-server -np 64
+  -cb``, a fresh server for each run; the bench JSON files go to --out-dir.
 * resident memory of each server after its runs.
 """
 from __future__ import annotations
@@ -27,7 +29,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
@@ -145,17 +146,24 @@ def _rss_mb(pid: int) -> float:
 def bench_serve(base_url: str, rate: str, eos: int, out_json: str) -> dict:
     cmd = [sys.executable, "-m", "servelm.cli", "bench", "serve", "--base-url", base_url,
            "--dataset-name", "sharegpt-like", "--num-prompts", "200", "--request-rate", rate,
-           "--ignore-eos", "--eos-logit-bias", str(eos), "--disable-tqdm", "--save-result", out_json]
+           "--ignore-eos", "--eos-logit-bias", str(eos), "--disable-tqdm", "--save-result", out_json,
+           # other prompts per rate: the second run must not find the first's in a prompt cache
+           "--seed", "0" if rate == "2" else "1"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     with open(out_json) as f:
-        return json.load(f)
+        data = json.load(f)
+    s = data["summary"]
+    print(f"  {out_json}: {s['completed']} done, {s.get('failed', 0)} failed, "
+          f"{s['output_throughput']:.1f} output tok/s, p99 TTFT {s['p99_ttft_ms']:.0f} ms, "
+          f"{sum(x or 0 for x in data['output_lens'])} output tokens", flush=True)
+    return s
 
 
 def serve_rows(server: str, bin_dir: str, model: str, threads: int, eos: int, runs: int,
-               tmp: str) -> dict:
+               out_dir: str) -> dict:
     """{rate: [summary per run]}, and the server's RSS after its runs."""
     res: dict = {"2": [], "inf": [], "rss": []}
-    for _ in range(runs):
+    for run in range(runs):
         port = _free_port()
         if server == "servelm":
             cmd = [sys.executable, "-m", "servelm.cli", "serve", "--port", str(port),
@@ -169,7 +177,8 @@ def serve_rows(server: str, bin_dir: str, model: str, threads: int, eos: int, ru
             _wait_ready(f"http://127.0.0.1:{port}/health", proc)
             for rate in ("2", "inf"):
                 res[rate].append(bench_serve(f"http://127.0.0.1:{port}", rate, eos,
-                                             os.path.join(tmp, f"{server}-{rate}.json")))
+                                             os.path.join(out_dir, f"serve_{server}_rate{rate}"
+                                                                   f"_run{run}.json")))
             res["rss"].append(_rss_mb(proc.pid))
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -187,6 +196,9 @@ def main() -> None:
     ap.add_argument("--serve-runs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--only-serve", action="store_true")
+    ap.add_argument("--out-dir", default=os.path.join(HERE, "results", "cpu_serve"),
+                    help="where the serving runs' bench JSON files go")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -199,19 +211,23 @@ def main() -> None:
     model = default_model_path()
     bin_dir = ensure_llamacpp()
     rows = []  # (what, servelm runs, llama.cpp runs, unit, target ratio, higher is better)
-    tg, pp = llama_bench_runs(bin_dir, model, args.runs, threads)
-    rows.append(("batch-1 decode, 128 tokens", servelm_runs("decode", args.runs, threads), tg,
-                 "tok/s", 1.0, True))
-    rows.append(("prefill, 512-token prompt", servelm_runs("prefill", args.runs, threads), pp,
-                 "tok/s", 2.0, True))
-    rows.append(("64 sequences, 64 in / 128 out", servelm_runs("batch64", args.runs, threads),
-                 llama_batched_runs(bin_dir, model, args.runs, threads), "output tok/s", 3.0, True))
+    if not args.only_serve:
+        tg, pp = llama_bench_runs(bin_dir, model, args.runs, threads)
+        rows.append(("batch-1 decode, 128 tokens", servelm_runs("decode", args.runs, threads),
+                     tg, "tok/s", 1.0, True))
+        rows.append(("prefill, 512-token prompt", servelm_runs("prefill", args.runs, threads),
+                     pp, "tok/s", 2.0, True))
+        rows.append(("64 sequences, 64 in / 128 out", servelm_runs("batch64", args.runs, threads),
+                     llama_batched_runs(bin_dir, model, args.runs, threads), "output tok/s", 3.0,
+                     True))
+        for what, a, b, *_ in rows:
+            print(f"  {what}: servelm {a}, llama.cpp {b}", flush=True)
     rss = {}
     if not args.skip_serve:
         eos = 2  # SmolLM2's <|im_end|>; the bench's prompts are token ids
-        with tempfile.TemporaryDirectory() as tmp:
-            s = serve_rows("servelm", bin_dir, model, threads, eos, args.serve_runs, tmp)
-            lc = serve_rows("llama.cpp", bin_dir, model, threads, eos, args.serve_runs, tmp)
+        os.makedirs(args.out_dir, exist_ok=True)
+        s = serve_rows("servelm", bin_dir, model, threads, eos, args.serve_runs, args.out_dir)
+        lc = serve_rows("llama.cpp", bin_dir, model, threads, eos, args.serve_runs, args.out_dir)
         for rate in ("2", "inf"):
             rows.append((f"serve rate {rate}: output tok/s",
                          [r["output_throughput"] for r in s[rate]],

@@ -134,7 +134,8 @@ def load() -> Optional[ctypes.CDLL]:
                                  _P, i32, i32]
     lib.sl_attention.restype = i32
     if not has_avx512():
-        logger.info("CPU fast path: no AVX-512 on this CPU; its kernels run as portable C")
+        logger.warning("CPU fast path: this CPU has no AVX-512; its kernels run as portable C "
+                       "(auto-vectorised, slower)")
     return lib
 
 

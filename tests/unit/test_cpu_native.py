@@ -369,6 +369,12 @@ ATTN_CASES = [  # (lens, H, KVH, D, block size, KV dtype, q scale)
     ([48, 15, 260], 4, 1, 40, 16, torch.float32, 1.0),  # D % 16 != 0: the portable loop
     ([77, 290], 6, 2, 40, 4, torch.bfloat16, 1.0),
     ([120, 299, 5], 4, 2, 64, 16, torch.float32, 40.0),  # scores to +-150: exp needs the max out
+    # the register-resident shapes (attend_fixed): G x head_dim 1/4 x 64, 1/2/4 x 128
+    ([70, 3, 129], 4, 4, 64, 16, torch.bfloat16, 1.0),
+    ([17, 200], 8, 2, 64, 4, torch.float32, 1.0),
+    ([90, 1, 33], 2, 2, 128, 16, torch.bfloat16, 1.0),
+    ([300, 64], 4, 2, 128, 4, torch.float32, 1.0),
+    ([5, 150, 77, 2], 8, 2, 128, 16, torch.bfloat16, 3.0),
 ]
 
 

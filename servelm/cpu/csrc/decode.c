@@ -652,10 +652,60 @@ static void softmax_row(float *sc, int n) {
 /* Decode attention of one sequence's kv head g for its G = H / KVH query heads: q [G, D] ->
  * out [G, D], reading the ctx cached tokens through the block table (paged, in place).
  * scores: a scratch of G * ctx floats. */
+#if SL_AVX512
+/* attend() for compile-time G query heads per KV head and NV = head_dim / 16: the queries and
+ * the G x NV output accumulators stay in registers through the loops over the context */
+SL_INLINE void attend_fixed(const float *q, float *out, const void *kc, const void *vc,
+                            const int bf16, const int32_t *bt, const int ctx, const int bsz,
+                            const int kvh, const int g, const int G, const int NV,
+                            const float scale, float *scores) {
+    const int D = NV * 16;
+    __m512 qv[8][8], o[8][8];
+    for (int h = 0; h < G; h++)
+        for (int v = 0; v < NV; v++) {
+            qv[h][v] = _mm512_mul_ps(_mm512_loadu_ps(q + h * D + v * 16), _mm512_set1_ps(scale));
+            o[h][v] = _mm512_setzero_ps();
+        }
+    for (int t = 0; t < ctx; t++) {
+        const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
+        __m512 kv[8];
+        for (int v = 0; v < NV; v++)
+            kv[v] = bf16 ? bf16x16((const uint16_t *)kc + off + v * 16)
+                         : _mm512_loadu_ps((const float *)kc + off + v * 16);
+        for (int h = 0; h < G; h++) {
+            __m512 acc = _mm512_mul_ps(qv[h][0], kv[0]);
+            for (int v = 1; v < NV; v++) acc = _mm512_fmadd_ps(qv[h][v], kv[v], acc);
+            scores[h * ctx + t] = _mm512_reduce_add_ps(acc);
+        }
+    }
+    for (int h = 0; h < G; h++) softmax_row(scores + h * ctx, ctx);
+    for (int t = 0; t < ctx; t++) {
+        const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
+        for (int v = 0; v < NV; v++) {
+            const __m512 vv = bf16 ? bf16x16((const uint16_t *)vc + off + v * 16)
+                                   : _mm512_loadu_ps((const float *)vc + off + v * 16);
+            for (int h = 0; h < G; h++)
+                o[h][v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * ctx + t]), vv, o[h][v]);
+        }
+    }
+    for (int h = 0; h < G; h++)
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(out + h * D + v * 16, o[h][v]);
+}
+#endif
+
 static void attend(const float *q, float *out, const void *kc, const void *vc, int bf16,
                    const int32_t *bt, int ctx, int bsz, int kvh, int g, int G, int D,
                    float scale, float *scores) {
 #if SL_AVX512
+#define SL_ATT(GG, NN) attend_fixed(q, out, kc, vc, bf16, bt, ctx, bsz, kvh, g, GG, NN, scale, scores)
+    /* the shapes of common models (SmolLM2 3 x 64; Llama-3 4 x 128; Qwen 7 x 128, ...) */
+    if (D == 64 && G == 1) { SL_ATT(1, 4); return; }
+    if (D == 64 && G == 3) { SL_ATT(3, 4); return; }
+    if (D == 64 && G == 4) { SL_ATT(4, 4); return; }
+    if (D == 128 && G == 1) { SL_ATT(1, 8); return; }
+    if (D == 128 && G == 2) { SL_ATT(2, 8); return; }
+    if (D == 128 && G == 4) { SL_ATT(4, 8); return; }
+#undef SL_ATT
     if (D % 16 == 0 && D <= 128 && G <= 8) {
         /* each cached K and V row read and widened once for the G query heads that share it */
         const int nv = D / 16;
@@ -761,6 +811,12 @@ int64_t sl_scratch_floats(const sl_model *m, int nt) { return layout(m, nt, 0, 0
  * (if non-NULL) gets the final-normed hidden states. prof (if non-NULL): 11 accumulators of
  * seconds per phase (norm, qkv, rope+kv write, attention, o, norm, gate_up, silu*mul, down,
  * final norm, head), timed on thread 0 from barrier to barrier. Returns 0, or -1 on bad sizes. */
+/* attention of sequence s, kv head g of layer L in the step below */
+#define ATTEND(s, g) attend(B.qkv + (int64_t)(s) * nqkv + (g) * G * D, \
+                            B.attn + ((int64_t)(s) * NH + (g) * G) * D, L->k_cache, L->v_cache, \
+                            m->kv_bf16, block_tables + (int64_t)(s) * bt_stride, seq_lens[s], \
+                            m->block_size, KVH, (g), G, D, m->scale, scores)
+
 int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions,
               const int64_t *slots, const int32_t *block_tables, int bt_stride,
               const int32_t *seq_lens, float *logits, int64_t *argmax, float *hidden_out,
@@ -805,11 +861,15 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
             }
 #pragma omp barrier
         MARK(2);
-            for (int w = tid; w < S * KVH; w += nth) {
-                const int s = w / KVH, g = w % KVH;
-                attend(B.qkv + (int64_t)s * nqkv + g * G * D, B.attn + ((int64_t)s * NH + g * G) * D,
-                       L->k_cache, L->v_cache, m->kv_bf16, block_tables + (int64_t)s * bt_stride,
-                       seq_lens[s], m->block_size, KVH, g, G, D, m->scale, scores);
+            /* work items: (sequence, kv head) pairs; with enough sequences a thread takes all
+             * kv heads of its sequences in a row, so each cached token row (every kv head, one
+             * contiguous run) comes from memory once and from L2 for the next heads (64
+             * sequences at 512 tokens of context: attention 83 -> 72 ms a step) */
+            if (S >= 2 * nth) {
+                for (int s = tid; s < S; s += nth)
+                    for (int g = 0; g < KVH; g++) ATTEND(s, g);
+            } else {
+                for (int w = tid; w < S * KVH; w += nth) ATTEND(w / KVH, w % KVH);
             }
 #pragma omp barrier
         MARK(3);
