@@ -48,7 +48,9 @@ SCHEMAS = [
      "required": ["color", "count"]},
     {"type": "object", "properties": {"date": {"type": "string", "format": "date"}},
      "required": ["date"]},
-    {"type": "object", "properties": {"email": {"type": "string", "format": "email"}},
+    # bounded: greedy SmolLM2 can fill an email's local part with digits until max_tokens
+    {"type": "object", "properties": {"email": {"type": "string", "format": "email",
+                                                "maxLength": 40}},
      "required": ["email"]},
     {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
      "required": ["zip"]},
