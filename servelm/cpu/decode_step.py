@@ -32,9 +32,10 @@ class CpuDecodeStep:
         self.lib, self.plan, self.model, self.threads = lib, plan, model, threads
         floats = lib.sl_scratch_floats(plan.model, threads)
         self.scratch = torch.empty(floats, dtype=torch.float32)
-        vocab = plan.model.vocab
-        self.logits = torch.empty(plan.max_rows, vocab, dtype=torch.float32)
-        self.greedy = torch.empty(plan.max_rows, dtype=torch.int64)
+        # output buffers grow with the largest batch seen (256 rows of a 128k vocabulary would
+        # be 131 MB held from the start)
+        self.logits = torch.empty(0, plan.model.vocab, dtype=torch.float32)
+        self.greedy = torch.empty(0, dtype=torch.int64)
         self.prof = None  # a float64 tensor's pointer: time per phase (profile(), benchmarks)
 
     def padded_size(self, num_seqs: int) -> Optional[int]:
@@ -62,6 +63,10 @@ class CpuDecodeStep:
         slots = meta.slot_mapping.to(torch.int64).contiguous()
         bt = meta.block_tables[:S].to(torch.int32).contiguous()
         lens = meta.seq_lens.to(torch.int32).contiguous()
+        if S > self.logits.shape[0]:
+            rows = min(self.plan.max_rows, max(S, 2 * self.logits.shape[0]))
+            self.logits = torch.empty(rows, self.plan.model.vocab, dtype=torch.float32)
+            self.greedy = torch.empty(rows, dtype=torch.int64)
         logits, greedy = self.logits[:S], self.greedy[:S]
         rc = self.lib.sl_decode(self.plan.model, S, x.data_ptr(), pos.data_ptr(), slots.data_ptr(),
                                 bt.data_ptr(), bt.shape[1], lens.data_ptr(), logits.data_ptr(),

@@ -178,6 +178,3 @@ def build_plan(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_ro
     m.layers = ctypes.cast(layers, ctypes.POINTER(SlLayer))
     return NativePlan(m, layers, keep, max_rows)
 
-
-def lib_or_none():
-    return native.load()
