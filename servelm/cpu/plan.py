@@ -177,4 +177,3 @@ def build_plan(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_ro
         m.head = p
     m.layers = ctypes.cast(layers, ctypes.POINTER(SlLayer))
     return NativePlan(m, layers, keep, max_rows)
-
