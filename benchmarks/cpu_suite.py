@@ -25,16 +25,17 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+from benchmarks.online_bench import wait_ready  # noqa: E402
+from tests.e2e.server_utils import free_port, rss_mb  # noqa: E402
 
 
 # ---- servelm, one measurement per fresh process ------------------------------------------------
@@ -103,42 +104,14 @@ def llama_batched_runs(bin_dir: str, model: str, runs: int, threads: int) -> lis
 
 
 # ---- serving -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            time.sleep(1)
-    raise RuntimeError(f"server not ready after {timeout} s")
-
-
 def _rss_mb(pid: int) -> float:
     """Resident memory of a process and its children (servelm serve: API + engine core)."""
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     total = 0.0
-    pids = [pid]
-    try:
-        kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        pids += [int(k) for k in kids]
-    except OSError:
-        pass
-    for p in pids:
+    for p in [pid, *map(int, kids)]:
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) / 1024
-        except OSError:
+            total += rss_mb(p)
+        except (OSError, RuntimeError):  # a child that just exited
             pass
     return total
 
@@ -164,7 +137,7 @@ def serve_rows(server: str, bin_dir: str, model: str, threads: int, eos: int, ru
     """{rate: [summary per run]}, and the server's RSS after its runs."""
     res: dict = {"2": [], "inf": [], "rss": []}
     for run in range(runs):
-        port = _free_port()
+        port = free_port()
         if server == "servelm":
             cmd = [sys.executable, "-m", "servelm.cli", "serve", "--port", str(port),
                    "--threads", str(threads)]
@@ -174,7 +147,7 @@ def serve_rows(server: str, bin_dir: str, model: str, threads: int, eos: int, ru
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         try:
-            _wait_ready(f"http://127.0.0.1:{port}/health", proc)
+            wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=300)
             for rate in ("2", "inf"):
                 res[rate].append(bench_serve(f"http://127.0.0.1:{port}", rate, eos,
                                              os.path.join(out_dir, f"serve_{server}_rate{rate}"

@@ -116,3 +116,24 @@ def scheduling_mode(request, monkeypatch):
     a module opts in with ``pytestmark = pytest.mark.usefixtures("scheduling_mode")``."""
     monkeypatch.setenv("SERVELM_TEST_ASYNC", "1" if request.param == "async" else "0")
     return request.param
+
+
+def tiny_llama_gguf_writer(path, name: str, hidden: int, inter: int, layers: int, heads: int,
+                           kv_heads: int):
+    """A gguf.GGUFWriter for a tiny Llama with its metadata set (context 256, rope theta 1e4,
+    RMS eps 1e-5, BOS 0, EOS 1); the caller adds the tensors and writes the file."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    return w

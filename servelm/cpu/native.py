@@ -122,7 +122,7 @@ def load() -> Optional[ctypes.CDLL]:
     lib.sl_scratch_floats.argtypes = [ctypes.POINTER(SlModel), i32]
     lib.sl_scratch_floats.restype = i64
     lib.sl_decode.argtypes = [ctypes.POINTER(SlModel), i32, _P, _P, _P, _P, i32, _P, _P, _P, _P,
-                              _P, i32, _P]
+                              i32, _P]
     lib.sl_decode.restype = i32
     lib.sl_linear.argtypes = [ctypes.POINTER(SlProj), i32, _P, _P, _P, i32]
     lib.sl_linear.restype = i32

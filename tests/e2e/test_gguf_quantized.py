@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from servelm import SamplingParams
-from tests.conftest import make_engine, random_prompts, run_to_completion
+from tests.conftest import (make_engine, random_prompts, run_to_completion,
+                            tiny_llama_gguf_writer)
 
 gguf = pytest.importorskip("gguf")
 from servelm.quantization.gguf_formats import random_gguf_blocks  # noqa: E402
@@ -26,19 +27,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 def _write(path) -> None:
     g = torch.Generator().manual_seed(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-quantized")
-    w.add_block_count(LAYERS)
-    w.add_context_length(256)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(HIDDEN // HEADS)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    w = tiny_llama_gguf_writer(path, "tiny-quantized", HIDDEN, INTER, LAYERS, HEADS, KV_HEADS)
     w.add_tensor("token_embd.weight", torch.randn(VOCAB, HIDDEN, generator=g).numpy())
     w.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
     head = random_gguf_blocks(VOCAB, HIDDEN, int(Q.Q6_K), g)

@@ -574,19 +574,8 @@ def _write_gguf(path) -> None:
     that the tied head reads as blocks."""
     g = _gen(0)
     hidden, inter, layers, heads, kv_heads, vocab = 64, 128, 2, 4, 2, 256
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-cpu-native")
-    w.add_block_count(layers)
-    w.add_context_length(256)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(inter)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(hidden // heads)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    from tests.conftest import tiny_llama_gguf_writer
+    w = tiny_llama_gguf_writer(path, "tiny-cpu-native", hidden, inter, layers, heads, kv_heads)
 
     def quant(name, n, k, qtype, std):
         data = (torch.randn(n, k, generator=g) * std).numpy()

@@ -163,6 +163,28 @@ static inline void block_scales(const sl_mat *w, const void *src, int row, float
     }
 }
 
+#if SL_AVX512
+/* One 32-weight block (w0: elements 0..15, w1: 16..31, as floats of the codes) times SN
+ * activation rows, scaled by the block's dv, into acc[0..SN): with one row the dot product is
+ * scaled (3 ops); with several the weights are scaled once (exact: an fp16 or bf16 scale times
+ * a 4/8-bit code) and each row takes 2 FMAs. */
+SL_INLINE void block_fma(__m512 w0, __m512 w1, const __m512 dv, __m512 *acc, const int SN,
+                         const float *x, const int64_t xs) {
+    if (SN == 1) {
+        __m512 t = _mm512_mul_ps(w0, _mm512_loadu_ps(x));
+        t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), t);
+        acc[0] = _mm512_fmadd_ps(t, dv, acc[0]);
+        return;
+    }
+    w0 = _mm512_mul_ps(w0, dv);
+    w1 = _mm512_mul_ps(w1, dv);
+    for (int s = 0; s < SN; s++) {
+        acc[s] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + s * xs), acc[s]);
+        acc[s] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + s * xs + 16), acc[s]);
+    }
+}
+#endif
+
 SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, const int SN,
                     const float *x, const int xs, const float *xsum, const int nsum, float *y,
                     const int ys) {
@@ -202,23 +224,9 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
 #if SL_AVX512
                 if ((b & 3) == 0) _mm_prefetch((const char *)(qs + SL_PREFETCH), _MM_HINT_T0);
                 const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
-                __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
-                __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-                const __m512 dv = _mm512_set1_ps(dsc[i][b]);
-                if (SN == 1) { /* scale the block's dot product: 3 ops */
-                    const float *xp = x + (int64_t)s0 * xs + b * 32;
-                    __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xp));
-                    t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + 16), t);
-                    acc[i][0] = _mm512_fmadd_ps(t, dv, acc[i][0]);
-                } else { /* scale the weights once, then 2 ops per sequence */
-                    lo = _mm512_mul_ps(lo, dv);
-                    hi = _mm512_mul_ps(hi, dv);
-                    for (int s = 0; s < SN; s++) {
-                        const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
-                        acc[i][s] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xp), acc[i][s]);
-                        acc[i][s] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp + 16), acc[i][s]);
-                    }
-                }
+                block_fma(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))),
+                          _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), _mm512_set1_ps(dsc[i][b]),
+                          acc[i], SN, x + (int64_t)s0 * xs + b * 32, xs);
 #else
                 for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
@@ -236,23 +244,9 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
                 const int8_t *qs = (const int8_t *)(rows[i] + b * 32);
 #if SL_AVX512
                 if ((b & 1) == 0) _mm_prefetch((const char *)(qs + SL_PREFETCH), _MM_HINT_T0);
-                __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)));
-                __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))));
-                const __m512 dv = _mm512_set1_ps(dsc[i][b]);
-                if (SN == 1) {
-                    const float *xp = x + (int64_t)s0 * xs + b * 32;
-                    __m512 t = _mm512_mul_ps(q0, _mm512_loadu_ps(xp));
-                    t = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xp + 16), t);
-                    acc[i][0] = _mm512_fmadd_ps(t, dv, acc[i][0]);
-                } else {
-                    q0 = _mm512_mul_ps(q0, dv);
-                    q1 = _mm512_mul_ps(q1, dv);
-                    for (int s = 0; s < SN; s++) {
-                        const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
-                        acc[i][s] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(xp), acc[i][s]);
-                        acc[i][s] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xp + 16), acc[i][s]);
-                    }
-                }
+                block_fma(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs))),
+                          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16)))),
+                          _mm512_set1_ps(dsc[i][b]), acc[i], SN, x + (int64_t)s0 * xs + b * 32, xs);
 #else
                 for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
@@ -805,22 +799,22 @@ static int64_t layout(const sl_model *m, int nt, float *base, sl_bufs *b) {
 
 int64_t sl_scratch_floats(const sl_model *m, int nt) { return layout(m, nt, 0, 0); }
 
-/* S sequences, one new token each. x: [S, hidden] fp32 embeddings; positions [S]; slots [S]
- * (cache slot of each new token); block_tables [S, bt_stride]; seq_lens [S] (context after
- * this token). Writes logits [S, vocab] (if non-NULL) and argmax [S]; hidden_out [S, hidden]
- * (if non-NULL) gets the final-normed hidden states. prof (if non-NULL): 11 accumulators of
- * seconds per phase (norm, qkv, rope+kv write, attention, o, norm, gate_up, silu*mul, down,
- * final norm, head), timed on thread 0 from barrier to barrier. Returns 0, or -1 on bad sizes. */
 /* attention of sequence s, kv head g of layer L in the step below */
 #define ATTEND(s, g) attend(B.qkv + (int64_t)(s) * nqkv + (g) * G * D, \
                             B.attn + ((int64_t)(s) * NH + (g) * G) * D, L->k_cache, L->v_cache, \
                             m->kv_bf16, block_tables + (int64_t)(s) * bt_stride, seq_lens[s], \
                             m->block_size, KVH, (g), G, D, m->scale, scores)
 
+/* S sequences, one new token each. x: [S, hidden] fp32 embeddings; positions [S]; slots [S]
+ * (cache slot of each new token); block_tables [S, bt_stride]; seq_lens [S] (context after
+ * this token). Writes logits [S, vocab] (if non-NULL) and their argmax [S]. prof (if
+ * non-NULL): 11 accumulators of seconds per phase (norm, qkv, rope+kv write, attention, o,
+ * norm, gate_up, silu*mul, down, final norm, head), timed on thread 0 from barrier to barrier.
+ * Returns 0, or -1 on bad sizes. */
 int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions,
               const int64_t *slots, const int32_t *block_tables, int bt_stride,
-              const int32_t *seq_lens, float *logits, int64_t *argmax, float *hidden_out,
-              float *scratch, int nt, double *prof) {
+              const int32_t *seq_lens, float *logits, int64_t *argmax, float *scratch, int nt,
+              double *prof) {
     if (S < 1 || S > m->max_rows || nt < 1) return -1;
     for (int s = 0; s < S; s++)
         if (seq_lens[s] < 1 || seq_lens[s] > m->max_ctx) return -1;
@@ -843,10 +837,10 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
                 rms_norm_row(B.resid + s * H, L->attn_norm, B.xn + s * H, H, m->eps);
             }
 #pragma omp barrier
-        MARK(0);
+            MARK(0);
             proj_thread(&L->qkv, S, B.xn, H, B.qkv, nqkv, xsum, tid, nth);
 #pragma omp barrier
-        MARK(1);
+            MARK(1);
             for (int s = tid; s < S; s += nth) {
                 float *q = B.qkv + (int64_t)s * nqkv, *k = q + NH * D, *v = k + KVH * D;
                 if (L->q_norm) {
@@ -860,7 +854,7 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
                 kv_store(L->v_cache, m->kv_bf16, slots[s] * KVH * D, v, KVH * D);
             }
 #pragma omp barrier
-        MARK(2);
+            MARK(2);
             /* work items: (sequence, kv head) pairs; with enough sequences a thread takes all
              * kv heads of its sequences in a row, so each cached token row (every kv head, one
              * contiguous run) comes from memory once and from L2 for the next heads (64
@@ -872,19 +866,19 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
                 for (int w = tid; w < S * KVH; w += nth) ATTEND(w / KVH, w % KVH);
             }
 #pragma omp barrier
-        MARK(3);
+            MARK(3);
             proj_thread(&L->o, S, B.attn, NH * D, B.h, H, xsum, tid, nth);
 #pragma omp barrier
-        MARK(4);
+            MARK(4);
             for (int s = tid; s < S; s += nth) {
                 for (int i = 0; i < H; i++) B.resid[s * H + i] += B.h[s * H + i];
                 rms_norm_row(B.resid + s * H, L->ffn_norm, B.xn + s * H, H, m->eps);
             }
 #pragma omp barrier
-        MARK(5);
+            MARK(5);
             proj_thread(&L->gate_up, S, B.xn, H, B.gu, 2 * I, xsum, tid, nth);
 #pragma omp barrier
-        MARK(6);
+            MARK(6);
             {   /* silu(gate) * up, split over all S * I elements */
                 const int64_t total = (int64_t)S * I, a = total * tid / nth, e = total * (tid + 1) / nth;
                 for (int64_t s = a / I; s * I < e; s++) { /* this thread's part of row s */
@@ -894,10 +888,10 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
                 }
             }
 #pragma omp barrier
-        MARK(7);
+            MARK(7);
             proj_thread(&L->down, S, B.act, I, B.h, H, xsum, tid, nth);
 #pragma omp barrier
-        MARK(8);
+            MARK(8);
         }
         for (int s = tid; s < S; s += nth) {
             for (int i = 0; i < H; i++) B.resid[s * H + i] += B.h[s * H + i];
@@ -909,7 +903,6 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
 #pragma omp barrier
         MARK(10);
     }
-    if (hidden_out) memcpy(hidden_out, B.xn, sizeof(float) * (size_t)S * H);
     if (logits && argmax)
         for (int s = 0; s < S; s++) { /* first maximum, as torch.argmax */
             const float *row = logits + (int64_t)s * m->vocab;
