@@ -131,11 +131,14 @@ class EngineConfig:
         """(shape of one block of one layer's K (or V) cache, its dtype) for model ``mc`` (the
         target by default; a draft model's KV is laid out the same way): [block_size, kv heads,
         head_dim] in the model dtype, or with cache_dtype "fp8" [block_size, kv heads,
-        head_dim + 4] uint8 (e4m3 bytes, then the row's float32 scale)."""
+        head_dim + 4] uint8 (e4m3 bytes, then the row's float32 scale); "bfloat16" keeps the
+        values in bf16 whatever the model dtype (half of an fp32 model's KV bytes)."""
+        from servelm.attention.kv_quant import kv_cache_shape, kv_cache_torch_dtype
         mc = mc or self.model
-        if self.cache.cache_dtype == "fp8":
-            return (self.cache.block_size, mc.num_kv_heads, mc.head_dim + 4), torch.uint8
-        return (self.cache.block_size, mc.num_kv_heads, mc.head_dim), mc.dtype
+        dtype = kv_cache_torch_dtype(mc.dtype, self.cache.cache_dtype)
+        _, bs, kvh, d = kv_cache_shape(1, self.cache.block_size, mc.num_kv_heads, mc.head_dim,
+                                       dtype == torch.uint8)
+        return (bs, kvh, d), dtype
 
     def kv_bytes_per_block(self, mc: Optional[ModelConfig] = None) -> int:
         """K and V of one block in every layer of model ``mc`` (the target by default)."""
@@ -190,18 +193,18 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: str) -> tor
     return _DTYPES[dtype]
 
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3")
 
 
 def _resolve_kv_cache_dtype(name: str, device: str) -> str:
-    """vLLM's kv_cache_dtype names -> "auto" | "fp8" (e4m3 with per-row scales)."""
+    """vLLM's kv_cache_dtype names -> "auto" | "bfloat16" | "fp8" (e4m3 with per-row scales)."""
     if name == "fp8_e5m2":
         raise ValueError("kv_cache_dtype='fp8_e5m2' is not supported: use 'fp8' (e4m3 with a "
                          "scale per token and head, as accurate and as small) or 'auto'.")
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {name!r}.")
-    if name == "auto":
-        return "auto"
+    if name in ("auto", "bfloat16"):
+        return name
     if device.startswith("cuda") and torch.cuda.get_device_capability(device) < (8, 9):
         cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
         raise ValueError(f"kv_cache_dtype='fp8' needs a GPU with fp8 conversions (compute "
@@ -242,7 +245,8 @@ class EngineArgs:
     quantization: Optional[str] = None  # a name in servelm.quantization.QUANTIZATION_METHODS
     quantization_group_size: Optional[int] = None  # int4/int8 at load (default 128; -1: per row)
     quantize_lm_head: bool = False  # fp8/int8/int4: the head too (a tied head gets a copy)
-    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) | "fp8" (e4m3 with scales)
+    # "auto" (the model dtype) | "bfloat16" | "fp8" (e4m3 with scales)
+    kv_cache_dtype: str = "auto"
     distributed_executor_backend: Optional[str] = None  # None: "uni" (one process)
     speculative_config: Any = None  # a dict (or its JSON text) with vLLM's keys; None: off
     # backend (auto | xgrammar), disable_any_whitespace, compile_timeout_s, max_cached_grammars
@@ -330,6 +334,11 @@ class EngineArgs:
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
                             self.kv_cache_memory, swap_gib,
                             _resolve_kv_cache_dtype(self.kv_cache_dtype, device))
+        if cache.cache_dtype == "bfloat16" and device != "cpu" and dtype != torch.bfloat16:
+            # the Triton kernels read the cache in the activations' dtype
+            raise ValueError(f"kv_cache_dtype='bfloat16' with a {str(dtype).removeprefix('torch.')} "
+                             "model runs on the CPU only; on a GPU pass dtype='bfloat16' (then "
+                             "kv_cache_dtype='auto' is the same).")
         max_seqs = self.max_num_seqs or (256 if device == "cpu" else 1024)
         # on the CPU a step's launch already computes it: overlapping gains nothing there
         async_sched = device != "cpu" if self.async_scheduling is None else bool(self.async_scheduling)
@@ -412,8 +421,10 @@ class EngineArgs:
         a("--max-logprobs", type=int, default=20)
         a("--skip-tokenizer-init", action="store_true")
         a("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
-          help="auto: the model dtype; fp8 (= fp8_e4m3): e4m3 with a scale per token and kv "
-               "head, about half the KV bytes (twice the tokens in the same memory)")
+          help="auto: the model dtype; bfloat16: bf16 values whatever the model dtype (half "
+               "the KV bytes of an fp32 model on the CPU); fp8 (= fp8_e4m3): e4m3 with a scale "
+               "per token and kv head, about half the KV bytes (twice the tokens in the same "
+               "memory)")
         a("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
           help="how linear layers store and apply weights: fp8 (W8A8), int8/int4 (weight-only, "
                "quantized at load), gptq/awq (such checkpoints, detected), gguf (a .gguf's "

@@ -23,13 +23,16 @@ FP8_KV_TINY = 2.0 ** -100
 
 
 def kv_cache_torch_dtype(model_dtype: torch.dtype, kv_cache_dtype: str) -> torch.dtype:
-    """The cache tensors' dtype: "auto" -> the model's, "fp8" (or vLLM's alias "fp8_e4m3") ->
-    torch.uint8 (e4m3 + scales)."""
+    """The cache tensors' dtype: "auto" -> the model's, "bfloat16" -> torch.bfloat16, "fp8" (or
+    vLLM's alias "fp8_e4m3") -> torch.uint8 (e4m3 + scales)."""
     if kv_cache_dtype == "auto":
         return model_dtype
+    if kv_cache_dtype == "bfloat16":
+        return torch.bfloat16
     if kv_cache_dtype in ("fp8", "fp8_e4m3"):
         return torch.uint8
-    raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported: use 'auto' or 'fp8'")
+    raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported: use 'auto', "
+                     "'bfloat16' or 'fp8'")
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -448,10 +448,12 @@ def tiny_model(tmp_path_factory):
 PROMPTS = [[5, 17, 2, 99, 31], [7] * 3 + [(11 * i) % 250 + 1 for i in range(147)], [200]]
 
 
-def _llm(path: str, dtype: str, eager: bool, threads: int = 2, block_size: int = 4):
+def _llm(path: str, dtype: str, eager: bool, threads: int = 2, block_size: int = 4,
+         kv_cache_dtype: str = "auto"):
     from servelm import LLM
     return LLM(path, dtype=dtype, device="cpu", skip_tokenizer_init=True, enforce_eager=eager,
-               kv_cache_memory=1 << 24, block_size=block_size, seed=0, threads=threads)
+               kv_cache_memory=1 << 24, block_size=block_size, seed=0, threads=threads,
+               kv_cache_dtype=kv_cache_dtype)
 
 
 def _generate(llm, n: int, logprobs=None):
@@ -541,6 +543,32 @@ def test_decode_step_bf16(arch, tiny_model):
     assert all(0 <= t < vocab for seq in got for t in seq)
     # the first token is the prefill's (PyTorch in both), the second the C step's first
     assert [s[:2] for s in got] == [s[:2] for s in want]
+
+
+@needs_lib
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_step_fp32_model_bf16_kv(arch, tiny_model):
+    """kv_cache_dtype="bfloat16" under an fp32 model (half the KV bytes, as llama.cpp's f16
+    cache): the caches are bf16, the C step and the eager engine read the same bf16 rows into
+    fp32, so the logits agree to fp32 rounding and the greedy tokens are identical; and the
+    tokens stay close to the fp32 cache's (bf16 rounds K and V only)."""
+    path, _ = tiny_model(arch)
+    eager = _llm(path, "float32", eager=True, kv_cache_dtype="bfloat16")
+    assert eager.engine.core.executor.runner.kv_caches[0][0].dtype == torch.bfloat16
+    want, _ = _generate(eager, 24)
+    del eager
+    fast = _llm(path, "float32", eager=False, kv_cache_dtype="bfloat16")
+    runner = fast.engine.core.executor.runner
+    assert runner.kv_caches[0][0].dtype == torch.bfloat16
+    assert runner.kv_caches[0][1].dtype == torch.bfloat16
+    seen = _watch_decode_steps(fast)
+    got, _ = _generate(fast, 24)
+    assert len(seen) >= 20
+    _check_step_logits(seen, rtol=1e-4)
+    assert got == want
+    del fast
+    full, _ = _generate(_llm(path, "float32", eager=False), 24)
+    assert [s[:2] for s in got] == [s[:2] for s in full]
 
 
 @needs_lib

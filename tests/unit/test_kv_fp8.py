@@ -97,6 +97,7 @@ def test_layout_helpers():
     assert kv_cache_torch_dtype(torch.bfloat16, "auto") == torch.bfloat16
     assert kv_cache_torch_dtype(torch.bfloat16, "fp8") == torch.uint8
     assert kv_cache_torch_dtype(torch.float16, "fp8_e4m3") == torch.uint8
+    assert kv_cache_torch_dtype(torch.float32, "bfloat16") == torch.bfloat16
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         kv_cache_torch_dtype(torch.bfloat16, "fp8_e5m2")
     with pytest.raises(ValueError, match="head_dim"):
