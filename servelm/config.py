@@ -96,12 +96,14 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the model is spread over devices; sizes are 1 until the parallel executors exist."""
+    """How the model is spread over devices (vLLM's names)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
-    distributed_executor_backend: str = "uni"  # a name in servelm.executor.EXECUTORS
+    # a name in servelm.executor.EXECUTORS: "uni" (this process), "mp" (a process per rank)
+    distributed_executor_backend: str = "uni"
+    cpu_offload_gb: float = 0.0
 
     @property
     def world_size(self) -> int:
@@ -136,7 +138,9 @@ class EngineConfig:
         from servelm.attention.kv_quant import kv_cache_shape, kv_cache_torch_dtype
         mc = mc or self.model
         dtype = kv_cache_torch_dtype(mc.dtype, self.cache.cache_dtype)
-        _, bs, kvh, d = kv_cache_shape(1, self.cache.block_size, mc.num_kv_heads, mc.head_dim,
+        # one rank's KV heads under tensor parallelism (one each when they are replicated)
+        kv_heads = mc.num_kv_heads // min(mc.num_kv_heads, self.parallel.tensor_parallel_size)
+        _, bs, kvh, d = kv_cache_shape(1, self.cache.block_size, kv_heads, mc.head_dim,
                                        dtype == torch.uint8)
         return (bs, kvh, d), dtype
 
@@ -247,7 +251,12 @@ class EngineArgs:
     quantize_lm_head: bool = False  # fp8/int8/int4: the head too (a tied head gets a copy)
     # "auto" (the model dtype) | "bfloat16" | "fp8" (e4m3 with scales)
     kv_cache_dtype: str = "auto"
-    distributed_executor_backend: Optional[str] = None  # None: "uni" (one process)
+    # None: "uni" (one process) for one rank, "mp" (a worker process per further rank) for more
+    distributed_executor_backend: Optional[str] = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    cpu_offload_gb: float = 0.0
     speculative_config: Any = None  # a dict (or its JSON text) with vLLM's keys; None: off
     # backend (auto | xgrammar), disable_any_whitespace, compile_timeout_s, max_cached_grammars
     structured_outputs_config: Any = None
@@ -266,7 +275,9 @@ class EngineArgs:
         speculative = parse_speculative_config(self.speculative_config)
         from servelm.structured_output import StructuredOutputsConfig
         structured = StructuredOutputsConfig.parse(self.structured_outputs_config)
-        executor = check_executor_backend(self.distributed_executor_backend or "uni")
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        executor = check_executor_backend(self.distributed_executor_backend
+                                          or ("uni" if world == 1 else "mp"))
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError("load_format must be one of 'auto', 'safetensors', 'gguf', 'dummy'; "
                              f"got {self.load_format!r}.")
@@ -296,6 +307,10 @@ class EngineArgs:
         if load_format == "auto":
             load_format = "gguf" if str(model).endswith(".gguf") else "safetensors"
         dtype = _resolve_dtype(self.dtype, hf_config, device)
+        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
+                                  self.data_parallel_size, executor, self.cpu_offload_gb)
+        from servelm.distributed.validate import check_parallel
+        check_parallel(parallel, hf_config, device)
         from servelm.quantization import resolve_quant_config
         if self.load_format == "dummy" and self.quantization in ("gguf", "gptq", "awq"):
             raise ValueError(f"load_format='dummy' makes dense random weights: quantization="
@@ -330,6 +345,10 @@ class EngineArgs:
                                 quantization=quant)
         from servelm.spec_decode.config import finalize_speculative_config
         speculative = finalize_speculative_config(speculative, model_cfg, self.load_format)
+        if speculative is not None and speculative.method == "draft_model" and world > 1:
+            raise ValueError("speculative_config method 'draft_model' with tensor_parallel_size "
+                             f"{self.tensor_parallel_size} is not supported yet: use 'ngram' or "
+                             "'layer_skip', or tensor_parallel_size=1.")
         cache = CacheConfig(self.block_size, self.enable_prefix_caching,
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
                             self.kv_cache_memory, swap_gib,
@@ -357,7 +376,7 @@ class EngineArgs:
                                 speculative.num_lookahead_tokens if speculative else 0,
                                 len(speculative.tree) if speculative and speculative.tree else 0)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
-                            parallel=ParallelConfig(distributed_executor_backend=executor),
+                            parallel=parallel,
                             attention_backend=self.attention_backend,
                             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
                             skip_tokenizer_init=self.skip_tokenizer_init, speculative=speculative,
@@ -442,7 +461,17 @@ class EngineArgs:
           help='structured outputs, JSON: {"backend": "xgrammar", "disable_any_whitespace": '
                'false, "compile_timeout_s": 10, "max_cached_grammars": 1024}')
         a("--distributed-executor-backend", default=None, choices=list(EXECUTORS),
-          help="how model workers run (default: uni, the engine core's own process)")
+          help="how model workers run: uni (the engine core's own process; the default for "
+               "one rank), mp (a worker process per further rank; the default for more)")
+        a("--tensor-parallel-size", "-tp", type=int, default=1,
+          help="ranks a model's layers are split over (Megatron-style: heads and MLP columns; "
+               "NCCL on GPUs, rank r on cuda:r; gloo on the CPU)")
+        a("--pipeline-parallel-size", "-pp", type=int, default=1,
+          help="pipeline stages (not implemented yet: 1)")
+        a("--data-parallel-size", "-dp", type=int, default=1,
+          help="engine replicas behind one server (not implemented yet: 1)")
+        a("--cpu-offload-gb", type=float, default=0.0,
+          help="GiB of weights kept in host memory (not implemented yet: 0)")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":

@@ -12,7 +12,9 @@ import torch
 class ParallelGroup:
     rank: int = 0
     world_size: int = 1
-    group: Optional[Any] = None  # a torch.distributed ProcessGroup; None when world_size == 1
+    # a torch.distributed backend object (ProcessGroupGloo / ProcessGroupNCCL) built by the
+    # executor and called directly, so no torch-global default group is needed; None alone
+    group: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -22,18 +24,28 @@ class ParallelGroup:
         """Sum of x over the group's ranks, in place; x itself when alone."""
         if self.world_size == 1:
             return x
-        import torch.distributed as dist
-        dist.all_reduce(x, group=self.group)
+        self.group.allreduce([x]).wait()
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """The ranks' x concatenated along ``dim`` in rank order; x itself when alone."""
         if self.world_size == 1:
             return x
-        import torch.distributed as dist
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        x = x.contiguous()
+        # [ws * rows, ...] in one collective, then the rank blocks moved to ``dim``
+        out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype,
+                          device=x.device)
+        self.group._allgather_base(out, x).wait()
+        if dim in (0, -x.dim()):
+            return out
+        return torch.cat(out.chunk(self.world_size, dim=0), dim=dim)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """x of the group's rank ``src``, in place on every rank."""
+        if self.world_size == 1:
+            return x
+        self.group.broadcast(x, src).wait()
+        return x
 
 
 def shard_range(size: int, group: ParallelGroup, what: str = "dimension") -> tuple[int, int]:

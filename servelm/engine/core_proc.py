@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 import msgpack
 import zmq
@@ -95,6 +95,11 @@ class EngineCoreProc:
         self.out = out  # zmq PUSH
         self.parent_pid = os.getppid()
         self.running = True
+        self.executor_failure: Optional[str] = None  # set by the executor's monitor thread
+        core.executor.on_failure = self._on_executor_failure
+
+    def _on_executor_failure(self, reason: str) -> None:
+        self.executor_failure = reason
 
     def run(self) -> None:
         idle_work = True  # deferred start-up work (graph captures) left for idle moments
@@ -119,6 +124,8 @@ class EngineCoreProc:
         while block and self.running:
             if self.inp.poll(_IDLE_POLL_MS):
                 break
+            if self.executor_failure is not None:  # reported by run_engine_core, then exit
+                raise RuntimeError(f"model executor failed: {self.executor_failure}")
             if os.getppid() != self.parent_pid:  # the API process is gone: nobody to serve
                 logger.warning("engine core: parent process exited, shutting down")
                 self.running = False

@@ -8,7 +8,7 @@ step while this one runs (asynchronous scheduling) or keep several micro-batches
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol, Union
+from typing import Callable, Optional, Protocol, Union
 
 from servelm.config import EngineConfig
 from servelm.core.step import ModelRunnerOutput, SchedulerOutput
@@ -26,6 +26,9 @@ class StepFuture(Protocol):
 class Executor(ABC):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # set by the owner: called (from another thread, with the reason) when the executor's
+        # workers fail while nothing is being executed, so an idle engine stops too
+        self.on_failure: Optional[Callable[[str], None]] = None
 
     @abstractmethod
     def determine_num_blocks(self) -> int:

@@ -8,7 +8,7 @@ a "column" layer holds this rank's slice of every part's rows (and the output st
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,16 +26,28 @@ class Linear(nn.Module):
     def __init__(self, input_size: int, output_sizes: Union[int, Sequence[int]],
                  bias: bool = False, *, quantization=None, prefix: str = "",
                  use_kernel: bool = False, tp: ParallelGroup = ParallelGroup(),
-                 parallel: Parallel = "replicated") -> None:
+                 parallel: Parallel = "replicated",
+                 part_shards: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         parts = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         ws = tp.world_size if parallel != "replicated" else 1
         self.input_size, self.output_sizes = input_size, parts
         self.tp, self.parallel, self.prefix = tp, parallel, prefix
-        if parallel == "column":
-            for p in parts:
-                shard_range(p, tp, f"{prefix or 'linear'} output part")
-        self.part_sizes = [p // ws for p in parts] if parallel == "column" else parts
+        # column-parallel: into how many equal shards each part splits (the world size, or
+        # fewer where ranks share one: KV heads replicated when there are fewer than ranks);
+        # rank r holds shard r * n // world_size of a part split n ways
+        self.part_shards = ([1] * len(parts) if parallel != "column" else
+                            [ws] * len(parts) if part_shards is None else list(part_shards))
+        if parallel != "column" and part_shards is not None:
+            raise ValueError(f"{prefix or 'linear'}: part_shards applies to column-parallel layers")
+        if len(self.part_shards) != len(parts):
+            raise ValueError(f"{prefix or 'linear'}: {len(self.part_shards)} part_shards for "
+                             f"{len(parts)} parts")
+        for p, n in zip(parts, self.part_shards):
+            if n < 1 or ws % n or p % n:
+                raise ValueError(f"{prefix or 'linear'} output part of size {p} does not split "
+                                 f"evenly over {ws} ranks ({n} shards).")
+        self.part_sizes = [p // n for p, n in zip(parts, self.part_shards)]
         self.part_offsets = [sum(self.part_sizes[:i]) for i in range(len(parts) + 1)]
         self.output_size_per_rank = self.part_offsets[-1]
         self.input_size_per_rank, self.input_start = input_size, 0
@@ -59,18 +71,22 @@ class Linear(nn.Module):
                              f"({self.num_parts} parts)")
         return self.part_offsets[shard_id], self.part_offsets[shard_id + 1]
 
-    def shard_rows(self, full: torch.Tensor, shard_id: int, what: str) -> torch.Tensor:
-        """This rank's rows of checkpoint part ``shard_id`` (all of them unless column-parallel)."""
+    def row_shard(self, shard_id: int) -> tuple[int, int]:
+        """[lo, hi) of checkpoint part ``shard_id``'s rows that this rank holds."""
         if not 0 <= shard_id < self.num_parts:
             raise ValueError(f"{self.prefix}: part {shard_id} does not exist "
                              f"({self.num_parts} parts)")
+        n, size = self.part_shards[shard_id], self.part_sizes[shard_id]
+        idx = self.tp.rank * n // self.tp.world_size if self.parallel == "column" else 0
+        return idx * size, (idx + 1) * size
+
+    def shard_rows(self, full: torch.Tensor, shard_id: int, what: str) -> torch.Tensor:
+        """This rank's rows of checkpoint part ``shard_id`` (all of them unless column-parallel)."""
+        lo, hi = self.row_shard(shard_id)
         if full.shape[0] != self.output_sizes[shard_id]:
             raise ValueError(f"{self.prefix}: checkpoint {what} has {full.shape[0]} rows, "
                              f"expected {self.output_sizes[shard_id]}")
-        if self.parallel != "column" or self.tp.world_size == 1:
-            return full
-        lo, hi = shard_range(full.shape[0], self.tp)
-        return full[lo:hi]
+        return full if hi - lo == full.shape[0] else full[lo:hi]
 
     def shard_cols(self, t: torch.Tensor, what: str) -> torch.Tensor:
         """This rank's input columns of a 2-D tensor (all of them unless row-parallel)."""

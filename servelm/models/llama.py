@@ -10,6 +10,7 @@ from torch import nn
 
 from servelm.attention.backend import AttentionBackend, AttentionMetadata
 from servelm.distributed import ParallelGroup
+from servelm.layers.embedding import VocabParallelEmbedding
 from servelm.layers.linear import Linear
 from servelm.layers.norm import RMSNorm
 from servelm.layers.rotary import RotaryEmbedding
@@ -28,9 +29,10 @@ class LayerOptions:
     tp: ParallelGroup = ParallelGroup()
 
     def linear(self, prefix: str, input_size: int, output_sizes, bias: bool = False,
-               parallel: str = "replicated") -> Linear:
+               parallel: str = "replicated", part_shards=None) -> Linear:
         return Linear(input_size, output_sizes, bias, quantization=self.quantization,
-                      prefix=prefix, use_kernel=self.use_kernels, tp=self.tp, parallel=parallel)
+                      prefix=prefix, use_kernel=self.use_kernels, tp=self.tp, parallel=parallel,
+                      part_shards=part_shards)
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,17 @@ class LlamaAttention(nn.Module):
     def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str) -> None:
         super().__init__()
         ws, use_kernels = o.tp.world_size, o.use_kernels
-        # this rank's heads: q/k/v are column-parallel by heads, o_proj row-parallel
-        self.num_heads, self.num_kv_heads = a.num_heads // ws, a.num_kv_heads // ws
+        # this rank's heads: q/k/v are column-parallel by heads, o_proj row-parallel; with
+        # fewer KV heads than ranks each rank holds the one KV head its query heads read
+        # (ranks r * kv // ws share it: KV replicated)
+        kv_shards = min(a.num_kv_heads, ws)
+        self.num_heads, self.num_kv_heads = a.num_heads // ws, a.num_kv_heads // kv_shards
         self.head_dim = a.head_dim
         self.q_size, self.kv_size = self.num_heads * a.head_dim, self.num_kv_heads * a.head_dim
         full_q, full_kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.qkv_proj = o.linear(f"{prefix}.qkv_proj", a.hidden_size, [full_q, full_kv, full_kv],
-                                 bias=a.qkv_bias, parallel="column")
+                                 bias=a.qkv_bias, parallel="column",
+                                 part_shards=[ws, kv_shards, kv_shards])
         self.o_proj = o.linear(f"{prefix}.o_proj", full_q, a.hidden_size, parallel="row")
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, use_kernels) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, use_kernels) if a.qk_norm else None
@@ -151,10 +157,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         a = self.args = LlamaArgs.from_hf(hf_config)
         o = LayerOptions(backend, use_kernels, quantization, tp)
-        if tp.world_size > 1:
-            raise ValueError("LlamaForCausalLM has no vocab-parallel embedding yet: "
-                             "tensor_parallel_size must be 1.")
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size, _weight=torch.empty(a.vocab_size, a.hidden_size))
+        self.tp = tp
+        # [V / ws, hidden] on each rank (vocab-parallel), and under a tied head its shard of
+        # the logits
+        self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size, tp)
         self.layers = nn.ModuleList(LlamaDecoderLayer(a, o, f"layers.{i}")
                                     for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels)
@@ -162,9 +168,10 @@ class LlamaForCausalLM(nn.Module):
         # the embedding itself, or a quantized copy of it
         tied = a.tie_word_embeddings
         head_q = quantization if quantization is not None and quantization.quantized_head(tied) else None
+        # column-parallel over the vocabulary: each rank computes its logits, gathered after
         self.lm_head = (None if a.tie_word_embeddings and head_q is None else
                         Linear(a.hidden_size, a.vocab_size, quantization=head_q, prefix="lm_head",
-                               use_kernel=use_kernels))
+                               use_kernel=use_kernels, tp=tp, parallel="column"))
         self.use_kernels = use_kernels
         self.quantization = quantization
 
@@ -179,10 +186,12 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> logits [N, vocab] in fp32."""
+        """hidden: [N, hidden] -> logits [N, vocab] in fp32 (every rank: all of them)."""
         if self.lm_head is None:
-            return dense_linear(hidden, self.embed_tokens.weight, use_kernel=self.use_kernels).float()
-        return self.lm_head(hidden).float()
+            part = dense_linear(hidden, self.embed_tokens.weight, use_kernel=self.use_kernels)
+        else:
+            part = self.lm_head(hidden)
+        return self.tp.all_gather(part.float(), dim=-1)  # [N, V / ws] per rank -> [N, V]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in; every parameter (every part of a merged one) must be filled
@@ -200,8 +209,12 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head.load_weight("weight", tensor if not isinstance(tensor, GGUFWeight)
                                          or tensor.ggml_type in keep else tensor.dequantize())
                 loaded.add("lm_head.weight#0")
-            if name == "embed_tokens.weight" and isinstance(tensor, GGUFWeight):
-                tensor = tensor.dequantize(torch.float32)  # GGUF blocks: the lookup table is dense
+            if name == "embed_tokens.weight":
+                if isinstance(tensor, GGUFWeight):  # GGUF blocks: the lookup table is dense
+                    tensor = tensor.dequantize(torch.float32)
+                self.embed_tokens.load_weight(tensor)
+                loaded.add(name)
+                continue
             mod_name, _, pname = name.rpartition(".")
             shard_id = 0
             head, _, proj = mod_name.rpartition(".")

@@ -85,6 +85,7 @@ class ModelRunner:
             gc.collect()
             torch.cuda.empty_cache()
         self.mem_at_init = torch.cuda.memory_allocated(self.device) if cuda else 0
+        self.tp = tp  # tensor-parallel ranks: every rank runs this runner on the same steps
         self.model = self._load_model(tp)
         # rows: running requests (<= max_num_seqs), or the profiling batch
         max_rows = max(config.scheduler.max_num_seqs, len(profile_lens(self)))
@@ -397,6 +398,10 @@ class ModelRunner:
         else:
             idx = torch.from_numpy(inp.logits_idx).to(self.device, non_blocking=True)
             so = self.sampling.sample(self.model.compute_logits(hidden[idx]))  # [L, V] fp32
+        if self.tp.world_size > 1 and not self.sampling.plain_greedy():
+            # every rank holds the same logits, but random draws are rank 0's: its tokens go
+            # into every rank's next inputs (greedy ones are the same everywhere already)
+            self.tp.broadcast(so.token_ids, src=0)
         if s.scheduled_spec_decode_tokens:  # drafts: verified on the host now
             paths = collect_verified(self.batch, self.sampling.logprobs, inp.sample_req_ids,
                                      inp.logits_rows, inp.num_logits, so,

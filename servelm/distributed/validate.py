@@ -1,0 +1,55 @@
+"""Whether a ParallelConfig fits the model and the machine, with errors that say what would."""
+from __future__ import annotations
+
+from typing import Any
+
+# the parts of the survey's parallelism chapter this build does not run yet: refused by name
+_NOT_YET = {
+    "pipeline_parallel_size": "pipeline parallelism",
+    "data_parallel_size": "data-parallel replicas",
+    "cpu_offload_gb": "CPU weight offload",
+}
+
+
+def tp_fits(tp: int, hf_config: Any) -> bool:
+    """Query heads, MLP width and vocabulary split evenly; KV heads split evenly or are
+    replicated (tp a multiple of them)."""
+    heads = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    return (heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+            and hf_config.intermediate_size % tp == 0 and hf_config.vocab_size % tp == 0)
+
+
+def check_parallel(pc: Any, hf_config: Any, device: str) -> None:
+    """pc: a ParallelConfig. Raises ValueError naming the argument and what would fit."""
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        v = getattr(pc, name)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}.")
+    if not pc.cpu_offload_gb >= 0:
+        raise ValueError(f"cpu_offload_gb must be >= 0, got {pc.cpu_offload_gb!r}.")
+    for name, what in _NOT_YET.items():
+        if getattr(pc, name) not in (0, 1):
+            raise ValueError(f"{name}={getattr(pc, name)}: {what} is not implemented yet in "
+                             "servelm; leave it at its default.")
+    tp = pc.tensor_parallel_size
+    if tp > 1 and not tp_fits(tp, hf_config):
+        fits = [t for t in range(1, hf_config.num_attention_heads + 1) if tp_fits(t, hf_config)]
+        kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        raise ValueError(
+            f"tensor_parallel_size={tp} does not divide the model: {hf_config.num_attention_heads}"
+            f" attention heads, {kv} KV heads, intermediate size "
+            f"{hf_config.intermediate_size}, vocabulary {hf_config.vocab_size}; sizes that fit: "
+            f"{fits}.")
+    if device.startswith("cuda") and pc.world_size > 1:
+        import torch
+        n = torch.cuda.device_count()
+        if pc.world_size > n:
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {pc.world_size} "
+                             f"needs as many GPUs; this machine has {n}.")
+        if device != "cuda":
+            raise ValueError(f"device={device!r} names one GPU; with tensor_parallel_size > 1 "
+                             "pass device='cuda' (rank r runs on cuda:r).")
+    if pc.world_size > 1 and pc.distributed_executor_backend == "uni":
+        raise ValueError("distributed_executor_backend='uni' runs one process; "
+                         f"tensor_parallel_size={tp} needs 'mp' (the default then).")
