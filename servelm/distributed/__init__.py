@@ -1,4 +1,4 @@
 """Process groups, passed explicitly to whatever needs them (no module-level globals)."""
-from servelm.distributed.group import ParallelGroup, shard_range
+from servelm.distributed.group import ParallelGroup, shard_range, without_communication
 
-__all__ = ["ParallelGroup", "shard_range"]
+__all__ = ["ParallelGroup", "shard_range", "without_communication"]

@@ -48,6 +48,35 @@ class ParallelGroup:
         return x
 
 
+class _Done:
+    def wait(self) -> bool:
+        return True
+
+
+class _NoComm:
+    """A stand-in backend whose collectives touch only this rank's tensors (with the shapes
+    the real ones would give): for dry runs that trace what a rank computes without the other
+    ranks taking part."""
+
+    def allreduce(self, tensors):
+        return _Done()
+
+    def _allgather_base(self, out, x):
+        out.copy_(x.repeat((out.shape[0] // x.shape[0],) + (1,) * (x.dim() - 1)))
+        return _Done()
+
+    def broadcast(self, x, src):
+        return _Done()
+
+
+def without_communication(group: ParallelGroup) -> ParallelGroup:
+    """The same rank and world size (so layers shard alike), with collectives that do not
+    communicate: a dry run on one rank must not wait for the others."""
+    if group.world_size == 1:
+        return group
+    return ParallelGroup(group.rank, group.world_size, _NoComm())
+
+
 def shard_range(size: int, group: ParallelGroup, what: str = "dimension") -> tuple[int, int]:
     """[start, end) of this rank's equal shard of ``size`` items."""
     if size % group.world_size:

@@ -47,3 +47,23 @@ def make_group(store, rank: int, world_size: int, device: str) -> ParallelGroup:
     else:
         pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
     return ParallelGroup(rank, world_size, pg)
+
+
+def close_group(group: ParallelGroup, timeout_s: float = 10.0) -> None:
+    """End a group's communicators now (every rank calls this at the same time: NCCL's
+    finalize is collective), rather than in a destructor at exit, which waits on peers that
+    may be gone and can hang the process. Bounded: gives up after ``timeout_s``."""
+    import threading
+    pg = group.group
+    if pg is None:
+        return
+
+    def close() -> None:
+        try:
+            pg.shutdown()
+        except (AttributeError, RuntimeError):
+            pass
+
+    t = threading.Thread(target=close, name="servelm-close-group", daemon=True)
+    t.start()
+    t.join(timeout_s)

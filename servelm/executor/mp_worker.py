@@ -34,19 +34,33 @@ def rank_cpus(config: Any, rank: int) -> list[int]:
     return cpus[rank * t:(rank + 1) * t] if t >= 1 and len(cpus) >= config.parallel.world_size * t else []
 
 
-def run_method(runner: Any, method: str, args: tuple) -> Any:
-    """The calls the driver makes on every rank (the Executor contract's, runner-side)."""
-    if method == "determine_num_blocks":
-        from servelm.worker.memory import determine_num_blocks
-        return determine_num_blocks(runner)
-    if method == "initialize_kv_cache":
-        return runner.initialize_kv_cache(*args)
-    if method == "execute":
-        runner.execute(*args)  # lands the tokens in this rank's batch; the driver reports them
-        return None
-    if method == "capture_pending_graph":
-        return runner.capture_pending_graph()
-    raise ValueError(f"unknown worker method {method!r}")
+class RankCalls:
+    """The calls the driver makes on every rank (the Executor contract's, runner-side). A
+    worker's steps overlap as the driver's do under asynchronous scheduling: step N+1 is
+    launched before step N's tokens are landed in this rank's batch (its next inputs come from
+    the device), so a worker's host work never idles its GPU while rank 0's runs ahead."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.unlanded: Any = None  # this rank's last launched step (a PendingOutput)
+
+    def call(self, method: str, args: tuple) -> Any:
+        if method == "execute":
+            prev, self.unlanded = self.unlanded, self.runner.execute_async(*args)
+            if prev is not None:
+                prev.result()
+            return None
+        if self.unlanded is not None:  # anything else sees every step landed
+            self.unlanded.result()
+            self.unlanded = None
+        if method == "determine_num_blocks":
+            from servelm.worker.memory import determine_num_blocks
+            return determine_num_blocks(self.runner)
+        if method == "initialize_kv_cache":
+            return self.runner.initialize_kv_cache(*args)
+        if method == "capture_pending_graph":
+            return self.runner.capture_pending_graph()
+        raise ValueError(f"unknown worker method {method!r}")
 
 
 def _exit_with_driver(driver_pid: int) -> None:
@@ -85,17 +99,22 @@ def worker_main(conn: Any, rank: int) -> None:
         conn.send(("joined", None))
         tp = make_group(store, rank, config.parallel.world_size, cfg.device)
         from servelm.worker.model_runner import ModelRunner
-        runner = ModelRunner(cfg, tp)
+        calls = RankCalls(ModelRunner(cfg, tp))
         conn.send(("ready", None))
         while True:
             try:
                 msg = conn.recv()
             except EOFError:  # the driver is gone
-                return
+                msg = None
             if msg is None:
-                return
+                # end the communicators now, and skip the interpreter's teardown: NCCL's
+                # destructors at exit wait on peers and can hang
+                from servelm.distributed.init import close_group
+                close_group(tp)
+                logging.shutdown()
+                os._exit(0)
             method, args, reply = msg
-            result = run_method(runner, method, args)
+            result = calls.call(method, args)
             if reply:
                 conn.send(("ok", result))
     except BaseException as e:  # noqa: BLE001 - reported to the driver, then exit

@@ -28,7 +28,7 @@ from typing import Any, Union
 from servelm.config import EngineConfig
 from servelm.core.step import ModelRunnerOutput, SchedulerOutput
 from servelm.executor.abstract import Executor, StepFuture
-from servelm.executor.mp_worker import rank_config, run_method
+from servelm.executor.mp_worker import RankCalls, rank_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +75,18 @@ def _accept(listener: Any, procs: dict, timeout_s: float) -> dict:
     return conns
 
 
-def _stop_workers(workers: list) -> None:
+def _stop_workers(workers: list, groups: tuple = ()) -> None:
     """Ask each worker to stop, then kill what is left after 10 s (one stuck in a collective
-    with a rank that is gone)."""
+    with a rank that is gone); then end the driver's own communicators (``groups``)."""
     for w in workers:
         try:
             if w.conn is not None:
                 w.conn.send(None)
         except (OSError, BrokenPipeError):
             pass
+    from servelm.distributed.init import close_group
+    for g in groups:  # while the workers close theirs
+        close_group(g)
     deadline = time.monotonic() + 10
     for w in workers:
         try:
@@ -120,8 +123,10 @@ class MultiprocExecutor(Executor):
                     env=dict(env, SERVELM_WORKER_RANK=str(rank)))
             conns = _accept(listener, procs, STARTUP_TIMEOUT_S)
             self.workers = [_Worker(r, procs[r], conns[r]) for r in sorted(procs)]
-            # an executor dropped without shutdown() (an offline LLM going away) stops them too
-            self._stop = weakref.finalize(self, _stop_workers, self.workers)
+            # an executor dropped without shutdown() (an offline LLM going away, or the
+            # interpreter exiting) stops them too; the driver's group joins the list below
+            self._groups: list = []
+            self._stop = weakref.finalize(self, _stop_workers, self.workers, self._groups)
             level = logging.getLogger().getEffectiveLevel()
             for w in self.workers:
                 w.conn.send((config, host, port, level))
@@ -129,9 +134,11 @@ class MultiprocExecutor(Executor):
                 self._expect(w, "joined", STARTUP_TIMEOUT_S)
             cfg = rank_config(config, 0)
             tp = make_group(store, 0, ws, cfg.device)
+            self._groups.append(tp)
             self._store = store  # the workers' store lives as long as this executor
             from servelm.worker.model_runner import ModelRunner
             self.runner = ModelRunner(cfg, tp)
+            self._calls = RankCalls(self.runner)  # the driver's steps bypass it (execute)
             for w in self.workers:
                 self._expect(w, "ready", STARTUP_TIMEOUT_S)
             threading.Thread(target=self._monitor, name="servelm-worker-monitor",
@@ -197,7 +204,7 @@ class MultiprocExecutor(Executor):
         self._check_workers()
         self._send_all(method, args)
         try:
-            own = run_method(self.runner, method, args)
+            own = self._calls.call(method, args)
         except Exception as e:
             self._raise_worker_failure(e)
             raise

@@ -67,13 +67,17 @@ class LinearMethod(ABC):
 
 
 def load_rows(layer: "Linear", name: str, full: torch.Tensor, shard_id: int,
-              device: torch.device) -> torch.Tensor:
+              device: torch.device, all_columns: bool = False) -> torch.Tensor:
     """This rank's slice of checkpoint part ``shard_id`` of a dense weight [out, in] (rows of
-    the part; input columns too in a row-parallel layer) or bias [out], shape-checked, moved to
-    ``device``; not yet copied anywhere."""
-    rows = layer.shard_cols(layer.shard_rows(full, shard_id, f"{name} part {shard_id}"), name)
+    the part; input columns too in a row-parallel layer, unless ``all_columns``: then every
+    input column, [rows, input_size], for a method whose scales span whole rows) or bias
+    [out], shape-checked, moved to ``device``; not yet copied anywhere."""
+    rows = layer.shard_rows(full, shard_id, f"{name} part {shard_id}")
+    if not all_columns:
+        rows = layer.shard_cols(rows, name)
     lo, hi = layer.part_range(shard_id)
-    want = (hi - lo, layer.input_size_per_rank) if full.dim() == 2 else (hi - lo,)
+    k = layer.input_size if all_columns else layer.input_size_per_rank
+    want = (hi - lo, k) if full.dim() == 2 else (hi - lo,)
     if tuple(rows.shape) != want:
         raise ValueError(f"{layer.prefix}: checkpoint {name} part {shard_id} has shape "
                          f"{tuple(full.shape)}, which gives a shard of {tuple(rows.shape)}; this "
@@ -82,18 +86,44 @@ def load_rows(layer: "Linear", name: str, full: torch.Tensor, shard_id: int,
 
 
 def dense_weight_part(layer: "Linear", name: str, full: torch.Tensor, shard_id: int,
-                      device: torch.device, what: str) -> Optional[torch.Tensor]:
+                      device: torch.device, what: str,
+                      all_columns: bool = False) -> Optional[torch.Tensor]:
     """The shared start of ``load_weight`` for methods fed dense checkpoints: a "bias" is
     loaded here (None returned); a "weight" gives this rank's rows of part ``shard_id`` on
-    ``device`` for the method to store or quantize; any other name is a ValueError naming
-    ``what`` layer this is."""
+    ``device`` (its input columns, or all of them with ``all_columns``) for the method to store
+    or quantize; any other name is a ValueError naming ``what`` layer this is."""
     if name == "bias":
         load_bias(layer, full, shard_id)
         return None
     if name != "weight":
         raise ValueError(f"{layer.prefix}: checkpoint tensor {name!r} has no place in {what} "
                          "(it takes a dense 'weight' and 'bias')")
-    return load_rows(layer, name, full, shard_id, device)
+    return load_rows(layer, name, full, shard_id, device, all_columns)
+
+
+def splits_input(layer: "Linear") -> bool:
+    """Whether this layer's ranks each hold a slice of the input columns (row-parallel)."""
+    return layer.parallel == "row" and layer.tp.world_size > 1
+
+
+def input_columns(layer: "Linear") -> tuple[int, int]:
+    """[lo, hi) of the full tensor's input columns this rank holds."""
+    return layer.input_start, layer.input_start + layer.input_size_per_rank
+
+
+def check_input_split(layer: "Linear", unit: int, what: str) -> None:
+    """A row-parallel layer's input columns split where ``what`` allows: every rank's slice a
+    whole number of ``unit`` columns of the full tensor (a GGUF block, a quantization group, 8
+    columns packed in an int32). The condition is the same on every rank, so all raise."""
+    ws, k = layer.tp.world_size, layer.input_size_per_rank
+    if not splits_input(layer) or k % unit == 0:
+        return
+    fits = [1] + [d for d in range(2, max(8, ws) + 1) if layer.input_size % (d * unit) == 0]
+    sizes = ", ".join(map(str, fits[:-1])) + " or " + str(fits[-1]) if len(fits) > 1 else "1"
+    raise ValueError(f"{layer.prefix or 'linear'}: {what} cannot be split over {ws} tensor-"
+                     f"parallel ranks: the input size {layer.input_size} / {ws} ranks = {k} "
+                     f"columns per rank, not a multiple of {unit}. Use tensor_parallel_size "
+                     f"{sizes} for this layer.")
 
 
 def load_bias(layer: "Linear", full: torch.Tensor, shard_id: int) -> None:

@@ -8,6 +8,12 @@ Weights come either dense (bf16/fp16/fp32: quantized per channel as they load) o
 per channel ([N] or [N, 1]) and is broadcast to channels here. A checkpoint's static
 ``input_scale`` is not used: activations are always scaled per token, dynamically, which is at
 least as accurate as one static scale.
+
+Under tensor parallelism a rank keeps its rows (column-parallel) or its input columns (row-
+parallel) of the world-size-1 weights: a dense weight is quantized over full rows (the scale
+spans the row) before the columns are sliced, as a pre-quantized checkpoint's scales do. A
+row-parallel rank quantizes the activations of its own input columns per token, so the sum of
+the ranks' outputs differs from world size 1 by that rounding, not by the weights.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from servelm.quantization.base import LinearMethod, create_bias, load_bias, load_rows
+from servelm.quantization.base import (LinearMethod, create_bias, input_columns, load_bias,
+                                       load_rows)
 from servelm.quantization.ref import FP8_DTYPE, fp8_linear_ref, quantize_fp8_per_channel
 
 if TYPE_CHECKING:
@@ -51,18 +58,20 @@ class Fp8LinearMethod(LinearMethod):
         if name != "weight":
             raise ValueError(f"{layer.prefix}: checkpoint tensor {name!r} has no place in an fp8 "
                              "linear layer (weight, weight_scale, input_scale, bias)")
-        w = load_rows(layer, name, full_tensor, shard_id, layer.weight.device)
+        # w: [n, input_size], this rank's rows of the part, every input column
+        w = load_rows(layer, name, full_tensor, shard_id, layer.weight.device, all_columns=True)
+        c0, c1 = input_columns(layer)
         if w.dtype == FP8_DTYPE:
             if not self.quant_config.prequantized:
                 raise ValueError(f"{layer.prefix}: an fp8 weight in a checkpoint without an fp8 "
                                  "quantization_config: its scales are unknown")
-            layer.weight.data[lo:hi].copy_(w)
+            layer.weight.data[lo:hi].copy_(w[:, c0:c1])
             return
         if not w.is_floating_point() or w.element_size() == 1:
             raise ValueError(f"{layer.prefix}: fp8 loads dense float or e4m3 weights, got {w.dtype}")
-        # the dense engine's weights (model dtype), quantized per output channel
+        # the dense engine's weights (model dtype), quantized per output channel (full rows)
         q, s = quantize_fp8_per_channel(w.to(self.dtype))
-        layer.weight.data[lo:hi].copy_(q)
+        layer.weight.data[lo:hi].copy_(q[:, c0:c1])
         layer.weight_scale.data[lo:hi].copy_(s)
 
     def apply(self, layer: "Linear", x: torch.Tensor,

@@ -7,6 +7,10 @@ F32/F16/BF16 (or in a block format without a kernel here) arrive dense. The part
 layer (q|k|v, gate|up) may differ in type (Q4_K_M files keep v and down in Q6_K): parts of one
 type are concatenated into one [N, row_bytes] tensor (one matmul); otherwise each part keeps
 its own tensor and matmul, and the outputs are concatenated.
+
+Tensor parallelism: rows are independent, so a column-parallel rank keeps its rows' bytes; a
+row-parallel rank keeps the bytes of its input columns in every row, which needs its slice to
+be whole blocks (32 values for Q4_0/Q4_1/Q8_0, 256 for K-quants), else a ValueError.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ from torch import nn
 
 from servelm.cpu.blocks import BLOCK_FORMATS, split_blocks
 from servelm.quantization import cpu_int4
-from servelm.quantization.base import (LinearMethod, create_bias, load_bias, load_rows,
-                                       native_max_m)
+from servelm.quantization.base import (LinearMethod, check_input_split, create_bias,
+                                       input_columns, load_bias, load_rows, native_max_m)
+from servelm.quantization.gguf_formats import (GGUF_BLOCK_SIZES, gguf_row_bytes,
+                                               gguf_type_name)
 from servelm.quantization.unquantized import dense_linear
 
 if TYPE_CHECKING:
@@ -61,6 +67,15 @@ def _q4_fields(raw: torch.Tensor, ggml_type: int, k: int
     return q, d.t(), offsets.t()
 
 
+def _owned(t: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """t, a slice of ``full`` kept beyond loading: a copy when it still views a larger
+    ``full``'s memory (a tensor-parallel shard), so the full tensor can be freed."""
+    shares = t.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+    if shares and t.numel() < full.numel():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 @dataclass(frozen=True)
 class GGUFWeight:
     """A quantized GGUF tensor as stored: raw [N, row_bytes] uint8 (row n = row n's blocks),
@@ -77,9 +92,6 @@ class GGUFWeight:
 
 class GGUFLinearMethod(LinearMethod):
     def create_weights(self, layer: "Linear") -> None:
-        if layer.tp.world_size > 1 and layer.parallel != "replicated":
-            raise ValueError(f"{layer.prefix}: GGUF blocks under tensor parallelism are not "
-                             "supported yet; use tensor_parallel_size=1 or quantization='none'")
         self.dtype = torch.get_default_dtype()
         self.device = torch.empty(0).device  # the model is built under its device's context
         # per part: (ggml type or None for dense, tensor); the layout is known only once loaded
@@ -95,17 +107,31 @@ class GGUFLinearMethod(LinearMethod):
         if name != "weight":
             raise ValueError(f"{layer.prefix}: GGUF linear layers take 'weight' and 'bias', not "
                              f"{name!r}")
-        device = self.device
         if isinstance(full_tensor, GGUFWeight):
-            n, k = full_tensor.shape
-            if k != layer.input_size_per_rank or n != layer.output_sizes[shard_id]:
-                raise ValueError(f"{layer.prefix}: GGUF weight part {shard_id} is {n} x {k}, "
-                                 f"expected {layer.output_sizes[shard_id]} x "
-                                 f"{layer.input_size_per_rank}")
-            self.parts[shard_id] = (full_tensor.ggml_type, full_tensor.raw.to(device))
+            self.parts[shard_id] = (full_tensor.ggml_type, self._shard_blocks(layer, full_tensor,
+                                                                              shard_id))
         else:
-            w = load_rows(layer, name, full_tensor, shard_id, device)
-            self.parts[shard_id] = (None, w.to(self.dtype))
+            w = load_rows(layer, name, full_tensor, shard_id, self.device).to(self.dtype)
+            self.parts[shard_id] = (None, _owned(w, full_tensor))
+
+    def _shard_blocks(self, layer: "Linear", weight: GGUFWeight, shard_id: int) -> torch.Tensor:
+        """A part's blocks [N, row_bytes] as stored -> this rank's: uint8 [n, row_bytes of its
+        input columns] on the layer's device."""
+        n, k = weight.shape
+        if k != layer.input_size or n != layer.output_sizes[shard_id]:
+            raise ValueError(f"{layer.prefix}: GGUF weight part {shard_id} is {n} x {k}, "
+                             f"expected {layer.output_sizes[shard_id]} x {layer.input_size}")
+        row_bytes = gguf_row_bytes(weight.ggml_type, k)  # a ValueError for unknown types
+        qk = GGUF_BLOCK_SIZES[int(weight.ggml_type)][0]
+        if tuple(weight.raw.shape) != (n, row_bytes):
+            raise ValueError(f"{layer.prefix}: GGUF weight part {shard_id} holds "
+                             f"{tuple(weight.raw.shape)} bytes, expected ({n}, {row_bytes})")
+        check_input_split(layer, qk, f"GGUF {gguf_type_name(weight.ggml_type)} blocks ({qk} "
+                                     "input values each)")
+        r0, r1 = layer.row_shard(shard_id)
+        c0, c1 = input_columns(layer)
+        raw = weight.raw[r0:r1, c0 * row_bytes // k:c1 * row_bytes // k]
+        return _owned(raw.to(self.device), weight.raw).contiguous()
 
     def process_after_loading(self, layer: "Linear") -> None:
         if any(p is None for p in self.parts):

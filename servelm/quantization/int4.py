@@ -4,6 +4,12 @@ scale), or loaded as stored (``gptq``, ``awq``: quantization/gptq.py, awq.py sub
 
 Parameters (K = input_size_per_rank, N = output_size_per_rank, G = group size):
 ``qweight`` int32 [K // 8, N], ``scales`` and ``zeros`` [ceil(K / G), N] in the model dtype.
+
+Under tensor parallelism each rank quantizes its own rows (column-parallel) or its input
+columns in the full tensor's groups (row-parallel: each rank's slice whole groups and whole
+int32 words, else a ValueError); with group_size -1 the one group is the full row, so each rank
+quantizes full rows and keeps its columns. ``quantize_int4`` works group by group, so every
+rank holds exactly its slice of the world-size-1 weights.
 """
 from __future__ import annotations
 
@@ -13,8 +19,9 @@ import torch
 from torch import nn
 
 from servelm.quantization import cpu_int4
-from servelm.quantization.base import (LinearMethod, create_bias, dense_weight_part,
-                                       native_max_m)
+from servelm.quantization.base import (LinearMethod, check_input_split, create_bias,
+                                       dense_weight_part, input_columns, native_max_m,
+                                       splits_input)
 from servelm.quantization.ref import int4_linear_ref, num_groups, quantize_int4, unpack_int4
 
 if TYPE_CHECKING:
@@ -34,10 +41,16 @@ def _param(*shape: int, dtype: Optional[torch.dtype] = None) -> nn.Parameter:
 class Int4LinearMethod(LinearMethod):
     def create_weights(self, layer: "Linear") -> None:
         K, N = layer.input_size_per_rank, layer.output_size_per_rank
+        method, g = self.quant_config.method, self.quant_config.group_size
+        check_input_split(layer, 8, f"{method} (8 input columns packed per int32)")
         if K % 8:
             raise ValueError(f"{layer.prefix}: int4 packs 8 input columns per int32; the input "
                              f"size {K} is not a multiple of 8")
+        if g != -1:
+            check_input_split(layer, g, f"{method} with groups of {g} input columns")
         self.group_size = self.quant_config.group_for(K, layer.prefix, layer.input_start)
+        # group_size -1 split over ranks: the group spans the full row (load_weight)
+        self.whole_rows = g == -1 and splits_input(layer)
         layer.qweight = _param(K // 8, N, dtype=torch.int32)
         groups = num_groups(K, self.group_size)
         layer.scales = _param(groups, N)  # the default dtype: the model's
@@ -47,13 +60,19 @@ class Int4LinearMethod(LinearMethod):
 
     def load_weight(self, layer: "Linear", name: str, full_tensor: torch.Tensor,
                     shard_id: int = 0) -> None:
-        # w: [n, K] of this part, in the model dtype (the dense engine's weights), quantized here
+        # w: [n, K] of this part (all input columns if whole_rows), in the model dtype (the
+        # dense engine's weights), quantized here
         w = dense_weight_part(layer, name, full_tensor, shard_id, layer.qweight.device,
-                              "an int4 layer converted at load")
+                              "an int4 layer converted at load", self.whole_rows)
         if w is None:
             return
         lo, hi = layer.part_range(shard_id)
-        q, s, z = quantize_int4(w.to(layer.scales.dtype), self.group_size)
+        if self.whole_rows:
+            q, s, z = quantize_int4(w.to(layer.scales.dtype), layer.input_size)  # one group
+            c0, c1 = input_columns(layer)
+            q = q[c0 // 8:c1 // 8]  # qweight rows: 8 input columns each
+        else:
+            q, s, z = quantize_int4(w.to(layer.scales.dtype), self.group_size)
         layer.qweight.data[:, lo:hi].copy_(q)
         layer.scales.data[:, lo:hi].copy_(s)
         layer.zeros.data[:, lo:hi].copy_(z)

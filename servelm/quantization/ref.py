@@ -77,33 +77,42 @@ def quantize_int4(w: torch.Tensor, group_size: int, hqq_iters: int = 20
     Each group's range [min, max] (widened to include 0) maps onto 0..15 (round to nearest);
     then, with the scales fixed, the zero points are refined as HQQ does (Badri & Shaji 2023:
     half-quadratic minimisation of the l_0.7 norm of the error, closed-form zero updates),
-    which keeps large weights closer than plain rounding; zeros become fractional. Measured on
-    SmolLM2-135M (G = 128, 1k tokens of the perplexity text): +29% perplexity with round-to-
-    nearest, +22% with the refined zeros. ``hqq_iters=0``: plain round-to-nearest."""
+    which keeps large weights closer than plain rounding; zeros become fractional. Every
+    (group, output row) keeps the iterate with its smallest l1 error, so a group's result
+    depends on its own weights only: a tensor-parallel shard of rows, or of whole groups of
+    columns, quantizes exactly as that part of the full tensor does. Measured on SmolLM2-135M
+    (fp32, G = 128, the first 1k tokens of the perplexity text, `servelm bench perplexity`):
+    +29% perplexity with round-to-nearest, +21.0% with one stopping rule for the whole tensor
+    (the rule before), +19.8% (mean KL 0.314 against 0.326) with each group's best iterate.
+    ``hqq_iters=0``: plain round-to-nearest."""
     N, K = w.shape
     groups = num_groups(K, group_size)
     wf = _pad_k(w.float(), group_size).t().reshape(groups, group_size, N)  # [groups, G, N]
+    # 1 for the real columns, 0 for the last group's padding (kept out of errors and zeros)
+    valid = (torch.arange(groups * group_size, device=w.device) < K).float()
+    valid = valid.view(groups, group_size, 1)
+    count = valid.sum(dim=1, keepdim=True)
     lo = wf.amin(dim=1, keepdim=True).clamp(max=0.0)
     hi = wf.amax(dim=1, keepdim=True).clamp(min=0.0)
     # scales are kept in w's dtype: quantize against the rounded values the kernel uses
     s = ((hi - lo) / 15.0).clamp(min=_MIN_SCALE).to(w.dtype).float()
     z = torch.round(-lo / s).clamp(0, 15)
-    best_err, beta = None, 10.0
+    best_z, best_err, beta = z, None, 10.0
     for _ in range(hqq_iters):
         q = torch.round(wf / s + z).clamp(0, 15)
         err = wf - (q - z) * s
-        total = err.abs().mean().item()
-        if best_err is not None and total >= best_err:
-            break
-        best_err, best_z = total, z
-        # shrink the error towards 0 under the l_0.7 penalty, then the zero that fits the rest
         e = err.abs()
+        total = (e * valid).sum(dim=1, keepdim=True)  # [groups, 1, N]
+        if best_err is None:
+            best_err = total
+        else:
+            better = total < best_err
+            best_err, best_z = torch.where(better, total, best_err), torch.where(better, z, best_z)
+        # shrink the error towards 0 under the l_0.7 penalty, then the zero that fits the rest
         err = torch.sign(err) * torch.relu(e - (e + 1e-8).pow(0.7 - 1.0) / beta)
-        z = (q - (wf - err) / s).mean(dim=1, keepdim=True)
+        z = ((q - (wf - err) / s) * valid).sum(dim=1, keepdim=True) / count
         beta *= 1.01
-    if best_err is not None:
-        z = best_z
-    z = z.to(w.dtype).float()
+    z = best_z.to(w.dtype).float()
     q = torch.round(wf / s + z).clamp(0, 15)
     qweight = pack_int4(q.reshape(groups * group_size, N)[:K].to(torch.int32))
     return (qweight, s.squeeze(1).to(w.dtype).contiguous(),

@@ -207,8 +207,9 @@ def save_job_list(path: str, jobs: list[Job]) -> None:
     import os
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # tensor-parallel ranks may write it at once
+        with open(tmp, "w") as f:
             json.dump(jobs, f)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     except OSError:  # a read-only cache: record again next time
         pass

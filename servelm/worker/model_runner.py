@@ -23,7 +23,7 @@ import torch
 from servelm.attention import AttentionMetadata, get_attention_backend
 from servelm.config import EngineConfig
 from servelm.core.step import ModelRunnerOutput, SchedulerOutput
-from servelm.distributed import ParallelGroup
+from servelm.distributed import ParallelGroup, without_communication
 from servelm.models.registry import build_model
 from servelm.sampling import ProcessorContext, SamplerOutput, build_sampling_pipeline
 from servelm.spec_decode import Proposer, ProposerInput
@@ -188,17 +188,22 @@ class ModelRunner:
         try:
             keys = (graph_keys(self.graph_max_bs(), mc.max_model_len)
                     if self.will_capture_graphs() else [])
-            shapes = DryRunShapes(mc.num_kv_heads, mc.head_dim, self.dtype, self.block_size,
+            kv_block, _ = self.config.kv_cache_spec()  # this rank's KV heads
+            shapes = DryRunShapes(kv_block[1], mc.head_dim, self.dtype, self.block_size,
                                   mc.max_model_len, self.max_blocks_per_seq,
                                   tuple(profile_lens(self)), tuple(keys), self.graph_max_bs(),
                                   self.config.cache.cache_dtype)
             # a start with the same configuration recorded the list already: the dry run (6-7
             # s on the H100 for Llama-3-8B) is skipped, and only missing binaries compile
             path = job_list_path(cache_dir, shapes, repr(mc.hf_config), str(self.dtype),
-                                 mc.quantization, torch.cuda.get_device_capability(self.device))
+                                 mc.quantization, torch.cuda.get_device_capability(self.device),
+                                 tp.world_size)
             jobs = load_job_list(path)
             if jobs is None:
-                shadow = shadow_model(lambda cfg: self._build(cfg, tp, mc.quantization),
+                # this rank's shard shapes, with collectives that wait for no other rank
+                # (each rank may find the list cached, or not)
+                local = without_communication(tp)
+                shadow = shadow_model(lambda cfg: self._build(cfg, local, mc.quantization),
                                       mc.hf_config, self.device)
                 process_weights_after_loading(shadow)
                 jobs = record_kernel_jobs(shadow, shapes, self.device)

@@ -218,3 +218,28 @@ def test_server_tp2_worker_death_fails_requests_then_restarts(tmp_path):
         time.sleep(0.1)
     assert not any(os.path.exists(f"/proc/{w}") for w in workers), log
     assert "worker rank 1" in log, log
+
+
+@pytest.mark.parametrize("method", ["gguf", "int8"])
+def test_tp2_quantized_layers_generate_as_one_process(tmp_path, tiny_model_factory, engines,
+                                                      method):
+    """Each rank's LinearMethod loads its shard (GGUF blocks kept quantized, with a Q8_0 row-
+    parallel o_proj and a Q4_1 down_proj split on block boundaries; int8 quantized at load in
+    the full tensor's groups): greedy tokens as the same method in one process."""
+    if method == "gguf":
+        pytest.importorskip("gguf")
+        from tests.e2e.test_gguf_quantized import _write
+        path = str(tmp_path / "tiny-q.gguf")
+        _write(path)
+        kw = {}
+    else:
+        path, _ = tiny_model_factory("llama")
+        kw = {"quantization_group_size": 32}  # o_proj's 64 inputs: one group per rank's half
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = random_prompts(3, (5, 19, 8), seed=18)
+    one = run_to_completion(engines(path, quantization=method, **kw), prompts, sp)
+    eng = engines(path, quantization=method, tensor_parallel_size=TP, **kw)
+    two = run_to_completion(eng, prompts, sp)
+    assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
+    o_proj = eng.core.executor.runner.model.layers[0].self_attn.o_proj
+    assert o_proj.input_size_per_rank == o_proj.input_size // TP

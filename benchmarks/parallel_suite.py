@@ -1,0 +1,124 @@
+"""Tensor parallelism on the GPUs of one host against one GPU, in the same run, one table.
+
+    python benchmarks/parallel_suite.py [--tp 1 2] [--repeat 3] [--preset llama-3-8b]
+
+Llama-3-8B-shaped dummy bf16 weights (``--preset``), random prompt ids, ignore_eos; every
+(tensor_parallel_size, run) is a fresh process, the sizes interleaved run by run so drift hits
+all alike; each figure is the median over --repeat runs:
+  B1 batch-1 decode: 128 prompt tokens, 256 new; tokens 2..256 over their time
+  B2 1000 requests of 256 in / 256 out, all at once: req/s
+Also the copy bandwidth of GPU 0 and the roofline of B1 at each size: the bytes one rank reads
+per token (its shard of every weight but the embedding table) over that bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def child(tp: int, preset: str, num_requests: int) -> dict:
+    import torch
+
+    from benchmarks.gpu_suite import copy_bandwidth, random_prompts, run_offline
+    from servelm import LLM, SamplingParams
+    from servelm.loader import preset_config
+    cfg = preset_config(preset)
+    V = cfg.vocab_size
+    out: dict = {"tp": tp, "copy_bw_TBps": copy_bandwidth() / 1e12}
+    torch.cuda.empty_cache()
+    t = time.perf_counter()
+    llm = LLM(preset, load_format="dummy", max_model_len=2048, seed=0, skip_tokenizer_init=True,
+              tensor_parallel_size=tp)
+    out["init_s"] = time.perf_counter() - t
+    model = llm.engine.core.executor.runner.model
+    params = dict(model.named_parameters())
+    out["rank_weight_GB"] = sum(p.numel() * p.element_size() for n, p in params.items()
+                                if "embed_tokens" not in n or "lm_head.weight" not in params) / 1e9
+    b1 = random_prompts(1, [128], 0, V)[0]
+    llm.generate([b1], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                 use_tqdm=False)
+    runs = []
+    for _ in range(3):
+        o = llm.generate([b1], SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
+                         use_tqdm=False)[0]
+        runs.append(255 / (o.metrics.last_token_time - o.metrics.first_token_time))
+    out["b1_tok_s"] = statistics.median(runs)
+    b2 = random_prompts(num_requests, [256] * num_requests, 1, V)
+    r = run_offline(llm, b2, [256] * num_requests, "B2")
+    out["b2_req_s"], out["b2_out_tok_s"] = r["req_s"], r["out_tok_s"]
+    out["b2_step_ms"] = r.get("step_ms")
+    # printed before shutting down: a result stands even if the teardown hangs (the parent
+    # reads it after its timeout)
+    print("RESULT", json.dumps(out), flush=True)
+    t = time.perf_counter()
+    llm.engine.core.shutdown()
+    out["shutdown_s"] = time.perf_counter() - t
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--child-timeout", type=int, default=600)
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        r = child(args.child, args.preset, args.num_requests)
+        print(f"engine shut down in {r['shutdown_s']:.1f} s", flush=True)
+        return
+    runs: dict = {tp: [] for tp in args.tp}
+    out_dir = os.environ.get("OUT")
+    for i in range(args.repeat):
+        for tp in args.tp:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", str(tp), "--preset",
+                   args.preset, "--num-requests", str(args.num_requests)]
+            # files, not pipes: a worker process that outlives the child would hold a pipe
+            # open, and a result printed before a hang still counts
+            with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+                p = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True)
+                try:
+                    p.wait(args.child_timeout)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                    print(f"tp={tp} run {i}: the process did not exit in {args.child_timeout} s",
+                          flush=True)
+                fo.seek(0)
+                fe.seek(0)
+                stdout, stderr = fo.read(), fe.read()
+            line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                print(f"tp={tp} run {i} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}", flush=True)
+                continue
+            r = json.loads(line[0][7:])
+            runs[tp].append(r)
+            print(f"run {i} tp={tp}: {r}", flush=True)
+            if out_dir:
+                with open(os.path.join(out_dir, "parallel_suite.json"), "w") as f:
+                    json.dump(runs, f, indent=2)
+    med = lambda tp, k: statistics.median(r[k] for r in runs[tp]) if runs[tp] else float("nan")  # noqa: E731
+    base = args.tp[0]
+    print(f"\n{args.preset}, dummy bf16, medians of {args.repeat} fresh runs per size")
+    print("| tensor_parallel_size | B1 tok/s | vs tp=%d | B1 %% of roofline | B2 req/s | vs tp=%d "
+          "| init s |" % (base, base))
+    print("|---|---|---|---|---|---|---|")
+    for tp in args.tp:
+        roof = med(tp, "copy_bw_TBps") * 1e12 / (med(tp, "rank_weight_GB") * 1e9)
+        print(f"| {tp} | {med(tp, 'b1_tok_s'):.1f} | {med(tp, 'b1_tok_s') / med(base, 'b1_tok_s'):.2f}x "
+              f"| {100 * med(tp, 'b1_tok_s') / roof:.0f}% of {roof:.0f} | {med(tp, 'b2_req_s'):.2f} "
+              f"| {med(tp, 'b2_req_s') / med(base, 'b2_req_s'):.2f}x | {med(tp, 'init_s'):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
