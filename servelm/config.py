@@ -469,7 +469,9 @@ class EngineArgs:
         a("--pipeline-parallel-size", "-pp", type=int, default=1,
           help="pipeline stages (not implemented yet: 1)")
         a("--data-parallel-size", "-dp", type=int, default=1,
-          help="engine replicas behind one server (not implemented yet: 1)")
+          help="engine replicas behind one API server (servelm serve), each with its own "
+               "tensor-parallel ranks; requests go to the replica that served their prompt "
+               "prefix unless it is much busier than the least-loaded one")
         a("--cpu-offload-gb", type=float, default=0.0,
           help="GiB of weights kept in host memory (not implemented yet: 0)")
 

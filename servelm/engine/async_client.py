@@ -228,6 +228,12 @@ class AsyncEngineClient:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
+    async def restart(self, listener: Optional[OutputListener]) -> "AsyncEngineClient":
+        """A new core with this one's configuration and tokenizer; the caller shuts this one
+        down."""
+        return await AsyncEngineClient.start(self.config, tokenizer=self.tokenizer,
+                                             listener=listener)
+
     # ---- health -------------------------------------------------------------------------
     @property
     def core_pid(self) -> Optional[int]:

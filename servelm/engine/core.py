@@ -38,6 +38,10 @@ class EngineCore:
         """tokenizer: the client's, when in the same process (structured outputs read its
         vocabulary; else they load it on first use)."""
         self.config = config
+        if config.parallel.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size={config.parallel.data_parallel_size}: replicas "
+                             "run under `servelm serve` (an engine core each behind one API "
+                             "server); offline, start one LLM per replica.")
         t0 = time.perf_counter()
         self.executor = get_executor_class(config.parallel.distributed_executor_backend)(config)
         try:

@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 def rank_config(config: Any, rank: int) -> Any:
     """The EngineConfig rank ``rank`` runs with: its own GPU, or its share of the CPU threads."""
     ws = config.parallel.world_size
-    if config.device.startswith("cuda"):
-        return dataclasses.replace(config, device=f"cuda:{rank}")
+    if config.device.startswith("cuda"):  # the GPUs from the replica's first one on
+        base = int(config.device.partition(":")[2] or 0)
+        return dataclasses.replace(config, device=f"cuda:{base + rank}")
     import torch
     threads = max(1, (config.threads or torch.get_num_threads()) // ws)
     return dataclasses.replace(config, threads=threads)

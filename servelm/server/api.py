@@ -24,6 +24,7 @@ from servelm.config import EngineConfig
 from servelm.engine.async_client import (AsyncEngineClient, EngineDeadError, RequestError,
                                         ShuttingDownError)
 from servelm.engine.core_proc import release_free_memory
+from servelm.engine.dp_client import start_client
 from servelm.server.dashboard import add_dashboard
 from servelm.server.metrics import CONTENT_TYPE, ServerMetrics
 from servelm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
@@ -156,7 +157,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        c = client or await AsyncEngineClient.start(engine_config, listener=metrics)
+        c = client or await start_client(engine_config, listener=metrics)
         set_chat_template(c.tokenizer, server_config.chat_template)  # --chat-template
         app.state.serving = OpenAIServing(c, server_config)
         if client is None:  # a core this app started: it restarts it, or exits, if it dies

@@ -52,15 +52,16 @@ class EngineRecovery:
         old = serving.client
         logger.warning("servelm: restarting the engine core")
         try:
-            new = await AsyncEngineClient.start(self.engine_config, tokenizer=old.tokenizer,
-                                                listener=self.listener)
+            # a new client, or (data parallel) the same one with its dead replicas restarted
+            new = await old.restart(self.listener)
         except Exception:
             logger.exception("servelm: the engine core did not restart: exiting")
             self.exit()
             return
-        self.attach(new)
-        serving.client = new
-        await old.shutdown()
+        if new is not old:
+            self.attach(new)
+            serving.client = new
+            await old.shutdown()
         logger.warning("servelm: engine core restarted (pid %s)", new.core_pid)
 
     def exit(self) -> None:
