@@ -150,7 +150,9 @@ class EngineConfig:
         n = 1
         for d in shape:
             n *= d
-        return 2 * (mc or self.model).num_layers * n * torch.tensor([], dtype=dtype).element_size()
+        # one pipeline stage's layers (the largest stage's)
+        layers = -(-(mc or self.model).num_layers // self.parallel.pipeline_parallel_size)
+        return 2 * layers * n * torch.tensor([], dtype=dtype).element_size()
 
     @property
     def num_swap_blocks(self) -> int:
@@ -345,6 +347,10 @@ class EngineArgs:
                                 quantization=quant)
         from servelm.spec_decode.config import finalize_speculative_config
         speculative = finalize_speculative_config(speculative, model_cfg, self.load_format)
+        if speculative is not None and self.pipeline_parallel_size > 1:
+            raise ValueError("speculative_config with pipeline_parallel_size "
+                             f"{self.pipeline_parallel_size} is not supported yet: use "
+                             "pipeline_parallel_size=1.")
         if speculative is not None and speculative.method == "draft_model" and world > 1:
             raise ValueError("speculative_config method 'draft_model' with tensor_parallel_size "
                              f"{self.tensor_parallel_size} is not supported yet: use 'ngram' or "
@@ -467,7 +473,8 @@ class EngineArgs:
           help="ranks a model's layers are split over (Megatron-style: heads and MLP columns; "
                "NCCL on GPUs, rank r on cuda:r; gloo on the CPU)")
         a("--pipeline-parallel-size", "-pp", type=int, default=1,
-          help="pipeline stages (not implemented yet: 1)")
+          help="pipeline stages, each a share of the layers on its own ranks (one step at a "
+               "time through the stages: no micro-batches in flight yet)")
         a("--data-parallel-size", "-dp", type=int, default=1,
           help="engine replicas behind one API server (servelm serve), each with its own "
                "tensor-parallel ranks; requests go to the replica that served their prompt "

@@ -40,6 +40,15 @@ class ParallelGroup:
             return out
         return torch.cat(out.chunk(self.world_size, dim=0), dim=dim)
 
+    def send(self, x: torch.Tensor, dst: int) -> None:
+        """x to group rank ``dst`` (which receives it with recv); returns once sent."""
+        self.group.send([x.contiguous()], dst, 0).wait()
+
+    def recv(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        """Fills x (of the sent shape and dtype) from group rank ``src``."""
+        self.group.recv([x], src, 0).wait()
+        return x
+
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """x of the group's rank ``src``, in place on every rank."""
         if self.world_size == 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+from dataclasses import dataclass
 
 from servelm.distributed.group import ParallelGroup
 
@@ -33,20 +34,48 @@ def make_store(host: str, port: int, world_size: int, rank: int):
                            "program: free it or let servelm pick another.") from e
 
 
-def make_group(store, rank: int, world_size: int, device: str) -> ParallelGroup:
-    """One group over all ranks: NCCL where the device is a GPU, else gloo."""
+def _backend(store, name: str, rank: int, size: int, device: str) -> ParallelGroup:
+    """A group of ``size`` ranks (this one is ``rank`` in it) under its own store prefix:
+    NCCL where the device is a GPU, else gloo."""
     import torch
     import torch.distributed as dist
+    if size == 1:
+        return ParallelGroup()
     timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    prefixed = dist.PrefixStore("tp", store)
+    prefixed = dist.PrefixStore(name, store)
     if device.startswith("cuda"):
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         torch.cuda.set_device(torch.device(device))
-        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+        pg = dist.ProcessGroupNCCL(prefixed, rank, size, opts)
     else:
-        pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    return ParallelGroup(rank, world_size, pg)
+        pg = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
+    return ParallelGroup(rank, size, pg)
+
+
+@dataclass(frozen=True)
+class RankGroups:
+    """One rank's groups. Global rank g is tensor-parallel rank g % tp of pipeline stage
+    pp - 1 - g // tp: rank 0 (the driver, whose output is reported) holds the last stage,
+    which samples."""
+
+    world: ParallelGroup  # every rank: the sampled tokens are broadcast from rank 0
+    tp: ParallelGroup  # the ranks of this stage
+    pp: ParallelGroup  # this tensor-parallel rank's peers in every stage; rank = stage index
+
+
+def stage_of(rank: int, tp: int, pp: int) -> tuple[int, int]:
+    """(pipeline stage, tensor-parallel rank) of global rank ``rank``."""
+    return pp - 1 - rank // tp, rank % tp
+
+
+def make_groups(store, rank: int, tp: int, pp: int, device: str) -> RankGroups:
+    stage, tp_rank = stage_of(rank, tp, pp)
+    world = _backend(store, "world", rank, tp * pp, device)
+    if pp == 1:
+        return RankGroups(world, world, ParallelGroup())
+    return RankGroups(world, _backend(store, f"tp{stage}", tp_rank, tp, device),
+                      _backend(store, f"pp{tp_rank}", stage, pp, device))
 
 
 def close_group(group: ParallelGroup, timeout_s: float = 10.0) -> None:

@@ -88,7 +88,7 @@ def worker_main(conn: Any, rank: int) -> None:
     logging.basicConfig(level=log_level,
                         format=f"%(levelname)s %(name)s[rank {rank}]: %(message)s")
     try:
-        from servelm.distributed.init import make_group, make_store
+        from servelm.distributed.init import make_groups, make_store
         cfg = rank_config(config, rank)
         if cfg.device == "cpu":
             from servelm.cpu.threads import configure_engine
@@ -98,9 +98,11 @@ def worker_main(conn: Any, rank: int) -> None:
                 os.sched_setaffinity(0, cpus)
         store = make_store(host, port, config.parallel.world_size, rank)
         conn.send(("joined", None))
-        tp = make_group(store, rank, config.parallel.world_size, cfg.device)
+        pc = config.parallel
+        groups = make_groups(store, rank, pc.tensor_parallel_size, pc.pipeline_parallel_size,
+                             cfg.device)
         from servelm.worker.model_runner import ModelRunner
-        calls = RankCalls(ModelRunner(cfg, tp))
+        calls = RankCalls(ModelRunner(cfg, groups.tp, groups.pp, groups.world))
         conn.send(("ready", None))
         while True:
             try:
@@ -111,7 +113,8 @@ def worker_main(conn: Any, rank: int) -> None:
                 # end the communicators now, and skip the interpreter's teardown: NCCL's
                 # destructors at exit wait on peers and can hang
                 from servelm.distributed.init import close_group
-                close_group(tp)
+                for g in {id(g): g for g in (groups.tp, groups.pp, groups.world)}.values():
+                    close_group(g)
                 logging.shutdown()
                 os._exit(0)
             method, args, reply = msg

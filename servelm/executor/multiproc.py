@@ -105,7 +105,7 @@ class WorkerError(RuntimeError):
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        from servelm.distributed.init import free_port, make_group, make_store
+        from servelm.distributed.init import free_port, make_groups, make_store
         ws = config.parallel.world_size
         host, port = "127.0.0.1", free_port()
         self.workers: list[_Worker] = []
@@ -133,11 +133,13 @@ class MultiprocExecutor(Executor):
             for w in self.workers:  # every rank reached the store: the rendezvous cannot stall
                 self._expect(w, "joined", STARTUP_TIMEOUT_S)
             cfg = rank_config(config, 0)
-            tp = make_group(store, 0, ws, cfg.device)
-            self._groups.append(tp)
+            pc = config.parallel
+            groups = make_groups(store, 0, pc.tensor_parallel_size, pc.pipeline_parallel_size,
+                                 cfg.device)
+            self._groups.extend({id(g): g for g in (groups.tp, groups.pp, groups.world)}.values())
             self._store = store  # the workers' store lives as long as this executor
             from servelm.worker.model_runner import ModelRunner
-            self.runner = ModelRunner(cfg, tp)
+            self.runner = ModelRunner(cfg, groups.tp, groups.pp, groups.world)
             self._calls = RankCalls(self.runner)  # the driver's steps bypass it (execute)
             for w in self.workers:
                 self._expect(w, "ready", STARTUP_TIMEOUT_S)

@@ -147,43 +147,90 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+def stage_layers(num_layers: int, pp: ParallelGroup) -> tuple[int, int]:
+    """[start, end) of pipeline stage pp.rank's layers: equal shares, the first
+    num_layers % stages stages one more."""
+    n, extra = divmod(num_layers, pp.world_size)
+    start = pp.rank * n + min(pp.rank, extra)
+    return start, start + n + (pp.rank < extra)
+
+
 class LlamaForCausalLM(nn.Module):
     # checkpoint projection name -> (merged module name, part index)
     _merged = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, hf_config: Any, backend: AttentionBackend, use_kernels: bool = False,
-                 quantization: Any = None, tp: ParallelGroup = ParallelGroup()) -> None:
+                 quantization: Any = None, tp: ParallelGroup = ParallelGroup(),
+                 pp: ParallelGroup = ParallelGroup()) -> None:
         super().__init__()
         a = self.args = LlamaArgs.from_hf(hf_config)
         o = LayerOptions(backend, use_kernels, quantization, tp)
-        self.tp = tp
+        self.tp, self.pp = tp, pp
+        # pipeline stage pp.rank holds layers [start, end) (the first stages one more when the
+        # layers do not split evenly), the first stage the embedding, the last the norm and
+        # the head; the other layers are placeholders that keep the checkpoint's indices
+        self.first_stage, self.last_stage = pp.rank == 0, pp.rank == pp.world_size - 1
+        self.start, self.end = stage_layers(a.num_layers, pp)
         # [V / ws, hidden] on each rank (vocab-parallel), and under a tied head its shard of
         # the logits
-        self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size, tp)
+        self.embed_tokens = (VocabParallelEmbedding(a.vocab_size, a.hidden_size, tp)
+                             if self.first_stage else nn.Identity())
         self.layers = nn.ModuleList(LlamaDecoderLayer(a, o, f"layers.{i}")
+                                    if self.start <= i < self.end else nn.Identity()
                                     for i in range(a.num_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels)
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels) if self.last_stage else None
         # the head is dense (vLLM's default) unless the QuantConfig quantizes it; a tied head is
-        # the embedding itself, or a quantized copy of it
+        # the embedding itself, or a quantized copy of it (or, on a last stage without the
+        # embedding, a copy of it)
         tied = a.tie_word_embeddings
         head_q = quantization if quantization is not None and quantization.quantized_head(tied) else None
         # column-parallel over the vocabulary: each rank computes its logits, gathered after
-        self.lm_head = (None if a.tie_word_embeddings and head_q is None else
-                        Linear(a.hidden_size, a.vocab_size, quantization=head_q, prefix="lm_head",
-                               use_kernel=use_kernels, tp=tp, parallel="column"))
+        own_head = not tied or head_q is not None or not self.first_stage
+        self.lm_head = (Linear(a.hidden_size, a.vocab_size, quantization=head_q, prefix="lm_head",
+                               use_kernel=use_kernels, tp=tp, parallel="column")
+                        if self.last_stage and own_head else None)
         self.use_kernels = use_kernels
         self.quantization = quantization
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
-        x, residual = self.embed_tokens(input_ids), None
-        for layer, kv in zip(self.layers, kv_caches):
+        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm; on a
+        pipeline stage before the last, None (its hidden states and residual go to the next
+        stage). kv_caches: this stage's layers' only."""
+        if self.first_stage:
+            x, residual = self.embed_tokens(input_ids), None
+        else:  # [T, hidden] twice from the stage before
+            T, H = input_ids.shape[0], self.args.hidden_size
+            dtype = torch.get_default_dtype() if self.norm is None else self.norm.weight.dtype
+            x = self.pp.recv(torch.empty(T, H, dtype=dtype, device=input_ids.device),
+                             self.pp.rank - 1)
+            residual = self.pp.recv(torch.empty_like(x), self.pp.rank - 1)
+        for layer, kv in zip(self.layers[self.start:self.end], kv_caches):
             x, residual = layer(positions, x, residual, kv, meta)
+        if not self.last_stage:
+            self.pp.send(x, self.pp.rank + 1)
+            self.pp.send(x if residual is None else residual, self.pp.rank + 1)
+            return None
         x, _ = self.norm(x, residual)
         return x
+
+    @property
+    def num_stage_layers(self) -> int:
+        return self.end - self.start
+
+    def _on_this_stage(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` (without "model.") has a place on this stage."""
+        if name.startswith("layers."):
+            return self.start <= int(name.split(".", 2)[1]) < self.end
+        if name.startswith("norm."):
+            return self.last_stage
+        if name.startswith("lm_head."):
+            return self.last_stage
+        if name.startswith("embed_tokens."):  # a last stage's tied head copies it
+            return self.first_stage or (self.last_stage and self.lm_head is not None)
+        return True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in fp32 (every rank: all of them)."""
@@ -202,6 +249,8 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
+            if not self._on_this_stage(name):
+                continue
             if name == "lm_head.weight" and self.args.tie_word_embeddings:
                 continue  # tied: the embedding serves as the head (or its quantized copy)
             if name == "embed_tokens.weight" and self.args.tie_word_embeddings and self.lm_head is not None:
@@ -210,6 +259,8 @@ class LlamaForCausalLM(nn.Module):
                                          or tensor.ggml_type in keep else tensor.dequantize())
                 loaded.add("lm_head.weight#0")
             if name == "embed_tokens.weight":
+                if not self.first_stage:
+                    continue  # (the tied head's copy taken above)
                 if isinstance(tensor, GGUFWeight):  # GGUF blocks: the lookup table is dense
                     tensor = tensor.dequantize(torch.float32)
                 self.embed_tokens.load_weight(tensor)

@@ -35,6 +35,8 @@ def resolve_architecture(hf_config: Any) -> str:
 
 
 def build_model(hf_config: Any, backend: AttentionBackend, use_kernels: bool,
-                quantization=None, tp: ParallelGroup = ParallelGroup()) -> nn.Module:
+                quantization=None, tp: ParallelGroup = ParallelGroup(),
+                pp: ParallelGroup = ParallelGroup()) -> nn.Module:
     cls = load_class(MODELS, resolve_architecture(hf_config), "architecture")
-    return cls(hf_config, backend, use_kernels=use_kernels, quantization=quantization, tp=tp)
+    return cls(hf_config, backend, use_kernels=use_kernels, quantization=quantization, tp=tp,
+               pp=pp)

@@ -67,7 +67,9 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, tp: ParallelGroup = ParallelGroup()) -> None:
+    def __init__(self, config: EngineConfig, tp: ParallelGroup = ParallelGroup(),
+                 pp: ParallelGroup = ParallelGroup(),
+                 world: Optional[ParallelGroup] = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cpu":  # math threads and CPUs (cpu/threads.py)
@@ -85,7 +87,11 @@ class ModelRunner:
             gc.collect()
             torch.cuda.empty_cache()
         self.mem_at_init = torch.cuda.memory_allocated(self.device) if cuda else 0
-        self.tp = tp  # tensor-parallel ranks: every rank runs this runner on the same steps
+        # tensor-parallel ranks of this pipeline stage, the stages (pp.rank = this one's), and
+        # all ranks: every rank runs this runner on the same steps; the last stage's rank 0
+        # (world rank 0) samples and broadcasts the tokens
+        self.tp, self.pp, self.world = tp, pp, world or tp
+        self.last_stage = pp.rank == pp.world_size - 1
         self.model = self._load_model(tp)
         # rows: running requests (<= max_num_seqs), or the profiling batch
         max_rows = max(config.scheduler.max_num_seqs, len(profile_lens(self)))
@@ -138,11 +144,12 @@ class ModelRunner:
         """The target model (or the ModelConfig `mc`'s: a draft model), weights loaded."""
         from servelm.layers.linear import process_weights_after_loading
         from servelm.loader import initialize_dummy_weights, iter_weights
+        pp = self.pp if mc is None else ParallelGroup()  # a draft model is not staged
         mc = mc or self.config.model
         t0 = time.perf_counter()
         torch.manual_seed(mc.seed)
         with torch.device(self.device):
-            model = self._build(mc.hf_config, tp, mc.quantization)
+            model = self._build(mc.hf_config, tp, mc.quantization, pp)
         if mc.load_format == "dummy":
             initialize_dummy_weights(model, mc.seed)
         else:
@@ -154,12 +161,14 @@ class ModelRunner:
         logger.info("loaded %s in %.1fs", mc.model, time.perf_counter() - t0)
         return model
 
-    def _build(self, hf_config, tp: ParallelGroup, quantization=None) -> torch.nn.Module:
-        """The model of `hf_config` on the current default device, parameters uninitialised."""
+    def _build(self, hf_config, tp: ParallelGroup, quantization=None,
+               pp: ParallelGroup = ParallelGroup()) -> torch.nn.Module:
+        """The model of `hf_config` on the current default device, parameters uninitialised
+        (this pipeline stage's layers only)."""
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            model = build_model(hf_config, self.backend, self.use_kernels, quantization, tp)
+            model = build_model(hf_config, self.backend, self.use_kernels, quantization, tp, pp)
         finally:
             torch.set_default_dtype(prev)
         # rotary cos/sin stay fp32 whatever the model dtype
@@ -181,8 +190,8 @@ class ModelRunner:
                                                 record_kernel_jobs, save_job_list, shadow_model)
         from servelm.worker.kernel_warmup import configure_compile_cache, start_kernel_warmup
         cache_dir = configure_compile_cache()  # persistent, whether or not the warm-up runs
-        if os.environ.get("SERVELM_KERNEL_WARMUP") == "0":
-            return None
+        if os.environ.get("SERVELM_KERNEL_WARMUP") == "0" or self.pp.world_size > 1:
+            return None  # (pipeline stages: kernels compile on first use)
         t0 = time.perf_counter()
         mc = self.config.model
         try:
@@ -219,11 +228,12 @@ class ModelRunner:
         block, dtype = self.config.kv_cache_spec()
         self.kv_caches = [(torch.zeros((num_blocks, *block), dtype=dtype, device=self.device),
                            torch.zeros((num_blocks, *block), dtype=dtype, device=self.device))
-                          for _ in range(self.config.model.num_layers)]
+                          for _ in range(self.model.num_stage_layers)]
 
     def will_capture_graphs(self) -> bool:
+        # pipeline stages run eagerly (their sends and receives are not captured yet)
         return (self.device.type == "cuda" and self.backend.name == "triton"
-                and not self.config.enforce_eager)
+                and not self.config.enforce_eager and self.pp.world_size == 1)
 
     def graph_max_bs(self) -> int:
         # larger decode batches run eagerly: launch overhead is small against their compute
@@ -240,7 +250,8 @@ class ModelRunner:
             if self.tree is not None:  # captured on first use or in idle time
                 self.tree_graphs = TreeGraphs(self._decode, 1 + self.tree.num_nodes,
                                               self.max_blocks_per_seq, self.device)
-        elif self.device.type == "cpu" and not self.config.enforce_eager:
+        elif (self.device.type == "cpu" and not self.config.enforce_eager
+              and self.world.world_size == 1):  # the C step holds a whole model
             from servelm.cpu.decode_step import build_decode_step  # the C decode step
             self.graphs = build_decode_step(self.model, self.kv_caches,
                                             self.config.model.max_model_len,
@@ -382,10 +393,12 @@ class ModelRunner:
             gmeta = inp.meta  # every request: its root and the whole tree
             graph_out = self.tree_graphs.run(inp.input_ids, inp.positions, gmeta)
         else:
-            hidden = self._forward(inp.input_ids, inp.positions, inp.meta)  # [T, hidden]
-            out.prompt_logprobs_dict = chunk_prompt_logprobs(
-                self.batch, inp.req_ids, inp.rows, inp.starts, inp.meta.query_lens_cpu, hidden,
-                self.model.compute_logits)
+            # [T, hidden]; None on a pipeline stage before the last
+            hidden = self._forward(inp.input_ids, inp.positions, inp.meta)
+            if hidden is not None:
+                out.prompt_logprobs_dict = chunk_prompt_logprobs(
+                    self.batch, inp.req_ids, inp.rows, inp.starts, inp.meta.query_lens_cpu,
+                    hidden, self.model.compute_logits)
         n_samplers = len(inp.sample_req_ids)
         L = len(inp.logits_rows)
         # the gate times decode steps only: prompt work in a step is no arm's cost
@@ -400,13 +413,17 @@ class ModelRunner:
             logits, greedy = (graph_out if all_rows else (graph_out[0][idx], graph_out[1][idx]))
             so = (SamplerOutput(greedy) if self.sampling.plain_greedy()
                   else self.sampling.sample(logits))
-        else:
+        elif hidden is not None:
             idx = torch.from_numpy(inp.logits_idx).to(self.device, non_blocking=True)
             so = self.sampling.sample(self.model.compute_logits(hidden[idx]))  # [L, V] fp32
-        if self.tp.world_size > 1 and not self.sampling.plain_greedy():
-            # every rank holds the same logits, but random draws are rank 0's: its tokens go
-            # into every rank's next inputs (greedy ones are the same everywhere already)
-            self.tp.broadcast(so.token_ids, src=0)
+        else:  # an earlier pipeline stage: the last one's tokens arrive below
+            so = SamplerOutput(torch.empty(L, dtype=torch.int64, device=self.device))
+        if self.world.world_size > 1 and (self.pp.world_size > 1
+                                          or not self.sampling.plain_greedy()):
+            # tensor-parallel ranks hold the same logits, but random draws are rank 0's, and
+            # earlier pipeline stages have none: rank 0's tokens go into every rank's next
+            # inputs (greedy ones without stages are the same everywhere already)
+            self.world.broadcast(so.token_ids, src=0)
         if s.scheduled_spec_decode_tokens:  # drafts: verified on the host now
             paths = collect_verified(self.batch, self.sampling.logprobs, inp.sample_req_ids,
                                      inp.logits_rows, inp.num_logits, so,

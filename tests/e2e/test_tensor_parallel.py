@@ -1,5 +1,5 @@
-"""Tensor parallelism on the CPU: 2 ranks (this process's driver and one worker process, joined
-by gloo). Greedy output is token-identical to transformers (and the logprobs close) with heads,
+"""Tensor and pipeline parallelism on the CPU: 2 or 4 ranks (this process's driver and worker
+processes, joined by gloo). Greedy output is token-identical to transformers (and the logprobs close) with heads,
 MLP columns and the vocabulary split, KV heads split or replicated, under chunked prefill,
 preemption and prefix hits; seeded sampling draws rank 0's tokens; a worker that dies stops the
 engine with its error instead of a hang; sizes that do not fit are refused with what would."""
@@ -130,9 +130,12 @@ def test_parallel_sizes_that_do_not_fit_are_refused(tiny_model_factory):
         EngineArgs(model=d, device="cpu", tensor_parallel_size=3).create_engine_config()
     with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
         EngineArgs(model=d, device="cpu", tensor_parallel_size=0).create_engine_config()
-    with pytest.raises(ValueError, match="pipeline_parallel_size=2: pipeline parallelism is "
-                                         "not implemented"):
-        EngineArgs(model=d, device="cpu", pipeline_parallel_size=2).create_engine_config()
+    with pytest.raises(ValueError, match="pipeline_parallel_size=3 is more than the model's 2 "
+                                         "layers"):
+        EngineArgs(model=d, device="cpu", pipeline_parallel_size=3).create_engine_config()
+    with pytest.raises(ValueError, match="speculative_config with pipeline_parallel_size 2"):
+        EngineArgs(model=d, device="cpu", pipeline_parallel_size=2, speculative_config={
+            "method": "ngram", "num_speculative_tokens": 2}).create_engine_config()
     with pytest.raises(ValueError, match="cpu_offload_gb"):
         EngineArgs(model=d, device="cpu", cpu_offload_gb=4).create_engine_config()
     with pytest.raises(ValueError, match="'uni' runs one process"):
@@ -243,3 +246,49 @@ def test_tp2_quantized_layers_generate_as_one_process(tmp_path, tiny_model_facto
     assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
     o_proj = eng.core.executor.runner.model.layers[0].self_attn.o_proj
     assert o_proj.input_size_per_rank == o_proj.input_size // TP
+
+
+@pytest.mark.parametrize("arch,tp", [("llama-tied", 1), ("qwen3", 2)])
+def test_pipeline_stages_match_hf(tiny_model_factory, engines, arch, tp):
+    """2 pipeline stages (x 2 tensor-parallel ranks for qwen3: 4 processes): the last stage
+    (rank 0) holds the norm and the head (a tied head: its copy of the embedding), the first
+    the embedding; hidden states and residuals go stage to stage; preemption and prefix hits
+    as one process."""
+    d, model = tiny_model_factory(arch)
+    shared = random_prompts(1, (20,), seed=19)[0]
+    prompts = [shared + t for t in random_prompts(5, (3, 30, 1, 12, 41), seed=20)]
+    eng = engines(d, tensor_parallel_size=tp, pipeline_parallel_size=2,
+                  num_gpu_blocks_override=36, max_num_seqs=3, max_num_batched_tokens=24)
+    runner = eng.core.executor.runner
+    assert runner.last_stage and runner.model.norm is not None
+    assert isinstance(runner.model.embed_tokens, torch.nn.Identity)
+    assert runner.model.lm_head is not None and len(runner.kv_caches) == 1
+    outs = run_to_completion(eng, prompts, GREEDY)
+    st = eng.stats()
+    assert st.num_preemptions > 0 and st.prefix_cache_hits > 0
+    check(outs, _refs(model, prompts))
+    assert_all_blocks_free(eng)
+
+
+def test_uneven_stages_and_sampling(tmp_path, engines):
+    """3 layers over 2 stages (2 + 1); seeded sampling as one process (the first stage takes
+    the last one's tokens)."""
+    import transformers as tf
+
+    from tests.conftest import TINY
+    from servelm.distributed import ParallelGroup
+    from servelm.models.llama import stage_layers
+    assert [stage_layers(3, ParallelGroup(r, 2)) for r in range(2)] == [(0, 2), (2, 3)]
+    assert [stage_layers(7, ParallelGroup(r, 3)) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+    torch.manual_seed(8)
+    cfg = tf.LlamaConfig(**{**TINY, "num_hidden_layers": 3})
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path)
+    prompts = random_prompts(3, (6, 25, 11), seed=21)
+    check(run_to_completion(engines(str(tmp_path), pipeline_parallel_size=2), prompts, GREEDY),
+          _refs(model, prompts))
+    sp = SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=12, ignore_eos=True)
+    one = run_to_completion(engines(str(tmp_path)), prompts, sp)
+    two = run_to_completion(engines(str(tmp_path), pipeline_parallel_size=2), prompts, sp)
+    assert [[c.token_ids for c in o.outputs] for o in two] == \
+        [[c.token_ids for c in o.outputs] for o in one]
