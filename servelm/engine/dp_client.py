@@ -6,13 +6,16 @@ come from every replica's outputs (one shared listener) and the scheduler gauges
 /health is 200 while every replica runs; a replica that dies fails its own requests only, and
 the server's recovery restarts that replica (the others keep serving). The dashboard shows
 replica 0's steps. On GPUs replica r takes GPUs r * world_size ..; on the CPU its share of the
-threads and CPUs."""
+threads and CPUs. With the ``ray`` executor every replica's ranks are placed by one Ray cluster
+(RAY_ADDRESS, or a local instance started here); the replicas' engine cores themselves run on
+this host."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import functools
 import logging
+import os
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from servelm.config import EngineConfig
@@ -40,6 +43,21 @@ def replica_config(config: EngineConfig, index: int) -> EngineConfig:
     if t and len(cpus) >= n * t:
         cpus = cpus[index * t:(index + 1) * t] + cpus[n * t:]
     return dataclasses.replace(config, parallel=par, threads=t, cpus=tuple(cpus))
+
+
+def _share_ray(config: EngineConfig) -> bool:
+    """With the ``ray`` executor and no cluster named (RAY_ADDRESS), one local Ray instance
+    started here, which every replica's core joins (else each would start its own); True if
+    this process started it."""
+    if config.parallel.distributed_executor_backend != "ray" or os.environ.get("RAY_ADDRESS"):
+        return False
+    try:
+        import ray
+    except ImportError as e:
+        raise ValueError("distributed_executor_backend='ray' needs Ray: pip install ray.") from e
+    ray.init(include_dashboard=False, ignore_reinit_error=True)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return True
 
 
 async def start_client(config: EngineConfig, tokenizer: Any = None,
@@ -85,6 +103,7 @@ class DataParallelClient:
     async def start(cls, config: EngineConfig, tokenizer: Any = None,
                     listener: Optional[OutputListener] = None) -> "DataParallelClient":
         n = config.parallel.data_parallel_size
+        ray_started = _share_ray(config)
         first = await AsyncEngineClient.start(replica_config(config, 0), tokenizer=tokenizer,
                                               listener=listener)
         started = [first]
@@ -99,7 +118,9 @@ class DataParallelClient:
             raise failed[0]
         logger.info("data parallel: %d replicas (engine core pids %s)", n,
                     [r.core_pid for r in started])
-        return cls(config, started, listener)
+        client = cls(config, started, listener)
+        client._ray_started = ray_started
+        return client
 
     # ---- lifecycle and health -----------------------------------------------------------
     @property
@@ -133,6 +154,10 @@ class DataParallelClient:
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(r.shutdown() for r in self.replicas))
+        if getattr(self, "_ray_started", False):
+            import ray
+            ray.shutdown()
+            os.environ.pop("RAY_ADDRESS", None)
 
     @property
     def core_pid(self) -> tuple:

@@ -9,6 +9,7 @@ from servelm.registry import check_name, load_class
 EXECUTORS = MappingProxyType({
     "uni": "servelm.executor.uniproc:UniProcExecutor",
     "mp": "servelm.executor.multiproc:MultiprocExecutor",
+    "ray": "servelm.executor.ray_executor:RayExecutor",
 })
 
 
