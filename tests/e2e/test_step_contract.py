@@ -130,7 +130,8 @@ def test_logit_bias_offline(tiny_model_factory):
 @pytest.mark.parametrize("kw, match", [
     (dict(quantization="fp99"), "quantization must be one of 'none', 'unquantized', 'fp8'"),
     (dict(attention_backend="flash"), "attention_backend must be one of 'auto', 'torch', 'triton'"),
-    (dict(distributed_executor_backend="ray"), "distributed_executor_backend must be one of 'uni'"),
+    (dict(distributed_executor_backend="slurm"),
+     "distributed_executor_backend must be one of 'uni', 'mp', 'ray'"),
 ])
 def test_registry_errors_name_the_known_choices(tiny_model_factory, kw, match):
     path, _ = tiny_model_factory("llama")
