@@ -64,6 +64,19 @@ class RankCalls:
         raise ValueError(f"unknown worker method {method!r}")
 
 
+def release_graphs(runner: Any) -> None:
+    """Before a rank's communicators close: its device work finished and its CUDA graphs
+    (which hold NCCL work captured in them) freed."""
+    import gc
+
+    import torch
+    if runner is None or runner.device.type != "cuda":
+        return
+    torch.cuda.synchronize(runner.device)
+    runner.graphs = runner.tree_graphs = None
+    gc.collect()
+
+
 def _exit_with_driver(driver_pid: int) -> None:
     """A thread that ends this process once the driver's is gone, even while the main thread
     waits in a collective that will never complete."""
@@ -113,6 +126,7 @@ def worker_main(conn: Any, rank: int) -> None:
                 # end the communicators now, and skip the interpreter's teardown: NCCL's
                 # destructors at exit wait on peers and can hang
                 from servelm.distributed.init import close_group
+                release_graphs(calls.runner)
                 for g in {id(g): g for g in (groups.tp, groups.pp, groups.world)}.values():
                     close_group(g)
                 logging.shutdown()

@@ -28,7 +28,7 @@ from typing import Any, Union
 from servelm.config import EngineConfig
 from servelm.core.step import ModelRunnerOutput, SchedulerOutput
 from servelm.executor.abstract import Executor, StepFuture
-from servelm.executor.mp_worker import RankCalls, rank_config
+from servelm.executor.mp_worker import RankCalls, rank_config, release_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,8 @@ class MultiprocExecutor(Executor):
         return self._call_all("capture_pending_graph")[0]
 
     def shutdown(self) -> None:
+        if not self._closed:
+            release_graphs(getattr(self, "runner", None))
         self._closed = True
         if self.workers:
             self._stop()  # once: a weakref.finalize

@@ -22,7 +22,7 @@ from typing import Any, Union
 from servelm.config import EngineConfig
 from servelm.core.step import ModelRunnerOutput, SchedulerOutput
 from servelm.executor.abstract import Executor, StepFuture
-from servelm.executor.mp_worker import RankCalls, rank_config
+from servelm.executor.mp_worker import RankCalls, rank_config, release_graphs
 from servelm.executor.multiproc import STARTUP_TIMEOUT_S, WorkerError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class _RankActor:
 
     def close(self) -> None:
         from servelm.distributed.init import close_group
+        calls = getattr(self, "calls", None)
+        release_graphs(calls.runner if calls is not None else None)
         g = getattr(self, "groups", None)
         if g is not None:
             for grp in {id(x): x for x in (g.tp, g.pp, g.world)}.values():
@@ -159,6 +161,7 @@ class RayExecutor(Executor):
         if self._closed:
             return
         self._closed = True
+        release_graphs(getattr(self, "runner", None))
         ray = self._ray
         try:
             ray.get([a.close.remote() for a in self.actors], timeout=15)

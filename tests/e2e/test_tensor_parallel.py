@@ -292,3 +292,15 @@ def test_uneven_stages_and_sampling(tmp_path, engines):
     two = run_to_completion(engines(str(tmp_path), pipeline_parallel_size=2), prompts, sp)
     assert [[c.token_ids for c in o.outputs] for o in two] == \
         [[c.token_ids for c in o.outputs] for o in one]
+
+
+def test_a_taken_store_port_is_a_clear_error():
+    import socket
+
+    from servelm.distributed.init import make_store
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(RuntimeError, match="could not serve the process-group store at "
+                                               r"127\.0\.0\.1:\d+ .*in use"):
+            make_store("127.0.0.1", s.getsockname()[1], 2, 0)
