@@ -92,6 +92,9 @@ class SchedulerConfig:
     # together), not a chain: verified as proposed (up to the budget), not trimmed by their
     # expected yield; accepted tokens are counted by depth
     draft_tree_depth: int = 0
+    # pipeline parallelism: up to this many steps in flight through the stages, of disjoint
+    # sampling requests (one whose sampled token is in flight waits until it lands)
+    pipeline_depth: int = 1
 
 
 @dataclass(frozen=True)
@@ -367,6 +370,8 @@ class EngineArgs:
         max_seqs = self.max_num_seqs or (256 if device == "cpu" else 1024)
         # on the CPU a step's launch already computes it: overlapping gains nothing there
         async_sched = device != "cpu" if self.async_scheduling is None else bool(self.async_scheduling)
+        if self.pipeline_parallel_size > 1:  # steps overlap through the stages instead
+            async_sched = False
         cap = self.max_prefill_tokens_while_decoding
         if cap is not None and cap < 1:
             raise ValueError(f"max_prefill_tokens_while_decoding must be >= 1, got {cap}.")
@@ -380,7 +385,8 @@ class EngineArgs:
                                 self.enable_chunked_prefill, async_sched, cap, step_ms, policy,
                                 self.preemption_mode,
                                 speculative.num_lookahead_tokens if speculative else 0,
-                                len(speculative.tree) if speculative and speculative.tree else 0)
+                                len(speculative.tree) if speculative and speculative.tree else 0,
+                                self.pipeline_parallel_size)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=parallel,
                             attention_backend=self.attention_backend,
@@ -473,8 +479,8 @@ class EngineArgs:
           help="ranks a model's layers are split over (Megatron-style: heads and MLP columns; "
                "NCCL on GPUs, rank r on cuda:r; gloo on the CPU)")
         a("--pipeline-parallel-size", "-pp", type=int, default=1,
-          help="pipeline stages, each a share of the layers on its own ranks (one step at a "
-               "time through the stages: no micro-batches in flight yet)")
+          help="pipeline stages, each a share of the layers on its own ranks; as many steps "
+               "of different requests in flight through them")
         a("--data-parallel-size", "-dp", type=int, default=1,
           help="engine replicas behind one API server (servelm serve), each with its own "
                "tensor-parallel ranks; requests go to the replica that served their prompt "

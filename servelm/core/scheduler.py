@@ -142,9 +142,16 @@ class Scheduler:
         # cannot stretch the step (and the decodes' inter-token latency)
         prefill_left = self._prefill_budget(now, budget)
         rho = None  # _draft_cost_ratio(), once per step that has drafts
+        # pipeline stages: the running requests split into pipeline_depth batches that take
+        # turns (a batch of all of them would leave the other stages nothing to do)
+        depth = self.config.pipeline_depth
+        seq_cap = -(-len(self.running) // depth) if depth > 1 else len(self.running)
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(num_scheduled) < seq_cap:
             req = self.running[i]
+            if req.num_output_placeholders and depth > 1:
+                i += 1  # its token is still going through the stages: another batch's turn
+                continue
             computed = req.num_computed_tokens
             total = len(req.all_token_ids) + req.num_output_placeholders
             if req.num_output_placeholders and (

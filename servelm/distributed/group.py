@@ -40,6 +40,13 @@ class ParallelGroup:
             return out
         return torch.cat(out.chunk(self.world_size, dim=0), dim=dim)
 
+    def broadcast_async(self, x: torch.Tensor, src: int = 0) -> Any:
+        """broadcast, returning at once a handle whose wait() returns once x holds the value
+        (None when alone)."""
+        if self.world_size == 1:
+            return None
+        return self.group.broadcast(x, src)
+
     def send(self, x: torch.Tensor, dst: int) -> None:
         """x to group rank ``dst`` (which receives it with recv); returns once sent."""
         self.group.send([x.contiguous()], dst, 0).wait()

@@ -1,6 +1,7 @@
 """EngineCore: the scheduler and an executor; one step = schedule, execute, update."""
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class EngineCore:
         self.request_errors: list[tuple[str, str]] = []
         # asynchronous scheduling: the step launched last, whose output is not applied yet
         self._in_flight: Optional[tuple[SchedulerOutput, StepFuture]] = None
+        # pipeline parallelism: the steps in flight, oldest first
+        self._pipeline: collections.deque[tuple[SchedulerOutput, StepFuture]] = collections.deque()
         self._drafting = False  # the last landed step proposed drafts: land before scheduling
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens", time.perf_counter() - t0,
                     num_blocks, config.cache.block_size)
@@ -93,7 +96,8 @@ class EngineCore:
         nothing else to run, wait a little for a grammar rather than spin."""
         if not self.grammars.pending:
             return
-        if not self.scheduler.has_unfinished_requests() and self._in_flight is None:
+        if (not self.scheduler.has_unfinished_requests() and self._in_flight is None
+                and not self._pipeline):
             self.grammars.wait(0.005)
         ready, failed = self.grammars.collect()
         for req in ready:
@@ -106,6 +110,8 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         self._admit_compiled()
+        if self.config.scheduler.pipeline_depth > 1:
+            return self._step_pipelined()
         if not self.config.scheduler.async_scheduling:
             sched = self.scheduler.schedule()
             return self.scheduler.update(sched, self.executor.execute(sched))
@@ -130,6 +136,20 @@ class EngineCore:
             outputs += self._land(*prev)
         return outputs
 
+    def _step_pipelined(self) -> list[EngineCoreOutput]:
+        """Pipeline parallelism: launch a step of the requests not in flight, and land the
+        oldest step once pipeline_depth are in flight (or nothing new could start), so each
+        stage works on one batch while the next stage works on the batch before."""
+        outputs: list[EngineCoreOutput] = []
+        sched = self.scheduler.schedule()
+        launched = bool(sched.total_num_scheduled_tokens or sched.finished_req_ids
+                        or sched.preempted_req_ids)
+        if launched:
+            self._pipeline.append((sched, self.executor.execute(sched, non_block=True)))
+        if self._pipeline and (not launched or len(self._pipeline) >= self.config.scheduler.pipeline_depth):
+            outputs += self._land(*self._pipeline.popleft())
+        return outputs
+
     def _land(self, sched: SchedulerOutput, fut: StepFuture) -> list[EngineCoreOutput]:
         out = fut.result()
         # per step: a proposer that stops drafting (large batches) lets steps overlap again; on
@@ -147,8 +167,8 @@ class EngineCore:
         return False
 
     def has_unfinished_requests(self) -> bool:
-        return (self._in_flight is not None or self.scheduler.has_unfinished_requests()
-                or bool(self.grammars.pending))
+        return (self._in_flight is not None or bool(self._pipeline)
+                or self.scheduler.has_unfinished_requests() or bool(self.grammars.pending))
 
     def stats(self) -> SchedulerStats:
         st = self.scheduler.stats()

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Listener
 from typing import Any, Union
@@ -110,6 +111,7 @@ class MultiprocExecutor(Executor):
         host, port = "127.0.0.1", free_port()
         self.workers: list[_Worker] = []
         self._closed = False
+        self._thread = None
         procs: dict = {}
         store = make_store(host, port, ws, 0)  # before the workers connect to it
         authkey = os.urandom(16)
@@ -141,6 +143,11 @@ class MultiprocExecutor(Executor):
             from servelm.worker.model_runner import ModelRunner
             self.runner = ModelRunner(cfg, groups.tp, groups.pp, groups.world)
             self._calls = RankCalls(self.runner)  # the driver's steps bypass it (execute)
+            # pipeline stages: the driver's (last) stage runs its steps on a thread of its own,
+            # in order, so the engine can launch the next batch while this one goes through
+            # the stages (every runner call then goes through that thread)
+            self._thread = (ThreadPoolExecutor(1, thread_name_prefix="servelm-last-stage")
+                            if pc.pipeline_parallel_size > 1 else None)
             for w in self.workers:
                 self._expect(w, "ready", STARTUP_TIMEOUT_S)
             threading.Thread(target=self._monitor, name="servelm-worker-monitor",
@@ -166,9 +173,19 @@ class MultiprocExecutor(Executor):
                 non_block: bool = False) -> Union[ModelRunnerOutput, StepFuture]:
         self._check_workers()
         self._send_all("execute", (sched,), reply=False)
+        if self._thread is not None:
+            fut = self._thread.submit(self._run_step, sched)
+            return fut if non_block else fut.result()
         try:
             pending = self.runner.execute_async(sched)
             return pending if non_block else pending.result()
+        except Exception as e:
+            self._raise_worker_failure(e)
+            raise
+
+    def _run_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        try:
+            return self.runner.execute_async(sched).result()
         except Exception as e:
             self._raise_worker_failure(e)
             raise
@@ -178,6 +195,8 @@ class MultiprocExecutor(Executor):
 
     def shutdown(self) -> None:
         if not self._closed:
+            if getattr(self, "_thread", None) is not None:
+                self._thread.shutdown(wait=False, cancel_futures=True)
             release_graphs(getattr(self, "runner", None))
         self._closed = True
         if self.workers:
@@ -208,7 +227,8 @@ class MultiprocExecutor(Executor):
         self._check_workers()
         self._send_all(method, args)
         try:
-            own = self._calls.call(method, args)
+            own = (self._calls.call(method, args) if self._thread is None else
+                   self._thread.submit(self._calls.call, method, args).result())
         except Exception as e:
             self._raise_worker_failure(e)
             raise

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Union
 
 from servelm.config import EngineConfig
@@ -86,6 +87,7 @@ class RayExecutor(Executor):
         from servelm.distributed.init import free_port, make_groups, make_store
         self._ray = ray
         self._closed = False
+        self._thread = None
         self.actors: list = []
         self._pending: collections.deque = collections.deque()  # steps' refs not yet seen done
         self._started_ray = not ray.is_initialized()
@@ -130,6 +132,10 @@ class RayExecutor(Executor):
             from servelm.worker.model_runner import ModelRunner
             self.runner = ModelRunner(cfg, groups.tp, groups.pp, groups.world)
             self._calls = RankCalls(self.runner)
+            # pipeline stages: the driver's (last) stage steps on a thread of its own, as in
+            # the mp executor, so the next batch can be launched while this one runs
+            self._thread = (ThreadPoolExecutor(1, thread_name_prefix="servelm-last-stage")
+                            if pc.pipeline_parallel_size > 1 else None)
             self._get(builds, STARTUP_TIMEOUT_S)
         except BaseException:
             self.shutdown()
@@ -147,9 +153,19 @@ class RayExecutor(Executor):
                 non_block: bool = False) -> Union[ModelRunnerOutput, StepFuture]:
         self._check_steps()
         self._pending.extend(a.call.remote("execute", (sched,)) for a in self.actors)
+        if self._thread is not None:
+            fut = self._thread.submit(self._run_step, sched)
+            return fut if non_block else fut.result()
         try:
             pending = self.runner.execute_async(sched)
             return pending if non_block else pending.result()
+        except Exception as e:
+            self._check_steps(wait_s=2.0, cause=e)
+            raise
+
+    def _run_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        try:
+            return self.runner.execute_async(sched).result()
         except Exception as e:
             self._check_steps(wait_s=2.0, cause=e)
             raise
@@ -161,6 +177,8 @@ class RayExecutor(Executor):
         if self._closed:
             return
         self._closed = True
+        if getattr(self, "_thread", None) is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)
         release_graphs(getattr(self, "runner", None))
         ray = self._ray
         try:
@@ -199,7 +217,8 @@ class RayExecutor(Executor):
         self._check_steps()
         refs = [a.call.remote(method, args) for a in self.actors]
         try:
-            own = self._calls.call(method, args)
+            own = (self._calls.call(method, args) if self._thread is None else
+                   self._thread.submit(self._calls.call, method, args).result())
         except Exception as e:
             self._check_steps(wait_s=2.0, cause=e)
             raise

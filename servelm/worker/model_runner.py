@@ -66,6 +66,23 @@ class StepInputs:
     logits_slot_pos: Optional[np.ndarray] = None
 
 
+class _Arrival:
+    """Tokens an earlier pipeline stage receives from the last one (an async broadcast):
+    ``__call__`` waits for them once and puts them into the device rows the next steps read;
+    called by the step's landing, or earlier by a step that reads those rows."""
+
+    def __init__(self, work, sampled: torch.Tensor, rows: torch.Tensor,
+                 ids: torch.Tensor) -> None:
+        self.work, self.sampled, self.rows, self.ids = work, sampled, rows, ids
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.work.wait()
+            self.sampled[self.rows] = self.ids
+            self.done = True
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp: ParallelGroup = ParallelGroup(),
                  pp: ParallelGroup = ParallelGroup(),
@@ -109,6 +126,8 @@ class ModelRunner:
             else None)
         self.drafting_ready = False  # KV caches exist: not the memory profile's throwaway run
         self._unlanded: Optional[PendingOutput] = None  # the latest overlapped step's output
+        # an earlier pipeline stage: waits for tokens the last stage is still sampling
+        self._arrivals: list = []
         self.mem_weights = (torch.cuda.memory_allocated(self.device) - self.mem_at_init) if cuda else 0
         self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq)
         self.sampling = build_sampling_pipeline(ProcessorContext(
@@ -349,6 +368,9 @@ class ModelRunner:
                 j += n
         input_ids_t = to(input_ids)
         if from_dev is not None and len(from_dev):
+            for arrive in self._arrivals:  # tokens still on their way from the last stage
+                arrive()
+            self._arrivals.clear()
             input_ids_t[to(from_dev)] = self.sampled[to(rows[seq_of_tok[from_dev]])]
         logits_rows = np.repeat(rows[sample], n_logits)
         token_meta = None
@@ -416,14 +438,24 @@ class ModelRunner:
         elif hidden is not None:
             idx = torch.from_numpy(inp.logits_idx).to(self.device, non_blocking=True)
             so = self.sampling.sample(self.model.compute_logits(hidden[idx]))  # [L, V] fp32
-        else:  # an earlier pipeline stage: the last one's tokens arrive below
-            so = SamplerOutput(torch.empty(L, dtype=torch.int64, device=self.device))
+        else:  # an earlier pipeline stage: the last one's tokens arrive below (zeros, valid
+            # ids, until then)
+            so = SamplerOutput(torch.zeros(L, dtype=torch.int64, device=self.device))
+        arrive = None
         if self.world.world_size > 1 and (self.pp.world_size > 1
                                           or not self.sampling.plain_greedy()):
             # tensor-parallel ranks hold the same logits, but random draws are rank 0's, and
             # earlier pipeline stages have none: rank 0's tokens go into every rank's next
             # inputs (greedy ones without stages are the same everywhere already)
-            self.world.broadcast(so.token_ids, src=0)
+            if hidden is None and not self.last_stage and self.device.type == "cpu":
+                # an earlier stage goes on with the next batch (other requests: the scheduler
+                # keeps a request with a token in flight out) and takes these tokens when the
+                # step lands
+                arrive = _Arrival(self.world.broadcast_async(so.token_ids, 0), self.sampled,
+                                  inp.logits_rows_t, so.token_ids)
+                self._arrivals = [a for a in self._arrivals if not a.done] + [arrive]
+            else:
+                self.world.broadcast(so.token_ids, src=0)
         if s.scheduled_spec_decode_tokens:  # drafts: verified on the host now
             paths = collect_verified(self.batch, self.sampling.logprobs, inp.sample_req_ids,
                                      inp.logits_rows, inp.num_logits, so,
@@ -441,7 +473,7 @@ class ModelRunner:
         gens, pos = self.batch.append_on_device(inp.logits_rows, so.token_ids)
         rows = inp.logits_rows
         pending = PendingOutput(out, inp.sample_req_ids, self.sampling.logprobs[rows], so,
-                                lambda toks: self.batch.land(rows, gens, pos, toks))
+                                lambda toks: self.batch.land(rows, gens, pos, toks), arrive)
         if self._drafts_now(n_samplers):  # drafting needs the tokens: wait
             return PendingOutput.ready(self._propose(pending.result(), True))
         self._unlanded = pending

@@ -27,11 +27,15 @@ class PendingOutput:
 
     def __init__(self, out: ModelRunnerOutput, req_ids: list[str], logprobs_k: np.ndarray,
                  so: Optional[SamplerOutput],
-                 on_tokens: Optional[Callable[[np.ndarray], None]] = None) -> None:
+                 on_tokens: Optional[Callable[[np.ndarray], None]] = None,
+                 arrive: Optional[Callable[[], None]] = None) -> None:
         self.out = out  # filled so far: prompt logprobs
         self.req_ids = req_ids
         self.logprobs_k = logprobs_k  # [L] top logprobs wanted per row, -1 none
         self.on_tokens = on_tokens  # the runner's bookkeeping once the ids are on the host
+        # waits until the ids themselves are there (an earlier pipeline stage receives them
+        # from the last one; CPU tensors, read in place)
+        self.arrive = arrive
         self._done = so is None
         if so is not None:
             # start the copies now, behind the step's work; wait for them in result()
@@ -54,6 +58,8 @@ class PendingOutput:
     def result(self) -> ModelRunnerOutput:
         if self._done:
             return self.out
+        if self.arrive is not None:
+            self.arrive()
         if self.event is not None:
             self.event.synchronize()  # this step only: later launched steps keep running
         tokens = self.token_ids.numpy()

@@ -74,3 +74,14 @@ def test_server_dp2_on_ray_serves_from_both_replicas(tmp_path):
     finally:
         log = srv.close()
     assert "Started a local Ray instance" in log, log  # one, in the API process
+
+
+def test_ray_pipeline_stages_match_hf(tiny_model_factory):
+    """2 pipeline stages on Ray: the actor holds the first stage, two steps in flight."""
+    d, model = tiny_model_factory("qwen2")
+    eng = make_engine(d, pipeline_parallel_size=2, distributed_executor_backend="ray")
+    try:
+        prompts = random_prompts(4, (5, 23, 2, 31), seed=24)
+        check(run_to_completion(eng, prompts, GREEDY), [hf_greedy(model, p) for p in prompts])
+    finally:
+        eng.core.shutdown()

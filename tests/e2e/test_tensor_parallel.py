@@ -252,8 +252,8 @@ def test_tp2_quantized_layers_generate_as_one_process(tmp_path, tiny_model_facto
 def test_pipeline_stages_match_hf(tiny_model_factory, engines, arch, tp):
     """2 pipeline stages (x 2 tensor-parallel ranks for qwen3: 4 processes): the last stage
     (rank 0) holds the norm and the head (a tied head: its copy of the embedding), the first
-    the embedding; hidden states and residuals go stage to stage; preemption and prefix hits
-    as one process."""
+    the embedding; hidden states and residuals go stage to stage, two steps of disjoint
+    requests in flight; preemption and prefix hits as one process."""
     d, model = tiny_model_factory(arch)
     shared = random_prompts(1, (20,), seed=19)[0]
     prompts = [shared + t for t in random_prompts(5, (3, 30, 1, 12, 41), seed=20)]
@@ -263,7 +263,15 @@ def test_pipeline_stages_match_hf(tiny_model_factory, engines, arch, tp):
     assert runner.last_stage and runner.model.norm is not None
     assert isinstance(runner.model.embed_tokens, torch.nn.Identity)
     assert runner.model.lm_head is not None and len(runner.kv_caches) == 1
+    ex, before = eng.core.executor, []
+    launch = ex.execute
+
+    def execute(sched, non_block=False):  # steps already in flight when one is launched
+        before.append(len(eng.core._pipeline))
+        return launch(sched, non_block)
+    ex.execute = execute
     outs = run_to_completion(eng, prompts, GREEDY)
+    assert max(before) == 1  # two steps in flight through the two stages
     st = eng.stats()
     assert st.num_preemptions > 0 and st.prefix_cache_hits > 0
     check(outs, _refs(model, prompts))

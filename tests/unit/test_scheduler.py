@@ -936,3 +936,47 @@ def test_fcfs_never_preempts_for_arrivals():
     d.run()
     assert not any(so.preempted_req_ids for so in d.trace)
     assert [nr.req_id for so in d.trace for nr in so.new_reqs] == ["a", "b"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pipeline_depth_two_keeps_two_steps_of_disjoint_samplers_in_flight(seed):
+    """pipeline_depth=2 (two pipeline stages), driven as EngineCore does: a step is launched
+    while the one before is in flight, and the oldest lands once two are. No request samples in
+    two steps in flight (its next input is the token still on its way), running requests split
+    into two batches that take turns, and every output is the one-step-at-a-time output."""
+    import collections
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64,
+                                      max_model_len=4096, pipeline_depth=2),
+                      CacheConfig(block_size=4), 256, 0)
+    runner = FakeRunner(4)
+    rng = random.Random(seed)
+    prompts = {f"r{i}": rand_prompt(rng, rng.randint(1, 30)) for i in range(8)}
+    for rid, p in prompts.items():
+        add(sched, rid, p, max_tokens=12)
+    queue: collections.deque = collections.deque()
+    results: dict[str, list[int]] = {}
+    max_in_flight, decode_batches = 0, []
+    for _ in range(2000):
+        if not sched.has_unfinished_requests() and not queue:
+            break
+        running = len(sched.running)
+        so = sched.schedule()
+        launched = bool(so.total_num_scheduled_tokens or so.finished_req_ids
+                        or so.preempted_req_ids)
+        if launched:
+            out = runner.execute(so)
+            flying = set().union(*(set(o.sampled_token_ids) for _, o in queue))
+            assert not set(out.sampled_token_ids) & flying
+            if not so.new_reqs and running == 8:
+                decode_batches.append(len(so.num_scheduled_tokens))
+            queue.append((so, out))
+        max_in_flight = max(max_in_flight, len(queue))
+        if queue and (not launched or len(queue) >= 2):
+            s, out = queue.popleft()
+            for o in sched.update(s, out):
+                results.setdefault(o.req_id, []).extend(o.new_token_ids)
+    assert max_in_flight == 2
+    assert decode_batches and max(decode_batches) <= 4  # half of the 8 running each
+    for rid, p in prompts.items():
+        assert results[rid] == expected_output(p, 12)
+    assert_idle(sched)
