@@ -324,6 +324,10 @@ class EngineArgs:
         quant = resolve_quant_config(self.quantization, hf_config, load_format, device,
                                      self.quantization_group_size, self.quantize_lm_head, dtype,
                                      str(model) if load_format == "gguf" else None)
+        if self.cpu_offload_gb and quant is not None:
+            raise ValueError(f"cpu_offload_gb with quantization={quant.method!r} is not "
+                             "supported yet: offload streams dense weights; use "
+                             "quantization='none' (a .gguf: dequantized at load) or no offload.")
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
         # Sliding-window models (Mistral 7B v0.1) are exact with full attention up to the window.
         window = getattr(hf_config, "sliding_window", None)
@@ -486,7 +490,9 @@ class EngineArgs:
                "tensor-parallel ranks; requests go to the replica that served their prompt "
                "prefix unless it is much busier than the least-loaded one")
         a("--cpu-offload-gb", type=float, default=0.0,
-          help="GiB of weights kept in host memory (not implemented yet: 0)")
+          help="GiB of the first layers' weights kept in (pinned) host memory and streamed to "
+               "the GPU ahead of use, double-buffered: a model larger than the GPU serves, at "
+               "the speed of the host-to-device copies (dense weights; no CUDA graphs)")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":

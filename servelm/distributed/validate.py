@@ -3,12 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-# the parts of the survey's parallelism chapter this build does not run yet: refused by name
-_NOT_YET = {
-    "cpu_offload_gb": "CPU weight offload",
-}
-
-
 def tp_fits(tp: int, hf_config: Any) -> bool:
     """Query heads, MLP width and vocabulary split evenly; KV heads split evenly or are
     replicated (tp a multiple of them)."""
@@ -26,10 +20,6 @@ def check_parallel(pc: Any, hf_config: Any, device: str) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}.")
     if not pc.cpu_offload_gb >= 0:
         raise ValueError(f"cpu_offload_gb must be >= 0, got {pc.cpu_offload_gb!r}.")
-    for name, what in _NOT_YET.items():
-        if getattr(pc, name) not in (0, 1):
-            raise ValueError(f"{name}={getattr(pc, name)}: {what} is not implemented yet in "
-                             "servelm; leave it at its default.")
     tp = pc.tensor_parallel_size
     if tp > 1 and not tp_fits(tp, hf_config):
         fits = [t for t in range(1, hf_config.num_attention_heads + 1) if tp_fits(t, hf_config)]

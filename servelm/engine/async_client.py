@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import multiprocessing
+import os
 import shutil
 import tempfile
 import time
@@ -117,7 +118,8 @@ class AsyncEngineClient:
         out_sock.bind(out_addr)
         proc = multiprocessing.get_context("spawn").Process(
             target=cp.run_engine_core, name="servelm-engine-core", daemon=True,
-            args=(config, in_addr, out_addr, logging.getLogger().getEffectiveLevel()))
+            args=(config, in_addr, out_addr, logging.getLogger().getEffectiveLevel(),
+                  os.getpid()))
         proc.start()
         if config.device == "cpu":  # the core takes the first CPUs, this process the rest
             from servelm.cpu.threads import configure_api

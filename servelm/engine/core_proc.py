@@ -89,11 +89,13 @@ def decode_stats(x: list) -> SchedulerStats:
 class EngineCoreProc:
     """Busy loop: drain inputs, step while there is work, block on the input socket when idle."""
 
-    def __init__(self, core: EngineCore, inp: Any, out: Any) -> None:
+    def __init__(self, core: EngineCore, inp: Any, out: Any, parent_pid: int) -> None:
         self.core = core
         self.inp = inp  # zmq PULL
         self.out = out  # zmq PUSH
-        self.parent_pid = os.getppid()
+        # the API process, as it said (not getppid() now: it may have died during start-up,
+        # and an orphan's parent is init)
+        self.parent_pid = parent_pid
         self.running = True
         self.executor_failure: Optional[str] = None  # set by the executor's monitor thread
         core.executor.on_failure = self._on_executor_failure
@@ -179,8 +181,9 @@ def release_free_memory() -> None:
 
 
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
-                    log_level: int = logging.WARNING) -> None:
-    """Entry point of the spawned core process."""
+                    log_level: int = logging.WARNING, parent_pid: Optional[int] = None) -> None:
+    """Entry point of the spawned core process; parent_pid: the API process's."""
+    parent_pid = os.getppid() if parent_pid is None else parent_pid
     # oneDNN (bf16 matmuls on the CPU) caches a compiled kernel per GEMM shape, 1024 by
     # default: with batches of every size that is hundreds of MB that never come back (a soak:
     # +364 MB over 2,500 requests of a tiny model). 256 kernels cover the shapes in use; set
@@ -201,7 +204,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str,
     try:
         core = EngineCore(config)
         out.send(pack(READY, {"num_blocks": core.scheduler.kv.num_blocks, "pid": os.getpid()}))
-        EngineCoreProc(core, inp, out).run()
+        EngineCoreProc(core, inp, out, parent_pid).run()
     except BaseException as e:  # report why, then exit: the client fails in-flight requests
         logger.error("engine core failed: %s", traceback.format_exc())
         out.send(pack(ERROR, f"{type(e).__name__}: {e}"))

@@ -140,7 +140,9 @@ class RayExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-        threading.Thread(target=self._monitor, name="servelm-ray-monitor", daemon=True).start()
+        self._monitor_thread = threading.Thread(target=self._monitor, name="servelm-ray-monitor",
+                                                daemon=True)
+        self._monitor_thread.start()
 
     # ---- the Executor contract ---------------------------------------------------------
     def determine_num_blocks(self) -> int:
@@ -177,6 +179,9 @@ class RayExecutor(Executor):
         if self._closed:
             return
         self._closed = True
+        monitor = getattr(self, "_monitor_thread", None)
+        if monitor is not None:  # before Ray goes: a ping after ray.shutdown() would start a
+            monitor.join(10)     # new local instance (Ray connects on first use)
         if getattr(self, "_thread", None) is not None:
             self._thread.shutdown(wait=False, cancel_futures=True)
         release_graphs(getattr(self, "runner", None))
@@ -241,8 +246,10 @@ class RayExecutor(Executor):
     def _monitor(self) -> None:
         ray = self._ray
         while not self._closed:
-            time.sleep(1.0)
+            time.sleep(0.5)
             for rank, a in enumerate(self.actors, start=1):
+                if self._closed:
+                    return
                 try:
                     ray.get(a.ping.remote(), timeout=30)
                 except Exception as e:  # noqa: BLE001 - dead, or unreachable for 30 s

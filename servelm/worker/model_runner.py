@@ -108,6 +108,7 @@ class ModelRunner:
         # all ranks: every rank runs this runner on the same steps; the last stage's rank 0
         # (world rank 0) samples and broadcasts the tokens
         self.tp, self.pp, self.world = tp, pp, world or tp
+        self.streamer = None  # cpu_offload_gb: the layers streamed from host memory
         self.last_stage = pp.rank == pp.world_size - 1
         self.model = self._load_model(tp)
         # rows: running requests (<= max_num_seqs), or the profiling batch
@@ -164,10 +165,13 @@ class ModelRunner:
         from servelm.layers.linear import process_weights_after_loading
         from servelm.loader import initialize_dummy_weights, iter_weights
         pp = self.pp if mc is None else ParallelGroup()  # a draft model is not staged
+        # cpu_offload_gb: the target is built and loaded in host memory, then all but the
+        # offloaded layers move to the device (so the model never has to fit there whole)
+        offload = self.config.parallel.cpu_offload_gb if mc is None else 0.0
         mc = mc or self.config.model
         t0 = time.perf_counter()
         torch.manual_seed(mc.seed)
-        with torch.device(self.device):
+        with torch.device("cpu" if offload else self.device):
             model = self._build(mc.hf_config, tp, mc.quantization, pp)
         if mc.load_format == "dummy":
             initialize_dummy_weights(model, mc.seed)
@@ -177,6 +181,12 @@ class ModelRunner:
                                             keep_gguf_blocks=q is not None and q.method == "gguf"))
         process_weights_after_loading(model)
         model.eval()
+        if offload:
+            from servelm.worker.offload import offload_layers
+            self.streamer = offload_layers(model, offload, self.device)
+            logger.info("cpu_offload_gb: %d layers in host memory (%.2f GiB), streamed through "
+                        "%.2f GiB on the device", len(self.streamer.layers),
+                        self.streamer.host_bytes / 2**30, self.streamer.device_bytes / 2**30)
         logger.info("loaded %s in %.1fs", mc.model, time.perf_counter() - t0)
         return model
 
@@ -252,7 +262,8 @@ class ModelRunner:
     def will_capture_graphs(self) -> bool:
         # pipeline stages run eagerly (their sends and receives are not captured yet)
         return (self.device.type == "cuda" and self.backend.name == "triton"
-                and not self.config.enforce_eager and self.pp.world_size == 1)
+                and not self.config.enforce_eager and self.pp.world_size == 1
+                and not self.config.parallel.cpu_offload_gb)  # (offload copies from hooks)
 
     def graph_max_bs(self) -> int:
         # larger decode batches run eagerly: launch overhead is small against their compute
@@ -270,7 +281,8 @@ class ModelRunner:
                 self.tree_graphs = TreeGraphs(self._decode, 1 + self.tree.num_nodes,
                                               self.max_blocks_per_seq, self.device)
         elif (self.device.type == "cpu" and not self.config.enforce_eager
-              and self.world.world_size == 1):  # the C step holds a whole model
+              and self.world.world_size == 1 and not self.config.parallel.cpu_offload_gb):
+            # the C step holds a whole model, in place
             from servelm.cpu.decode_step import build_decode_step  # the C decode step
             self.graphs = build_decode_step(self.model, self.kv_caches,
                                             self.config.model.max_model_len,
