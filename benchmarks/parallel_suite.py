@@ -1,6 +1,7 @@
 """Tensor parallelism on the GPUs of one host against one GPU, in the same run, one table.
 
     python benchmarks/parallel_suite.py [--tp 1 2] [--repeat 3] [--preset llama-3-8b]
+    python benchmarks/parallel_suite.py --offload-gb 8     # one GPU, weights streamed
 
 Llama-3-8B-shaped dummy bf16 weights (``--preset``), random prompt ids, ignore_eos; every
 (tensor_parallel_size, run) is a fresh process, the sizes interleaved run by run so drift hits
@@ -22,6 +23,50 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def h2d_bandwidth() -> float:
+    """Pinned host -> device copy, bytes per second (median of many)."""
+    import torch
+    import triton.testing
+    x = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
+    y = torch.empty_like(x, device="cuda")
+    ms = triton.testing.do_bench(lambda: y.copy_(x, non_blocking=True), warmup=5, rep=200,
+                                 return_mode="median")
+    return x.numel() / (ms / 1e3)
+
+
+def offload_child(preset: str, gib: float) -> dict:
+    """cpu_offload_gb on one GPU: batch-1 decode and a batch of 256, against the bound the
+    host-to-device bandwidth sets (offloaded bytes per step / bandwidth)."""
+    import torch
+
+    from benchmarks.gpu_suite import random_prompts
+    from servelm import LLM, SamplingParams
+    from servelm.loader import preset_config
+    V = preset_config(preset).vocab_size
+    out: dict = {"offload_gb": gib, "h2d_GBps": h2d_bandwidth() / 1e9}
+    torch.cuda.empty_cache()
+    llm = LLM(preset, load_format="dummy", max_model_len=2048, seed=0, skip_tokenizer_init=True,
+              cpu_offload_gb=gib)
+    st = llm.engine.core.executor.runner.streamer
+    out["offloaded_GB"] = st.host_bytes / 1e9
+    bound_steps = out["h2d_GBps"] / out["offloaded_GB"]  # steps per second the bus allows
+    b1 = random_prompts(1, [128], 0, V)[0]
+    o = llm.generate([b1], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
+                     use_tqdm=False)[0]
+    out["b1_tok_s"] = 63 / (o.metrics.last_token_time - o.metrics.first_token_time)
+    prompts = random_prompts(256, [128] * 256, 2, V)
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
+                 use_tqdm=False)
+    out["b256_out_tok_s"] = 256 * 64 / (time.perf_counter() - t)
+    out["b1_bound_tok_s"], out["b256_bound_tok_s"] = bound_steps, 256 * bound_steps
+    print("RESULT", json.dumps(out), flush=True)
+    t = time.perf_counter()
+    llm.engine.core.shutdown()
+    out["shutdown_s"] = time.perf_counter() - t
+    return out
 
 
 def child(tp: int, preset: str, num_requests: int) -> dict:
@@ -72,7 +117,20 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=1000)
     ap.add_argument("--child-timeout", type=int, default=600)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--offload-gb", type=float, default=None,
+                    help="instead: one GPU with cpu_offload_gb=N (B1 and a batch of 256 "
+                         "against the host-to-device bound)")
     args = ap.parse_args()
+    if args.offload_gb is not None:
+        r = offload_child(args.preset, args.offload_gb)
+        print(f"\n{args.preset}, cpu_offload_gb={args.offload_gb:g} ({r['offloaded_GB']:.1f} GB "
+              f"in host memory), host-to-device {r['h2d_GBps']:.1f} GB/s")
+        print("| figure | tok/s | bound (bus; decode steps only) | % of bound |\n|---|---|---|---|")
+        for name, got, bound in (("batch-1 decode", r["b1_tok_s"], r["b1_bound_tok_s"]),
+                                 ("batch of 256, 128 in / 64 out", r["b256_out_tok_s"],
+                                  r["b256_bound_tok_s"])):
+            print(f"| {name} | {got:.1f} | {bound:.1f} | {100 * got / bound:.0f}% |")
+        return
     if args.child is not None:
         r = child(args.child, args.preset, args.num_requests)
         print(f"engine shut down in {r['shutdown_s']:.1f} s", flush=True)

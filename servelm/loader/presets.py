@@ -30,6 +30,15 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
         "rope_theta": 500000.0, "tie_word_embeddings": False,
         "bos_token_id": 128000, "eos_token_id": 128001,
     }),
+    # meta-llama/Meta-Llama-3-70B (tensor parallelism's benchmark shape: 4 x H100/H200)
+    "llama-3-70b": MappingProxyType({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 28672,
+        "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "tie_word_embeddings": False,
+        "bos_token_id": 128000, "eos_token_id": 128001,
+    }),
     # meta-llama/Llama-3.2-1B. Its rope uses llama3 frequency scaling: a model that ignores
     # `rope_scaling` computes plain rope with theta 500000 (same speed, different numbers).
     "llama-3.2-1b": MappingProxyType({

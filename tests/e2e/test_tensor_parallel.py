@@ -136,8 +136,6 @@ def test_parallel_sizes_that_do_not_fit_are_refused(tiny_model_factory):
     with pytest.raises(ValueError, match="speculative_config with pipeline_parallel_size 2"):
         EngineArgs(model=d, device="cpu", pipeline_parallel_size=2, speculative_config={
             "method": "ngram", "num_speculative_tokens": 2}).create_engine_config()
-    with pytest.raises(ValueError, match="cpu_offload_gb"):
-        EngineArgs(model=d, device="cpu", cpu_offload_gb=4).create_engine_config()
     with pytest.raises(ValueError, match="'uni' runs one process"):
         EngineArgs(model=d, device="cpu", tensor_parallel_size=2,
                    distributed_executor_backend="uni").create_engine_config()
