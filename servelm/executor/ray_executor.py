@@ -102,9 +102,12 @@ class RayExecutor(Executor):
         self._pg = placement_group([bundle] * ws, strategy="PACK")
         ready, _ = ray.wait([self._pg.ready()], timeout=60)
         if not ready:
+            available = ray.available_resources()
             ray.util.remove_placement_group(self._pg)
+            if self._started_ray:
+                ray.shutdown()
             raise ValueError(f"the Ray cluster cannot place {ws} ranks of {bundle} each "
-                             f"(available: {ray.available_resources()}); add nodes or lower "
+                             f"(available: {available}); add nodes or lower "
                              "tensor_parallel_size x pipeline_parallel_size.")
         host = ray.util.get_node_ip_address()
         port = free_port()
