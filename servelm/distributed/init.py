@@ -63,6 +63,10 @@ class RankGroups:
     tp: ParallelGroup  # the ranks of this stage
     pp: ParallelGroup  # this tensor-parallel rank's peers in every stage; rank = stage index
 
+    def distinct(self) -> list[ParallelGroup]:
+        """Each group once (without stages the world is the tensor-parallel group)."""
+        return list({id(g): g for g in (self.tp, self.pp, self.world)}.values())
+
 
 def stage_of(rank: int, tp: int, pp: int) -> tuple[int, int]:
     """(pipeline stage, tensor-parallel rank) of global rank ``rank``."""

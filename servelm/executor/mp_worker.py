@@ -127,7 +127,7 @@ def worker_main(conn: Any, rank: int) -> None:
                 # destructors at exit wait on peers and can hang
                 from servelm.distributed.init import close_group
                 release_graphs(calls.runner)
-                for g in {id(g): g for g in (groups.tp, groups.pp, groups.world)}.values():
+                for g in groups.distinct():
                     close_group(g)
                 logging.shutdown()
                 os._exit(0)

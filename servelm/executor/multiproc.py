@@ -21,19 +21,16 @@ import sys
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Listener
-from typing import Any, Union
+from typing import Any, Optional
 
 from servelm.config import EngineConfig
-from servelm.core.step import ModelRunnerOutput, SchedulerOutput
-from servelm.executor.abstract import Executor, StepFuture
-from servelm.executor.mp_worker import RankCalls, rank_config, release_graphs
+from servelm.executor.driver import STARTUP_TIMEOUT_S, DriverExecutor, WorkerError
+from servelm.executor.mp_worker import release_graphs
 
 logger = logging.getLogger(__name__)
 
-STARTUP_TIMEOUT_S = 600  # a worker's model load may take as long as the driver's
 
 
 @dataclass
@@ -99,19 +96,14 @@ def _stop_workers(workers: list, groups: tuple = ()) -> None:
             w.conn.close()
 
 
-class WorkerError(RuntimeError):
-    """A worker process raised or died."""
-
-
-class MultiprocExecutor(Executor):
+class MultiprocExecutor(DriverExecutor):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        from servelm.distributed.init import free_port, make_groups, make_store
+        from servelm.distributed.init import free_port, make_store
         ws = config.parallel.world_size
         host, port = "127.0.0.1", free_port()
         self.workers: list[_Worker] = []
         self._closed = False
-        self._thread = None
         procs: dict = {}
         store = make_store(host, port, ws, 0)  # before the workers connect to it
         authkey = os.urandom(16)
@@ -134,20 +126,8 @@ class MultiprocExecutor(Executor):
                 w.conn.send((config, host, port, level))
             for w in self.workers:  # every rank reached the store: the rendezvous cannot stall
                 self._expect(w, "joined", STARTUP_TIMEOUT_S)
-            cfg = rank_config(config, 0)
-            pc = config.parallel
-            groups = make_groups(store, 0, pc.tensor_parallel_size, pc.pipeline_parallel_size,
-                                 cfg.device)
-            self._groups.extend({id(g): g for g in (groups.tp, groups.pp, groups.world)}.values())
+            self._start_driver(config, store, self._groups)
             self._store = store  # the workers' store lives as long as this executor
-            from servelm.worker.model_runner import ModelRunner
-            self.runner = ModelRunner(cfg, groups.tp, groups.pp, groups.world)
-            self._calls = RankCalls(self.runner)  # the driver's steps bypass it (execute)
-            # pipeline stages: the driver's (last) stage runs its steps on a thread of its own,
-            # in order, so the engine can launch the next batch while this one goes through
-            # the stages (every runner call then goes through that thread)
-            self._thread = (ThreadPoolExecutor(1, thread_name_prefix="servelm-last-stage")
-                            if pc.pipeline_parallel_size > 1 else None)
             for w in self.workers:
                 self._expect(w, "ready", STARTUP_TIMEOUT_S)
             threading.Thread(target=self._monitor, name="servelm-worker-monitor",
@@ -161,37 +141,6 @@ class MultiprocExecutor(Executor):
             raise
         finally:
             listener.close()
-
-    # ---- the Executor contract ---------------------------------------------------------
-    def determine_num_blocks(self) -> int:
-        return min(self._call_all("determine_num_blocks"))
-
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self._call_all("initialize_kv_cache", num_blocks)
-
-    def execute(self, sched: SchedulerOutput,
-                non_block: bool = False) -> Union[ModelRunnerOutput, StepFuture]:
-        self._check_workers()
-        self._send_all("execute", (sched,), reply=False)
-        if self._thread is not None:
-            fut = self._thread.submit(self._run_step, sched)
-            return fut if non_block else fut.result()
-        try:
-            pending = self.runner.execute_async(sched)
-            return pending if non_block else pending.result()
-        except Exception as e:
-            self._raise_worker_failure(e)
-            raise
-
-    def _run_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        try:
-            return self.runner.execute_async(sched).result()
-        except Exception as e:
-            self._raise_worker_failure(e)
-            raise
-
-    def use_idle_time(self) -> bool:
-        return self._call_all("capture_pending_graph")[0]
 
     def shutdown(self) -> None:
         if not self._closed:
@@ -222,17 +171,17 @@ class MultiprocExecutor(Executor):
                 raise WorkerError(f"worker rank {w.rank} is gone "
                                   f"(exit code {w.proc.returncode})") from e
 
-    def _call_all(self, method: str, *args: Any) -> list:
-        """Run ``method`` on every rank at once; the ranks' results, rank 0 first."""
-        self._check_workers()
-        self._send_all(method, args)
-        try:
-            own = (self._calls.call(method, args) if self._thread is None else
-                   self._thread.submit(self._calls.call, method, args).result())
-        except Exception as e:
-            self._raise_worker_failure(e)
-            raise
-        return [own] + [self._expect(w, "ok", None) for w in self.workers]
+    def _send(self, method: str, args: tuple, reply: bool) -> None:
+        self._send_all(method, args, reply)
+
+    def _replies(self, handle: None) -> list:
+        return [self._expect(w, "ok", None) for w in self.workers]
+
+    def _check(self, cause: Optional[BaseException] = None) -> None:
+        if cause is None:
+            self._check_workers()
+        else:
+            self._raise_worker_failure(cause)
 
     def _expect(self, w: _Worker, kind: str, timeout_s: float | None) -> Any:
         """The worker's next message, which must be ``kind``; its error or its death raise."""

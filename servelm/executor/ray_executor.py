@@ -17,14 +17,11 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Union
+from typing import Any, Optional
 
 from servelm.config import EngineConfig
-from servelm.core.step import ModelRunnerOutput, SchedulerOutput
-from servelm.executor.abstract import Executor, StepFuture
+from servelm.executor.driver import STARTUP_TIMEOUT_S, DriverExecutor, WorkerError
 from servelm.executor.mp_worker import RankCalls, rank_config, release_graphs
-from servelm.executor.multiproc import STARTUP_TIMEOUT_S, WorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +63,14 @@ class _RankActor:
         calls = getattr(self, "calls", None)
         release_graphs(calls.runner if calls is not None else None)
         g = getattr(self, "groups", None)
-        if g is not None:
-            for grp in {id(x): x for x in (g.tp, g.pp, g.world)}.values():
-                close_group(grp)
+        for grp in g.distinct() if g is not None else []:
+            close_group(grp)
 
     def ping(self) -> bool:
         return True
 
 
-class RayExecutor(Executor):
+class RayExecutor(DriverExecutor):
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         try:
@@ -84,10 +80,10 @@ class RayExecutor(Executor):
         except ImportError as e:
             raise ValueError("distributed_executor_backend='ray' needs Ray: pip install ray "
                              "(or use 'mp' on one host).") from e
-        from servelm.distributed.init import free_port, make_groups, make_store
+        from servelm.distributed.init import free_port, make_store
         self._ray = ray
         self._closed = False
-        self._thread = None
+        self._groups: list = []
         self.actors: list = []
         self._pending: collections.deque = collections.deque()  # steps' refs not yet seen done
         self._started_ray = not ray.is_initialized()
@@ -127,18 +123,8 @@ class RayExecutor(Executor):
                              for r, a in enumerate(self.actors)], timeout=STARTUP_TIMEOUT_S)
             logger.info("ray executor: %d ranks, workers on nodes %s", ws, nodes)
             builds = [a.build.remote() for a in self.actors]
-            cfg = rank_config(config, 0)
-            groups = make_groups(store, 0, pc.tensor_parallel_size, pc.pipeline_parallel_size,
-                                 cfg.device)
-            self._groups = list({id(g): g for g in (groups.tp, groups.pp, groups.world)}.values())
+            self._start_driver(config, store, self._groups)
             self._store = store
-            from servelm.worker.model_runner import ModelRunner
-            self.runner = ModelRunner(cfg, groups.tp, groups.pp, groups.world)
-            self._calls = RankCalls(self.runner)
-            # pipeline stages: the driver's (last) stage steps on a thread of its own, as in
-            # the mp executor, so the next batch can be launched while this one runs
-            self._thread = (ThreadPoolExecutor(1, thread_name_prefix="servelm-last-stage")
-                            if pc.pipeline_parallel_size > 1 else None)
             self._get(builds, STARTUP_TIMEOUT_S)
         except BaseException:
             self.shutdown()
@@ -146,37 +132,6 @@ class RayExecutor(Executor):
         self._monitor_thread = threading.Thread(target=self._monitor, name="servelm-ray-monitor",
                                                 daemon=True)
         self._monitor_thread.start()
-
-    # ---- the Executor contract ---------------------------------------------------------
-    def determine_num_blocks(self) -> int:
-        return min(self._call_all("determine_num_blocks"))
-
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        self._call_all("initialize_kv_cache", num_blocks)
-
-    def execute(self, sched: SchedulerOutput,
-                non_block: bool = False) -> Union[ModelRunnerOutput, StepFuture]:
-        self._check_steps()
-        self._pending.extend(a.call.remote("execute", (sched,)) for a in self.actors)
-        if self._thread is not None:
-            fut = self._thread.submit(self._run_step, sched)
-            return fut if non_block else fut.result()
-        try:
-            pending = self.runner.execute_async(sched)
-            return pending if non_block else pending.result()
-        except Exception as e:
-            self._check_steps(wait_s=2.0, cause=e)
-            raise
-
-    def _run_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        try:
-            return self.runner.execute_async(sched).result()
-        except Exception as e:
-            self._check_steps(wait_s=2.0, cause=e)
-            raise
-
-    def use_idle_time(self) -> bool:
-        return self._call_all("capture_pending_graph")[0]
 
     def shutdown(self) -> None:
         if self._closed:
@@ -221,16 +176,17 @@ class RayExecutor(Executor):
                 raise WorkerError(f"worker rank {rank} failed: {e}") from e
         return out
 
-    def _call_all(self, method: str, *args: Any) -> list:
-        self._check_steps()
+    def _send(self, method: str, args: tuple, reply: bool) -> list:
         refs = [a.call.remote(method, args) for a in self.actors]
-        try:
-            own = (self._calls.call(method, args) if self._thread is None else
-                   self._thread.submit(self._calls.call, method, args).result())
-        except Exception as e:
-            self._check_steps(wait_s=2.0, cause=e)
-            raise
-        return [own] + self._get(refs, None)
+        if not reply:  # steps: their failures surface at a later _check
+            self._pending.extend(refs)
+        return refs
+
+    def _replies(self, refs: list) -> list:
+        return self._get(refs, None)
+
+    def _check(self, cause: Optional[BaseException] = None) -> None:
+        self._check_steps(wait_s=0.0 if cause is None else 2.0, cause=cause)
 
     def _check_steps(self, wait_s: float = 0.0, cause: BaseException | None = None) -> None:
         """Steps the workers finished: one that raised (or whose actor died) stops the engine."""

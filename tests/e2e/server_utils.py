@@ -59,6 +59,31 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def child_pids(pid: int, cmdline_has: bytes = b"") -> list[int]:
+    """Live child processes of ``pid`` whose command line contains ``cmdline_has`` (Linux)."""
+    out = []
+    for c in os.listdir("/proc"):
+        if not c.isdigit():
+            continue
+        try:
+            with open(f"/proc/{c}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{c}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if ppid == pid and cmdline_has in cmdline:
+            out.append(int(c))
+    return sorted(out)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,21 +115,16 @@ class ServerProcess:
         self.close()
         raise RuntimeError("server did not become healthy in time")
 
+    def core_pids(self) -> list[int]:
+        """The engine core processes (one per data-parallel replica): the server's spawned
+        children (not the resource tracker)."""
+        return child_pids(self.proc.pid, b"spawn_main")
+
     def core_pid(self) -> int:
-        """The engine core process: the server's spawned child (not the resource tracker)."""
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if ppid == self.proc.pid and b"spawn_main" in cmdline:
-                return int(pid)
-        raise RuntimeError("engine core process not found")
+        pids = self.core_pids()
+        if not pids:
+            raise RuntimeError("engine core process not found")
+        return pids[0]
 
     def output(self) -> str:
         self.log.seek(0)

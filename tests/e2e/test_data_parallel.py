@@ -91,42 +91,39 @@ def test_requests_spread_stick_to_prefixes_and_survive_a_replica(model_dir):
     asyncio.run(run())
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def assert_both_cores_serve(srv) -> list[int]:
+    """8 concurrent completions on a 2-replica server: both engine cores compute (an idle one
+    polls once a second); returns the cores' pids."""
+    import openai
+
+    from tests.e2e.server_utils import cpu_seconds
+    cores = srv.core_pids()
+    assert len(cores) == 2, cores
+    before = [cpu_seconds(c) for c in cores]
+    client = openai.AsyncOpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
+                                timeout=60)
+
+    async def run() -> list:
+        return await asyncio.gather(*(client.completions.create(
+            model="tiny", prompt=f"Request number {i} says", max_tokens=96,
+            extra_body={"ignore_eos": True}) for i in range(8)))
+
+    assert all(o.usage.completion_tokens == 96 for o in asyncio.run(run()))
+    used = [cpu_seconds(c) - b for c, b in zip(cores, before)]
+    assert min(used) > 0.05, used
+    return cores
 
 
 def test_server_dp2_serves_from_both_cores(model_dir):
     import httpx
     import openai
 
-    from tests.e2e.server_utils import ServerProcess
-    from tests.e2e.test_tensor_parallel import _children
+    from tests.e2e.server_utils import ServerProcess, child_pids
     srv = ServerProcess([model_dir, "--device", "cpu", "--data-parallel-size", "2",
                          "--max-model-len", "256", "--kv-cache-memory", str(8 << 20),
                          "--served-model-name", "tiny"])
     try:
-        cores = []
-        for c in _children(srv.proc.pid):
-            with open(f"/proc/{c}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    cores.append(c)
-        cores = [c for c in cores if _cpu_seconds(c) > 0.5]  # not the resource tracker
-        assert len(cores) == 2, cores
-        before = [_cpu_seconds(c) for c in cores]
-        client = openai.AsyncOpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
-                                    timeout=60)
-
-        async def run() -> list:
-            return await asyncio.gather(*(client.completions.create(
-                model="tiny", prompt=f"Request number {i} says", max_tokens=96,
-                extra_body={"ignore_eos": True}) for i in range(8)))
-
-        outs = asyncio.run(run())
-        assert all(o.usage.completion_tokens == 96 for o in outs)
-        used = [_cpu_seconds(c) - b for c, b in zip(cores, before)]
-        assert min(used) > 0.05, used  # both cores computed (an idle one polls once a second)
+        cores = assert_both_cores_serve(srv)
         metrics = httpx.get(srv.base_url + "/metrics", timeout=10).text
         line = next(x for x in metrics.splitlines()
                     if x.startswith("servelm:generation_tokens_total"))
@@ -145,7 +142,7 @@ def test_server_dp2_serves_from_both_cores(model_dir):
         while httpx.get(srv.base_url + "/health", timeout=10).status_code != 200:
             assert time.monotonic() - t0 < 60
             time.sleep(0.2)
-        alive = [c for c in _children(srv.proc.pid) if os.path.exists(f"/proc/{c}/cmdline")]
+        alive = child_pids(srv.proc.pid)
         assert cores[1] in alive and cores[0] not in alive
     finally:
         log = srv.close()

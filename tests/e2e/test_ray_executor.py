@@ -4,7 +4,6 @@ that dies stops the engine with its rank named, and a `-dp 2` server whose repli
 placed by one shared Ray instance serves from both replicas."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
@@ -41,36 +40,15 @@ def test_ray_tp2_matches_hf_and_a_dead_actor_stops_it(tiny_model_factory):
 
 
 def test_server_dp2_on_ray_serves_from_both_replicas(tmp_path):
-    import openai
-
     from tests.e2e.server_utils import ServerProcess, make_tiny_model
-    from tests.e2e.test_data_parallel import _cpu_seconds
-    from tests.e2e.test_tensor_parallel import _children
+    from tests.e2e.test_data_parallel import assert_both_cores_serve
     d = make_tiny_model(str(tmp_path))
     srv = ServerProcess([d, "--device", "cpu", "--data-parallel-size", "2",
                          "--distributed-executor-backend", "ray", "--max-model-len", "256",
                          "--kv-cache-memory", str(8 << 20), "--served-model-name", "tiny"],
                         env={"RAY_ADDRESS": ""})
     try:
-        cores = []
-        for c in _children(srv.proc.pid):
-            with open(f"/proc/{c}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    cores.append(c)
-        cores = [c for c in cores if _cpu_seconds(c) > 0.5]
-        assert len(cores) == 2, cores
-        before = [_cpu_seconds(c) for c in cores]
-        client = openai.AsyncOpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0,
-                                    timeout=60)
-
-        async def run() -> list:
-            return await asyncio.gather(*(client.completions.create(
-                model="tiny", prompt=f"Request number {i} says", max_tokens=96,
-                extra_body={"ignore_eos": True}) for i in range(8)))
-
-        assert all(o.usage.completion_tokens == 96 for o in asyncio.run(run()))
-        used = [_cpu_seconds(c) - b for c, b in zip(cores, before)]
-        assert min(used) > 0.05, used
+        assert_both_cores_serve(srv)
     finally:
         log = srv.close()
     assert "Started a local Ray instance" in log, log  # one, in the API process

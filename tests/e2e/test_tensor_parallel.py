@@ -145,29 +145,9 @@ def test_parallel_sizes_that_do_not_fit_are_refused(tiny_model_factory):
     assert cfg.kv_cache_spec()[0][1] == 1
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(p))
-            except OSError:
-                pass
-    return out
-
-
 def _workers_of(core_pid: int) -> list[int]:
-    found = []
-    for c in _children(core_pid):
-        try:
-            with open(f"/proc/{c}/cmdline", "rb") as f:
-                if b"servelm.executor.mp_worker" in f.read():
-                    found.append(c)
-        except OSError:
-            pass
-    return found
+    from tests.e2e.server_utils import child_pids
+    return child_pids(core_pid, b"servelm.executor.mp_worker")
 
 
 def test_server_tp2_worker_death_fails_requests_then_restarts(tmp_path):
