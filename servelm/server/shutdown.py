@@ -38,7 +38,10 @@ def begin(app: Any, grace_s: float) -> None:
     loop = asyncio.get_event_loop()
     delay = max(0.0, grace_s - min(_MARGIN_S, grace_s / 2))
     logger.warning("servelm: shutting down; requests in flight have %.1f s to finish", delay)
-    loop.call_later(delay, _end_requests, serving)
+    # begin() runs in uvicorn's signal handler, which can interrupt the loop inside its own
+    # bookkeeping: call_later from here once raised "list changed size during iteration" in
+    # the loop's timer heap; call_soon_threadsafe is the loop's entry for signal handlers
+    loop.call_soon_threadsafe(loop.call_later, delay, _end_requests, serving)
 
 
 def _end_requests(serving: Any) -> None:
