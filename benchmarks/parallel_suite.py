@@ -69,7 +69,29 @@ def offload_child(preset: str, gib: float) -> dict:
     return out
 
 
-def child(tp: int, preset: str, num_requests: int) -> dict:
+def profile_b2(llm, prompts, tp: int) -> None:
+    """torch.profiler over a B2-like batch (600 x 256 in / 64 out) on the driver (rank 0):
+    the top operators by device and by host time, written to $OUT/profile_tp{tp}.txt. Where
+    rank 0 waits in NCCL for later ranks, the all-reduce kernels' time shows it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from servelm import SamplingParams
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
+                     use_tqdm=False)
+        dt = time.perf_counter() - t
+    ka = prof.key_averages()
+    text = (f"tp={tp}: {len(prompts)} x 256 in / 64 out in {dt:.2f} s (profiled)\n"
+            + ka.table(sort_by="self_cuda_time_total", row_limit=25)
+            + ka.table(sort_by="self_cpu_time_total", row_limit=25))
+    out_dir = os.environ.get("OUT") or tempfile.gettempdir()
+    with open(os.path.join(out_dir, f"profile_tp{tp}.txt"), "w") as f:
+        f.write(text)
+
+
+def child(tp: int, preset: str, num_requests: int, profile: bool = False,
+          b2_only: bool = False) -> dict:
     import torch
 
     from benchmarks.gpu_suite import copy_bandwidth, random_prompts, run_offline
@@ -91,12 +113,14 @@ def child(tp: int, preset: str, num_requests: int) -> dict:
     llm.generate([b1], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
                  use_tqdm=False)
     runs = []
-    for _ in range(3):
+    for _ in range(0 if b2_only else 3):
         o = llm.generate([b1], SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
                          use_tqdm=False)[0]
         runs.append(255 / (o.metrics.last_token_time - o.metrics.first_token_time))
-    out["b1_tok_s"] = statistics.median(runs)
+    out["b1_tok_s"] = statistics.median(runs) if runs else float("nan")
     b2 = random_prompts(num_requests, [256] * num_requests, 1, V)
+    if profile:
+        profile_b2(llm, b2[:600], tp)
     r = run_offline(llm, b2, [256] * num_requests, "B2")
     out["b2_req_s"], out["b2_out_tok_s"] = r["req_s"], r["out_tok_s"]
     out["b2_step_ms"] = r.get("step_ms")
@@ -116,6 +140,11 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--num-requests", type=int, default=1000)
     ap.add_argument("--child-timeout", type=int, default=600)
+    ap.add_argument("--b2-only", action="store_true",
+                    help="with --child: skip B1 (for SERVELM_TORCH_PROFILER_STEPS windows "
+                         "counted from B2's first step, after one 16-token warm-up request)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile a B2-like batch on rank 0 ($OUT/profile_tp{N}.txt)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--offload-gb", type=float, default=None,
                     help="instead: one GPU with cpu_offload_gb=N (B1 and a batch of 256 "
@@ -132,7 +161,7 @@ def main() -> None:
             print(f"| {name} | {got:.1f} | {bound:.1f} | {100 * got / bound:.0f}% |")
         return
     if args.child is not None:
-        r = child(args.child, args.preset, args.num_requests)
+        r = child(args.child, args.preset, args.num_requests, args.profile, args.b2_only)
         print(f"engine shut down in {r['shutdown_s']:.1f} s", flush=True)
         return
     runs: dict = {tp: [] for tp in args.tp}
@@ -140,7 +169,8 @@ def main() -> None:
     for i in range(args.repeat):
         for tp in args.tp:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", str(tp), "--preset",
-                   args.preset, "--num-requests", str(args.num_requests)]
+                   args.preset, "--num-requests", str(args.num_requests)] + (
+                       ["--profile"] if args.profile and i == 0 else [])
             # files, not pipes: a worker process that outlives the child would hold a pipe
             # open, and a result printed before a hang still counts
             with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:

@@ -107,6 +107,8 @@ class ParallelConfig:
     # a name in servelm.executor.EXECUTORS: "uni" (this process), "mp" (a process per rank)
     distributed_executor_backend: str = "uni"
     cpu_offload_gb: float = 0.0
+    # GPUs: small tensor-parallel all-reduces use NCCL too, not the one-shot peer-memory one
+    disable_custom_all_reduce: bool = False
 
     @property
     def world_size(self) -> int:
@@ -262,6 +264,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     cpu_offload_gb: float = 0.0
+    disable_custom_all_reduce: bool = False  # tensor parallel on GPUs: NCCL for every size
     speculative_config: Any = None  # a dict (or its JSON text) with vLLM's keys; None: off
     # backend (auto | xgrammar), disable_any_whitespace, compile_timeout_s, max_cached_grammars
     structured_outputs_config: Any = None
@@ -313,7 +316,8 @@ class EngineArgs:
             load_format = "gguf" if str(model).endswith(".gguf") else "safetensors"
         dtype = _resolve_dtype(self.dtype, hf_config, device)
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size,
-                                  self.data_parallel_size, executor, self.cpu_offload_gb)
+                                  self.data_parallel_size, executor, self.cpu_offload_gb,
+                                  self.disable_custom_all_reduce)
         from servelm.distributed.validate import check_parallel
         check_parallel(parallel, hf_config, device)
         from servelm.quantization import resolve_quant_config
@@ -493,6 +497,9 @@ class EngineArgs:
           help="GiB of the first layers' weights kept in (pinned) host memory and streamed to "
                "the GPU ahead of use, double-buffered: a model larger than the GPU serves, at "
                "the speed of the host-to-device copies (dense weights; no CUDA graphs)")
+        a("--disable-custom-all-reduce", action="store_true",
+          help="tensor parallel on GPUs: NCCL for every all-reduce, instead of the one-shot "
+               "all-reduce over NVLink peer memory that small (decode) all-reduces use")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":

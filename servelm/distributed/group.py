@@ -15,15 +15,21 @@ class ParallelGroup:
     # a torch.distributed backend object (ProcessGroupGloo / ProcessGroupNCCL) built by the
     # executor and called directly, so no torch-global default group is needed; None alone
     group: Optional[Any] = None
+    # CUDA: the one-shot peer-memory all-reduce for small tensors (distributed/one_shot.py);
+    # None: every all-reduce goes through ``group``
+    one_shot: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside a group of {self.world_size}.")
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of x over the group's ranks, in place; x itself when alone."""
+        """Sum of x over the group's ranks: x itself when alone, x summed in place (NCCL,
+        gloo), or a new tensor (the one-shot all-reduce); use the returned tensor."""
         if self.world_size == 1:
             return x
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x)
         self.group.allreduce([x]).wait()
         return x
 

@@ -73,13 +73,29 @@ def stage_of(rank: int, tp: int, pp: int) -> tuple[int, int]:
     return pp - 1 - rank // tp, rank % tp
 
 
-def make_groups(store, rank: int, tp: int, pp: int, device: str) -> RankGroups:
+def make_groups(store, rank: int, parallel, device: str) -> RankGroups:
+    """Global rank ``rank``'s groups under ``parallel`` (a ParallelConfig). On GPUs the
+    tensor-parallel group's small all-reduces go through the one-shot peer-memory all-reduce
+    unless ``parallel.disable_custom_all_reduce``."""
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     stage, tp_rank = stage_of(rank, tp, pp)
     world = _backend(store, "world", rank, tp * pp, device)
+    tp_group = world if pp == 1 else _backend(store, f"tp{stage}", tp_rank, tp, device)
+    if not parallel.disable_custom_all_reduce and tp > 1 and device.startswith("cuda"):
+        import dataclasses
+
+        import torch
+        import torch.distributed as dist
+
+        from servelm.distributed.one_shot import build_one_shot
+        one_shot = build_one_shot(dist.PrefixStore(f"one_shot{stage}", store), tp_rank, tp,
+                                  torch.device(device), tp_group.group)
+        tp_group = dataclasses.replace(tp_group, one_shot=one_shot)
+        if pp == 1:
+            world = tp_group
     if pp == 1:
-        return RankGroups(world, world, ParallelGroup())
-    return RankGroups(world, _backend(store, f"tp{stage}", tp_rank, tp, device),
-                      _backend(store, f"pp{tp_rank}", stage, pp, device))
+        return RankGroups(world, tp_group, ParallelGroup())
+    return RankGroups(world, tp_group, _backend(store, f"pp{tp_rank}", stage, pp, device))
 
 
 def close_group(group: ParallelGroup, timeout_s: float = 10.0) -> None:
@@ -90,6 +106,8 @@ def close_group(group: ParallelGroup, timeout_s: float = 10.0) -> None:
     pg = group.group
     if pg is None:
         return
+    if group.one_shot is not None:
+        group.one_shot.close()
 
     def close() -> None:
         try:

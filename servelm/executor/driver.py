@@ -7,6 +7,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Union
 
+import torch
+
 from servelm.config import EngineConfig
 from servelm.core.step import ModelRunnerOutput, SchedulerOutput
 from servelm.executor.abstract import Executor, StepFuture
@@ -30,7 +32,7 @@ class DriverExecutor(Executor):
         from servelm.distributed.init import make_groups
         from servelm.worker.model_runner import ModelRunner
         cfg, pc = rank_config(config, 0), config.parallel
-        g = make_groups(store, 0, pc.tensor_parallel_size, pc.pipeline_parallel_size, cfg.device)
+        g = make_groups(store, 0, pc, cfg.device)
         groups.extend(g.distinct())
         self.runner = ModelRunner(cfg, g.tp, g.pp, g.world)
         self._calls = RankCalls(self.runner)  # the driver's steps bypass it (execute)
@@ -64,7 +66,8 @@ class DriverExecutor(Executor):
     def execute(self, sched: SchedulerOutput,
                 non_block: bool = False) -> Union[ModelRunnerOutput, StepFuture]:
         self._check()
-        self._send("execute", (sched,), reply=False)
+        with torch.profiler.record_function("servelm.send_step"):
+            self._send("execute", (sched,), reply=False)
         if self._thread is not None:
             fut = self._thread.submit(self._run_step, sched)
             return fut if non_block else fut.result()

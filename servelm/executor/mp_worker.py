@@ -112,8 +112,7 @@ def worker_main(conn: Any, rank: int) -> None:
         store = make_store(host, port, config.parallel.world_size, rank)
         conn.send(("joined", None))
         pc = config.parallel
-        groups = make_groups(store, rank, pc.tensor_parallel_size, pc.pipeline_parallel_size,
-                             cfg.device)
+        groups = make_groups(store, rank, pc, cfg.device)
         from servelm.worker.model_runner import ModelRunner
         calls = RankCalls(ModelRunner(cfg, groups.tp, groups.pp, groups.world))
         conn.send(("ready", None))

@@ -50,8 +50,7 @@ class _RankActor:
         from servelm.distributed.init import make_groups
         from servelm.worker.model_runner import ModelRunner
         pc = self.cfg.parallel
-        self.groups = make_groups(self.store, self.rank, pc.tensor_parallel_size,
-                                  pc.pipeline_parallel_size, self.cfg.device)
+        self.groups = make_groups(self.store, self.rank, pc, self.cfg.device)
         g = self.groups
         self.calls = RankCalls(ModelRunner(self.cfg, g.tp, g.pp, g.world))
 

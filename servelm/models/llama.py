@@ -238,7 +238,9 @@ class LlamaForCausalLM(nn.Module):
             part = dense_linear(hidden, self.embed_tokens.weight, use_kernel=self.use_kernels)
         else:
             part = self.lm_head(hidden)
-        return self.tp.all_gather(part.float(), dim=-1)  # [N, V / ws] per rank -> [N, V]
+        # [N, V / ws] per rank -> [N, V], gathered in the model dtype (half the bytes of fp32;
+        # the cast after the gather gives the same values)
+        return self.tp.all_gather(part, dim=-1).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in; every parameter (every part of a merged one) must be filled

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 def capture_sizes(max_bs: int) -> list[int]:
     """Dense where padding costs (small batches are weight-bound, so padding there is nearly
     free; large ones compute-bound) and few in all, since each size is one capture at start-up."""
-    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
+             640, 768, 896, 1024]
     out = sorted({s for s in sizes if s < max_bs} | {max_bs})
     return out
 

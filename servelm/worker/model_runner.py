@@ -138,6 +138,8 @@ class ModelRunner:
         # decode-only steps: CUDA graphs, or on the CPU the C decode step (cpu/decode_step.py)
         self.graphs: Optional[DecodeGraphs] = None
         self.swap: Optional[SwapSpace] = None  # host blocks for swap preemption
+        from servelm.worker.step_profiler import step_profiler_from_env
+        self.step_profiler = step_profiler_from_env(self.world.rank)  # None unless asked
 
     # ---- set-up ---------------------------------------------------------------------------
     def _load_model(self, tp: ParallelGroup) -> torch.nn.Module:
@@ -266,8 +268,12 @@ class ModelRunner:
                 and not self.config.parallel.cpu_offload_gb)  # (offload copies from hooks)
 
     def graph_max_bs(self) -> int:
-        # larger decode batches run eagerly: launch overhead is small against their compute
-        return min(self.config.scheduler.max_num_seqs, 512)
+        # larger decode batches run eagerly on one GPU: launch overhead is small against their
+        # compute. Tensor-parallel ranks compute 1/tp of it each, and an eager step's launches
+        # (with 2 all-reduces a layer) then take longer than its kernels (2 x H200, 600 rows of
+        # an 8B model: ~35 ms of host time a step against ~9 ms of device work), so their
+        # graphs go up to 1024 rows
+        return min(self.config.scheduler.max_num_seqs, 512 if self.tp.world_size == 1 else 1024)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.allocate_kv(num_blocks)
@@ -412,12 +418,15 @@ class ModelRunner:
         if s.total_num_scheduled_tokens == 0:
             self.sampling.update(self.batch.take_update(np.zeros(0, np.int64), None, []))
             return PendingOutput.ready(out)
-        inp = self._prepare_inputs(s)
+        if self.step_profiler is not None:
+            self.step_profiler.on_step()
+        with torch.profiler.record_function("servelm.prepare_inputs"):
+            inp = self._prepare_inputs(s)
         # before the forward: processors read the last step's tokens from the device buffers
         # this step's graph replay overwrites
         self.sampling.update(self.batch.take_update(inp.logits_rows, inp.logits_rows_t,
                                                     inp.drafts, inp.sample_pos))
-        graph_out = None
+        graph_out, hidden = None, None  # a graph's (logits, argmax); an eager forward's [T, hidden]
         gmeta = inp.meta if inp.meta.decode_only else inp.token_meta
         no_plp = self.graphs is not None and not wants_prompt_logprobs(self.batch, inp.rows,
                                                                        inp.starts)
