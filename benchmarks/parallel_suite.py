@@ -1,6 +1,6 @@
 """Tensor parallelism on the GPUs of one host against one GPU, in the same run, one table.
 
-    python benchmarks/parallel_suite.py [--tp 1 2] [--repeat 3] [--preset llama-3-8b]
+    python benchmarks/parallel_suite.py [--tp 1 2] [--pp 2] [--repeat 3] [--preset llama-3-8b]
     python benchmarks/parallel_suite.py --offload-gb 8     # one GPU, weights streamed
 
 Llama-3-8B-shaped dummy bf16 weights (``--preset``), random prompt ids, ignore_eos; every
@@ -91,7 +91,7 @@ def profile_b2(llm, prompts, tp: int) -> None:
 
 
 def child(tp: int, preset: str, num_requests: int, profile: bool = False,
-          b2_only: bool = False) -> dict:
+          b2_only: bool = False, pp: int = 1) -> dict:
     import torch
 
     from benchmarks.gpu_suite import copy_bandwidth, random_prompts, run_offline
@@ -99,11 +99,11 @@ def child(tp: int, preset: str, num_requests: int, profile: bool = False,
     from servelm.loader import preset_config
     cfg = preset_config(preset)
     V = cfg.vocab_size
-    out: dict = {"tp": tp, "copy_bw_TBps": copy_bandwidth() / 1e12}
+    out: dict = {"tp": tp, "pp": pp, "copy_bw_TBps": copy_bandwidth() / 1e12}
     torch.cuda.empty_cache()
     t = time.perf_counter()
     llm = LLM(preset, load_format="dummy", max_model_len=2048, seed=0, skip_tokenizer_init=True,
-              tensor_parallel_size=tp)
+              tensor_parallel_size=tp, pipeline_parallel_size=pp)
     out["init_s"] = time.perf_counter() - t
     model = llm.engine.core.executor.runner.model
     params = dict(model.named_parameters())
@@ -136,7 +136,10 @@ def child(tp: int, preset: str, num_requests: int, profile: bool = False,
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--pp", type=int, nargs="*", default=[],
+                    help="also these pipeline_parallel_size values (tensor_parallel_size 1)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--child-pp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--num-requests", type=int, default=1000)
     ap.add_argument("--child-timeout", type=int, default=600)
@@ -161,16 +164,20 @@ def main() -> None:
             print(f"| {name} | {got:.1f} | {bound:.1f} | {100 * got / bound:.0f}% |")
         return
     if args.child is not None:
-        r = child(args.child, args.preset, args.num_requests, args.profile, args.b2_only)
+        r = child(args.child, args.preset, args.num_requests, args.profile, args.b2_only,
+                  args.child_pp)
         print(f"engine shut down in {r['shutdown_s']:.1f} s", flush=True)
         return
-    runs: dict = {tp: [] for tp in args.tp}
+    # (tensor_parallel_size, pipeline_parallel_size) of each configuration, the first the base
+    confs = [(tp, 1) for tp in args.tp] + [(1, pp) for pp in args.pp]
+    label = lambda c: f"tp={c[0]}" if c[1] == 1 else f"pp={c[1]}"  # noqa: E731
+    runs: dict = {c: [] for c in confs}
     out_dir = os.environ.get("OUT")
     for i in range(args.repeat):
-        for tp in args.tp:
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", str(tp), "--preset",
-                   args.preset, "--num-requests", str(args.num_requests)] + (
-                       ["--profile"] if args.profile and i == 0 else [])
+        for c in confs:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", str(c[0]), "--child-pp",
+                   str(c[1]), "--preset", args.preset, "--num-requests",
+                   str(args.num_requests)] + (["--profile"] if args.profile and i == 0 else [])
             # files, not pipes: a worker process that outlives the child would hold a pipe
             # open, and a result printed before a hang still counts
             with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
@@ -180,33 +187,37 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-                    print(f"tp={tp} run {i}: the process did not exit in {args.child_timeout} s",
-                          flush=True)
+                    print(f"{label(c)} run {i}: the process did not exit in "
+                          f"{args.child_timeout} s", flush=True)
                 fo.seek(0)
                 fe.seek(0)
                 stdout, stderr = fo.read(), fe.read()
             line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
-                print(f"tp={tp} run {i} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}", flush=True)
+                print(f"{label(c)} run {i} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}",
+                      flush=True)
                 continue
             r = json.loads(line[0][7:])
-            runs[tp].append(r)
-            print(f"run {i} tp={tp}: {r}", flush=True)
+            runs[c].append(r)
+            print(f"run {i} {label(c)}: {r}", flush=True)
             if out_dir:
                 with open(os.path.join(out_dir, "parallel_suite.json"), "w") as f:
-                    json.dump(runs, f, indent=2)
-    med = lambda tp, k: statistics.median(r[k] for r in runs[tp]) if runs[tp] else float("nan")  # noqa: E731
-    base = args.tp[0]
-    print(f"\n{args.preset}, dummy bf16, medians of {args.repeat} fresh runs per size")
-    print("| tensor_parallel_size | B1 tok/s | vs tp=%d | B1 %% of roofline | B2 req/s | vs tp=%d "
-          "| init s |" % (base, base))
+                    json.dump({label(k): v for k, v in runs.items()}, f, indent=2)
+    med = lambda c, k: statistics.median(r[k] for r in runs[c]) if runs[c] else float("nan")  # noqa: E731
+    base = confs[0]
+    print(f"\n{args.preset}, dummy bf16, medians of {args.repeat} fresh runs per configuration")
+    print(f"| configuration | B1 tok/s | vs {label(base)} | B1 % of roofline | B2 req/s | "
+          f"vs {label(base)} | init s |")
     print("|---|---|---|---|---|---|---|")
-    for tp in args.tp:
-        roof = med(tp, "copy_bw_TBps") * 1e12 / (med(tp, "rank_weight_GB") * 1e9)
-        print(f"| {tp} | {med(tp, 'b1_tok_s'):.1f} | {med(tp, 'b1_tok_s') / med(base, 'b1_tok_s'):.2f}x "
-              f"| {100 * med(tp, 'b1_tok_s') / roof:.0f}% of {roof:.0f} | {med(tp, 'b2_req_s'):.2f} "
-              f"| {med(tp, 'b2_req_s') / med(base, 'b2_req_s'):.2f}x | {med(tp, 'init_s'):.0f} |")
-
+    for c in confs:
+        # tensor-parallel ranks read their shards at once; stages one after another (no
+        # per-rank roofline for B1 there)
+        roof = med(c, "copy_bw_TBps") * 1e12 / (med(c, "rank_weight_GB") * 1e9)
+        pct = f"{100 * med(c, 'b1_tok_s') / roof:.0f}% of {roof:.0f}" if c[1] == 1 else "-"
+        print(f"| {label(c)} | {med(c, 'b1_tok_s'):.1f} | "
+              f"{med(c, 'b1_tok_s') / med(base, 'b1_tok_s'):.2f}x | {pct} | "
+              f"{med(c, 'b2_req_s'):.2f} | {med(c, 'b2_req_s') / med(base, 'b2_req_s'):.2f}x "
+              f"| {med(c, 'init_s'):.0f} |")
 
 if __name__ == "__main__":
     main()
