@@ -28,8 +28,11 @@ class StepProfiler:
     def on_step(self) -> None:
         """Called as each step with tokens starts."""
         if self.step == self.first:
+            import torch
             from torch.profiler import ProfilerActivity, profile
-            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                             if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
             self.prof.start()
         elif self.step == self.last and self.prof is not None:
             import torch
