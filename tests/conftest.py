@@ -39,6 +39,18 @@ def _make_config(arch: str):
         return tf.Qwen2Config(**TINY)
     if arch == "qwen3":
         return tf.Qwen3Config(**{**TINY, "head_dim": 32})
+    # mixtures of experts: 8 experts (4 under 32 hidden are too few to route unevenly), top 2
+    if arch == "mixtral":
+        return tf.MixtralConfig(**{**TINY, "num_local_experts": 8, "num_experts_per_tok": 2})
+    if arch == "qwen2-moe":  # a gated shared expert; layer 1 dense (mlp_only_layers)
+        return tf.Qwen2MoeConfig(**{**TINY, "num_experts": 8, "num_experts_per_tok": 2,
+                                    "moe_intermediate_size": 48,
+                                    "shared_expert_intermediate_size": 96,
+                                    "mlp_only_layers": [1], "norm_topk_prob": False})
+    if arch == "qwen3-moe":  # renormalised top-k, sparse every other layer
+        return tf.Qwen3MoeConfig(**{**TINY, "head_dim": 32, "num_experts": 8,
+                                    "num_experts_per_tok": 3, "moe_intermediate_size": 48,
+                                    "decoder_sparse_step": 2, "norm_topk_prob": True})
     raise KeyError(arch)
 
 

@@ -3,13 +3,23 @@ from __future__ import annotations
 
 from typing import Any
 
+
+def mlp_widths(hf_config: Any) -> list[int]:
+    """The feed-forward widths tensor parallelism splits: the dense MLP's, and a mixture of
+    experts' per-expert and shared-expert widths."""
+    return [w for w in (hf_config.intermediate_size,
+                        getattr(hf_config, "moe_intermediate_size", 0),
+                        getattr(hf_config, "shared_expert_intermediate_size", 0)) if w]
+
+
 def tp_fits(tp: int, hf_config: Any) -> bool:
-    """Query heads, MLP width and vocabulary split evenly; KV heads split evenly or are
+    """Query heads, MLP widths and vocabulary split evenly; KV heads split evenly or are
     replicated (tp a multiple of them)."""
     heads = hf_config.num_attention_heads
     kv = getattr(hf_config, "num_key_value_heads", None) or heads
     return (heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
-            and hf_config.intermediate_size % tp == 0 and hf_config.vocab_size % tp == 0)
+            and all(w % tp == 0 for w in mlp_widths(hf_config))
+            and hf_config.vocab_size % tp == 0)
 
 
 def check_parallel(pc: Any, hf_config: Any, device: str) -> None:
@@ -26,8 +36,8 @@ def check_parallel(pc: Any, hf_config: Any, device: str) -> None:
         kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
         raise ValueError(
             f"tensor_parallel_size={tp} does not divide the model: {hf_config.num_attention_heads}"
-            f" attention heads, {kv} KV heads, intermediate size "
-            f"{hf_config.intermediate_size}, vocabulary {hf_config.vocab_size}; sizes that fit: "
+            f" attention heads, {kv} KV heads, intermediate sizes "
+            f"{mlp_widths(hf_config)}, vocabulary {hf_config.vocab_size}; sizes that fit: "
             f"{fits}.")
     gpus = pc.world_size * pc.data_parallel_size
     pp = pc.pipeline_parallel_size

@@ -47,6 +47,15 @@ class ArchConfig:
     pad_token_id: TokenIds = None
     # end-of-turn/-message ids that also end generation (GGUF: eos, eot, eom), deduplicated
     eog_token_ids: list[int] = field(default_factory=list)
+    # mixtures of experts (models/moe.py): Mixtral's num_local_experts, Qwen's num_experts, ...
+    num_local_experts: int = 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
     torch_dtype: Optional[str] = None
     name_or_path: str = ""
 

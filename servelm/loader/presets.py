@@ -67,6 +67,17 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
         "rope_theta": 1000000.0, "tie_word_embeddings": False, "use_sliding_window": False,
         "bos_token_id": 151643, "eos_token_id": 151645,
     }),
+    # Qwen/Qwen3-30B-A3B: 128 experts of 768, 8 routed a token (~3.3B of 30.5B parameters active)
+    "qwen3-30b-a3b": MappingProxyType({
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+        "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+        "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "vocab_size": 151936, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "tie_word_embeddings": False, "use_sliding_window": False,
+        "bos_token_id": 151643, "eos_token_id": 151645,
+    }),
     # HuggingFaceTB/SmolLM2-135M-Instruct: the shape of the embedded default GGUF
     "smollm2-135m": MappingProxyType({
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],

@@ -67,8 +67,9 @@ class LlamaArgs:
             vocab_size=c.vocab_size, rms_norm_eps=c.rms_norm_eps,
             max_position=getattr(c, "max_position_embeddings", 8192),
             rope_theta=float(rope["rope_theta"]), rope_scaling=rope,
-            qkv_bias=model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qkv_bias=(model_type in ("qwen2", "qwen2_moe")
+                      or bool(getattr(c, "attention_bias", False))),
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
 
 
@@ -115,12 +116,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str) -> None:
+    def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str,
+                 intermediate_size: int = 0) -> None:
         super().__init__()
-        self.gate_up_proj = o.linear(f"{prefix}.gate_up_proj", a.hidden_size,
-                                     [a.intermediate_size] * 2, parallel="column")
-        self.down_proj = o.linear(f"{prefix}.down_proj", a.intermediate_size, a.hidden_size,
-                                  parallel="row")
+        inter = intermediate_size or a.intermediate_size  # (a MoE's shared expert: its own)
+        self.gate_up_proj = o.linear(f"{prefix}.gate_up_proj", a.hidden_size, [inter] * 2,
+                                     parallel="column")
+        self.down_proj = o.linear(f"{prefix}.down_proj", inter, a.hidden_size, parallel="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [T, hidden] -> gate | up [T, 2I] -> down(silu(gate) * up) [T, hidden]; the down
@@ -129,10 +131,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str) -> None:
+    def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(a, o, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(a, o, f"{prefix}.mlp")
+        self.mlp = mlp  # [T, hidden] -> [T, hidden]: dense, or a mixture of experts
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, o.use_kernels)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, o.use_kernels)
 
@@ -176,9 +178,9 @@ class LlamaForCausalLM(nn.Module):
         # the logits
         self.embed_tokens = (VocabParallelEmbedding(a.vocab_size, a.hidden_size, tp)
                              if self.first_stage else nn.Identity())
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, o, f"layers.{i}")
-                                    if self.start <= i < self.end else nn.Identity()
-                                    for i in range(a.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(a, o, f"layers.{i}", self.build_mlp(hf_config, o, i))
+            if self.start <= i < self.end else nn.Identity() for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels) if self.last_stage else None
         # the head is dense (vLLM's default) unless the QuantConfig quantizes it; a tied head is
         # the embedding itself, or a quantized copy of it (or, on a last stage without the
@@ -192,6 +194,19 @@ class LlamaForCausalLM(nn.Module):
                         if self.last_stage and own_head else None)
         self.use_kernels = use_kernels
         self.quantization = quantization
+
+    def build_mlp(self, hf_config: Any, o: LayerOptions, layer: int) -> nn.Module:
+        """Layer ``layer``'s feed-forward block (a subclass's may be a mixture of experts)."""
+        return LlamaMLP(self.args, o, f"layers.{layer}.mlp")
+
+    def rename(self, name: str) -> str:
+        """A checkpoint tensor's name (without "model.") as this model's modules call it."""
+        return name
+
+    def load_special(self, name: str, tensor: torch.Tensor) -> list[str]:
+        """The loaded-keys of a checkpoint tensor this model loads itself (a subclass's
+        experts), or [] for the common path."""
+        return []
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -248,10 +263,14 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            name = name.removeprefix("model.")
+            name = self.rename(name.removeprefix("model."))
             if "rotary_emb" in name:
                 continue
             if not self._on_this_stage(name):
+                continue
+            special = self.load_special(name, tensor)
+            if special:
+                loaded.update(special)
                 continue
             if name == "lm_head.weight" and self.args.tie_word_embeddings:
                 continue  # tied: the embedding serves as the head (or its quantized copy)
@@ -294,6 +313,8 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(mod, Linear):
                 expected.update(f"{mod_name}.{p}#{i}" for p in mod.method.checkpoint_names
                                 for i in range(mod.num_parts))
+            elif hasattr(mod, "checkpoint_keys"):  # loaded through load_special
+                expected.update(mod.checkpoint_keys(mod_name))
             else:
                 expected.update(f"{mod_name}.{p}" if mod_name else p
                                 for p, _ in mod.named_parameters(recurse=False))

@@ -16,10 +16,16 @@ MODELS = MappingProxyType({
     "MistralForCausalLM": "servelm.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "servelm.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "servelm.models.llama:LlamaForCausalLM",
+    "MixtralForCausalLM": "servelm.models.moe:MoEForCausalLM",
+    "Qwen2MoeForCausalLM": "servelm.models.moe:MoEForCausalLM",
+    "Qwen3MoeForCausalLM": "servelm.models.moe:MoEForCausalLM",
 })
 # model_type -> architecture, for configs without `architectures`
 MODEL_TYPES = MappingProxyType({"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"})
+                                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                "mixtral": "MixtralForCausalLM",
+                                "qwen2_moe": "Qwen2MoeForCausalLM",
+                                "qwen3_moe": "Qwen3MoeForCausalLM"})
 
 
 def resolve_architecture(hf_config: Any) -> str:

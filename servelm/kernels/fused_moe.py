@@ -1,0 +1,121 @@
+"""Mixture-of-experts feed-forward in two grouped GEMM launches (all experts in one each):
+
+    x [T, H] --(each token's top-k experts' w13)--> [T*k, 2I] --silu*up--> [T*k, I]
+             --(w2, times the routing weight)--> [T*k, H] --sum over k--> [T, H]
+
+The (token, choice) pairs are sorted by expert and each expert's run padded to BLOCK_M rows
+(``moe_align``, on the device with no host sync, so a decode step stays capturable in a CUDA
+graph); a program then multiplies one BLOCK_M x BLOCK_N tile of one expert, gathering its rows
+of the activations by index and reading that expert's weight tile. Padding rows carry the
+index T*k and are neither read nor written. The plain PyTorch reference (a loop over experts,
+also the CPU path) is ``servelm.layers.fused_moe.fused_experts_ref``."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from servelm.kernels.activation import silu_and_mul
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_ids [T, k] -> (sorted_ids [P], block_experts [P // block_m]) with P the most rows
+    padding can need (T*k + E*(block_m - 1), rounded up to block_m): the (token, choice) pair
+    indices grouped by expert, each expert's group padded with T*k to a multiple of block_m,
+    then T*k to the end; block_experts[b] is the expert of rows b*block_m.., -1 past the last
+    group. Device ops only (no host sync)."""
+    dev = topk_ids.device
+    n = topk_ids.numel()
+    P = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    # [E] (scatter_add, not bincount: bincount's output size needs a host sync on CUDA)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
+        0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = torch.cumsum(padded, 0) - padded  # [E]: each expert's first row
+    order = torch.argsort(flat, stable=True)  # pair indices grouped by expert
+    e_sorted = flat[order]
+    first_of_e = torch.cumsum(counts, 0) - counts  # [E]: each expert's first slot in `order`
+    rank = torch.arange(n, device=dev) - first_of_e[e_sorted]  # place within its expert
+    sorted_ids = torch.full((P,), n, dtype=torch.int64, device=dev)
+    sorted_ids[starts[e_sorted] + rank] = order
+    # expert of each block: the last expert whose start is <= the block's first row (blocks
+    # past the total of padded groups: -1)
+    block_start = torch.arange(0, P, block_m, device=dev)
+    total = padded.sum()
+    be = torch.searchsorted(starts, block_start, right=True) - 1
+    # experts with no rows share their start with the next one: searchsorted(right) picks the
+    # last of them, which is the one whose rows begin there
+    block_experts = torch.where(block_start < total, be, torch.full_like(be, -1))
+    return sorted_ids, block_experts
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr,
+                     N, K, num_pairs, stride_am, stride_we, stride_wn, stride_cm,
+                     TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[pair, n] = sum_k A[row(pair), k] * W[expert, n, k] (x routing weight of the pair),
+    for the pairs of one block of sorted_ids and one BLOCK_N slice of N. row(pair) is
+    pair // TOP_K when A holds one row per token, else pair."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(expert_ptr + pid_m)
+    if expert >= 0:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pairs = tl.load(sorted_ptr + rows)
+        valid = pairs < num_pairs
+        a_rows = pairs // TOP_K if A_PER_TOKEN else pairs
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :],
+                        mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
+                        mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
+            acc = tl.dot(a, w, acc)
+        if MUL_WEIGHT:
+            rw = tl.load(weight_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+            acc = acc * rw[:, None]
+        tl.store(c_ptr + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :],
+                 acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, topk_weights: torch.Tensor,
+              sorted_ids: torch.Tensor, block_experts: torch.Tensor, top_k: int,
+              a_per_token: bool, mul_weight: bool, block_m: int) -> None:
+    # a [rows, K] (K contiguous); w [E, N, K] (K contiguous); out [T*k, N]
+    E, N, K = w.shape
+    block_n = min(64, max(16, triton.next_power_of_2(N)))
+    block_k = min(64, max(16, triton.next_power_of_2(K)))
+    grid = (block_experts.numel(), triton.cdiv(N, block_n))
+    _moe_gemm_kernel[grid](
+        a, w, out, topk_weights, sorted_ids, block_experts, N, K, out.shape[0],
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        TOP_K=top_k, A_PER_TOKEN=a_per_token, MUL_WEIGHT=mul_weight,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """fused_experts_ref's contract in two grouped GEMM launches (plus the activation and the
+    sum over the k choices)."""
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    k = topk_ids.shape[1]
+    x = x.contiguous()
+    # decode batches route few pairs to each expert: small row blocks pad less
+    block_m = 16 if T * k <= 64 * E else 64
+    sorted_ids, block_experts = moe_align(topk_ids, E, block_m)
+    weights = topk_weights.reshape(-1).contiguous()
+    h = torch.empty(T * k, two_i, dtype=x.dtype, device=x.device)
+    _moe_gemm(x, w13, h, weights, sorted_ids, block_experts, k, True, False, block_m)
+    act = silu_and_mul(h)  # [T*k, I]
+    y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
+    _moe_gemm(act, w2, y, weights, sorted_ids, block_experts, k, False, True, block_m)
+    return y.view(T, k, H).sum(1).to(x.dtype)

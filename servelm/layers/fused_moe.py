@@ -1,0 +1,111 @@
+"""The routed experts of a mixture-of-experts layer: every expert's gate/up and down weights
+stacked into two tensors, run by the fused grouped-GEMM kernel on GPUs (kernels/fused_moe.py)
+or its PyTorch reference elsewhere. Under tensor parallelism each rank holds every expert's
+slice of the intermediate dimension (gate/up rows, down columns), so the output is a partial
+sum the caller all-reduces."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from servelm.distributed import ParallelGroup, shard_range
+
+# checkpoint names of an expert's three matrices -> (which, ...): Mixtral's w1/w3/w2 and the
+# Qwen families' gate/up/down projections
+EXPERT_PARTS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+                "w1": "gate", "w3": "up", "w2": "down"}
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] fp32, expert ids [T, k]): softmax in fp32 over
+    all experts, the top k, renormalised to sum to 1 when the family does (Mixtral always,
+    Qwen-MoE by ``norm_topk_prob``)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I]; topk_weights
+    [T, k] (x's dtype or fp32); topk_ids [T, k] -> [T, H] in x's dtype: for each token, the sum
+    over its k experts of weight * down(silu(gate(x)) * up(x)), summed in fp32."""
+    T, H = x.shape
+    inter = w2.shape[2]
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    flat_ids = topk_ids.reshape(-1)
+    for e in torch.unique(flat_ids).tolist():
+        pos = (flat_ids == e).nonzero(as_tuple=True)[0]  # (token, choice) pairs routed to e
+        tok = pos // topk_ids.shape[1]
+        h = x[tok] @ w13[e].t()  # [n, 2I]
+        act = F.silu(h[:, :inter]) * h[:, inter:]
+        y = (act @ w2[e].t()).float() * topk_weights.reshape(-1)[pos, None].float()
+        out.index_add_(0, tok, y)
+    return out.to(x.dtype)
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 use_kernels: bool = False, tp: ParallelGroup = ParallelGroup(),
+                 prefix: str = "") -> None:
+        super().__init__()
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.tp, self.prefix, self.use_kernels = tp, prefix, use_kernels
+        self.i_lo, self.i_hi = shard_range(intermediate_size, tp, f"{prefix} expert intermediate")
+        inter = self.i_hi - self.i_lo
+        # w13: [E, 2 * I / ws, H] (this rank's gate rows, then its up rows); w2: [E, H, I / ws]
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size),
+                                       requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, inter),
+                                      requires_grad=False)
+
+    def checkpoint_keys(self, mod_name: str) -> set[str]:
+        """What load_expert must have seen: each expert's gate, up and down."""
+        return {f"{mod_name}.{e}.{p}" for e in range(self.num_experts)
+                for p in ("gate", "up", "down")}
+
+    def load_expert(self, expert: int, part: str, full: torch.Tensor) -> None:
+        """full: one expert's checkpoint matrix (gate/up [I, H], down [H, I]); this rank's
+        slice is copied."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"{self.prefix}: expert {expert} is outside the model's "
+                             f"{self.num_experts}.")
+        inter = self.i_hi - self.i_lo
+        if part == "down":
+            self._copy(self.w2_weight.data[expert], full[:, self.i_lo:self.i_hi], part)
+        else:
+            rows = slice(0, inter) if part == "gate" else slice(inter, 2 * inter)
+            self._copy(self.w13_weight.data[expert, rows], full[self.i_lo:self.i_hi], part)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, part: str) -> None:
+        if dst.shape != src.shape:
+            raise ValueError(f"{self.prefix}: expert {part} slice has shape {tuple(src.shape)}, "
+                             f"the model expects {tuple(dst.shape)}")
+        dst.copy_(src)
+
+    def load_stacked(self, name: str, full: torch.Tensor) -> list[tuple[int, str]]:
+        """Transformers 5's in-memory layout, every expert in one tensor: ``gate_up_proj``
+        [E, 2I, H] or ``down_proj`` [E, H, I]; the (expert, part) pairs it filled."""
+        inter = full.shape[1] // 2 if name == "gate_up_proj" else full.shape[2]
+        done = []
+        for e in range(full.shape[0]):
+            if name == "gate_up_proj":
+                self.load_expert(e, "gate", full[e, :inter])
+                self.load_expert(e, "up", full[e, inter:])
+                done += [(e, "gate"), (e, "up")]
+            else:
+                self.load_expert(e, "down", full[e])
+                done.append((e, "down"))
+        return done
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights/ids [T, k] -> [T, H]: this rank's partial sum over the
+        intermediate slice (all-reduced by the caller under tensor parallelism)."""
+        if self.use_kernels:
+            from servelm.kernels.fused_moe import fused_experts
+            return fused_experts(x, self.w13_weight, self.w2_weight, weights, ids)
+        return fused_experts_ref(x, self.w13_weight, self.w2_weight, weights, ids)

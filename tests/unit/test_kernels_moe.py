@@ -1,0 +1,77 @@
+"""The fused MoE kernel (two grouped GEMM launches over tokens sorted by expert) against its
+PyTorch reference on random inputs of many shapes, uneven and empty expert loads included; and
+the device-side sort (moe_align) by its invariants. CUDA, or the CPU under
+TRITON_INTERPRET=1."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from servelm.kernels.fused_moe import fused_experts, moe_align  # noqa: E402
+from servelm.layers.fused_moe import fused_experts_ref, select_experts  # noqa: E402
+
+from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
+pytestmark = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
+                                reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter")
+
+# (tokens, hidden, expert intermediate, experts, top k)
+SHAPES = [(1, 32, 48, 4, 2), (7, 64, 40, 8, 2), (40, 48, 80, 6, 3), (3, 32, 32, 4, 4),
+          (70, 32, 24, 8, 1)]
+if ON_CUDA:
+    SHAPES += [(512, 1024, 768, 16, 2), (3, 2048, 1408, 60, 4), (257, 512, 1536, 8, 2)]
+
+
+def _case(T, H, I, E, k, dtype, seed, skew=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(dtype).to(DEVICE)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(dtype).to(DEVICE)
+    w2 = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(dtype).to(DEVICE)
+    logits = torch.randn(T, E, generator=g)
+    if skew:  # most tokens to expert 0, none to the last experts
+        logits[:, 0] += 6.0
+        logits[:, E // 2:] -= 30.0
+    weights, ids = select_experts(logits.to(DEVICE), k, renormalize=True)
+    return x, w13, w2, weights, ids
+
+
+# Triton's interpreter returns garbage from tl.dot on bf16 operands (tests/unit/test_kernels.py):
+# bf16 runs on CUDA, fp16 everywhere
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("skew", [False, True])
+def test_fused_experts_matches_reference(shape, dtype, skew):
+    T, H, I, E, k = shape
+    x, w13, w2, weights, ids = _case(T, H, I, E, k, dtype, seed=sum(shape), skew=skew)
+    got = fused_experts(x, w13, w2, weights, ids)
+    want = fused_experts_ref(x, w13, w2, weights, ids)
+    assert got.shape == (T, H) and got.dtype == dtype
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    tol = dict(rtol=tol, atol=tol)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@pytest.mark.parametrize("T,E,k,block", [(1, 4, 2, 16), (9, 8, 3, 4), (50, 6, 2, 16)])
+def test_moe_align_invariants(T, E, k, block):
+    g = torch.Generator().manual_seed(T * E)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEVICE)
+    sorted_ids, block_experts = moe_align(ids, E, block)
+    n = T * k
+    s, be = sorted_ids.cpu(), block_experts.cpu()
+    flat = ids.reshape(-1).cpu()
+    real = s[s < n]
+    assert sorted(real.tolist()) == list(range(n))  # every pair exactly once
+    assert s.numel() % block == 0 and be.numel() == s.numel() // block
+    for b in range(be.numel()):
+        rows = s[b * block:(b + 1) * block]
+        rows = rows[rows < n]
+        if be[b] < 0:
+            assert rows.numel() == 0
+        else:
+            assert (flat[rows] == be[b]).all()  # a block holds one expert's pairs
+    used = be[be >= 0]
+    assert (used[1:] >= used[:-1]).all()  # experts in order, each a run of blocks
