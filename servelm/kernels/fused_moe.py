@@ -51,11 +51,16 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     return sorted_ids, block_experts
 
 
+# at most this many (token, choice) pairs: one block per pair, no sort (fused_experts)
+DECODE_PAIRS = 32
+
+
 @triton.jit
 def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr,
                      N, K, num_pairs, stride_am, stride_we, stride_wn, stride_cm,
                      TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
     """C[pair, n] = sum_k A[row(pair), k] * W[expert, n, k] (x routing weight of the pair),
     for the pairs of one block of sorted_ids and one BLOCK_N slice of N. row(pair) is
     pair // TOP_K when A holds one row per token, else pair."""
@@ -78,7 +83,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr,
                         mask=valid[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
                         mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
-            acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if MUL_WEIGHT:
             rw = tl.load(weight_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
             acc = acc * rw[:, None]
@@ -98,6 +103,8 @@ def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, topk_weights:
         a, w, out, topk_weights, sorted_ids, block_experts, N, K, out.shape[0],
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         TOP_K=top_k, A_PER_TOKEN=a_per_token, MUL_WEIGHT=mul_weight,
+        # fp32 models (the reference tests) multiply in fp32, not TF32
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
@@ -109,9 +116,18 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
     x = x.contiguous()
-    # decode batches route few pairs to each expert: small row blocks pad less
-    block_m = 16 if T * k <= 64 * E else 64
-    sorted_ids, block_experts = moe_align(topk_ids, E, block_m)
+    if T * k <= DECODE_PAIRS:
+        # a decode step's few pairs: one block per pair, in the order routed (no sort: 3
+        # small ops instead of moe_align's ~15, which dominate a batch-1 step; an expert two
+        # tokens share is read twice, rare at these sizes)
+        block_m = 16
+        sorted_ids = torch.full((T * k, block_m), T * k, dtype=torch.int64, device=x.device)
+        sorted_ids[:, 0] = torch.arange(T * k, device=x.device)
+        sorted_ids, block_experts = sorted_ids.view(-1), topk_ids.reshape(-1)
+    else:
+        # larger batches route many pairs to each expert: small row blocks pad less
+        block_m = 16 if T * k <= 64 * E else 64
+        sorted_ids, block_experts = moe_align(topk_ids, E, block_m)
     weights = topk_weights.reshape(-1).contiguous()
     h = torch.empty(T * k, two_i, dtype=x.dtype, device=x.device)
     _moe_gemm(x, w13, h, weights, sorted_ids, block_experts, k, True, False, block_m)
