@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from servelm.kernels.activation import silu_and_mul
+from servelm.kernels.activation import silu_mul_rounded
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
@@ -56,53 +56,112 @@ DECODE_PAIRS = 32
 
 
 @triton.jit
+def _route_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOP_K: tl.constexpr,
+                  RENORM: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One token: softmax over its E router logits (fp32), the TOP_K largest (ties: the lower
+    expert id first, as torch.topk), renormalised to sum 1 when RENORM."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    ok = offs < E
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=ok, other=-float("inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = p / tl.sum(p, 0)
+    p = tl.where(ok, p, -1.0)
+    total = 0.0
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, offs, BLOCK_E), 0)
+        tl.store(w_ptr + t * TOP_K + j, best)
+        tl.store(ids_ptr + t * TOP_K + j, idx.to(tl.int64))
+        total += best
+        p = tl.where(offs == idx, -1.0, p)
+    if RENORM:
+        for j in tl.static_range(TOP_K):
+            w = tl.load(w_ptr + t * TOP_K + j)
+            tl.store(w_ptr + t * TOP_K + j, w / total)
+
+
+def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """select_experts (layers/fused_moe.py) in one launch: router_logits [T, E] ->
+    (weights [T, k] fp32, ids [T, k] int64)."""
+    T, E = router_logits.shape
+    logits = router_logits.contiguous()
+    w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    if T:
+        _route_kernel[(T,)](logits, w, ids, E, logits.stride(0), TOP_K=top_k, RENORM=renormalize,
+                            BLOCK_E=max(16, triton.next_power_of_2(E)), num_warps=4)
+    return w, ids
+
+
+@triton.jit
 def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr,
                      N, K, num_pairs, stride_am, stride_we, stride_wn, stride_cm,
                      TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                     SILU_MUL: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     """C[pair, n] = sum_k A[row(pair), k] * W[expert, n, k] (x routing weight of the pair),
-    for the pairs of one block of sorted_ids and one BLOCK_N slice of N. row(pair) is
-    pair // TOP_K when A holds one row per token, else pair."""
+    for the pairs of one block and one BLOCK_N slice of N. row(pair) is pair // TOP_K when A
+    holds one row per token, else pair. SILU_MUL: W's rows N.. are the up projection, and C
+    gets silu(gate) * up (rounded as the activation kernel rounds). PAIR_BLOCKS: block b is
+    pair b alone (expert_ptr: each pair's expert), else the rows of sorted_ptr's block b."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(expert_ptr + pid_m)
     if expert >= 0:
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pairs = tl.load(sorted_ptr + rows)
+        rows = tl.arange(0, BLOCK_M)
+        if PAIR_BLOCKS:
+            pairs = tl.where(rows == 0, pid_m, num_pairs).to(tl.int64)
+        else:
+            pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + rows)
         valid = pairs < num_pairs
         a_rows = pairs // TOP_K if A_PER_TOKEN else pairs
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         w_base = w_ptr + expert.to(tl.int64) * stride_we
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
             a = tl.load(a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :],
                         mask=valid[:, None] & k_ok[None, :], other=0.0)
+            wmask = n_ok[None, :] & k_ok[:, None]
             w = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
-                        mask=n_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_N]
+                        mask=wmask, other=0.0)  # [BLOCK_K, BLOCK_N]
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        if MUL_WEIGHT:
-            rw = tl.load(weight_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
-            acc = acc * rw[:, None]
+            if SILU_MUL:
+                u = tl.load(w_base + (N + offs_n[None, :]).to(tl.int64) * stride_wn
+                            + offs_k[:, None], mask=wmask, other=0.0)
+                acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
+        if SILU_MUL:
+            dt = c_ptr.dtype.element_ty
+            out = silu_mul_rounded(acc.to(dt), acc_up.to(dt))
+        else:
+            out = acc
+            if MUL_WEIGHT:
+                rw = tl.load(weight_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+                out = out * rw[:, None]
         tl.store(c_ptr + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :],
-                 acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+                 out.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
 def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, topk_weights: torch.Tensor,
               sorted_ids: torch.Tensor, block_experts: torch.Tensor, top_k: int,
-              a_per_token: bool, mul_weight: bool, block_m: int) -> None:
-    # a [rows, K] (K contiguous); w [E, N, K] (K contiguous); out [T*k, N]
-    E, N, K = w.shape
+              a_per_token: bool, mul_weight: bool, silu_mul: bool, pair_blocks: bool,
+              block_m: int) -> None:
+    # a [rows, K] (K contiguous); w [E, N (x2 with silu_mul: gate, then up), K]; out [T*k, N]
+    N, K = out.shape[1], w.shape[2]
     block_n = min(64, max(16, triton.next_power_of_2(N)))
     block_k = min(64, max(16, triton.next_power_of_2(K)))
     grid = (block_experts.numel(), triton.cdiv(N, block_n))
     _moe_gemm_kernel[grid](
         a, w, out, topk_weights, sorted_ids, block_experts, N, K, out.shape[0],
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        TOP_K=top_k, A_PER_TOKEN=a_per_token, MUL_WEIGHT=mul_weight,
+        TOP_K=top_k, A_PER_TOKEN=a_per_token, MUL_WEIGHT=mul_weight, SILU_MUL=silu_mul,
+        PAIR_BLOCKS=pair_blocks,
         # fp32 models (the reference tests) multiply in fp32, not TF32
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
@@ -110,28 +169,28 @@ def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, topk_weights:
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """fused_experts_ref's contract in two grouped GEMM launches (plus the activation and the
-    sum over the k choices)."""
+    """fused_experts_ref's contract in two grouped GEMM launches (the first with the
+    activation in its epilogue), then the sum over the k choices."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
     x = x.contiguous()
-    if T * k <= DECODE_PAIRS:
-        # a decode step's few pairs: one block per pair, in the order routed (no sort: 3
-        # small ops instead of moe_align's ~15, which dominate a batch-1 step; an expert two
-        # tokens share is read twice, rare at these sizes)
-        block_m = 16
-        sorted_ids = torch.full((T * k, block_m), T * k, dtype=torch.int64, device=x.device)
-        sorted_ids[:, 0] = torch.arange(T * k, device=x.device)
-        sorted_ids, block_experts = sorted_ids.view(-1), topk_ids.reshape(-1)
+    block_m = 16
+    pair_blocks = T * k <= DECODE_PAIRS
+    if pair_blocks:
+        # a decode step's few pairs: one block per pair, in the order routed (no sort, whose
+        # ~15 small ops dominate a batch-1 step; an expert two tokens share is read twice,
+        # rare at these sizes)
+        sorted_ids, block_experts = topk_ids, topk_ids.reshape(-1)
     else:
         # larger batches route many pairs to each expert: small row blocks pad less
         block_m = 16 if T * k <= 64 * E else 64
         sorted_ids, block_experts = moe_align(topk_ids, E, block_m)
     weights = topk_weights.reshape(-1).contiguous()
-    h = torch.empty(T * k, two_i, dtype=x.dtype, device=x.device)
-    _moe_gemm(x, w13, h, weights, sorted_ids, block_experts, k, True, False, block_m)
-    act = silu_and_mul(h)  # [T*k, I]
+    act = torch.empty(T * k, two_i // 2, dtype=x.dtype, device=x.device)  # silu(gate) * up
+    _moe_gemm(x, w13, act, weights, sorted_ids, block_experts, k, True, False, True,
+              pair_blocks, block_m)
     y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
-    _moe_gemm(act, w2, y, weights, sorted_ids, block_experts, k, False, True, block_m)
+    _moe_gemm(act, w2, y, weights, sorted_ids, block_experts, k, False, True, False,
+              pair_blocks, block_m)
     return y.view(T, k, H).sum(1).to(x.dtype)

@@ -79,9 +79,15 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(a.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)  # [T, k]
+        logits = self.gate(x)  # [T, E]
+        if self.experts.use_kernels:  # one launch; the weights stay fp32 into the kernel
+            from servelm.kernels.fused_moe import route_topk
+            weights, ids = route_topk(logits, self.top_k, self.renormalize)
+        else:  # (rounded to the model dtype, as transformers' Qwen-MoE blocks do)
+            weights, ids = select_experts(logits, self.top_k, self.renormalize)
+            weights = weights.to(x.dtype)
         # the experts' partial sums over this rank's intermediate slice, summed over ranks
-        y = self.tp.all_reduce(self.experts(x, weights.to(x.dtype), ids))
+        y = self.tp.all_reduce(self.experts(x, weights, ids))
         if self.shared_expert is not None:  # (its down projection all-reduces itself)
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y

@@ -9,7 +9,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from servelm.kernels.fused_moe import fused_experts, moe_align  # noqa: E402
+from servelm.kernels.fused_moe import fused_experts, moe_align, route_topk  # noqa: E402
 from servelm.layers.fused_moe import fused_experts_ref, select_experts  # noqa: E402
 
 from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
@@ -75,3 +75,16 @@ def test_moe_align_invariants(T, E, k, block):
             assert (flat[rows] == be[b]).all()  # a block holds one expert's pairs
     used = be[be >= 0]
     assert (used[1:] >= used[:-1]).all()  # experts in order, each a run of blocks
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 8, 2), (5, 60, 4), (33, 128, 8), (4, 6, 3)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_topk_matches_select_experts(T, E, k, renormalize):
+    g = torch.Generator().manual_seed(T * E + k)
+    logits = (torch.randn(T, E, generator=g) * 3).to(DEVICE)
+    w, ids = route_topk(logits, k, renormalize)
+    w_ref, ids_ref = select_experts(logits, k, renormalize)
+    assert torch.equal(ids.cpu(), ids_ref.cpu())  # both in descending order of weight
+    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+    if renormalize:
+        torch.testing.assert_close(w.sum(-1), torch.ones(T, device=w.device))
