@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -14,6 +15,8 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float
 
 
 PREEMPTION_MODES = ("recompute", "swap")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -333,10 +336,21 @@ class EngineArgs:
                              "supported yet: offload streams dense weights; use "
                              "quantization='none' (a .gguf: dequantized at load) or no offload.")
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
-        # Sliding-window models (Mistral 7B v0.1) are exact with full attention up to the window.
-        window = getattr(hf_config, "sliding_window", None)
-        if window and getattr(hf_config, "use_sliding_window", True):
-            max_pos = min(max_pos, window)
+        from servelm.models.registry import windowed_attention
+        attention_backend = self.attention_backend
+        if windowed_attention(hf_config):
+            # windows and soft-capping are computed (models/llama.py, gemma.py), by the torch
+            # backend only for now: "auto" picks it on GPUs too
+            if attention_backend == "auto" and device.startswith("cuda"):
+                logger.info("attention_backend='auto': torch (this model's sliding window or "
+                            "soft-capping is not in the triton kernels yet)")
+                attention_backend = "torch"
+        else:
+            # other sliding-window configs (Qwen2's use_sliding_window) are exact with full
+            # attention up to the window only
+            window = getattr(hf_config, "sliding_window", None)
+            if window and getattr(hf_config, "use_sliding_window", True):
+                max_pos = min(max_pos, window)
         max_model_len = self.max_model_len or max_pos
         if max_model_len > max_pos:
             raise ValueError(f"max_model_len ({max_model_len}) is larger than the model's "
@@ -397,7 +411,7 @@ class EngineArgs:
                                 self.pipeline_parallel_size)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=parallel,
-                            attention_backend=self.attention_backend,
+                            attention_backend=attention_backend,
                             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
                             skip_tokenizer_init=self.skip_tokenizer_init, speculative=speculative,
                             structured_outputs=structured,

@@ -51,6 +51,17 @@ def _make_config(arch: str):
         return tf.Qwen3MoeConfig(**{**TINY, "head_dim": 32, "num_experts": 8,
                                     "num_experts_per_tok": 3, "moe_intermediate_size": 48,
                                     "decoder_sparse_step": 2, "norm_topk_prob": True})
+    # sliding windows shorter than the test prompts (LENGTHS reach 120 tokens)
+    if arch == "mistral-window":
+        return tf.MistralConfig(**{**TINY, "sliding_window": 24})
+    if arch == "gemma2":  # alternating local/global layers, both soft-caps
+        return tf.Gemma2Config(**{**TINY, "num_hidden_layers": 4, "head_dim": 16,
+                                  "sliding_window": 20, "query_pre_attn_scalar": 16,
+                                  "tie_word_embeddings": True, "pad_token_id": 0})
+    if arch == "gemma3":  # 5 local layers to 1 global, q/k norms, per-type rope
+        return tf.Gemma3TextConfig(**{**TINY, "num_hidden_layers": 6, "head_dim": 16,
+                                      "sliding_window": 20, "query_pre_attn_scalar": 16,
+                                      "tie_word_embeddings": True, "pad_token_id": 0})
     raise KeyError(arch)
 
 

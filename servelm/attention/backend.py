@@ -73,6 +73,8 @@ class AttentionBackend(ABC):
     """
 
     name: str = "abstract"
+    # whether forward takes window > 0 and softcap > 0 (models refuse a backend without them)
+    supports_window_softcap: bool = False
 
     @abstractmethod
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -93,9 +95,14 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
 
         Returns [num_tokens, num_heads, head_dim] in q's dtype. num_heads is a multiple of
         num_kv_heads (GQA: query head h uses kv head h // (num_heads // num_kv_heads)).
+        window > 0: a query at position p sees keys p - window + 1 .. p only (sliding-window
+        attention, as transformers' masks). softcap > 0: scores become
+        softcap * tanh(scores / softcap) before the mask (Gemma 2). Only a backend with
+        ``supports_window_softcap`` takes them.
         """

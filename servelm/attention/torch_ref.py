@@ -22,12 +22,15 @@ def _cache_rows(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
 
 
 def tree_allowed(meta: AttentionMetadata, s: int, start: int, q_len: int, ctx: int,
-                 device: torch.device) -> torch.Tensor:
-    """[q_len, ctx] keys each query of sequence s may see: causal, and within a token tree
-    (meta.tree_mask / tree_start) only its ancestors and itself."""
+                 device: torch.device, window: int = 0) -> torch.Tensor:
+    """[q_len, ctx] keys each query of sequence s may see: causal, within a sliding window of
+    ``window`` positions (itself and the window - 1 before it; 0: no window), and within a
+    token tree (meta.tree_mask / tree_start) only its ancestors and itself."""
     pos_q = torch.arange(ctx - q_len, ctx, device=device)[:, None]
     keys = torch.arange(ctx, device=device)[None, :]
     allowed = keys <= pos_q
+    if window:
+        allowed &= keys > pos_q - window
     if meta.tree_mask is not None:
         ts = int(meta.tree_start[s])
         if ts < ctx:
@@ -38,8 +41,21 @@ def tree_allowed(meta: AttentionMetadata, s: int, start: int, q_len: int, ctx: i
     return allowed
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+           scale: float, softcap: float = 0.0) -> torch.Tensor:
+    """Explicit attention in fp32, for what SDPA does not do (logit soft-capping, as Gemma 2:
+    softcap * tanh(scores / softcap) before the mask). q: [KVH, G, q_len, D]; k, v:
+    [KVH, 1, ctx, D]; allowed: [q_len, ctx] -> [KVH, G, q_len, D] in fp32."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ v.float()
+
+
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                        meta: AttentionMetadata, scale: float, window: int = 0,
+                        softcap: float = 0.0) -> torch.Tensor:
     """q: [num_tokens, H, D] -> [num_tokens, H, D]; context gathered from the cache."""
     block_size = k_cache.shape[1]
     num_heads, num_kv_heads, head_dim = q.shape[1], k_cache.shape[2], q.shape[2]
@@ -58,9 +74,14 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         k, v = k.transpose(0, 1), v.transpose(0, 1)
         qs = q[start:start + q_len].transpose(0, 1).float()  # [H, q_len, D]
         # causal mask with the queries aligned to the end of the context (tree-masked)
-        mask = tree_allowed(meta, s, start, q_len, ctx, q.device)  # [q_len, ctx]
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale,
-                                           enable_gqa=num_heads != num_kv_heads)
+        mask = tree_allowed(meta, s, start, q_len, ctx, q.device, window)  # [q_len, ctx]
+        if softcap:
+            G = num_heads // num_kv_heads
+            o = attend(qs.reshape(num_kv_heads, G, q_len, head_dim), k[:, None], v[:, None],
+                       mask, scale, softcap).reshape(num_heads, q_len, head_dim)
+        else:
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale,
+                                               enable_gqa=num_heads != num_kv_heads)
         out[start:start + q_len] = o.transpose(0, 1).to(q.dtype)
         start += q_len
     return out
@@ -70,27 +91,29 @@ _DECODE_GROUP = 16
 
 
 def decode_attention_grouped(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                             meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                             meta: AttentionMetadata, scale: float, window: int = 0,
+                             softcap: float = 0.0) -> torch.Tensor:
     """All query lengths 1. Sequences sorted by length and padded only within groups of 16, so
     one long context does not make every sequence gather (and copy) that many tokens."""
     S = q.shape[0]
     lens = meta.seq_lens_cpu
     if S <= _DECODE_GROUP or not lens:
         return decode_attention_batched(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                        meta.max_seq_len, scale)
+                                        meta.max_seq_len, scale, window, softcap)
     order = sorted(range(S), key=lens.__getitem__)
     out = torch.empty_like(q)
     for g in range(0, S, _DECODE_GROUP):
         idx = order[g:g + _DECODE_GROUP]
         rows = torch.tensor(idx, device=q.device)
         out[rows] = decode_attention_batched(q[rows], k_cache, v_cache, meta.block_tables[rows],
-                                             meta.seq_lens[rows], lens[idx[-1]], scale)
+                                             meta.seq_lens[rows], lens[idx[-1]], scale, window,
+                                             softcap)
     return out
 
 
 def decode_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
-                             scale: float) -> torch.Tensor:
+                             scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """All query lengths 1, padded to max_len. q: [S, H, D] -> [S, H, D]."""
     S, H, D = q.shape
     bs, KVH = k_cache.shape[1], k_cache.shape[2]
@@ -101,14 +124,20 @@ def decode_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     v = kv_rows(v_cache[bt], torch.float32).view(S, nblk * bs, KVH, D)
     qg = q.view(S, KVH, H // KVH, D).float()
     scores = torch.einsum("skgd,slkd->skgl", qg, k) * scale  # [S, KVH, G, L]
-    pad = torch.arange(nblk * bs, device=q.device)[None, :] >= seq_lens[:, None].long()
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    keys = torch.arange(nblk * bs, device=q.device)[None, :]
+    pad = keys >= seq_lens[:, None].long()
+    if window:  # the query is at seq_len - 1: keys before seq_len - window are out
+        pad |= keys < seq_lens[:, None].long() - window
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     out = torch.einsum("skgl,slkd->skgd", scores.softmax(-1), v)
     return out.reshape(S, H, D).to(q.dtype)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                      meta: AttentionMetadata, scale: float, window: int = 0,
+                      softcap: float = 0.0) -> torch.Tensor:
     """Per sequence; a whole prompt (no cached prefix) takes SDPA's causal fast path, a chunk
     after a prefix an explicit mask. GQA through broadcasting, not repeat (no copies)."""
     bs, KVH, D = k_cache.shape[1], k_cache.shape[2], kv_head_dim(k_cache)
@@ -122,7 +151,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         v = kv_rows(v_cache[blocks], q.dtype).reshape(-1, KVH, D)[:ctx].transpose(0, 1)[:, None]
         qs = q[start:start + q_len].transpose(0, 1).reshape(KVH, H // KVH, q_len, D)
         tree = meta.tree_mask is not None
-        if q_len == ctx and not tree:
+        if window or softcap:
+            allowed = tree_allowed(meta, s, start, q_len, ctx, q.device, window)
+            o = attend(qs, k, v, allowed, scale, softcap).to(q.dtype)
+        elif q_len == ctx and not tree:
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
         elif q_len == 1 and not tree:
             o = F.scaled_dot_product_attention(qs, k, v, scale=scale)
@@ -140,6 +172,7 @@ class TorchReferenceBackend(AttentionBackend):
     """Plain PyTorch on any device: batched for decode-only steps, per sequence otherwise."""
 
     name = "torch"
+    supports_window_softcap = True
 
     def __init__(self, max_model_len: int | None = None) -> None:
         pass  # launches are sized per step; nothing to size up front
@@ -147,7 +180,7 @@ class TorchReferenceBackend(AttentionBackend):
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
         write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, window=0, softcap=0.0):
         if meta.decode_only:
-            return decode_attention_grouped(q, k_cache, v_cache, meta, scale)
-        return prefill_attention(q, k_cache, v_cache, meta, scale)
+            return decode_attention_grouped(q, k_cache, v_cache, meta, scale, window, softcap)
+        return prefill_attention(q, k_cache, v_cache, meta, scale, window, softcap)

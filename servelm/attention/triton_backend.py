@@ -51,8 +51,12 @@ class TritonAttentionBackend(AttentionBackend):
         return q, k
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         # q: [num_tokens, H, D] -> [num_tokens, H, D]
+        if window or softcap:  # (models check supports_window_softcap first)
+            raise ValueError("the triton attention backend has no sliding window or logit "
+                             "soft-capping yet: use attention_backend='torch'.")
         if meta.tree_mask is not None:
             return prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                      meta.query_start_loc, scale, tree_mask=meta.tree_mask,

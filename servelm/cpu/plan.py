@@ -147,8 +147,11 @@ def build_plan(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_ro
     layers = (SlLayer * a.num_layers)()
     for i, (layer, (kc, vc)) in enumerate(zip(model.layers, kv_caches)):
         att, mlp = layer.self_attn, layer.mlp
-        if not hasattr(mlp, "gate_up_proj"):
+        if not hasattr(mlp, "gate_up_proj") or type(mlp).__name__ != "LlamaMLP":
             raise Unsupported(f"layer {i}'s feed-forward block ({type(mlp).__name__})")
+        if att.window or att.softcap or type(layer).__name__ != "LlamaDecoderLayer":
+            raise Unsupported(f"layer {i}'s attention (a sliding window, soft-capping, or "
+                              "another layer layout)")
         L = layers[i]
         L.attn_norm = _f32(layer.input_layernorm.weight, keep)
         L.ffn_norm = _f32(layer.post_attention_layernorm.weight, keep)

@@ -53,6 +53,7 @@ class LlamaArgs:
     qkv_bias: bool  # Qwen2
     qk_norm: bool  # Qwen3
     tie_word_embeddings: bool
+    sliding_window: int = 0  # Mistral's (every layer); 0: full attention
 
     @staticmethod
     def from_hf(c: Any) -> "LlamaArgs":
@@ -69,13 +70,24 @@ class LlamaArgs:
             rope_theta=float(rope["rope_theta"]), rope_scaling=rope,
             qkv_bias=(model_type in ("qwen2", "qwen2_moe")
                       or bool(getattr(c, "attention_bias", False))),
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
-            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            sliding_window=(int(getattr(c, "sliding_window", None) or 0)
+                            if model_type in ("mistral", "mixtral") else 0))
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str) -> None:
+    def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str, window: int = -1,
+                 softcap: float = 0.0, scale: float = 0.0, rope: dict | None = None) -> None:
+        """window (-1: the model's, ``a.sliding_window``), softcap, scale (0: head_dim ** -0.5)
+        and rope (the rope parameters; None: the model's): a family's per-layer variants."""
         super().__init__()
+        self.window = a.sliding_window if window < 0 else window
+        self.softcap = softcap
+        if (self.window or softcap) and not o.backend.supports_window_softcap:
+            raise ValueError(f"this model needs sliding-window attention or logit soft-capping, "
+                             f"which the {o.backend.name!r} attention backend does not do yet: "
+                             "use attention_backend='torch'.")
         ws, use_kernels = o.tp.world_size, o.use_kernels
         # this rank's heads: q/k/v are column-parallel by heads, o_proj row-parallel; with
         # fewer KV heads than ranks each rank holds the one KV head its query heads read
@@ -91,10 +103,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = o.linear(f"{prefix}.o_proj", full_q, a.hidden_size, parallel="row")
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps, use_kernels) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps, use_kernels) if a.qk_norm else None
-        self.rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling,
+        rope = rope or a.rope_scaling
+        self.rotary = RotaryEmbedding(a.head_dim, a.max_position, float(rope["rope_theta"]), rope,
                                       use_kernels)
         self.backend = o.backend
-        self.scale = a.head_dim ** -0.5
+        self.scale = scale or a.head_dim ** -0.5
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -111,7 +124,8 @@ class LlamaAttention(nn.Module):
         # q, k, v may be strided views of the qkv output: the kernels take strides
         q, k = self.backend.rotate_and_write_kv(self.rotary, positions, q, k, v, k_cache, v_cache,
                                                 meta.slot_mapping)
-        o = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        o = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale,
+                                 window=self.window, softcap=self.softcap)  # [T, H, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
 
@@ -178,9 +192,9 @@ class LlamaForCausalLM(nn.Module):
         # the logits
         self.embed_tokens = (VocabParallelEmbedding(a.vocab_size, a.hidden_size, tp)
                              if self.first_stage else nn.Identity())
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(a, o, f"layers.{i}", self.build_mlp(hf_config, o, i))
-            if self.start <= i < self.end else nn.Identity() for i in range(a.num_layers))
+        self.layers = nn.ModuleList(self.build_layer(hf_config, o, i)
+                                    if self.start <= i < self.end else nn.Identity()
+                                    for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, use_kernels) if self.last_stage else None
         # the head is dense (vLLM's default) unless the QuantConfig quantizes it; a tied head is
         # the embedding itself, or a quantized copy of it (or, on a last stage without the
@@ -194,6 +208,13 @@ class LlamaForCausalLM(nn.Module):
                         if self.last_stage and own_head else None)
         self.use_kernels = use_kernels
         self.quantization = quantization
+
+    embed_scale: float = 0.0  # a family's embedding multiplier (Gemma: sqrt(hidden)); 0: none
+
+    def build_layer(self, hf_config: Any, o: LayerOptions, layer: int) -> nn.Module:
+        """Decoder layer ``layer`` (a subclass's may differ in layout)."""
+        return LlamaDecoderLayer(self.args, o, f"layers.{layer}",
+                                 self.build_mlp(hf_config, o, layer))
 
     def build_mlp(self, hf_config: Any, o: LayerOptions, layer: int) -> nn.Module:
         """Layer ``layer``'s feed-forward block (a subclass's may be a mixture of experts)."""
@@ -216,6 +237,8 @@ class LlamaForCausalLM(nn.Module):
         stage). kv_caches: this stage's layers' only."""
         if self.first_stage:
             x, residual = self.embed_tokens(input_ids), None
+            if self.embed_scale:
+                x = x * self.embed_scale
         else:  # [T, hidden] twice from the stage before
             T, H = input_ids.shape[0], self.args.hidden_size
             dtype = torch.get_default_dtype() if self.norm is None else self.norm.weight.dtype

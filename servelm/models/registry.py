@@ -19,13 +19,27 @@ MODELS = MappingProxyType({
     "MixtralForCausalLM": "servelm.models.moe:MoEForCausalLM",
     "Qwen2MoeForCausalLM": "servelm.models.moe:MoEForCausalLM",
     "Qwen3MoeForCausalLM": "servelm.models.moe:MoEForCausalLM",
+    "Gemma2ForCausalLM": "servelm.models.gemma:GemmaForCausalLM",
+    "Gemma3ForCausalLM": "servelm.models.gemma:GemmaForCausalLM",
 })
 # model_type -> architecture, for configs without `architectures`
 MODEL_TYPES = MappingProxyType({"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                 "mixtral": "MixtralForCausalLM",
                                 "qwen2_moe": "Qwen2MoeForCausalLM",
-                                "qwen3_moe": "Qwen3MoeForCausalLM"})
+                                "qwen3_moe": "Qwen3MoeForCausalLM",
+                                "gemma2": "Gemma2ForCausalLM",
+                                "gemma3_text": "Gemma3ForCausalLM"})
+
+
+def windowed_attention(hf_config: Any) -> bool:
+    """Whether the model's attention has a sliding window or logit soft-capping that servelm
+    computes (then its context is not capped at the window, and the attention backend must
+    support them): Mistral/Mixtral with a window, Gemma 2 and 3."""
+    mt = getattr(hf_config, "model_type", "")
+    if mt in ("gemma2", "gemma3_text"):
+        return True
+    return mt in ("mistral", "mixtral") and bool(getattr(hf_config, "sliding_window", None))
 
 
 def resolve_architecture(hf_config: Any) -> str:
