@@ -339,11 +339,13 @@ class EngineArgs:
         from servelm.models.registry import windowed_attention
         attention_backend = self.attention_backend
         if windowed_attention(hf_config):
-            # windows and soft-capping are computed (models/llama.py, gemma.py), by the torch
-            # backend only for now: "auto" picks it on GPUs too
+            # windows and soft-capping are computed (models/llama.py, gemma.py) by both
+            # backends; the triton kernels' are tested under Triton's interpreter but not yet
+            # run on a GPU, so "auto" takes the torch backend there until they are
             if attention_backend == "auto" and device.startswith("cuda"):
-                logger.info("attention_backend='auto': torch (this model's sliding window or "
-                            "soft-capping is not in the triton kernels yet)")
+                logger.info("attention_backend='auto': torch for this model's sliding window "
+                            "or soft-capping ('triton' does them too, not yet measured on a "
+                            "GPU)")
                 attention_backend = "torch"
         else:
             # other sliding-window configs (Qwen2's use_sliding_window) are exact with full

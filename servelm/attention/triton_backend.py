@@ -28,6 +28,7 @@ class TritonAttentionBackend(AttentionBackend):
     longest context it will serve there (worker/cuda_graphs.py captures buckets of them)."""
 
     name = "triton"
+    supports_window_softcap = True
     # SDPA path: every sequence fresh (query = whole context), at most this many sequences,
     # each at least this long (one SDPA launch per sequence, so few and long ones only)
     sdpa_max_seqs = 16
@@ -54,20 +55,20 @@ class TritonAttentionBackend(AttentionBackend):
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         # q: [num_tokens, H, D] -> [num_tokens, H, D]
-        if window or softcap:  # (models check supports_window_softcap first)
-            raise ValueError("the triton attention backend has no sliding window or logit "
-                             "soft-capping yet: use attention_backend='torch'.")
         if meta.tree_mask is not None:
             return prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                      meta.query_start_loc, scale, tree_mask=meta.tree_mask,
-                                     tree_start=meta.tree_start)
+                                     tree_start=meta.tree_start, window=window,
+                                     softcap=softcap)
         if meta.decode_only and q.shape[0] == meta.num_seqs:
             # the grid is sized for meta.max_seq_len: an eager step's longest context, or, in a
             # captured graph, the longest context the graph serves (DecodeGraphs sets it)
             return decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                    scale, max_seq_len=meta.max_seq_len)
+                                    scale, max_seq_len=meta.max_seq_len, window=window,
+                                    softcap=softcap)
         q_lens = meta.query_lens_cpu
-        if (q_lens and q_lens == meta.seq_lens_cpu and len(q_lens) <= self.sdpa_max_seqs
+        if (not window and not softcap and q_lens and q_lens == meta.seq_lens_cpu
+                and len(q_lens) <= self.sdpa_max_seqs
                 and min(q_lens) >= self.sdpa_min_len and sum(q_lens) == q.shape[0]):
             if is_fp8_kv(k_cache):
                 # the values the cache holds (as every other path reads them), not k and v:
@@ -77,7 +78,7 @@ class TritonAttentionBackend(AttentionBackend):
                 v = dequantize_kv_rows(v_cache.view(-1, *v_cache.shape[2:])[slots], q.dtype)
             return _fresh_prefill_sdpa(q, k, v, q_lens, scale)
         return prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                 meta.query_start_loc, scale)
+                                 meta.query_start_loc, scale, window=window, softcap=softcap)
 
 
 def _fresh_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

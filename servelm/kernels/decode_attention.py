@@ -36,6 +36,23 @@ _Q_DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @triton.jit
+def _window_lo(seq_len, WINDOW: tl.constexpr):
+    # first key the query (at seq_len - 1) sees: seq_len - WINDOW under a sliding window
+    if WINDOW > 0:
+        return tl.maximum(seq_len - WINDOW, 0)
+    return seq_len * 0
+
+
+@triton.jit
+def softcap_log2(s, softcap):
+    """Scores s in the log2 domain (raw * log2(e)) -> softcap * tanh(raw / softcap) in it
+    (Gemma 2's logit soft-capping); tanh(x) = 1 - 2 / (exp(2x) + 1) saturates cleanly."""
+    x = s * (2.0 / (1.4426950408889634 * softcap))
+    t = 1.0 - 2.0 / (tl.exp(x) + 1.0)
+    return t * (softcap * 1.4426950408889634)
+
+
+@triton.jit
 def _partition_len(seq_len, num_splits, min_part, BLOCK_N: tl.constexpr):
     # tokens per partition of this sequence: a multiple of BLOCK_N (min_part is one too)
     per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
@@ -55,14 +72,16 @@ def _decode_partition_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_PART: tl.constexpr, DOT_PREC: tl.constexpr,
     KV_FP8: tl.constexpr, Q_DT: tl.constexpr, OFF64: tl.constexpr,
-    FP8_CVT: tl.constexpr,
+    FP8_CVT: tl.constexpr, WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, softcap,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    part_len = _partition_len(seq_len, max_parts, min_part, BLOCK_N)
-    start = part * part_len
+    # the keys the query sees, [lo, seq_len), split into partitions
+    lo = _window_lo(seq_len, WINDOW)
+    part_len = _partition_len(seq_len - lo, max_parts, min_part, BLOCK_N)
+    start = lo + part * part_len
     if not SINGLE_PART:
         if start >= seq_len:
             return
@@ -108,6 +127,8 @@ def _decode_partition_kernel(
                         + d[None, :], mask=kv_mask, other=0.0)
             # s: [GROUP_PAD, BLOCK_N]
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+        if HAS_SOFTCAP:
+            s = softcap_log2(s, softcap)
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -141,11 +162,13 @@ def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, seq_lens_ptr,
     stride_ob, stride_oh, max_parts, min_part, num_heads,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    n_parts = tl.cdiv(seq_len, _partition_len(seq_len, max_parts, min_part, BLOCK_N))
+    span = seq_len - _window_lo(seq_len, WINDOW)
+    n_parts = tl.cdiv(span, _partition_len(span, max_parts, min_part, BLOCK_N))
     base = (b.to(tl.int64) * num_heads + h) * max_parts
     d = tl.arange(0, D_PAD)
     m_run = tl.max(tl.full([BLOCK_P], float("-inf"), tl.float32), 0)  # fp32 scalar
@@ -189,12 +212,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      max_seq_len: int, num_splits: int | None = None,
                      min_partition: int | None = None, block_n: int = 64,
                      num_warps: int | None = None, num_stages: int = 2,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, window: int = 0,
+                     softcap: float = 0.0) -> torch.Tensor:
     """q: [num_seqs, H, D]; caches: [num_blocks, block_size, KVH, D], or uint8
     [num_blocks, block_size, KVH, D + 4] for fp8 (kv_quant's layout); block_tables:
     [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32 (each <= max_seq_len; longer
     ones are still attended in full, with longer partitions). num_splits / min_partition
-    override ``pick_splits``. num_warps: 4, or 8 for fp8 caches with head_dim > 128 (4 spill
+    override ``pick_splits``. window > 0: each query sees its last ``window`` keys only (the
+    partitions cover those); softcap > 0: Gemma 2's score soft-capping. num_warps: 4, or 8 for fp8 caches with head_dim > 128 (4 spill
     registers there on sm_90). Returns [num_seqs, H, D] in q's dtype."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, row_len = k_cache.shape
@@ -212,7 +237,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     d_pad = max(16, triton.next_power_of_2(head_dim))
     num_warps = num_warps or (8 if fp8 and d_pad > 128 else 4)
-    splits, min_part = pick_splits(num_seqs, num_kv_heads, max_seq_len, block_n)
+    # a window bounds the keys any query reads
+    span = min(max_seq_len, window) if window > 0 else max_seq_len
+    splits, min_part = pick_splits(num_seqs, num_kv_heads, span, block_n)
     splits = num_splits or splits
     min_part = min_partition or min_part
     assert min_part % block_n == 0, "min_partition must be a multiple of block_n"
@@ -236,12 +263,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_N=block_n, SINGLE_PART=single, DOT_PREC=dot_prec,
         KV_FP8=fp8, Q_DT=_Q_DT.get(q.dtype, "fp32"), OFF64=fp8 and fp8_offsets_int64(k_cache),
         FP8_CVT=not fp8 or fp8_native_cvt(q.device),
+        WINDOW=max(window, 0), HAS_SOFTCAP=softcap > 0, softcap=float(softcap or 1.0),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_acc, part_m, part_l, seq_lens, out.stride(0), out.stride(1), splits,
             min_part, num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_N=block_n, BLOCK_P=16,
-            num_warps=4,
+            WINDOW=max(window, 0), num_warps=4,
         )
     return out

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from servelm.attention.kv_quant import FP8_KV_EXTRA
+from servelm.kernels.decode_attention import softcap_log2
 from servelm.kernels.kv_write import (fp8_dot_q, fp8_native_cvt, fp8_offsets_int64, fp8_pv,
                                       fp8_row_offsets, fp8_scale_ptr, fp8_scores)
 
@@ -49,11 +50,13 @@ def _find_seq(query_start_loc_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc, scale_log2,
                  d, d_mask, stride_k_blk, stride_k_off, stride_v_blk, stride_v_off,
-                 tree_bits, tree_start, head_off,
+                 tree_bits, tree_start, head_off, softcap,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                  DOT_PREC: tl.constexpr, TREE: tl.constexpr, HEAD_DIM: tl.constexpr,
                  KV_FP8: tl.constexpr, Q_DT: tl.constexpr, OFF64: tl.constexpr,
-                 FP8_CVT: tl.constexpr):
+                 FP8_CVT: tl.constexpr, WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    # WINDOW > 0 (masked tiles): a row at position p sees keys > p - WINDOW only; a row may
+    # then see none of a tile, so the running max is guarded against -inf - -inf
     # KV_FP8: k_base, v_base are the caches themselves, head_off the kv head's byte offset in
     # a token's rows; q is fp8_dot_q's and scale_log2 includes its factor. Else k_base, v_base
     # point at the kv head's rows.
@@ -88,8 +91,12 @@ def _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc, 
         k = tl.load(k_base + blk[:, None] * stride_k_blk + off[:, None] * stride_k_off
                     + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [BLOCK_M, BLOCK_N]
+    if HAS_SOFTCAP:
+        s = softcap_log2(s, softcap)
     if MASKED:
         ok = (toks[None, :] <= pos[:, None]) & t_mask[None, :]
+        if WINDOW > 0:
+            ok = ok & (toks[None, :] > pos[:, None] - WINDOW)
         if TREE:
             # keys at or past the tree's start: only the row's ancestors (and itself), bit
             # (key - tree_start) of its mask
@@ -100,8 +107,13 @@ def _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc, 
             ok = ok & (~in_tree[None, :] | anc)
         s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    if WINDOW > 0 and MASKED:  # rows with no visible key yet: keep l, acc at 0, no NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FP8:
         v8 = tl.load(v_base + kv_row[:, None] + d[None, :], mask=kv_mask, other=0)
@@ -129,7 +141,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TREE: tl.constexpr,
     KV_FP8: tl.constexpr, Q_DT: tl.constexpr, OFF64: tl.constexpr,
-    FP8_CVT: tl.constexpr,
+    FP8_CVT: tl.constexpr, WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, softcap,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     pid = tl.program_id(0)
@@ -183,20 +195,38 @@ def _prefill_kernel(
     else:
         tree_start = seq_len
         tree_bits = tl.zeros([BLOCK_M], tl.int64)
-    for start in range(0, full_end, BLOCK_N):
+    # a sliding window: keys before the tile's first row's window are nobody's; those before
+    # its last row's window are some rows' only (masked); the rest up to full_end everyone's
+    win_lo = 0
+    win_full = 0
+    if WINDOW > 0:
+        last_pos = ctx + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len) - 1
+        win_lo = tl.maximum(first_pos - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        win_full = tl.minimum(tl.cdiv(tl.maximum(last_pos - WINDOW + 1, 0), BLOCK_N) * BLOCK_N,
+                              full_end)
+        for start in range(win_lo, win_full, BLOCK_N):
+            m_i, l_i, acc = _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i,
+                                         l_i, acc, scale_log2, d, d_mask, stride_kc_blk,
+                                         stride_kc_off, stride_vc_blk, stride_vc_off, tree_bits,
+                                         tree_start, head_off, softcap, BLOCK_SIZE, BLOCK_N,
+                                         True, DOT_PREC, TREE, HEAD_DIM, KV_FP8, Q_DT, OFF64,
+                                         FP8_CVT, WINDOW, HAS_SOFTCAP)
+    for start in range(win_full, full_end, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc,
                                      scale_log2, d, d_mask, stride_kc_blk, stride_kc_off,
                                      stride_vc_blk, stride_vc_off, tree_bits, tree_start,
-                                     head_off, BLOCK_SIZE, BLOCK_N, False, DOT_PREC, TREE,
-                                     HEAD_DIM, KV_FP8, Q_DT, OFF64, FP8_CVT)
+                                     head_off, softcap, BLOCK_SIZE, BLOCK_N, False, DOT_PREC,
+                                     TREE, HEAD_DIM, KV_FP8, Q_DT, OFF64, FP8_CVT, WINDOW,
+                                     HAS_SOFTCAP)
     # the first masked tile starts at full_end <= every row's position: no row is all -inf
     # (a tree row sees itself and everything before the tree)
-    for start in range(full_end, kv_end, BLOCK_N):
+    for start in range(tl.maximum(full_end, win_full), kv_end, BLOCK_N):
         m_i, l_i, acc = _tile_update(q, k_base, v_base, bt_row, start, pos, seq_len, m_i, l_i, acc,
                                      scale_log2, d, d_mask, stride_kc_blk, stride_kc_off,
                                      stride_vc_blk, stride_vc_off, tree_bits, tree_start,
-                                     head_off, BLOCK_SIZE, BLOCK_N, True, DOT_PREC, TREE,
-                                     HEAD_DIM, KV_FP8, Q_DT, OFF64, FP8_CVT)
+                                     head_off, softcap, BLOCK_SIZE, BLOCK_N, True, DOT_PREC,
+                                     TREE, HEAD_DIM, KV_FP8, Q_DT, OFF64, FP8_CVT, WINDOW,
+                                     HAS_SOFTCAP)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
@@ -218,7 +248,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       query_start_loc: torch.Tensor, scale: float,
                       config: tuple[int, int, int, int] | None = None,
                       out: torch.Tensor | None = None, tree_mask: torch.Tensor | None = None,
-                      tree_start: torch.Tensor | None = None) -> torch.Tensor:
+                      tree_start: torch.Tensor | None = None, window: int = 0,
+                      softcap: float = 0.0) -> torch.Tensor:
     """q: [num_tokens, H, D]; caches: [num_blocks, block_size, KVH, D], or uint8
     [num_blocks, block_size, KVH, D + 4] for fp8 (kv_quant's layout); block_tables:
     [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32; query_start_loc: [num_seqs+1]
@@ -228,7 +259,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     and tree_start [num_seqs] int32 restrict each query to the keys before its sequence's
     tree_start plus the tree positions tree_start + j whose bit j its mask sets (its
     ancestors and itself; at most 64 tree positions). Sequences without a tree: tree_start
-    >= their seq_len."""
+    >= their seq_len. window > 0: a query at position p sees keys p - window + 1 .. p only;
+    softcap > 0: Gemma 2's score soft-capping."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, row_len = k_cache.shape
     fp8 = k_cache.dtype == torch.uint8
@@ -263,6 +295,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", TREE=tree,
         KV_FP8=fp8, Q_DT=_Q_DT.get(q.dtype, "fp32"), OFF64=fp8 and fp8_offsets_int64(k_cache),
         FP8_CVT=not fp8 or fp8_native_cvt(q.device),
+        WINDOW=max(window, 0), HAS_SOFTCAP=softcap > 0, softcap=float(softcap or 1.0),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
