@@ -68,6 +68,9 @@ class CacheConfig:
     # "auto": the model's dtype; "fp8": e4m3 bytes with a float32 scale per (token, kv head)
     # stored behind each head row (attention/kv_quant.py), about half the bytes of bf16
     cache_dtype: str = "auto"
+    # every layer's sliding window (Mistral's; 0: none, or only some layers have one): blocks
+    # before a request's window are released as it advances (core/kv_cache.py)
+    sliding_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -336,7 +339,7 @@ class EngineArgs:
                              "supported yet: offload streams dense weights; use "
                              "quantization='none' (a .gguf: dequantized at load) or no offload.")
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
-        from servelm.models.registry import windowed_attention
+        from servelm.models.registry import uniform_window, windowed_attention
         attention_backend = self.attention_backend
         if windowed_attention(hf_config):
             # windows and soft-capping are computed (models/llama.py, gemma.py) by both
@@ -385,7 +388,8 @@ class EngineArgs:
         cache = CacheConfig(self.block_size, self.enable_prefix_caching,
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
                             self.kv_cache_memory, swap_gib,
-                            _resolve_kv_cache_dtype(self.kv_cache_dtype, device))
+                            _resolve_kv_cache_dtype(self.kv_cache_dtype, device),
+                            uniform_window(hf_config))
         if cache.cache_dtype == "bfloat16" and device != "cpu" and dtype != torch.bfloat16:
             # the Triton kernels read the cache in the activations' dtype
             raise ValueError(f"kv_cache_dtype='bfloat16' with a {str(dtype).removeprefix('torch.')} "

@@ -49,12 +49,16 @@ class PrefixCacheStats:
 class BlockPool:
     """Block ids 0..num_blocks-1 with reference counts, an LRU free queue and the hash table."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool, reserve_null: bool = False) -> None:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.ref_cnt = [0] * num_blocks
         self.block_hash: list[Optional[BlockHash]] = [None] * num_blocks
-        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # reserve_null: block 0 is never handed out; block tables point their released
+        # (out-of-window) entries at it (its KV stays zeros: attention masks those keys)
+        self.null_block = 0 if reserve_null else None
+        self.free_queue: OrderedDict[int, None] = OrderedDict(
+            (i, None) for i in range(int(reserve_null), num_blocks))
         self.cached: dict[BlockHash, int] = {}  # block hash -> block id
 
     @property
@@ -89,6 +93,8 @@ class BlockPool:
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference each; blocks given in eviction order (first evicted first)."""
         for bid in block_ids:
+            if bid == self.null_block:
+                continue
             self.ref_cnt[bid] -= 1
             assert self.ref_cnt[bid] >= 0, f"block {bid} freed twice"
             if self.ref_cnt[bid] == 0:
@@ -111,9 +117,13 @@ class KVCacheManager:
     """Per-request block tables on top of a BlockPool."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool,
-                 num_host_blocks: int = 0) -> None:
+                 num_host_blocks: int = 0, sliding_window: int = 0) -> None:
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_caching)
+        # every layer attends to its last sliding_window keys only (0: all of them): blocks
+        # wholly before a request's window are released as it advances
+        self.window = sliding_window
+        self.pool = BlockPool(num_blocks, enable_caching, reserve_null=sliding_window > 0)
+        self.num_window_freed = 0  # blocks released that way, since start
         self.enable_caching = enable_caching
         self.stats = PrefixCacheStats()
         # free host blocks for swap preemption, popped lowest id first (a request's blocks tend
@@ -123,12 +133,33 @@ class KVCacheManager:
 
     @property
     def num_blocks(self) -> int:
-        return self.pool.num_blocks
+        """Blocks requests can hold (the reserved null block is not one)."""
+        return self.pool.num_blocks - (self.pool.null_block is not None)
 
     @property
     def usage(self) -> float:
         """Fraction of blocks referenced by running requests (cached free blocks count as free)."""
-        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+        return 1.0 - self.pool.num_free_blocks / self.num_blocks
+
+    def free_outside_window(self, req: Request) -> None:
+        """Under a sliding window: release req's blocks that hold only keys before the window
+        of its next query (position num_computed_tokens), pointing their table entries at the
+        null block. Those keys are never read again (positions only grow; a recompute after
+        preemption starts from fresh blocks). Another holder (a prefix-cache hit) keeps its
+        reference; a freed block stays in the prefix cache until reused."""
+        if not self.window:
+            return
+        ids = req.block_ids
+        first = min(max(0, req.num_computed_tokens - self.window + 1) // self.block_size,
+                    len(ids))
+        null = self.pool.null_block
+        out = [ids[i] for i in range(req.num_null_blocks, first) if ids[i] != null]
+        if out:
+            for i in range(req.num_null_blocks, first):
+                ids[i] = null
+            self.pool.free(out)
+            self.num_window_freed += len(out)
+        req.num_null_blocks = max(req.num_null_blocks, first)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -167,6 +198,7 @@ class KVCacheManager:
         ``computed_blocks`` taken from the prefix cache), and num_lookahead_tokens slots past
         them (a draft model's KV; never hashed). Returns the newly allocated block ids, or None
         (and changes nothing) if the pool lacks free blocks."""
+        self.free_outside_window(req)
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         need = self.blocks_needed(num_computed + num_new_tokens + num_lookahead_tokens)
         have = len(req.block_ids) + len(computed_blocks)
@@ -214,6 +246,7 @@ class KVCacheManager:
         # reverse order: a request's tail blocks are the least likely to be shared, evict first
         self.pool.free(list(reversed(req.block_ids)))
         req.block_ids = []
+        req.num_null_blocks = 0
         sw = req.swapped_kv
         if sw is not None:
             self.pool.free(list(sw.kept.values()))
@@ -264,4 +297,4 @@ class KVCacheManager:
         return len(sw.host) + max(0, more)
 
     def can_ever_fit(self, num_tokens: int) -> bool:
-        return self.blocks_needed(num_tokens) <= self.pool.num_blocks
+        return self.blocks_needed(num_tokens) <= self.num_blocks

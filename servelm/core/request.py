@@ -64,6 +64,8 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit length at first scheduling; -1 = not yet
         self.block_ids: list[int] = []
+        # block_ids[:num_null_blocks] were released (outside a sliding window; kv_cache.py)
+        self.num_null_blocks = 0
         self.swapped_kv = None  # kv_cache.SwappedKV while its blocks are in host memory
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of all_token_ids
         self.status = RequestStatus.WAITING

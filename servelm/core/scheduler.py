@@ -50,7 +50,8 @@ class Scheduler:
         self.clock = clock  # wall clock, as requests' arrival times (a fake one in simulations)
         self.telemetry = Telemetry()
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching,
-                                 num_host_blocks if sched.preemption_mode == "swap" else 0)
+                                 num_host_blocks if sched.preemption_mode == "swap" else 0,
+                                 cache.sliding_window)
         self.requests: dict[str, Request] = {}
         self.policy = sched.policy
         self.waiting = REQUEST_QUEUES[sched.policy]()
@@ -178,6 +179,7 @@ class Scheduler:
                     spec_tokens[req.request_id] = drafts
                     n += len(drafts)
             la = self._lookahead(computed + n)
+            self.kv.free_outside_window(req)  # (sliding-window models only)
             # common decode step: room left in the last block and no block fills up
             if (computed + n + la <= len(req.block_ids) * bs
                     and (not caching or (computed + n) // bs == computed // bs)):

@@ -42,6 +42,14 @@ def windowed_attention(hf_config: Any) -> bool:
     return mt in ("mistral", "mixtral") and bool(getattr(hf_config, "sliding_window", None))
 
 
+def uniform_window(hf_config: Any) -> int:
+    """The sliding window every layer has (Mistral/Mixtral with one), else 0 (none, or Gemma's
+    mix of local and global layers, whose global layers keep every block)."""
+    if getattr(hf_config, "model_type", "") in ("mistral", "mixtral"):
+        return int(getattr(hf_config, "sliding_window", None) or 0)
+    return 0
+
+
 def resolve_architecture(hf_config: Any) -> str:
     archs = list(getattr(hf_config, "architectures", None) or [])
     for a in archs:

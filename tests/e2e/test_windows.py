@@ -71,3 +71,23 @@ def test_backend_without_windows_is_refused(tiny_model_factory):
     with pytest.raises(ValueError, match="attention_backend='torch'"):
         LlamaAttention(a, LayerOptions(NoWindows()), "layers.0.self_attn")
     assert EngineArgs(model=d, device="cpu").create_engine_config().attention_backend == "auto"
+
+
+def test_window_blocks_are_released(tiny_model_factory):
+    """Mistral, window 24, blocks of 4: three requests of 40 + 64 tokens would need 78 blocks
+    held at once; with blocks before each window released they run side by side in 40 (no
+    preemption), and the output is still transformers'."""
+    from servelm import SamplingParams
+    d, model = tiny_model_factory("mistral-window")
+    prompts = random_prompts(3, [40], seed=41)
+    eng = make_engine(d, num_gpu_blocks_override=41, kv_cache_memory=None,
+                      max_num_batched_tokens=16)
+    kv = eng.core.scheduler.kv
+    assert kv.window == 24 and kv.num_blocks == 40  # (block 0: the null block)
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=2)
+    outs = run_to_completion(eng, prompts, params)
+    check(outs, [hf_greedy(model, p, 64) for p in prompts])
+    stats = eng.core.scheduler.stats()
+    assert stats.num_preemptions == 0
+    assert kv.num_window_freed >= 3 * (104 - 24 - 2 * 4) // 4
+    assert_all_blocks_free(eng)

@@ -375,3 +375,47 @@ def test_can_ever_fit_and_blocks_needed():
     assert kv.blocks_needed(BS + 1) == 2
     assert kv.can_ever_fit(5 * BS) and not kv.can_ever_fit(5 * BS + 1)
 
+
+
+# ---- sliding windows ---------------------------------------------------------------------------
+def test_window_releases_blocks_before_the_window():
+    """Window 10, blocks of 4: once the next query is at position p, blocks holding only keys
+    < p - 9 go back to the pool and their table entries point at the null block (0), which is
+    never handed out; a prefix-cache sharer keeps its reference."""
+    kv = KVCacheManager(12, BS, enable_caching=True, sliding_window=10)
+    assert kv.num_blocks == 11 and kv.pool.num_free_blocks == 11
+    tokens = _tokens(30, 1)
+    a = _req("a", tokens)
+    assert kv.allocate_slots(a, 30) is not None  # one prompt of 30 tokens: 8 blocks
+    a.num_computed_tokens = 30
+    assert 0 not in a.block_ids
+    held = list(a.block_ids)
+    b = _req("b", tokens[:12] + _tokens(5, 2))  # shares a's first 3 blocks
+    hits = kv.get_computed_blocks(b)
+    assert hits == held[:3]
+    assert kv.allocate_slots(b, 5, hits) is not None
+    kv.free_outside_window(a)  # next query at 30 sees keys 21..30: blocks 0..4 (keys < 20) out
+    assert a.block_ids[:5] == [0] * 5 and a.block_ids[5:] == held[5:]
+    assert a.num_null_blocks == 5 and kv.num_window_freed == 5
+    assert all(kv.pool.ref_cnt[h] == 1 for h in held[:3])  # b's references
+    assert all(kv.pool.ref_cnt[h] == 0 for h in held[3:5])
+    assert kv.pool.num_free_blocks == 11 - 8 - 2 + 2
+    kv.free_outside_window(a)  # idempotent
+    assert kv.num_window_freed == 5
+    new = kv.pool.allocate(kv.pool.num_free_blocks)
+    assert 0 not in new  # the null block is never allocated
+    kv.pool.free(new)
+    kv.free(a)
+    kv.free(b)
+    assert kv.pool.num_free_blocks == 11 and a.num_null_blocks == 0
+    assert kv.pool.ref_cnt[0] == 0 and all(c == 0 for c in kv.pool.ref_cnt)
+
+
+def test_no_window_keeps_every_block():
+    kv = KVCacheManager(8, BS, enable_caching=False)
+    a = _req("a", _tokens(20, 3))
+    kv.allocate_slots(a, 20)
+    a.num_computed_tokens = 20
+    before = list(a.block_ids)
+    kv.free_outside_window(a)
+    assert a.block_ids == before and kv.num_blocks == 8
