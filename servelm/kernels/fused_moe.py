@@ -96,17 +96,19 @@ def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr,
-                     N, K, num_pairs, stride_am, stride_we, stride_wn, stride_cm,
+def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr, scale_ptr,
+                     N, K, num_pairs, stride_am, stride_we, stride_wn, stride_cm, stride_se,
                      TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                     SILU_MUL: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+                     SILU_MUL: tl.constexpr, PAIR_BLOCKS: tl.constexpr, HAS_SCALE: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     """C[pair, n] = sum_k A[row(pair), k] * W[expert, n, k] (x routing weight of the pair),
     for the pairs of one block and one BLOCK_N slice of N. row(pair) is pair // TOP_K when A
     holds one row per token, else pair. SILU_MUL: W's rows N.. are the up projection, and C
     gets silu(gate) * up (rounded as the activation kernel rounds). PAIR_BLOCKS: block b is
-    pair b alone (expert_ptr: each pair's expert), else the rows of sorted_ptr's block b."""
+    pair b alone (expert_ptr: each pair's expert), else the rows of sorted_ptr's block b.
+    HAS_SCALE: W holds quantized rows (int8 / e4m3), converted to A's dtype for the dot; the
+    accumulator's column n is then scaled by scale[expert, n] (n + N for the up rows)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(expert_ptr + pid_m)
@@ -131,11 +133,20 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr,
             wmask = n_ok[None, :] & k_ok[:, None]
             w = tl.load(w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
                         mask=wmask, other=0.0)  # [BLOCK_K, BLOCK_N]
+            if HAS_SCALE:
+                w = w.to(a.dtype)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
             if SILU_MUL:
                 u = tl.load(w_base + (N + offs_n[None, :]).to(tl.int64) * stride_wn
                             + offs_k[:, None], mask=wmask, other=0.0)
+                if HAS_SCALE:
+                    u = u.to(a.dtype)
                 acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
+        if HAS_SCALE:
+            s_base = scale_ptr + expert.to(tl.int64) * stride_se
+            acc = acc * tl.load(s_base + offs_n, mask=n_ok, other=0.0)[None, :]
+            if SILU_MUL:
+                acc_up = acc_up * tl.load(s_base + N + offs_n, mask=n_ok, other=0.0)[None, :]
         if SILU_MUL:
             dt = c_ptr.dtype.element_ty
             out = silu_mul_rounded(acc.to(dt), acc_up.to(dt))
@@ -151,26 +162,31 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, expert_ptr,
 def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, topk_weights: torch.Tensor,
               sorted_ids: torch.Tensor, block_experts: torch.Tensor, top_k: int,
               a_per_token: bool, mul_weight: bool, silu_mul: bool, pair_blocks: bool,
-              block_m: int) -> None:
+              block_m: int, scale: torch.Tensor | None = None) -> None:
     # a [rows, K] (K contiguous); w [E, N (x2 with silu_mul: gate, then up), K]; out [T*k, N]
     N, K = out.shape[1], w.shape[2]
     block_n = min(64, max(16, triton.next_power_of_2(N)))
     block_k = min(64, max(16, triton.next_power_of_2(K)))
     grid = (block_experts.numel(), triton.cdiv(N, block_n))
     _moe_gemm_kernel[grid](
-        a, w, out, topk_weights, sorted_ids, block_experts, N, K, out.shape[0],
+        a, w, out, topk_weights, sorted_ids, block_experts,
+        scale if scale is not None else topk_weights, N, K, out.shape[0],
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        scale.stride(0) if scale is not None else 0,
         TOP_K=top_k, A_PER_TOKEN=a_per_token, MUL_WEIGHT=mul_weight, SILU_MUL=silu_mul,
-        PAIR_BLOCKS=pair_blocks,
+        PAIR_BLOCKS=pair_blocks, HAS_SCALE=scale is not None,
         # fp32 models (the reference tests) multiply in fp32, not TF32
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """fused_experts_ref's contract in two grouped GEMM launches (the first with the
-    activation in its epilogue), then the sum over the k choices."""
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                  w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fused_experts_ref's contract (quantized rows with their scales too) in two grouped GEMM
+    launches (the first with the activation in its epilogue), then the sum over the k
+    choices."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
@@ -189,8 +205,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     weights = topk_weights.reshape(-1).contiguous()
     act = torch.empty(T * k, two_i // 2, dtype=x.dtype, device=x.device)  # silu(gate) * up
     _moe_gemm(x, w13, act, weights, sorted_ids, block_experts, k, True, False, True,
-              pair_blocks, block_m)
+              pair_blocks, block_m, w13_scale)
     y = torch.empty(T * k, H, dtype=torch.float32, device=x.device)
     _moe_gemm(act, w2, y, weights, sorted_ids, block_experts, k, False, True, False,
-              pair_blocks, block_m)
+              pair_blocks, block_m, w2_scale)
     return y.view(T, k, H).sum(1).to(x.dtype)

@@ -24,8 +24,12 @@ def initialize_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
     from servelm.quantization.unquantized import UnquantizedLinearMethod
     quantized = {id(m): m for m in model.modules()
                  if isinstance(m, Linear) and not isinstance(m.method, UnquantizedLinearMethod)}
+    # modules that fill themselves (a mixture of experts' stacked, maybe quantized, experts)
+    quantized.update({id(m): m for m in model.modules() if hasattr(m, "fill_dummy")})
     for i, (name, mod) in enumerate(model.named_modules()):
-        if id(mod) in quantized:
+        if hasattr(mod, "fill_dummy"):
+            mod.fill_dummy(seed * 1_000_003 + 7919 * i)
+        elif id(mod) in quantized:
             _fill_quantized(mod, seed * 1_000_003 + 7919 * i)
     owned = {id(p) for m in quantized.values() for p in m.parameters()}
     for i, (name, param) in enumerate(model.named_parameters()):

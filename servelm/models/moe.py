@@ -63,15 +63,13 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, m: MoEArgs, a, o: LayerOptions, prefix: str) -> None:
         super().__init__()
-        if o.quantization is not None:
-            raise ValueError(f"quantization={o.quantization.method!r} does not cover "
-                             "mixture-of-experts layers yet: serve this model unquantized "
-                             "(quantization='none').")
         self.top_k, self.renormalize, self.tp = m.top_k, m.renormalize, o.tp
         # the router: [E, hidden], replicated on every rank (every rank routes alike)
         self.gate = nn.Linear(a.hidden_size, m.num_experts, bias=False)
+        # quantized experts: int8 / fp8 rows converted at load (others refused there)
         self.experts = FusedMoE(m.num_experts, a.hidden_size, m.expert_intermediate_size,
-                                o.use_kernels, o.tp, f"{prefix}.experts")
+                                o.use_kernels, o.tp, f"{prefix}.experts",
+                                o.quantization.method if o.quantization is not None else None)
         self.shared_expert = self.shared_expert_gate = None
         if m.shared_expert_intermediate_size:
             self.shared_expert = LlamaMLP(a, o, f"{prefix}.shared_expert",

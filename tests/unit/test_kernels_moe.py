@@ -10,7 +10,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from servelm.kernels.fused_moe import fused_experts, moe_align, route_topk  # noqa: E402
-from servelm.layers.fused_moe import fused_experts_ref, select_experts  # noqa: E402
+from servelm.layers.fused_moe import (dequantize_rows, fused_experts_ref,  # noqa: E402
+                                      quantize_rows, select_experts)
 
 from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
 pytestmark = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
@@ -88,3 +89,25 @@ def test_route_topk_matches_select_experts(T, E, k, renormalize):
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
     if renormalize:
         torch.testing.assert_close(w.sum(-1), torch.ones(T, device=w.device))
+
+
+@pytest.mark.parametrize("method", ["int8"] + (["fp8"] if ON_CUDA else []))
+@pytest.mark.parametrize("shape", [(3, 64, 40, 8, 2), (40, 48, 80, 6, 3)])
+def test_quantized_experts_kernel_matches_reference(method, shape):
+    """int8 (and on CUDA e4m3) rows with per-row scales: the kernel converts tiles for the dot
+    and scales the columns after; the reference dequantizes first."""
+    T, H, I, E, k = shape
+    dtype = torch.float16 if not ON_CUDA else torch.bfloat16
+    x, w13, w2, weights, ids = _case(T, H, I, E, k, torch.float32, seed=sum(shape) + 1)
+    q13, s13 = zip(*(quantize_rows(w13[e].cpu(), method) for e in range(E)))
+    q2, s2 = zip(*(quantize_rows(w2[e].cpu(), method) for e in range(E)))
+    q13, s13, q2, s2 = (torch.stack(t).to(x.device) for t in (q13, s13, q2, s2))
+    x = x.to(dtype)
+    got = fused_experts(x, q13, q2, weights, ids, s13, s2)
+    want = fused_experts_ref(x, q13, q2, weights, ids, s13, s2)
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+    deq = fused_experts_ref(x, torch.stack([dequantize_rows(q13[e], s13[e], dtype)
+                                            for e in range(E)]),
+                            torch.stack([dequantize_rows(q2[e], s2[e], dtype) for e in range(E)]),
+                            weights, ids)
+    torch.testing.assert_close(want, deq, rtol=0, atol=0)
