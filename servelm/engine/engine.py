@@ -46,16 +46,21 @@ class InputProcessor:
                     or v <= 0):
                 raise ValueError(f"{name} must be a positive number of milliseconds, got {v!r}.")
 
+    def max_text_chars(self) -> int:
+        """The most characters a text of at most max_model_len tokens can have (see
+        _check_text_length)."""
+        if self._max_token_chars is None:
+            vocab = self.tokenizer.get_vocab()
+            self._max_token_chars = max((len(t) for t in vocab), default=1) or 1
+        return self.config.model.max_model_len * self._max_token_chars
+
     def _check_text_length(self, text: str) -> None:
         """Refuse, before encoding, a text that must have more tokens than max_model_len: each
         token covers at most as many characters as its vocabulary string has (byte-level and
         byte-fallback strings spell every byte at least once), so a text longer than
         max_model_len times the longest string cannot fit. A 10 MB prompt is then refused in
         microseconds instead of after seconds of tokenizing."""
-        if self._max_token_chars is None:
-            vocab = self.tokenizer.get_vocab()
-            self._max_token_chars = max((len(t) for t in vocab), default=1) or 1
-        limit = self.config.model.max_model_len * self._max_token_chars
+        limit = self.max_text_chars()
         if len(text) > limit:
             raise ValueError(f"the prompt has {len(text)} characters: more than max_model_len "
                              f"({self.config.model.max_model_len}) tokens of this tokenizer "

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional, TypeVar
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,14 +66,48 @@ _BIG_BODY = 1 << 20  # bytes of JSON worth parsing on a thread
 _TRIM_AFTER_S = 2.0
 
 
+# a big body's strings are measured before parsing only where these few quote and backslash
+# bytes make it cheap (a loop over them; the counts themselves run at C speed)
+_MAX_SCANNED_QUOTES = 100_000
+# JSON spells a character in at most 6 bytes (\uXXXX), and no string under this is refused
+# unparsed (a grammar or a schema may be long where the model's context is short)
+_JSON_BYTES_PER_CHAR = 6
+_MIN_STRING_BOUND = 1 << 20
+
+
+def longest_string_bytes(buf: bytes | bytearray) -> Optional[int]:
+    """The longest JSON string's length in bytes of ``buf`` (escapes included: an upper bound
+    of its characters), found from the positions of its unescaped quotes without parsing; None
+    when the body has too many quotes or backslashes for that to be cheap. Not a validator:
+    malformed JSON is the parser's to refuse."""
+    # find() runs at memchr speed (count() would be several times slower over 10 MB)
+    quotes, i, backslashes = [], buf.find(b'"'), 0
+    while i != -1:
+        if len(quotes) >= _MAX_SCANNED_QUOTES or backslashes >= _MAX_SCANNED_QUOTES:
+            return None
+        j = i  # an odd run of backslashes before the quote escapes it
+        while j > 0 and buf[j - 1] == 0x5C:
+            j -= 1
+        backslashes += i - j
+        if (i - j) % 2 == 0:
+            quotes.append(i)
+        i = buf.find(b'"', i + 1)
+    # quotes pair up in order: string k spans quotes 2k .. 2k + 1
+    return max((quotes[k + 1] - quotes[k] - 1 for k in range(0, len(quotes) - 1, 2)),
+               default=0)
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json(request: Request, limit: int) -> dict:
+async def read_json(request: Request, limit: int,
+                    max_text_chars: Optional[Callable[[], int]] = None) -> dict:
     """The body as a JSON object: 415 unless declared as JSON (a browser page cannot then post
     cross-site without a CORS preflight), 413 past ``limit`` bytes (declared or streamed), 400
-    if it is not strict JSON (NaN/Infinity refused) or not an object."""
+    if it is not strict JSON (NaN/Infinity refused) or not an object. ``max_text_chars``: the
+    most characters a prompt can have; a big body holding a string that must be longer is
+    refused (400) before it is parsed, which would hold the event loop's GIL for tens of ms."""
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype != "application/json":
         raise APIError(415, f"the request body must be JSON, sent with 'Content-Type: "
@@ -83,23 +117,41 @@ async def read_json(request: Request, limit: int) -> dict:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body ({declared} bytes) exceeds the limit of {limit} "
                             "bytes.", code="request_too_large")
-    buf = bytearray()
+    # sized from Content-Length when declared: one copy of the body, spread over its chunks
+    # (growing a bytearray re-copies it as it doubles)
+    buf = bytearray(int(declared) if declared is not None and declared.isdigit() else 0)
+    n = 0
     async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
+        if n + len(chunk) > limit:
             raise APIError(413, f"the request body exceeds the limit of {limit} bytes.",
                            code="request_too_large")
-    if not buf.strip():
+        if n + len(chunk) <= len(buf):
+            buf[n:n + len(chunk)] = chunk
+        else:
+            del buf[n:]
+            buf += chunk
+        n += len(chunk)
+    del buf[n:]  # (a body shorter than declared)
+    # (strip() would copy a big body; an all-whitespace big one fails to parse instead)
+    if len(buf) < 4096 and not buf.strip():
         raise bad_request("the request body is empty: send a JSON object.")
+    if len(buf) > _BIG_BODY and max_text_chars is not None:
+        longest = longest_string_bytes(buf)
+        bound = max(_JSON_BYTES_PER_CHAR * max_text_chars(), _MIN_STRING_BOUND)
+        if longest is not None and longest > bound:
+            asyncio.get_running_loop().call_later(_TRIM_AFTER_S, release_free_memory)
+            raise bad_request(
+                f"the request body holds a string of {longest} bytes: longer than any prompt "
+                f"the model's context can hold (at most {max_text_chars()} characters); "
+                "shorten the prompt.")
     try:
         if len(buf) > _BIG_BODY:  # parsed beside the event loop: other requests keep moving
-            obj = await asyncio.to_thread(json.loads, bytes(buf),
-                                          parse_constant=_reject_constant)
+            obj = await asyncio.to_thread(json.loads, buf, parse_constant=_reject_constant)
             # once the request is done with it, its memory goes back to the OS (malloc keeps
             # freed heap pages otherwise: +30 to +60 MB of RSS after a 10 MB body)
             asyncio.get_running_loop().call_later(_TRIM_AFTER_S, release_free_memory)
         else:
-            obj = json.loads(bytes(buf), parse_constant=_reject_constant)
+            obj = json.loads(buf, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
@@ -107,8 +159,9 @@ async def read_json(request: Request, limit: int) -> dict:
     return obj
 
 
-async def parse(request: Request, model: type[M], limit: int) -> M:
-    obj = await read_json(request, limit)
+async def parse(request: Request, model: type[M], limit: int,
+                max_text_chars: Optional[Callable[[], int]] = None) -> M:
+    obj = await read_json(request, limit, max_text_chars)
     refuse_unsupported(model, obj)  # fields that would change the meaning: 400, not ignored
     try:
         return model.model_validate(obj)
@@ -178,6 +231,14 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     def serving(request: Request) -> OpenAIServing:
         return request.app.state.serving
 
+    def _text_bound(request: Request) -> Optional[Callable[[], int]]:
+        """The longest prompt text the engine could take (characters), for refusing a huge
+        body before it is parsed; None without a tokenizer."""
+        inputs = getattr(serving(request).client, "inputs", None)
+        if inputs is None or getattr(inputs, "tokenizer", None) is None:
+            return None
+        return inputs.max_text_chars
+
     async def check_api_key(request: Request) -> None:
         key = server_config.api_key
         if key is None:
@@ -222,19 +283,19 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        req = await parse(request, CompletionRequest, limit)
+        req = await parse(request, CompletionRequest, limit, _text_bound(request))
         return _respond(await cancel_on_disconnect(request, create_completion(serving(request),
                                                                               req)))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = await parse(request, ChatCompletionRequest, limit)
+        req = await parse(request, ChatCompletionRequest, limit, _text_bound(request))
         return _respond(await cancel_on_disconnect(request, create_chat_completion(
             serving(request), req)))
 
     @app.post("/tokenize", dependencies=keyed)
     async def tokenize(request: Request) -> Response:
-        req = await parse(request, TokenizeRequest, limit)
+        req = await parse(request, TokenizeRequest, limit, _text_bound(request))
         s = serving(request)
         s.check_model(req.model)
         tok = s.client.tokenizer

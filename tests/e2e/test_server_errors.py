@@ -303,6 +303,32 @@ def test_body_too_large_streamed(api):
                           headers={"Content-Type": "application/json"}), 413)
 
 
+def test_huge_prompt_refused_before_parsing(api):
+    """A 3 MB prompt (more characters than max_model_len tokens can hold) in a body over 1 MiB
+    is refused from the raw bytes, before JSON parsing; a big body without such a string (many
+    short prompts; escaped quotes) still parses; chat's message content alike."""
+    big = "ab " * (1 << 20)
+    for path, body in (("/v1/completions", {**COMPLETION, "prompt": big}),
+                       ("/v1/chat/completions",
+                        {**CHAT, "messages": [{"role": "user", "content": big}]})):
+        err = assert_error(post(api, path, body), 400, contains="string of")
+        assert "shorten the prompt" in err["message"]
+    # over 1 MiB in all, every string short: parsed, then refused by the request-count limit
+    many = {**COMPLETION, "prompt": ['he said \"hi\"'] * 70_000}
+    assert_error(post(api, "/v1/completions", many), 400, contains="1024")
+
+
+def test_longest_string_scan():
+    from servelm.server.api import longest_string_bytes
+    for obj in ({"a": "xyz", "b": "q" * 50}, {"p": 'say "hi" \\ and \\"'}, {"k": [1, 2]},
+                {"a": "\u00e9" * 10, "b": ""}):
+        raw = json.dumps(obj).encode()
+        strings = list(obj) + [v for v in obj.values() if isinstance(v, str)]  # keys too
+        want = max(len(json.dumps(v)) - 2 for v in strings)
+        assert longest_string_bytes(bytearray(raw)) == want
+    assert longest_string_bytes(b'["' + b'a","' * 200_000 + b'a"]') is None  # too many quotes
+
+
 # ---- nothing breaks the engine -----------------------------------------------------------------
 _FIELDS = ["n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
            "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids",
