@@ -110,3 +110,41 @@ def test_decode_graph_buckets_across_the_short_context_limit(medium, async_sched
                                                          ignore_eos=True, logprobs=0))
     check_teacher_forced(models, prompts, outs)
     assert_all_blocks_free(eng)
+
+
+# mixtures of experts (the fused MoE kernel in the decode graphs) and sliding windows with
+# soft-capping (the Triton attention kernels' windows, chosen explicitly: 'auto' takes the torch
+# backend for these models until they have run here)
+ARCH_EXTRA = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "mistral-window": dict(sliding_window=64),
+    "gemma2": dict(sliding_window=64, query_pre_attn_scalar=128, tie_word_embeddings=True,
+                   pad_token_id=0),
+}
+
+
+@pytest.fixture(scope="module", params=list(ARCH_EXTRA))
+def medium_arch(request, tmp_path_factory):
+    import transformers as tf
+    torch.manual_seed(8)
+    cls = {"mixtral": tf.MixtralConfig, "mistral-window": tf.MistralConfig,
+           "gemma2": tf.Gemma2Config}[request.param]
+    cfg = cls(**{**MEDIUM, **ARCH_EXTRA[request.param]})
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    d = tmp_path_factory.mktemp(f"medium-{request.param}")
+    model.save_pretrained(d)
+    bf16 = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    bf16.load_state_dict(model.state_dict())
+    return str(d), (model.to("cuda"), bf16.to("cuda", torch.bfloat16))
+
+
+@pytest.mark.parametrize("regime", [dict(), dict(max_num_batched_tokens=48)])
+def test_moe_and_windows_match_hf_on_cuda(medium_arch, regime):
+    d, models = medium_arch
+    prompts = random_prompts(6, (5, 17, 63, 64, 130, 300), seed=34, vocab=1000)
+    eng = make_engine(d, device="cuda", dtype="bfloat16", block_size=16,
+                      attention_backend="triton", **regime)
+    outs = run_to_completion(eng, prompts, SamplingParams(temperature=0, max_tokens=24,
+                                                         ignore_eos=True, logprobs=0))
+    check_teacher_forced(models, prompts, outs)
+    assert_all_blocks_free(eng)

@@ -146,3 +146,14 @@ def test_quantized_moe_model_generates(tiny_model_factory, method):
     agree = sum(a == b for o, (ids, _) in zip(outs, ref)
                 for a, b in zip(o.outputs[0].token_ids, ids))
     assert method == "fp8" or agree >= 12, agree  # of 24
+
+
+def test_moe_pipeline_stages_match_hf(tiny_model_factory):
+    """Two pipeline stages, a layer of experts each."""
+    d, model = tiny_model_factory("mixtral")
+    prompts = random_prompts(4, LENGTHS, seed=7)
+    eng = make_engine(d, pipeline_parallel_size=2, max_num_batched_tokens=40)
+    try:
+        check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
+    finally:
+        eng.core.shutdown()

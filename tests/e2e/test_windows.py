@@ -91,3 +91,14 @@ def test_window_blocks_are_released(tiny_model_factory):
     assert stats.num_preemptions == 0
     assert kv.num_window_freed >= 3 * (104 - 24 - 2 * 4) // 4
     assert_all_blocks_free(eng)
+
+
+def test_gemma_pipeline_stages_match_hf(tiny_model_factory):
+    """Two stages: the embedding scale on the first, the final soft-cap on the last."""
+    d, model = tiny_model_factory("gemma2")
+    prompts = random_prompts(4, LENGTHS, seed=7)
+    eng = make_engine(d, pipeline_parallel_size=2, max_num_batched_tokens=40)
+    try:
+        check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
+    finally:
+        eng.core.shutdown()
