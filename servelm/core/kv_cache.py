@@ -101,6 +101,8 @@ class BlockPool:
                 self.free_queue[bid] = None
 
     def cache_block(self, bid: int, h: BlockHash) -> None:
+        if bid == self.null_block:  # a released entry's stand-in holds no one's tokens
+            return
         if self.enable_caching and self.block_hash[bid] is None and h not in self.cached:
             self.block_hash[bid] = h
             self.cached[h] = bid
