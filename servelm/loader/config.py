@@ -85,6 +85,25 @@ def rope_parameters(config: Any) -> dict[str, Any]:
     return out
 
 
+# multimodal checkpoints served as text-only models: architecture -> its language model's
+TEXT_ONLY = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+
+
+def text_only_config(config: Any) -> Any:
+    """A multimodal checkpoint's language-model config (its ``text_config``, named as the text
+    architecture), for serving text with the vision weights left unloaded; other configs as
+    they are."""
+    archs = list(getattr(config, "architectures", None) or [])
+    text = getattr(config, "text_config", None)
+    if text is None or not any(a in TEXT_ONLY for a in archs):
+        return config
+    text.architectures = [TEXT_ONLY[next(a for a in archs if a in TEXT_ONLY)]]
+    if getattr(config, "tie_word_embeddings", None) is not None:
+        text.tie_word_embeddings = config.tie_word_embeddings
+    text.multimodal_architecture = archs[0]
+    return text
+
+
 def _hf_dir_config(path: str) -> Any:
     if not os.path.isfile(os.path.join(path, "config.json")):
         ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
@@ -92,7 +111,7 @@ def _hf_dir_config(path: str) -> Any:
         raise ValueError(f"{path!r} has no config.json, so it is not a Hugging Face model directory{hint}")
     from transformers import AutoConfig  # here only: the preset and GGUF paths never import it
 
-    return AutoConfig.from_pretrained(path)
+    return text_only_config(AutoConfig.from_pretrained(path))
 
 
 def gguf_field(reader: GGUFFile, key: str, default: Any = None) -> Any:

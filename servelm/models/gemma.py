@@ -5,6 +5,7 @@ scale query_pre_attn_scalar ** -0.5; Gemma 2 soft-caps attention scores and the 
 Gemma 3 normalises q and k per head and gives its local and global layers their own rope."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -14,6 +15,8 @@ from torch import nn
 from servelm.layers.norm import RMSNorm
 from servelm.loader.config import rope_parameters
 from servelm.models.llama import LayerOptions, LlamaAttention, LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
 
 
 class GemmaMLP(nn.Module):
@@ -87,6 +90,10 @@ class GemmaDecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
+# a multimodal checkpoint's tensors that text-only serving does not load
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+
+
 class GemmaForCausalLM(LlamaForCausalLM):
     """Gemma2ForCausalLM, Gemma3ForCausalLM (text)."""
 
@@ -100,6 +107,10 @@ class GemmaForCausalLM(LlamaForCausalLM):
         self.embed_scale = float(torch.tensor(self.args.hidden_size ** 0.5,
                                               dtype=torch.get_default_dtype()))
         self.final_softcap = float(getattr(hf_config, "final_logit_softcapping", None) or 0.0)
+        mm = getattr(hf_config, "multimodal_architecture", None)
+        if mm is not None:
+            logger.info("%s checkpoint: serving its language model (text only; the vision "
+                        "tower is not loaded)", mm)
 
     def build_layer(self, hf_config: Any, o: LayerOptions, i: int) -> nn.Module:
         return GemmaDecoderLayer(hf_config, self.args, o, i)
@@ -110,7 +121,16 @@ class GemmaForCausalLM(LlamaForCausalLM):
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
 
+    def rename(self, name: str) -> str:
+        # a multimodal checkpoint (Gemma3ForConditionalGeneration): its language model's
+        # tensors under language_model.(model.)
+        if name.startswith("language_model."):
+            return name[len("language_model."):].removeprefix("model.")
+        return name
+
     def load_special(self, name: str, tensor: torch.Tensor) -> list[str]:
+        if name.startswith(_VISION_PREFIXES):  # served text-only: the image path stays unloaded
+            return [name]
         # Gemma's RMSNorm scales by (1 + weight): stored here as 1 + weight, so the common
         # norm kernel applies it
         if name.endswith("norm.weight"):

@@ -102,3 +102,31 @@ def test_gemma_pipeline_stages_match_hf(tiny_model_factory):
         check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
     finally:
         eng.core.shutdown()
+
+
+def test_gemma3_multimodal_checkpoint_served_text_only(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint (language model under language_model.,
+    a vision tower beside it): its language model serves text, token-identical to the whole
+    transformers model on text-only prompts; the vision weights are not loaded."""
+    import torch
+    import transformers as tf
+
+    from tests.conftest import TINY
+    torch.manual_seed(5)
+    text = {k: v for k, v in TINY.items()
+            if k not in ("tie_word_embeddings", "eos_token_id", "bos_token_id")}
+    text.update(num_hidden_layers=6, head_dim=16, sliding_window=20, query_pre_attn_scalar=16,
+                pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=255, boi_token_index=253, eoi_token_index=254,
+                          eos_token_id=None)
+    model = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp_path)
+    prompts = random_prompts(4, LENGTHS, seed=3, vocab=250)
+    eng = make_engine(str(tmp_path), max_num_batched_tokens=40)
+    lm = eng.core.executor.runner.model
+    assert type(lm).__name__ == "GemmaForCausalLM"
+    assert not any("vision" in n for n, _ in lm.named_parameters())
+    check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
