@@ -152,18 +152,23 @@ class FusedMoE(nn.Module):
         dst.copy_(src)
 
     def load_stacked(self, name: str, full: torch.Tensor) -> list[tuple[int, str]]:
-        """Transformers 5's in-memory layout, every expert in one tensor: ``gate_up_proj``
-        [E, 2I, H] or ``down_proj`` [E, H, I]; the (expert, part) pairs it filled."""
-        inter = full.shape[1] // 2 if name == "gate_up_proj" else full.shape[2]
+        """Every expert in one tensor: transformers 5's ``gate_up_proj`` [E, 2I, H], or GGUF's
+        ``gate_proj`` / ``up_proj`` [E, I, H]; ``down_proj`` [E, H, I]. The (expert, part)
+        pairs it filled."""
+        if full.dim() != 3 or full.shape[0] != self.num_experts:
+            raise ValueError(f"{self.prefix}.{name}: stacked experts of shape "
+                             f"{tuple(full.shape)}, the model has {self.num_experts} experts.")
         done = []
         for e in range(full.shape[0]):
             if name == "gate_up_proj":
+                inter = full.shape[1] // 2
                 self.load_expert(e, "gate", full[e, :inter])
                 self.load_expert(e, "up", full[e, inter:])
                 done += [(e, "gate"), (e, "up")]
             else:
-                self.load_expert(e, "down", full[e])
-                done.append((e, "down"))
+                part = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}[name]
+                self.load_expert(e, part, full[e])
+                done.append((e, part))
         return done
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ GGUF_ARCHITECTURES = MappingProxyType({
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 })
 
 
@@ -155,12 +157,34 @@ def gguf_config_from_reader(reader: GGUFFile, path: str = "") -> ArchConfig:
         vocab_size = int(required("vocab_size"))
     rope_theta = float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0))
 
+    experts = int(gguf_field(reader, f"{arch}.expert_count", 0) or 0)
+    expert_ffn = gguf_field(reader, f"{arch}.expert_feed_forward_length")
+    moe: dict[str, Any] = {}
+    if experts:
+        if arch == "llama":  # llama.cpp writes Mixtral as a Llama with experts
+            model_type, class_name = "mixtral", "MixtralForCausalLM"
+            moe["num_local_experts"] = experts
+        else:
+            moe["num_experts"] = experts
+            moe["moe_intermediate_size"] = int(expert_ffn if expert_ffn is not None
+                                               else required("feed_forward_length"))
+            moe["shared_expert_intermediate_size"] = int(gguf_field(
+                reader, f"{arch}.expert_shared_feed_forward_length", 0) or 0)
+            # expert_weights_norm where written; else Qwen3-MoE renormalises its top-k weights
+            # and Qwen1.5/2-MoE do not (their releases' norm_topk_prob, as llama.cpp assumes)
+            moe["norm_topk_prob"] = bool(gguf_field(reader, f"{arch}.expert_weights_norm",
+                                                    arch == "qwen3moe"))
+        moe["num_experts_per_tok"] = int(required("expert_used_count"))
+    ffn = gguf_field(reader, f"{arch}.feed_forward_length")
+    if ffn is None and expert_ffn is not None:  # (only expert layers)
+        ffn = expert_ffn
     kwargs: dict[str, Any] = {
         "model_type": model_type,
         "architectures": [class_name],
         "hidden_size": hidden,
         "num_hidden_layers": int(required("block_count")),
-        "intermediate_size": int(required("feed_forward_length")),
+        "intermediate_size": int(ffn if ffn is not None else required("feed_forward_length")),
+        **moe,
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(num_kv_heads),
         "head_dim": head_dim,

@@ -37,6 +37,16 @@ _GGUF_LAYER_NAMES = MappingProxyType({
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    # mixtures of experts: the router, every expert's matrices stacked ([E, I, H] gate and
+    # up, [E, H, I] down), a Qwen2-MoE shared expert and its gate
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 })
 # Tensors with no HF parameter: llama3 rope divisors (folded into config.rope_scaling instead).
 _GGUF_SKIP = frozenset({"rope_freqs.weight"})
@@ -139,7 +149,9 @@ def _iter_gguf(reader: GGUFFile, named: list[tuple[GGUFTensorInfo, str]],
     from servelm.quantization.gguf_formats import GGUF_BLOCK_SIZES, GGUF_QUANT_TYPES
 
     permute_heads = {}
-    if config.model_type == "llama":  # qwen2/qwen3 GGUFs keep HF row order (NeoX-style rope)
+    # llama.cpp permutes q/k rows for Llama and Mixtral (its "llama" architecture); qwen2/qwen3
+    # GGUFs keep HF row order (NeoX-style rope)
+    if config.model_type in ("llama", "mixtral"):
         permute_heads = {"self_attn.q_proj": config.num_attention_heads,
                          "self_attn.k_proj": config.num_key_value_heads}
     for t, hf_name in named:
@@ -148,7 +160,8 @@ def _iter_gguf(reader: GGUFFile, named: list[tuple[GGUFTensorInfo, str]],
         # embedding's own copy)
         embed_blocks = (hf_name == "model.embed_tokens.weight"
                         and GGUF_BLOCK_SIZES.get(int(t.tensor_type), (1,))[0] > 1)
-        if keep_blocks and t.tensor_type in GGUF_QUANT_TYPES and (
+        # (stacked experts are dequantized: the fused MoE kernel reads dense or int8/fp8 rows)
+        if keep_blocks and t.tensor_type in GGUF_QUANT_TYPES and ".experts." not in hf_name and (
                 _LINEAR_WEIGHT_RE.fullmatch(hf_name) or embed_blocks):
             # raw: [N, row_bytes] uint8, row n = output row n's blocks, so llama's q/k row
             # permutation applies to it as to the dequantized rows

@@ -18,7 +18,9 @@ from servelm.models.llama import LayerOptions, LlamaForCausalLM, LlamaMLP
 # layers.{i}.mlp.experts.{e}.{part}.weight (per-expert checkpoints), or transformers 5's stacked
 # layers.{i}.mlp.experts.{gate_up_proj|down_proj}
 _PER_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
-_STACKED = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+# or GGUF's stacked layers.{i}.mlp.experts.{gate_proj|up_proj|down_proj}.weight
+_STACKED = re.compile(
+    r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|gate_proj|up_proj|down_proj)(?:\.weight)?$")
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,12 @@ class SparseMoeBlock(nn.Module):
         self.top_k, self.renormalize, self.tp = m.top_k, m.renormalize, o.tp
         # the router: [E, hidden], replicated on every rank (every rank routes alike)
         self.gate = nn.Linear(a.hidden_size, m.num_experts, bias=False)
-        # quantized experts: int8 / fp8 rows converted at load (others refused there)
+        # quantized experts: int8 / fp8 rows converted at load (others refused there); a GGUF
+        # file's experts are dequantized as they load (its other linears may keep blocks)
+        method = o.quantization.method if o.quantization is not None else None
         self.experts = FusedMoE(m.num_experts, a.hidden_size, m.expert_intermediate_size,
                                 o.use_kernels, o.tp, f"{prefix}.experts",
-                                o.quantization.method if o.quantization is not None else None)
+                                None if method == "gguf" else method)
         self.shared_expert = self.shared_expert_gate = None
         if m.shared_expert_intermediate_size:
             self.shared_expert = LlamaMLP(a, o, f"{prefix}.shared_expert",
@@ -105,6 +109,10 @@ class MoEForCausalLM(LlamaForCausalLM):
         return name.replace(".block_sparse_moe.", ".mlp.", 1)
 
     def load_special(self, name: str, tensor: torch.Tensor) -> list[str]:
+        if name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:
+            # GGUF stores the shared expert's gate [1, H] as a vector
+            self.get_parameter(name).data.copy_(tensor.view(1, -1))
+            return [name]
         m = _PER_EXPERT.match(name)
         if m is not None and m.group(3) in EXPERT_PARTS:
             experts, e, part = m.group(1), int(m.group(2)), EXPERT_PARTS[m.group(3)]

@@ -157,3 +157,84 @@ def test_moe_pipeline_stages_match_hf(tiny_model_factory):
         check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
     finally:
         eng.core.shutdown()
+
+
+def _write_moe_gguf(path, model_dir: str, cfg, arch: str) -> None:
+    """A GGUF of the saved checkpoint written as llama.cpp's converter lays it out: names from
+    the gguf package's own tensor map, each layer's experts stacked into one 3-D tensor, the
+    q/k rows of the "llama" architecture (Mixtral) permuted, the expert metadata keys."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    w.add_expert_count(experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch != "llama":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", 0):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    stacks: dict = {}
+    with safe_open(f"{model_dir}/model.safetensors", "pt") as f:
+        for hf in f.keys():
+            t = f.get_tensor(hf).float().numpy()
+            module, suffix = hf.rsplit(".", 1)
+            parts = module.split(".")
+            if "experts" in parts:  # ...experts.{e}.{w1|gate_proj|...}: stacked per layer
+                i = parts.index("experts")
+                stacks.setdefault(".".join(parts[:i + 1] + parts[i + 2:]), {})[int(parts[i + 1])] = t
+                continue
+            if arch == "llama" and module.endswith(("q_proj", "k_proj")):
+                n = heads if module.endswith("q_proj") else kv
+                t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+            if module.endswith("shared_expert_gate"):
+                t = t.reshape(-1)
+            w.add_tensor(f"{names.get_name(module)}.{suffix}", np.ascontiguousarray(t))
+    for module, per in stacks.items():
+        w.add_tensor(f"{names.get_name(module)}.weight",
+                     np.stack([per[e] for e in range(experts)]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch,gguf_arch", [("mixtral", "llama"), ("qwen2-moe", "qwen2moe"),
+                                            ("qwen3-moe", "qwen3moe")])
+def test_moe_gguf_matches_hf(tiny_model_factory, tmp_path, arch, gguf_arch):
+    """llama.cpp's MoE files (Mixtral as a "llama" with experts, qwen2moe with its shared
+    expert, qwen3moe): the config from the metadata, the stacked experts split, greedy output
+    transformers'."""
+    pytest.importorskip("gguf")
+    d, model = tiny_model_factory(arch)
+    path = tmp_path / f"{arch}.gguf"
+    if arch != "mixtral":  # GGUF has no mlp_only_layers / sparse step: all sparse, as released
+        import torch
+        import transformers as tf
+
+        from tests.conftest import _make_config
+        torch.manual_seed(99)
+        cfg = _make_config(arch)
+        cfg.mlp_only_layers, cfg.decoder_sparse_step = [], 1
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        d = str(tmp_path / "dense-free")
+        model.save_pretrained(d)
+    _write_moe_gguf(path, d, model.config, gguf_arch)
+    prompts = random_prompts(4, LENGTHS, seed=15)
+    eng = make_engine(str(path), max_num_batched_tokens=40)
+    assert type(eng.core.executor.runner.model.layers[1].mlp).__name__ == "SparseMoeBlock"
+    check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
