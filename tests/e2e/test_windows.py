@@ -130,3 +130,17 @@ def test_gemma3_multimodal_checkpoint_served_text_only(tmp_path):
     assert type(lm).__name__ == "GemmaForCausalLM"
     assert not any("vision" in n for n, _ in lm.named_parameters())
     check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
+
+
+@pytest.mark.parametrize("spec", [{"method": "ngram", "num_speculative_tokens": 3,
+                                   "prompt_lookup_max": 3},
+                                  {"method": "layer_skip", "draft_layers": 1,
+                                   "num_speculative_tokens": 2}])
+def test_windowed_speculative_decoding_is_exact(tiny_model_factory, spec):
+    """Verification's multi-token queries see the same windows (Gemma 2: local and global
+    layers, soft-capping): output still transformers'."""
+    d, model = tiny_model_factory("gemma2")
+    prompts = random_prompts(4, LENGTHS, seed=7)
+    eng = make_engine(d, max_num_batched_tokens=40, speculative_config=spec)
+    check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
+    assert eng.core.scheduler.stats().spec_num_drafts > 0
