@@ -70,7 +70,9 @@ def _route_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOP_K: tl.constexpr,
     total = 0.0
     for j in tl.static_range(TOP_K):
         best = tl.max(p, 0)
-        idx = tl.min(tl.where(p == best, offs, BLOCK_E), 0)
+        # (clamped: NaN scores, as the kernel warm-up's uninitialised weights give, match
+        # nothing, and an expert id past E would read outside the weights)
+        idx = tl.minimum(tl.min(tl.where(p == best, offs, BLOCK_E), 0), E - 1)
         tl.store(w_ptr + t * TOP_K + j, best)
         tl.store(ids_ptr + t * TOP_K + j, idx.to(tl.int64))
         total += best

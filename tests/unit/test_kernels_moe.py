@@ -111,3 +111,12 @@ def test_quantized_experts_kernel_matches_reference(method, shape):
                             torch.stack([dequantize_rows(q2[e], s2[e], dtype) for e in range(E)]),
                             weights, ids)
     torch.testing.assert_close(want, deq, rtol=0, atol=0)
+
+
+def test_route_topk_ids_stay_in_range_on_nan():
+    """Garbage router logits (the kernel warm-up runs on uninitialised weights) never give an
+    expert id outside [0, E): the grouped GEMM would read past the weights."""
+    logits = torch.full((3, 10), float("nan"), device=DEVICE)
+    logits[1, 4] = 1.0
+    _, ids = route_topk(logits, 4, True)
+    assert bool(((ids >= 0) & (ids < 10)).all())
