@@ -341,11 +341,30 @@ class EngineArgs:
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
         from servelm.models.registry import uniform_window, windowed_attention
         attention_backend = self.attention_backend
-        if windowed_attention(hf_config):
+        window = uniform_window(hf_config)
+        gpu_auto = attention_backend == "auto" and device.startswith("cuda")
+        if (gpu_auto and window and (self.max_model_len or max_pos) > window
+                and self.max_model_len is None):
+            # Mistral's window on a GPU: the context stays within it by default, so the triton
+            # kernels and CUDA graphs serve it unchanged; a longer max_model_len asked for
+            # takes the torch backend below, which applies the window
+            logger.info("max_model_len defaults to the sliding window (%d) on GPUs; pass "
+                        "max_model_len for longer contexts (the window then runs on the torch "
+                        "attention backend)", window)
+            max_pos = min(max_pos, window)
+        if window and (self.max_model_len or max_pos) <= window:
+            # the window can never mask a key: the model is built without it
+            if dataclasses.is_dataclass(hf_config):
+                hf_config = dataclasses.replace(hf_config, sliding_window=None)
+            else:
+                import copy
+                hf_config = copy.copy(hf_config)
+                hf_config.sliding_window = None
+        elif windowed_attention(hf_config):
             # windows and soft-capping are computed (models/llama.py, gemma.py) by both
             # backends; the triton kernels' are tested under Triton's interpreter but not yet
             # run on a GPU, so "auto" takes the torch backend there until they are
-            if attention_backend == "auto" and device.startswith("cuda"):
+            if gpu_auto:
                 logger.info("attention_backend='auto': torch for this model's sliding window "
                             "or soft-capping ('triton' does them too, not yet measured on a "
                             "GPU)")
@@ -381,6 +400,12 @@ class EngineArgs:
             raise ValueError("speculative_config with pipeline_parallel_size "
                              f"{self.pipeline_parallel_size} is not supported yet: use "
                              "pipeline_parallel_size=1.")
+        if (speculative is not None and speculative.method == "draft_model"
+                and uniform_window(hf_config)):
+            logger.warning("a draft model over a sliding-window target: the target's blocks "
+                           "before its window are released, and a draft model that attends "
+                           "further back reads them as zeros (output stays exact; acceptance "
+                           "may drop)")
         if speculative is not None and speculative.method == "draft_model" and world > 1:
             raise ValueError("speculative_config method 'draft_model' with tensor_parallel_size "
                              f"{self.tensor_parallel_size} is not supported yet: use 'ngram' or "

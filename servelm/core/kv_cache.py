@@ -46,6 +46,10 @@ class PrefixCacheStats:
     hits: int = 0  # of those, tokens found in the cache
 
 
+# the block released table entries point at under a sliding window (reserved, never handed out)
+NULL_BLOCK = 0
+
+
 class BlockPool:
     """Block ids 0..num_blocks-1 with reference counts, an LRU free queue and the hash table."""
 
@@ -56,7 +60,7 @@ class BlockPool:
         self.block_hash: list[Optional[BlockHash]] = [None] * num_blocks
         # reserve_null: block 0 is never handed out; block tables point their released
         # (out-of-window) entries at it (its KV stays zeros: attention masks those keys)
-        self.null_block = 0 if reserve_null else None
+        self.null_block = NULL_BLOCK if reserve_null else None
         self.free_queue: OrderedDict[int, None] = OrderedDict(
             (i, None) for i in range(int(reserve_null), num_blocks))
         self.cached: dict[BlockHash, int] = {}  # block hash -> block id
@@ -124,6 +128,9 @@ class KVCacheManager:
         # every layer attends to its last sliding_window keys only (0: all of them): blocks
         # wholly before a request's window are released as it advances
         self.window = sliding_window
+        if sliding_window and num_blocks < 2:
+            raise ValueError(f"a sliding-window model needs at least 2 KV cache blocks (one is "
+                             f"reserved), got {num_blocks}: give the KV cache more memory.")
         self.pool = BlockPool(num_blocks, enable_caching, reserve_null=sliding_window > 0)
         self.num_window_freed = 0  # blocks released that way, since start
         self.enable_caching = enable_caching

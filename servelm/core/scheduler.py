@@ -199,7 +199,7 @@ class Scheduler:
             num_scheduled[req.request_id] = n
             budget -= n
             cached_reqs.append(CachedRequestData(req.request_id, new_blocks,
-                                                 req.num_computed_tokens))
+                                                 req.num_computed_tokens, req.num_null_blocks))
             req.num_computed_tokens += n
             if req.num_computed_tokens >= total:  # samples this step
                 req.num_output_placeholders += 1

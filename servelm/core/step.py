@@ -45,6 +45,9 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # under a sliding window: the request's first num_null_blocks table entries were released
+    # (now kv_cache.NULL_BLOCK; the runner stops pointing them at blocks others may reuse)
+    num_null_blocks: int = 0
 
 
 @dataclass

@@ -11,6 +11,8 @@ the one-rank weights); the kernel converts a tile to the activation dtype for th
 scales the accumulator's columns after it, the reference dequantizes first."""
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +21,8 @@ from servelm.distributed import ParallelGroup, shard_range
 
 # checkpoint names of an expert's three matrices -> (which, ...): Mixtral's w1/w3/w2 and the
 # Qwen families' gate/up/down projections
-EXPERT_PARTS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
-                "w1": "gate", "w3": "up", "w2": "down"}
+EXPERT_PARTS = MappingProxyType({"gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+                                 "w1": "gate", "w3": "up", "w2": "down"})
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool

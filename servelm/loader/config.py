@@ -88,7 +88,7 @@ def rope_parameters(config: Any) -> dict[str, Any]:
 
 
 # multimodal checkpoints served as text-only models: architecture -> its language model's
-TEXT_ONLY = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+TEXT_ONLY = MappingProxyType({"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"})
 
 
 def text_only_config(config: Any) -> Any:

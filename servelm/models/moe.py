@@ -5,6 +5,7 @@ token to its top-k experts (layers/fused_moe.py), which Qwen's ``decoder_sparse_
 ``mlp_only_layers`` leave dense on some layers."""
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from servelm.models.llama import LayerOptions, LlamaForCausalLM, LlamaMLP
 
 # layers.{i}.mlp.experts.{e}.{part}.weight (per-expert checkpoints), or transformers 5's stacked
 # layers.{i}.mlp.experts.{gate_up_proj|down_proj}
+logger = logging.getLogger(__name__)
+
 _PER_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 # or GGUF's stacked layers.{i}.mlp.experts.{gate_proj|up_proj|down_proj}.weight
 _STACKED = re.compile(
@@ -71,6 +74,11 @@ class SparseMoeBlock(nn.Module):
         # quantized experts: int8 / fp8 rows converted at load (others refused there); a GGUF
         # file's experts are dequantized as they load (its other linears may keep blocks)
         method = o.quantization.method if o.quantization is not None else None
+        if method is not None and getattr(o.quantization, "prequantized", False):
+            raise ValueError(f"this {method} checkpoint holds pre-quantized weights, which "
+                             "servelm's mixture-of-experts layers do not load yet: use the "
+                             f"dense checkpoint with quantization={method!r} (converted at "
+                             "load).")
         self.experts = FusedMoE(m.num_experts, a.hidden_size, m.expert_intermediate_size,
                                 o.use_kernels, o.tp, f"{prefix}.experts",
                                 None if method == "gguf" else method)
@@ -100,6 +108,11 @@ class MoEForCausalLM(LlamaForCausalLM):
 
     def build_mlp(self, hf_config: Any, o: LayerOptions, layer: int) -> nn.Module:
         m = MoEArgs.from_hf(hf_config)
+        q = o.quantization
+        if (layer == self.start and q is not None and q.method in ("int8", "fp8")
+                and getattr(q, "group_size", -1) not in (None, -1)):
+            logger.info("quantization_group_size=%s applies to the dense layers; the experts "
+                        "take one scale per output row", q.group_size)
         if m.is_sparse(layer):
             return SparseMoeBlock(m, self.args, o, f"layers.{layer}.mlp")
         return LlamaMLP(self.args, o, f"layers.{layer}.mlp")

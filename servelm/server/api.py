@@ -69,9 +69,10 @@ _TRIM_AFTER_S = 2.0
 # a big body's strings are measured before parsing only where these few quote and backslash
 # bytes make it cheap (a loop over them; the counts themselves run at C speed)
 _MAX_SCANNED_QUOTES = 100_000
-# JSON spells a character in at most 6 bytes (\uXXXX), and no string under this is refused
-# unparsed (a grammar or a schema may be long where the model's context is short)
-_JSON_BYTES_PER_CHAR = 6
+# JSON spells a character in at most 12 bytes (a surrogate pair of \uXXXX escapes), and no
+# string under this is refused unparsed (a grammar or a schema may be long where the model's
+# context is short)
+_JSON_BYTES_PER_CHAR = 12
 _MIN_STRING_BOUND = 1 << 20
 
 
@@ -80,15 +81,18 @@ def longest_string_bytes(buf: bytes | bytearray) -> Optional[int]:
     of its characters), found from the positions of its unescaped quotes without parsing; None
     when the body has too many quotes or backslashes for that to be cheap. Not a validator:
     malformed JSON is the parser's to refuse."""
-    # find() runs at memchr speed (count() would be several times slower over 10 MB)
+    # find() runs at memchr speed (count() would be several times slower over 10 MB); the
+    # Python loops below visit at most _MAX_SCANNED_QUOTES quotes and as many backslashes
     quotes, i, backslashes = [], buf.find(b'"'), 0
     while i != -1:
-        if len(quotes) >= _MAX_SCANNED_QUOTES or backslashes >= _MAX_SCANNED_QUOTES:
+        if len(quotes) >= _MAX_SCANNED_QUOTES:
             return None
         j = i  # an odd run of backslashes before the quote escapes it
         while j > 0 and buf[j - 1] == 0x5C:
             j -= 1
-        backslashes += i - j
+            backslashes += 1
+            if backslashes >= _MAX_SCANNED_QUOTES:
+                return None
         if (i - j) % 2 == 0:
             quotes.append(i)
         i = buf.find(b'"', i + 1)
@@ -117,21 +121,17 @@ async def read_json(request: Request, limit: int,
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body ({declared} bytes) exceeds the limit of {limit} "
                             "bytes.", code="request_too_large")
-    # sized from Content-Length when declared: one copy of the body, spread over its chunks
-    # (growing a bytearray re-copies it as it doubles)
-    buf = bytearray(int(declared) if declared is not None and declared.isdigit() else 0)
-    n = 0
+    # chunks joined once at the end (a growing bytearray re-copies itself as it doubles; one
+    # sized from Content-Length would commit memory before any byte arrives)
+    chunks, n = [], 0
     async for chunk in request.stream():
-        if n + len(chunk) > limit:
+        n += len(chunk)
+        if n > limit:
             raise APIError(413, f"the request body exceeds the limit of {limit} bytes.",
                            code="request_too_large")
-        if n + len(chunk) <= len(buf):
-            buf[n:n + len(chunk)] = chunk
-        else:
-            del buf[n:]
-            buf += chunk
-        n += len(chunk)
-    del buf[n:]  # (a body shorter than declared)
+        chunks.append(chunk)
+    buf = b"".join(chunks)
+    del chunks
     # (strip() would copy a big body; an all-whitespace big one fails to parse instead)
     if len(buf) < 4096 and not buf.strip():
         raise bad_request("the request body is empty: send a JSON object.")
@@ -213,6 +213,11 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         c = client or await start_client(engine_config, listener=metrics)
         set_chat_template(c.tokenizer, server_config.chat_template)  # --chat-template
         app.state.serving = OpenAIServing(c, server_config)
+        inputs = getattr(c, "inputs", None)
+        if inputs is not None and getattr(inputs, "tokenizer", None) is not None:
+            # the longest vocabulary string, which refusing a huge body needs: read now, not
+            # on the event loop when the first one arrives (a 256k vocabulary takes a while)
+            await asyncio.to_thread(inputs.max_text_chars)
         if client is None:  # a core this app started: it restarts it, or exits, if it dies
             EngineRecovery(app, engine_config, metrics,
                            server_config.on_engine_failure).attach(c)
@@ -295,7 +300,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @app.post("/tokenize", dependencies=keyed)
     async def tokenize(request: Request) -> Response:
-        req = await parse(request, TokenizeRequest, limit, _text_bound(request))
+        # (no text bound: /tokenize counts the tokens of texts of any length)
+        req = await parse(request, TokenizeRequest, limit)
         s = serving(request)
         s.check_model(req.model)
         tok = s.client.tokenizer

@@ -79,6 +79,12 @@ class InputBatch:
         self.free_rows.append(row)
         self._update.removed.append(row)
 
+    def release_blocks(self, row: int, upto: int) -> None:
+        """The row's first ``upto`` table entries point at the null block (released under a
+        sliding window: their old blocks may now hold another request's KV)."""
+        from servelm.core.kv_cache import NULL_BLOCK
+        self.block_table[row, :min(upto, int(self.num_blocks[row]))] = NULL_BLOCK
+
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
         b = int(self.num_blocks[row])
         self.block_table[row, b:b + len(block_ids)] = block_ids

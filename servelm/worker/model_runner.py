@@ -330,6 +330,8 @@ class ModelRunner:
             b.add(nr)
         for cr in s.cached_reqs:
             row = b.row_of[cr.req_id]
+            if cr.num_null_blocks:
+                b.release_blocks(row, cr.num_null_blocks)
             if cr.new_block_ids:
                 b.append_blocks(row, cr.new_block_ids)
             b.num_computed_tokens[row] = cr.num_computed_tokens

@@ -144,3 +144,33 @@ def test_windowed_speculative_decoding_is_exact(tiny_model_factory, spec):
     eng = make_engine(d, max_num_batched_tokens=40, speculative_config=spec)
     check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
     assert eng.core.scheduler.stats().spec_num_drafts > 0
+
+
+def test_released_entries_leave_the_runners_tables(tiny_model_factory):
+    """The runner's block table stops pointing released (out-of-window) entries at blocks
+    other requests may reuse: they read the null block, whose KV stays zeros."""
+    from servelm import SamplingParams
+    from servelm.core.kv_cache import NULL_BLOCK
+    d, _ = tiny_model_factory("mistral-window")
+    eng = make_engine(d, num_gpu_blocks_override=41, kv_cache_memory=None)
+    eng.add_request("r", random_prompts(1, [60], seed=3)[0],
+                    SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    runner, req = eng.core.executor.runner, eng.core.scheduler.requests["r"]
+    for _ in range(30):
+        eng.step()
+    row = runner.batch.row_of["r"]
+    assert req.num_null_blocks > 5
+    assert (runner.batch.block_table[row, :req.num_null_blocks] == NULL_BLOCK).all()
+    assert list(runner.batch.block_table[row, req.num_null_blocks:len(req.block_ids)]) == \
+        req.block_ids[req.num_null_blocks:]
+    while eng.has_unfinished_requests():
+        eng.step()
+
+
+def test_window_longer_than_the_context_is_dropped(tiny_model_factory):
+    """max_model_len within the window: it can never mask a key, so the model is built without
+    it (no window code path, no released blocks)."""
+    d, _ = tiny_model_factory("mistral-window")
+    eng = make_engine(d, max_model_len=20)
+    assert eng.core.executor.runner.model.layers[0].self_attn.window == 0
+    assert eng.core.scheduler.kv.window == 0
