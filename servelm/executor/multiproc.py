@@ -195,7 +195,7 @@ class MultiprocExecutor(DriverExecutor):
                                   f"{timeout_s:.0f} s")
         try:
             got, payload = w.conn.recv()
-        except EOFError as e:
+        except (EOFError, OSError) as e:  # closed, or reset by a killed process's socket
             try:
                 w.proc.wait(1)  # its exit code, when it is exiting
             except subprocess.TimeoutExpired:
