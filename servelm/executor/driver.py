@@ -7,12 +7,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Union
 
-import torch
-
 from servelm.config import EngineConfig
 from servelm.core.step import ModelRunnerOutput, SchedulerOutput
 from servelm.executor.abstract import Executor, StepFuture
 from servelm.executor.mp_worker import RankCalls, rank_config
+from servelm.worker.step_profiler import step_range
 
 STARTUP_TIMEOUT_S = 600  # a worker's model load may take as long as the driver's
 
@@ -66,7 +65,7 @@ class DriverExecutor(Executor):
     def execute(self, sched: SchedulerOutput,
                 non_block: bool = False) -> Union[ModelRunnerOutput, StepFuture]:
         self._check()
-        with torch.profiler.record_function("servelm.send_step"):
+        with step_range(self.runner.step_profiler, "servelm.send_step"):
             self._send("execute", (sched,), reply=False)
         if self._thread is not None:
             fut = self._thread.submit(self._run_step, sched)

@@ -132,12 +132,18 @@ class FusedMoE(nn.Module):
             self._copy(self.w13_weight.data[expert, rows], w, part)
 
     def fill_dummy(self, seed: int) -> None:
-        """load_format='dummy': each expert's dense U(-1/sqrt(in), 1/sqrt(in)) matrices loaded
-        through load_expert (so quantized experts convert them as a checkpoint's)."""
+        """load_format='dummy': U(-1/sqrt(in), 1/sqrt(in)) weights; quantized experts get each
+        expert's dense matrices through load_expert (converted as a checkpoint's)."""
         inter = self.i_hi - self.i_lo
         full_i = inter * self.tp.world_size
         dev = self.w13_weight.device
         g = torch.Generator(device=dev)
+        g.manual_seed(seed)
+        if self.quant is None:  # dense: the stacked tensors directly (two launches)
+            self.w13_weight.data.uniform_(-self.hidden_size ** -0.5, self.hidden_size ** -0.5,
+                                          generator=g)
+            self.w2_weight.data.uniform_(-full_i ** -0.5, full_i ** -0.5, generator=g)
+            return
         for e in range(self.num_experts):
             g.manual_seed(seed + e)
             for part, shape in (("gate", (full_i, self.hidden_size)),

@@ -37,6 +37,7 @@ from servelm.worker.spec_verify import collect_verified, compact_tree_kv, tree_s
 from servelm.worker.step_meta import ragged_positions, slots_of, step_meta
 from servelm.worker.tree_graphs import TreeGraphs
 from servelm.worker.swap import SwapSpace
+from servelm.worker.step_profiler import step_profiler_from_env, step_range
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,6 @@ class ModelRunner:
         # decode-only steps: CUDA graphs, or on the CPU the C decode step (cpu/decode_step.py)
         self.graphs: Optional[DecodeGraphs] = None
         self.swap: Optional[SwapSpace] = None  # host blocks for swap preemption
-        from servelm.worker.step_profiler import step_profiler_from_env
         self.step_profiler = step_profiler_from_env(self.world.rank)  # None unless asked
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -422,7 +422,7 @@ class ModelRunner:
             return PendingOutput.ready(out)
         if self.step_profiler is not None:
             self.step_profiler.on_step()
-        with torch.profiler.record_function("servelm.prepare_inputs"):
+        with step_range(self.step_profiler, "servelm.prepare_inputs"):
             inp = self._prepare_inputs(s)
         # before the forward: processors read the last step's tokens from the device buffers
         # this step's graph replay overwrites

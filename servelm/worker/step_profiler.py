@@ -9,9 +9,10 @@ DIR/rank{R}.json (CPU ops, CUDA kernels, collectives), when step LAST starts. Of
 beyond one check a step) when the variables are unset."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,15 @@ class StepProfiler:
             logger.info("profiled steps %d..%d: %s", self.first, self.last - 1, path)
             self.prof = None
         self.step += 1
+
+
+def step_range(profiler: Optional[StepProfiler], name: str) -> ContextManager:
+    """A named range in the trace while ``profiler`` records; nothing otherwise (the per-step
+    path pays no record_function when no one profiles)."""
+    if profiler is None or profiler.prof is None:
+        return contextlib.nullcontext()
+    import torch
+    return torch.profiler.record_function(name)
 
 
 def step_profiler_from_env(rank: int) -> Optional[StepProfiler]:

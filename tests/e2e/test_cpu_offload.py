@@ -9,11 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import assert_all_blocks_free, make_engine, random_prompts, run_to_completion
-from tests.e2e.test_engine_vs_hf import GREEDY, check, hf_greedy
+from tests.e2e.test_engine_vs_hf import GREEDY, check, hf_refs
 
-
-def _refs(model, prompts):
-    return [hf_greedy(model, p) for p in prompts]
 
 
 def test_one_offloaded_layer(tiny_model_factory):
@@ -28,7 +25,7 @@ def test_one_offloaded_layer(tiny_model_factory):
     slots = {t.data_ptr() for s in st.slots for t in s}
     assert all(p.data_ptr() in slots for p in runner.model.layers[0].parameters())
     prompts = random_prompts(5, (3, 17, 40, 9, 1), seed=30)
-    check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
+    check(run_to_completion(eng, prompts, GREEDY), hf_refs(model, prompts))
     assert_all_blocks_free(eng)
 
 
@@ -48,7 +45,7 @@ def test_all_of_an_odd_number_of_layers_with_preemption_and_prefix_hits(tmp_path
     outs = run_to_completion(eng, prompts, GREEDY)
     st = eng.stats()
     assert st.num_preemptions > 0 and st.prefix_cache_hits > 0
-    check(outs, _refs(model, prompts))
+    check(outs, hf_refs(model, prompts))
 
 
 def test_layer_skip_drafting_through_offloaded_layers(tiny_model_factory):
@@ -56,7 +53,7 @@ def test_layer_skip_drafting_through_offloaded_layers(tiny_model_factory):
     eng = make_engine(d, cpu_offload_gb=4, speculative_config={
         "method": "layer_skip", "num_speculative_tokens": 2, "draft_layers": 1})
     prompts = random_prompts(3, (6, 21, 11), seed=34)
-    check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
+    check(run_to_completion(eng, prompts, GREEDY), hf_refs(model, prompts))
 
 
 def test_offload_refusals(tiny_model_factory):

@@ -15,17 +15,24 @@ MEDIUM = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=3, num_
               initializer_range=0.05, eos_token_id=None, tie_word_embeddings=False)
 
 
+def _saved_pair(cfg, name: str, tmp_path_factory):
+    """A random model of ``cfg`` saved to a fresh directory: (directory, (the fp32 model, its
+    bf16 copy), both on CUDA)."""
+    import transformers as tf
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    d = tmp_path_factory.mktemp(f"medium-{name}")
+    model.save_pretrained(d)
+    bf16 = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    bf16.load_state_dict(model.state_dict())
+    return str(d), (model.to("cuda"), bf16.to("cuda", torch.bfloat16))
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def medium(request, tmp_path_factory):
     import transformers as tf
     torch.manual_seed(7)
     cfg = (tf.LlamaConfig if request.param == "llama" else tf.Qwen3Config)(**MEDIUM)
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    d = tmp_path_factory.mktemp(f"medium-{request.param}")
-    model.save_pretrained(d)
-    bf16 = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    bf16.load_state_dict(model.state_dict())
-    return str(d), (model.to("cuda"), bf16.to("cuda", torch.bfloat16))
+    return _saved_pair(cfg, request.param, tmp_path_factory)
 
 
 def check_teacher_forced(models, prompts, outs, gap_tol=0.15):
@@ -129,13 +136,8 @@ def medium_arch(request, tmp_path_factory):
     torch.manual_seed(8)
     cls = {"mixtral": tf.MixtralConfig, "mistral-window": tf.MistralConfig,
            "gemma2": tf.Gemma2Config}[request.param]
-    cfg = cls(**{**MEDIUM, **ARCH_EXTRA[request.param]})
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    d = tmp_path_factory.mktemp(f"medium-{request.param}")
-    model.save_pretrained(d)
-    bf16 = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    bf16.load_state_dict(model.state_dict())
-    return str(d), (model.to("cuda"), bf16.to("cuda", torch.bfloat16))
+    return _saved_pair(cls(**{**MEDIUM, **ARCH_EXTRA[request.param]}), request.param,
+                       tmp_path_factory)
 
 
 @pytest.mark.parametrize("regime", [dict(), dict(max_num_batched_tokens=48)])

@@ -39,6 +39,21 @@ def references(tiny_model_factory):
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2)
 
 
+def hf_refs(model, prompts, max_new: int = MAX_NEW):
+    """transformers' greedy (token ids, logprobs) for each prompt."""
+    return [hf_greedy(model, p, max_new) for p in prompts]
+
+
+def check_engine(model_dir: str, model, prompts, **engine_kw) -> None:
+    """An engine made with ``engine_kw`` generates transformers' greedy output (check); it and
+    its worker processes are shut down after."""
+    eng = make_engine(model_dir, **engine_kw)
+    try:
+        check(run_to_completion(eng, prompts, GREEDY), hf_refs(model, prompts))
+    finally:
+        eng.core.shutdown()
+
+
 def check(outs, refs):
     for o, (ids, lps) in zip(outs, refs):
         c = o.outputs[0]

@@ -11,13 +11,10 @@ import pytest
 
 from servelm import SamplingParams
 from tests.conftest import assert_all_blocks_free, make_engine, random_prompts, run_to_completion
-from tests.e2e.test_engine_vs_hf import GREEDY, LENGTHS, check, hf_greedy
+from tests.e2e.test_engine_vs_hf import GREEDY, LENGTHS, check, check_engine, hf_refs
 
 MOE = ["mixtral", "qwen2-moe", "qwen3-moe"]
 
-
-def _refs(model, prompts, max_new=32):
-    return [hf_greedy(model, p, max_new) for p in prompts]
 
 
 @pytest.mark.parametrize("arch", MOE)
@@ -26,7 +23,7 @@ def test_moe_greedy_matches_hf(tiny_model_factory, arch):
     prompts = random_prompts(6, LENGTHS, seed=5)
     eng = make_engine(d, max_num_batched_tokens=40)  # long prompts in chunks
     outs = run_to_completion(eng, prompts, GREEDY)
-    check(outs, _refs(model, prompts))
+    check(outs, hf_refs(model, prompts))
     assert_all_blocks_free(eng)
 
 
@@ -38,7 +35,7 @@ def test_moe_prefix_hits_and_preemption(tiny_model_factory):
     prompts = [base + p for p in random_prompts(5, [3, 9, 17, 24, 30], seed=10)]
     eng = make_engine(d, num_gpu_blocks_override=48, kv_cache_memory=None, max_num_seqs=5)
     outs = run_to_completion(eng, prompts, GREEDY)
-    check(outs, _refs(model, prompts))
+    check(outs, hf_refs(model, prompts))
     stats = eng.core.scheduler.stats()
     assert stats.prefix_cache_hits > 0 and stats.num_preemptions > 0
     assert_all_blocks_free(eng)
@@ -53,7 +50,7 @@ def test_moe_tensor_parallel_matches_hf(tiny_model_factory, arch):
         experts = eng.core.executor.runner.model.layers[0].mlp.experts
         assert experts.w13_weight.shape[1] == 2 * (experts.i_hi - experts.i_lo)
         outs = run_to_completion(eng, prompts, GREEDY)
-        check(outs, _refs(model, prompts))
+        check(outs, hf_refs(model, prompts))
     finally:
         eng.core.shutdown()
 
@@ -141,7 +138,7 @@ def test_quantized_moe_model_generates(tiny_model_factory, method):
     experts = eng.core.executor.runner.model.layers[0].mlp.experts
     assert experts.quant == method and experts.w13_weight.element_size() == 1
     outs = run_to_completion(eng, prompts, params)
-    ref = _refs(model, prompts, 8)
+    ref = hf_refs(model, prompts, 8)
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
     agree = sum(a == b for o, (ids, _) in zip(outs, ref)
                 for a, b in zip(o.outputs[0].token_ids, ids))
@@ -151,12 +148,8 @@ def test_quantized_moe_model_generates(tiny_model_factory, method):
 def test_moe_pipeline_stages_match_hf(tiny_model_factory):
     """Two pipeline stages, a layer of experts each."""
     d, model = tiny_model_factory("mixtral")
-    prompts = random_prompts(4, LENGTHS, seed=7)
-    eng = make_engine(d, pipeline_parallel_size=2, max_num_batched_tokens=40)
-    try:
-        check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
-    finally:
-        eng.core.shutdown()
+    check_engine(d, model, random_prompts(4, LENGTHS, seed=7), pipeline_parallel_size=2,
+                 max_num_batched_tokens=40)
 
 
 def _write_moe_gguf(path, model_dir: str, cfg, arch: str) -> None:
@@ -237,4 +230,4 @@ def test_moe_gguf_matches_hf(tiny_model_factory, tmp_path, arch, gguf_arch):
     prompts = random_prompts(4, LENGTHS, seed=15)
     eng = make_engine(str(path), max_num_batched_tokens=40)
     assert type(eng.core.executor.runner.model.layers[1].mlp).__name__ == "SparseMoeBlock"
-    check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
+    check(run_to_completion(eng, prompts, GREEDY), hf_refs(model, prompts))

@@ -14,7 +14,7 @@ import torch
 
 from servelm import SamplingParams
 from tests.conftest import assert_all_blocks_free, make_engine, random_prompts, run_to_completion
-from tests.e2e.test_engine_vs_hf import GREEDY, LENGTHS, check, hf_greedy
+from tests.e2e.test_engine_vs_hf import GREEDY, LENGTHS, check, hf_refs
 
 TP = 2
 
@@ -34,9 +34,6 @@ def engines():
         eng.core.shutdown()
 
 
-def _refs(model, prompts, max_new=32):
-    return [hf_greedy(model, p, max_new) for p in prompts]
-
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "qwen3"])
 def test_tp2_greedy_matches_hf(tiny_model_factory, engines, arch):
@@ -49,7 +46,7 @@ def test_tp2_greedy_matches_hf(tiny_model_factory, engines, arch):
     assert type(ex).__name__ == "MultiprocExecutor" and len(ex.workers) == TP - 1
     assert ex.runner.model.embed_tokens.weight.shape[0] == 256 // TP
     outs = run_to_completion(eng, prompts, GREEDY)
-    check(outs, _refs(model, prompts))
+    check(outs, hf_refs(model, prompts))
     assert_all_blocks_free(eng)
 
 
@@ -68,7 +65,7 @@ def test_tp2_replicated_kv_heads(tmp_path, engines):
     runner = eng.core.executor.runner
     assert runner.kv_caches[0][0].shape[2] == 1
     assert runner.model.layers[0].self_attn.num_heads == 2
-    check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
+    check(run_to_completion(eng, prompts, GREEDY), hf_refs(model, prompts))
 
 
 def test_tp2_preemption_and_prefix_hits(tiny_model_factory, engines):
@@ -81,7 +78,7 @@ def test_tp2_preemption_and_prefix_hits(tiny_model_factory, engines):
     outs = run_to_completion(eng, prompts, GREEDY)
     st = eng.stats()
     assert st.num_preemptions > 0 and st.prefix_cache_hits > 0
-    check(outs, _refs(model, prompts))
+    check(outs, hf_refs(model, prompts))
     assert_all_blocks_free(eng)
 
 
@@ -252,7 +249,7 @@ def test_pipeline_stages_match_hf(tiny_model_factory, engines, arch, tp):
     assert max(before) == 1  # two steps in flight through the two stages
     st = eng.stats()
     assert st.num_preemptions > 0 and st.prefix_cache_hits > 0
-    check(outs, _refs(model, prompts))
+    check(outs, hf_refs(model, prompts))
     assert_all_blocks_free(eng)
 
 
@@ -272,7 +269,7 @@ def test_uneven_stages_and_sampling(tmp_path, engines):
     model.save_pretrained(tmp_path)
     prompts = random_prompts(3, (6, 25, 11), seed=21)
     check(run_to_completion(engines(str(tmp_path), pipeline_parallel_size=2), prompts, GREEDY),
-          _refs(model, prompts))
+          hf_refs(model, prompts))
     sp = SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=12, ignore_eos=True)
     one = run_to_completion(engines(str(tmp_path)), prompts, sp)
     two = run_to_completion(engines(str(tmp_path), pipeline_parallel_size=2), prompts, sp)

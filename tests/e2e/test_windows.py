@@ -8,13 +8,10 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import assert_all_blocks_free, make_engine, random_prompts, run_to_completion
-from tests.e2e.test_engine_vs_hf import GREEDY, LENGTHS, check, hf_greedy
+from tests.e2e.test_engine_vs_hf import GREEDY, LENGTHS, check, check_engine, hf_refs
 
 WINDOWED = ["mistral-window", "gemma2", "gemma3"]
 
-
-def _refs(model, prompts, max_new=32):
-    return [hf_greedy(model, p, max_new) for p in prompts]
 
 
 @pytest.mark.parametrize("arch", WINDOWED)
@@ -24,7 +21,7 @@ def test_windowed_greedy_matches_hf(tiny_model_factory, arch):
     eng = make_engine(d, max_num_batched_tokens=40)  # long prompts in chunks
     assert eng.core.config.model.max_model_len == 512  # not capped at the window
     outs = run_to_completion(eng, prompts, GREEDY)
-    check(outs, _refs(model, prompts))
+    check(outs, hf_refs(model, prompts))
     assert_all_blocks_free(eng)
 
 
@@ -34,7 +31,7 @@ def test_gemma_prefix_hits_and_preemption(tiny_model_factory):
     prompts = [base + p for p in random_prompts(5, [4, 10, 18, 25, 31], seed=22)]
     eng = make_engine(d, num_gpu_blocks_override=50, kv_cache_memory=None, max_num_seqs=5)
     outs = run_to_completion(eng, prompts, GREEDY)
-    check(outs, _refs(model, prompts))
+    check(outs, hf_refs(model, prompts))
     stats = eng.core.scheduler.stats()
     assert stats.prefix_cache_hits > 0 and stats.num_preemptions > 0
     assert_all_blocks_free(eng)
@@ -42,13 +39,8 @@ def test_gemma_prefix_hits_and_preemption(tiny_model_factory):
 
 def test_gemma3_tensor_parallel_matches_hf(tiny_model_factory):
     d, model = tiny_model_factory("gemma3")
-    prompts = random_prompts(4, LENGTHS, seed=30)
-    eng = make_engine(d, tensor_parallel_size=2, max_num_batched_tokens=40)
-    try:
-        outs = run_to_completion(eng, prompts, GREEDY)
-        check(outs, _refs(model, prompts))
-    finally:
-        eng.core.shutdown()
+    check_engine(d, model, random_prompts(4, LENGTHS, seed=30), tensor_parallel_size=2,
+                 max_num_batched_tokens=40)
 
 
 def test_backend_without_windows_is_refused(tiny_model_factory):
@@ -86,7 +78,7 @@ def test_window_blocks_are_released(tiny_model_factory):
     assert kv.window == 24 and kv.num_blocks == 40  # (block 0: the null block)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=2)
     outs = run_to_completion(eng, prompts, params)
-    check(outs, [hf_greedy(model, p, 64) for p in prompts])
+    check(outs, hf_refs(model, prompts, 64))
     stats = eng.core.scheduler.stats()
     assert stats.num_preemptions == 0
     assert kv.num_window_freed >= 3 * (104 - 24 - 2 * 4) // 4
@@ -96,12 +88,8 @@ def test_window_blocks_are_released(tiny_model_factory):
 def test_gemma_pipeline_stages_match_hf(tiny_model_factory):
     """Two stages: the embedding scale on the first, the final soft-cap on the last."""
     d, model = tiny_model_factory("gemma2")
-    prompts = random_prompts(4, LENGTHS, seed=7)
-    eng = make_engine(d, pipeline_parallel_size=2, max_num_batched_tokens=40)
-    try:
-        check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
-    finally:
-        eng.core.shutdown()
+    check_engine(d, model, random_prompts(4, LENGTHS, seed=7), pipeline_parallel_size=2,
+                 max_num_batched_tokens=40)
 
 
 def test_gemma3_multimodal_checkpoint_served_text_only(tmp_path):
@@ -129,7 +117,7 @@ def test_gemma3_multimodal_checkpoint_served_text_only(tmp_path):
     lm = eng.core.executor.runner.model
     assert type(lm).__name__ == "GemmaForCausalLM"
     assert not any("vision" in n for n, _ in lm.named_parameters())
-    check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
+    check(run_to_completion(eng, prompts, GREEDY), hf_refs(model, prompts))
 
 
 @pytest.mark.parametrize("spec", [{"method": "ngram", "num_speculative_tokens": 3,
@@ -142,7 +130,7 @@ def test_windowed_speculative_decoding_is_exact(tiny_model_factory, spec):
     d, model = tiny_model_factory("gemma2")
     prompts = random_prompts(4, LENGTHS, seed=7)
     eng = make_engine(d, max_num_batched_tokens=40, speculative_config=spec)
-    check(run_to_completion(eng, prompts, GREEDY), _refs(model, prompts))
+    check(run_to_completion(eng, prompts, GREEDY), hf_refs(model, prompts))
     assert eng.core.scheduler.stats().spec_num_drafts > 0
 
 

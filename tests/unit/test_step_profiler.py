@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from servelm.worker.step_profiler import StepProfiler, step_profiler_from_env
+from servelm.worker.step_profiler import StepProfiler, step_profiler_from_env, step_range
 
 
 def test_window_is_traced(tmp_path):
     prof = StepProfiler(str(tmp_path), 1, 3, rank=1)
     for _ in range(4):  # steps 0..3: 1 and 2 profiled, written when 3 starts
         prof.on_step()
-        with torch.profiler.record_function("servelm.prepare_inputs"):
+        with step_range(prof, "servelm.prepare_inputs"):  # a range only while recording
             torch.randn(64, 64) @ torch.randn(64, 64)
     trace = json.loads((tmp_path / "rank1.json").read_text())
     marks = [e for e in trace["traceEvents"] if e.get("name") == "servelm.prepare_inputs"]
