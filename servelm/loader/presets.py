@@ -67,6 +67,15 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
         "rope_theta": 1000000.0, "tie_word_embeddings": False, "use_sliding_window": False,
         "bos_token_id": 151643, "eos_token_id": 151645,
     }),
+    # mistralai/Mistral-7B-v0.1: every layer attends to the last 4096 positions only
+    "mistral-7b": MappingProxyType({
+        "model_type": "mistral", "architectures": ["MistralForCausalLM"],
+        "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+        "vocab_size": 32000, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "sliding_window": 4096,
+        "bos_token_id": 1, "eos_token_id": 2,
+    }),
     # Qwen/Qwen3-30B-A3B: 128 experts of 768, 8 routed a token (~3.3B of 30.5B parameters active)
     "qwen3-30b-a3b": MappingProxyType({
         "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
