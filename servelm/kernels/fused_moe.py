@@ -28,7 +28,9 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     dev = topk_ids.device
     n = topk_ids.numel()
     P = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
-    flat = topk_ids.reshape(-1).to(torch.int64)
+    # (clamped: the kernel warm-up's dry run skips the routing kernel, leaving ids
+    # uninitialised, and an id outside [0, E) is an out-of-bounds index below: a device assert)
+    flat = topk_ids.reshape(-1).to(torch.int64).clamp(0, num_experts - 1)
     # [E] (scatter_add, not bincount: bincount's output size needs a host sync on CUDA)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
         0, flat, torch.ones_like(flat))

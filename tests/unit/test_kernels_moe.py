@@ -78,6 +78,17 @@ def test_moe_align_invariants(T, E, k, block):
     assert (used[1:] >= used[:-1]).all()  # experts in order, each a run of blocks
 
 
+def test_moe_align_survives_ids_outside_the_experts():
+    """The kernel warm-up's dry run skips the routing kernel and leaves its ids uninitialised:
+    moe_align must not index with them out of bounds (a device assert on CUDA poisons the
+    context before the weights load)."""
+    ids = torch.tensor([[-5, 1 << 40], [3, 2], [7, -1]], device=DEVICE)
+    sorted_ids, block_experts = moe_align(ids, 4, 4)
+    s = sorted_ids.cpu()
+    assert sorted(s[s < 6].tolist()) == list(range(6))
+    assert int(block_experts.max()) < 4
+
+
 @pytest.mark.parametrize("T,E,k", [(1, 8, 2), (5, 60, 4), (33, 128, 8), (4, 6, 3)])
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_route_topk_matches_select_experts(T, E, k, renormalize):
