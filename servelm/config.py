@@ -340,18 +340,7 @@ class EngineArgs:
                              "quantization='none' (a .gguf: dequantized at load) or no offload.")
         max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
         from servelm.models.registry import uniform_window, windowed_attention
-        attention_backend = self.attention_backend
         window = uniform_window(hf_config)
-        gpu_auto = attention_backend == "auto" and device.startswith("cuda")
-        if (gpu_auto and window and (self.max_model_len or max_pos) > window
-                and self.max_model_len is None):
-            # Mistral's window on a GPU: the context stays within it by default, so the triton
-            # kernels and CUDA graphs serve it unchanged; a longer max_model_len asked for
-            # takes the torch backend below, which applies the window
-            logger.info("max_model_len defaults to the sliding window (%d) on GPUs; pass "
-                        "max_model_len for longer contexts (the window then runs on the torch "
-                        "attention backend)", window)
-            max_pos = min(max_pos, window)
         if window and (self.max_model_len or max_pos) <= window:
             # the window can never mask a key: the model is built without it
             if dataclasses.is_dataclass(hf_config):
@@ -360,16 +349,7 @@ class EngineArgs:
                 import copy
                 hf_config = copy.copy(hf_config)
                 hf_config.sliding_window = None
-        elif windowed_attention(hf_config):
-            # windows and soft-capping are computed (models/llama.py, gemma.py) by both
-            # backends; the triton kernels' are tested under Triton's interpreter but not yet
-            # run on a GPU, so "auto" takes the torch backend there until they are
-            if gpu_auto:
-                logger.info("attention_backend='auto': torch for this model's sliding window "
-                            "or soft-capping ('triton' does them too, not yet measured on a "
-                            "GPU)")
-                attention_backend = "torch"
-        else:
+        elif not windowed_attention(hf_config):
             # other sliding-window configs (Qwen2's use_sliding_window) are exact with full
             # attention up to the window only
             window = getattr(hf_config, "sliding_window", None)
@@ -442,7 +422,7 @@ class EngineArgs:
                                 self.pipeline_parallel_size)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=parallel,
-                            attention_backend=attention_backend,
+                            attention_backend=self.attention_backend,
                             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
                             skip_tokenizer_init=self.skip_tokenizer_init, speculative=speculative,
                             structured_outputs=structured,

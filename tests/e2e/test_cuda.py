@@ -141,12 +141,24 @@ def medium_arch(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("regime", [dict(), dict(max_num_batched_tokens=48)])
-def test_moe_and_windows_match_hf_on_cuda(medium_arch, regime):
+def test_moe_and_windows_match_hf_on_cuda(medium_arch, regime, request):
     d, models = medium_arch
+    moe = request.node.callspec.params["medium_arch"] == "mixtral"
     prompts = random_prompts(6, (5, 17, 63, 64, 130, 300), seed=34, vocab=1000)
     eng = make_engine(d, device="cuda", dtype="bfloat16", block_size=16,
                       attention_backend="triton", **regime)
     outs = run_to_completion(eng, prompts, SamplingParams(temperature=0, max_tokens=24,
                                                          ignore_eos=True, logprobs=0))
-    check_teacher_forced(models, prompts, outs)
+    # bf16 routing flips experts at near-ties (transformers' own bf16 Mixtral picks greedy
+    # tokens up to 2.3 nats below the fp32 argmax on these prompts): for MoE the bf16 run is
+    # held to the mean-error bound only, and an fp32 run below to the greedy gap
+    check_teacher_forced(models, prompts, outs, gap_tol=float("inf") if moe else 0.15)
     assert_all_blocks_free(eng)
+    eng.core.shutdown()
+    if moe:
+        eng = make_engine(d, device="cuda", dtype="float32", block_size=16,
+                          attention_backend="triton", **regime)
+        outs = run_to_completion(eng, prompts, SamplingParams(temperature=0, max_tokens=24,
+                                                             ignore_eos=True, logprobs=0))
+        check_teacher_forced(models, prompts, outs)
+        eng.core.shutdown()
