@@ -71,6 +71,8 @@ class CacheConfig:
     # every layer's sliding window (Mistral's; 0: none, or only some layers have one): blocks
     # before a request's window are released as it advances (core/kv_cache.py)
     sliding_window: int = 0
+    # KV eviction (kv_eviction/config.py; None: off): each request keeps a budget of tokens
+    kv_eviction: Any = None
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,12 @@ class EngineArgs:
     quantize_lm_head: bool = False  # fp8/int8/int4: the head too (a tied head gets a copy)
     # "auto" (the model dtype) | "bfloat16" | "fp8" (e4m3 with scales)
     kv_cache_dtype: str = "auto"
+    # KV eviction: none | streaming (attention sinks + recent tokens) | h2o (sinks, recent and
+    # heavy hitters), each request keeping kv_eviction_budget tokens (default 512)
+    kv_eviction: str = "none"
+    kv_eviction_budget: Optional[int] = None
+    kv_sink_tokens: int = 4
+    kv_recent_tokens: Optional[int] = None  # h2o's recent window (default: half the rest)
     # None: "uni" (one process) for one rank, "mp" (a worker process per further rank) for more
     distributed_executor_backend: Optional[str] = None
     tensor_parallel_size: int = 1
@@ -390,11 +398,12 @@ class EngineArgs:
             raise ValueError("speculative_config method 'draft_model' with tensor_parallel_size "
                              f"{self.tensor_parallel_size} is not supported yet: use 'ngram' or "
                              "'layer_skip', or tensor_parallel_size=1.")
+        eviction = self._eviction_config(max_model_len, hf_config, speculative, device)
         cache = CacheConfig(self.block_size, self.enable_prefix_caching,
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
                             self.kv_cache_memory, swap_gib,
                             _resolve_kv_cache_dtype(self.kv_cache_dtype, device),
-                            uniform_window(hf_config))
+                            uniform_window(hf_config), eviction)
         if cache.cache_dtype == "bfloat16" and device != "cpu" and dtype != torch.bfloat16:
             # the Triton kernels read the cache in the activations' dtype
             raise ValueError(f"kv_cache_dtype='bfloat16' with a {str(dtype).removeprefix('torch.')} "
@@ -427,6 +436,31 @@ class EngineArgs:
                             skip_tokenizer_init=self.skip_tokenizer_init, speculative=speculative,
                             structured_outputs=structured,
                             threads=resolve_threads(self.threads), cpus=tuple(usable_cpus()))
+
+    def _eviction_config(self, max_model_len: int, hf_config: Any, speculative: Any,
+                         device: str) -> Any:
+        from servelm.kv_eviction import make_eviction_config
+        from servelm.models.registry import windowed_attention
+        ev = make_eviction_config(self.kv_eviction, self.kv_eviction_budget, self.kv_sink_tokens,
+                                  self.kv_recent_tokens, self.block_size, max_model_len)
+        if ev is None:
+            return None
+        what = None
+        if speculative is not None:
+            what = "speculative_config (drafts' positions and KV)"
+        elif windowed_attention(hf_config):
+            what = "a sliding-window or soft-capped model (its window already bounds the KV)"
+        elif _resolve_kv_cache_dtype(self.kv_cache_dtype, device) == "fp8":
+            what = "kv_cache_dtype='fp8' (keys are re-rotated as they move)"
+        elif self.pipeline_parallel_size > 1:
+            what = "pipeline_parallel_size > 1"
+        elif ev.needs_scores and self.tensor_parallel_size > 1:
+            what = "tensor_parallel_size > 1 under h2o (each rank sees its heads' scores)"
+        elif not self.enable_chunked_prefill:
+            what = "enable_chunked_prefill=False (prompts are computed a budget at a time)"
+        if what:
+            raise ValueError(f"kv_eviction={self.kv_eviction!r} with {what} is not supported.")
+        return ev
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = True) -> None:
@@ -489,6 +523,17 @@ class EngineArgs:
                "the KV bytes of an fp32 model on the CPU); fp8 (= fp8_e4m3): e4m3 with a scale "
                "per token and kv head, about half the KV bytes (twice the tokens in the same "
                "memory)")
+        from servelm.kv_eviction import KV_EVICTION_POLICIES
+        a("--kv-eviction", default="none", choices=list(KV_EVICTION_POLICIES),
+          help="KV eviction, each request keeping --kv-eviction-budget tokens so generation "
+               "may run past max_model_len: streaming (the first --kv-sink-tokens and the most "
+               "recent, StreamingLLM), h2o (sinks, --kv-recent-tokens recent ones and those "
+               "with the most attention so far, H2O)")
+        a("--kv-eviction-budget", type=int, default=None,
+          help="tokens of KV a request keeps under --kv-eviction (default 512)")
+        a("--kv-sink-tokens", type=int, default=4)
+        a("--kv-recent-tokens", type=int, default=None,
+          help="h2o: the recent tokens always kept (default: half of the budget past the sinks)")
         a("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
           help="how linear layers store and apply weights: fp8 (W8A8), int8/int4 (weight-only, "
                "quantized at load), gptq/awq (such checkpoints, detected), gguf (a .gguf's "

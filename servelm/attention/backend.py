@@ -53,6 +53,9 @@ class AttentionMetadata:
     # without a tree has tree_start >= its seq_len. None: plain causal attention.
     tree_mask: Optional[torch.Tensor] = None  # [num_tokens] int64 bitmasks
     tree_start: Optional[torch.Tensor] = None  # [num_seqs] int32
+    # KV eviction under h2o: [num_slots] fp32, the attention each cached token has received;
+    # the model adds each layer's (kv_eviction/scores.py). None: not gathered.
+    kv_scores: Optional[torch.Tensor] = None
 
     @property
     def num_seqs(self) -> int:

@@ -111,6 +111,14 @@ class BlockPool:
             self.block_hash[bid] = h
             self.cached[h] = bid
 
+    def uncache(self, bid: int) -> None:
+        """Take a block out of the prefix cache (its KV is about to change)."""
+        h = self.block_hash[bid]
+        if h is not None:
+            if self.cached.get(h) == bid:
+                del self.cached[h]
+            self.block_hash[bid] = None
+
     def reset_prefix_cache(self) -> bool:
         if any(self.ref_cnt):
             return False
@@ -170,6 +178,40 @@ class KVCacheManager:
             self.num_window_freed += len(out)
         req.num_null_blocks = max(req.num_null_blocks, first)
 
+    def evict(self, req: Request, keep: int, fixed_blocks: int = 0
+              ) -> Optional[tuple[int, list[int]]]:
+        """KV eviction: req's cache (num_computed_tokens - num_evicted tokens) shrinks to
+        ``keep`` tokens, which the runner moves into the first blocks of the new table
+        (kv_eviction/compact.py). Blocks past those are freed (a freed block keeps its prefix
+        -cache entry: its KV is untouched); of the ones kept, a block another request also
+        holds is replaced by a fresh copy-on-write block, and the others leave the prefix
+        cache (their KV is rewritten), except the first ``fixed_blocks``, which keep their
+        tokens in place (sinks) and stay as they are. Returns (old length, new table), or None (nothing
+        changed) when the pool lacks blocks for the copies."""
+        ids, ref, pool = req.block_ids, self.pool.ref_cnt, self.pool
+        old_len = req.num_computed_tokens - req.num_evicted
+        n_keep = self.blocks_needed(keep)
+        head, tail = ids[:n_keep], ids[n_keep:]
+        shared = [i for i, b in enumerate(head) if ref[b] > 1 and i >= fixed_blocks]
+        freed = sum(1 for b in tail if ref[b] == 1)
+        if len(shared) > pool.num_free_blocks + freed:
+            return None
+        pool.free(list(reversed(tail)))
+        new = list(head)
+        fresh = iter(pool.allocate(len(shared)))
+        for i in shared:
+            pool.free([head[i]])  # the other holders keep it, cached as it is
+            new[i] = next(fresh)
+        for b in new[fixed_blocks:]:
+            pool.uncache(b)
+        req.block_ids = new
+        req.num_evicted += old_len - keep
+        return old_len, list(new)
+
+    def cache_len(self, req: Request) -> int:
+        """Tokens req's cache holds (computed ones, less those evicted)."""
+        return req.num_computed_tokens - req.num_evicted
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -209,11 +251,12 @@ class KVCacheManager:
         (and changes nothing) if the pool lacks free blocks."""
         self.free_outside_window(req)
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
-        need = self.blocks_needed(num_computed + num_new_tokens + num_lookahead_tokens)
+        evicted = req.num_evicted  # (then its blocks are no one's prefix: never hashed)
+        need = self.blocks_needed(num_computed - evicted + num_new_tokens + num_lookahead_tokens)
         have = len(req.block_ids) + len(computed_blocks)
         bs = self.block_size
         if (not computed_blocks and need <= have
-                and (not self.enable_caching
+                and (not self.enable_caching or evicted
                      or (num_computed + num_new_tokens) // bs == num_computed // bs)):
             return []  # the common decode step: room in the last block, no block becomes full
         # cached blocks being revived leave the free queue too
@@ -226,7 +269,7 @@ class KVCacheManager:
             req.block_ids.extend(computed_blocks)
         new_ids = self.pool.allocate(new)
         req.block_ids.extend(new_ids)
-        if self.enable_caching:
+        if self.enable_caching and not evicted:
             # Register blocks that become full this step. Safe before the forward pass: a request
             # hitting them in the same step reads KV that this step's write_kv stores first.
             upto = min(num_computed + num_new_tokens, req.num_tokens)
@@ -240,7 +283,7 @@ class KVCacheManager:
         tokens completed. Needed when those tokens' KV was scheduled before the tokens were
         known (an in-flight sample under asynchronous scheduling, accepted drafts), so
         allocate_slots could not hash their blocks then. Idempotent."""
-        if not self.enable_caching:
+        if not self.enable_caching or req.num_evicted:
             return
         bs = self.block_size
         upto = min(req.num_computed_tokens, req.num_tokens)
@@ -256,6 +299,7 @@ class KVCacheManager:
         self.pool.free(list(reversed(req.block_ids)))
         req.block_ids = []
         req.num_null_blocks = 0
+        req.num_evicted = 0  # (a recompute starts from the whole sequence again)
         sw = req.swapped_kv
         if sw is not None:
             self.pool.free(list(sw.kept.values()))
@@ -269,7 +313,7 @@ class KVCacheManager:
         host lacks room. Blocks other requests also hold stay on the GPU, referenced; blocks
         past the computed tokens are just freed."""
         ids, ref = req.block_ids, self.pool.ref_cnt
-        n = min(self.blocks_needed(req.num_computed_tokens), len(ids))
+        n = min(self.blocks_needed(self.cache_len(req)), len(ids))
         private = [i for i in range(n) if ref[ids[i]] == 1]
         if len(private) > len(self.host_free):
             return None
@@ -301,7 +345,7 @@ class KVCacheManager:
         """Free GPU blocks a swapped-out request needs to resume with num_new_tokens more."""
         sw = req.swapped_kv
         assert sw is not None
-        more = (self.blocks_needed(req.num_computed_tokens + num_new_tokens
+        more = (self.blocks_needed(self.cache_len(req) + num_new_tokens
                                    + num_lookahead_tokens) - sw.num_blocks)
         return len(sw.host) + max(0, more)
 

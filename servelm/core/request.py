@@ -66,6 +66,9 @@ class Request:
         self.block_ids: list[int] = []
         # block_ids[:num_null_blocks] were released (outside a sliding window; kv_cache.py)
         self.num_null_blocks = 0
+        # KV eviction (kv_eviction/): tokens dropped from its cache so far; its cache holds
+        # num_computed_tokens - num_evicted tokens, the survivors at positions 0, 1, ...
+        self.num_evicted = 0
         self.swapped_kv = None  # kv_cache.SwappedKV while its blocks are in host memory
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of all_token_ids
         self.status = RequestStatus.WAITING

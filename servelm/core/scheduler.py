@@ -16,8 +16,9 @@ from servelm.config import CacheConfig, SchedulerConfig
 from servelm.core.kv_cache import KVCacheManager
 from servelm.core.request import Request, RequestStatus
 from servelm.core.request_queue import REQUEST_QUEUES, priority_key, worst_running
-from servelm.core.step import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
-                               NewRequestData, SchedulerOutput, SchedulerStats, TokenLogprobs)
+from servelm.core.step import (CachedRequestData, EngineCoreOutput, KVEviction,
+                               ModelRunnerOutput, NewRequestData, SchedulerOutput,
+                               SchedulerStats, TokenLogprobs)
 from servelm.core.slo import (StepCostModel, prefill_token_limit, retry_after_s, tokens_within,
                               unattainable)
 from servelm.core.telemetry import Telemetry
@@ -53,6 +54,8 @@ class Scheduler:
                                  num_host_blocks if sched.preemption_mode == "swap" else 0,
                                  cache.sliding_window)
         self.requests: dict[str, Request] = {}
+        # KV eviction (None: off): requests keep at most a budget of tokens' KV
+        self.eviction = cache.kv_eviction
         self.policy = sched.policy
         self.waiting = REQUEST_QUEUES[sched.policy]()
         self.running: list[Request] = []
@@ -138,7 +141,6 @@ class Scheduler:
         # 1. Running requests, oldest first; preempt the newest when blocks run out. Tokens still
         # in flight (placeholders) count as known: their step runs before this one.
         bs, caching = self.kv.block_size, self.kv.enable_caching
-        max_len = self.config.max_model_len
         # prompt tokens this step may take: capped while some request decodes, so a long prompt
         # cannot stretch the step (and the decodes' inter-token latency)
         prefill_left = self._prefill_budget(now, budget)
@@ -156,12 +158,15 @@ class Scheduler:
             computed = req.num_computed_tokens
             total = len(req.all_token_ids) + req.num_output_placeholders
             if req.num_output_placeholders and (
-                    total >= max_len or (req.params.max_tokens is not None and
+                    total >= self._length_cap(req) or (req.params.max_tokens is not None and
                                          total - req.num_prompt_tokens >= req.params.max_tokens)):
                 i += 1  # its last token is in flight: nothing more to compute
                 continue
             n = min(total - computed, budget)
             assert n >= 1, f"{req.request_id}: nothing to compute ({total} tokens, {computed} done)"
+            evict = False
+            if self.eviction is not None:
+                evict, n = self._eviction_plan(req, n)
             if n > 1:  # a prompt chunk (or a recompute after preemption): prefill work
                 n = min(n, prefill_left)
                 if n <= 0:
@@ -180,9 +185,11 @@ class Scheduler:
                     n += len(drafts)
             la = self._lookahead(computed + n)
             self.kv.free_outside_window(req)  # (sliding-window models only)
+            eviction = self._evict(req) if evict else None
+            held = computed - req.num_evicted  # tokens its cache holds
             # common decode step: room left in the last block and no block fills up
-            if (computed + n + la <= len(req.block_ids) * bs
-                    and (not caching or (computed + n) // bs == computed // bs)):
+            if (held + n + la <= len(req.block_ids) * bs
+                    and (not caching or req.num_evicted or (computed + n) // bs == computed // bs)):
                 new_blocks = []
             else:
                 new_blocks = self.kv.allocate_slots(req, n, (), la)
@@ -199,7 +206,8 @@ class Scheduler:
             num_scheduled[req.request_id] = n
             budget -= n
             cached_reqs.append(CachedRequestData(req.request_id, new_blocks,
-                                                 req.num_computed_tokens, req.num_null_blocks))
+                                                 req.num_computed_tokens, req.num_null_blocks,
+                                                 req.num_evicted, eviction))
             req.num_computed_tokens += n
             if req.num_computed_tokens >= total:  # samples this step
                 req.num_output_placeholders += 1
@@ -213,7 +221,7 @@ class Scheduler:
             req = self.swapped[0]
             if req.num_output_placeholders:
                 break  # swapped while its last step was in flight: resume once it lands
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self._eviction_room(req))
             if n > 1:  # swapped in the middle of its prompt
                 n = min(n, prefill_left)
                 if n <= 0:
@@ -242,16 +250,21 @@ class Scheduler:
             req = self.waiting.peek()
             if req.num_output_placeholders:
                 break  # preempted while its last step was in flight: resume once it lands
-            if not self.kv.can_ever_fit(req.num_tokens + 1 + self._lookahead(req.num_tokens)):
+            if not self.kv.can_ever_fit(self._tokens_held(req) + 1
+                                        + self._lookahead(req.num_tokens)):
                 self.waiting.popleft()
                 self._ignore(req, f"the sequence ({req.num_tokens} tokens) does not fit in the KV "
                                   f"cache ({self.kv.num_blocks * self.kv.block_size} tokens)")
                 continue
             computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+            if self.eviction is not None:  # a hit of at most the budget
+                computed = computed[:self.eviction.budget // self.kv.block_size]
             num_computed = req.num_computed_tokens + len(computed) * self.kv.block_size
             n = req.num_tokens - num_computed
             room = min(budget, prefill_left)
-            if n > room and not self.config.enable_chunked_prefill:
+            if self.eviction is not None:  # (a recompute's tokens past the budget: later)
+                room = min(room, self.eviction.budget + self.kv.block_size - num_computed)
+            if n > room and not self.config.enable_chunked_prefill and self.eviction is None:
                 break
             n = min(n, room)
             if self.kv.allocate_slots(req, n, computed,
@@ -379,7 +392,7 @@ class Scheduler:
         if not self.waiting:
             return out
         head = self.waiting.peek()
-        if head.num_output_placeholders or not self.kv.can_ever_fit(head.num_tokens + 1):
+        if head.num_output_placeholders or not self.kv.can_ever_fit(self._tokens_held(head) + 1):
             return out
         first_chunk = min(head.num_tokens - head.num_computed_tokens + 1,
                           self.config.max_num_batched_tokens)
@@ -393,6 +406,44 @@ class Scheduler:
             self._preempt(victim)
             out.add(victim.request_id)
         return out
+
+    # ---- KV eviction --------------------------------------------------------------------
+    def _eviction_plan(self, req: Request, n: int) -> tuple[bool, int]:
+        """Under KV eviction, before req computes n more tokens: whether its cache, which
+        would then hold more than budget + a block, shrinks to the budget first; and n capped
+        so that it stays within budget + a block."""
+        ev, bs = self.eviction, self.kv.block_size
+        held = req.num_computed_tokens - req.num_evicted
+        evict = held > ev.budget and held + n > ev.budget + bs
+        return evict, min(n, ev.budget + bs - (ev.budget if evict else held))
+
+    def _evict(self, req: Request) -> Optional[KVEviction]:
+        """Shrink req's cache to the budget now (the runner moves the survivors before this
+        step's forward). None when the pool lacks blocks for copy-on-write copies of blocks
+        other requests share: it then holds up to a block more for a step."""
+        done = self.kv.evict(req, self.eviction.budget,
+                             self.eviction.fixed_blocks(self.kv.block_size))
+        return KVEviction(done[0], self.eviction.budget, done[1]) if done else None
+
+    def _eviction_room(self, req: Request) -> int:
+        """Tokens req may compute before its next eviction (no bound without eviction; a
+        swapped-in request evicts on its next step as a running one)."""
+        if self.eviction is None:
+            return 1 << 62
+        return max(1, self.eviction.budget + self.kv.block_size - self.kv.cache_len(req))
+
+    def _tokens_held(self, req: Request) -> int:
+        """The most tokens req's cache will hold at once."""
+        if self.eviction is None:
+            return req.num_tokens
+        return min(req.num_tokens, self.eviction.budget + self.kv.block_size)
+
+    def _length_cap(self, req: Request) -> float:
+        """The sequence length that ends req: max_model_len, except under KV eviction for a
+        request with max_tokens (its cache holds a budget, not the sequence)."""
+        if self.eviction is not None and req.params.max_tokens is not None:
+            return math.inf
+        return self.config.max_model_len
 
     def _lookahead(self, num_tokens: int) -> int:
         """Slots to reserve past a request's first num_tokens (a draft model writes their KV),
@@ -438,7 +489,7 @@ class Scheduler:
         # the Request's own list (no copy): the message covers its first num_tokens entries
         return NewRequestData(req.request_id, req.all_token_ids, req.num_tokens,
                               req.num_prompt_tokens, req.params, list(req.block_ids),
-                              req.num_computed_tokens, req.grammar)
+                              req.num_computed_tokens, req.grammar, req.num_evicted)
 
     def _preempt(self, req: Request) -> None:
         """Take req's blocks: swapped out to host memory (preemption_mode="swap", while there
@@ -544,7 +595,7 @@ class Scheduler:
         for t in new_tokens:
             req.all_token_ids.append(t)
             appended.append(t)
-            if req.check_stop(self.config.max_model_len):
+            if req.check_stop(self._length_cap(req)):
                 break
         return EngineCoreOutput(req.request_id, appended, None, None,
                                 lps[:len(appended)] if lps is not None else None,

@@ -36,6 +36,18 @@ class NewRequestData:
     # structured outputs: the compiled grammar (an object: in-process executors only; one
     # that crosses processes sends params.structured_outputs and compiles there)
     grammar: Any = None
+    num_evicted: int = 0  # KV eviction: as CachedRequestData's (a swapped-in request's)
+
+
+@dataclass
+class KVEviction:
+    """A request's KV eviction, done by the runner before the step's forward: of the old_len
+    tokens its cache held (through its current table), ``keep`` survive, moved to the first
+    entries of ``block_ids``, its new table (kv_eviction/compact.py)."""
+
+    old_len: int
+    keep: int
+    block_ids: list[int]
 
 
 @dataclass
@@ -48,6 +60,10 @@ class CachedRequestData:
     # under a sliding window: the request's first num_null_blocks table entries were released
     # (now kv_cache.NULL_BLOCK; the runner stops pointing them at blocks others may reuse)
     num_null_blocks: int = 0
+    # KV eviction: tokens dropped from its cache so far (its token at position p sits at cache
+    # index p - num_evicted), and this step's eviction, applied before new_block_ids append
+    num_evicted: int = 0
+    eviction: Optional[KVEviction] = None
 
 
 @dataclass

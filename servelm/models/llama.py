@@ -126,6 +126,9 @@ class LlamaAttention(nn.Module):
                                                 meta.slot_mapping)
         o = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale,
                                  window=self.window, softcap=self.softcap)  # [T, H, D]
+        if meta.kv_scores is not None:  # h2o: the attention its keys received, per slot
+            from servelm.kv_eviction.scores import accumulate_scores
+            accumulate_scores(q, k_cache, meta, self.scale, meta.kv_scores, self.softcap)
         return self.o_proj(o.reshape(T, self.q_size))
 
 

@@ -21,12 +21,16 @@ class InputBatch:
     Rows are recycled when requests finish or are preempted.
     """
 
-    def __init__(self, max_rows: int, max_model_len: int, max_blocks: int) -> None:
-        self.max_width = max_model_len + 1
+    def __init__(self, max_rows: int, max_model_len: int, max_blocks: int,
+                 unbounded: bool = False) -> None:
+        # unbounded (KV eviction): sequences may grow past max_model_len
+        self.max_width = (1 << 40) if unbounded else max_model_len + 1
         self.token_ids = np.zeros((max_rows, min(self.max_width, 2048)), dtype=np.int32)
         self.num_tokens = np.zeros(max_rows, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_rows, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_rows, dtype=np.int64)
+        # KV eviction: tokens dropped from the row's cache (position p at cache index p - it)
+        self.num_evicted = np.zeros(max_rows, dtype=np.int64)
         self.block_table = np.zeros((max_rows, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_rows, dtype=np.int64)
         self.prompt_logprobs = np.full(max_rows, -1, dtype=np.int64)  # top-k asked; -1: none
@@ -55,6 +59,7 @@ class InputBatch:
         self.num_tokens[row] = n
         self.num_prompt_tokens[row] = nr.num_prompt_tokens
         self.num_computed_tokens[row] = nr.num_computed_tokens
+        self.num_evicted[row] = nr.num_evicted
         pl = nr.params.prompt_logprobs
         self.prompt_logprobs[row] = -1 if pl is None else pl
         self.generation[row] += 1
@@ -84,6 +89,11 @@ class InputBatch:
         sliding window: their old blocks may now hold another request's KV)."""
         from servelm.core.kv_cache import NULL_BLOCK
         self.block_table[row, :min(upto, int(self.num_blocks[row]))] = NULL_BLOCK
+
+    def set_blocks(self, row: int, block_ids: list[int]) -> None:
+        """Replace the row's block table (after a KV eviction)."""
+        self.block_table[row, :len(block_ids)] = block_ids
+        self.num_blocks[row] = len(block_ids)
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
         b = int(self.num_blocks[row])

@@ -131,7 +131,10 @@ class ModelRunner:
         # an earlier pipeline stage: waits for tokens the last stage is still sampling
         self._arrivals: list = []
         self.mem_weights = (torch.cuda.memory_allocated(self.device) - self.mem_at_init) if cuda else 0
-        self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq)
+        self.eviction = config.cache.kv_eviction  # KV eviction settings (None: off)
+        self.kv_scores: Optional[torch.Tensor] = None  # h2o: attention received, per KV slot
+        self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq,
+                                unbounded=self.eviction is not None)
         self.sampling = build_sampling_pipeline(ProcessorContext(
             max_rows, mc.vocab_size, self.device, tuple(mc.eos_token_ids)))
         # each row's newest sampled token, on the device: the next step's input
@@ -260,11 +263,16 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros((num_blocks, *block), dtype=dtype, device=self.device),
                            torch.zeros((num_blocks, *block), dtype=dtype, device=self.device))
                           for _ in range(self.model.num_stage_layers)]
+        if self.eviction is not None and self.eviction.needs_scores:
+            self.kv_scores = torch.zeros(num_blocks * self.block_size, dtype=torch.float32,
+                                         device=self.device)
 
     def will_capture_graphs(self) -> bool:
         # pipeline stages run eagerly (their sends and receives are not captured yet)
+        # (h2o gathers attention scores in a host loop: eager steps)
         return (self.device.type == "cuda" and self.backend.name == "triton"
                 and not self.config.enforce_eager and self.pp.world_size == 1
+                and not (self.eviction is not None and self.eviction.needs_scores)
                 and not self.config.parallel.cpu_offload_gb)  # (offload copies from hooks)
 
     def graph_max_bs(self) -> int:
@@ -287,7 +295,8 @@ class ModelRunner:
                 self.tree_graphs = TreeGraphs(self._decode, 1 + self.tree.num_nodes,
                                               self.max_blocks_per_seq, self.device)
         elif (self.device.type == "cpu" and not self.config.enforce_eager
-              and self.world.world_size == 1 and not self.config.parallel.cpu_offload_gb):
+              and self.world.world_size == 1 and not self.config.parallel.cpu_offload_gb
+              and not (self.eviction is not None and self.eviction.needs_scores)):
             # the C step holds a whole model, in place
             from servelm.cpu.decode_step import build_decode_step  # the C decode step
             self.graphs = build_decode_step(self.model, self.kv_caches,
@@ -328,8 +337,13 @@ class ModelRunner:
         for nr in s.new_reqs:
             b.remove(nr.req_id)
             b.add(nr)
+        ops = []
         for cr in s.cached_reqs:
             row = b.row_of[cr.req_id]
+            if cr.eviction is not None:
+                ops.append(self._compaction(row, cr.eviction))
+                b.set_blocks(row, cr.eviction.block_ids)
+            b.num_evicted[row] = cr.num_evicted
             if cr.num_null_blocks:
                 b.release_blocks(row, cr.num_null_blocks)
             if cr.new_block_ids:
@@ -337,6 +351,33 @@ class ModelRunner:
             b.num_computed_tokens[row] = cr.num_computed_tokens
         for rid, drafts in s.scheduled_spec_decode_tokens.items():
             b.write_drafts(b.row_of[rid], drafts)
+        if ops:
+            from servelm.kv_eviction.compact import compact
+            compact(self.kv_caches, self._cos_sin_caches(), ops, self.block_size,
+                    self.kv_scores)
+
+    def _compaction(self, row: int, ev) -> "CompactionOp":
+        """A row's eviction (core.step.KVEviction) as the cache moves it, from its current
+        table; which tokens survive by the policy (h2o: from the scores of its slots)."""
+        from servelm.kv_eviction.compact import CompactionOp
+        from servelm.kv_eviction.policy import POLICIES
+        b, bs = self.batch, self.block_size
+        old = b.block_table[row, :-(-ev.old_len // bs)].tolist()
+        scores = None
+        if self.kv_scores is not None:
+            idx = torch.arange(ev.old_len, device=self.device)
+            table = torch.as_tensor(old, dtype=torch.int64, device=self.device)
+            scores = self.kv_scores[table[idx // bs] * bs + idx % bs]
+        kept = POLICIES[self.eviction.policy](self.eviction, ev.old_len, ev.keep, scores,
+                                              self.device)
+        # the leading blocks of sinks stay in place (possibly shared): not rewritten
+        fixed = self.eviction.fixed_blocks(bs) * bs
+        return CompactionOp(old, list(ev.block_ids), kept, fixed)
+
+    def _cos_sin_caches(self) -> list[torch.Tensor]:
+        """Each of this stage's attention layers' rotary cos/sin cache, in KV-cache order."""
+        m = self.model
+        return [layer.self_attn.rotary.cos_sin_cache for layer in m.layers[m.start:m.end]]
 
     def _prepare_inputs(self, s: SchedulerOutput) -> StepInputs:
         b, spec = self.batch, s.scheduled_spec_decode_tokens
@@ -351,20 +392,30 @@ class ModelRunner:
         np.cumsum(n_sched, out=cu[1:])
         seq_of_tok, positions = ragged_positions(starts, ends)  # per token: sequence, position
         input_ids = b.token_ids[rows[seq_of_tok], positions].astype(np.int64)
+        # KV eviction: a token's cache index (its slot, and its rotary position) is its
+        # position less the tokens its sequence evicted; the context ends there too
+        evicted = b.num_evicted[rows] if self.eviction is not None else None
+        if evicted is not None and evicted.any():
+            cache_pos, cache_ends = positions - evicted[seq_of_tok], ends - evicted
+        else:
+            cache_pos, cache_ends = positions, ends
         # tokens sampled by a step whose output has not landed yet: taken on the device
         pending = b.host_pending[rows]
         from_dev = (np.nonzero(pending[seq_of_tok] & (positions == b.dev_pos[rows][seq_of_tok]))[0]
                     if pending.any() else None)
-        width = int(-(-ends.max() // self.block_size))
+        width = int(-(-cache_ends.max() // self.block_size))
         block_table = b.block_table[rows, :width]
-        slots = slots_of(block_table, seq_of_tok, positions, self.block_size)
+        slots = slots_of(block_table, seq_of_tok, cache_pos, self.block_size)
         dev = self.device
         to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True)  # noqa: E731
         meta = AttentionMetadata(
             slot_mapping=to(slots), query_start_loc=to(cu.astype(np.int32)),
-            seq_lens=to(ends.astype(np.int32)), block_tables=to(block_table),
-            max_query_len=int(n_sched.max()), max_seq_len=int(ends.max()),
-            query_lens_cpu=tuple(n_sched.tolist()), seq_lens_cpu=tuple(ends.tolist()))
+            seq_lens=to(cache_ends.astype(np.int32)), block_tables=to(block_table),
+            max_query_len=int(n_sched.max()), max_seq_len=int(cache_ends.max()),
+            query_lens_cpu=tuple(n_sched.tolist()), seq_lens_cpu=tuple(cache_ends.tolist()))
+        if self.kv_scores is not None:  # h2o: new tokens' slots start with no attention
+            self.kv_scores[meta.slot_mapping] = 0.0
+            meta = dataclasses.replace(meta, kv_scores=self.kv_scores)
         # a sequence samples once its real tokens and drafts are all computed: at its last
         # 1 + k positions (k drafts)
         k = (np.fromiter((len(spec.get(r, ())) for r in req_ids), np.int64, S) if spec
@@ -399,7 +450,7 @@ class ModelRunner:
             token_meta = step_meta(block_table, starts, ends, self.block_size, dev,
                                    per_token=True)[2]
         logits_idx = first + ramp
-        return StepInputs(input_ids_t, to(positions), meta, req_ids, rows, starts,
+        return StepInputs(input_ids_t, to(cache_pos), meta, req_ids, rows, starts,
                           logits_idx, logits_rows, to(logits_rows),
                           [req_ids[i] for i in sample], n_logits, drafts, token_meta,
                           positions[logits_idx] + 1,
