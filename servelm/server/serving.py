@@ -64,6 +64,10 @@ class OpenAIServing:
     def max_model_len(self) -> int:
         return self.client.config.model.max_model_len
 
+    @property
+    def kv_eviction(self) -> bool:
+        return self.client.config.cache.kv_eviction is not None
+
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name not in self.config.served_model_names:
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
@@ -169,7 +173,8 @@ class OpenAIServing:
             except ValueError as e:
                 raise bad_request(str(e), _param_of(str(e))) from None
             n_prompt, n_out = len(pp.token_ids), pp.params.max_tokens or 0
-            if n_prompt + n_out > self.max_model_len:
+            # (under KV eviction a request keeps a budget of KV: it may generate past it)
+            if n_prompt + n_out > self.max_model_len and not self.kv_eviction:
                 raise bad_request(
                     f"This model's maximum context length is {self.max_model_len} tokens. "
                     f"However, you requested {n_prompt + n_out} tokens ({n_prompt} in the "

@@ -419,3 +419,68 @@ def test_no_window_keeps_every_block():
     before = list(a.block_ids)
     kv.free_outside_window(a)
     assert a.block_ids == before and kv.num_blocks == 8
+
+
+# ---- KV eviction ------------------------------------------------------------------------------
+def _running(kv: KVCacheManager, rid: str, tokens: list[int], computed: int) -> Request:
+    r = _req(rid, tokens)
+    assert kv.allocate_slots(r, computed) is not None
+    r.num_computed_tokens = computed
+    return r
+
+
+def test_evict_frees_the_tail_and_uncaches_rewritten_blocks():
+    kv = KVCacheManager(16, BS, enable_caching=True)
+    r = _running(kv, "a", _tokens(24, 1), 24)  # 6 full blocks, all cached
+    table = list(r.block_ids)
+    assert kv.evict(r, 10, fixed_blocks=1) == (24, table[:3])
+    assert r.block_ids == table[:3] and r.num_evicted == 14 and kv.cache_len(r) == 10
+    pool = kv.pool
+    assert pool.block_hash[table[0]] is not None  # a whole block of sinks: kept as it is
+    assert all(pool.block_hash[b] is None for b in table[1:3])  # rewritten: out of the cache
+    assert all(pool.ref_cnt[b] == 0 and pool.block_hash[b] is not None for b in table[3:])
+    _check_pool(pool)
+    # its later blocks are never registered (evicted KV never enters the prefix cache)
+    r.all_token_ids += _tokens(8, 2)
+    assert kv.allocate_slots(r, 8) is not None
+    assert all(pool.block_hash[b] is None for b in r.block_ids[3:])
+    kv.free(r)
+    assert r.num_evicted == 0
+    _check_pool(pool)
+
+
+def test_evict_copies_shared_blocks_on_write():
+    kv = KVCacheManager(16, BS, enable_caching=True)
+    toks = _tokens(24, 3)
+    a = _running(kv, "a", toks, 24)
+    b = _req("b", toks + [7])
+    hit = kv.get_computed_blocks(b)
+    assert len(hit) == 6 and kv.allocate_slots(b, 1, hit) is not None
+    b.num_computed_tokens = 25
+    old = list(b.block_ids)
+    old_len, new = kv.evict(b, 12, fixed_blocks=1)
+    assert old_len == 25 and len(new) == 3
+    assert new[0] == old[0]  # sinks: shared as they are
+    assert set(new[1:]).isdisjoint(old)  # fresh copies for the shared blocks it rewrites
+    assert a.block_ids == old[:6]  # the other holder keeps its blocks, still cached
+    assert all(kv.pool.block_hash[x] is not None for x in a.block_ids)
+    assert all(kv.pool.ref_cnt[x] == 1 for x in a.block_ids[1:])
+    _check_pool(kv.pool)
+
+
+def test_evict_without_blocks_for_copies_changes_nothing():
+    kv = KVCacheManager(6, BS, enable_caching=True)
+    toks = _tokens(24, 4)
+    a = _running(kv, "a", toks, 24)  # the whole pool
+    b = _req("b", toks)  # holds the same blocks (as a prefix hit would)
+    kv.pool.touch(list(a.block_ids))
+    b.block_ids, b.num_computed_tokens = list(a.block_ids), 24
+    # its tail is shared too, so freeing it frees nothing: no room for the 2 copies
+    assert kv.evict(b, 12, fixed_blocks=1) is None
+    assert b.block_ids == a.block_ids and b.num_evicted == 0
+    _check_pool(kv.pool)
+    kv.free(a)  # now b holds them alone: rewritten in place, no copies
+    head = b.block_ids[:3]
+    assert kv.evict(b, 12, fixed_blocks=1) == (24, head)
+    assert len(b.block_ids) == 3 and kv.pool.num_free_blocks == 3
+    _check_pool(kv.pool)
