@@ -135,6 +135,7 @@ class EngineConfig:
     max_logprobs: int = 20
     skip_tokenizer_init: bool = False  # token ids in and out only
     speculative: Any = None  # servelm.spec_decode.config.SpeculativeConfig, or None (off)
+    early_exit: Any = None  # servelm.early_exit.EarlyExitConfig, or None (off)
     # servelm.structured_output.StructuredOutputsConfig (None: the defaults)
     structured_outputs: Any = None
     # CPU math threads (cpu/threads.py; 0: as PyTorch is set), and the CPUs the creating
@@ -280,6 +281,8 @@ class EngineArgs:
     cpu_offload_gb: float = 0.0
     disable_custom_all_reduce: bool = False  # tensor parallel on GPUs: NCCL for every size
     speculative_config: Any = None  # a dict (or its JSON text) with vLLM's keys; None: off
+    # {"threshold", "min_layer", "criterion", "exit_layers"} (or its JSON text); None: off
+    early_exit_config: Any = None
     # backend (auto | xgrammar), disable_any_whitespace, compile_timeout_s, max_cached_grammars
     structured_outputs_config: Any = None
     threads: Optional[int] = None  # CPU math threads (llama.cpp's name); None: usable CPUs
@@ -434,8 +437,27 @@ class EngineArgs:
                             attention_backend=self.attention_backend,
                             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
                             skip_tokenizer_init=self.skip_tokenizer_init, speculative=speculative,
+                            early_exit=self._early_exit_config(hf_config, speculative, world),
                             structured_outputs=structured,
                             threads=resolve_threads(self.threads), cpus=tuple(usable_cpus()))
+
+    def _early_exit_config(self, hf_config: Any, speculative: Any, world: int) -> Any:
+        from servelm.early_exit import parse_early_exit_config
+        from servelm.early_exit.config import check_early_exit
+        ee = parse_early_exit_config(self.early_exit_config)
+        if ee is None:
+            return None
+        what = None
+        if speculative is not None:
+            what = "speculative_config"
+        elif world > 1:
+            what = "tensor or pipeline parallelism"
+        elif getattr(hf_config, "model_type", "").startswith("gemma"):
+            what = f"a {hf_config.model_type} model (its layers have extra norms)"
+        if what:
+            raise ValueError(f"early_exit_config with {what} is not supported yet.")
+        check_early_exit(ee, hf_config.num_hidden_layers)
+        return ee
 
     def _eviction_config(self, max_model_len: int, hf_config: Any, speculative: Any,
                          device: str) -> Any:
@@ -547,6 +569,11 @@ class EngineArgs:
                '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\', \'{"method": '
                '"draft_model", "model": PATH, "num_speculative_tokens": 4}\' or \'{"method": '
                '"layer_skip", "draft_layers": 8, "num_speculative_tokens": 4}\'')
+        a("--early-exit-config", default=None,
+          help='early exit at decode steps, JSON: {"threshold": 0.9, "min_layer": 12, '
+               '"criterion": "max_prob" (or "margin"), "exit_layers": [..] (optional)}: a token '
+               'whose confidence after a candidate layer reaches the threshold takes that '
+               "layer's logits; later layers get KV from its exit state")
         a("--structured-outputs-config", default=None,
           help='structured outputs, JSON: {"backend": "xgrammar", "disable_any_whitespace": '
                'false, "compile_timeout_s": 10, "max_cached_grammars": 1024}')

@@ -29,6 +29,8 @@ def _make_config(arch: str):
     import transformers as tf
     if arch == "llama":
         return tf.LlamaConfig(**TINY)
+    if arch == "llama4":  # four layers: early exit's candidates after 1, 2 and 3
+        return tf.LlamaConfig(**{**TINY, "num_hidden_layers": 4})
     if arch == "llama-tied":
         return tf.LlamaConfig(**{**TINY, "tie_word_embeddings": True})
     if arch == "llama3-rope":  # Llama 3.1+ rope scaling

@@ -65,6 +65,7 @@ class Scheduler:
         self.ignored: list[Request] = []  # requests that can never fit, reported at next update
         self.num_preemptions = 0
         self.spec = SpecDecodeCounters()
+        self.early_exit_tokens: dict[int, int] = {}  # layer count -> tokens exited after it
         # step cost, learnt from the time between steps (the slo policy's estimates): steps
         # launched and not yet timed, as (launch time, tokens)
         self.cost = StepCostModel()
@@ -105,7 +106,7 @@ class Scheduler:
                               self.num_preemptions, self.kv.stats.queries, self.kv.stats.hits,
                               len(self.swapped), self.spec.num_drafts,
                               self.spec.num_draft_tokens, self.spec.num_accepted_tokens,
-                              list(self.spec.accepted_per_pos))
+                              list(self.spec.accepted_per_pos), dict(self.early_exit_tokens))
 
     def telemetry_snapshot(self, since_step: int = -1) -> dict:
         """Recent steps and request timelines for the dashboard (see core/telemetry.py), with
@@ -535,6 +536,8 @@ class Scheduler:
         prompt_lps, drafts = out.prompt_logprobs_dict, out.draft_token_ids
         spec = sched.scheduled_spec_decode_tokens
         cache_blocks = self.kv.enable_caching
+        for n, count in out.early_exit_tokens.items():
+            self.early_exit_tokens[n] = self.early_exit_tokens.get(n, 0) + count
         finished = False
         for rid in sched.num_scheduled_tokens:
             req = requests.get(rid)

@@ -100,6 +100,8 @@ class ModelRunnerOutput:
     prompt_logprobs_dict: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # req id -> draft tokens proposed for the next step (speculative decoding)
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # early exit: layer count -> tokens of this step that exited after it
+    early_exit_tokens: dict[int, int] = field(default_factory=dict)
     # a proposer ran after this step (its drafts, maybe none, are above): the engine lands
     # such a step before scheduling the next, whose input they are
     drafting: bool = False
@@ -135,3 +137,5 @@ class SchedulerStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list[int] = field(default_factory=list)
+    # early exit, since start: layer count -> tokens that exited after it
+    early_exit_tokens: dict[int, int] = field(default_factory=dict)

@@ -82,7 +82,9 @@ def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
         sum(s.num_preemptions for s in stats), sum(s.prefix_cache_queries for s in stats),
         sum(s.prefix_cache_hits for s in stats), sum(s.num_swapped for s in stats),
         sum(s.spec_num_drafts for s in stats), sum(s.spec_num_draft_tokens for s in stats),
-        sum(s.spec_num_accepted_tokens for s in stats), per_pos)
+        sum(s.spec_num_accepted_tokens for s in stats), per_pos,
+        {n: sum(s.early_exit_tokens.get(n, 0) for s in stats)
+         for n in sorted({n for s in stats for n in s.early_exit_tokens})})
 
 
 class DataParallelClient:

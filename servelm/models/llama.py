@@ -131,6 +131,20 @@ class LlamaAttention(nn.Module):
             accumulate_scores(q, k_cache, meta, self.scale, meta.kv_scores, self.softcap)
         return self.o_proj(o.reshape(T, self.q_size))
 
+    def propagate_kv(self, positions: torch.Tensor, x: torch.Tensor,
+                     kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> None:
+        """Early exit: write this layer's K and V of tokens whose (normed) input is x, with no
+        attention (early_exit/forward.py)."""
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
+        self.backend.rotate_and_write_kv(self.rotary, positions, q, k, v, *kv_cache,
+                                         meta.slot_mapping)
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, a: LlamaArgs, o: LayerOptions, prefix: str,
@@ -164,6 +178,10 @@ class LlamaDecoderLayer(nn.Module):
         x = self.self_attn(positions, x, kv_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def propagate_kv(self, positions, state, kv_cache, meta) -> None:
+        """Early exit: this layer's KV from the residual stream ``state`` of exited tokens."""
+        self.self_attn.propagate_kv(positions, self.input_layernorm(state), kv_cache, meta)
 
 
 def stage_layers(num_layers: int, pp: ParallelGroup) -> tuple[int, int]:

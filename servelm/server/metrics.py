@@ -68,6 +68,12 @@ class _SchedulerCollector(Collector):
         for pos, n in enumerate(s.spec_accepted_per_pos):
             per_pos.add_metric([self.model_name, str(pos)], n)
         yield per_pos
+        exits = CounterMetricFamily("servelm:early_exit_tokens",
+                                    "Tokens that exited early, by the layers they ran.",
+                                    labels=["model_name", "layer"])
+        for layer, n in sorted(s.early_exit_tokens.items()):
+            exits.add_metric([self.model_name, str(layer)], n)
+        yield exits
 
 
 class ServerMetrics:

@@ -269,9 +269,11 @@ class ModelRunner:
 
     def will_capture_graphs(self) -> bool:
         # pipeline stages run eagerly (their sends and receives are not captured yet)
-        # (h2o gathers attention scores in a host loop: eager steps)
+        # (h2o gathers attention scores in a host loop, early exit decides on the host: eager
+        # steps)
         return (self.device.type == "cuda" and self.backend.name == "triton"
                 and not self.config.enforce_eager and self.pp.world_size == 1
+                and self.config.early_exit is None
                 and not (self.eviction is not None and self.eviction.needs_scores)
                 and not self.config.parallel.cpu_offload_gb)  # (offload copies from hooks)
 
@@ -296,7 +298,8 @@ class ModelRunner:
                                               self.max_blocks_per_seq, self.device)
         elif (self.device.type == "cpu" and not self.config.enforce_eager
               and self.world.world_size == 1 and not self.config.parallel.cpu_offload_gb
-              and not (self.eviction is not None and self.eviction.needs_scores)):
+              and not (self.eviction is not None and self.eviction.needs_scores)
+              and self.config.early_exit is None):
             # the C step holds a whole model, in place
             from servelm.cpu.decode_step import build_decode_step  # the C decode step
             self.graphs = build_decode_step(self.model, self.kv_caches,
@@ -483,7 +486,18 @@ class ModelRunner:
         gmeta = inp.meta if inp.meta.decode_only else inp.token_meta
         no_plp = self.graphs is not None and not wants_prompt_logprobs(self.batch, inp.rows,
                                                                        inp.starts)
-        if no_plp and gmeta is not None and self.graphs.padded_size(gmeta.num_seqs) is not None:
+        # early exit: steps of output tokens only (prompt tokens always run every layer)
+        early_exit = (self.config.early_exit is not None and inp.meta.decode_only
+                      and bool((inp.starts >= self.batch.num_prompt_tokens[inp.rows]).all()))
+        if early_exit:  # [T, hidden]: each token's exit layer's (early_exit/forward.py)
+            from servelm.early_exit.forward import early_exit_forward
+            hidden, exit_layer = early_exit_forward(self.model, inp.input_ids, inp.positions,
+                                                    self.kv_caches, inp.meta,
+                                                    self.config.early_exit)
+            L = self.model.num_stage_layers
+            counts = torch.bincount(exit_layer, minlength=L + 1)[:L].tolist()
+            out.early_exit_tokens = {n: c for n, c in enumerate(counts) if c}
+        elif no_plp and gmeta is not None and self.graphs.padded_size(gmeta.num_seqs) is not None:
             graph_out = self.graphs.run(inp.input_ids, inp.positions, gmeta)  # logits, argmax
         elif no_plp and self._uniform_tree_step(inp):
             gmeta = inp.meta  # every request: its root and the whole tree

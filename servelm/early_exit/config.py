@@ -1,0 +1,77 @@
+"""``early_exit_config``: {"threshold": 0.9, "min_layer": 12, "criterion": "max_prob"|"margin",
+"exit_layers": [...]}, validated into a frozen EarlyExitConfig."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+CRITERIA = ("max_prob", "margin")
+_KEYS = ("threshold", "min_layer", "criterion", "exit_layers")
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """threshold: a token exits after a candidate layer once its confidence there is at least
+    this (above 1: never). criterion: "max_prob" (the top token's probability) or "margin"
+    (the top two tokens' probability gap). Candidate layers: ``exit_layers`` (layer counts:
+    exiting after layer n means layers n+1.. are skipped), else every n from ``min_layer`` to
+    the second to last. Each candidate costs the final norm and the lm_head on the tokens
+    still running."""
+
+    threshold: float
+    min_layer: int = 1
+    criterion: str = "max_prob"
+    exit_layers: Optional[tuple[int, ...]] = None
+
+    def candidates(self, num_layers: int) -> tuple[int, ...]:
+        if self.exit_layers is not None:
+            return tuple(n for n in self.exit_layers if n < num_layers)
+        return tuple(range(max(1, self.min_layer), num_layers))
+
+
+def parse_early_exit_config(value: Any) -> Optional[EarlyExitConfig]:
+    """A dict, its JSON text, or None (off) -> EarlyExitConfig; ValueError naming the key."""
+    if value is None or isinstance(value, EarlyExitConfig):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"early_exit_config is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("early_exit_config must be a JSON object, e.g. "
+                         '{"threshold": 0.9, "min_layer": 12}.')
+    unknown = sorted(set(value) - set(_KEYS))
+    if unknown:
+        raise ValueError(f"early_exit_config has unknown keys {unknown}; known: {list(_KEYS)}.")
+    if "threshold" not in value:
+        raise ValueError("early_exit_config needs a 'threshold' (confidence in [0, 1] at which "
+                         "a token exits; above 1: never).")
+    thr = value["threshold"]
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not thr >= 0:
+        raise ValueError(f"early_exit_config threshold must be a number >= 0, got {thr!r}.")
+    crit = value.get("criterion", "max_prob")
+    if crit not in CRITERIA:
+        raise ValueError(f"early_exit_config criterion must be one of {list(CRITERIA)}, "
+                         f"got {crit!r}.")
+    min_layer = value.get("min_layer", 1)
+    if isinstance(min_layer, bool) or not isinstance(min_layer, int) or min_layer < 1:
+        raise ValueError(f"early_exit_config min_layer must be an integer >= 1, got "
+                         f"{min_layer!r}.")
+    layers = value.get("exit_layers")
+    if layers is not None:
+        if (not isinstance(layers, list) or not layers
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                           for n in layers)):
+            raise ValueError("early_exit_config exit_layers must be a non-empty list of layer "
+                             "counts >= 1.")
+        layers = tuple(sorted(set(layers)))
+    return EarlyExitConfig(float(thr), min_layer, crit, layers)
+
+
+def check_early_exit(cfg: EarlyExitConfig, num_layers: int) -> None:
+    """Against the model: some candidate layer before the last."""
+    if not cfg.candidates(num_layers):
+        raise ValueError(f"early_exit_config has no exit layer before the model's last "
+                         f"({num_layers} layers): lower min_layer or exit_layers.")

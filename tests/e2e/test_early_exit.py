@@ -1,0 +1,143 @@
+"""Early exit (CALM with state propagation) against an independent reference: transformers'
+decoder layers stepped one by one in a plain loop (the prompt through the whole model, then each
+output token layer by layer: a confident token takes that layer's logits, and the later layers
+still run on its exit state so their KV exists), greedy in fp32 on a tiny Llama."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from servelm import SamplingParams
+from tests.conftest import assert_all_blocks_free, make_engine, random_prompts, run_to_completion
+
+MAX_NEW = 24
+
+
+def _cache_kw(fn) -> str:
+    # (transformers 5.2x renames past_key_values to cache)
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
+def _confidence(logits: torch.Tensor, criterion: str) -> float:
+    p = torch.softmax(logits.float(), -1)
+    top = p.topk(2).values
+    return float(top[0] if criterion == "max_prob" else top[0] - top[1])
+
+
+@torch.no_grad()
+def hf_early_exit_greedy(model, prompt, max_new, threshold, candidates, criterion="max_prob"):
+    """(token ids, logprobs, exit layer of each output token after the first: None = none)."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    m = model.model
+    o = model(input_ids=torch.tensor([prompt]), use_cache=True,
+              **{_cache_kw(model.forward): cache})
+    lp = torch.log_softmax(o.logits[0, -1].float(), -1)
+    t = int(lp.argmax())
+    ids, lps, exits = [t], [float(lp[t])], []
+    layer_kw = _cache_kw(m.layers[0].forward)
+    for pos in range(len(prompt), len(prompt) + max_new - 1):
+        h = m.embed_tokens(torch.tensor([[t]]))
+        position_ids = torch.tensor([[pos]])
+        pe = m.rotary_emb(h, position_ids)
+        state, logits, exit_at = None, None, None
+        for n, layer in enumerate(m.layers, start=1):
+            y = layer(h if state is None else state, attention_mask=None,
+                      position_ids=position_ids, use_cache=True, position_embeddings=pe,
+                      **{layer_kw: cache})
+            y = y[0] if isinstance(y, tuple) else y
+            if state is not None:
+                continue  # an exited token: this layer ran for its KV only
+            h = y
+            if n in candidates:
+                lg = model.lm_head(m.norm(h))[0, -1]
+                if _confidence(lg, criterion) >= threshold:
+                    state, logits, exit_at = h, lg, n
+        if logits is None:
+            logits = model.lm_head(m.norm(h))[0, -1]
+        lp = torch.log_softmax(logits.float(), -1)
+        t = int(lp.argmax())
+        ids.append(t)
+        lps.append(float(lp[t]))
+        exits.append(exit_at)
+    return ids, lps, exits
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=0)
+
+
+@pytest.fixture(scope="module")
+def llama4(tiny_model_factory):
+    return tiny_model_factory("llama4")
+
+
+def _check(outs, refs):
+    for o, (ids, lps, _) in zip(outs, refs):
+        c = o.outputs[0]
+        assert c.token_ids == ids
+        ours = [c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)]
+        assert max(abs(a - b) for a, b in zip(ours, lps)) < 1e-4
+
+
+@pytest.mark.parametrize("criterion,threshold", [("max_prob", 0.15), ("margin", 0.06)])
+def test_early_exit_matches_reference(llama4, criterion, threshold):
+    d, model = llama4
+    prompts = random_prompts(4, (5, 17, 30, 9), seed=21)
+    refs = [hf_early_exit_greedy(model, p, MAX_NEW, threshold, (1, 2, 3), criterion)
+            for p in prompts]
+    exits = [e for _, _, ex in refs for e in ex]
+    assert any(e is not None for e in exits) and any(e is None for e in exits)
+    eng = make_engine(d, early_exit_config={"threshold": threshold, "min_layer": 1,
+                                            "criterion": criterion})
+    outs = run_to_completion(eng, prompts, GREEDY)
+    _check(outs, refs)
+    # the counters: tokens that exited, by layer, as the reference's
+    want: dict[int, int] = {}
+    for e in exits:
+        if e is not None:
+            want[e] = want.get(e, 0) + 1
+    assert eng.stats().early_exit_tokens == want
+    assert_all_blocks_free(eng)
+    eng.core.shutdown()
+
+
+def test_threshold_above_one_is_the_plain_engine(llama4):
+    d, _ = llama4
+    prompts = random_prompts(3, (6, 25, 12), seed=22)
+    plain = make_engine(d)
+    want = run_to_completion(plain, prompts, GREEDY)
+    plain.core.shutdown()
+    eng = make_engine(d, early_exit_config='{"threshold": 1.5, "exit_layers": [2]}')
+    got = run_to_completion(eng, prompts, GREEDY)
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert eng.stats().early_exit_tokens == {}
+    eng.core.shutdown()
+
+
+def test_every_token_exiting_skips_the_later_layers(llama4):
+    """Threshold 0: every output token exits after layer 1; the other layers only write KV,
+    and the result is still the reference's."""
+    d, model = llama4
+    prompts = random_prompts(2, (8, 19), seed=23)
+    refs = [hf_early_exit_greedy(model, p, MAX_NEW, 0.0, (1,)) for p in prompts]
+    eng = make_engine(d, early_exit_config={"threshold": 0.0, "exit_layers": [1]})
+    _check(run_to_completion(eng, prompts, GREEDY), refs)
+    assert eng.stats().early_exit_tokens == {1: 2 * (MAX_NEW - 1)}
+    eng.core.shutdown()
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"min_layer": 2}, "needs a 'threshold'"),
+    ({"threshold": 0.9, "layers": [1]}, "unknown keys"),
+    ({"threshold": 0.9, "criterion": "entropy"}, "criterion must be one of"),
+    ({"threshold": 0.9, "min_layer": 4}, "no exit layer before"),
+    ({"threshold": -1}, "threshold must be a number"),
+    ("{not json", "not valid JSON"),
+])
+def test_early_exit_config_refused(llama4, cfg, match):
+    d, _ = llama4
+    with pytest.raises(ValueError, match=match):
+        make_engine(d, early_exit_config=cfg)
