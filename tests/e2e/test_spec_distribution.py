@@ -1,4 +1,4 @@
-"""Speculative sampling keeps the target's distribution: 20k seeded draws of the first three
+"""Speculative sampling keeps the target's distribution: 8k seeded draws of the first three
 tokens at temperature 1 from a 6-token-vocabulary model, with a deliberately poor proposer
 (always the same drafts, mostly wrong), against the target's exact joint distribution of those
 tokens (216 cells), by chi-square. Acceptance, residual and bonus tokens all take part: the
@@ -15,7 +15,7 @@ from servelm.sampling_params import SamplingParams
 from servelm.spec_decode import Proposer, ProposerInput
 from tests.conftest import TINY, make_engine
 
-V, DRAWS = 6, 20_000
+V, DRAWS = 6, 8_000
 PROMPT = [1, 2, 3, 4]
 
 
