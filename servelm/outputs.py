@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -50,3 +50,5 @@ class RequestOutput:
     prompt_logprobs: Optional[list[Optional[PositionLogprobs]]] = None
     num_cached_tokens: int = 0
     new_token_counts: list[int] = field(default_factory=list)  # per output: tokens added this step
+    # servelm serve --cascade: which model answered (servelm.cascade.client.CascadeInfo)
+    cascade: Optional[Any] = None

@@ -139,3 +139,6 @@ class SchedulerStats:
     spec_accepted_per_pos: list[int] = field(default_factory=list)
     # early exit, since start: layer count -> tokens that exited after it
     early_exit_tokens: dict[int, int] = field(default_factory=dict)
+    # servelm serve --cascade: requests answered, and of those escalated to the large model
+    cascade_requests: int = 0
+    cascade_escalations: int = 0

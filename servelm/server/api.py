@@ -192,25 +192,36 @@ async def cancel_on_disconnect(request: Request, coro: Any) -> Any:
 
 
 def _respond(result: Any) -> Response:
-    """A handler's result: a response already, a JSON body, or an SSE stream of strings."""
+    """A handler's result: a response already, a JSON body, or an SSE stream of strings (with
+    headers of its own: a (stream, headers) pair)."""
     if isinstance(result, Response):
         return result
     if isinstance(result, dict):
         return json_response(result)
-    return SSEResponse(result, headers={"Cache-Control": "no-cache"})
+    stream, headers = result if isinstance(result, tuple) else (result, {})
+    return SSEResponse(stream, headers={"Cache-Control": "no-cache", **headers})
 
 
 # ---- the app -------------------------------------------------------------------------------
 def build_app(engine_config: EngineConfig, server_config: ServerConfig,
-              client: Optional[AsyncEngineClient] = None) -> FastAPI:
-    """The app; it starts its own engine client unless one is given (then the caller owns it)."""
+              client: Optional[AsyncEngineClient] = None,
+              cascade: Optional[tuple[EngineConfig, Any]] = None) -> FastAPI:
+    """The app; it starts its own engine client unless one is given (then the caller owns it).
+    ``cascade``: (the small model's engine config, a cascade.CascadeConfig): the app serves a
+    cascade of it and ``engine_config``'s model (the large one)."""
     metrics = ServerMetrics(server_config.served_model_names[0])
     limit = server_config.max_body_bytes
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        c = client or await start_client(engine_config, listener=metrics)
+        if client is None and cascade is not None:
+            from servelm.cascade.client import CascadeClient
+            small = await start_client(cascade[0], listener=metrics)
+            c = CascadeClient(small, await start_client(engine_config, listener=metrics),
+                              cascade[1])
+        else:
+            c = client or await start_client(engine_config, listener=metrics)
         set_chat_template(c.tokenizer, server_config.chat_template)  # --chat-template
         app.state.serving = OpenAIServing(c, server_config)
         inputs = getattr(c, "inputs", None)
@@ -218,7 +229,9 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
             # the longest vocabulary string, which refusing a huge body needs: read now, not
             # on the event loop when the first one arrives (a 256k vocabulary takes a while)
             await asyncio.to_thread(inputs.max_text_chars)
-        if client is None:  # a core this app started: it restarts it, or exits, if it dies
+        if client is None and cascade is None:
+            # a core this app started: it restarts it, or exits, if it dies (a cascade's two
+            # cores: not yet, their requests fail with 503s)
             EngineRecovery(app, engine_config, metrics,
                            server_config.on_engine_failure).attach(c)
         logger.warning("servelm: ready, serving %s", ", ".join(server_config.served_model_names))

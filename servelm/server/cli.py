@@ -7,6 +7,7 @@ command line win over the file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -58,6 +59,18 @@ def _add_serve_args(p: Any) -> None:
                    help="time-per-output-token objective of requests that set no tpot_slo_ms")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) the API answers to (default: the model argument)")
+    p.add_argument("--cascade", nargs=2, metavar=("SMALL", "LARGE"), default=None,
+                   help="serve a cascade: every request answered by SMALL first, and again by "
+                        "LARGE when SMALL's answer is unsure (the model argument is not used); "
+                        "both models take the engine flags, share LARGE's tokenizer, and on a "
+                        "GPU split --gpu-memory-utilization in halves")
+    p.add_argument("--cascade-threshold", type=float, default=0.5,
+                   help="SMALL's answer stands when its confidence is at least this")
+    p.add_argument("--cascade-criterion", default="mean_prob", choices=["mean_prob", "min_prob"],
+                   help="the confidence: the geometric mean of SMALL's sampled tokens' "
+                        "probabilities, or the least of them")
+    p.add_argument("--cascade-name", default="cascade",
+                   help="the name the cascade is served under (/v1/models)")
     p.add_argument("--max-request-bytes", type=int, default=32 << 20,
                    help="largest request body accepted (413 above)")
     p.add_argument("--uvicorn-log-level", default="warning",
@@ -175,10 +188,26 @@ def main_serve(args: argparse.Namespace) -> int:
     if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
         raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {parsers}).")
     chat_template = load_chat_template(ns.chat_template)
-    engine_config = EngineArgs.from_cli_args(ns).create_engine_config()
+    cascade = None
+    if ns.cascade:
+        from servelm.cascade import CascadeConfig
+        cascade_cfg = CascadeConfig(ns.cascade_threshold, ns.cascade_criterion)
+        ea = EngineArgs.from_cli_args(ns)
+        if ea.device not in ("cpu",) and not ea.device.startswith("cpu"):
+            ea = dataclasses.replace(ea, gpu_memory_utilization=ea.gpu_memory_utilization / 2)
+        small_cfg = dataclasses.replace(ea, model=ns.cascade[0]).create_engine_config()
+        engine_config = dataclasses.replace(ea, model=ns.cascade[1]).create_engine_config()
+        if small_cfg.model.vocab_size != engine_config.model.vocab_size:
+            raise ValueError(f"--cascade models must share a vocabulary: {ns.cascade[0]} has "
+                             f"{small_cfg.model.vocab_size} tokens, {ns.cascade[1]} "
+                             f"{engine_config.model.vocab_size}.")
+        cascade = (small_cfg, cascade_cfg)
+    else:
+        engine_config = EngineArgs.from_cli_args(ns).create_engine_config()
     sampling_defaults = load_generation_defaults(str(ns.generation_config),
                                                  engine_config.model.model)
-    names = ns.served_model_name or [default_model_name(ns.model)]
+    names = ns.served_model_name or [ns.cascade_name if ns.cascade
+                                     else default_model_name(ns.model)]
     if isinstance(names, str):
         names = [names]
     if ns.max_request_bytes < 1:
@@ -210,8 +239,9 @@ def main_serve(args: argparse.Namespace) -> int:
                                  chat_template=chat_template,
                                  default_sampling_params=sampling_defaults,
                                  enable_auto_tool_choice=bool(ns.enable_auto_tool_choice),
-                                 tool_call_parser=ns.tool_call_parser)
-    app = build_app(engine_config, server_config)
+                                 tool_call_parser=ns.tool_call_parser,
+                                 cascade=cascade is not None)
+    app = build_app(engine_config, server_config, cascade=cascade)
     logging.getLogger(__name__).warning("servelm: starting %s on http://%s:%d", names[0], ns.host,
                                         ns.port)
     # on Ctrl-C / SIGTERM, in-flight requests get --shutdown-timeout seconds, then an error

@@ -74,6 +74,10 @@ class _SchedulerCollector(Collector):
         for layer, n in sorted(s.early_exit_tokens.items()):
             exits.add_metric([self.model_name, str(layer)], n)
         yield exits
+        yield counter("cascade_requests", "Requests a cascade answered (servelm serve "
+                      "--cascade).", s.cascade_requests)
+        yield counter("cascade_escalations", "Of those, the ones escalated from the small "
+                      "model to the large.", s.cascade_escalations)
 
 
 class ServerMetrics:

@@ -46,6 +46,7 @@ class ServerConfig:
     max_stop_length: int = 1024  # characters per stop string
     max_waiting_requests: int = 4096  # sequences queued beyond the running batch
     on_engine_failure: str = "restart"  # or "exit" (server/recovery.py)
+    cascade: bool = False  # the client is a cascade (servelm/cascade/client.py)
 
 
 class OpenAIServing:
@@ -122,9 +123,10 @@ class OpenAIServing:
     def wait_first(self, params: SamplingParams, slo: dict) -> bool:
         """Whether a stream waits for its first output before answering: the engine may still
         refuse the request then (a shed request is a 503, a grammar that does not compile a
-        400), which must not come after a 200 has gone out."""
+        400), which must not come after a 200 has gone out; a cascade names the model that
+        answers in a header, known with the first output."""
         return ((self.may_shed and slo["ttft_slo_ms"] is not None)
-                or params.structured_outputs is not None)
+                or params.structured_outputs is not None or self.config.cascade)
 
     def check_limits(self, params: SamplingParams, num_prompts: int,
                      samples_per_prompt: Optional[int] = None) -> None:
@@ -166,6 +168,9 @@ class OpenAIServing:
                                     "once it is back.")
         self.client.check_health()
         self.check_limits(params, len(prompts), samples_per_prompt)
+        if self.config.cascade and (params.n > 1 or (samples_per_prompt or 1) > 1):
+            raise bad_request("a cascade answers with one completion per prompt: n must be 1 "
+                              "(and best_of unset).", "n")
         out = []
         for p in prompts:
             try:
@@ -220,11 +225,14 @@ def check_shed(ro: RequestOutput) -> None:
                            headers={"Retry-After": str(retry)})
 
 
-async def first_outputs(gens: list[AsyncIterator[RequestOutput]]
-                        ) -> list[AsyncIterator[RequestOutput]]:
+async def first_outputs(gens: list[AsyncIterator[RequestOutput]],
+                        seen: Optional[list] = None) -> list[AsyncIterator[RequestOutput]]:
     """Waits for every generator's first output, so a stream that the slo policy sheds
-    answers 503 before any response header goes out. Returns generators that replay it."""
+    answers 503 before any response header goes out. Returns generators that replay it (and
+    appends the first outputs to ``seen``: what the response headers may say)."""
     firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+    if seen is not None:
+        seen.extend(f for f in firsts if isinstance(f, RequestOutput))
     try:
         for f in firsts:
             if isinstance(f, BaseException) and not isinstance(f, StopAsyncIteration):
@@ -361,6 +369,20 @@ def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], n: in
         top = [item(t, lp) for t, lp in _top(pos, n)]
         content.append({**item(tid, entry), "top_logprobs": top})
     return content
+
+
+def cascade_tokens(ro: RequestOutput) -> tuple[int, int]:
+    """(prompt, completion) tokens a cascade's small model spent on a request the large model
+    answered (usage counts both models' work); (0, 0) otherwise."""
+    c = ro.cascade
+    return (c.small_prompt_tokens, c.small_completion_tokens) if c is not None else (0, 0)
+
+
+def cascade_header(outputs: list[Any]) -> dict[str, str]:
+    """The response header naming the model of a cascade that answered each prompt (in order),
+    when these outputs come from one; none otherwise."""
+    models = [ro.cascade.model for ro in outputs if ro is not None and ro.cascade is not None]
+    return {"x-servelm-cascade-model": ",".join(models)} if models else {}
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:

@@ -7,6 +7,8 @@ import dataclasses
 import inspect
 from typing import Any, AsyncIterator, Optional, Union
 
+from fastapi.responses import Response
+
 from servelm.outputs import RequestOutput
 from servelm.server.completion_search import chat_beam_search
 from servelm.server.protocol import APIError, ChatCompletionRequest, ChatMessage, bad_request
@@ -14,8 +16,9 @@ from servelm.server.tool_parsers import get_tool_parser
 from servelm.server.tools import (ToolOutput, ToolPlan, plan_tools, template_inputs,
                                   template_supports_tools)
 from servelm.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, chat_logprobs,
-                                    check_shed, first_outputs, merge_generators, new_request_id,
-                                    now_s, sse, stop_holdback, stream_error, usage)
+                                    cascade_header, cascade_tokens, check_shed, dumps,
+                                    first_outputs, merge_generators, new_request_id, now_s, sse,
+                                    stop_holdback, stream_error, usage)
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -109,11 +112,14 @@ async def create_chat_completion(serving: OpenAIServing,
                                          top_n, decode)}
 
     if req.stream:
+        seen: list = []
         if serving.wait_first(inp.params, slo):
-            (gen,) = await first_outputs([gen])
+            (gen,) = await first_outputs([gen], seen)
         tool_outs = ([ToolOutput(plan, client.tokenizer) for _ in range(inp.params.n)]
                      if calls else None)
-        return _stream(req, gen, rid, created, model, inp.params, lps, tool_outs)
+        stream = _stream(req, gen, rid, created, model, inp.params, lps, tool_outs)
+        headers = cascade_header(seen)
+        return (stream, headers) if headers else stream
     final: Optional[RequestOutput] = None
     async with contextlib.aclosing(merge_generators([gen])) as it:
         async for _, ro in it:
@@ -132,8 +138,11 @@ async def create_chat_completion(serving: OpenAIServing,
         choices.append({"index": o.index, "message": message,
                         "logprobs": lps(o, 0, len(o.token_ids)), "finish_reason": finish,
                         "stop_reason": o.stop_reason})
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+    body = {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": _usage(final)}
+    headers = cascade_header([final])
+    return Response(dumps(body), media_type="application/json", headers=headers) if headers \
+        else body
 
 
 async def _stream(req: ChatCompletionRequest, gen: Any, rid: str, created: int, model: str,
@@ -183,5 +192,7 @@ async def _stream(req: ChatCompletionRequest, gen: Any, rid: str, created: int, 
 
 
 def _usage(ro: RequestOutput) -> dict:
-    return usage(len(ro.prompt_token_ids), sum(len(o.token_ids) for o in ro.outputs),
+    extra_prompt, extra_out = cascade_tokens(ro)  # a cascade's small model's, if escalated
+    return usage(len(ro.prompt_token_ids) + extra_prompt,
+                 sum(len(o.token_ids) for o in ro.outputs) + extra_out,
                  ro.num_cached_tokens)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 from typing import Any, AsyncIterator, Optional, Union
 
+from fastapi.responses import Response
+
 from servelm.engine.async_client import ProcessedPrompt
 from servelm.outputs import RequestOutput
 from servelm.server.completion_search import completion_search
 from servelm.server.prompt_scoring import drop_generated, scores_prompt_only
 from servelm.server.protocol import CompletionRequest, bad_request
 from servelm.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, completion_logprobs,
-                                    check_shed, first_outputs, merge_generators, new_request_id,
-                                    now_s, sse, stop_holdback, stream_error, usage)
+                                    cascade_header, cascade_tokens, check_shed, dumps,
+                                    first_outputs, merge_generators, new_request_id, now_s, sse,
+                                    stop_holdback, stream_error, usage)
 
 
 def _prompts(prompt: Union[str, list], max_prompts: int) -> list[Any]:
@@ -51,9 +54,11 @@ async def create_completion(serving: OpenAIServing,
         gens = [drop_generated(g) for g in gens]
     fmt = _Formatter(serving, req, inputs, rid, created)
     if req.stream:
+        seen: list = []
         if serving.wait_first(params, slo):
-            gens = await first_outputs(gens)
-        return _stream(fmt, gens)
+            gens = await first_outputs(gens, seen)
+        headers = cascade_header(seen)
+        return (_stream(fmt, gens), headers) if headers else _stream(fmt, gens)
     finals: list[Optional[RequestOutput]] = [None] * len(gens)
     async with contextlib.aclosing(merge_generators(gens)) as it:
         async for i, ro in it:
@@ -62,8 +67,11 @@ async def create_completion(serving: OpenAIServing,
     choices = [fmt.choice(i, out, out.text, 0, len(out.token_ids), echo, ro, 0)
                for i, ro in enumerate(finals) for out in ro.outputs
                if out.index < fmt.n]  # best_of: the n best of all (which usage counts)
-    return {"id": rid, "object": "text_completion", "created": created, "model": fmt.model,
+    body = {"id": rid, "object": "text_completion", "created": created, "model": fmt.model,
             "choices": choices, "usage": fmt.usage(finals)}
+    headers = cascade_header(finals)
+    return Response(dumps(body), media_type="application/json", headers=headers) if headers \
+        else body
 
 
 class _Formatter:
@@ -105,8 +113,9 @@ class _Formatter:
 
     def usage(self, finals: list[Optional[RequestOutput]]) -> dict:
         done = [ro for ro in finals if ro is not None]
-        return usage(sum(len(ro.prompt_token_ids) for ro in done),
-                     sum(len(o.token_ids) for ro in done for o in ro.outputs),
+        return usage(sum(len(ro.prompt_token_ids) + cascade_tokens(ro)[0] for ro in done),
+                     sum(len(o.token_ids) for ro in done for o in ro.outputs)
+                     + sum(cascade_tokens(ro)[1] for ro in done),
                      sum(ro.num_cached_tokens for ro in done))
 
 

@@ -1,0 +1,96 @@
+"""Cascade inference on the CPU: share escalated, latency and agreement per threshold, one table.
+
+    python benchmarks/cascade.py [--thresholds 0.3 0.5 0.6 0.7 0.8] [--num-prompts 24]
+                                 [--max-tokens 48] [--small-quantization int4]
+
+The embedded SmolLM2-135M-Instruct GGUF twice: the small model quantized (--small-quantization,
+int4 weights by default) and the large one in bf16 (the same weights, dense). Fixed chat prompts
+(servelm's sharegpt-like prompts' openings), greedy, batch of all prompts at once. For each
+threshold on the small model's confidence (geometric mean of its sampled tokens'
+probabilities): the share of requests escalated, the wall time per request of the whole batch
+(small pass + large pass on the escalated ones), and the agreement of the answers with the large
+model alone (whole answer identical; and the mean share of tokens matching before the first
+difference), next to the large model alone and the small model alone.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TOPICS = ["how tides work", "the causes of the French Revolution", "a recipe for pancakes",
+          "why the sky is blue", "how to learn a new language", "the water cycle",
+          "what a black hole is", "how vaccines work", "tips for a job interview",
+          "the history of the bicycle", "how a compiler works", "photosynthesis",
+          "the rules of chess", "why exercise matters", "how bees make honey",
+          "the plot of Hamlet", "how to save money", "what DNA is", "how airplanes fly",
+          "the benefits of reading", "how volcanoes erupt", "what inflation is",
+          "how to write a good email", "the life of Marie Curie"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.6, 0.7, 0.8])
+    ap.add_argument("--num-prompts", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--small-quantization", default="int4")
+    args = ap.parse_args()
+    from servelm import SamplingParams
+    from servelm.cascade import CascadeLLM
+    prompts_text = [f"Explain {TOPICS[i % len(TOPICS)]} in a few sentences."
+                    for i in range(args.num_prompts)]
+    sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    common = dict(device="cpu", enable_prefix_caching=False)
+    # threshold 0: never escalate, so one cascade object serves every threshold's small pass
+    cascade = CascadeLLM(None, None, 0.0, small_args={"quantization": args.small_quantization},
+                         large_args={"dtype": "bfloat16", "quantization": "none"}, **common)
+    tok = cascade.large.get_tokenizer()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}],
+                                       add_generation_prompt=True, tokenize=False)
+               for t in prompts_text]
+    prompts = [{"prompt": p} for p in prompts]
+    for llm in (cascade.small, cascade.large):  # warm-up
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    t = time.perf_counter()
+    large = cascade.large.generate(prompts, sp, use_tqdm=False)
+    t_large = time.perf_counter() - t
+    large_ids = [o.outputs[0].token_ids for o in large]
+
+    def agreement(ids_list):
+        same = sum(a == b for a, b in zip(ids_list, large_ids)) / len(large_ids)
+        pref = []
+        for a, b in zip(ids_list, large_ids):
+            k = 0
+            while k < min(len(a), len(b)) and a[k] == b[k]:
+                k += 1
+            pref.append(k / max(1, len(b)))
+        return same, sum(pref) / len(pref)
+
+    rows = []
+    for thr in [0.0] + args.thresholds:
+        cascade.config = type(cascade.config)(thr, cascade.config.criterion)
+        t = time.perf_counter()
+        res = cascade.generate(prompts, sp)
+        dt = time.perf_counter() - t
+        ids = [r.output.outputs[0].token_ids for r in res]
+        esc = sum(r.model == "large" for r in res) / len(res)
+        rows.append((thr, esc, dt, *agreement(ids)))
+        print(f"threshold {thr}: escalated {esc:.2f}, {dt:.1f} s", flush=True)
+    cascade.shutdown()
+    n = len(prompts)
+    print(f"\nSmolLM2-135M-Instruct: small = {args.small_quantization} weights, large = bf16; "
+          f"{n} chat prompts at once, greedy, {args.max_tokens} tokens; 2-core CPU")
+    print("| configuration | escalated | s per request (batch) | vs large alone | "
+          "answers identical to large | mean matching prefix |\n|---|---|---|---|---|---|")
+    print(f"| large alone | 1.00 | {t_large / n:.3f} | 1.00x | 1.00 | 1.00 |")
+    for thr, esc, dt, same, pref in rows:
+        label = "small alone (threshold 0)" if thr == 0 else f"cascade, threshold {thr}"
+        print(f"| {label} | {esc:.2f} | {dt / n:.3f} | {dt / t_large:.2f}x | {same:.2f} | "
+              f"{pref:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

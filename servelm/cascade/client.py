@@ -1,0 +1,100 @@
+"""The server's cascade: an engine client over two engine clients (``servelm serve --cascade
+SMALL LARGE``), answering every request with the small model and escalating the unsure ones.
+
+Streams escalate before their first token: the small model's answer is held until it is judged,
+then sent whole (confident) or replaced by the large model's stream. Everything but generation
+(tokenizer, limits, telemetry) is the large model's: prompts are processed once, by its input
+processor, and both models must share its vocabulary."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from servelm.cascade.config import CascadeConfig, confidence
+from servelm.outputs import RequestOutput
+from servelm.sampling_params import RequestOutputKind, SamplingParams
+
+
+@dataclass
+class CascadeInfo:
+    """Which model answered a request, the small model's confidence, and the tokens the small
+    model spent on it when the large one answered (usage counts both)."""
+
+    model: str  # "small" | "large"
+    confidence: float
+    small_prompt_tokens: int = 0
+    small_completion_tokens: int = 0
+
+
+class CascadeClient:
+    def __init__(self, small: Any, large: Any, config: CascadeConfig) -> None:
+        self.small, self.large, self.cascade = small, large, config
+        self.num_requests = 0
+        self.num_escalated = 0
+
+    def __getattr__(self, name: str) -> Any:  # the large model's surface (config, tokenizer..)
+        return getattr(self.large, name)
+
+    @property
+    def is_healthy(self) -> bool:
+        return self.small.is_healthy and self.large.is_healthy
+
+    def check_health(self) -> None:
+        self.small.check_health()
+        self.large.check_health()
+
+    async def generate(self, request_id: str, prompt: Any, params: Optional[SamplingParams] = None,
+                       **kw: Any) -> AsyncIterator[RequestOutput]:
+        from servelm.engine.async_client import ProcessedPrompt
+        if not isinstance(prompt, ProcessedPrompt):
+            prompt = self.large.process_input(prompt, params or SamplingParams(),
+                                              kw.get("add_special_tokens", True))
+        kw.pop("add_special_tokens", None)
+        p = prompt.params
+        if p.n != 1:
+            raise ValueError("a cascade answers with one completion per prompt: n must be 1.")
+        # the sampled tokens' logprobs judge the answer; only the final output is needed
+        sp = dataclasses.replace(p, logprobs=0 if p.logprobs is None else p.logprobs,
+                                 output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        async for o in self.small.generate(f"{request_id}-small",
+                                           ProcessedPrompt(prompt.text, prompt.token_ids, sp),
+                                           **kw):
+            final = o
+        conf = confidence(final.outputs[0], self.cascade.criterion)
+        self.num_requests += 1
+        if conf >= self.cascade.threshold:
+            if p.logprobs is None:
+                final.outputs[0].logprobs = None
+            final.request_id = request_id
+            final.cascade = CascadeInfo("small", conf)
+            yield final
+            return
+        self.num_escalated += 1
+        info = CascadeInfo("large", conf, len(final.prompt_token_ids),
+                           len(final.outputs[0].token_ids))
+        async for o in self.large.generate(request_id, prompt, **kw):
+            o.cascade = info
+            yield o
+
+    async def abort(self, request_id: str) -> None:
+        await self.small.abort(f"{request_id}-small")
+        await self.large.abort(request_id)
+
+    async def get_stats(self, timeout_s: float = 5.0):
+        from servelm.engine.dp_client import merge_stats
+        s = merge_stats([await self.small.get_stats(timeout_s),
+                         await self.large.get_stats(timeout_s)])
+        s.cascade_requests, s.cascade_escalations = self.num_requests, self.num_escalated
+        return s
+
+    def end_requests(self, err: BaseException) -> int:
+        return self.small.end_requests(err) + self.large.end_requests(err)
+
+    def num_sequences_in_flight(self) -> int:
+        return self.small.num_sequences_in_flight() + self.large.num_sequences_in_flight()
+
+    async def shutdown(self) -> None:
+        await self.small.shutdown()
+        await self.large.shutdown()

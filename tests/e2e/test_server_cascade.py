@@ -1,0 +1,60 @@
+"""`servelm serve --cascade SMALL LARGE`: one name in /v1/models, every request answered by the
+small model or escalated to the large one by the threshold, a header naming which, usage
+counting both models' tokens, and the escalation counters in /metrics."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.e2e.server_utils import ServerProcess, httpx, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return (make_tiny_model(str(tmp_path_factory.mktemp("small"))),
+            make_tiny_model(str(tmp_path_factory.mktemp("large"))))
+
+
+@pytest.mark.parametrize("threshold,answered", [(0.0, "small"), (1.01, "large")])
+def test_cascade_server(models, threshold, answered):
+    small, large = models
+    srv = ServerProcess(["--cascade", small, large, "--cascade-threshold", str(threshold),
+                         "--device", "cpu", "--max-model-len", "256", "--kv-cache-memory",
+                         str(8 << 20)])
+    try:
+        url = srv.base_url
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["cascade"]
+        body = {"model": "cascade", "prompt": "Hello world", "max_tokens": 5,
+                "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-servelm-cascade-model"] == answered
+        out = r.json()
+        assert out["model"] == "cascade" and out["choices"][0]["logprobs"] is None
+        n_prompt = len(httpx.post(f"{url}/tokenize", json={"prompt": "Hello world"}
+                                  ).json()["tokens"])
+        times = 2 if answered == "large" else 1  # both models' tokens when escalated
+        assert out["usage"]["prompt_tokens"] == times * n_prompt
+        assert out["usage"]["completion_tokens"] == times * 5
+        # a stream: the header with the first bytes, then the whole answer and [DONE]
+        chat = {"model": "cascade", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4, "temperature": 0, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat, timeout=60) as s:
+            assert s.status_code == 200
+            assert s.headers["x-servelm-cascade-model"] == answered
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        text = "".join(json.loads(ln[6:])["choices"][0]["delta"].get("content") or ""
+                       for ln in lines[:-1] if json.loads(ln[6:])["choices"])
+        assert isinstance(text, str)
+        # n > 1 cannot cascade
+        r = httpx.post(f"{url}/v1/completions", json={**body, "n": 2}, timeout=60)
+        assert r.status_code == 400 and "n must be 1" in r.text
+        metrics = httpx.get(f"{url}/metrics").text
+        escalated = 2 if answered == "large" else 0
+        assert 'servelm:cascade_requests_total{model_name="cascade"} 2.0' in metrics
+        assert (f'servelm:cascade_escalations_total{{model_name="cascade"}} {escalated}.0'
+                in metrics)
+    finally:
+        srv.close()
