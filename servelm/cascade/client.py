@@ -36,6 +36,27 @@ class CascadeClient:
     def __getattr__(self, name: str) -> Any:  # the large model's surface (config, tokenizer..)
         return getattr(self.large, name)
 
+    # ---- failure (server/recovery.py): either core's death is the cascade's ----------------
+    @property
+    def on_dead(self) -> Any:
+        return self.large.on_dead
+
+    @on_dead.setter
+    def on_dead(self, fn: Any) -> None:
+        self.small.on_dead = self.large.on_dead = fn
+
+    async def restart(self, listener: Any) -> "CascadeClient":
+        """The dead core(s) replaced by new ones, in place (the live one keeps serving): this
+        same client, so the caller shuts nothing down."""
+        for name in ("small", "large"):
+            old = getattr(self, name)
+            if not old.is_healthy:
+                new = await old.restart(listener)
+                new.on_dead = old.on_dead
+                setattr(self, name, new)
+                await old.shutdown()
+        return self
+
     @property
     def is_healthy(self) -> bool:
         return self.small.is_healthy and self.large.is_healthy

@@ -229,9 +229,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
             # the longest vocabulary string, which refusing a huge body needs: read now, not
             # on the event loop when the first one arrives (a 256k vocabulary takes a while)
             await asyncio.to_thread(inputs.max_text_chars)
-        if client is None and cascade is None:
-            # a core this app started: it restarts it, or exits, if it dies (a cascade's two
-            # cores: not yet, their requests fail with 503s)
+        if client is None:  # cores this app started: it restarts them, or exits, if one dies
             EngineRecovery(app, engine_config, metrics,
                            server_config.on_engine_failure).attach(c)
         logger.warning("servelm: ready, serving %s", ", ".join(server_config.served_model_names))

@@ -58,3 +58,34 @@ def test_cascade_server(models, threshold, answered):
                 in metrics)
     finally:
         srv.close()
+
+
+def test_cascade_server_restarts_a_dead_core(models):
+    """SIGKILL of either core: requests in flight fail (503), the dead core is restarted while
+    the other keeps its state, and the cascade serves again."""
+    import os
+    import signal
+    import time
+    small, large = models
+    srv = ServerProcess(["--cascade", small, large, "--cascade-threshold", "1.01",
+                         "--device", "cpu", "--max-model-len", "256", "--kv-cache-memory",
+                         str(8 << 20)])
+    try:
+        url = srv.base_url
+        body = {"model": "cascade", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+        pids = srv.core_pids()
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)
+        deadline, ok = time.monotonic() + 120, False
+        while time.monotonic() < deadline and not ok:
+            time.sleep(0.5)
+            try:
+                r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                pass
+        assert ok, srv.output()[-2000:]
+        assert r.headers["x-servelm-cascade-model"] == "large"
+        assert pids[1] in srv.core_pids() and pids[0] not in srv.core_pids()
+    finally:
+        srv.close()
