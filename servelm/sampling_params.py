@@ -44,6 +44,9 @@ class SamplingParams:
     # StructuredOutputsParams; a dict with its keys is converted)
     structured_outputs: Optional[StructuredOutputsParams] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # KV eviction (an engine started with kv_eviction): this request's budget of tokens of KV,
+    # instead of the engine's kv_eviction_budget
+    kv_eviction_budget: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -68,6 +71,9 @@ class SamplingParams:
     def _validate(self) -> None:
         c = self._check
         c(_is_int(self.n) and 1 <= self.n, "n", "an integer >= 1")
+        c(self.kv_eviction_budget is None or (_is_int(self.kv_eviction_budget)
+                                              and self.kv_eviction_budget >= 1),
+          "kv_eviction_budget", "an integer >= 1 or None")
         # bounded so that every accepted value keeps the sampler's arithmetic finite in fp32
         # (logits / temperature, logits / repetition_penalty)
         c(_is_num(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE, "temperature",

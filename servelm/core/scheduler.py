@@ -259,12 +259,12 @@ class Scheduler:
                 continue
             computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             if self.eviction is not None:  # a hit of at most the budget
-                computed = computed[:self.eviction.budget // self.kv.block_size]
+                computed = computed[:self._budget(req) // self.kv.block_size]
             num_computed = req.num_computed_tokens + len(computed) * self.kv.block_size
             n = req.num_tokens - num_computed
             room = min(budget, prefill_left)
             if self.eviction is not None:  # (a recompute's tokens past the budget: later)
-                room = min(room, self.eviction.budget + self.kv.block_size - num_computed)
+                room = min(room, self._budget(req) + self.kv.block_size - num_computed)
             if n > room and not self.config.enable_chunked_prefill and self.eviction is None:
                 break
             n = min(n, room)
@@ -413,31 +413,35 @@ class Scheduler:
         """Under KV eviction, before req computes n more tokens: whether its cache, which
         would then hold more than budget + a block, shrinks to the budget first; and n capped
         so that it stays within budget + a block."""
-        ev, bs = self.eviction, self.kv.block_size
+        budget, bs = self._budget(req), self.kv.block_size
         held = req.num_computed_tokens - req.num_evicted
-        evict = held > ev.budget and held + n > ev.budget + bs
-        return evict, min(n, ev.budget + bs - (ev.budget if evict else held))
+        evict = held > budget and held + n > budget + bs
+        return evict, min(n, budget + bs - (budget if evict else held))
+
+    def _budget(self, req: Request) -> int:
+        """req's KV budget: its own (kv_eviction_budget) or the engine's."""
+        return req.params.kv_eviction_budget or self.eviction.budget
 
     def _evict(self, req: Request) -> Optional[KVEviction]:
         """Shrink req's cache to the budget now (the runner moves the survivors before this
         step's forward). None when the pool lacks blocks for copy-on-write copies of blocks
         other requests share: it then holds up to a block more for a step."""
-        done = self.kv.evict(req, self.eviction.budget,
-                             self.eviction.fixed_blocks(self.kv.block_size))
-        return KVEviction(done[0], self.eviction.budget, done[1]) if done else None
+        budget = self._budget(req)
+        done = self.kv.evict(req, budget, self.eviction.fixed_blocks(self.kv.block_size))
+        return KVEviction(done[0], budget, done[1]) if done else None
 
     def _eviction_room(self, req: Request) -> int:
         """Tokens req may compute before its next eviction (no bound without eviction; a
         swapped-in request evicts on its next step as a running one)."""
         if self.eviction is None:
             return 1 << 62
-        return max(1, self.eviction.budget + self.kv.block_size - self.kv.cache_len(req))
+        return max(1, self._budget(req) + self.kv.block_size - self.kv.cache_len(req))
 
     def _tokens_held(self, req: Request) -> int:
         """The most tokens req's cache will hold at once."""
         if self.eviction is None:
             return req.num_tokens
-        return min(req.num_tokens, self.eviction.budget + self.kv.block_size)
+        return min(req.num_tokens, self._budget(req) + self.kv.block_size)
 
     def _length_cap(self, req: Request) -> float:
         """The sequence length that ends req: max_model_len, except under KV eviction for a

@@ -123,6 +123,8 @@ class InputProcessor:
         lp = max(params.logprobs or 0, params.prompt_logprobs or 0)
         if lp > self.config.max_logprobs:
             raise ValueError(f"logprobs ({lp}) must be <= max_logprobs ({self.config.max_logprobs}).")
+        if params.kv_eviction_budget is not None:
+            self.check_kv_budget(params.kv_eviction_budget)
         if params.structured_outputs is not None:
             params = replace(params, structured_outputs=self.check_structured_outputs(
                 params.structured_outputs))
@@ -131,6 +133,18 @@ class InputProcessor:
         if params.top_k > mc.vocab_size:  # same distribution; keeps the sampler's tensors small
             params = replace(params, top_k=0)
         return text, ids, params
+
+    def check_kv_budget(self, budget: int) -> None:
+        """A request's own KV eviction budget: the engine must evict, and the budget must hold
+        its sinks and a block, and fit max_model_len with a block to spare."""
+        ev, bs = self.config.cache.kv_eviction, self.config.cache.block_size
+        if ev is None:
+            raise ValueError("kv_eviction_budget needs an engine started with kv_eviction "
+                             "('streaming' or 'h2o').")
+        lo, hi = max(bs, ev.sink_tokens + 1), self.config.model.max_model_len - bs
+        if not lo <= budget <= hi:
+            raise ValueError(f"kv_eviction_budget must be in [{lo}, {hi}] (the sinks and a "
+                             f"block; max_model_len less a block), got {budget}.")
 
 
 class Engine:

@@ -27,7 +27,8 @@ def keep_h2o(cfg: KVEvictionConfig, old_len: int, keep: int,
     keep - sinks - recent with the largest accumulated attention (``scores``: [old_len] fp32,
     by cache index; ties to the older token)."""
     assert scores is not None and scores.shape[0] == old_len
-    s, r = cfg.sink_tokens, cfg.recent_tokens
+    s = cfg.sink_tokens
+    r = min(cfg.recent_tokens, keep - s)  # (a request's own budget may be smaller)
     heavy = keep - s - r
     middle = scores[s:old_len - r]
     # (stable order: topk on the negated index breaks ties toward older tokens)

@@ -104,6 +104,8 @@ class SamplingRequest(_Strict):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     priority: Optional[int] = None  # vLLM's: lower first, with --scheduling-policy priority
+    # this request's KV budget under --kv-eviction (tokens; default: --kv-eviction-budget)
+    kv_eviction_budget: Optional[int] = None
     # latency objectives in ms (default: --default-ttft-slo-ms / --default-tpot-slo-ms); with
     # --scheduling-policy slo a request that can no longer meet its TTFT gets a 503
     ttft_slo_ms: Optional[float] = None

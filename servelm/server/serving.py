@@ -93,7 +93,8 @@ class OpenAIServing:
             ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0,
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             skip_special_tokens=req.skip_special_tokens is not False,
-            structured_outputs=structured_outputs_of(req))
+            structured_outputs=structured_outputs_of(req),
+            kv_eviction_budget=req.kv_eviction_budget)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                      "frequency_penalty", "repetition_penalty"):
             if getattr(req, name) is not None:

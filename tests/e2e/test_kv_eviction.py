@@ -187,3 +187,24 @@ def test_eviction_settings_refused(eager_llama, kw, match):
     d, _ = eager_llama
     with pytest.raises(ValueError, match=match):
         make_engine(d, **kw)
+
+
+def test_a_request_budget_of_its_own(eager_llama):
+    """kv_eviction_budget per request: each request evicts to its own budget (the reference's
+    tokens at that budget), next to one on the engine's; out-of-range budgets are refused."""
+    d, model = eager_llama
+    eng = make_engine(d, kv_eviction="streaming", kv_eviction_budget=16)
+    p = random_prompts(2, (30, 37), seed=9)
+    own = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0,
+                         kv_eviction_budget=8)
+    outs = run_to_completion(eng, p, [own, GREEDY])
+    _check(outs, [hf_evicting_greedy(model, p[0], 40, "streaming", 8, 4),
+                  hf_evicting_greedy(model, p[1], 40, "streaming", 16, 4)])
+    for bad in (4, 509):
+        with pytest.raises(ValueError, match="kv_eviction_budget must be in"):
+            eng.add_request("x", p[0], SamplingParams(kv_eviction_budget=bad))
+    eng.core.shutdown()
+    plain = make_engine(d)
+    with pytest.raises(ValueError, match="needs an engine started with kv_eviction"):
+        plain.add_request("x", p[0], SamplingParams(kv_eviction_budget=16))
+    plain.core.shutdown()
