@@ -32,6 +32,13 @@ class CascadeClient:
         self.small, self.large, self.cascade = small, large, config
         self.num_requests = 0
         self.num_escalated = 0
+        self.latency: dict[str, list[float]] = {"small": [0, 0.0], "large": [0, 0.0]}
+
+    def _done(self, path: str, start: float) -> None:
+        import time
+        n_s = self.latency[path]
+        n_s[0] += 1
+        n_s[1] += time.monotonic() - start
 
     def __getattr__(self, name: str) -> Any:  # the large model's surface (config, tokenizer..)
         return getattr(self.large, name)
@@ -72,6 +79,8 @@ class CascadeClient:
             prompt = self.large.process_input(prompt, params or SamplingParams(),
                                               kw.get("add_special_tokens", True))
         kw.pop("add_special_tokens", None)
+        import time
+        start = time.monotonic()
         p = prompt.params
         if p.n != 1:
             raise ValueError("a cascade answers with one completion per prompt: n must be 1.")
@@ -90,6 +99,7 @@ class CascadeClient:
                 final.outputs[0].logprobs = None
             final.request_id = request_id
             final.cascade = CascadeInfo("small", conf)
+            self._done("small", start)
             yield final
             return
         self.num_escalated += 1
@@ -97,6 +107,8 @@ class CascadeClient:
                            len(final.outputs[0].token_ids))
         async for o in self.large.generate(request_id, prompt, **kw):
             o.cascade = info
+            if o.finished:
+                self._done("large", start)
             yield o
 
     async def abort(self, request_id: str) -> None:
@@ -108,6 +120,7 @@ class CascadeClient:
         s = merge_stats([await self.small.get_stats(timeout_s),
                          await self.large.get_stats(timeout_s)])
         s.cascade_requests, s.cascade_escalations = self.num_requests, self.num_escalated
+        s.cascade_latency = {k: list(v) for k, v in self.latency.items()}
         return s
 
     def end_requests(self, err: BaseException) -> int:

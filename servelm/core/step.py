@@ -142,3 +142,5 @@ class SchedulerStats:
     # servelm serve --cascade: requests answered, and of those escalated to the large model
     cascade_requests: int = 0
     cascade_escalations: int = 0
+    # path ("small" | "large") -> [requests, seconds in all] from arrival to the answer's end
+    cascade_latency: dict[str, list[float]] = field(default_factory=dict)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Metric,
+                                    SummaryMetricFamily)
 from prometheus_client.registry import Collector
 
 from servelm.core.step import SchedulerStats
@@ -78,6 +79,14 @@ class _SchedulerCollector(Collector):
                       "--cascade).", s.cascade_requests)
         yield counter("cascade_escalations", "Of those, the ones escalated from the small "
                       "model to the large.", s.cascade_escalations)
+        if s.cascade_latency:
+            lat = SummaryMetricFamily("servelm:cascade_request_latency_seconds",
+                                      "A cascade's requests from arrival to the end of the "
+                                      "answer, by the model that answered.",
+                                      labels=["model_name", "path"])
+            for path, (count, total) in sorted(s.cascade_latency.items()):
+                lat.add_metric([self.model_name, path], count_value=count, sum_value=total)
+            yield lat
 
 
 class ServerMetrics:

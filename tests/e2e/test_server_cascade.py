@@ -56,6 +56,8 @@ def test_cascade_server(models, threshold, answered):
         assert 'servelm:cascade_requests_total{model_name="cascade"} 2.0' in metrics
         assert (f'servelm:cascade_escalations_total{{model_name="cascade"}} {escalated}.0'
                 in metrics)
+        assert (f'servelm:cascade_request_latency_seconds_count{{model_name="cascade",'
+                f'path="{answered}"}} 2.0' in metrics)
     finally:
         srv.close()
 
