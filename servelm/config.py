@@ -474,10 +474,8 @@ class EngineArgs:
             what = "a sliding-window or soft-capped model (its window already bounds the KV)"
         elif _resolve_kv_cache_dtype(self.kv_cache_dtype, device) == "fp8":
             what = "kv_cache_dtype='fp8' (keys are re-rotated as they move)"
-        elif self.pipeline_parallel_size > 1:
-            what = "pipeline_parallel_size > 1"
-        elif ev.needs_scores and self.tensor_parallel_size > 1:
-            what = "tensor_parallel_size > 1 under h2o (each rank sees its heads' scores)"
+        elif ev.needs_scores and self.pipeline_parallel_size > 1:
+            what = "pipeline_parallel_size > 1 under h2o (each stage sees its layers' scores)"
         elif not self.enable_chunked_prefill:
             what = "enable_chunked_prefill=False (prompts are computed a budget at a time)"
         if what:

@@ -371,6 +371,9 @@ class ModelRunner:
             idx = torch.arange(ev.old_len, device=self.device)
             table = torch.as_tensor(old, dtype=torch.int64, device=self.device)
             scores = self.kv_scores[table[idx // bs] * bs + idx % bs]
+            # each tensor-parallel rank holds its heads' share: every rank keeps the same
+            # tokens, by the sum over all heads
+            scores = self.world.all_reduce(scores.contiguous())
         kept = POLICIES[self.eviction.policy](self.eviction, ev.old_len, ev.keep, scores,
                                               self.device)
         # the leading blocks of sinks stay in place (possibly shared): not rewritten

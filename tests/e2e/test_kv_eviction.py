@@ -208,3 +208,20 @@ def test_a_request_budget_of_its_own(eager_llama):
     with pytest.raises(ValueError, match="needs an engine started with kv_eviction"):
         plain.add_request("x", p[0], SamplingParams(kv_eviction_budget=16))
     plain.core.shutdown()
+
+
+@pytest.mark.parametrize("policy,parallel", [
+    ("h2o", dict(tensor_parallel_size=2)),  # scores summed over the ranks' heads
+    ("streaming", dict(pipeline_parallel_size=2)),  # each stage moves its layers' KV
+])
+def test_eviction_under_parallelism(eager_llama, policy, parallel):
+    d, model = eager_llama
+    kw = dict(kv_sink_tokens=2, kv_recent_tokens=6) if policy == "h2o" else {}
+    prompts = random_prompts(2, (26, 41), seed=12)
+    eng = make_engine(d, kv_eviction=policy, kv_eviction_budget=16, **kw, **parallel)
+    try:
+        outs = run_to_completion(eng, prompts, GREEDY)
+        _check(outs, [hf_evicting_greedy(model, p, 40, policy, 16, kw.get("kv_sink_tokens", 4),
+                                         kw.get("kv_recent_tokens", 0)) for p in prompts])
+    finally:
+        eng.core.shutdown()
