@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def perplexity(ids: list[int], budget: int, policy: str, sinks: int) -> tuple[float, float]:
     from servelm import LLM, SamplingParams
     kw = {} if policy == "none" else dict(kv_eviction=policy, kv_eviction_budget=budget,
-                                          kv_sink_tokens=sinks)
+                                          sink_tokens=sinks)
     llm = LLM(device="cpu", dtype="float32", max_model_len=len(ids) + 16,
               enable_prefix_caching=False, **kw)
     t = time.perf_counter()

@@ -271,7 +271,7 @@ class EngineArgs:
     # heavy hitters), each request keeping kv_eviction_budget tokens (default 512)
     kv_eviction: str = "none"
     kv_eviction_budget: Optional[int] = None
-    kv_sink_tokens: int = 4
+    sink_tokens: int = 4
     kv_recent_tokens: Optional[int] = None  # h2o's recent window (default: half the rest)
     # None: "uni" (one process) for one rank, "mp" (a worker process per further rank) for more
     distributed_executor_backend: Optional[str] = None
@@ -463,7 +463,7 @@ class EngineArgs:
                          device: str) -> Any:
         from servelm.kv_eviction import make_eviction_config
         from servelm.models.registry import windowed_attention
-        ev = make_eviction_config(self.kv_eviction, self.kv_eviction_budget, self.kv_sink_tokens,
+        ev = make_eviction_config(self.kv_eviction, self.kv_eviction_budget, self.sink_tokens,
                                   self.kv_recent_tokens, self.block_size, max_model_len)
         if ev is None:
             return None
@@ -546,12 +546,12 @@ class EngineArgs:
         from servelm.kv_eviction import KV_EVICTION_POLICIES
         a("--kv-eviction", default="none", choices=list(KV_EVICTION_POLICIES),
           help="KV eviction, each request keeping --kv-eviction-budget tokens so generation "
-               "may run past max_model_len: streaming (the first --kv-sink-tokens and the most "
+               "may run past max_model_len: streaming (the first --sink-tokens and the most "
                "recent, StreamingLLM), h2o (sinks, --kv-recent-tokens recent ones and those "
                "with the most attention so far, H2O)")
         a("--kv-eviction-budget", type=int, default=None,
           help="tokens of KV a request keeps under --kv-eviction (default 512)")
-        a("--kv-sink-tokens", type=int, default=4)
+        a("--sink-tokens", type=int, default=4)
         a("--kv-recent-tokens", type=int, default=None,
           help="h2o: the recent tokens always kept (default: half of the budget past the sinks)")
         a("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),

@@ -1,5 +1,5 @@
 """The eviction settings an engine runs with (``--kv-eviction``, ``--kv-eviction-budget``,
-``--kv-sink-tokens``, ``--kv-recent-tokens``)."""
+``--sink-tokens``, ``--kv-recent-tokens``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,9 +48,9 @@ def make_eviction_config(policy: str, budget: Optional[int], sink_tokens: int,
     if budget is None:
         budget = 512
     if sink_tokens < 0:
-        raise ValueError(f"kv_sink_tokens must be >= 0, got {sink_tokens}.")
+        raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}.")
     if budget <= sink_tokens or budget < block_size:
-        raise ValueError(f"kv_eviction_budget ({budget}) must exceed kv_sink_tokens "
+        raise ValueError(f"kv_eviction_budget ({budget}) must exceed sink_tokens "
                          f"({sink_tokens}) and be at least a block ({block_size} tokens).")
     if budget + block_size > max_model_len:
         raise ValueError(f"kv_eviction_budget ({budget}) plus a block ({block_size}) must fit "
@@ -63,6 +63,6 @@ def make_eviction_config(policy: str, budget: Optional[int], sink_tokens: int,
         return KVEvictionConfig(policy, budget, sink_tokens, budget - sink_tokens)
     recent = (budget - sink_tokens) // 2 if recent_tokens is None else recent_tokens
     if recent < 1 or sink_tokens + recent > budget:
-        raise ValueError(f"kv_recent_tokens ({recent}) must be >= 1 and leave kv_sink_tokens "
+        raise ValueError(f"kv_recent_tokens ({recent}) must be >= 1 and leave sink_tokens "
                          f"({sink_tokens}) + it within kv_eviction_budget ({budget}).")
     return KVEvictionConfig(policy, budget, sink_tokens, recent)

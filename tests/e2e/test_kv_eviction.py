@@ -95,9 +95,9 @@ def _check(outs, refs):
 
 
 @pytest.mark.parametrize("policy,kw", [
-    ("streaming", dict(kv_sink_tokens=4)),
-    ("streaming", dict(kv_sink_tokens=0)),  # the naive window
-    ("h2o", dict(kv_sink_tokens=2, kv_recent_tokens=6)),
+    ("streaming", dict(sink_tokens=4)),
+    ("streaming", dict(sink_tokens=0)),  # the naive window
+    ("h2o", dict(sink_tokens=2, kv_recent_tokens=6)),
 ])
 def test_eviction_matches_reference(eager_llama, policy, kw):
     d, model = eager_llama
@@ -105,7 +105,7 @@ def test_eviction_matches_reference(eager_llama, policy, kw):
     prompts = random_prompts(3, (9, 30, 47), seed=11)
     eng = make_engine(d, kv_eviction=policy, kv_eviction_budget=budget, **kw)
     outs = run_to_completion(eng, prompts, GREEDY)
-    refs = [hf_evicting_greedy(model, p, 40, policy, budget, kw["kv_sink_tokens"],
+    refs = [hf_evicting_greedy(model, p, 40, policy, budget, kw["sink_tokens"],
                                kw.get("kv_recent_tokens", 0)) for p in prompts]
     _check(outs, refs)
     assert_all_blocks_free(eng)
@@ -216,12 +216,12 @@ def test_a_request_budget_of_its_own(eager_llama):
 ])
 def test_eviction_under_parallelism(eager_llama, policy, parallel):
     d, model = eager_llama
-    kw = dict(kv_sink_tokens=2, kv_recent_tokens=6) if policy == "h2o" else {}
+    kw = dict(sink_tokens=2, kv_recent_tokens=6) if policy == "h2o" else {}
     prompts = random_prompts(2, (26, 41), seed=12)
     eng = make_engine(d, kv_eviction=policy, kv_eviction_budget=16, **kw, **parallel)
     try:
         outs = run_to_completion(eng, prompts, GREEDY)
-        _check(outs, [hf_evicting_greedy(model, p, 40, policy, 16, kw.get("kv_sink_tokens", 4),
+        _check(outs, [hf_evicting_greedy(model, p, 40, policy, 16, kw.get("sink_tokens", 4),
                                          kw.get("kv_recent_tokens", 0)) for p in prompts])
     finally:
         eng.core.shutdown()
