@@ -2,6 +2,8 @@
 every later query, head and layer, kept per KV slot ([num_blocks * block_size] fp32, so it
 follows the paged layout: a slot's score is reset when a new token's KV is written there).
 
+On GPUs the model calls kernels/attention_scores.py instead (one launch a layer).
+
 One kept set serves all layers (a request has one block table), so the scores are summed over
 layers, where the H2O paper keeps a set per layer and head."""
 from __future__ import annotations

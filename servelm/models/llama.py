@@ -128,6 +128,9 @@ class LlamaAttention(nn.Module):
                                  window=self.window, softcap=self.softcap)  # [T, H, D]
         if meta.kv_scores is not None:  # h2o: the attention its keys received, per slot
             from servelm.kv_eviction.scores import accumulate_scores
+            if q.is_cuda and self.head_dim & (self.head_dim - 1) == 0:
+                from servelm.kernels.attention_scores import accumulate_scores_triton
+                accumulate_scores = accumulate_scores_triton  # noqa: F811 (one launch)
             accumulate_scores(q, k_cache, meta, self.scale, meta.kv_scores, self.softcap)
         return self.o_proj(o.reshape(T, self.q_size))
 

@@ -70,3 +70,41 @@ def test_config_defaults():
     assert (ev.budget, ev.sink_tokens, ev.recent_tokens) == (512, 4, 254)
     assert ev.fixed_blocks(16) == 0 and ev.fixed_blocks(4) == 1
     assert make_eviction_config("none", None, 4, None, 16, 2048) is None
+
+
+# ---- the H2O scores kernel (CUDA, or the CPU under TRITON_INTERPRET=1) ----------------------
+@pytest.mark.parametrize("lens,H,KVH,softcap", [
+    (((1, 9), (1, 30), (1, 3)), 4, 2, 0.0),  # decodes
+    (((5, 5), (7, 20), (1, 70)), 4, 1, 0.0),  # whole prompts, a chunk after a prefix, a decode
+    (((3, 12), (2, 40)), 2, 2, 30.0),  # soft-capped
+])
+def test_scores_kernel_matches_reference(lens, H, KVH, softcap):
+    pytest.importorskip("triton")
+    from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA
+    if not (ON_CUDA or INTERPRET):
+        pytest.skip("needs CUDA, or TRITON_INTERPRET=1")
+    from servelm.attention.backend import AttentionMetadata
+    from servelm.kernels.attention_scores import accumulate_scores_triton
+    from servelm.kv_eviction.scores import accumulate_scores
+    g = torch.Generator().manual_seed(sum(c for _, c in lens))
+    BS, D, nb = 4, 16, 64
+    k_cache = torch.randn(nb, BS, KVH, D, generator=g).to(DEVICE)
+    q_lens, ctx = [a for a, _ in lens], [b for _, b in lens]
+    T = sum(q_lens)
+    q = torch.randn(T, H, D, generator=g).to(DEVICE)
+    perm = torch.randperm(nb, generator=g)
+    width = max(-(-c // BS) for c in ctx)
+    tables = torch.stack([perm[i * width:(i + 1) * width] for i in range(len(lens))]).to(
+        torch.int32).to(DEVICE)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).to(DEVICE)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(T, dtype=torch.int64, device=DEVICE),
+                             query_start_loc=qsl,
+                             seq_lens=torch.tensor(ctx, dtype=torch.int32, device=DEVICE),
+                             block_tables=tables, max_query_len=max(q_lens),
+                             max_seq_len=max(ctx), query_lens_cpu=tuple(q_lens),
+                             seq_lens_cpu=tuple(ctx))
+    want = torch.rand(nb * BS, generator=g).to(DEVICE)
+    got = want.clone()
+    accumulate_scores(q, k_cache, meta, 0.25, want, softcap)
+    accumulate_scores_triton(q, k_cache, meta, 0.25, got, softcap)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
