@@ -1,6 +1,6 @@
 """`servelm serve --cascade SMALL LARGE`: one name in /v1/models, every request answered by the
 small model or escalated to the large one by the threshold, a header naming which, usage
-counting both models' tokens, and the escalation counters in /metrics."""
+counting both models' tokens, the escalation counters in /metrics, and a dead core restarted."""
 from __future__ import annotations
 
 import json
@@ -58,36 +58,30 @@ def test_cascade_server(models, threshold, answered):
                 in metrics)
         assert (f'servelm:cascade_request_latency_seconds_count{{model_name="cascade",'
                 f'path="{answered}"}} 2.0' in metrics)
+        if answered == "large":
+            _kill_a_core_then_serve(srv, body)
     finally:
         srv.close()
 
 
-def test_cascade_server_restarts_a_dead_core(models):
+def _kill_a_core_then_serve(srv: ServerProcess, body: dict) -> None:
     """SIGKILL of either core: requests in flight fail (503), the dead core is restarted while
     the other keeps its state, and the cascade serves again."""
     import os
     import signal
     import time
-    small, large = models
-    srv = ServerProcess(["--cascade", small, large, "--cascade-threshold", "1.01",
-                         "--device", "cpu", "--max-model-len", "256", "--kv-cache-memory",
-                         str(8 << 20)])
-    try:
-        url = srv.base_url
-        body = {"model": "cascade", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
-        pids = srv.core_pids()
-        assert len(pids) == 2
-        os.kill(pids[0], signal.SIGKILL)
-        deadline, ok = time.monotonic() + 120, False
-        while time.monotonic() < deadline and not ok:
-            time.sleep(0.5)
-            try:
-                r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                pass
-        assert ok, srv.output()[-2000:]
-        assert r.headers["x-servelm-cascade-model"] == "large"
-        assert pids[1] in srv.core_pids() and pids[0] not in srv.core_pids()
-    finally:
-        srv.close()
+    url = srv.base_url
+    pids = srv.core_pids()
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    deadline, r = time.monotonic() + 120, None
+    while time.monotonic() < deadline and (r is None or r.status_code != 200):
+        time.sleep(0.5)
+        try:
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        except httpx.HTTPError:
+            r = None
+    assert r is not None and r.status_code == 200, srv.output()[-2000:]
+    assert r.headers["x-servelm-cascade-model"] == "large"
+    assert pids[1] in srv.core_pids() and pids[0] not in srv.core_pids()
+
