@@ -7,7 +7,9 @@ then sent whole (confident) or replaced by the large model's stream. Everything 
 processor, and both models must share its vocabulary."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
@@ -35,7 +37,6 @@ class CascadeClient:
         self.latency: dict[str, list[float]] = {"small": [0, 0.0], "large": [0, 0.0]}
 
     def _done(self, path: str, start: float) -> None:
-        import time
         n_s = self.latency[path]
         n_s[0] += 1
         n_s[1] += time.monotonic() - start
@@ -79,7 +80,6 @@ class CascadeClient:
             prompt = self.large.process_input(prompt, params or SamplingParams(),
                                               kw.get("add_special_tokens", True))
         kw.pop("add_special_tokens", None)
-        import time
         start = time.monotonic()
         p = prompt.params
         if p.n != 1:
@@ -88,10 +88,12 @@ class CascadeClient:
         sp = dataclasses.replace(p, logprobs=0 if p.logprobs is None else p.logprobs,
                                  output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for o in self.small.generate(f"{request_id}-small",
-                                           ProcessedPrompt(prompt.text, prompt.token_ids, sp),
-                                           **kw):
-            final = o
+        # (aclosing: a request cancelled while the small model runs aborts it there at once)
+        async with contextlib.aclosing(self.small.generate(
+                f"{request_id}-small", ProcessedPrompt(prompt.text, prompt.token_ids, sp),
+                **kw)) as gen:
+            async for o in gen:
+                final = o
         conf = confidence(final.outputs[0], self.cascade.criterion)
         self.num_requests += 1
         if conf >= self.cascade.threshold:
@@ -105,11 +107,12 @@ class CascadeClient:
         self.num_escalated += 1
         info = CascadeInfo("large", conf, len(final.prompt_token_ids),
                            len(final.outputs[0].token_ids))
-        async for o in self.large.generate(request_id, prompt, **kw):
-            o.cascade = info
-            if o.finished:
-                self._done("large", start)
-            yield o
+        async with contextlib.aclosing(self.large.generate(request_id, prompt, **kw)) as gen:
+            async for o in gen:
+                o.cascade = info
+                if o.finished:
+                    self._done("large", start)
+                yield o
 
     async def abort(self, request_id: str) -> None:
         await self.small.abort(f"{request_id}-small")
