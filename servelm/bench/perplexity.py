@@ -117,6 +117,14 @@ def engine_args(base: dict[str, Any], overrides: dict[str, Any], spec: str, num_
     context is the text's length unless the configuration sets a max_model_len that holds it."""
     from servelm.config import EngineArgs
     merged = {**base, **overrides}
+    # settings that act in the scheduler or at decode steps, which this tool's prompt
+    # passes through the runner never reach: refused, not silently ignored
+    for key, how in (("kv_eviction", "benchmarks/kv_eviction.py scores through the engine"),
+                     ("early_exit_config", "benchmarks/early_exit.py scores decode steps"),
+                     ("speculative_config", "drafts do not change a prompt's scores")):
+        if merged.get(key) not in (None, "none"):
+            raise ValueError(f"config {spec!r}: {key} does not apply to this tool's "
+                             f"one-sequence prompt scoring ({how}).")
     if merged.get("max_model_len") is not None and merged["max_model_len"] < num_tokens:
         raise ValueError(f"config {spec!r}: max_model_len={merged['max_model_len']} is shorter "
                          f"than the text's {num_tokens} tokens; pass --max-tokens "

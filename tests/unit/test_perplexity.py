@@ -108,3 +108,10 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     # the whole default text (~24k bytes) is longer than the tiny model's context of 512
     assert main([*common, "--configs", "none"]) == 2
     assert "--max-tokens 512" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["kv_eviction=streaming", 'early_exit_config={"threshold": 0.5}'])
+def test_settings_the_tool_cannot_apply_are_refused(spec):
+    from servelm.bench.perplexity import engine_args, parse_config
+    with pytest.raises(ValueError, match="does not apply"):
+        engine_args({}, parse_config(spec), spec, 100)
