@@ -450,8 +450,8 @@ class EngineArgs:
         what = None
         if speculative is not None:
             what = "speculative_config"
-        elif world > 1:
-            what = "tensor or pipeline parallelism"
+        elif self.pipeline_parallel_size > 1:
+            what = "pipeline parallelism (a stage would need the later stages' decision)"
         elif getattr(hf_config, "model_type", "").startswith("gemma"):
             what = f"a {hf_config.model_type} model (its layers have extra norms)"
         if what:

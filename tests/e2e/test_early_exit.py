@@ -141,3 +141,21 @@ def test_early_exit_config_refused(llama4, cfg, match):
     d, _ = llama4
     with pytest.raises(ValueError, match=match):
         make_engine(d, early_exit_config=cfg)
+
+
+def test_early_exit_under_tensor_parallelism(llama4):
+    """Every rank holds the same gathered logits, so the ranks decide alike: TP=2 (gloo) gives
+    the reference's tokens and exits."""
+    d, model = llama4
+    prompts = random_prompts(2, (7, 22), seed=24)
+    refs = [hf_early_exit_greedy(model, p, MAX_NEW, 0.15, (1, 2, 3)) for p in prompts]
+    eng = make_engine(d, tensor_parallel_size=2,
+                      early_exit_config={"threshold": 0.15, "min_layer": 1})
+    try:
+        _check(run_to_completion(eng, prompts, GREEDY), refs)
+        want: dict[int, int] = {}
+        for e in (e for _, _, ex in refs for e in ex if e is not None):
+            want[e] = want.get(e, 0) + 1
+        assert eng.stats().early_exit_tokens == want
+    finally:
+        eng.core.shutdown()
