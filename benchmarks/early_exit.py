@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--forced-layers", type=int, nargs="+", default=[8, 16, 24])
     ap.add_argument("--exit-layers", type=int, nargs="+", default=[15, 20, 25])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3])
-    ap.add_argument("--criterion", default="max_prob", choices=["max_prob", "margin"])
+    ap.add_argument("--criterion", default="max_prob", choices=["max_prob", "margin", "state"])
     ap.add_argument("--score-tokens", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()

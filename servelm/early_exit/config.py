@@ -6,15 +6,17 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-CRITERIA = ("max_prob", "margin")
+CRITERIA = ("max_prob", "margin", "state")
 _KEYS = ("threshold", "min_layer", "criterion", "exit_layers")
 
 
 @dataclass(frozen=True)
 class EarlyExitConfig:
     """threshold: a token exits after a candidate layer once its confidence there is at least
-    this (above 1: never). criterion: "max_prob" (the top token's probability) or "margin"
-    (the top two tokens' probability gap). Candidate layers: ``exit_layers`` (layer counts:
+    this (above 1: never). criterion: "max_prob" (the top token's probability), "margin"
+    (the top two tokens' probability gap), or "state" (CALM's hidden-state saturation: the
+    cosine similarity of the residual stream before and after the layer, which needs no
+    lm_head pass at the candidates). Candidate layers: ``exit_layers`` (layer counts:
     exiting after layer n means layers n+1.. are skipped), else every n from ``min_layer`` to
     the second to last. Each candidate costs the final norm and the lm_head on the tokens
     still running."""

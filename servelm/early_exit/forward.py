@@ -52,7 +52,7 @@ def early_exit_forward(model, input_ids: torch.Tensor, positions: torch.Tensor,
     layers = list(model.layers[model.start:model.end])
     L = len(layers)
     cands = set(cfg.candidates(L))
-    score = CRITERIA[cfg.criterion]
+    score = CRITERIA.get(cfg.criterion)
     x, residual = model.embed_tokens(input_ids), None
     if model.embed_scale:
         x = x * model.embed_scale
@@ -61,7 +61,10 @@ def early_exit_forward(model, input_ids: torch.Tensor, positions: torch.Tensor,
     exited = torch.zeros(T, dtype=torch.bool, device=x.device)
     any_exited = False
     state = out = None  # exited rows: residual stream at exit, its normed hidden
+    saturation = cfg.criterion == "state"
     for n, (layer, kv) in enumerate(zip(layers, kv_caches), start=1):
+        if saturation and n in cands:  # the stream entering layer n
+            before = x if residual is None else x + residual
         if any_exited:
             if bool(exited.all()):  # every token exited: the rest only need their KV
                 for rest, rest_kv in zip(layers[n - 1:], kv_caches[n - 1:]):
@@ -74,7 +77,10 @@ def early_exit_forward(model, input_ids: torch.Tensor, positions: torch.Tensor,
         x, residual = layer(positions, x, residual, kv, meta)
         if n in cands:
             normed, h = model.norm(x, residual)  # the stream after layer n, and its norm
-            conf = score(model.compute_logits(normed))
+            if saturation:  # how little layer n changed the stream's direction
+                conf = torch.nn.functional.cosine_similarity(h.float(), before.float(), dim=-1)
+            else:
+                conf = score(model.compute_logits(normed))
             new = (conf >= cfg.threshold) & ~exited
             if bool(new.any()):
                 rows = new[:, None]

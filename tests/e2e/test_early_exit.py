@@ -13,6 +13,7 @@ from servelm import SamplingParams
 from tests.conftest import assert_all_blocks_free, make_engine, random_prompts, run_to_completion
 
 MAX_NEW = 24
+STATE_THRESHOLD = 0.8  # cosine similarity of the stream around a layer (CALM's saturation)
 
 
 def _cache_kw(fn) -> str:
@@ -44,6 +45,7 @@ def hf_early_exit_greedy(model, prompt, max_new, threshold, candidates, criterio
         pe = m.rotary_emb(h, position_ids)
         state, logits, exit_at = None, None, None
         for n, layer in enumerate(m.layers, start=1):
+            before = h
             y = layer(h if state is None else state, attention_mask=None,
                       position_ids=position_ids, use_cache=True, position_embeddings=pe,
                       **{layer_kw: cache})
@@ -53,7 +55,10 @@ def hf_early_exit_greedy(model, prompt, max_new, threshold, candidates, criterio
             h = y
             if n in candidates:
                 lg = model.lm_head(m.norm(h))[0, -1]
-                if _confidence(lg, criterion) >= threshold:
+                conf = (float(torch.nn.functional.cosine_similarity(h[0, -1], before[0, -1],
+                                                                      dim=0))
+                        if criterion == "state" else _confidence(lg, criterion))
+                if conf >= threshold:
                     state, logits, exit_at = h, lg, n
         if logits is None:
             logits = model.lm_head(m.norm(h))[0, -1]
@@ -81,7 +86,8 @@ def _check(outs, refs):
         assert max(abs(a - b) for a, b in zip(ours, lps)) < 1e-4
 
 
-@pytest.mark.parametrize("criterion,threshold", [("max_prob", 0.15), ("margin", 0.06)])
+@pytest.mark.parametrize("criterion,threshold", [("max_prob", 0.15), ("margin", 0.06),
+                                                 ("state", STATE_THRESHOLD)])
 def test_early_exit_matches_reference(llama4, criterion, threshold):
     d, model = llama4
     prompts = random_prompts(4, (5, 17, 30, 9), seed=21)
