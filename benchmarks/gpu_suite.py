@@ -56,6 +56,22 @@ def random_prompts(n: int, lens, seed: int, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lens]
 
 
+def run_child(script: str, args: list[str], timeout: int) -> dict | None:
+    """``python script *args`` as a fresh process (a benchmark's child run); the JSON of its
+    ``RESULT {...}`` line, or None (its output printed) when it fails or times out."""
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(script)] + args,
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{args} timed out after {timeout} s", flush=True)
+        return None
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        print(f"{args} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}", flush=True)
+        return None
+    return json.loads(line[0][7:])
+
+
 def hf_baseline(cfg, b1_prompt, b2_prompts, out_len: int, b1_new: int) -> dict:
     import transformers as tf
     # the preset's own config object -> transformers' config of that model type

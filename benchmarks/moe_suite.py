@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,13 +79,8 @@ def hf_child(preset: str, num_requests: int, subset: int) -> dict:
 
 
 def _run(args: list[str], timeout: int) -> dict | None:
-    p = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True,
-                       text=True, timeout=timeout)
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    if not line:
-        print(f"{args} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}", flush=True)
-        return None
-    return json.loads(line[0][7:])
+    from benchmarks.gpu_suite import run_child
+    return run_child(__file__, args, timeout)
 
 
 def main() -> None:

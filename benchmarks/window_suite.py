@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -64,17 +63,8 @@ def child(window: bool, num_requests: int, fit: int, backend: str) -> dict:
 
 
 def _run(args: list[str], timeout: int) -> dict | None:
-    try:
-        p = subprocess.run([sys.executable, os.path.abspath(__file__)] + args,
-                           capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"{args} timed out after {timeout} s", flush=True)
-        return None
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    if not line:
-        print(f"{args} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}", flush=True)
-        return None
-    return json.loads(line[0][7:])
+    from benchmarks.gpu_suite import run_child
+    return run_child(__file__, args, timeout)
 
 
 def main() -> None:

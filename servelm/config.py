@@ -271,7 +271,7 @@ class EngineArgs:
     # heavy hitters), each request keeping kv_eviction_budget tokens (default 512)
     kv_eviction: str = "none"
     kv_eviction_budget: Optional[int] = None
-    sink_tokens: int = 4
+    sink_tokens: Optional[int] = None  # (default 4)
     kv_recent_tokens: Optional[int] = None  # h2o's recent window (default: half the rest)
     # None: "uni" (one process) for one rank, "mp" (a worker process per further rank) for more
     distributed_executor_backend: Optional[str] = None
@@ -551,7 +551,8 @@ class EngineArgs:
                "with the most attention so far, H2O)")
         a("--kv-eviction-budget", type=int, default=None,
           help="tokens of KV a request keeps under --kv-eviction (default 512)")
-        a("--sink-tokens", type=int, default=4)
+        a("--sink-tokens", type=int, default=None,
+          help="--kv-eviction: the first tokens always kept (default 4; 0: a naive window)")
         a("--kv-recent-tokens", type=int, default=None,
           help="h2o: the recent tokens always kept (default: half of the budget past the sinks)")
         a("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
-from servelm.cascade.config import CascadeConfig, confidence
+from servelm.cascade.config import CascadeConfig, confidence, small_model_params
 from servelm.outputs import RequestOutput
 from servelm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -84,9 +84,8 @@ class CascadeClient:
         p = prompt.params
         if p.n != 1:
             raise ValueError("a cascade answers with one completion per prompt: n must be 1.")
-        # the sampled tokens' logprobs judge the answer; only the final output is needed
-        sp = dataclasses.replace(p, logprobs=0 if p.logprobs is None else p.logprobs,
-                                 output_kind=RequestOutputKind.FINAL_ONLY)
+        # only the final output is needed
+        sp = dataclasses.replace(small_model_params(p), output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         # (aclosing: a request cancelled while the small model runs aborts it there at once)
         async with contextlib.aclosing(self.small.generate(

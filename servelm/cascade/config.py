@@ -2,12 +2,14 @@
 sampled, against a threshold."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Sequence
 
 from servelm.outputs import CompletionOutput
+from servelm.sampling_params import SamplingParams
 
 
 def mean_prob(lps: Sequence[float]) -> float:
@@ -40,6 +42,12 @@ class CascadeConfig:
         if self.criterion not in CASCADE_CRITERIA:
             raise ValueError(f"cascade criterion must be one of {list(CASCADE_CRITERIA)}, got "
                              f"{self.criterion!r}.")
+
+
+def small_model_params(p: SamplingParams) -> SamplingParams:
+    """What the small model runs a request with: its parameters, asking for at least the
+    sampled tokens' logprobs (the confidence is made of them)."""
+    return p if p.logprobs is not None else dataclasses.replace(p, logprobs=0)
 
 
 def confidence(out: CompletionOutput, criterion: str) -> float:

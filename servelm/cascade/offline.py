@@ -6,11 +6,10 @@ the same prompts with the same sampling parameters, to the large model, whose ou
 them. Both engines live in one process (memory split between them by their own settings)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
-from servelm.cascade.config import CascadeConfig, confidence
+from servelm.cascade.config import CascadeConfig, confidence, small_model_params
 from servelm.outputs import RequestOutput
 from servelm.sampling_params import SamplingParams
 
@@ -58,10 +57,8 @@ class CascadeLLM:
         for p in params:
             if p.n != 1:
                 raise ValueError("a cascade answers with one completion per prompt: n must be 1.")
-        # the small model's sampled tokens' logprobs decide (at least the sampled token's)
-        small_params = [p if p.logprobs is not None else dataclasses.replace(p, logprobs=0)
-                        for p in params]
-        first = self.small.generate(plist, small_params, use_tqdm=False)
+        first = self.small.generate(plist, [small_model_params(p) for p in params],
+                                    use_tqdm=False)
         conf = [confidence(o.outputs[0], self.config.criterion) for o in first]
         unsure = [i for i, c in enumerate(conf) if c < self.config.threshold]
         second = (self.large.generate([plist[i] for i in unsure], [params[i] for i in unsure],

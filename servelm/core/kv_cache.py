@@ -186,10 +186,10 @@ class KVCacheManager:
         -cache entry: its KV is untouched); of the ones kept, a block another request also
         holds is replaced by a fresh copy-on-write block, and the others leave the prefix
         cache (their KV is rewritten), except the first ``fixed_blocks``, which keep their
-        tokens in place (sinks) and stay as they are. Returns (old length, new table), or None (nothing
-        changed) when the pool lacks blocks for the copies."""
+        tokens in place (sinks) and stay as they are. Returns (old length, new table), or None
+        (nothing changed) when the pool lacks blocks for the copies."""
         ids, ref, pool = req.block_ids, self.pool.ref_cnt, self.pool
-        old_len = req.num_computed_tokens - req.num_evicted
+        old_len = self.cache_len(req)
         n_keep = self.blocks_needed(keep)
         head, tail = ids[:n_keep], ids[n_keep:]
         shared = [i for i, b in enumerate(head) if ref[b] > 1 and i >= fixed_blocks]

@@ -414,7 +414,7 @@ class Scheduler:
         would then hold more than budget + a block, shrinks to the budget first; and n capped
         so that it stays within budget + a block."""
         budget, bs = self._budget(req), self.kv.block_size
-        held = req.num_computed_tokens - req.num_evicted
+        held = self.kv.cache_len(req)
         evict = held > budget and held + n > budget + bs
         return evict, min(n, budget + bs - (budget if evict else held))
 

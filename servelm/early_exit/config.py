@@ -2,9 +2,10 @@
 "exit_layers": [...]}, validated into a frozen EarlyExitConfig."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from servelm.config_dict import parse_config_dict
 
 CRITERIA = ("max_prob", "margin", "state")
 _KEYS = ("threshold", "min_layer", "criterion", "exit_layers")
@@ -16,10 +17,10 @@ class EarlyExitConfig:
     this (above 1: never). criterion: "max_prob" (the top token's probability), "margin"
     (the top two tokens' probability gap), or "state" (CALM's hidden-state saturation: the
     cosine similarity of the residual stream before and after the layer, which needs no
-    lm_head pass at the candidates). Candidate layers: ``exit_layers`` (layer counts:
-    exiting after layer n means layers n+1.. are skipped), else every n from ``min_layer`` to
-    the second to last. Each candidate costs the final norm and the lm_head on the tokens
-    still running."""
+    lm_head pass at the candidates). Candidate layers: every n from ``min_layer`` to the second
+    to last (layer counts: exiting after layer n skips layers n+1..), or of those only the ones
+    ``exit_layers`` lists. Each candidate costs the final norm, and (but for "state") the
+    lm_head on the tokens still running."""
 
     threshold: float
     min_layer: int = 1
@@ -27,26 +28,15 @@ class EarlyExitConfig:
     exit_layers: Optional[tuple[int, ...]] = None
 
     def candidates(self, num_layers: int) -> tuple[int, ...]:
-        if self.exit_layers is not None:
-            return tuple(n for n in self.exit_layers if n < num_layers)
-        return tuple(range(max(1, self.min_layer), num_layers))
+        ok = range(max(1, self.min_layer), num_layers)
+        return tuple(n for n in (self.exit_layers or ok) if n in ok)
 
 
 def parse_early_exit_config(value: Any) -> Optional[EarlyExitConfig]:
     """A dict, its JSON text, or None (off) -> EarlyExitConfig; ValueError naming the key."""
     if value is None or isinstance(value, EarlyExitConfig):
         return value
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"early_exit_config is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError("early_exit_config must be a JSON object, e.g. "
-                         '{"threshold": 0.9, "min_layer": 12}.')
-    unknown = sorted(set(value) - set(_KEYS))
-    if unknown:
-        raise ValueError(f"early_exit_config has unknown keys {unknown}; known: {list(_KEYS)}.")
+    value = parse_config_dict(value, "early_exit_config", _KEYS)
     if "threshold" not in value:
         raise ValueError("early_exit_config needs a 'threshold' (confidence in [0, 1] at which "
                          "a token exits; above 1: never).")

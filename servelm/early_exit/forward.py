@@ -59,14 +59,14 @@ def early_exit_forward(model, input_ids: torch.Tensor, positions: torch.Tensor,
     T = x.shape[0]
     exit_layer = torch.full((T,), L, dtype=torch.int64, device=x.device)
     exited = torch.zeros(T, dtype=torch.bool, device=x.device)
-    any_exited = False
+    any_exited = all_exited = False
     state = out = None  # exited rows: residual stream at exit, its normed hidden
     saturation = cfg.criterion == "state"
     for n, (layer, kv) in enumerate(zip(layers, kv_caches), start=1):
         if saturation and n in cands:  # the stream entering layer n
             before = x if residual is None else x + residual
         if any_exited:
-            if bool(exited.all()):  # every token exited: the rest only need their KV
+            if all_exited:  # every token exited: the rest only need their KV
                 for rest, rest_kv in zip(layers[n - 1:], kv_caches[n - 1:]):
                     rest.propagate_kv(positions, state, rest_kv, meta)
                 return out, exit_layer
@@ -88,7 +88,7 @@ def early_exit_forward(model, input_ids: torch.Tensor, positions: torch.Tensor,
                 out = normed if out is None else torch.where(rows, normed, out)
                 exit_layer = torch.where(new, n, exit_layer)
                 exited |= new
-                any_exited = True
+                any_exited, all_exited = True, bool(exited.all())  # (changes only here)
     final, _ = model.norm(x, residual)
     if any_exited:
         final = torch.where(exited[:, None], out, final)

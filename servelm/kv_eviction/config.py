@@ -33,7 +33,7 @@ class KVEvictionConfig:
         return min(self.sink_tokens, self.budget) // block_size
 
 
-def make_eviction_config(policy: str, budget: Optional[int], sink_tokens: int,
+def make_eviction_config(policy: str, budget: Optional[int], sink_tokens: Optional[int],
                          recent_tokens: Optional[int], block_size: int,
                          max_model_len: int) -> Optional[KVEvictionConfig]:
     """Checked settings, or None for policy "none" (then the other flags must be unset)."""
@@ -41,12 +41,12 @@ def make_eviction_config(policy: str, budget: Optional[int], sink_tokens: int,
         raise ValueError(f"kv_eviction must be one of {list(KV_EVICTION_POLICIES)}, "
                          f"got {policy!r}.")
     if policy == "none":
-        if budget is not None or recent_tokens is not None:
-            raise ValueError("kv_eviction_budget and kv_recent_tokens need kv_eviction="
-                             "'streaming' or 'h2o'.")
+        if budget is not None or sink_tokens is not None or recent_tokens is not None:
+            raise ValueError("kv_eviction_budget, sink_tokens and kv_recent_tokens need "
+                             "kv_eviction='streaming' or 'h2o'.")
         return None
-    if budget is None:
-        budget = 512
+    budget = 512 if budget is None else budget
+    sink_tokens = 4 if sink_tokens is None else sink_tokens
     if sink_tokens < 0:
         raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}.")
     if budget <= sink_tokens or budget < block_size:

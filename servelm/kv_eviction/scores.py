@@ -2,7 +2,7 @@
 every later query, head and layer, kept per KV slot ([num_blocks * block_size] fp32, so it
 follows the paged layout: a slot's score is reset when a new token's KV is written there).
 
-On GPUs the model calls kernels/attention_scores.py instead (one launch a layer).
+On GPUs accumulate_scores launches kernels/attention_scores.py (one launch a layer).
 
 One kept set serves all layers (a request has one block table), so the scores are summed over
 layers, where the H2O paper keeps a set per layer and head."""
@@ -13,6 +13,17 @@ import torch
 
 def accumulate_scores(q: torch.Tensor, k_cache: torch.Tensor, meta, scale: float,
                       scores: torch.Tensor, softcap: float = 0.0) -> None:
+    """accumulate_scores_ref's contract; on a GPU one Triton launch (D a power of two)."""
+    D = q.shape[-1]
+    if q.is_cuda and D & (D - 1) == 0:
+        from servelm.kernels.attention_scores import accumulate_scores_triton
+        accumulate_scores_triton(q, k_cache, meta, scale, scores, softcap)
+    else:
+        accumulate_scores_ref(q, k_cache, meta, scale, scores, softcap)
+
+
+def accumulate_scores_ref(q: torch.Tensor, k_cache: torch.Tensor, meta, scale: float,
+                          scores: torch.Tensor, softcap: float = 0.0) -> None:
     """Add this layer's attention probabilities to ``scores`` at the keys' slots. q: [T, H, D]
     (rotated), the context read from k_cache through meta's block tables (after this step's
     keys were written), causal within each sequence."""

@@ -111,15 +111,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
-        # x: [T, hidden] -> q [T, H, D], k/v [T, KVH, D]
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(T, self.num_heads, self.head_dim)
-        k = k.reshape(T, self.num_kv_heads, self.head_dim)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = self._qkv(x)
         k_cache, v_cache = kv_cache
         # q, k, v may be strided views of the qkv output: the kernels take strides
         q, k = self.backend.rotate_and_write_kv(self.rotary, positions, q, k, v, k_cache, v_cache,
@@ -128,23 +121,26 @@ class LlamaAttention(nn.Module):
                                  window=self.window, softcap=self.softcap)  # [T, H, D]
         if meta.kv_scores is not None:  # h2o: the attention its keys received, per slot
             from servelm.kv_eviction.scores import accumulate_scores
-            if q.is_cuda and self.head_dim & (self.head_dim - 1) == 0:
-                from servelm.kernels.attention_scores import accumulate_scores_triton
-                accumulate_scores = accumulate_scores_triton  # noqa: F811 (one launch)
             accumulate_scores(q, k_cache, meta, self.scale, meta.kv_scores, self.softcap)
         return self.o_proj(o.reshape(T, self.q_size))
 
-    def propagate_kv(self, positions: torch.Tensor, x: torch.Tensor,
-                     kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> None:
-        """Early exit: write this layer's K and V of tokens whose (normed) input is x, with no
-        attention (early_exit/forward.py)."""
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] -> q [T, H, D], k/v [T, KVH, D] (per-head norms applied)."""
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        if self.k_norm is not None:
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def propagate_kv(self, positions: torch.Tensor, x: torch.Tensor,
+                     kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> None:
+        """Early exit: write this layer's K and V of tokens whose (normed) input is x, with no
+        attention (early_exit/forward.py)."""
+        q, k, v = self._qkv(x)
         self.backend.rotate_and_write_kv(self.rotary, positions, q, k, v, *kv_cache,
                                          meta.slot_mapping)
 

@@ -61,16 +61,17 @@ def _add_serve_args(p: Any) -> None:
                    help="model name(s) the API answers to (default: the model argument)")
     p.add_argument("--cascade", nargs=2, metavar=("SMALL", "LARGE"), default=None,
                    help="serve a cascade: every request answered by SMALL first, and again by "
-                        "LARGE when SMALL's answer is unsure (the model argument is not used); "
+                        "LARGE when SMALL's answer is unsure (give no model argument); "
                         "both models take the engine flags, share LARGE's tokenizer, and on a "
                         "GPU split --gpu-memory-utilization in halves")
-    p.add_argument("--cascade-threshold", type=float, default=0.5,
-                   help="SMALL's answer stands when its confidence is at least this")
-    p.add_argument("--cascade-criterion", default="mean_prob", choices=["mean_prob", "min_prob"],
+    p.add_argument("--cascade-threshold", type=float, default=None,
+                   help="SMALL's answer stands when its confidence is at least this "
+                        "(default 0.5)")
+    p.add_argument("--cascade-criterion", default=None, choices=["mean_prob", "min_prob"],
                    help="the confidence: the geometric mean of SMALL's sampled tokens' "
                         "probabilities, or the least of them")
-    p.add_argument("--cascade-name", default="cascade",
-                   help="the name the cascade is served under (/v1/models)")
+    p.add_argument("--cascade-name", default=None,
+                   help="the name the cascade is served under (/v1/models; default cascade)")
     p.add_argument("--max-request-bytes", type=int, default=32 << 20,
                    help="largest request body accepted (413 above)")
     p.add_argument("--uvicorn-log-level", default="warning",
@@ -189,9 +190,17 @@ def main_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of {parsers}).")
     chat_template = load_chat_template(ns.chat_template)
     cascade = None
+    given = [f for f, v in (("--cascade-threshold", ns.cascade_threshold),
+                            ("--cascade-criterion", ns.cascade_criterion),
+                            ("--cascade-name", ns.cascade_name)) if v is not None]
+    if given and not ns.cascade:
+        raise ValueError(f"{', '.join(given)} need --cascade SMALL LARGE.")
     if ns.cascade:
         from servelm.cascade import CascadeConfig
-        cascade_cfg = CascadeConfig(ns.cascade_threshold, ns.cascade_criterion)
+        if ns.model is not None:
+            raise ValueError("--cascade SMALL LARGE names the models: give no model argument.")
+        cascade_cfg = CascadeConfig(0.5 if ns.cascade_threshold is None else ns.cascade_threshold,
+                                    ns.cascade_criterion or "mean_prob")
         ea = EngineArgs.from_cli_args(ns)
         if ea.device not in ("cpu",) and not ea.device.startswith("cpu"):
             ea = dataclasses.replace(ea, gpu_memory_utilization=ea.gpu_memory_utilization / 2)
@@ -206,7 +215,7 @@ def main_serve(args: argparse.Namespace) -> int:
         engine_config = EngineArgs.from_cli_args(ns).create_engine_config()
     sampling_defaults = load_generation_defaults(str(ns.generation_config),
                                                  engine_config.model.model)
-    names = ns.served_model_name or [ns.cascade_name if ns.cascade
+    names = ns.served_model_name or [(ns.cascade_name or "cascade") if ns.cascade
                                      else default_model_name(ns.model)]
     if isinstance(names, str):
         names = [names]

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Optional, Union
+
+from servelm.config_dict import parse_config_dict
 
 # method -> "module:Class" of its Proposer (servelm.registry.load_class)
 PROPOSERS = MappingProxyType({
@@ -76,17 +77,7 @@ def parse_speculative_config(raw: Union[None, str, dict, SpeculativeConfig]
     """A dict (or its JSON text, as the CLI passes it) -> SpeculativeConfig; None: off."""
     if raw is None or isinstance(raw, SpeculativeConfig):
         return raw
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"speculative_config is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"speculative_config must be a dict, got {type(raw).__name__}.")
-    unknown = sorted(set(raw) - _KEYS)
-    if unknown:
-        raise ValueError(f"speculative_config has unknown key(s) {unknown}; known keys: "
-                         f"{sorted(_KEYS)}.")
+    raw = parse_config_dict(raw, "speculative_config", _KEYS)
     method = raw.get("method")
     if method not in PROPOSERS:
         raise ValueError(f"speculative_config['method'] must be one of {sorted(PROPOSERS)}, "

@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
+from servelm.config_dict import parse_config_dict
+
 # bounds on what one request may ask the compiler to build (larger is a 400)
 MAX_SPEC_CHARS = 256 * 1024
 MAX_CHOICES = 1024
@@ -115,18 +117,9 @@ class StructuredOutputsConfig:
             return cls()
         if isinstance(value, cls):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"structured_outputs_config is not valid JSON: {e}.") from None
-        if not isinstance(value, dict):
-            raise ValueError("structured_outputs_config must be a dict (or its JSON text).")
-        known = {"backend", "disable_any_whitespace", "compile_timeout_s", "max_cached_grammars"}
-        unknown = set(value) - known
-        if unknown:
-            raise ValueError(f"structured_outputs_config: unknown keys {sorted(unknown)}; "
-                             f"known: {sorted(known)}.")
+        value = parse_config_dict(value, "structured_outputs_config",
+                                  ("backend", "disable_any_whitespace", "compile_timeout_s",
+                                   "max_cached_grammars"))
         cfg = cls(**value)
         if cfg.backend not in BACKENDS:
             raise ValueError(f"structured_outputs_config backend must be one of {list(BACKENDS)}, "

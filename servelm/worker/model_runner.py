@@ -22,8 +22,10 @@ import torch
 
 from servelm.attention import AttentionMetadata, get_attention_backend
 from servelm.config import EngineConfig
-from servelm.core.step import ModelRunnerOutput, SchedulerOutput
+from servelm.core.step import KVEviction, ModelRunnerOutput, SchedulerOutput
 from servelm.distributed import ParallelGroup, without_communication
+from servelm.kv_eviction.compact import CompactionOp, compact
+from servelm.kv_eviction.policy import POLICIES
 from servelm.models.registry import build_model
 from servelm.sampling import ProcessorContext, SamplerOutput, build_sampling_pipeline
 from servelm.spec_decode import Proposer, ProposerInput
@@ -132,6 +134,7 @@ class ModelRunner:
         self._arrivals: list = []
         self.mem_weights = (torch.cuda.memory_allocated(self.device) - self.mem_at_init) if cuda else 0
         self.eviction = config.cache.kv_eviction  # KV eviction settings (None: off)
+        self.h2o = self.eviction is not None and self.eviction.needs_scores
         self.kv_scores: Optional[torch.Tensor] = None  # h2o: attention received, per KV slot
         self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq,
                                 unbounded=self.eviction is not None)
@@ -263,18 +266,17 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros((num_blocks, *block), dtype=dtype, device=self.device),
                            torch.zeros((num_blocks, *block), dtype=dtype, device=self.device))
                           for _ in range(self.model.num_stage_layers)]
-        if self.eviction is not None and self.eviction.needs_scores:
+        if self.h2o:
             self.kv_scores = torch.zeros(num_blocks * self.block_size, dtype=torch.float32,
                                          device=self.device)
 
     def will_capture_graphs(self) -> bool:
         # pipeline stages run eagerly (their sends and receives are not captured yet)
-        # (h2o gathers attention scores in a host loop, early exit decides on the host: eager
-        # steps)
+        # eager steps too: early exit decides on the host, and h2o's scores buffer is not in
+        # the graphs' metadata (not built yet)
         return (self.device.type == "cuda" and self.backend.name == "triton"
                 and not self.config.enforce_eager and self.pp.world_size == 1
-                and self.config.early_exit is None
-                and not (self.eviction is not None and self.eviction.needs_scores)
+                and self.config.early_exit is None and not self.h2o
                 and not self.config.parallel.cpu_offload_gb)  # (offload copies from hooks)
 
     def graph_max_bs(self) -> int:
@@ -298,8 +300,7 @@ class ModelRunner:
                                               self.max_blocks_per_seq, self.device)
         elif (self.device.type == "cpu" and not self.config.enforce_eager
               and self.world.world_size == 1 and not self.config.parallel.cpu_offload_gb
-              and not (self.eviction is not None and self.eviction.needs_scores)
-              and self.config.early_exit is None):
+              and not self.h2o and self.config.early_exit is None):
             # the C step holds a whole model, in place
             from servelm.cpu.decode_step import build_decode_step  # the C decode step
             self.graphs = build_decode_step(self.model, self.kv_caches,
@@ -355,15 +356,12 @@ class ModelRunner:
         for rid, drafts in s.scheduled_spec_decode_tokens.items():
             b.write_drafts(b.row_of[rid], drafts)
         if ops:
-            from servelm.kv_eviction.compact import compact
             compact(self.kv_caches, self._cos_sin_caches(), ops, self.block_size,
                     self.kv_scores)
 
-    def _compaction(self, row: int, ev) -> "CompactionOp":
+    def _compaction(self, row: int, ev: KVEviction) -> CompactionOp:
         """A row's eviction (core.step.KVEviction) as the cache moves it, from its current
         table; which tokens survive by the policy (h2o: from the scores of its slots)."""
-        from servelm.kv_eviction.compact import CompactionOp
-        from servelm.kv_eviction.policy import POLICIES
         b, bs = self.batch, self.block_size
         old = b.block_table[row, :-(-ev.old_len // bs)].tolist()
         scores = None

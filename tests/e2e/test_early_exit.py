@@ -11,6 +11,7 @@ import torch
 
 from servelm import SamplingParams
 from tests.conftest import assert_all_blocks_free, make_engine, random_prompts, run_to_completion
+from tests.e2e.test_engine_vs_hf import check
 
 MAX_NEW = 24
 STATE_THRESHOLD = 0.8  # cosine similarity of the stream around a layer (CALM's saturation)
@@ -79,11 +80,8 @@ def llama4(tiny_model_factory):
 
 
 def _check(outs, refs):
-    for o, (ids, lps, _) in zip(outs, refs):
-        c = o.outputs[0]
-        assert c.token_ids == ids
-        ours = [c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)]
-        assert max(abs(a - b) for a, b in zip(ours, lps)) < 1e-4
+    """check (test_engine_vs_hf) on the reference's (tokens, logprobs)."""
+    check(outs, [(ids, lps) for ids, lps, _ in refs])
 
 
 @pytest.mark.parametrize("criterion,threshold", [("max_prob", 0.15), ("margin", 0.06),
@@ -137,7 +135,7 @@ def test_every_token_exiting_skips_the_later_layers(llama4):
 
 @pytest.mark.parametrize("cfg,match", [
     ({"min_layer": 2}, "needs a 'threshold'"),
-    ({"threshold": 0.9, "layers": [1]}, "unknown keys"),
+    ({"threshold": 0.9, "layers": [1]}, "unknown key"),
     ({"threshold": 0.9, "criterion": "entropy"}, "criterion must be one of"),
     ({"threshold": 0.9, "min_layer": 4}, "no exit layer before"),
     ({"threshold": -1}, "threshold must be a number"),
@@ -165,3 +163,11 @@ def test_early_exit_under_tensor_parallelism(llama4):
         assert eng.stats().early_exit_tokens == want
     finally:
         eng.core.shutdown()
+
+
+def test_candidates_from_min_layer_and_exit_layers():
+    from servelm.early_exit import parse_early_exit_config
+    cfg = parse_early_exit_config({"threshold": 0.5, "min_layer": 2})
+    assert cfg.candidates(4) == (2, 3)
+    cfg = parse_early_exit_config({"threshold": 0.5, "min_layer": 3, "exit_layers": [1, 3, 4]})
+    assert cfg.candidates(4) == (3,)  # both bounds apply; the last layer is no exit

@@ -10,6 +10,7 @@ import torch
 
 from servelm import SamplingParams
 from tests.conftest import assert_all_blocks_free, make_engine, random_prompts, run_to_completion
+from tests.e2e.test_engine_vs_hf import check
 
 BS = 4  # make_engine's block size
 
@@ -86,14 +87,6 @@ def eager_llama(tiny_model_factory):
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
 
 
-def _check(outs, refs):
-    for o, (ids, lps) in zip(outs, refs):
-        c = o.outputs[0]
-        assert c.token_ids == ids
-        ours = [c.logprobs[i][t].logprob for i, t in enumerate(c.token_ids)]
-        assert max(abs(a - b) for a, b in zip(ours, lps)) < 1e-4
-
-
 @pytest.mark.parametrize("policy,kw", [
     ("streaming", dict(sink_tokens=4)),
     ("streaming", dict(sink_tokens=0)),  # the naive window
@@ -107,7 +100,7 @@ def test_eviction_matches_reference(eager_llama, policy, kw):
     outs = run_to_completion(eng, prompts, GREEDY)
     refs = [hf_evicting_greedy(model, p, 40, policy, budget, kw["sink_tokens"],
                                kw.get("kv_recent_tokens", 0)) for p in prompts]
-    _check(outs, refs)
+    check(outs, refs)
     assert_all_blocks_free(eng)
     eng.core.shutdown()
 
@@ -147,9 +140,9 @@ def test_evicted_kv_stays_out_of_the_prefix_cache(eager_llama):
     p = random_prompts(1, (44,), seed=5)[0]
     ref = hf_evicting_greedy(model, p, 40, "streaming", 16, 4)
     for _ in range(2):
-        _check(run_to_completion(eng, [p], GREEDY), [ref])
+        check(run_to_completion(eng, [p], GREEDY), [ref])
     q = p + random_prompts(1, (6,), seed=6)[0]
-    _check(run_to_completion(eng, [q], GREEDY), [hf_evicting_greedy(model, q, 40, "streaming",
+    check(run_to_completion(eng, [q], GREEDY), [hf_evicting_greedy(model, q, 40, "streaming",
                                                                    16, 4)])
     assert eng.stats().prefix_cache_hits > 0  # the untouched first blocks were reused
     pool = eng.core.scheduler.kv.pool
@@ -168,7 +161,7 @@ def test_eviction_under_preemption_and_a_batch(eager_llama):
                       enable_prefix_caching=False)
     outs = run_to_completion(eng, prompts, GREEDY)
     assert eng.stats().num_preemptions > 0
-    _check(outs, [hf_evicting_greedy(model, p, 40, "streaming", 16, 4) for p in prompts])
+    check(outs, [hf_evicting_greedy(model, p, 40, "streaming", 16, 4) for p in prompts])
     assert_all_blocks_free(eng)
     eng.core.shutdown()
 
@@ -180,6 +173,7 @@ def test_eviction_under_preemption_and_a_batch(eager_llama):
     (dict(kv_eviction="streaming", kv_eviction_budget=16, kv_recent_tokens=8), "h2o's"),
     (dict(kv_eviction="h2o", kv_eviction_budget=16, kv_recent_tokens=20), "kv_recent_tokens"),
     (dict(kv_eviction_budget=64), "need kv_eviction"),
+    (dict(sink_tokens=8), "need kv_eviction"),
     (dict(kv_eviction="streaming", kv_eviction_budget=16, enable_chunked_prefill=False),
      "enable_chunked_prefill"),
 ])
@@ -198,7 +192,7 @@ def test_a_request_budget_of_its_own(eager_llama):
     own = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0,
                          kv_eviction_budget=8)
     outs = run_to_completion(eng, p, [own, GREEDY])
-    _check(outs, [hf_evicting_greedy(model, p[0], 40, "streaming", 8, 4),
+    check(outs, [hf_evicting_greedy(model, p[0], 40, "streaming", 8, 4),
                   hf_evicting_greedy(model, p[1], 40, "streaming", 16, 4)])
     for bad in (4, 509):
         with pytest.raises(ValueError, match="kv_eviction_budget must be in"):
@@ -221,7 +215,7 @@ def test_eviction_under_parallelism(eager_llama, policy, parallel):
     eng = make_engine(d, kv_eviction=policy, kv_eviction_budget=16, **kw, **parallel)
     try:
         outs = run_to_completion(eng, prompts, GREEDY)
-        _check(outs, [hf_evicting_greedy(model, p, 40, policy, 16, kw.get("sink_tokens", 4),
+        check(outs, [hf_evicting_greedy(model, p, 40, policy, 16, kw.get("sink_tokens", 4),
                                          kw.get("kv_recent_tokens", 0)) for p in prompts])
     finally:
         eng.core.shutdown()

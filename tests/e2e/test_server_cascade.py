@@ -47,17 +47,21 @@ def test_cascade_server(models, threshold, answered):
         assert lines[-1] == "data: [DONE]"
         text = "".join(json.loads(ln[6:])["choices"][0]["delta"].get("content") or ""
                        for ln in lines[:-1] if json.loads(ln[6:])["choices"])
-        assert isinstance(text, str)
+        # the whole answer came through: what the same request gets without streaming
+        whole = httpx.post(f"{url}/v1/chat/completions", json={**chat, "stream": False},
+                           timeout=60)
+        assert whole.headers["x-servelm-cascade-model"] == answered
+        assert text == whole.json()["choices"][0]["message"]["content"]
         # n > 1 cannot cascade
         r = httpx.post(f"{url}/v1/completions", json={**body, "n": 2}, timeout=60)
         assert r.status_code == 400 and "n must be 1" in r.text
         metrics = httpx.get(f"{url}/metrics").text
-        escalated = 2 if answered == "large" else 0
-        assert 'servelm:cascade_requests_total{model_name="cascade"} 2.0' in metrics
+        escalated = 3 if answered == "large" else 0
+        assert 'servelm:cascade_requests_total{model_name="cascade"} 3.0' in metrics
         assert (f'servelm:cascade_escalations_total{{model_name="cascade"}} {escalated}.0'
                 in metrics)
         assert (f'servelm:cascade_request_latency_seconds_count{{model_name="cascade",'
-                f'path="{answered}"}} 2.0' in metrics)
+                f'path="{answered}"}} 3.0' in metrics)
         if answered == "large":
             _kill_a_core_then_serve(srv, body)
     finally:
@@ -85,3 +89,15 @@ def _kill_a_core_then_serve(srv: ServerProcess, body: dict) -> None:
     assert r.headers["x-servelm-cascade-model"] == "large"
     assert pids[1] in srv.core_pids() and pids[0] not in srv.core_pids()
 
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--cascade-threshold", "0.3"], "need --cascade"),
+    (["--cascade-name", "c"], "need --cascade"),
+    (["m", "--cascade", "a", "b"], "give no model argument"),
+])
+def test_cascade_flags_refused_without_a_cascade(argv, match):
+    from servelm.cli import build_parser
+    from servelm.server.cli import main_serve
+    with pytest.raises(ValueError, match=match):
+        main_serve(build_parser().parse_args(["serve", *argv]))

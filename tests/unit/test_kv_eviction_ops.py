@@ -66,10 +66,10 @@ def test_compaction_moves_kv_and_scores_within_its_blocks():
 
 
 def test_config_defaults():
-    ev = make_eviction_config("h2o", None, 4, None, 16, 2048)
+    ev = make_eviction_config("h2o", None, None, None, 16, 2048)
     assert (ev.budget, ev.sink_tokens, ev.recent_tokens) == (512, 4, 254)
     assert ev.fixed_blocks(16) == 0 and ev.fixed_blocks(4) == 1
-    assert make_eviction_config("none", None, 4, None, 16, 2048) is None
+    assert make_eviction_config("none", None, None, None, 16, 2048) is None
 
 
 # ---- the H2O scores kernel (CUDA, or the CPU under TRITON_INTERPRET=1) ----------------------
@@ -85,7 +85,7 @@ def test_scores_kernel_matches_reference(lens, H, KVH, softcap):
         pytest.skip("needs CUDA, or TRITON_INTERPRET=1")
     from servelm.attention.backend import AttentionMetadata
     from servelm.kernels.attention_scores import accumulate_scores_triton
-    from servelm.kv_eviction.scores import accumulate_scores
+    from servelm.kv_eviction.scores import accumulate_scores_ref
     g = torch.Generator().manual_seed(sum(c for _, c in lens))
     BS, D, nb = 4, 16, 64
     k_cache = torch.randn(nb, BS, KVH, D, generator=g).to(DEVICE)
@@ -105,6 +105,6 @@ def test_scores_kernel_matches_reference(lens, H, KVH, softcap):
                              seq_lens_cpu=tuple(ctx))
     want = torch.rand(nb * BS, generator=g).to(DEVICE)
     got = want.clone()
-    accumulate_scores(q, k_cache, meta, 0.25, want, softcap)
+    accumulate_scores_ref(q, k_cache, meta, 0.25, want, softcap)
     accumulate_scores_triton(q, k_cache, meta, 0.25, got, softcap)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
