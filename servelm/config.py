@@ -103,6 +103,8 @@ class SchedulerConfig:
     # pipeline parallelism: up to this many steps in flight through the stages, of disjoint
     # sampling requests (one whose sampled token is in flight waits until it lands)
     pipeline_depth: int = 1
+    # multi-LoRA: at most this many distinct adapters run at once (the device slots); 0: off
+    max_loras: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False  # token ids in and out only
     speculative: Any = None  # servelm.spec_decode.config.SpeculativeConfig, or None (off)
     early_exit: Any = None  # servelm.early_exit.EarlyExitConfig, or None (off)
+    lora: Any = None  # servelm.lora.LoRAConfig (enable_lora), or None (off)
     # servelm.structured_output.StructuredOutputsConfig (None: the defaults)
     structured_outputs: Any = None
     # CPU math threads (cpu/threads.py; 0: as PyTorch is set), and the CPUs the creating
@@ -286,6 +289,12 @@ class EngineArgs:
     # backend (auto | xgrammar), disable_any_whitespace, compile_timeout_s, max_cached_grammars
     structured_outputs_config: Any = None
     threads: Optional[int] = None  # CPU math threads (llama.cpp's name); None: usable CPUs
+    # multi-LoRA serving: adapters on the device at once, their largest rank, and how many
+    # host memory keeps (default: max_loras)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None
 
     def create_engine_config(self) -> EngineConfig:
         from servelm.attention import check_attention_backend
@@ -432,14 +441,38 @@ class EngineArgs:
                                 speculative.num_lookahead_tokens if speculative else 0,
                                 len(speculative.tree) if speculative and speculative.tree else 0,
                                 self.pipeline_parallel_size)
+        lora = self._lora_config(speculative)
+        if lora is not None:
+            sched = dataclasses.replace(sched, max_loras=lora.max_loras)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=parallel,
                             attention_backend=self.attention_backend,
                             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
                             skip_tokenizer_init=self.skip_tokenizer_init, speculative=speculative,
                             early_exit=self._early_exit_config(hf_config, speculative, world),
+                            lora=lora,
                             structured_outputs=structured,
                             threads=resolve_threads(self.threads), cpus=tuple(usable_cpus()))
+
+    def _lora_config(self, speculative: Any) -> Any:
+        from servelm.lora import LoRAConfig
+        if not self.enable_lora:
+            given = [f"{n}={getattr(self, n)!r}" for n, d in
+                     (("max_loras", 1), ("max_lora_rank", 16), ("max_cpu_loras", None))
+                     if getattr(self, n) != d]
+            if given:
+                raise ValueError(f"{', '.join(given)} without enable_lora=True: pass "
+                                 "enable_lora=True (--enable-lora) to serve adapters.")
+            return None
+        what = None
+        if self.early_exit_config is not None:
+            what = "early_exit_config"
+        elif speculative is not None and speculative.method == "layer_skip":
+            what = ("speculative_config method 'layer_skip' (its drafts run the base model's "
+                    "own layers; use 'ngram' or 'draft_model')")
+        if what:
+            raise ValueError(f"enable_lora with {what} is not supported yet.")
+        return LoRAConfig.create(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
     def _early_exit_config(self, hf_config: Any, speculative: Any, world: int) -> Any:
         from servelm.early_exit import parse_early_exit_config
@@ -593,6 +626,15 @@ class EngineArgs:
           help="GiB of the first layers' weights kept in (pinned) host memory and streamed to "
                "the GPU ahead of use, double-buffered: a model larger than the GPU serves, at "
                "the speed of the host-to-device copies (dense weights; no CUDA graphs)")
+        a("--enable-lora", action="store_true",
+          help="serve LoRA adapters (PEFT format): --lora-modules at start, or loaded at run "
+               "time (/v1/load_lora_adapter); a request picks one by its model name")
+        a("--max-loras", type=int, default=1,
+          help="adapters on the device at once (and in one batch); others wait in host memory")
+        a("--max-lora-rank", type=int, default=16, help="the largest adapter rank accepted")
+        a("--max-cpu-loras", type=int, default=None,
+          help="adapters kept in host memory (default: --max-loras); the least recently used "
+               "are read from disk again when asked for")
         a("--disable-custom-all-reduce", action="store_true",
           help="tensor parallel on GPUs: NCCL for every all-reduce, instead of the one-shot "
                "all-reduce over NVLink peer memory that small (decode) all-reduces use")

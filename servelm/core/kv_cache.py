@@ -220,7 +220,8 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(req.block_hashes), upto_tokens // bs):
             parent = req.block_hashes[-1] if req.block_hashes else None
-            req.block_hashes.append(hash_block(parent, req.all_token_ids[i * bs:(i + 1) * bs]))
+            req.block_hashes.append(hash_block(parent, req.all_token_ids[i * bs:(i + 1) * bs],
+                                               req.cache_extra_keys))
 
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Longest cached prefix of req's tokens, in whole blocks. Leaves at least one token to

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Any, Optional
 
 from servelm.sampling_params import SamplingParams
 
@@ -38,7 +38,8 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  arrival_time: float, eos_token_ids: tuple[int, ...] = (),
                  parent_id: Optional[str] = None, priority: int = 0,
-                 ttft_slo_ms: Optional[float] = None, tpot_slo_ms: Optional[float] = None) -> None:
+                 ttft_slo_ms: Optional[float] = None, tpot_slo_ms: Optional[float] = None,
+                 lora_request: Any = None) -> None:
         self.request_id = request_id
         self.parent_id = parent_id  # the user's request id when n > 1 fans out
         self.params = params
@@ -52,6 +53,10 @@ class Request:
         self.first_token_time: Optional[float] = None
         self.finished_time: Optional[float] = None
         self.eos_token_ids = eos_token_ids
+        self.lora_request = lora_request  # servelm.lora.LoRARequest, or None (the base model)
+        # what besides the tokens changes their KV: part of every block's prefix-cache hash
+        self.cache_extra_keys: Optional[tuple] = (
+            None if lora_request is None else ("lora", lora_request.lora_int_id))
         # the one owner of this sequence's token ids (its own list: n > 1 samples of a prompt
         # arrive with one shared message list)
         self.all_token_ids: list[int] = list(prompt_token_ids)

@@ -217,11 +217,16 @@ class Scheduler:
         # 2. Swapped-out requests come back (their KV copied in) before waiting ones (under the
         # priority policy: before less urgent ones).
         swap_in: list[tuple[int, int]] = []
+        # multi-LoRA: the distinct adapters running at once stay within max_loras (slots)
+        loras = ({r.lora_request.lora_int_id for r in self.running if r.lora_request}
+                 if self.config.max_loras else None)
         while (self._swapped_first() and budget > 0 and not preempted and not urgent_preempted
                and len(self.running) < self.config.max_num_seqs):
             req = self.swapped[0]
             if req.num_output_placeholders:
                 break  # swapped while its last step was in flight: resume once it lands
+            if not self._lora_fits(req, loras):
+                break
             n = min(req.num_tokens - req.num_computed_tokens, budget, self._eviction_room(req))
             if n > 1:  # swapped in the middle of its prompt
                 n = min(n, prefill_left)
@@ -235,6 +240,7 @@ class Scheduler:
             new_blocks = self.kv.allocate_slots(req, n, (), la)
             assert new_blocks is not None
             self.swapped.pop(0)
+            self._lora_add(req, loras)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             num_scheduled[req.request_id] = n
@@ -246,11 +252,15 @@ class Scheduler:
 
         # 3. Waiting requests, FCFS, unless this step already had to preempt (or swapped-out
         # requests still wait for blocks).
+        skipped: list[Request] = []  # their adapter would be one too many: they keep their place
         while (self.waiting and budget > 0 and prefill_left > 0 and not preempted
                and not self._swapped_first() and len(self.running) < self.config.max_num_seqs):
             req = self.waiting.peek()
             if req.num_output_placeholders:
                 break  # preempted while its last step was in flight: resume once it lands
+            if not self._lora_fits(req, loras):
+                skipped.append(self.waiting.popleft())
+                continue
             if not self.kv.can_ever_fit(self._tokens_held(req) + 1
                                         + self._lookahead(req.num_tokens)):
                 self.waiting.popleft()
@@ -272,6 +282,7 @@ class Scheduler:
                                       self._lookahead(num_computed + n)) is None:
                 break
             self.waiting.popleft()
+            self._lora_add(req, loras)
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = self.clock()
             if req.num_cached_tokens < 0:
@@ -288,6 +299,9 @@ class Scheduler:
             req.num_computed_tokens += n
             if req.num_computed_tokens == req.num_tokens:  # samples this step
                 req.num_output_placeholders += 1
+
+        for req in reversed(skipped):
+            self.waiting.appendleft(req)
 
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self.finished_ids,
@@ -490,11 +504,22 @@ class Scheduler:
         B = max(1, len(self.running))
         return b * B / (a + b * B) if a + b * B > 0 else 0.0
 
+    def _lora_fits(self, req: Request, loras: Optional[set[int]]) -> bool:
+        """Whether req's adapter may run now: resident in the running set, or a slot left."""
+        return (loras is None or req.lora_request is None
+                or req.lora_request.lora_int_id in loras or len(loras) < self.config.max_loras)
+
+    @staticmethod
+    def _lora_add(req: Request, loras: Optional[set[int]]) -> None:
+        if loras is not None and req.lora_request is not None:
+            loras.add(req.lora_request.lora_int_id)
+
     def _new_req_data(self, req: Request) -> NewRequestData:
         # the Request's own list (no copy): the message covers its first num_tokens entries
         return NewRequestData(req.request_id, req.all_token_ids, req.num_tokens,
                               req.num_prompt_tokens, req.params, list(req.block_ids),
-                              req.num_computed_tokens, req.grammar, req.num_evicted)
+                              req.num_computed_tokens, req.grammar, req.num_evicted,
+                              req.lora_request)
 
     def _preempt(self, req: Request) -> None:
         """Take req's blocks: swapped out to host memory (preemption_mode="swap", while there

@@ -37,6 +37,7 @@ class NewRequestData:
     # that crosses processes sends params.structured_outputs and compiles there)
     grammar: Any = None
     num_evicted: int = 0  # KV eviction: as CachedRequestData's (a swapped-in request's)
+    lora_request: Any = None  # servelm.lora.LoRARequest: the adapter it runs with, or None
 
 
 @dataclass

@@ -277,13 +277,15 @@ class AsyncEngineClient:
     async def generate(self, request_id: str, prompt: Union[PromptType, ProcessedPrompt],
                        params: Optional[SamplingParams] = None, *, add_special_tokens: bool = True,
                        priority: int = 0, ttft_slo_ms: Optional[float] = None,
-                       tpot_slo_ms: Optional[float] = None) -> AsyncIterator[RequestOutput]:
+                       tpot_slo_ms: Optional[float] = None,
+                       lora_request: Any = None) -> AsyncIterator[RequestOutput]:
         """Yields cumulative RequestOutputs (the latest state; intermediate ones may be skipped
         when the consumer is slower than the engine), the last with ``finished=True``.
         Closing or cancelling the iterator before then aborts the request."""
         self.check_health()
         self.inputs.check_priority(priority)
         self.inputs.check_slo(ttft_slo_ms, tpot_slo_ms)
+        self.inputs.check_lora(lora_request)
         if not isinstance(prompt, ProcessedPrompt):
             prompt = self.process_input(prompt, params or SamplingParams(), add_special_tokens)
         p = prompt.params
@@ -296,7 +298,7 @@ class AsyncEngineClient:
             for i, cid in enumerate(child_ids):
                 req = EngineRequest(cid, prompt.token_ids, p.child(i) if p.n > 1 else p, arrival,
                                     request_id if p.n > 1 else None, priority, ttft_slo_ms,
-                                    tpot_slo_ms)
+                                    tpot_slo_ms, lora_request)
                 if not self._send(cp.ADD, cp.encode_request(req)):
                     raise EngineDeadError("the engine core is not reachable.")
             while True:

@@ -13,6 +13,7 @@ from servelm.core.scheduler import Scheduler
 from servelm.core.step import EngineCoreOutput, SchedulerOutput, SchedulerStats
 from servelm.executor import get_executor_class
 from servelm.executor.abstract import StepFuture
+from servelm.lora.request import LoRARequest
 from servelm.sampling_params import SamplingParams
 from servelm.structured_output import StructuredOutputsConfig
 from servelm.structured_output.manager import GrammarManager
@@ -32,6 +33,7 @@ class EngineRequest:
     priority: int = 0
     ttft_slo_ms: Optional[float] = None  # latency objectives (see core/slo.py)
     tpot_slo_ms: Optional[float] = None
+    lora_request: Optional[LoRARequest] = None  # the adapter it runs with (None: the base)
 
 
 class EngineCore:
@@ -76,7 +78,7 @@ class EngineCore:
     def add_request(self, r: EngineRequest) -> None:
         req = Request(r.request_id, r.prompt_token_ids, r.params, r.arrival_time,
                       self.config.model.eos_token_ids, r.parent_id, r.priority,
-                      r.ttft_slo_ms, r.tpot_slo_ms)
+                      r.ttft_slo_ms, r.tpot_slo_ms, r.lora_request)
         if r.params.structured_outputs is not None:
             self.grammars.add(req)  # joins the scheduler once its grammar is compiled
         else:

@@ -27,6 +27,7 @@ import zmq
 from servelm.config import EngineConfig
 from servelm.core.step import EngineCoreOutput, SchedulerStats
 from servelm.engine.core import EngineCore, EngineRequest
+from servelm.lora.request import LoRARequest
 from servelm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -59,13 +60,14 @@ def encode_request(r: EngineRequest) -> list:
     if so is not None:  # a frozen dataclass: travels as its field dict
         params[_PARAM_FIELDS.index("structured_outputs")] = so.to_dict()
     return [r.request_id, r.prompt_token_ids, params, r.arrival_time, r.parent_id, r.priority,
-            r.ttft_slo_ms, r.tpot_slo_ms]
+            r.ttft_slo_ms, r.tpot_slo_ms,
+            None if r.lora_request is None else r.lora_request.to_list()]
 
 
 def decode_request(x: list) -> EngineRequest:
-    rid, ids, params, arrival, parent, priority, ttft_slo, tpot_slo = x
+    rid, ids, params, arrival, parent, priority, ttft_slo, tpot_slo, lora = x
     return EngineRequest(rid, ids, SamplingParams(**dict(zip(_PARAM_FIELDS, params))), arrival,
-                         parent, priority, ttft_slo, tpot_slo)
+                         parent, priority, ttft_slo, tpot_slo, LoRARequest.from_list(lora))
 
 
 def encode_output(o: EngineCoreOutput) -> list:

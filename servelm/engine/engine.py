@@ -27,6 +27,7 @@ class InputProcessor:
         # never run: refused at admission)
         self.kv_capacity_tokens: Optional[int] = None
         self._max_token_chars: Optional[int] = None  # longest vocabulary string (on first use)
+        self._lora_paths: dict[int, str] = {}  # lora_int_id -> its adapter's path (checked)
 
     def check_priority(self, priority: object) -> None:
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -134,6 +135,27 @@ class InputProcessor:
             params = replace(params, top_k=0)
         return text, ids, params
 
+    def check_lora(self, lora: Any) -> None:
+        """A request's adapter: the engine serves adapters, and this one reads and fits the
+        base model (checked once per lora_int_id; an id keeps its path)."""
+        if lora is None:
+            return
+        from servelm.lora import LoRARequest
+        if self.config.lora is None:
+            raise ValueError("lora_request needs an engine started with enable_lora=True "
+                             "(--enable-lora).")
+        if not isinstance(lora, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora).__name__}.")
+        known = self._lora_paths.get(lora.lora_int_id)
+        if known is not None and known != lora.lora_path:
+            raise ValueError(f"lora_int_id {lora.lora_int_id} already names the adapter at "
+                             f"{known!r}: other weights need another lora_int_id.")
+        if known is None:
+            from servelm.lora.peft import read_adapter
+            read_adapter(lora.lora_path, self.config.model.hf_config,
+                         self.config.lora.max_lora_rank)
+            self._lora_paths[lora.lora_int_id] = lora.lora_path
+
     def check_kv_budget(self, budget: int) -> None:
         """A request's own KV eviction budget: the engine must evict, and the budget must hold
         its sinks and a block, and fit max_model_len with a block to spare."""
@@ -167,17 +189,18 @@ class Engine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: Optional[float] = None, priority: int = 0,
                     add_special_tokens: bool = True, ttft_slo_ms: Optional[float] = None,
-                    tpot_slo_ms: Optional[float] = None) -> None:
+                    tpot_slo_ms: Optional[float] = None, lora_request: Any = None) -> None:
         arrival = time.time() if arrival_time is None else arrival_time
         self.inputs.check_priority(priority)
         self.inputs.check_slo(ttft_slo_ms, tpot_slo_ms)
+        self.inputs.check_lora(lora_request)
         text, ids, params = self.inputs.process(prompt, params, add_special_tokens)
         child_ids = self.outputs.add_request(request_id, text, ids, params, arrival)
         for i, cid in enumerate(child_ids):
             self.core.add_request(EngineRequest(
                 cid, ids, params.child(i) if params.n > 1 else params, arrival,
                 parent_id=request_id if params.n > 1 else None, priority=priority,
-                ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms))
+                ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms, lora_request=lora_request))
 
     def abort_request(self, request_ids: list[str] | str) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:

@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence, Union
 from servelm.config import EngineArgs
 from servelm.engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from servelm.engine.engine import Engine, PromptType
+from servelm.lora.request import LoRARequest
 from servelm.outputs import RequestOutput
 from servelm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -38,16 +39,23 @@ class LLM:
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = True,
-                 priority: Optional[Sequence[int]] = None) -> list[RequestOutput]:
+                 priority: Optional[Sequence[int]] = None,
+                 lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None
+                 ) -> list[RequestOutput]:
         """prompts: a string, a list of strings, a list of token ids, a list of token-id lists,
         or dicts with 'prompt' / 'prompt_token_ids'. Outputs come back in input order.
-        priority: one per prompt (lower first), with scheduling_policy='priority'."""
-        return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm, True, priority)
+        priority: one per prompt (lower first), with scheduling_policy='priority'.
+        lora_request: the adapter every prompt runs with, or one per prompt (None: the base
+        model); needs enable_lora=True."""
+        return self._run(_as_prompt_list(prompts), sampling_params, use_tqdm, True, priority,
+                         lora_request)
 
     def chat(self, messages: Union[Conversation, Sequence[Conversation]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+             chat_template_kwargs: Optional[dict] = None,
+             lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None
+             ) -> list[RequestOutput]:
         """messages: one conversation (a list of {'role', 'content'}) or a list of them."""
         tok = self.engine.tokenizer
         if tok is None or getattr(tok, "chat_template", None) is None:
@@ -56,7 +64,7 @@ class LLM:
         prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            **(chat_template_kwargs or {})) for c in convs]
         # the template already holds the special tokens it wants
-        return self._run(prompts, sampling_params, use_tqdm, False)
+        return self._run(prompts, sampling_params, use_tqdm, False, None, lora_request)
 
     def beam_search(self, prompts: Union[PromptType, Sequence[PromptType]],
                     params: BeamSearchParams) -> list[BeamSearchOutput]:
@@ -66,7 +74,8 @@ class LLM:
 
     def _run(self, prompts: list[PromptType], sampling_params, use_tqdm: bool,
              add_special_tokens: bool,
-             priority: Optional[Sequence[int]] = None) -> list[RequestOutput]:
+             priority: Optional[Sequence[int]] = None,
+             lora_request: Any = None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
@@ -78,12 +87,17 @@ class LLM:
         prios = [0] * len(prompts) if priority is None else list(priority)
         if len(prios) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(prios)} priorities.")
+        loras = (list(lora_request) if isinstance(lora_request, (list, tuple))
+                 else [lora_request] * len(prompts))
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(loras)} lora requests.")
         ids = []
         try:
-            for p, sp, prio in zip(prompts, params, prios):
+            for p, sp, prio, lora in zip(prompts, params, prios, loras):
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, p, sp, priority=prio,
-                                        add_special_tokens=add_special_tokens)
+                                        add_special_tokens=add_special_tokens,
+                                        lora_request=lora)
                 ids.append(rid)
         except Exception:
             self.engine.abort_request(ids)

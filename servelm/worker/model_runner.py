@@ -132,6 +132,7 @@ class ModelRunner:
         self._unlanded: Optional[PendingOutput] = None  # the latest overlapped step's output
         # an earlier pipeline stage: waits for tokens the last stage is still sampling
         self._arrivals: list = []
+        self.lora = self._build_lora(max_rows)  # adapter slots count as weights
         self.mem_weights = (torch.cuda.memory_allocated(self.device) - self.mem_at_init) if cuda else 0
         self.eviction = config.cache.kv_eviction  # KV eviction settings (None: off)
         self.h2o = self.eviction is not None and self.eviction.needs_scores
@@ -167,6 +168,20 @@ class ModelRunner:
             self.config, self.device, self.model, lambda: self.kv_caches,
             lambda mc: self._build_and_load(ParallelGroup(), mc), self.will_capture_graphs(),
             max_rows))
+
+    def _build_lora(self, max_rows: int):
+        """enable_lora: the model's linear layers wrapped, adapter slots allocated (None: off)."""
+        if self.config.lora is None:
+            return None
+        from servelm.lora.manager import LoRAManager
+        sc = self.config.scheduler
+        # a step's tokens, or a decode graph's padded batch (verifying drafts: k + 1 a row)
+        spec = self.config.speculative
+        width = 1 + (0 if spec is None else self.tree.num_nodes if self.tree is not None
+                     else spec.num_speculative_tokens)
+        max_tokens = max(sc.max_num_batched_tokens, max_rows * width)
+        return LoRAManager(self.config.lora, self.model, self.config.model.hf_config,
+                           self.dtype, self.device, max_tokens, self.use_kernels)
 
     def _build_and_load(self, tp: ParallelGroup, mc=None) -> torch.nn.Module:
         """The target model (or the ModelConfig `mc`'s: a draft model), weights loaded."""
@@ -323,6 +338,8 @@ class ModelRunner:
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
+        if self.lora is not None:  # tokens sorted by adapter (in a decode graph too)
+            self.lora.batch.prepare(input_ids.shape[0])
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _decode(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -334,13 +351,15 @@ class ModelRunner:
     # ---- per step -------------------------------------------------------------------------
     def _update_states(self, s: SchedulerOutput) -> None:
         b = self.batch
-        for rid in s.finished_req_ids:
+        for rid in (*s.finished_req_ids, *s.preempted_req_ids):
             b.remove(rid)
-        for rid in s.preempted_req_ids:
-            b.remove(rid)
+            if self.lora is not None:
+                self.lora.remove_request(rid)
         for nr in s.new_reqs:
             b.remove(nr.req_id)
             b.add(nr)
+            if self.lora is not None:
+                self.lora.add_request(nr.req_id, nr.lora_request)
         ops = []
         for cr in s.cached_reqs:
             row = b.row_of[cr.req_id]
@@ -396,6 +415,8 @@ class ModelRunner:
         np.cumsum(n_sched, out=cu[1:])
         seq_of_tok, positions = ragged_positions(starts, ends)  # per token: sequence, position
         input_ids = b.token_ids[rows[seq_of_tok], positions].astype(np.int64)
+        if self.lora is not None:  # each token's adapter slot, its adapter made resident
+            self.lora.set_step(req_ids, seq_of_tok)
         # KV eviction: a token's cache index (its slot, and its rotary position) is its
         # position less the tokens its sequence evicted; the context ends there too
         evicted = b.num_evicted[rows] if self.eviction is not None else None
@@ -485,8 +506,8 @@ class ModelRunner:
                                                     inp.drafts, inp.sample_pos))
         graph_out, hidden = None, None  # a graph's (logits, argmax); an eager forward's [T, hidden]
         gmeta = inp.meta if inp.meta.decode_only else inp.token_meta
-        no_plp = self.graphs is not None and not wants_prompt_logprobs(self.batch, inp.rows,
-                                                                       inp.starts)
+        no_plp = (self.graphs is not None and not self._lora_eager()
+                  and not wants_prompt_logprobs(self.batch, inp.rows, inp.starts))
         # early exit: steps of output tokens only (prompt tokens always run every layer)
         early_exit = (self.config.early_exit is not None and inp.meta.decode_only
                       and bool((inp.starts >= self.batch.num_prompt_tokens[inp.rows]).all()))
@@ -567,6 +588,12 @@ class ModelRunner:
             return PendingOutput.ready(self._propose(pending.result(), True))
         self._unlanded = pending
         return pending
+
+    def _lora_eager(self) -> bool:
+        """A step with adapters that only the eager forward computes: the CPU's C decode
+        step holds the base model alone (CUDA graphs include the LoRA kernels)."""
+        return (self.lora is not None and not self.lora.batch.use_kernels
+                and self.lora.batch.active)
 
     def _uniform_tree_step(self, inp: StepInputs) -> bool:
         """Every request of the step verifies a whole token tree (nothing else), few enough

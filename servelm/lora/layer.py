@@ -1,0 +1,144 @@
+"""The LoRA seam on linear layers: ``LoRALinearMethod`` wraps a layer's own LinearMethod (dense
+or quantized alike) and adds, to each token's output, the low-rank product of the adapter that
+token's request runs with:
+
+    y[t] = base(x)[t] + (x[t] @ A[s].T) @ B[s].T,   s = the slot of token t's adapter
+
+A and B of every slot sit stacked on the device ([S, P*R, K] and [S, N, R] for a layer of P
+merged parts, R = max_lora_rank; an adapter of lower rank is zero-padded, a part it does not
+target all zeros). ``LoRABatch`` says which slot each token of the step uses; it is shared by
+every wrapped layer of one model."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from servelm.layers.activation import silu_and_mul
+from servelm.quantization.base import LinearMethod
+
+
+class LoRABatch:
+    """Per step: the adapter slot of each token (-1: none).
+
+    On CUDA with kernels, ``token_lora`` is a persistent device buffer (read inside CUDA
+    graphs; tokens past the step's, a graph's padding, hold -1) and ``prepare`` sorts the
+    tokens by slot on the device; the kernels always run (a slot with no tokens costs its
+    programs an early exit). Elsewhere the step's groups of tokens per slot are built on the
+    host and a step with no adapter skips LoRA altogether."""
+
+    def __init__(self, num_slots: int, max_tokens: int, device: torch.device,
+                 use_kernels: bool) -> None:
+        self.num_slots = num_slots
+        self.use_kernels = use_kernels
+        self.token_lora = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
+        self.active = False  # some token of this step has an adapter
+        # eager torch path: (slot, token indices [n] or None for all tokens) per slot in use
+        self.groups: list[tuple[int, Optional[torch.Tensor]]] = []
+        # kernel path, set by prepare(): tokens grouped by slot [T], slot s's range [S + 1]
+        self.sorted_tokens: Optional[torch.Tensor] = None
+        self.slot_start: Optional[torch.Tensor] = None
+
+    def set_tokens(self, slots: np.ndarray) -> None:
+        """slots: [T] int, each token's slot (-1: no adapter), in the step's token order."""
+        T = len(slots)
+        if T > self.token_lora.shape[0]:
+            raise RuntimeError(f"a step of {T} tokens exceeds the LoRA token buffer "
+                               f"({self.token_lora.shape[0]})")
+        self.active = bool((slots >= 0).any())
+        if self.use_kernels:
+            self.token_lora[:T].copy_(torch.from_numpy(slots.astype(np.int32)),
+                                      non_blocking=True)
+            self.token_lora[T:].fill_(-1)
+            return
+        self.groups = []
+        for s in np.unique(slots[slots >= 0]).tolist():
+            idx = np.nonzero(slots == s)[0]
+            self.groups.append((s, None if len(idx) == T else
+                                torch.from_numpy(idx).to(self.token_lora.device)))
+
+    def prepare(self, num_tokens: int) -> None:
+        """At the start of a forward of num_tokens tokens (inside a graph's capture too)."""
+        if self.use_kernels:
+            from servelm.kernels.lora import lora_segments
+            self.sorted_tokens, self.slot_start = lora_segments(self.token_lora[:num_tokens],
+                                                                self.num_slots)
+
+
+class LoRALinearMethod(LinearMethod):
+    """``base``'s weights and matmul, plus the step's adapters' low-rank products."""
+
+    def __init__(self, base: LinearMethod, layer, batch: LoRABatch, rank: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(base.quant_config, base.prefix, base.use_kernel)
+        self.base, self.batch, self.rank = base, batch, rank
+        self.checkpoint_names, self.accepts_dense = base.checkpoint_names, base.accepts_dense
+        S, P = batch.num_slots, layer.num_parts
+        # [S, P*R, K_rank]: part p's A in rows p*R..p*R+r; [S, N_rank, R]: B rows by part
+        self.a = torch.zeros(S, P * rank, layer.input_size_per_rank, dtype=dtype, device=device)
+        self.b = torch.zeros(S, layer.output_size_per_rank, rank, dtype=dtype, device=device)
+        self.part_offsets = tuple(layer.part_offsets)
+
+    # the base method's seam, unchanged
+    def create_weights(self, layer) -> None:
+        self.base.create_weights(layer)
+
+    def load_weight(self, layer, name: str, full_tensor: torch.Tensor, shard_id: int = 0) -> None:
+        self.base.load_weight(layer, name, full_tensor, shard_id)
+
+    def process_after_loading(self, layer) -> None:
+        self.base.process_after_loading(layer)
+
+    def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x: [T, K_rank] -> [T, N_rank]
+        return self._add_lora(self.base.apply(layer, x, bias), x)
+
+    def apply_silu_mul(self, layer, gate_up: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = self.base.apply_silu_mul(layer, gate_up, bias)
+        if not (self.batch.use_kernels or self.batch.active):
+            return y
+        return self._add_lora(y, silu_and_mul(gate_up, layer.use_kernel))
+
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        st = self.batch
+        if st.use_kernels:
+            from servelm.kernels.lora import lora_expand, lora_shrink
+            t = lora_shrink(x, self.a, st.sorted_tokens, st.slot_start)  # [T, P*R] fp32
+            lora_expand(y, t, self.b, st.sorted_tokens, st.slot_start, self.part_offsets)
+            return y
+        R, off = self.rank, self.part_offsets
+        for slot, idx in st.groups:
+            xs = x if idx is None else x.index_select(0, idx)
+            t = xs.float() @ self.a[slot].float().T  # [n, P*R]
+            delta = torch.cat([t[:, p * R:(p + 1) * R] @ self.b[slot, off[p]:off[p + 1]].float().T
+                               for p in range(len(off) - 1)], dim=1).to(y.dtype)  # [n, N]
+            if idx is None:
+                y += delta
+            else:
+                y.index_add_(0, idx, delta)
+        return y
+
+    # ---- slots ----------------------------------------------------------------------------
+    def shard(self, layer, part: int, a: torch.Tensor, b: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full A [r, in], B [part rows, r] -> this rank's (as the base weight is split:
+        column-parallel layers keep their rows of B, row-parallel ones their columns of A)."""
+        b = layer.shard_rows(b, part, "lora_B")
+        a = layer.shard_cols(a, "lora_A")
+        return a.contiguous(), b.contiguous()
+
+    def set_slot(self, slot: int, parts: list) -> None:
+        """parts: per part (A [r, K_rank], B [rows, r]) of this rank, or None (not adapted)."""
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        R = self.rank
+        for p, ab in enumerate(parts):
+            if ab is None:
+                continue
+            a, b = ab
+            r = a.shape[0]
+            lo, hi = self.part_offsets[p], self.part_offsets[p + 1]
+            self.a[slot, p * R:p * R + r].copy_(a, non_blocking=True)
+            self.b[slot, lo:hi, :r].copy_(b, non_blocking=True)
