@@ -28,8 +28,8 @@ from servelm.engine.dp_client import start_client
 from servelm.server.dashboard import add_dashboard
 from servelm.server.metrics import CONTENT_TYPE, ServerMetrics
 from servelm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                     DetokenizeRequest, TokenizeRequest, bad_request,
-                                     validation_error)
+                                     DetokenizeRequest, LoadLoRAAdapterRequest, TokenizeRequest,
+                                     UnloadLoRAAdapterRequest, bad_request, validation_error)
 from servelm.server.request_fields import refuse_unsupported
 from servelm.server.recovery import EngineRecovery
 from servelm.server.serve_settings import set_chat_template
@@ -224,6 +224,11 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
             c = client or await start_client(engine_config, listener=metrics)
         set_chat_template(c.tokenizer, server_config.chat_template)  # --chat-template
         app.state.serving = OpenAIServing(c, server_config)
+        for name, path in server_config.lora_modules:  # --lora-modules: refused ones stop the start
+            try:
+                await app.state.serving.load_lora(name, path)
+            except APIError as e:
+                raise ValueError(f"--lora-modules {name}={path}: {e.message}") from None
         inputs = getattr(c, "inputs", None)
         if inputs is not None and getattr(inputs, "tokenizer", None) is not None:
             # the longest vocabulary string, which refusing a huge body needs: read now, not
@@ -295,7 +300,23 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         s = serving(request)
         names = server_config.served_model_names
         data = [model_card(name, names[0], created, s.max_model_len) for name in names]
+        data += [model_card(name, name, created, s.max_model_len, parent=names[0])
+                 for name in s.loras]
         return json_response({"object": "list", "data": data})
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        req = await parse(request, LoadLoRAAdapterRequest, limit)
+        await serving(request).load_lora(req.lora_name, req.lora_path)
+        return Response(f"Success: LoRA adapter '{req.lora_name}' added successfully.",
+                        media_type="text/plain")
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        req = await parse(request, UnloadLoRAAdapterRequest, limit)
+        serving(request).unload_lora(req.lora_name, req.lora_int_id)
+        return Response(f"Success: LoRA adapter '{req.lora_name}' removed successfully.",
+                        media_type="text/plain")
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:

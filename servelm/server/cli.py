@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 SERVE_HELP = "start the OpenAI-compatible API server"
 
@@ -72,6 +73,10 @@ def _add_serve_args(p: Any) -> None:
                         "probabilities, or the least of them")
     p.add_argument("--cascade-name", default=None,
                    help="the name the cascade is served under (/v1/models; default cascade)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) served from the start as models "
+                        "NAME (with --enable-lora); also as JSON: "
+                        "'{\"name\": NAME, \"path\": PATH}'")
     p.add_argument("--max-request-bytes", type=int, default=32 << 20,
                    help="largest request body accepted (413 above)")
     p.add_argument("--uvicorn-log-level", default="warning",
@@ -161,6 +166,36 @@ def load_yaml_config(path: str, allowed: set[str]) -> dict[str, Any]:
     return out
 
 
+def parse_lora_modules(items: Optional[list[str]]) -> tuple[tuple[str, str], ...]:
+    """--lora-modules entries (NAME=PATH, or vLLM's JSON form {"name", "path"}) ->
+    ((name, path), ...); ValueError for a malformed one or a repeated name."""
+    out: list[tuple[str, str]] = []
+    for item in items or ():
+        if item.lstrip().startswith("{"):
+            try:
+                d = json.loads(item)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--lora-modules {item!r}: not valid JSON ({e}).") from None
+            if not isinstance(d, dict) or not isinstance(d.get("name"), str) \
+                    or not isinstance(d.get("path"), str):
+                raise ValueError(f"--lora-modules {item!r}: JSON entries need string 'name' "
+                                 "and 'path'.")
+            unknown = set(d) - {"name", "path"}
+            if unknown:
+                raise ValueError(f"--lora-modules {item!r}: unknown keys {sorted(unknown)}.")
+            name, path = d["name"], d["path"]
+        else:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise ValueError(f"--lora-modules {item!r}: expected NAME=PATH.")
+        if not name or not path:
+            raise ValueError(f"--lora-modules {item!r}: the name and the path must be non-empty.")
+        if any(name == n for n, _ in out):
+            raise ValueError(f"--lora-modules names {name!r} twice.")
+        out.append((name, path))
+    return tuple(out)
+
+
 def default_model_name(model: str | None) -> str:
     if model is None:
         from servelm.loader.default_model import DEFAULT_MODEL_FILE
@@ -234,6 +269,11 @@ def main_serve(args: argparse.Namespace) -> int:
                     ("--default-tpot-slo-ms", ns.default_tpot_slo_ms)):
         if v is not None and not v > 0:
             raise ValueError(f"{flag} must be a positive number of milliseconds, got {v}.")
+    lora_modules = parse_lora_modules(ns.lora_modules)
+    if lora_modules and engine_config.lora is None:
+        raise ValueError("--lora-modules needs --enable-lora.")
+    if ns.cascade and engine_config.lora is not None:
+        raise ValueError("--enable-lora with --cascade is not supported yet.")
     server_config = ServerConfig(served_model_names=tuple(names),
                                  api_key=ns.api_key or os.environ.get("SERVELM_API_KEY") or None,
                                  metrics_without_api_key=bool(ns.metrics_without_api_key),
@@ -249,7 +289,8 @@ def main_serve(args: argparse.Namespace) -> int:
                                  default_sampling_params=sampling_defaults,
                                  enable_auto_tool_choice=bool(ns.enable_auto_tool_choice),
                                  tool_call_parser=ns.tool_call_parser,
-                                 cascade=cascade is not None)
+                                 cascade=cascade is not None,
+                                 lora_modules=lora_modules)
     app = build_app(engine_config, server_config, cascade=cascade)
     logging.getLogger(__name__).warning("servelm: starting %s on http://%s:%d", names[0], ns.host,
                                         ns.port)

@@ -118,7 +118,7 @@ def _beam_search(client: AsyncEngineClient, req: Any, params: SamplingParams,
                           else "n") from None
 
     async def generate(request_id: str, prompt: ProcessedPrompt, *, priority: int = 0,
-                       **_slo: Any) -> AsyncIterator[RequestOutput]:
+                       lora_request: Any = None, **_slo: Any) -> AsyncIterator[RequestOutput]:
         # the step requests carry the priority; latency objectives (per request, not per
         # step) are not applied to them
         p, arrival = prompt.params, time.time()
@@ -130,7 +130,8 @@ def _beam_search(client: AsyncEngineClient, req: Any, params: SamplingParams,
                     yield ro
 
         def step(rid: str, ids: list[int], sp: SamplingParams) -> AsyncIterator[RequestOutput]:
-            return checked(client.generate(rid, ids, sp, priority=priority))
+            return checked(client.generate(rid, ids, sp, priority=priority,
+                                           lora_request=lora_request))
 
         plp = None
         if p.prompt_logprobs is not None:  # echo with logprobs: one pass over the prompt

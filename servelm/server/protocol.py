@@ -218,6 +218,23 @@ class TokenizeRequest(_Strict):
     return_token_strs: Optional[bool] = False
 
 
+class LoadLoRAAdapterRequest(_Strict):
+    """vLLM's /v1/load_lora_adapter."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    """vLLM's /v1/unload_lora_adapter (the adapter by name; lora_int_id, if given, must be
+    its id)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    lora_name: str
+    lora_int_id: Optional[int] = None
+
+
 class DetokenizeRequest(_Strict):
     model: Optional[str] = None
     tokens: list[int]

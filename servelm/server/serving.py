@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -15,6 +16,7 @@ from typing import Any, AsyncIterator, Optional, TypeVar
 
 from servelm.engine.async_client import (AsyncEngineClient, EngineDeadError, ProcessedPrompt,
                                         ShuttingDownError)
+from servelm.lora.request import LoRARequest
 from servelm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from servelm.sampling_params import SamplingParams
 from servelm.server.protocol import APIError, SamplingRequest, bad_request
@@ -47,6 +49,8 @@ class ServerConfig:
     max_waiting_requests: int = 4096  # sequences queued beyond the running batch
     on_engine_failure: str = "restart"  # or "exit" (server/recovery.py)
     cascade: bool = False  # the client is a cascade (servelm/cascade/client.py)
+    # --lora-modules: (name, adapter directory) served from the start (--enable-lora)
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
 
 class OpenAIServing:
@@ -56,6 +60,10 @@ class OpenAIServing:
         self.client = client
         self.config = config
         self.shutting_down = False  # SIGTERM: new requests get a 503 (server/shutdown.py)
+        # LoRA adapters served now, by name; each load gets a new id (so new weights under an
+        # old name never meet KV cached under the old ones)
+        self.loras: dict[str, LoRARequest] = {}
+        self._lora_ids = itertools.count(1)
 
     @property
     def model_name(self) -> str:
@@ -69,11 +77,47 @@ class OpenAIServing:
     def kv_eviction(self) -> bool:
         return self.client.config.cache.kv_eviction is not None
 
-    def check_model(self, name: Optional[str]) -> None:
-        if name is not None and name not in self.config.served_model_names:
+    def check_model(self, name: Optional[str]) -> Optional[LoRARequest]:
+        """The adapter a request's ``model`` names (None: the base model); 404 for a name
+        this server does not serve."""
+        if name is None or name in self.config.served_model_names:
+            return None
+        lora = self.loras.get(name)
+        if lora is None:
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
-                                f"{list(self.config.served_model_names)}.",
+                                f"{[*self.config.served_model_names, *self.loras]}.",
                            param="model", code="model_not_found")
+        return lora
+
+    async def load_lora(self, name: str, path: str) -> LoRARequest:
+        """Serve the adapter at ``path`` as model ``name`` (checked against the base model
+        first: a bad one is a 400 and changes nothing)."""
+        if self.client.config.lora is None:
+            raise bad_request("this server does not serve LoRA adapters: start it with "
+                              "--enable-lora.", "lora_name")
+        if not name or not path:
+            raise bad_request("lora_name and lora_path must be non-empty.",
+                              "lora_name" if not name else "lora_path")
+        if name in self.config.served_model_names or name in self.loras:
+            raise bad_request(f"The lora adapter '{name}' has already been loaded.", "lora_name")
+        lora = LoRARequest(name, next(self._lora_ids), path)
+        try:
+            await self.client.run_in_tokenizer_thread(self.client.inputs.check_lora, lora)
+        except ValueError as e:
+            raise bad_request(str(e), "lora_path") from None
+        if name in self.loras:  # loaded by a concurrent request meanwhile
+            raise bad_request(f"The lora adapter '{name}' has already been loaded.", "lora_name")
+        self.loras[name] = lora
+        return lora
+
+    def unload_lora(self, name: str, lora_int_id: Optional[int] = None) -> None:
+        """Stop serving adapter ``name``: new requests for it are 404s; those running finish
+        with it."""
+        lora = self.loras.get(name)
+        if lora is None or (lora_int_id is not None and lora_int_id != lora.lora_int_id):
+            raise APIError(404, f"The lora adapter '{name}' cannot be found.",
+                           param="lora_name", code="not_found")
+        del self.loras[name]
 
     def sampling_params(self, req: SamplingRequest, max_tokens: Optional[int],
                         logprobs: Optional[int],

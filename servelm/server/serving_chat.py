@@ -75,7 +75,7 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
 
 async def create_chat_completion(serving: OpenAIServing,
                                  req: ChatCompletionRequest) -> Union[dict, AsyncIterator[str]]:
-    serving.check_model(req.model)
+    lora = serving.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true.", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -100,7 +100,8 @@ async def create_chat_completion(serving: OpenAIServing,
     (inp,) = await serving.prepare([prompt], params, bool(req.add_special_tokens))
     rid, created = new_request_id("chatcmpl"), now_s()
     slo = serving.slo(req)
-    gen = (search or client.generate)(rid, inp, priority=req.priority or 0, **slo)
+    gen = (search or client.generate)(rid, inp, priority=req.priority or 0, lora_request=lora,
+                                      **slo)
     model = req.model or serving.model_name
     decode = (lambda t: client.tokenizer.decode([t])) if client.tokenizer is not None else str
     top_n = req.top_logprobs or 0

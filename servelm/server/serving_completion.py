@@ -35,7 +35,7 @@ def _prompts(prompt: Union[str, list], max_prompts: int) -> list[Any]:
 async def create_completion(serving: OpenAIServing,
                             req: CompletionRequest) -> Union[dict, AsyncIterator[str]]:
     """A response body (dict), or an SSE stream when ``req.stream``."""
-    serving.check_model(req.model)
+    lora = serving.check_model(req.model)
     prompts = _prompts(req.prompt, serving.config.max_prompts)
     echo = bool(req.echo)
     score_only = scores_prompt_only(req)  # echo with max_tokens 0: runs with 1, drops it
@@ -48,7 +48,7 @@ async def create_completion(serving: OpenAIServing,
     rid, created = new_request_id("cmpl"), now_s()
     slo = serving.slo(req)
     generate = search or serving.client.generate
-    gens = [generate(f"{rid}-{i}", p, priority=req.priority or 0, **slo)
+    gens = [generate(f"{rid}-{i}", p, priority=req.priority or 0, lora_request=lora, **slo)
             for i, p in enumerate(inputs)]
     if score_only:
         gens = [drop_generated(g) for g in gens]

@@ -32,11 +32,12 @@ _DOCS_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff
                                             "frame-ancestors 'none'; base-uri 'none'"}
 
 
-def model_card(name: str, root: str, created: int, max_model_len: int) -> dict:
+def model_card(name: str, root: str, created: int, max_model_len: int,
+               parent: Optional[str] = None) -> dict:
     """One entry of /v1/models. ``root`` is the served name the aliases share, never the
-    checkpoint's path on this machine."""
+    checkpoint's path on this machine; ``parent`` a LoRA adapter's base model."""
     return {"id": name, "object": "model", "created": created, "owned_by": "servelm",
-            "root": root, "parent": None, "max_model_len": max_model_len}
+            "root": root, "parent": parent, "max_model_len": max_model_len}
 
 
 def tokenizer_info(tokenizer: Any, max_model_len: int) -> dict:
