@@ -151,9 +151,9 @@ class InputProcessor:
             raise ValueError(f"lora_int_id {lora.lora_int_id} already names the adapter at "
                              f"{known!r}: other weights need another lora_int_id.")
         if known is None:
-            from servelm.lora.peft import read_adapter
-            read_adapter(lora.lora_path, self.config.model.hf_config,
-                         self.config.lora.max_lora_rank)
+            from servelm.lora.peft import check_adapter
+            check_adapter(lora.lora_path, self.config.model.hf_config,
+                          self.config.lora.max_lora_rank)
             self._lora_paths[lora.lora_int_id] = lora.lora_path
 
     def check_kv_budget(self, budget: int) -> None:

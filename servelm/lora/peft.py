@@ -104,35 +104,67 @@ def read_config(path: str) -> dict:
     return cfg
 
 
-def _load_tensors(path: str) -> dict[str, torch.Tensor]:
-    st = os.path.join(path, "adapter_model.safetensors")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-        try:
-            return load_file(st)
-        except Exception as e:
-            raise ValueError(f"{st}: cannot read it ({type(e).__name__}: {e}).") from None
-    binf = os.path.join(path, "adapter_model.bin")
-    if os.path.isfile(binf):
-        try:
-            return torch.load(binf, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{binf}: cannot read it ({type(e).__name__}: {e}).") from None
+def _weights_file(path: str) -> str:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            return f
     raise ValueError(f"{path!r} has no adapter_model.safetensors (or adapter_model.bin).")
 
 
-def read_adapter(path: str, hf_config: Any, max_rank: int,
-                 dtype: torch.dtype = torch.float32) -> AdapterWeights:
-    """The adapter at ``path``, checked against ``hf_config``'s shapes and ``max_rank``;
-    ValueError naming what is wrong otherwise."""
+def _tensor_shapes(file: str) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """name -> (shape, floating point) from a safetensors header (no tensor is read), or from
+    a loaded .bin."""
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+            out = {}
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    out[k] = (tuple(sl.get_shape()), sl.get_dtype() in _FLOAT_DTYPES)
+            return out
+        return {k: (tuple(t.shape), t.is_floating_point()) for k, t in _load(file).items()}
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{file}: cannot read it ({type(e).__name__}: {e}).") from None
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _load(file: str) -> dict[str, torch.Tensor]:
+    try:
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(file)
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot read it ({type(e).__name__}: {e}).") from None
+
+
+@dataclass(frozen=True)
+class _Module:
+    """One adapted projection: "layers.{i}.{block}.{proj}", its checkpoint keys, rank, scale."""
+
+    name: str
+    key_a: str
+    key_b: str
+    rank: int
+    scale: float
+
+
+def check_adapter(path: str, hf_config: Any, max_rank: int) -> list[_Module]:
+    """The adapter at ``path`` checked against ``hf_config``'s shapes and ``max_rank`` from
+    its config and tensor headers; ValueError naming what is wrong."""
     cfg = read_config(path)
-    tensors = _load_tensors(path)
     shapes = projection_shapes(hf_config)
     num_layers = hf_config.num_hidden_layers
     use_rslora = bool(cfg.get("use_rslora", False))
     r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
+    pairs: dict[str, dict[str, tuple[str, tuple[int, ...], bool]]] = {}
+    for key, (shape, floating) in _tensor_shapes(_weights_file(path)).items():
         name = key.removeprefix("base_model.model.").removeprefix("model.")
         m = _KEY.match(name)
         if m is None:
@@ -150,22 +182,23 @@ def read_adapter(path: str, hf_config: Any, max_rank: int,
         if layer >= num_layers:
             raise ValueError(f"LoRA adapter {path!r}: {key!r} is for layer {layer}, but the "
                              f"base model has {num_layers} layers.")
-        pairs.setdefault(f"layers.{layer}.{block}.{proj}", {})[ab] = t
+        if not floating:
+            raise ValueError(f"LoRA adapter {path!r}: {key!r} is not floating point.")
+        pairs.setdefault(f"layers.{layer}.{block}.{proj}", {})[ab] = (key, shape, floating)
     if not pairs:
         raise ValueError(f"LoRA adapter {path!r} has no LoRA weights.")
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    rank = 0
+    modules = []
     for mod, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"LoRA adapter {path!r}: {mod} has lora_{''.join(ab)} without "
                              f"lora_{'B' if 'A' in ab else 'A'}.")
-        a, b = ab["A"], ab["B"]
+        (ka, sa, _), (kb, sb, _) = ab["A"], ab["B"]
         out, inp = shapes[mod.rsplit(".", 1)[1]]
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != inp or b.shape != (out, r):
-            raise ValueError(f"LoRA adapter {path!r}: {mod} has A {tuple(a.shape)} and B "
-                             f"{tuple(b.shape)}; the base model needs A [r, {inp}] and B "
-                             f"[{out}, r] (an adapter for another model?).")
+        r = sa[0] if sa else 0
+        if len(sa) != 2 or len(sb) != 2 or sa[1] != inp or sb != (out, r):
+            raise ValueError(f"LoRA adapter {path!r}: {mod} has A {sa} and B {sb}; the base "
+                             f"model needs A [r, {inp}] and B [{out}, r] (an adapter for "
+                             "another model?).")
         if r > max_rank:
             raise ValueError(f"LoRA adapter {path!r}: {mod} has rank {r}, over max_lora_rank "
                              f"({max_rank}); start the engine with --max-lora-rank >= {r}.")
@@ -175,9 +208,16 @@ def read_adapter(path: str, hf_config: Any, max_rank: int,
             raise ValueError(f"LoRA adapter {path!r}: {mod} has rank {r}, but its "
                              f"adapter_config.json says r={r_cfg}.")
         alpha = _pattern_value(cfg.get("alpha_pattern"), full, alpha_default)
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        if not (a.is_floating_point() and b.is_floating_point()):
-            raise ValueError(f"LoRA adapter {path!r}: {mod} weights are not floating point.")
-        modules[mod] = (a.to(dtype), (b.float() * scale).to(dtype))
-        rank = max(rank, r)
-    return AdapterWeights(path, rank, modules)
+        modules.append(_Module(mod, ka, kb, r, alpha / math.sqrt(r) if use_rslora else alpha / r))
+    return modules
+
+
+def read_adapter(path: str, hf_config: Any, max_rank: int,
+                 dtype: torch.dtype = torch.float32) -> AdapterWeights:
+    """The adapter at ``path`` (checked as ``check_adapter`` does), its scaling folded into B,
+    in ``dtype``."""
+    modules = check_adapter(path, hf_config, max_rank)
+    tensors = _load(_weights_file(path))
+    out = {m.name: (tensors[m.key_a].to(dtype), (tensors[m.key_b].float() * m.scale).to(dtype))
+           for m in modules}
+    return AdapterWeights(path, max(m.rank for m in modules), out)
