@@ -44,6 +44,10 @@ class SpecDecodeCounters:
             per_pos[i] += 1
 
 
+def _lora_names(reqs: Iterable[Request]) -> list[str]:
+    return sorted({r.lora_request.lora_name for r in reqs if r.lora_request is not None})
+
+
 class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_blocks: int,
                  num_host_blocks: int = 0, clock: Callable[[], float] = time.time) -> None:
@@ -106,7 +110,10 @@ class Scheduler:
                               self.num_preemptions, self.kv.stats.queries, self.kv.stats.hits,
                               len(self.swapped), self.spec.num_drafts,
                               self.spec.num_draft_tokens, self.spec.num_accepted_tokens,
-                              list(self.spec.accepted_per_pos), dict(self.early_exit_tokens))
+                              list(self.spec.accepted_per_pos), dict(self.early_exit_tokens),
+                              max_lora=self.config.max_loras,
+                              running_lora_adapters=_lora_names(self.running),
+                              waiting_lora_adapters=_lora_names(self.waiting))
 
     def telemetry_snapshot(self, since_step: int = -1) -> dict:
         """Recent steps and request timelines for the dashboard (see core/telemetry.py), with

@@ -145,3 +145,8 @@ class SchedulerStats:
     cascade_escalations: int = 0
     # path ("small" | "large") -> [requests, seconds in all] from arrival to the answer's end
     cascade_latency: dict[str, list[float]] = field(default_factory=dict)
+    # multi-LoRA (vLLM's lora_requests_info): adapter slots, and the adapters of the running
+    # and of the waiting requests (names, sorted)
+    max_lora: int = 0
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)

@@ -84,7 +84,10 @@ def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
         sum(s.spec_num_drafts for s in stats), sum(s.spec_num_draft_tokens for s in stats),
         sum(s.spec_num_accepted_tokens for s in stats), per_pos,
         {n: sum(s.early_exit_tokens.get(n, 0) for s in stats)
-         for n in sorted({n for s in stats for n in s.early_exit_tokens})})
+         for n in sorted({n for s in stats for n in s.early_exit_tokens})},
+        max_lora=max((s.max_lora for s in stats), default=0),
+        running_lora_adapters=sorted({a for s in stats for a in s.running_lora_adapters}),
+        waiting_lora_adapters=sorted({a for s in stats for a in s.waiting_lora_adapters}))
 
 
 class DataParallelClient:

@@ -108,16 +108,18 @@ class LoRALinearMethod(LinearMethod):
             t = lora_shrink(x, self.a, st.sorted_tokens, st.slot_start)  # [T, P*R] fp32
             lora_expand(y, t, self.b, st.sorted_tokens, st.slot_start, self.part_offsets)
             return y
+        # the torch path (CPU): in the model dtype, few ops (each op's overhead is what a small
+        # step pays), each part added into its slice of y in place
         R, off = self.rank, self.part_offsets
         for slot, idx in st.groups:
             xs = x if idx is None else x.index_select(0, idx)
-            t = xs.float() @ self.a[slot].float().T  # [n, P*R]
-            delta = torch.cat([t[:, p * R:(p + 1) * R] @ self.b[slot, off[p]:off[p + 1]].float().T
-                               for p in range(len(off) - 1)], dim=1).to(y.dtype)  # [n, N]
-            if idx is None:
-                y += delta
-            else:
-                y.index_add_(0, idx, delta)
+            t = xs @ self.a[slot].T  # [n, P*R]
+            for p in range(len(off) - 1):
+                delta = t[:, p * R:(p + 1) * R] @ self.b[slot, off[p]:off[p + 1]].T
+                if idx is None:
+                    y[:, off[p]:off[p + 1]] += delta
+                else:
+                    y[:, off[p]:off[p + 1]].index_add_(0, idx, delta)
         return y
 
     # ---- slots ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ SchedulerStats, fetched when /metrics is scraped.
 """
 from __future__ import annotations
 
+import time
 from typing import Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -79,6 +80,14 @@ class _SchedulerCollector(Collector):
                       "--cascade).", s.cascade_requests)
         yield counter("cascade_escalations", "Of those, the ones escalated from the small "
                       "model to the large.", s.cascade_escalations)
+        if s.max_lora:  # vLLM's lora_requests_info: the adapters in labels, the value a time
+            info = GaugeMetricFamily("servelm:lora_requests_info", "LoRA adapters of the "
+                                     "running and waiting requests (comma-separated), and the "
+                                     "adapter slots.", labels=["max_lora", "running_lora_adapters",
+                                                               "waiting_lora_adapters"])
+            info.add_metric([str(s.max_lora), ",".join(s.running_lora_adapters),
+                             ",".join(s.waiting_lora_adapters)], time.time())
+            yield info
         if s.cascade_latency:
             lat = SummaryMetricFamily("servelm:cascade_request_latency_seconds",
                                       "A cascade's requests from arrival to the end of the "

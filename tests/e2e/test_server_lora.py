@@ -66,6 +66,8 @@ def test_adapters_by_model_name(setup):
     assert chat.status_code == 200
     r = _complete(api, "nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    metrics = api.get("/metrics").text
+    assert 'servelm:lora_requests_info{max_lora="2"' in metrics
 
 
 def test_load_and_unload_at_run_time(setup):
