@@ -55,8 +55,8 @@ def ttft(llm, length: int, vocab: int, lora, seed: int) -> float:
 
 
 def shutdown(llm) -> None:
+    """Stops llm's engine; the caller drops its last reference before the next engine."""
     llm.engine.core.shutdown()
-    del llm
     gc.collect()
     try:
         import torch
@@ -110,6 +110,7 @@ def main() -> None:
     rows.append(("base", r))
     print("base", r, f"({time.perf_counter() - t:.0f} s)", flush=True)
     shutdown(base)
+    base = None  # (its KV cache and graphs freed before the next engine sizes its own)
 
     tmp = tempfile.mkdtemp(prefix="servelm-lora-bench-")
     most = max(counts + ([paging[0]] if paging else []))
@@ -135,6 +136,7 @@ def main() -> None:
         rows.append((f"{k} adapter{'s' * (k > 1)}", r))
         print(k, r, f"({time.perf_counter() - t:.0f} s)", flush=True)
     shutdown(llm)
+    llm = None
     if paging:
         k, s = paging
         llm = LLM(**kw, enable_lora=True, max_loras=s, max_lora_rank=args.rank,

@@ -113,6 +113,10 @@ class ModelRunner:
         self.tp, self.pp, self.world = tp, pp, world or tp
         self.streamer = None  # cpu_offload_gb: the layers streamed from host memory
         self.last_stage = pp.rank == pp.world_size - 1
+        # (before the model loads: the kernel warm-up and the proposer ask
+        # will_capture_graphs, which reads them)
+        self.eviction = config.cache.kv_eviction  # KV eviction settings (None: off)
+        self.h2o = self.eviction is not None and self.eviction.needs_scores
         self.model = self._load_model(tp)
         # rows: running requests (<= max_num_seqs), or the profiling batch
         max_rows = max(config.scheduler.max_num_seqs, len(profile_lens(self)))
@@ -134,8 +138,6 @@ class ModelRunner:
         self._arrivals: list = []
         self.lora = self._build_lora(max_rows)  # adapter slots count as weights
         self.mem_weights = (torch.cuda.memory_allocated(self.device) - self.mem_at_init) if cuda else 0
-        self.eviction = config.cache.kv_eviction  # KV eviction settings (None: off)
-        self.h2o = self.eviction is not None and self.eviction.needs_scores
         self.kv_scores: Optional[torch.Tensor] = None  # h2o: attention received, per KV slot
         self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq,
                                 unbounded=self.eviction is not None)
