@@ -54,6 +54,20 @@ def ttft(llm, length: int, vocab: int, lora, seed: int) -> float:
     return statistics.median(times)
 
 
+def profile(llm, length: int, vocab: int, lora) -> None:
+    """CUDA time by kernel of one prompt of ``length`` tokens with the adapter, then
+    without: where a LoRA prefill's time goes."""
+    import torch
+    from servelm import SamplingParams
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for name, lo in (("with adapter", lora), ("base", None)):
+        p = prompts(1, length, 999 if lo else 998, vocab)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            llm.generate(p, sp, use_tqdm=False, lora_request=lo)
+        print(f"-- prefill of {length} tokens, {name}", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+
+
 def shutdown(llm) -> None:
     """Stops llm's engine; the caller drops its last reference before the next engine."""
     llm.engine.core.shutdown()
@@ -76,6 +90,8 @@ def main() -> None:
     ap.add_argument("--distinct-files", type=int, default=16)
     ap.add_argument("--counts", type=int, nargs="+", default=None,
                     help="adapters per row (default: 1 8 on the CPU, 1 8 64 on a GPU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the CUDA time by kernel of a LoRA prefill and a base one")
     ap.add_argument("--paging", type=int, nargs=2, default=None, metavar=("ADAPTERS", "SLOTS"),
                     help="a paging row (default on a GPU: 256 adapters through 32 slots)")
     args = ap.parse_args()
@@ -85,6 +101,8 @@ def main() -> None:
     t_len = args.ttft_len or (2048 if gpu else 512)
     counts = args.counts or ([1, 8, 64] if gpu else [1, 8])
     paging = args.paging or ((256, 32) if gpu else None)
+    if paging is not None and paging[0] == 0:  # --paging 0 0: no paging row
+        paging = None
 
     from servelm import LLM, LoRARequest
     from servelm.lora.synthetic import write_random_adapter
@@ -128,6 +146,15 @@ def main() -> None:
     slots = max(counts)
     llm = LLM(**kw, enable_lora=True, max_loras=slots, max_lora_rank=args.rank,
               max_cpu_loras=max(slots, n_files))
+    # the LoRA kernels compile on first use (the start-up kernel warm-up does not know them
+    # yet): a short untimed run over every adapter and a prompt of each size first
+    t = time.perf_counter()
+    warm = min(n, 4 * slots)
+    b2(llm, reqs[:warm], 8, row_loras(slots, 0)[:warm])
+    ttft(llm, t_len, vocab, loras[0], 300)
+    print(f"LoRA warm-up {time.perf_counter() - t:.0f} s", flush=True)
+    if args.profile:
+        profile(llm, t_len, vocab, loras[0])
     for k in counts:
         t = time.perf_counter()
         r = b2(llm, reqs, o_len, row_loras(k, k))

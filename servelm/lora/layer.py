@@ -24,9 +24,9 @@ class LoRABatch:
 
     On CUDA with kernels, ``token_lora`` is a persistent device buffer (read inside CUDA
     graphs; tokens past the step's, a graph's padding, hold -1) and ``prepare`` sorts the
-    tokens by slot on the device; the kernels always run (a slot with no tokens costs its
-    programs an early exit). Elsewhere the step's groups of tokens per slot are built on the
-    host and a step with no adapter skips LoRA altogether."""
+    tokens by slot on the device; a decode graph always runs the kernels (a slot with no
+    tokens costs its programs an early exit). Elsewhere the step's groups of tokens per slot
+    are built on the host. An eager step with no adapter skips LoRA altogether."""
 
     def __init__(self, num_slots: int, max_tokens: int, device: torch.device,
                  use_kernels: bool) -> None:
@@ -34,6 +34,9 @@ class LoRABatch:
         self.use_kernels = use_kernels
         self.token_lora = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.active = False  # some token of this step has an adapter
+        # a decode graph's forward (capture, warm-up): the LoRA kernels must be in it whatever
+        # this step holds, since replays of it serve steps with adapters
+        self.in_graph = False
         # eager torch path: (slot, token indices [n] or None for all tokens) per slot in use
         self.groups: list[tuple[int, Optional[torch.Tensor]]] = []
         # kernel path, set by prepare(): tokens grouped by slot [T], slot s's range [S + 1]
@@ -96,13 +99,16 @@ class LoRALinearMethod(LinearMethod):
 
     def apply_silu_mul(self, layer, gate_up: torch.Tensor,
                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = self.base.apply_silu_mul(layer, gate_up, bias)
-        if not (self.batch.use_kernels or self.batch.active):
-            return y
-        return self._add_lora(y, silu_and_mul(gate_up, layer.use_kernel))
+        if not (self.batch.active or self.batch.in_graph):  # the base's fused path
+            return self.base.apply_silu_mul(layer, gate_up, bias)
+        # the activation once, for the base matmul and the adapters' (not twice)
+        act = silu_and_mul(gate_up, layer.use_kernel)
+        return self._add_lora(self.base.apply(layer, act, bias), act)
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         st = self.batch
+        if not (st.active or st.in_graph):
+            return y
         if st.use_kernels:
             from servelm.kernels.lora import lora_expand, lora_shrink
             t = lora_shrink(x, self.a, st.sorted_tokens, st.slot_start)  # [T, P*R] fp32

@@ -347,7 +347,13 @@ class ModelRunner:
     def _decode(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """What a decode graph runs: forward, lm_head, greedy argmax."""
-        logits = self.model.compute_logits(self._forward(input_ids, positions, meta))
+        if self.lora is not None:  # captured with the LoRA kernels, whatever this step holds
+            self.lora.batch.in_graph = True
+        try:
+            logits = self.model.compute_logits(self._forward(input_ids, positions, meta))
+        finally:
+            if self.lora is not None:
+                self.lora.batch.in_graph = False
         return logits, logits.argmax(-1)
 
     # ---- per step -------------------------------------------------------------------------
