@@ -37,8 +37,11 @@ class LoRABatch:
         # a decode graph's forward (capture, warm-up): the LoRA kernels must be in it whatever
         # this step holds, since replays of it serve steps with adapters
         self.in_graph = False
-        # eager torch path: (slot, token indices [n] or None for all tokens) per slot in use
+        # eager torch path, one adapter in the step: (slot, its tokens [n] or None for all)
         self.groups: list[tuple[int, Optional[torch.Tensor]]] = []
+        # several: the G adapters' slots [G], their tokens padded to the largest group's m
+        # [G, m] (a group's first token repeated) and a mask of the real ones [G, m, 1]
+        self.padded: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         # kernel path, set by prepare(): tokens grouped by slot [T], slot s's range [S + 1]
         self.sorted_tokens: Optional[torch.Tensor] = None
         self.slot_start: Optional[torch.Tensor] = None
@@ -55,11 +58,21 @@ class LoRABatch:
                                       non_blocking=True)
             self.token_lora[T:].fill_(-1)
             return
-        self.groups = []
-        for s in np.unique(slots[slots >= 0]).tolist():
-            idx = np.nonzero(slots == s)[0]
-            self.groups.append((s, None if len(idx) == T else
+        self.groups, self.padded = [], None
+        present = np.unique(slots[slots >= 0])
+        if len(present) == 1:
+            idx = np.nonzero(slots == present[0])[0]
+            self.groups.append((int(present[0]), None if len(idx) == T else
                                 torch.from_numpy(idx).to(self.token_lora.device)))
+        elif len(present) > 1:  # one batched matmul pair for all adapters (op count is the cost)
+            members = [np.nonzero(slots == s)[0] for s in present]
+            m = max(len(g) for g in members)
+            pad = np.stack([np.concatenate([g, np.full(m - len(g), g[0])]) for g in members])
+            mask = np.arange(m)[None, :] < np.array([len(g) for g in members])[:, None]
+            dev = self.token_lora.device
+            self.padded = (torch.from_numpy(present.astype(np.int64)).to(dev),
+                           torch.from_numpy(pad.astype(np.int64)).to(dev),
+                           torch.from_numpy(mask[:, :, None]).to(dev))
 
     def prepare(self, num_tokens: int) -> None:
         """At the start of a forward of num_tokens tokens (inside a graph's capture too)."""
@@ -82,6 +95,7 @@ class LoRALinearMethod(LinearMethod):
         self.a = torch.zeros(S, P * rank, layer.input_size_per_rank, dtype=dtype, device=device)
         self.b = torch.zeros(S, layer.output_size_per_rank, rank, dtype=dtype, device=device)
         self.part_offsets = tuple(layer.part_offsets)
+        self._b_full: Optional[torch.Tensor] = None  # the torch path's block form of b
 
     # the base method's seam, unchanged
     def create_weights(self, layer) -> None:
@@ -117,6 +131,14 @@ class LoRALinearMethod(LinearMethod):
         # the torch path (CPU): in the model dtype, few ops (each op's overhead is what a small
         # step pays), each part added into its slice of y in place
         R, off = self.rank, self.part_offsets
+        if st.padded is not None:
+            slots, pad, mask = st.padded  # [G], [G, m], [G, m, 1]
+            G, m = pad.shape
+            xs = x.index_select(0, pad.reshape(-1)).view(G, m, -1)  # [G, m, K]
+            t = torch.bmm(xs, self.a[slots].transpose(1, 2)) * mask  # [G, m, P*R]
+            delta = torch.bmm(t, self._b_blocks()[slots])  # [G, m, N]
+            y.index_add_(0, pad.reshape(-1), delta.view(G * m, -1))
+            return y
         for slot, idx in st.groups:
             xs = x if idx is None else x.index_select(0, idx)
             t = xs @ self.a[slot].T  # [n, P*R]
@@ -137,8 +159,22 @@ class LoRALinearMethod(LinearMethod):
         a = layer.shard_cols(a, "lora_A")
         return a.contiguous(), b.contiguous()
 
+    def _b_blocks(self) -> torch.Tensor:
+        """[S, P*R, N]: B transposed, part p's rows in its own rank rows p*R..(p+1)*R and
+        its own columns (zero elsewhere), so one matmul expands every part (torch path)."""
+        if self._b_full is None:
+            S, N, R = self.b.shape
+            off = self.part_offsets
+            full = torch.zeros(S, (len(off) - 1) * R, N, dtype=self.b.dtype, device=self.b.device)
+            for p in range(len(off) - 1):
+                full[:, p * R:(p + 1) * R, off[p]:off[p + 1]] = \
+                    self.b[:, off[p]:off[p + 1]].transpose(1, 2)
+            self._b_full = full
+        return self._b_full
+
     def set_slot(self, slot: int, parts: list) -> None:
         """parts: per part (A [r, K_rank], B [rows, r]) of this rank, or None (not adapted)."""
+        self._b_full = None  # rebuilt from b when next needed
         self.a[slot].zero_()
         self.b[slot].zero_()
         R = self.rank
