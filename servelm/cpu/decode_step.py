@@ -29,8 +29,10 @@ MAX_ROWS = 256
 class CpuDecodeStep:
     """``padded_size`` / ``run`` as DecodeGraphs, for the engine's decode-only CPU steps."""
 
-    def __init__(self, lib, plan: NativePlan, model, threads: int) -> None:
+    def __init__(self, lib, plan: NativePlan, model, threads: int, lora_batch=None) -> None:
         self.lib, self.plan, self.model, self.threads = lib, plan, model, threads
+        # multi-LoRA (lora.layer.LoRABatch): each row's adapter slot, read by the step
+        self.lora_batch = lora_batch
         floats = lib.sl_scratch_floats(plan.model, threads)
         self.scratch = torch.empty(floats, dtype=torch.float32)
         # output buffers grow with the largest batch seen (256 rows of a 128k vocabulary would
@@ -72,7 +74,7 @@ class CpuDecodeStep:
         rc = self.lib.sl_decode(self.plan.model, S, x.data_ptr(), pos.data_ptr(), slots.data_ptr(),
                                 bt.data_ptr(), bt.shape[1], lens.data_ptr(), logits.data_ptr(),
                                 greedy.data_ptr(), self.scratch.data_ptr(), self.threads,
-                                self.prof)
+                                self.prof, self._lora_slots(S))
         if rc:
             raise ValueError(f"CPU decode step refused its inputs (batch {S}, contexts "
                              f"{lens.tolist()}; limits {self.plan.max_rows} rows, "
@@ -82,8 +84,18 @@ class CpuDecodeStep:
         return logits, greedy.clone()
 
 
+    def _lora_slots(self, S: int) -> Optional[int]:
+        """Pointer to the step's [S] adapter slots, or None (no adapter this step)."""
+        lb = self.lora_batch
+        if lb is None or not lb.active:
+            return None
+        if lb.host_slots.shape[0] != S:
+            raise ValueError(f"LoRA slots of {lb.host_slots.shape[0]} tokens for a step of {S}")
+        return lb.host_slots.data_ptr()
+
+
 def build_decode_step(model, kv_caches, max_model_len: int, threads: int,
-                      max_rows: int = MAX_ROWS) -> Optional[CpuDecodeStep]:
+                      max_rows: int = MAX_ROWS, lora_batch=None) -> Optional[CpuDecodeStep]:
     """The C decode step for this model, or None (logged once, with the reason) where the
     PyTorch path must run: no compiler, or a layer layout the C code does not read."""
     lib = native.load()
@@ -94,4 +106,4 @@ def build_decode_step(model, kv_caches, max_model_len: int, threads: int,
     except Unsupported as e:
         logger.info("CPU fast path off for this model: %s; decode runs the PyTorch path", e)
         return None
-    return CpuDecodeStep(lib, plan, model, threads)
+    return CpuDecodeStep(lib, plan, model, threads, lora_batch)

@@ -3,8 +3,8 @@ requirement, no torch headers, so a build takes about a second. The shared objec
 under ``$SERVELM_CACHE_DIR`` (default ``~/.cache/servelm``), keyed by the source, the compiler
 and the flags; a machine without a compiler gets None (and the PyTorch path) with one notice.
 
-The struct classes here mirror the C ones field for field (``sl_mat``, ``sl_proj``,
-``sl_layer``, ``sl_model``)."""
+The struct classes here mirror the C ones field for field (``sl_mat``, ``sl_lora``,
+``sl_proj``, ``sl_layer``, ``sl_model``)."""
 from __future__ import annotations
 
 import ctypes
@@ -36,9 +36,14 @@ class SlMat(ctypes.Structure):
                 ("d", _P), ("m", _P)]
 
 
+class SlLora(ctypes.Structure):
+    _fields_ = [("a", _P), ("b", _P), ("rank", ctypes.c_int32), ("nparts", ctypes.c_int32),
+                ("bf16", ctypes.c_int32), ("pad", ctypes.c_int32), ("off", ctypes.c_int32 * 4)]
+
+
 class SlProj(ctypes.Structure):
     _fields_ = [("nparts", ctypes.c_int32), ("n", ctypes.c_int32), ("part", SlMat * 3),
-                ("bias", _P)]
+                ("bias", _P), ("lora", SlLora)]
 
 
 class SlLayer(ctypes.Structure):
@@ -53,7 +58,7 @@ class SlModel(ctypes.Structure):
                 ("inter", ctypes.c_int32), ("n_layers", ctypes.c_int32),
                 ("vocab", ctypes.c_int32), ("block_size", ctypes.c_int32),
                 ("kv_bf16", ctypes.c_int32), ("max_ctx", ctypes.c_int32),
-                ("max_rows", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("max_rows", ctypes.c_int32), ("lora_rank", ctypes.c_int32),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("cos_sin", _P), ("final_norm", _P), ("head", SlProj),
                 ("layers", ctypes.POINTER(SlLayer))]
@@ -122,7 +127,7 @@ def load() -> Optional[ctypes.CDLL]:
     lib.sl_scratch_floats.argtypes = [ctypes.POINTER(SlModel), i32]
     lib.sl_scratch_floats.restype = i64
     lib.sl_decode.argtypes = [ctypes.POINTER(SlModel), i32, _P, _P, _P, _P, i32, _P, _P, _P, _P,
-                              i32, _P]
+                              i32, _P, _P]
     lib.sl_decode.restype = i32
     lib.sl_linear.argtypes = [ctypes.POINTER(SlProj), i32, _P, _P, _P, i32]
     lib.sl_linear.restype = i32

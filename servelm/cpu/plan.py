@@ -45,17 +45,17 @@ def _dense_part(w: torch.Tensor, off: int, keep: list) -> tuple:
             w.data_ptr(), None, None, 32, 0)
 
 
-def _unquantized_parts(layer, keep: list) -> list[tuple]:
+def _unquantized_parts(layer, method, keep: list) -> list[tuple]:
     return [_dense_part(layer.weight, 0, keep)]
 
 
-def _gguf_parts(layer, keep: list) -> list[tuple]:
+def _gguf_parts(layer, method, keep: list) -> list[tuple]:
     parts = []
-    for j, (kind, lo, hi) in enumerate(layer.method.groups):
+    for j, (kind, lo, hi) in enumerate(method.groups):
         if kind is None:
             parts.append(_dense_part(getattr(layer, f"weight_{j}"), lo, keep))
             continue
-        blocks = layer.method.split_blocks(layer, j)  # the C kernels' layout (cpu/blocks.py)
+        blocks = method.split_blocks(layer, j)  # the C kernels' layout (cpu/blocks.py)
         if blocks is None:
             raise Unsupported(f"GGUF type {kind} in {layer.prefix}")
         keep.append(blocks)
@@ -64,10 +64,10 @@ def _gguf_parts(layer, keep: list) -> list[tuple]:
     return parts
 
 
-def _int8_parts(layer, keep: list) -> list[tuple]:
+def _int8_parts(layer, method, keep: list) -> list[tuple]:
     """int8 weight-only: qweight int8 [N, K] read as Q8 codes, scales [N, groups]."""
     q, s = layer.qweight, layer.scales
-    g = layer.method.group_size
+    g = method.group_size
     k = q.shape[1]
     if k % 32 or g % 32 or s.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise Unsupported(f"{layer.prefix}: int8 with K={k}, group {g}")
@@ -77,9 +77,9 @@ def _int8_parts(layer, keep: list) -> list[tuple]:
              native.SCALE_DTYPES[str(s.dtype).removeprefix("torch.")])]
 
 
-def _int4_parts(layer, keep: list) -> list[tuple]:
+def _int4_parts(layer, method, keep: list) -> list[tuple]:
     """int4 (and GPTQ/AWQ) weight-only: the kernels' copy made at load (cpu/blocks.py)."""
-    blocks = layer.method.cpu_blocks(layer)
+    blocks = method.cpu_blocks(layer)
     if blocks is None:
         raise Unsupported(f"{layer.prefix}: int4 layout (act-order, or K / group not a multiple "
                           "of 32)")
@@ -91,7 +91,7 @@ def _int4_parts(layer, keep: list) -> list[tuple]:
 
 # linear method class name -> its weights as (type, n, k, out_off, row_bytes, data, d, m, group,
 # scale dtype) parts
-_PROJECTIONS: dict[str, Callable[[Any, list], list[tuple]]] = {
+_PROJECTIONS: dict[str, Callable[[Any, Any, list], list[tuple]]] = {
     "UnquantizedLinearMethod": _unquantized_parts,
     "GGUFLinearMethod": _gguf_parts,
     "Int8LinearMethod": _int8_parts,
@@ -103,13 +103,18 @@ _PROJECTIONS: dict[str, Callable[[Any, list], list[tuple]]] = {
 
 def projection(layer, keep: list, with_bias: bool = True) -> SlProj:
     """A ``layers.linear.Linear`` as the C struct (its method's own tensors, in place); the
-    bias too unless ``with_bias`` is off (a caller that adds it itself)."""
-    fn = _PROJECTIONS.get(type(layer.method).__name__)
+    bias too unless ``with_bias`` is off (a caller that adds it itself). A LoRA-wrapped
+    method (lora/layer.py) is its base method's weights plus its adapter slots."""
+    method = layer.method
+    lora = method if type(method).__name__ == "LoRALinearMethod" else None
+    if lora is not None:
+        method = lora.base
+    fn = _PROJECTIONS.get(type(method).__name__)
     if fn is None:
-        raise Unsupported(f"linear method {type(layer.method).__name__} ({layer.prefix})")
+        raise Unsupported(f"linear method {type(method).__name__} ({layer.prefix})")
     if getattr(layer, "_sums_over_ranks", False) or layer.tp.world_size > 1:
         raise Unsupported("tensor parallelism")
-    parts = fn(layer, keep)
+    parts = fn(layer, method, keep)
     if len(parts) > 3:
         raise Unsupported(f"{layer.prefix} has {len(parts)} weight groups")
     p = SlProj()
@@ -117,7 +122,25 @@ def projection(layer, keep: list, with_bias: bool = True) -> SlProj:
     for i, part in enumerate(parts):
         _set_mat(p.part[i], *part)
     p.bias = _f32(layer.bias, keep) if with_bias and layer.bias is not None else None
+    if lora is not None:
+        _set_lora(p.lora, lora, keep)
     return p
+
+
+def _set_lora(lo, method, keep: list) -> None:
+    """The adapter slots of a LoRALinearMethod, read in place (slots are filled by copying
+    into these tensors, so the pointers stay valid)."""
+    a, b = method.a, method.b
+    if a.dtype not in _DENSE or b.dtype != a.dtype or len(method.part_offsets) > 4:
+        raise Unsupported(f"LoRA slots of {a.dtype} / {len(method.part_offsets) - 1} parts")
+    if not (a.is_contiguous() and b.is_contiguous()):
+        raise Unsupported("non-contiguous LoRA slots")
+    keep += [a, b]
+    lo.a, lo.b = a.data_ptr(), b.data_ptr()
+    lo.rank, lo.nparts = method.rank, len(method.part_offsets) - 1
+    lo.bf16 = int(a.dtype == torch.bfloat16)
+    for i, off in enumerate(method.part_offsets):
+        lo.off[i] = off
 
 
 def _set_mat(mat, t, n, k, off, row_bytes, data, d, m, group, scale_dtype) -> None:
@@ -167,6 +190,9 @@ def build_plan(model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_ro
     m.head_dim, m.inter, m.n_layers, m.vocab = a.head_dim, a.intermediate_size, a.num_layers, a.vocab_size
     m.block_size, m.kv_bf16 = k0.shape[1], int(k0.dtype == torch.bfloat16)
     m.max_ctx, m.max_rows = max_ctx, max_rows
+    lora_layers = [layer.self_attn.qkv_proj.method for layer in model.layers]
+    m.lora_rank = max((getattr(x, "rank", 0) for x in lora_layers
+                       if type(x).__name__ == "LoRALinearMethod"), default=0)
     m.eps, m.scale = a.rms_norm_eps, a.head_dim ** -0.5
     cos_sin = model.layers[0].self_attn.rotary.cos_sin_cache
     m.cos_sin = _f32(cos_sin, keep)

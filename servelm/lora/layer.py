@@ -37,6 +37,7 @@ class LoRABatch:
         # a decode graph's forward (capture, warm-up): the LoRA kernels must be in it whatever
         # this step holds, since replays of it serve steps with adapters
         self.in_graph = False
+        self.host_slots = torch.zeros(0, dtype=torch.int32)  # set_tokens' slots
         # eager torch path, one adapter in the step: (slot, its tokens [n] or None for all)
         self.groups: list[tuple[int, Optional[torch.Tensor]]] = []
         # several: the G adapters' slots [G], their tokens padded to the largest group's m
@@ -53,6 +54,8 @@ class LoRABatch:
             raise RuntimeError(f"a step of {T} tokens exceeds the LoRA token buffer "
                                f"({self.token_lora.shape[0]})")
         self.active = bool((slots >= 0).any())
+        # [T] int32 on the host: the CPU's C decode step reads it (one token per row there)
+        self.host_slots = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int32))
         if self.use_kernels:
             self.token_lora[:T].copy_(torch.from_numpy(slots.astype(np.int32)),
                                       non_blocking=True)

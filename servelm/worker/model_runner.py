@@ -320,9 +320,10 @@ class ModelRunner:
               and not self.h2o and self.config.early_exit is None):
             # the C step holds a whole model, in place
             from servelm.cpu.decode_step import build_decode_step  # the C decode step
-            self.graphs = build_decode_step(self.model, self.kv_caches,
-                                            self.config.model.max_model_len,
-                                            self.config.threads or torch.get_num_threads())
+            self.graphs = build_decode_step(
+                self.model, self.kv_caches, self.config.model.max_model_len,
+                self.config.threads or torch.get_num_threads(),
+                lora_batch=None if self.lora is None else self.lora.batch)
         if self.proposer is not None:
             self.proposer.initialize_kv_cache(num_blocks)
         if self.gate is not None:  # nothing the memory profile measured
@@ -514,8 +515,9 @@ class ModelRunner:
                                                     inp.drafts, inp.sample_pos))
         graph_out, hidden = None, None  # a graph's (logits, argmax); an eager forward's [T, hidden]
         gmeta = inp.meta if inp.meta.decode_only else inp.token_meta
-        no_plp = (self.graphs is not None and not self._lora_eager()
-                  and not wants_prompt_logprobs(self.batch, inp.rows, inp.starts))
+        # (decode graphs and the CPU's C decode step include the step's LoRA adapters)
+        no_plp = self.graphs is not None and not wants_prompt_logprobs(self.batch, inp.rows,
+                                                                       inp.starts)
         # early exit: steps of output tokens only (prompt tokens always run every layer)
         early_exit = (self.config.early_exit is not None and inp.meta.decode_only
                       and bool((inp.starts >= self.batch.num_prompt_tokens[inp.rows]).all()))
@@ -596,12 +598,6 @@ class ModelRunner:
             return PendingOutput.ready(self._propose(pending.result(), True))
         self._unlanded = pending
         return pending
-
-    def _lora_eager(self) -> bool:
-        """A step with adapters that only the eager forward computes: the CPU's C decode
-        step holds the base model alone (CUDA graphs include the LoRA kernels)."""
-        return (self.lora is not None and not self.lora.batch.use_kernels
-                and self.lora.batch.active)
 
     def _uniform_tree_step(self, inp: StepInputs) -> bool:
         """Every request of the step verifies a whole token tree (nothing else), few enough

@@ -50,12 +50,23 @@ typedef struct {
 
 enum { SL_S_F16 = 0, SL_S_BF16 = 1, SL_S_F32 = 2 };
 
+/* A projection's LoRA adapters (servelm/lora/layer.py's slots, read in place): a [slots,
+ * nparts * rank, k] and b [slots, n, rank] in fp32 or bf16 (the scaling folded into b); part p
+ * of the output is columns off[p] .. off[p + 1] and takes rank rows p * rank .. of a. a NULL:
+ * the projection has none. */
+typedef struct {
+    const void *a, *b;
+    int32_t rank, nparts, bf16, pad;
+    int32_t off[4];
+} sl_lora;
+
 /* A projection: up to 3 matrices side by side (q|k|v or gate|up of different formats), and an
  * fp32 bias over all outputs (or NULL). */
 typedef struct {
     int32_t nparts, n;
     sl_mat part[3];
     const float *bias;
+    sl_lora lora;
 } sl_proj;
 
 typedef struct {
@@ -66,7 +77,7 @@ typedef struct {
 
 typedef struct {
     int32_t hidden, n_heads, n_kv_heads, head_dim, inter, n_layers, vocab, block_size;
-    int32_t kv_bf16, max_ctx, max_rows, pad;
+    int32_t kv_bf16, max_ctx, max_rows, lora_rank; /* lora_rank: the adapters' slot width, 0: none */
     float eps, scale;
     const float *cos_sin; /* [max_position, head_dim]: cos of the D/2 frequencies, then sin */
     const float *final_norm;
@@ -762,10 +773,61 @@ static inline double sl_now(void) {
 
 
 
+/* ---- LoRA ------------------------------------------------------------------------------------ */
+static inline float lora_w(const void *p, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* The shrink, t[s, j] = a[slot(s), j, :] . x[s, :] for rows with an adapter (slot >= 0), this
+ * thread's share of the (row, j) items; reads x only, so it runs beside the base projection. */
+static void lora_shrink_thread(const sl_lora *lo, const int32_t *slots, int S, int k,
+                               const float *x, int xs, float *t, int tid, int nt) {
+    const int PR = lo->nparts * lo->rank;
+    const int64_t items = (int64_t)S * PR, a0 = items * tid / nt, a1 = items * (tid + 1) / nt;
+    for (int64_t w = a0; w < a1; w++) {
+        const int s = (int)(w / PR), j = (int)(w % PR);
+        if (slots[s] < 0) continue;
+        const int64_t base = ((int64_t)slots[s] * PR + j) * k;
+        const float *xr = x + (int64_t)s * xs;
+        float acc = 0.f;
+        if (lo->bf16) {
+            const uint16_t *ar = (const uint16_t *)lo->a + base;
+            for (int i = 0; i < k; i++) acc += bf16_to_f32(ar[i]) * xr[i];
+        } else {
+            const float *ar = (const float *)lo->a + base;
+            for (int i = 0; i < k; i++) acc += ar[i] * xr[i];
+        }
+        t[(int64_t)s * PR + j] = acc;
+    }
+}
+
+/* The expand, y[s, c] += t[s, p * rank ..] . b[slot(s), c, :] for c in part p, over this
+ * thread's share of the output columns (after a barrier: t complete, y written). */
+static void lora_expand_thread(const sl_lora *lo, const int32_t *slots, int S, int n,
+                               const float *t, float *y, int ys, int tid, int nt) {
+    const int R = lo->rank, PR = lo->nparts * R;
+    const int c0 = (int)((int64_t)n * tid / nt), c1 = (int)((int64_t)n * (tid + 1) / nt);
+    for (int s = 0; s < S; s++) {
+        if (slots[s] < 0) continue;
+        const float *ts = t + (int64_t)s * PR;
+        for (int p = 0; p < lo->nparts; p++) {
+            const int lo_c = lo->off[p] > c0 ? lo->off[p] : c0;
+            const int hi_c = lo->off[p + 1] < c1 ? lo->off[p + 1] : c1;
+            for (int c = lo_c; c < hi_c; c++) {
+                const int64_t base = ((int64_t)slots[s] * n + c) * R;
+                float acc = 0.f;
+                for (int r = 0; r < R; r++) acc += ts[p * R + r] * lora_w(lo->b, lo->bf16, base + r);
+                y[(int64_t)s * ys + c] += acc;
+            }
+        }
+    }
+}
+
 /* ---- the step ------------------------------------------------------------------------------ */
 /* Scratch layout (floats), sized by sl_scratch_floats for max_rows sequences and nt threads. */
 typedef struct {
     float *resid, *xn, *qkv, *attn, *h, *gu, *act;
+    float *lora_t; /* [max_rows, 3 * lora_rank]: the LoRA shrink's output */
     float *xsum;   /* per thread: max_rows * max(k) / 32 */
     float *scores; /* per thread: G * max_ctx */
     int64_t xsum_stride, scores_stride;
@@ -787,6 +849,7 @@ static int64_t layout(const sl_model *m, int nt, float *base, sl_bufs *b) {
     TAKE(h, R * H);
     TAKE(gu, R * 2 * m->inter);
     TAKE(act, R * m->inter);
+    TAKE(lora_t, R * 3 * (int64_t)m->lora_rank);
     TAKE(xsum, (int64_t)nt * proj_scratch((int)R, (int)kmax));
     TAKE(scores, (int64_t)nt * G * m->max_ctx);
 #undef TAKE
@@ -799,6 +862,18 @@ static int64_t layout(const sl_model *m, int nt, float *base, sl_bufs *b) {
 
 int64_t sl_scratch_floats(const sl_model *m, int nt) { return layout(m, nt, 0, 0); }
 
+/* after a projection's proj_thread: its adapters' shrink (beside it), a barrier, their expand
+ * into its output and a barrier; without adapters the barrier alone */
+#define LORA(P, X, XS, Y, YS) do { \
+        const sl_proj *p_ = (P); \
+        if (lora_slots && p_->lora.a) { \
+            lora_shrink_thread(&p_->lora, lora_slots, S, p_->part[0].k, (X), (XS), B.lora_t, tid, nth); \
+            _Pragma("omp barrier") \
+            lora_expand_thread(&p_->lora, lora_slots, S, p_->n, B.lora_t, (Y), (YS), tid, nth); \
+        } \
+        _Pragma("omp barrier") \
+    } while (0)
+
 /* attention of sequence s, kv head g of layer L in the step below */
 #define ATTEND(s, g) attend(B.qkv + (int64_t)(s) * nqkv + (g) * G * D, \
                             B.attn + ((int64_t)(s) * NH + (g) * G) * D, L->k_cache, L->v_cache, \
@@ -810,11 +885,13 @@ int64_t sl_scratch_floats(const sl_model *m, int nt) { return layout(m, nt, 0, 0
  * this token). Writes logits [S, vocab] (if non-NULL) and their argmax [S]. prof (if
  * non-NULL): 11 accumulators of seconds per phase (norm, qkv, rope+kv write, attention, o,
  * norm, gate_up, silu*mul, down, final norm, head), timed on thread 0 from barrier to barrier.
+ * lora_slots (NULL: none): [S] each sequence's LoRA slot (-1: the base model), for the
+ * projections with adapters (sl_proj.lora).
  * Returns 0, or -1 on bad sizes. */
 int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions,
               const int64_t *slots, const int32_t *block_tables, int bt_stride,
               const int32_t *seq_lens, float *logits, int64_t *argmax, float *scratch, int nt,
-              double *prof) {
+              double *prof, const int32_t *lora_slots) {
     if (S < 1 || S > m->max_rows || nt < 1) return -1;
     for (int s = 0; s < S; s++)
         if (seq_lens[s] < 1 || seq_lens[s] > m->max_ctx) return -1;
@@ -839,7 +916,7 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
 #pragma omp barrier
             MARK(0);
             proj_thread(&L->qkv, S, B.xn, H, B.qkv, nqkv, xsum, tid, nth);
-#pragma omp barrier
+            LORA(&L->qkv, B.xn, H, B.qkv, nqkv);
             MARK(1);
             for (int s = tid; s < S; s += nth) {
                 float *q = B.qkv + (int64_t)s * nqkv, *k = q + NH * D, *v = k + KVH * D;
@@ -868,7 +945,7 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
 #pragma omp barrier
             MARK(3);
             proj_thread(&L->o, S, B.attn, NH * D, B.h, H, xsum, tid, nth);
-#pragma omp barrier
+            LORA(&L->o, B.attn, NH * D, B.h, H);
             MARK(4);
             for (int s = tid; s < S; s += nth) {
                 for (int i = 0; i < H; i++) B.resid[s * H + i] += B.h[s * H + i];
@@ -877,7 +954,7 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
 #pragma omp barrier
             MARK(5);
             proj_thread(&L->gate_up, S, B.xn, H, B.gu, 2 * I, xsum, tid, nth);
-#pragma omp barrier
+            LORA(&L->gate_up, B.xn, H, B.gu, 2 * I);
             MARK(6);
             {   /* silu(gate) * up, split over all S * I elements */
                 const int64_t total = (int64_t)S * I, a = total * tid / nth, e = total * (tid + 1) / nth;
@@ -890,7 +967,7 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
 #pragma omp barrier
             MARK(7);
             proj_thread(&L->down, S, B.act, I, B.h, H, xsum, tid, nth);
-#pragma omp barrier
+            LORA(&L->down, B.act, I, B.h, H);
             MARK(8);
         }
         for (int s = tid; s < S; s += nth) {
