@@ -14,13 +14,16 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from servelm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                     DetokenizeRequest, TokenizeRequest, bad_request)
+                                     DetokenizeRequest, LoadLoRAAdapterRequest, TokenizeRequest,
+                                     UnloadLoRAAdapterRequest, bad_request)
 from servelm.server.serving import dumps
 
 # the POST routes and the model each one parses its body with
 REQUEST_BODIES: tuple[tuple[str, type[BaseModel]], ...] = (
     ("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest),
-    ("/tokenize", TokenizeRequest), ("/detokenize", DetokenizeRequest))
+    ("/tokenize", TokenizeRequest), ("/detokenize", DetokenizeRequest),
+    ("/v1/load_lora_adapter", LoadLoRAAdapterRequest),
+    ("/v1/unload_lora_adapter", UnloadLoRAAdapterRequest))
 # tokenizer settings that are paths on this machine (vLLM drops the first two only)
 _PATH_KEYS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path",
               "special_tokens_map_file", "is_local", "local_files_only")
