@@ -309,11 +309,12 @@ class Scheduler:
 
         for req in reversed(skipped):
             self.waiting.appendleft(req)
+        prefetch = self._lora_prefetch(loras) if loras is not None else []
 
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self.finished_ids,
                               preempted | urgent_preempted, spec_tokens, self._swap_out,
-                              swap_in)
+                              swap_in, prefetch)
         self.finished_ids, self._swap_out = set(), []
         if num_scheduled:
             self._record_step(out, now)
@@ -515,6 +516,18 @@ class Scheduler:
         """Whether req's adapter may run now: resident in the running set, or a slot left."""
         return (loras is None or req.lora_request is None
                 or req.lora_request.lora_int_id in loras or len(loras) < self.config.max_loras)
+
+    def _lora_prefetch(self, running: set[int]) -> list:
+        """The adapters of the first waiting requests that no running request has, at most
+        max_loras of them (workers skip those they hold or are reading)."""
+        out: dict[int, object] = {}
+        for req in self.waiting:
+            if len(out) >= self.config.max_loras:
+                break
+            lo = req.lora_request
+            if lo is not None and lo.lora_int_id not in running:
+                out.setdefault(lo.lora_int_id, lo)
+        return list(out.values())
 
     @staticmethod
     def _lora_add(req: Request, loras: Optional[set[int]]) -> None:

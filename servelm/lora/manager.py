@@ -5,6 +5,7 @@ the scheduler never runs more distinct adapters at once than there are slots."""
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import re
 from typing import Any, Optional
@@ -47,6 +48,9 @@ class LoRAManager:
         self.req_lora: dict[str, LoRARequest] = {}  # running request -> its adapter
         self.num_slot_loads = 0  # adapters copied into a device slot (paging)
         self.num_disk_reads = 0
+        # reads of waiting requests' adapters in a background thread: id -> its future
+        self._reading: dict[int, concurrent.futures.Future] = {}
+        self._reader: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, req_id: str, lora: Optional[LoRARequest]) -> None:
@@ -93,13 +97,39 @@ class LoRAManager:
         self.slot_lru[lora.lora_int_id] = slot
         self.num_slot_loads += 1
 
+    def prefetch(self, loras: list[LoRARequest]) -> None:
+        """Start reading adapters that waiting requests will need (in a background thread;
+        at most max_loras reads outstanding), so the step that first runs one only copies it."""
+        for lo in loras:
+            lid = lo.lora_int_id
+            if lid in self.host or lid in self.slot_lru or lid in self._reading:
+                continue
+            if len(self._reading) >= self.config.max_loras:
+                break
+            if self._reader is None:
+                self._reader = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="servelm-lora-read")
+            self._reading[lid] = self._reader.submit(self._read, lo)
+
     def _host_weights(self, lora: LoRARequest) -> HostAdapter:
         lid = lora.lora_int_id
         if lid in self.host:
             self.host.move_to_end(lid)
             return self.host[lid]
+        fut = self._reading.pop(lid, None)
+        try:  # (a background read that failed is tried again here, its error raised)
+            out = fut.result() if fut is not None else None
+        except Exception:
+            out = None
+        if out is None:
+            out = self._read(lora)
         while len(self.host) >= self.config.max_cpu_loras:
             self.host.popitem(last=False)
+        self.host[lid] = out
+        return out
+
+    def _read(self, lora: LoRARequest) -> HostAdapter:
+        """This rank's shards of an adapter, from disk (pinned on CUDA)."""
         aw = read_adapter(lora.lora_path, self.hf_config, self.config.max_lora_rank, self.dtype)
         self.num_disk_reads += 1
         pin = self.device.type == "cuda"
@@ -115,7 +145,6 @@ class LoRAManager:
             if pin:
                 a, b = a.pin_memory(), b.pin_memory()
             out.setdefault(name, [None] * mod.num_parts)[part] = (a, b)
-        self.host[lid] = out
-        logger.info("LoRA %r (id %d) read from %s: rank %d, %.1f MiB", lora.lora_name, lid,
-                    lora.lora_path, aw.rank, aw.num_bytes / 2**20)
+        logger.info("LoRA %r (id %d) read from %s: rank %d, %.1f MiB", lora.lora_name,
+                    lora.lora_int_id, lora.lora_path, aw.rank, aw.num_bytes / 2**20)
         return out

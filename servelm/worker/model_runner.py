@@ -501,6 +501,8 @@ class ModelRunner:
         if s.blocks_to_swap_in:
             self.swap.swap_in(self.kv_caches, s.blocks_to_swap_in)
         self._update_states(s)
+        if s.lora_prefetch and self.lora is not None:  # read in the background
+            self.lora.prefetch(s.lora_prefetch)
         out = ModelRunnerOutput()
         if s.total_num_scheduled_tokens == 0:
             self.sampling.update(self.batch.take_update(np.zeros(0, np.int64), None, []))

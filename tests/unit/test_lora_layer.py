@@ -123,3 +123,26 @@ def test_manager_pages_through_slots(tmp_path, tiny_model_factory):
     assert len(mgr.host) == 2
     with pytest.raises(RuntimeError, match="max_loras"):
         mgr.activate(loras)
+
+
+def test_manager_prefetches_in_the_background(tmp_path, tiny_model_factory):
+    """Adapters of waiting requests are read by a background thread; the step that first runs
+    one takes the read from there (one disk read in all)."""
+    from servelm.lora import LoRAConfig, LoRARequest
+    from servelm.lora.manager import LoRAManager
+    from tests.lora_utils import write_adapter
+    from servelm.models.registry import build_model
+    from servelm.attention import get_attention_backend
+    d, hf = tiny_model_factory("llama")
+    model = build_model(hf.config, get_attention_backend("torch", "cpu", 512), False)
+    mgr = LoRAManager(LoRAConfig(2, 8, 4), model, hf.config, torch.float32,
+                      torch.device("cpu"), 64, False)
+    lo = LoRARequest("p", 7, write_adapter(str(tmp_path / "p"), hf, rank=4, seed=3))
+    mgr.prefetch([lo])
+    assert 7 in mgr._reading
+    mgr._reading[7].result(timeout=30)
+    assert mgr.num_disk_reads == 1 and 7 not in mgr.host
+    assert mgr.activate([lo]).tolist() == [0]
+    assert mgr.num_disk_reads == 1 and 7 in mgr.host and not mgr._reading
+    mgr.prefetch([lo])  # held already: nothing to read
+    assert not mgr._reading
