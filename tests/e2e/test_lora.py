@@ -180,11 +180,15 @@ def test_bad_adapters_are_refused(lora_setup, tiny_model_factory, tmp_path):
     dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                              "prompt_lookup_min": 1, "prompt_lookup_max": 3}),
     dict(async_scheduling=True),
-], ids=["tp2", "pp2", "ngram", "async"])
+    "draft_model",  # the base model drafts (no adapter); the target verifies with it
+], ids=["tp2", "pp2", "ngram", "async", "draft_model"])
 def test_adapters_compose(lora_setup, kw):
     """Tensor and pipeline parallelism, speculative decoding (base-model drafts, verified with
     the adapter) and asynchronous scheduling: as merged transformers."""
     d, model, adapters = lora_setup
+    if kw == "draft_model":
+        kw = dict(speculative_config={"method": "draft_model", "model": d,
+                                      "num_speculative_tokens": 3})
     prompts = [(p * 3)[:24] for p in random_prompts(6, (5, 8, 7), seed=13)]
     eng = make_engine(d, enable_lora=True, max_loras=4, max_lora_rank=16, **kw)
     try:
