@@ -240,19 +240,26 @@ def _next_logprobs(ro: RequestOutput) -> PositionLogprobs:
     return c.logprobs[0]
 
 
-def beam_search(llm: Any, prompts: Sequence[Any], params: BeamSearchParams
-                ) -> list[BeamSearchOutput]:
-    """Offline (``llm``: an ``LLM``): prompts as ``LLM.generate`` takes them."""
+def beam_search(llm: Any, prompts: Sequence[Any], params: BeamSearchParams,
+                lora_request: Any = None) -> list[BeamSearchOutput]:
+    """Offline (``llm``: an ``LLM``): prompts as ``LLM.generate`` takes them; lora_request
+    one adapter for all, or one per prompt (as LLM.generate's)."""
     engine = llm.engine
+    loras = (list(lora_request) if isinstance(lora_request, (list, tuple))
+             else [lora_request] * len(prompts))
+    if len(loras) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(loras)} lora requests.")
     ids = [engine.inputs.process(p, SamplingParams(max_tokens=1))[1] for p in prompts]
     sp = step_params(check_beam_search(params, engine.config, ids))
     eos = engine.config.model.eos_token_ids
     instances = [BeamSearchInstance(t, params, eos) for t in ids]
+    lora_of = {id(s): lo for s, lo in zip(instances, loras)}
     while True:
         live, batch = _step_batch(instances)
         if not live:
             break
-        _advance(live, llm.generate(batch, sp, use_tqdm=False))
+        step_loras = [lora_of[id(s)] for s in live for _ in s.beams]  # (batch order)
+        _advance(live, llm.generate(batch, sp, use_tqdm=False, lora_request=step_loras))
     return [s.output(engine.tokenizer) for s in instances]
 
 

@@ -204,7 +204,10 @@ class DataParallelClient:
                                         kw.pop("add_special_tokens", True))
         kw.pop("add_special_tokens", None)
         loads = [r.num_sequences_in_flight() for r in self.replicas]
-        i = self.router.route(prompt.token_ids, loads, [r.is_healthy for r in self.replicas])
+        lora = kw.get("lora_request")  # its KV is cached apart: its own prefix affinity
+        salt = b"" if lora is None else f"lora:{lora.lora_int_id}".encode()
+        i = self.router.route(prompt.token_ids, loads, [r.is_healthy for r in self.replicas],
+                              salt)
         self._owner[request_id] = i
         try:
             async for out in self.replicas[i].generate(request_id, prompt, None, **kw):

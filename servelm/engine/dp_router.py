@@ -23,10 +23,11 @@ class RouterConfig:
     balance_rel: float = 1.5
 
 
-def prefix_hashes(token_ids: Sequence[int], cfg: RouterConfig) -> list[bytes]:
-    """One chained digest per whole leading block: h[i] names blocks 0..i together."""
+def prefix_hashes(token_ids: Sequence[int], cfg: RouterConfig, salt: bytes = b"") -> list[bytes]:
+    """One chained digest per whole leading block: h[i] names blocks 0..i together (and
+    ``salt``: what else keys the prefix cache, a LoRA adapter's id)."""
     out: list[bytes] = []
-    h = b""
+    h = salt
     n = min(len(token_ids) // cfg.block_size, cfg.max_prefix_blocks)
     for i in range(n):
         block = token_ids[i * cfg.block_size:(i + 1) * cfg.block_size]
@@ -43,12 +44,13 @@ class PrefixRouter:
         self.seen = [collections.OrderedDict() for _ in range(num_replicas)]
 
     def route(self, token_ids: Sequence[int], loads: Sequence[int],
-              available: Sequence[bool]) -> int:
-        """The replica for a prompt, among the available ones (at least one must be)."""
+              available: Sequence[bool], salt: bytes = b"") -> int:
+        """The replica for a prompt, among the available ones (at least one must be);
+        ``salt`` as prefix_hashes'."""
         cands = [i for i, ok in enumerate(available) if ok]
         if not cands:
             raise ValueError("no replica is available")
-        hashes = prefix_hashes(token_ids, self.cfg)
+        hashes = prefix_hashes(token_ids, self.cfg, salt)
         least = min(cands, key=lambda i: (loads[i], i))
 
         def depth(i: int) -> int:

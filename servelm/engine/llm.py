@@ -67,10 +67,12 @@ class LLM:
         return self._run(prompts, sampling_params, use_tqdm, False, None, lora_request)
 
     def beam_search(self, prompts: Union[PromptType, Sequence[PromptType]],
-                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+                    params: BeamSearchParams,
+                    lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None
+                    ) -> list[BeamSearchOutput]:
         """vLLM's ``LLM.beam_search``: per prompt the ``params.beam_width`` best sequences,
         scored and stopped as transformers' beam search (see engine/beam_search.py)."""
-        return beam_search(self, _as_prompt_list(prompts), params)
+        return beam_search(self, _as_prompt_list(prompts), params, lora_request)
 
     def _run(self, prompts: list[PromptType], sampling_params, use_tqdm: bool,
              add_special_tokens: bool,

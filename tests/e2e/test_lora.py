@@ -248,3 +248,21 @@ def test_cpu_decode_step_reads_adapters_bf16(lora_setup):
             assert abs(a.logprobs[1][t].logprob - b.logprobs[1][t].logprob) < 0.05
             compared += 1
     assert compared >= 3
+
+
+def test_beam_search_with_an_adapter(lora_setup):
+    """LLM.beam_search(lora_request=...): every step's requests run with the adapter, so
+    width 1 is the adapter's greedy output."""
+    from servelm import LLM
+    from servelm.engine.beam_search import BeamSearchParams
+    d, model, adapters = lora_setup
+    lora, merged = adapters[3]
+    llm = LLM(d, device="cpu", dtype="float32", skip_tokenizer_init=True, enable_lora=True,
+              max_loras=2, max_lora_rank=16, kv_cache_memory=1 << 24, block_size=4)
+    try:
+        prompt = random_prompts(1, (11,), seed=23)[0]
+        out = llm.beam_search([prompt], BeamSearchParams(beam_width=1, max_tokens=8,
+                                                         ignore_eos=True), lora_request=lora)
+        assert out[0].sequences[0].tokens[len(prompt):] == hf_greedy(merged, prompt, 8)[0]
+    finally:
+        llm.engine.core.shutdown()

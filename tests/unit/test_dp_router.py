@@ -95,3 +95,14 @@ def test_offline_engines_refuse_data_parallel(tiny_model_factory):
     with pytest.raises(ValueError, match="data_parallel_size=2: replicas run under `servelm "
                                          "serve`"):
         LLM(d, device="cpu", skip_tokenizer_init=True, data_parallel_size=2)
+
+
+def test_an_adapter_has_its_own_prefix_affinity():
+    """The same prompt under a LoRA adapter (salted) is another prefix: its KV is cached
+    apart, so the replica holding the base model's copy has no claim on it."""
+    assert prefix_hashes(list(range(8)), CFG, b"lora:3") != prefix_hashes(list(range(8)), CFG)
+    r = PrefixRouter(2, CFG)
+    prompt = list(range(300, 316))
+    assert r.route(prompt, [0, 1], [True, True]) == 0
+    assert r.route(prompt, [3, 0], [True, True], b"lora:3") == 1  # no affinity: least loaded
+    assert r.route(prompt, [3, 0], [True, True]) == 0  # the base model's stays with replica 0
