@@ -5,6 +5,7 @@ unloading lets running requests finish; a name re-loaded with new weights never 
 cached under the old ones). Outputs equal transformers with the adapter merged."""
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -118,3 +119,31 @@ def test_unload_while_running_lets_requests_finish(setup):
     if r.status_code == 200:
         assert r.json()["usage"]["completion_tokens"] == 150
     assert _complete(api, "a1").status_code == 200
+
+
+def test_concurrent_mixed_adapters_stream_exact(setup):
+    """24 concurrent streams over the base and two adapters (n=2 each) batch together; every
+    stream's text is its model's greedy output."""
+    import asyncio
+    api, paths, expect = setup
+    assert api.post("/v1/load_lora_adapter",
+                    json={"lora_name": "mix", "lora_path": paths["a3"]}).status_code == 200
+    want = {m: expect(e) for m, e in (("tiny", None), ("a1", "a1"), ("mix", "a3"))}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=str(api.base_url), timeout=60) as c:
+            async def one(model):
+                text = ["", ""]
+                async with c.stream("POST", "/v1/completions", json={
+                        "model": model, "prompt": PROMPT, "max_tokens": MAX_NEW, "n": 2,
+                        "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+                    assert r.status_code == 200
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            for ch in json.loads(line[6:])["choices"]:
+                                text[ch["index"]] += ch["text"]
+                return model, text
+            return await asyncio.gather(*(one(m) for m in ["tiny", "a1", "mix"] * 8))
+    for model, texts in asyncio.run(run()):
+        assert texts == [want[model]] * 2, model
+    assert api.post("/v1/unload_lora_adapter", json={"lora_name": "mix"}).status_code == 200
