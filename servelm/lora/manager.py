@@ -148,3 +148,17 @@ class LoRAManager:
         logger.info("LoRA %r (id %d) read from %s: rank %d, %.1f MiB", lora.lora_name,
                     lora.lora_int_id, lora.lora_path, aw.rank, aw.num_bytes / 2**20)
         return out
+
+
+def with_lora_kernels(model: torch.nn.Module, manager: LoRAManager) -> None:
+    """``model`` (the kernel warm-up's shadow, its layers wrapped by ``manager``) runs the LoRA
+    kernels in every forward, as decode graphs do, so a dry run records their
+    specializations too (worker/kernel_jobs.py)."""
+    batch = manager.batch
+    batch.in_graph = True
+    forward = model.forward
+
+    def with_segments(input_ids, positions, kv_caches, meta):
+        batch.prepare(input_ids.shape[0])  # as the runner's _forward does
+        return forward(input_ids, positions, kv_caches, meta)
+    model.forward = with_segments

@@ -170,7 +170,7 @@ def record_kernel_jobs(model: nn.Module, s: DryRunShapes, device: torch.device) 
 
 # ---- the recorded list, kept beside the compile cache ---------------------------------------
 # sources whose change may change which kernels a model launches, or how they specialize
-_SOURCE_DIRS = ("kernels", "attention", "layers", "models", "quantization")
+_SOURCE_DIRS = ("kernels", "attention", "layers", "models", "quantization", "lora")
 
 
 def job_list_path(cache_dir: str, *parts: Any) -> str:

@@ -136,7 +136,8 @@ class ModelRunner:
         self._unlanded: Optional[PendingOutput] = None  # the latest overlapped step's output
         # an earlier pipeline stage: waits for tokens the last stage is still sampling
         self._arrivals: list = []
-        self.lora = self._build_lora(max_rows)  # adapter slots count as weights
+        # adapter slots (enable_lora; None: off), allocated now: they count as weights
+        self.lora = self._lora_manager(self.model) if config.lora is not None else None
         self.mem_weights = (torch.cuda.memory_allocated(self.device) - self.mem_at_init) if cuda else 0
         self.kv_scores: Optional[torch.Tensor] = None  # h2o: attention received, per KV slot
         self.batch = InputBatch(max_rows, mc.max_model_len, self.max_blocks_per_seq,
@@ -171,18 +172,16 @@ class ModelRunner:
             lambda mc: self._build_and_load(ParallelGroup(), mc), self.will_capture_graphs(),
             max_rows))
 
-    def _build_lora(self, max_rows: int):
-        """enable_lora: the model's linear layers wrapped, adapter slots allocated (None: off)."""
-        if self.config.lora is None:
-            return None
+    def _lora_manager(self, model: torch.nn.Module):
+        """enable_lora: ``model``'s linear layers wrapped, adapter slots allocated."""
         from servelm.lora.manager import LoRAManager
-        sc = self.config.scheduler
+        sc, spec = self.config.scheduler, self.config.speculative
         # a step's tokens, or a decode graph's padded batch (verifying drafts: k + 1 a row)
-        spec = self.config.speculative
-        width = 1 + (0 if spec is None else self.tree.num_nodes if self.tree is not None
+        width = 1 + (0 if spec is None else spec.tree_shape.num_nodes if spec.tree
                      else spec.num_speculative_tokens)
+        max_rows = max(sc.max_num_seqs, len(profile_lens(self)))
         max_tokens = max(sc.max_num_batched_tokens, max_rows * width)
-        return LoRAManager(self.config.lora, self.model, self.config.model.hf_config,
+        return LoRAManager(self.config.lora, model, self.config.model.hf_config,
                            self.dtype, self.device, max_tokens, self.use_kernels)
 
     def _build_and_load(self, tp: ParallelGroup, mc=None) -> torch.nn.Module:
@@ -260,7 +259,7 @@ class ModelRunner:
             # s on the H100 for Llama-3-8B) is skipped, and only missing binaries compile
             path = job_list_path(cache_dir, shapes, repr(mc.hf_config), str(self.dtype),
                                  mc.quantization, torch.cuda.get_device_capability(self.device),
-                                 tp.world_size)
+                                 tp.world_size, self.config.lora)
             jobs = load_job_list(path)
             if jobs is None:
                 # this rank's shard shapes, with collectives that wait for no other rank
@@ -269,6 +268,9 @@ class ModelRunner:
                 shadow = shadow_model(lambda cfg: self._build(cfg, local, mc.quantization),
                                       mc.hf_config, self.device)
                 process_weights_after_loading(shadow)
+                if self.config.lora is not None:  # its steps run the adapters' kernels too
+                    from servelm.lora.manager import with_lora_kernels
+                    with_lora_kernels(shadow, self._lora_manager(shadow))
                 jobs = record_kernel_jobs(shadow, shapes, self.device)
                 del shadow
                 torch.cuda.empty_cache()

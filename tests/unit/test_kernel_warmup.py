@@ -77,6 +77,11 @@ def build(c):
 
 dev = torch.device("cpu")
 model = shadow_model(build, cfg, dev)
+from servelm.lora import LoRAConfig
+from servelm.lora.manager import LoRAManager, with_lora_kernels
+# multi-LoRA: the adapters' kernels are recorded (and compile) with the model's
+with_lora_kernels(model, LoRAManager(LoRAConfig(4, 16, 4), model, cfg, torch.float16, dev,
+                                     4096, True))
 storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
 shapes = DryRunShapes(2, 32, torch.float16, 16, 2048, 128, (64, 40), tuple(graph_keys(4, 2048)), 4)
 jobs = record_kernel_jobs(model, shapes, dev)
@@ -113,7 +118,7 @@ def test_recorded_kernels_compile_in_workers_into_the_cache(tmp_path):
     r = json.loads([x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
     assert r["layers"] == 1 and r["storages"] == 1  # one layer, all parameters in one buffer
     kernels = {(m.rsplit(".", 1)[-1], n) for m, n, _ in r["jobs"]}
-    for module in ("rmsnorm", "prefill_attention", "decode_attention"):
+    for module in ("rmsnorm", "prefill_attention", "decode_attention", "lora"):
         assert any(m == module for m, _ in kernels), (module, kernels)
     assert len({tuple(j) for j in r["jobs"]}) <= len(r["jobs"])
     assert r["jobs"][0][2] and not r["jobs"][-1][2]  # required first, optional last
