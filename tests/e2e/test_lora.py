@@ -266,3 +266,32 @@ def test_beam_search_with_an_adapter(lora_setup):
         assert out[0].sequences[0].tokens[len(prompt):] == hf_greedy(merged, prompt, 8)[0]
     finally:
         llm.engine.core.shutdown()
+
+
+def test_attention_adapters_on_a_mixture_of_experts(tiny_model_factory, tmp_path):
+    """A Mixtral's attention projections take adapters (its experts are not Linear layers:
+    an adapter of them is refused)."""
+    d, model = tiny_model_factory("mixtral")
+    path = write_adapter(str(tmp_path / "attn"), model, rank=8, seed=5,
+                         targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    eng = make_engine(d, enable_lora=True, max_loras=2, max_lora_rank=8)
+    try:
+        prompt = random_prompts(1, (14,), seed=29)[0]
+        done = _run(eng, [("m", prompt, GREEDY, LoRARequest("attn", 1, path)),
+                          ("b", prompt, GREEDY, None)])
+        _check(done["m"], hf_greedy(merged_model(model, path), prompt, MAX_NEW))
+        _check(done["b"], hf_greedy(model, prompt, MAX_NEW))
+        # an adapter of the MLP (experts here): refused at admission, with the reason
+        import json
+        from safetensors.torch import save_file
+        bad = tmp_path / "mlp"
+        bad.mkdir()
+        key = "base_model.model.model.layers.0.mlp.gate_proj"
+        save_file({f"{key}.lora_A.weight": torch.ones(4, 64),
+                   f"{key}.lora_B.weight": torch.ones(128, 4)},
+                  str(bad / "adapter_model.safetensors"))
+        (bad / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+        with pytest.raises(ValueError, match="MoE expert projections are not supported"):
+            eng.add_request("x", prompt, GREEDY, lora_request=LoRARequest("mlp", 2, str(bad)))
+    finally:
+        eng.core.shutdown()
