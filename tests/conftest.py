@@ -105,12 +105,13 @@ def make_engine(model_dir: str, **kw):
     return Engine.from_engine_args(EngineArgs(**args))
 
 
-def run_to_completion(engine, prompts, params, ids=None, max_steps=10_000):
-    """Adds prompts, steps until done; returns outputs in order. Bounded: never hangs."""
+def run_to_completion(engine, prompts, params, ids=None, max_steps=10_000, loras=None):
+    """Adds prompts (loras: each one's LoRARequest or None), steps until done; returns
+    outputs in order. Bounded: never hangs."""
     ids = ids or [f"r{i}" for i in range(len(prompts))]
     plist = params if isinstance(params, list) else [params] * len(prompts)
-    for rid, p, sp in zip(ids, prompts, plist):
-        engine.add_request(rid, p, sp)
+    for rid, p, sp, lora in zip(ids, prompts, plist, loras or [None] * len(prompts)):
+        engine.add_request(rid, p, sp, **({} if lora is None else {"lora_request": lora}))
     done = {}
     for _ in range(max_steps):
         if not engine.has_unfinished_requests():

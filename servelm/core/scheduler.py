@@ -44,7 +44,9 @@ class SpecDecodeCounters:
             per_pos[i] += 1
 
 
-def _lora_names(reqs: Iterable[Request]) -> list[str]:
+def _lora_names(reqs: Iterable[Request], config: SchedulerConfig) -> list[str]:
+    if not config.max_loras:  # (no adapters: no queue walk)
+        return []
     return sorted({r.lora_request.lora_name for r in reqs if r.lora_request is not None})
 
 
@@ -112,8 +114,8 @@ class Scheduler:
                               self.spec.num_draft_tokens, self.spec.num_accepted_tokens,
                               list(self.spec.accepted_per_pos), dict(self.early_exit_tokens),
                               max_lora=self.config.max_loras,
-                              running_lora_adapters=_lora_names(self.running),
-                              waiting_lora_adapters=_lora_names(self.waiting))
+                              running_lora_adapters=_lora_names(self.running, self.config),
+                              waiting_lora_adapters=_lora_names(self.waiting, self.config))
 
     def telemetry_snapshot(self, since_step: int = -1) -> dict:
         """Recent steps and request timelines for the dashboard (see core/telemetry.py), with
@@ -309,7 +311,8 @@ class Scheduler:
 
         for req in reversed(skipped):
             self.waiting.appendleft(req)
-        prefetch = self._lora_prefetch(loras) if loras is not None else []
+        # the adapters that kept requests waiting: workers read them ahead (no queue scan)
+        prefetch = list({r.lora_request.lora_int_id: r.lora_request for r in skipped}.values())
 
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self.finished_ids,
@@ -516,18 +519,6 @@ class Scheduler:
         """Whether req's adapter may run now: resident in the running set, or a slot left."""
         return (loras is None or req.lora_request is None
                 or req.lora_request.lora_int_id in loras or len(loras) < self.config.max_loras)
-
-    def _lora_prefetch(self, running: set[int]) -> list:
-        """The adapters of the first waiting requests that no running request has, at most
-        max_loras of them (workers skip those they hold or are reading)."""
-        out: dict[int, object] = {}
-        for req in self.waiting:
-            if len(out) >= self.config.max_loras:
-                break
-            lo = req.lora_request
-            if lo is not None and lo.lora_int_id not in running:
-                out.setdefault(lo.lora_int_id, lo)
-        return list(out.values())
 
     @staticmethod
     def _lora_add(req: Request, loras: Optional[set[int]]) -> None:

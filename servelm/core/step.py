@@ -83,8 +83,8 @@ class SchedulerOutput:
     # swapped out may be swapped into, or written, in the same step)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (GPU, host)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, GPU)
-    # multi-LoRA: adapters of waiting requests, for the workers to read into host memory in
-    # the background (so the step that first runs one copies it, and does not read the disk)
+    # multi-LoRA: adapters of requests left waiting for a slot, for the workers to read into
+    # host memory in the background (the step that first runs one copies it, no disk read)
     lora_prefetch: list = field(default_factory=list)
 
 

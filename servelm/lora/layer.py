@@ -57,8 +57,7 @@ class LoRABatch:
         # [T] int32 on the host: the CPU's C decode step reads it (one token per row there)
         self.host_slots = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int32))
         if self.use_kernels:
-            self.token_lora[:T].copy_(torch.from_numpy(slots.astype(np.int32)),
-                                      non_blocking=True)
+            self.token_lora[:T].copy_(self.host_slots, non_blocking=True)
             self.token_lora[T:].fill_(-1)
             return
         self.groups, self.padded = [], None

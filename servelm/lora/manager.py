@@ -99,7 +99,13 @@ class LoRAManager:
 
     def prefetch(self, loras: list[LoRARequest]) -> None:
         """Start reading adapters that waiting requests will need (in a background thread;
-        at most max_loras reads outstanding), so the step that first runs one only copies it."""
+        at most max_loras reads outstanding), so the step that first runs one only copies it.
+        Finished reads join the host cache (bounded by max_cpu_loras) as they are found."""
+        for lid in [i for i, f in self._reading.items() if f.done()]:
+            try:
+                self._cache_host(lid, self._reading.pop(lid).result())
+            except Exception:  # read again, its error raised, if a step needs it
+                pass
         for lo in loras:
             lid = lo.lora_int_id
             if lid in self.host or lid in self.slot_lru or lid in self._reading:
@@ -123,10 +129,13 @@ class LoRAManager:
             out = None
         if out is None:
             out = self._read(lora)
+        self._cache_host(lid, out)
+        return out
+
+    def _cache_host(self, lid: int, weights: HostAdapter) -> None:
         while len(self.host) >= self.config.max_cpu_loras:
             self.host.popitem(last=False)
-        self.host[lid] = out
-        return out
+        self.host[lid] = weights
 
     def _read(self, lora: LoRARequest) -> HostAdapter:
         """This rank's shards of an adapter, from disk (pinned on CUDA)."""

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from servelm import LoRARequest, SamplingParams
-from tests.conftest import assert_all_blocks_free, make_engine, random_prompts
+from tests.conftest import (assert_all_blocks_free, make_engine, random_prompts,
+                            run_to_completion)
 from tests.e2e.test_engine_vs_hf import hf_greedy
 from tests.lora_utils import merged_model, write_adapter
 
@@ -34,19 +35,10 @@ def lora_setup(tiny_model_factory, tmp_path_factory):
     return d, model, adapters
 
 
-def _run(eng, items, max_steps=5000):
+def _run(eng, items):
     """items: (request id, prompt, params, lora) -> {id: output}."""
-    for rid, p, sp, lora in items:
-        eng.add_request(rid, p, sp, lora_request=lora)
-    done = {}
-    for _ in range(max_steps):
-        if not eng.has_unfinished_requests():
-            break
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
-    assert not eng.has_unfinished_requests()
-    return done
+    ids, prompts, params, loras = (list(c) for c in zip(*items))
+    return dict(zip(ids, run_to_completion(eng, prompts, params, ids, loras=loras)))
 
 
 def _check(out, ref):
@@ -120,19 +112,21 @@ def test_paging_more_adapters_than_slots(lora_setup):
     try:
         prompts = random_prompts(8, (6, 21), seed=5)
         items = [(f"r{j}", p, GREEDY, adapters[j][0]) for j, p in enumerate(prompts)]
-        seen = []
+        seen, prefetched = [], set()
         orig = eng.core.scheduler.schedule
 
         def schedule():
             out = orig()
             seen.append({r.lora_request.lora_int_id for r in eng.core.scheduler.running
                          if r.lora_request})
+            prefetched.update(lo.lora_int_id for lo in out.lora_prefetch)
             return out
         eng.core.scheduler.schedule = schedule
         done = _run(eng, items)
         for j, p in enumerate(prompts):
             _check(done[f"r{j}"], hf_greedy(adapters[j][1], p, MAX_NEW))
         assert max(len(s) for s in seen) == 2
+        assert prefetched  # the adapters that had to wait were named for a background read
         mgr = eng.core.executor.runner.lora
         assert mgr.num_slot_loads >= 8 and mgr.num_disk_reads >= 8
     finally:

@@ -102,22 +102,34 @@ def test_load_and_unload_at_run_time(setup):
 
 
 def test_unload_while_running_lets_requests_finish(setup):
+    """A stream of the adapter is running (its first chunk arrived) when the adapter is
+    unloaded: it still finishes with all its tokens; new requests for it are 404s."""
     api, paths, _ = setup
     assert api.post("/v1/load_lora_adapter",
                     json={"lora_name": "run", "lora_path": paths["a2"]}).status_code == 200
-    result = {}
+    started, result = threading.Event(), {}
 
-    def long_request():
-        result["r"] = _complete(api, "run", max_tokens=150)
-    t = threading.Thread(target=long_request)
+    def long_stream():
+        tokens = 0
+        with api.stream("POST", "/v1/completions", json={
+                "model": "run", "prompt": PROMPT, "max_tokens": 150, "temperature": 0,
+                "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}) as r:
+            result["status"] = r.status_code
+            for line in r.iter_lines():
+                started.set()
+                if line.startswith("data: {"):
+                    usage = json.loads(line[6:]).get("usage")
+                    tokens = usage["completion_tokens"] if usage else tokens
+        result["tokens"] = tokens
+        started.set()
+    t = threading.Thread(target=long_stream)
     t.start()
+    assert started.wait(60)
     assert api.post("/v1/unload_lora_adapter", json={"lora_name": "run"}).status_code == 200
+    assert _complete(api, "run").status_code == 404
     t.join(60)
-    r = result["r"]
-    # admitted before the unload: finishes with all its tokens; admitted after: a 404
-    assert r.status_code in (200, 404)
-    if r.status_code == 200:
-        assert r.json()["usage"]["completion_tokens"] == 150
+    assert result == {"status": 200, "tokens": 150}
     assert _complete(api, "a1").status_code == 200
 
 

@@ -146,3 +146,10 @@ def test_manager_prefetches_in_the_background(tmp_path, tiny_model_factory):
     assert mgr.num_disk_reads == 1 and 7 in mgr.host and not mgr._reading
     mgr.prefetch([lo])  # held already: nothing to read
     assert not mgr._reading
+    # a finished read no step consumed joins the host cache at the next prefetch (bounded
+    # there by max_cpu_loras, not left outstanding)
+    lo2 = LoRARequest("q", 8, write_adapter(str(tmp_path / "q"), hf, rank=4, seed=4))
+    mgr.prefetch([lo2])
+    mgr._reading[8].result(timeout=30)
+    mgr.prefetch([])
+    assert 8 in mgr.host and not mgr._reading
