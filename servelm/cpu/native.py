@@ -138,15 +138,31 @@ def load() -> Optional[ctypes.CDLL]:
     lib.sl_attention.argtypes = [_P, _P, _P, _P, i32, _P, i32, _P, i32, i32, i32, i32, i32, f32,
                                  _P, i32, i32]
     lib.sl_attention.restype = i32
-    if not has_avx512():
-        logger.warning("CPU fast path: this CPU has no AVX-512; its kernels run as portable C "
-                       "(auto-vectorised, slower)")
+    if simd_level() == "portable":
+        logger.warning("CPU fast path: this CPU has neither AVX-512 nor AVX2 with FMA; its "
+                       "kernels run as portable C (auto-vectorised, slower)")
     return lib
 
 
-def has_avx512() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
+            line = next((x for x in f if x.startswith("flags")), "")
     except OSError:
-        return False
+        return set()
+    return set(line.split(":", 1)[-1].split())
+
+
+def simd_level() -> str:
+    """The vector width csrc/decode.c's kernels take on this CPU (it is built -march=native):
+    "avx512" (16 fp32 lanes), "avx2" (8 lanes, with FMA) or "portable" (plain C)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "portable"
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "portable"
+
+
+def has_avx512() -> bool:
+    return simd_level() == "avx512"

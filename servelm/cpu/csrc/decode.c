@@ -20,13 +20,7 @@
 #include <string.h>
 #include <time.h>
 #include <omp.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define SL_AVX512 1
-#else
-#define SL_AVX512 0
-#endif
-#if defined(__F16C__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -125,11 +119,101 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(bits >> 16);
 }
 
-#if SL_AVX512
-static inline __m512 bf16x16(const uint16_t *p) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+#define SL_INLINE static inline __attribute__((always_inline))
+
+/* ---- one vector of SL_VL floats: AVX-512 (16 lanes) or AVX2 + FMA (8 lanes) ---------------
+ * The kernels below are written once over this layer; a 32-weight block is SL_NW = 32 / SL_VL
+ * vectors. SL_VL 0: neither instruction set (the portable C below each SIMD block runs). */
+#if defined(__AVX512F__)
+#define SL_VL 16
+typedef __m512 vf;
+SL_INLINE vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
+SL_INLINE void vf_store(float *p, vf v) { _mm512_storeu_ps(p, v); }
+SL_INLINE vf vf_set1(float a) { return _mm512_set1_ps(a); }
+SL_INLINE vf vf_zero(void) { return _mm512_setzero_ps(); }
+SL_INLINE vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+SL_INLINE vf vf_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+SL_INLINE vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+SL_INLINE vf vf_div(vf a, vf b) { return _mm512_div_ps(a, b); }
+SL_INLINE vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+SL_INLINE vf vf_min(vf a, vf b) { return _mm512_min_ps(a, b); }
+SL_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }   /* a * b + c */
+SL_INLINE vf vf_fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); } /* c - a * b */
+SL_INLINE float vf_hsum(vf a) { return _mm512_reduce_add_ps(a); }
+SL_INLINE float vf_hmax(vf a) { return _mm512_reduce_max_ps(a); }
+/* SL_VL bf16 / fp16 / uint8 / int8 values, widened to fp32 */
+SL_INLINE vf vf_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+        _mm256_loadu_si256((const __m256i *)p)), 16));
 }
+SL_INLINE vf vf_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+SL_INLINE __m512i vi_u8(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+SL_INLINE vf vf_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+/* low and high nibbles of SL_VL bytes */
+SL_INLINE vf vf_nib_lo(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_and_si512(vi_u8(p), _mm512_set1_epi32(15))); }
+SL_INLINE vf vf_nib_hi(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(vi_u8(p), 4)); }
+/* round to an integer (nearest, ties to even) and x * 2^n */
+SL_INLINE vf vf_round(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+SL_INLINE vf vf_scale2(vf p, vf n) { return _mm512_scalef_ps(p, n); } /* underflows to 0 as expf */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SL_VL 8
+typedef __m256 vf;
+SL_INLINE vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
+SL_INLINE void vf_store(float *p, vf v) { _mm256_storeu_ps(p, v); }
+SL_INLINE vf vf_set1(float a) { return _mm256_set1_ps(a); }
+SL_INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
+SL_INLINE vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+SL_INLINE vf vf_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+SL_INLINE vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+SL_INLINE vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
+SL_INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+SL_INLINE vf vf_min(vf a, vf b) { return _mm256_min_ps(a, b); }
+SL_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+SL_INLINE vf vf_fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+SL_INLINE float vf_hsum(vf a) {
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+SL_INLINE float vf_hmax(vf a) {
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+SL_INLINE vf vf_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+        _mm_loadu_si128((const __m128i *)p)), 16));
+}
+#if defined(__F16C__)
+SL_INLINE vf vf_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#define SL_VF16 1
+#endif
+SL_INLINE __m256i vi_u8(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+SL_INLINE vf vf_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+SL_INLINE vf vf_nib_lo(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_and_si256(vi_u8(p), _mm256_set1_epi32(15))); }
+SL_INLINE vf vf_nib_hi(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(vi_u8(p), 4)); }
+SL_INLINE vf vf_round(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+/* p * 2^n for integral n in [-252, 254]: two exponent-field products (each factor a normal
+ * float), so results below the normal range come out as denormals or 0, as with expf */
+SL_INLINE vf vf_scale2(vf p, vf n) {
+    const __m256i ni = _mm256_cvtps_epi32(n), h = _mm256_srai_epi32(ni, 1);
+    const __m256i e1 = _mm256_slli_epi32(_mm256_add_epi32(h, _mm256_set1_epi32(127)), 23);
+    const __m256i e2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e1)), _mm256_castsi256_ps(e2));
+}
+#else
+#define SL_VL 0
+#endif
+#define SL_SIMD (SL_VL > 0)
+#if SL_VL == 16
+#define SL_VF16 1
+#endif
+#if SL_SIMD
+#define SL_NW (32 / SL_VL) /* vectors in a 32-weight block */
 #endif
 
 /* ---- matmul: y[s, out_off + r] = sum_j W[r, j] x[s, j], rows r0..r1 of one matrix ---------- */
@@ -146,14 +230,12 @@ static inline __m512 bf16x16(const uint16_t *p) {
                             * 512 bytes, 5.2 at 1 KiB, 4.8 at 4-8 KiB: the hardware prefetchers
                             * alone leave the GEMVs waiting on L3) */
 #endif
-#define SL_INLINE static inline __attribute__((always_inline))
 
 /* n fp16 -> fp32 */
 static inline void f16_row(const uint16_t *src, float *dst, int n) {
     int j = 0;
-#if SL_AVX512
-    for (; j + 16 <= n; j += 16)
-        _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + j))));
+#if defined(SL_VF16)
+    for (; j + SL_VL <= n; j += SL_VL) vf_store(dst + j, vf_f16(src + j));
 #endif
     for (; j < n; j++) dst[j] = f16_to_f32(src[j]);
 }
@@ -174,25 +256,22 @@ static inline void block_scales(const sl_mat *w, const void *src, int row, float
     }
 }
 
-#if SL_AVX512
-/* One 32-weight block (w0: elements 0..15, w1: 16..31, as floats of the codes) times SN
+#if SL_SIMD
+/* One 32-weight block (w[u]: elements u * SL_VL .., as floats of the codes) times SN
  * activation rows, scaled by the block's dv, into acc[0..SN): with one row the dot product is
- * scaled (3 ops); with several the weights are scaled once (exact: an fp16 or bf16 scale times
- * a 4/8-bit code) and each row takes 2 FMAs. */
-SL_INLINE void block_fma(__m512 w0, __m512 w1, const __m512 dv, __m512 *acc, const int SN,
-                         const float *x, const int64_t xs) {
+ * scaled (SL_NW + 1 ops); with several the weights are scaled once (exact: an fp16 or bf16
+ * scale times a 4/8-bit code) and each row takes SL_NW FMAs. */
+SL_INLINE void block_fma(vf *w, const vf dv, vf *acc, const int SN, const float *x,
+                         const int64_t xs) {
     if (SN == 1) {
-        __m512 t = _mm512_mul_ps(w0, _mm512_loadu_ps(x));
-        t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), t);
-        acc[0] = _mm512_fmadd_ps(t, dv, acc[0]);
+        vf t = vf_mul(w[0], vf_load(x));
+        for (int u = 1; u < SL_NW; u++) t = vf_fma(w[u], vf_load(x + u * SL_VL), t);
+        acc[0] = vf_fma(t, dv, acc[0]);
         return;
     }
-    w0 = _mm512_mul_ps(w0, dv);
-    w1 = _mm512_mul_ps(w1, dv);
-    for (int s = 0; s < SN; s++) {
-        acc[s] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + s * xs), acc[s]);
-        acc[s] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + s * xs + 16), acc[s]);
-    }
+    for (int u = 0; u < SL_NW; u++) w[u] = vf_mul(w[u], dv);
+    for (int s = 0; s < SN; s++)
+        for (int u = 0; u < SL_NW; u++) acc[s] = vf_fma(w[u], vf_load(x + s * xs + u * SL_VL), acc[s]);
 }
 #endif
 
@@ -206,10 +285,10 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
         rows[i] = w->data + (int64_t)(r + i) * w->row_bytes;
         for (int s = 0; s < SN; s++) out[i][s] = 0.f;
     }
-#if SL_AVX512
-    __m512 acc[4][SL_SCHUNK];
+#if SL_SIMD
+    vf acc[4][SL_SCHUNK];
     for (int i = 0; i < RB; i++)
-        for (int s = 0; s < SN; s++) acc[i][s] = _mm512_setzero_ps();
+        for (int s = 0; s < SN; s++) acc[i][s] = vf_zero();
 #endif
     const int quant = w->type == SL_Q4_0 || w->type == SL_Q4_1 || w->type == SL_Q8_0;
     float dsc[4][quant ? nb : 1], mn[quant ? nb : 1];
@@ -232,12 +311,14 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
         for (int b = 0; b < nb; b++) {
             for (int i = 0; i < RB; i++) {
                 const uint8_t *qs = rows[i] + b * 16;
-#if SL_AVX512
+#if SL_SIMD
                 if ((b & 3) == 0) _mm_prefetch((const char *)(qs + SL_PREFETCH), _MM_HINT_T0);
-                const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)qs));
-                block_fma(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))),
-                          _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), _mm512_set1_ps(dsc[i][b]),
-                          acc[i], SN, x + (int64_t)s0 * xs + b * 32, xs);
+                vf wv[SL_NW]; /* elements j < 16: low nibbles of bytes j; 16 + j: high nibbles */
+                for (int u = 0; u < SL_NW / 2; u++) {
+                    wv[u] = vf_nib_lo(qs + u * SL_VL);
+                    wv[SL_NW / 2 + u] = vf_nib_hi(qs + u * SL_VL);
+                }
+                block_fma(wv, vf_set1(dsc[i][b]), acc[i], SN, x + (int64_t)s0 * xs + b * 32, xs);
 #else
                 for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
@@ -253,11 +334,11 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
         for (int b = 0; b < nb; b++) {
             for (int i = 0; i < RB; i++) {
                 const int8_t *qs = (const int8_t *)(rows[i] + b * 32);
-#if SL_AVX512
+#if SL_SIMD
                 if ((b & 1) == 0) _mm_prefetch((const char *)(qs + SL_PREFETCH), _MM_HINT_T0);
-                block_fma(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs))),
-                          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16)))),
-                          _mm512_set1_ps(dsc[i][b]), acc[i], SN, x + (int64_t)s0 * xs + b * 32, xs);
+                vf wv[SL_NW];
+                for (int u = 0; u < SL_NW; u++) wv[u] = vf_i8(qs + u * SL_VL);
+                block_fma(wv, vf_set1(dsc[i][b]), acc[i], SN, x + (int64_t)s0 * xs + b * 32, xs);
 #else
                 for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
@@ -270,23 +351,18 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
         }
     } else { /* dense bf16 / fp32 */
         int j = 0;
-#if SL_AVX512
+#if SL_SIMD
         for (; j + 32 <= k; j += 32) {
             for (int i = 0; i < RB; i++) {
-                __m512 w0, w1;
+                vf wv[SL_NW];
                 _mm_prefetch((const char *)(rows[i] + (int64_t)j * (w->type == SL_BF16 ? 2 : 4) + SL_PREFETCH),
                              _MM_HINT_T0);
-                if (w->type == SL_BF16) {
-                    w0 = bf16x16((const uint16_t *)rows[i] + j);
-                    w1 = bf16x16((const uint16_t *)rows[i] + j + 16);
-                } else {
-                    w0 = _mm512_loadu_ps((const float *)rows[i] + j);
-                    w1 = _mm512_loadu_ps((const float *)rows[i] + j + 16);
-                }
+                for (int u = 0; u < SL_NW; u++)
+                    wv[u] = w->type == SL_BF16 ? vf_bf16((const uint16_t *)rows[i] + j + u * SL_VL)
+                                               : vf_load((const float *)rows[i] + j + u * SL_VL);
                 for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + j;
-                    acc[i][s] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[i][s]);
-                    acc[i][s] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + 16), acc[i][s]);
+                    for (int u = 0; u < SL_NW; u++) acc[i][s] = vf_fma(wv[u], vf_load(xp + u * SL_VL), acc[i][s]);
                 }
             }
         }
@@ -300,8 +376,8 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
     }
     for (int i = 0; i < RB; i++)
         for (int s = 0; s < SN; s++) {
-#if SL_AVX512
-            out[i][s] += _mm512_reduce_add_ps(acc[i][s]);
+#if SL_SIMD
+            out[i][s] += vf_hsum(acc[i][s]);
 #endif
             y[(int64_t)(s0 + s) * ys + w->out_off + r + i] = out[i][s];
         }
@@ -334,21 +410,18 @@ static void decode_row(const sl_mat *w, int r, float *dst) {
     else
         for (int b = 0; b < nb; b++) ms[b] = -8.f * ds[b];
     for (int b = 0; b < nb; b++) {
-#if SL_AVX512
+#if SL_SIMD
+        const vf dv = vf_set1(ds[b]);
         if (w->type == SL_Q8_0) {
-            const __m512 dv = _mm512_set1_ps(ds[b]);
             const int8_t *qs = (const int8_t *)(row + b * 32);
-            _mm512_storeu_ps(dst + b * 32, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(
-                _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)))));
-            _mm512_storeu_ps(dst + b * 32 + 16, _mm512_mul_ps(dv, _mm512_cvtepi32_ps(
-                _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))))));
+            for (int u = 0; u < SL_NW; u++) vf_store(dst + b * 32 + u * SL_VL, vf_mul(dv, vf_i8(qs + u * SL_VL)));
         } else {
-            const __m512 dv = _mm512_set1_ps(ds[b]), mv = _mm512_set1_ps(ms[b]);
-            const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + b * 16)));
-            _mm512_storeu_ps(dst + b * 32, _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(
-                _mm512_and_si512(q, _mm512_set1_epi32(15))), mv));
-            _mm512_storeu_ps(dst + b * 32 + 16, _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(
-                _mm512_srli_epi32(q, 4)), mv));
+            const vf mv = vf_set1(ms[b]);
+            const uint8_t *qs = row + b * 16;
+            for (int u = 0; u < SL_NW / 2; u++) {
+                vf_store(dst + b * 32 + u * SL_VL, vf_fma(dv, vf_nib_lo(qs + u * SL_VL), mv));
+                vf_store(dst + b * 32 + 16 + u * SL_VL, vf_fma(dv, vf_nib_hi(qs + u * SL_VL), mv));
+            }
         }
 #else
         if (w->type == SL_Q8_0) {
@@ -369,20 +442,20 @@ SL_INLINE void gemm_tile(const float *wb, const int k, const int RB, const int s
                          const float *x, const int xs, float *y, const int ys, const int col) {
     float out[4][4];
     int j = 0;
-#if SL_AVX512
-    __m512 acc[4][4];
+#if SL_SIMD
+    vf acc[4][4];
     for (int i = 0; i < RB; i++)
-        for (int s = 0; s < SN; s++) acc[i][s] = _mm512_setzero_ps();
-    for (; j + 16 <= k; j += 16) {
-        __m512 wv[4];
-        for (int i = 0; i < RB; i++) wv[i] = _mm512_loadu_ps(wb + (int64_t)i * k + j);
+        for (int s = 0; s < SN; s++) acc[i][s] = vf_zero();
+    for (; j + SL_VL <= k; j += SL_VL) {
+        vf wv[4];
+        for (int i = 0; i < RB; i++) wv[i] = vf_load(wb + (int64_t)i * k + j);
         for (int s = 0; s < SN; s++) {
-            const __m512 xv = _mm512_loadu_ps(x + (int64_t)(s0 + s) * xs + j);
-            for (int i = 0; i < RB; i++) acc[i][s] = _mm512_fmadd_ps(wv[i], xv, acc[i][s]);
+            const vf xv = vf_load(x + (int64_t)(s0 + s) * xs + j);
+            for (int i = 0; i < RB; i++) acc[i][s] = vf_fma(wv[i], xv, acc[i][s]);
         }
     }
     for (int i = 0; i < RB; i++)
-        for (int s = 0; s < SN; s++) out[i][s] = _mm512_reduce_add_ps(acc[i][s]);
+        for (int s = 0; s < SN; s++) out[i][s] = vf_hsum(acc[i][s]);
 #else
     for (int i = 0; i < RB; i++)
         for (int s = 0; s < SN; s++) out[i][s] = 0.f;
@@ -394,9 +467,16 @@ SL_INLINE void gemm_tile(const float *wb, const int k, const int RB, const int s
         for (int s = 0; s < SN; s++) y[(int64_t)(s0 + s) * ys + col + i] = out[i][s];
 }
 
+/* activation rows per tile: RB x SN accumulators, RB weight vectors and one of x in registers
+ * (32 with AVX-512; AVX2's 16 take 4 x 3) */
+#if SL_VL == 8
+#define SL_GEMM_SN 3
+#else
+#define SL_GEMM_SN 4
+#endif
 #define SL_GEMM_S(RB) do { \
         int s0 = 0; \
-        for (; s0 + 4 <= S; s0 += 4) gemm_tile(wbuf, k, (RB), s0, 4, x, xs, y, ys, col); \
+        for (; s0 + SL_GEMM_SN <= S; s0 += SL_GEMM_SN) gemm_tile(wbuf, k, (RB), s0, SL_GEMM_SN, x, xs, y, ys, col); \
         switch (S - s0) { \
             case 3: gemm_tile(wbuf, k, (RB), s0, 3, x, xs, y, ys, col); break; \
             case 2: gemm_tile(wbuf, k, (RB), s0, 2, x, xs, y, ys, col); break; \
@@ -549,15 +629,15 @@ static inline void kv_store(void *cache, int bf16, int64_t off, const float *src
 }
 
 static inline float dot_kv(const float *q, const void *cache, int bf16, int64_t off, int d) {
-#if SL_AVX512
-    if (d % 16 == 0) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < d; i += 16) {
-            const __m512 kv = bf16 ? bf16x16((const uint16_t *)cache + off + i)
-                                   : _mm512_loadu_ps((const float *)cache + off + i);
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv, acc);
+#if SL_SIMD
+    if (d % SL_VL == 0) {
+        vf acc = vf_zero();
+        for (int i = 0; i < d; i += SL_VL) {
+            const vf kv = bf16 ? vf_bf16((const uint16_t *)cache + off + i)
+                               : vf_load((const float *)cache + off + i);
+            acc = vf_fma(vf_load(q + i), kv, acc);
         }
-        return _mm512_reduce_add_ps(acc);
+        return vf_hsum(acc);
     }
 #endif
     float t = 0.f;
@@ -569,13 +649,13 @@ static inline float dot_kv(const float *q, const void *cache, int bf16, int64_t 
 }
 
 static inline void axpy_kv(float *o, float a, const void *cache, int bf16, int64_t off, int d) {
-#if SL_AVX512
-    if (d % 16 == 0) {
-        const __m512 av = _mm512_set1_ps(a);
-        for (int i = 0; i < d; i += 16) {
-            const __m512 kv = bf16 ? bf16x16((const uint16_t *)cache + off + i)
-                                   : _mm512_loadu_ps((const float *)cache + off + i);
-            _mm512_storeu_ps(o + i, _mm512_fmadd_ps(av, kv, _mm512_loadu_ps(o + i)));
+#if SL_SIMD
+    if (d % SL_VL == 0) {
+        const vf av = vf_set1(a);
+        for (int i = 0; i < d; i += SL_VL) {
+            const vf kv = bf16 ? vf_bf16((const uint16_t *)cache + off + i)
+                               : vf_load((const float *)cache + off + i);
+            vf_store(o + i, vf_fma(av, kv, vf_load(o + i)));
         }
         return;
     }
@@ -588,36 +668,35 @@ static inline void axpy_kv(float *o, float a, const void *cache, int bf16, int64
 
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
-#if SL_AVX512
-/* e^x for 16 lanes: Cody-Waite reduction to r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial
- * (about 1 ulp), scaled by 2^n with vscalefps (which underflows to 0 and overflows to inf as
- * expf does). The softmax and SiLU loops call it instead of expf one element at a time. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.72283935546875f)), _mm512_set1_ps(-104.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(p, n);
+#if SL_SIMD
+/* e^x lane by lane: Cody-Waite reduction to r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial
+ * (about 1 ulp), scaled by 2^n (vf_scale2: underflows to 0 and overflows to inf as expf
+ * does). The softmax and SiLU loops call it instead of expf one element at a time. */
+SL_INLINE vf vf_exp(vf x) {
+    x = vf_max(vf_min(x, vf_set1(88.72283935546875f)), vf_set1(-104.f));
+    const vf n = vf_round(vf_mul(x, vf_set1(1.44269504088896341f)));
+    vf r = vf_fnma(n, vf_set1(0.693359375f), x);
+    r = vf_fnma(n, vf_set1(-2.12194440e-4f), r);
+    vf p = vf_set1(1.9875691500e-4f);
+    p = vf_fma(p, r, vf_set1(1.3981999507e-3f));
+    p = vf_fma(p, r, vf_set1(8.3334519073e-3f));
+    p = vf_fma(p, r, vf_set1(4.1665795894e-2f));
+    p = vf_fma(p, r, vf_set1(1.6666665459e-1f));
+    p = vf_fma(p, r, vf_set1(5.0000001201e-1f));
+    p = vf_fma(p, vf_mul(r, r), vf_add(r, vf_set1(1.f)));
+    return vf_scale2(p, n);
 }
 #endif
 
 /* out[i] = silu(g[i]) * u[i], n elements */
 static void silu_mul(const float *g, const float *u, float *out, int64_t n) {
     int64_t i = 0;
-#if SL_AVX512
-    for (; i + 16 <= n; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        const __m512 sv = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-        _mm512_storeu_ps(out + i, _mm512_mul_ps(sv, _mm512_loadu_ps(u + i)));
+#if SL_SIMD
+    for (; i + SL_VL <= n; i += SL_VL) {
+        const vf gv = vf_load(g + i);
+        const vf e = vf_exp(vf_sub(vf_zero(), gv));
+        const vf sv = vf_div(gv, vf_add(vf_set1(1.f), e));
+        vf_store(out + i, vf_mul(sv, vf_load(u + i)));
     }
 #endif
     for (; i < n; i++) out[i] = silu(g[i]) * u[i];
@@ -627,140 +706,167 @@ static void silu_mul(const float *g, const float *u, float *out, int64_t n) {
 static void softmax_row(float *sc, int n) {
     float mx = -INFINITY, sum = 0.f;
     int t = 0;
-#if SL_AVX512
-    __m512 mv = _mm512_set1_ps(-INFINITY);
-    for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sc + t));
-    mx = _mm512_reduce_max_ps(mv);
+#if SL_SIMD
+    vf mv = vf_set1(-INFINITY);
+    for (; t + SL_VL <= n; t += SL_VL) mv = vf_max(mv, vf_load(sc + t));
+    mx = vf_hmax(mv);
 #endif
     for (; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
     t = 0;
-#if SL_AVX512
-    const __m512 mxv = _mm512_set1_ps(mx);
-    __m512 sv = _mm512_setzero_ps();
-    for (; t + 16 <= n; t += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + t), mxv));
-        _mm512_storeu_ps(sc + t, e);
-        sv = _mm512_add_ps(sv, e);
+#if SL_SIMD
+    const vf mxv = vf_set1(mx);
+    vf sv = vf_zero();
+    for (; t + SL_VL <= n; t += SL_VL) {
+        const vf e = vf_exp(vf_sub(vf_load(sc + t), mxv));
+        vf_store(sc + t, e);
+        sv = vf_add(sv, e);
     }
-    sum = _mm512_reduce_add_ps(sv);
+    sum = vf_hsum(sv);
 #endif
     for (; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
     const float inv = 1.f / sum;
     t = 0;
-#if SL_AVX512
-    const __m512 iv = _mm512_set1_ps(inv);
-    for (; t + 16 <= n; t += 16) _mm512_storeu_ps(sc + t, _mm512_mul_ps(_mm512_loadu_ps(sc + t), iv));
+#if SL_SIMD
+    const vf iv = vf_set1(inv);
+    for (; t + SL_VL <= n; t += SL_VL) vf_store(sc + t, vf_mul(vf_load(sc + t), iv));
 #endif
     for (; t < n; t++) sc[t] *= inv;
 }
 
 /* Decode attention of one sequence's kv head g for its G = H / KVH query heads: q [G, D] ->
- * out [G, D], reading the ctx cached tokens through the block table (paged, in place).
- * scores: a scratch of G * ctx floats. */
-#if SL_AVX512
-/* attend() for compile-time G query heads per KV head and NV = head_dim / 16: the queries and
- * the G x NV output accumulators stay in registers through the loops over the context */
+ * out [G, D], reading the ctx cached tokens through the block table (paged, in place: block
+ * i of the sequence holds its tokens i * bsz ..; a token's row for kv head g is D values at
+ * ((block * bsz + t) * kvh + g) * D). scores: a scratch of G * ctx floats. */
+
+/* the cached tokens block by block: off is token t's row offset (no division per token) */
+#define SL_FOR_TOKENS(t, off, ...) do { \
+        for (int b0_ = 0; b0_ < ctx; b0_ += bsz) { \
+            const int n_ = ctx - b0_ < bsz ? ctx - b0_ : bsz; \
+            const int64_t base_ = ((int64_t)bt[b0_ / bsz] * bsz * kvh + g) * D, step_ = (int64_t)kvh * D; \
+            for (int i_ = 0; i_ < n_; i_++) { \
+                const int t = b0_ + i_; \
+                const int64_t off = base_ + i_ * step_; \
+                __VA_ARGS__ \
+            } \
+        } \
+    } while (0)
+
+#if SL_SIMD
+SL_INLINE vf kv_vec(const void *cache, const int bf16, const int64_t i) {
+    return bf16 ? vf_bf16((const uint16_t *)cache + i) : vf_load((const float *)cache + i);
+}
+
+/* attend() for compile-time G query heads per KV head and NV = head_dim / SL_VL vectors.
+ * Scores: each cached K row is widened once for the G heads. With AVX-512 the scaled queries
+ * stay in registers; AVX2's 16 registers hold the K row and the queries come from L1.
+ * Outputs: the V rows in passes of PW vectors, the G x PW accumulators in registers (one pass
+ * with AVX-512; AVX2 takes a slice of every V row per pass so the accumulators fit). */
 SL_INLINE void attend_fixed(const float *q, float *out, const void *kc, const void *vc,
                             const int bf16, const int32_t *bt, const int ctx, const int bsz,
-                            const int kvh, const int g, const int G, const int NV,
+                            const int kvh, const int g, const int G, const int NV, const int PW,
                             const float scale, float *scores) {
-    const int D = NV * 16;
-    __m512 qv[8][8], o[8][8];
+    const int D = NV * SL_VL;
+    float qs[8 * 128]; /* the scaled queries, G x D (G <= 8, D <= 128) */
+    for (int i = 0; i < G * D; i++) qs[i] = q[i] * scale;
+#if SL_VL == 16
+    vf qv[8][8];
     for (int h = 0; h < G; h++)
-        for (int v = 0; v < NV; v++) {
-            qv[h][v] = _mm512_mul_ps(_mm512_loadu_ps(q + h * D + v * 16), _mm512_set1_ps(scale));
-            o[h][v] = _mm512_setzero_ps();
-        }
-    for (int t = 0; t < ctx; t++) {
-        const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
-        __m512 kv[8];
-        for (int v = 0; v < NV; v++)
-            kv[v] = bf16 ? bf16x16((const uint16_t *)kc + off + v * 16)
-                         : _mm512_loadu_ps((const float *)kc + off + v * 16);
+        for (int v = 0; v < NV; v++) qv[h][v] = vf_load(qs + h * D + v * SL_VL);
+#define SL_QV(h, v) qv[h][v]
+#else
+#define SL_QV(h, v) vf_load(qs + (h) * D + (v) * SL_VL)
+#endif
+    SL_FOR_TOKENS(t, off, {
+        vf kv[16];
+        for (int v = 0; v < NV; v++) kv[v] = kv_vec(kc, bf16, off + v * SL_VL);
         for (int h = 0; h < G; h++) {
-            __m512 acc = _mm512_mul_ps(qv[h][0], kv[0]);
-            for (int v = 1; v < NV; v++) acc = _mm512_fmadd_ps(qv[h][v], kv[v], acc);
-            scores[h * ctx + t] = _mm512_reduce_add_ps(acc);
+            vf acc = vf_mul(SL_QV(h, 0), kv[0]);
+            for (int v = 1; v < NV; v++) acc = vf_fma(SL_QV(h, v), kv[v], acc);
+            scores[h * ctx + t] = vf_hsum(acc);
         }
-    }
+    });
+#undef SL_QV
     for (int h = 0; h < G; h++) softmax_row(scores + h * ctx, ctx);
-    for (int t = 0; t < ctx; t++) {
-        const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
-        for (int v = 0; v < NV; v++) {
-            const __m512 vv = bf16 ? bf16x16((const uint16_t *)vc + off + v * 16)
-                                   : _mm512_loadu_ps((const float *)vc + off + v * 16);
-            for (int h = 0; h < G; h++)
-                o[h][v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * ctx + t]), vv, o[h][v]);
-        }
+    for (int v0 = 0; v0 < NV; v0 += PW) {
+        vf o[8][16];
+        for (int h = 0; h < G; h++)
+            for (int u = 0; u < PW; u++) o[h][u] = vf_zero();
+        SL_FOR_TOKENS(t, off, {
+            for (int u = 0; u < PW; u++) {
+                const vf vv = kv_vec(vc, bf16, off + (v0 + u) * SL_VL);
+                for (int h = 0; h < G; h++) o[h][u] = vf_fma(vf_set1(scores[h * ctx + t]), vv, o[h][u]);
+            }
+        });
+        for (int h = 0; h < G; h++)
+            for (int u = 0; u < PW; u++) vf_store(out + h * D + (v0 + u) * SL_VL, o[h][u]);
     }
-    for (int h = 0; h < G; h++)
-        for (int v = 0; v < NV; v++) _mm512_storeu_ps(out + h * D + v * 16, o[h][v]);
 }
 #endif
 
 static void attend(const float *q, float *out, const void *kc, const void *vc, int bf16,
                    const int32_t *bt, int ctx, int bsz, int kvh, int g, int G, int D,
                    float scale, float *scores) {
-#if SL_AVX512
-#define SL_ATT(GG, NN) attend_fixed(q, out, kc, vc, bf16, bt, ctx, bsz, kvh, g, GG, NN, scale, scores)
+#if SL_SIMD
+#define SL_ATT(GG, NN, PW) attend_fixed(q, out, kc, vc, bf16, bt, ctx, bsz, kvh, g, GG, NN, PW, scale, scores)
     /* the shapes of common models (SmolLM2 3 x 64; Llama-3 4 x 128; Qwen 7 x 128, ...) */
-    if (D == 64 && G == 1) { SL_ATT(1, 4); return; }
-    if (D == 64 && G == 3) { SL_ATT(3, 4); return; }
-    if (D == 64 && G == 4) { SL_ATT(4, 4); return; }
-    if (D == 128 && G == 1) { SL_ATT(1, 8); return; }
-    if (D == 128 && G == 2) { SL_ATT(2, 8); return; }
-    if (D == 128 && G == 4) { SL_ATT(4, 8); return; }
+#if SL_VL == 16
+    if (D == 64 && G == 1) { SL_ATT(1, 4, 4); return; }
+    if (D == 64 && G == 3) { SL_ATT(3, 4, 4); return; }
+    if (D == 64 && G == 4) { SL_ATT(4, 4, 4); return; }
+    if (D == 128 && G == 1) { SL_ATT(1, 8, 8); return; }
+    if (D == 128 && G == 2) { SL_ATT(2, 8, 8); return; }
+    if (D == 128 && G == 4) { SL_ATT(4, 8, 8); return; }
+#else /* PW: G x PW accumulators and a V slice within 16 registers */
+    if (D == 64 && G == 1) { SL_ATT(1, 8, 8); return; }
+    if (D == 64 && G == 3) { SL_ATT(3, 8, 4); return; }
+    if (D == 64 && G == 4) { SL_ATT(4, 8, 2); return; }
+    if (D == 128 && G == 1) { SL_ATT(1, 16, 8); return; }
+    if (D == 128 && G == 2) { SL_ATT(2, 16, 4); return; }
+    if (D == 128 && G == 4) { SL_ATT(4, 16, 2); return; }
+#endif
 #undef SL_ATT
-    if (D % 16 == 0 && D <= 128 && G <= 8) {
+    if (D % SL_VL == 0 && D <= 128 && G <= 8) {
         /* each cached K and V row read and widened once for the G query heads that share it */
-        const int nv = D / 16;
-        for (int t = 0; t < ctx; t++) {
-            const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
-            __m512 kv[8];
-            for (int v = 0; v < nv; v++)
-                kv[v] = bf16 ? bf16x16((const uint16_t *)kc + off + v * 16)
-                             : _mm512_loadu_ps((const float *)kc + off + v * 16);
+        const int nv = D / SL_VL;
+        SL_FOR_TOKENS(t, off, {
+            vf kv[16];
+            for (int v = 0; v < nv; v++) kv[v] = kv_vec(kc, bf16, off + v * SL_VL);
             for (int h = 0; h < G; h++) {
-                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + h * D), kv[0]);
-                for (int v = 1; v < nv; v++)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + v * 16), kv[v], acc);
-                scores[h * ctx + t] = _mm512_reduce_add_ps(acc) * scale;
+                vf acc = vf_mul(vf_load(q + h * D), kv[0]);
+                for (int v = 1; v < nv; v++) acc = vf_fma(vf_load(q + h * D + v * SL_VL), kv[v], acc);
+                scores[h * ctx + t] = vf_hsum(acc) * scale;
             }
-        }
+        });
         for (int h = 0; h < G; h++) {
             softmax_row(scores + h * ctx, ctx);
             memset(out + h * D, 0, sizeof(float) * (size_t)D);
         }
-        for (int t = 0; t < ctx; t++) {
-            const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
-            __m512 vv[8];
-            for (int v = 0; v < nv; v++)
-                vv[v] = bf16 ? bf16x16((const uint16_t *)vc + off + v * 16)
-                             : _mm512_loadu_ps((const float *)vc + off + v * 16);
+        SL_FOR_TOKENS(t, off, {
+            vf vv[16];
+            for (int v = 0; v < nv; v++) vv[v] = kv_vec(vc, bf16, off + v * SL_VL);
             for (int h = 0; h < G; h++) {
-                const __m512 pv = _mm512_set1_ps(scores[h * ctx + t]);
+                const vf pv = vf_set1(scores[h * ctx + t]);
                 for (int v = 0; v < nv; v++) {
-                    float *o = out + h * D + v * 16;
-                    _mm512_storeu_ps(o, _mm512_fmadd_ps(pv, vv[v], _mm512_loadu_ps(o)));
+                    float *o = out + h * D + v * SL_VL;
+                    vf_store(o, vf_fma(pv, vv[v], vf_load(o)));
                 }
             }
-        }
+        });
         return;
     }
 #endif
-    for (int t = 0; t < ctx; t++) {
-        const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
+    SL_FOR_TOKENS(t, off, {
         for (int h = 0; h < G; h++) scores[h * ctx + t] = dot_kv(q + h * D, kc, bf16, off, D) * scale;
-    }
+    });
     for (int h = 0; h < G; h++) {
         softmax_row(scores + h * ctx, ctx);
         memset(out + h * D, 0, sizeof(float) * (size_t)D);
     }
-    for (int t = 0; t < ctx; t++) {
-        const int64_t off = (((int64_t)bt[t / bsz] * bsz + t % bsz) * kvh + g) * D;
+    SL_FOR_TOKENS(t, off, {
         for (int h = 0; h < G; h++) axpy_kv(out + h * D, scores[h * ctx + t], vc, bf16, off, D);
-    }
+    });
 }
+#undef SL_FOR_TOKENS
 
 static inline double sl_now(void) {
     struct timespec t;
