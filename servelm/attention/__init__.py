@@ -9,6 +9,7 @@ from servelm.registry import check_name, load_class
 ATTENTION_BACKENDS = MappingProxyType({
     "torch": "servelm.attention.torch_ref:TorchReferenceBackend",
     "triton": "servelm.attention.triton_backend:TritonAttentionBackend",
+    "cpu": "servelm.attention.cpu_backend:CpuAttentionBackend",
 })
 
 
@@ -17,7 +18,8 @@ def check_attention_backend(name: str) -> str:
 
 
 def resolve_attention_backend(name: str, device: str) -> str:
-    """"auto": triton on CUDA when it imports, else the torch reference."""
+    """"auto": triton on CUDA when it imports; on the CPU the C kernels' backend where they
+    build; else the torch reference."""
     if check_attention_backend(name) != "auto":
         return name
     if device.startswith("cuda"):
@@ -26,7 +28,9 @@ def resolve_attention_backend(name: str, device: str) -> str:
             return "triton"
         except ImportError:
             pass
-    return "torch"
+        return "torch"
+    from servelm.cpu import native
+    return "cpu" if native.load() is not None else "torch"
 
 
 def get_attention_backend(name: str, device: str, max_model_len: int | None = None) -> AttentionBackend:

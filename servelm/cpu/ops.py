@@ -1,6 +1,7 @@
 """Single C kernels from csrc/decode.c as PyTorch-facing functions: the linear layers' CPU
-matmul for small batches (``native_linear``) and paged decode attention (``paged_attention``,
-used by tests against attention/torch_ref.py)."""
+matmul for small batches (``native_linear``), paged decode attention (``paged_attention``) and
+a prompt's causal attention over the paged cache (``causal_attention``, attention/cpu_backend.py's
+prefill)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -50,6 +51,24 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     threads: int = 1) -> torch.Tensor:
     """Decode attention, one query token per sequence: q [S, H, D] fp32 -> [S, H, D] fp32,
     over caches [blocks, block_size, KVH, D] (fp32 or bf16) read through block_tables [S, n]."""
+    bt = block_tables.to(torch.int32).contiguous()
+    return _attention(q, k_cache, v_cache, bt, bt.shape[1], seq_lens, scale, threads)
+
+
+def causal_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_table: torch.Tensor, ctx: int, scale: float,
+                     threads: int = 1) -> torch.Tensor:
+    """One sequence's query rows q [T, H, D], the last T of its ctx tokens (all in the cache,
+    read through block_table [n]), each attending causally: -> [T, H, D] fp32. The decode
+    kernel once per row, every row on the one table, row i seeing ctx - T + i + 1 tokens."""
+    T = q.shape[0]
+    bt = block_table.to(torch.int32).contiguous()
+    lens = torch.arange(ctx - T + 1, ctx + 1, dtype=torch.int32)
+    return _attention(q, k_cache, v_cache, bt, 0, lens, scale, threads)
+
+
+def _attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bt: torch.Tensor,
+               bt_stride: int, seq_lens: torch.Tensor, scale: float, threads: int) -> torch.Tensor:
     lib = native.load()
     if lib is None:
         raise RuntimeError("the CPU kernels are not available (no C compiler)")
@@ -58,10 +77,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     max_ctx = int(seq_lens.max())
     q = q.float().contiguous()
     out = torch.empty_like(q)
-    bt = block_tables.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
     scores = torch.empty(threads * (H // KVH) * max_ctx, dtype=torch.float32)
     lib.sl_attention(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                     int(k_cache.dtype == torch.bfloat16), bt.data_ptr(), bt.shape[1],
+                     int(k_cache.dtype == torch.bfloat16), bt.data_ptr(), bt_stride,
                      lens.data_ptr(), S, H, KVH, D, bsz, scale, scores.data_ptr(), max_ctx, threads)
     return out

@@ -121,13 +121,15 @@ def _from_checkpoint(qc: dict) -> QuantConfig:
     return QuantConfig("fp8", prequantized=True, ignore=ignore)
 
 
-def gguf_cpu_fast(path: str) -> bool:
-    """Whether every linear weight of the .gguf at ``path`` is Q4_0, Q4_1 or a plain float type:
-    the formats the CPU runs fast (the C GEMV of cpu/, or the packed int4 kernel of
-    quantization/cpu_int4.py)."""
+def gguf_cpu_fast(path: str, native_kernels: bool) -> bool:
+    """Whether every linear weight of the .gguf at ``path`` is in a format the CPU runs fast from
+    its blocks: with the C kernels of cpu/ (``native_kernels``) Q4_0, Q4_1, Q8_0 or a plain float
+    type; with only the packed int4 kernel of quantization/cpu_int4.py, Q4_0, Q4_1 or float."""
     from servelm.loader.gguf_file import GGUFFile
     from servelm.loader.weights import _LINEAR_WEIGHT_RE, gguf_to_hf_name
     fast = {0, 1, 2, 3, 30}  # F32, F16, Q4_0, Q4_1, BF16
+    if native_kernels:
+        fast.add(8)  # Q8_0
     for t in GGUFFile(path).tensors:
         name = gguf_to_hf_name(t.name)
         if name is not None and _LINEAR_WEIGHT_RE.fullmatch(name) and t.tensor_type not in fast:
@@ -142,10 +144,11 @@ def resolve_quant_config(requested: Optional[str], hf_config: Any, load_format: 
     """The model's QuantConfig, or None for dense weights as stored.
 
     A .gguf file defaults to ``gguf`` (its blocks kept) on CUDA, and on the CPU where a fast
-    kernel reads them: bf16/fp16 activations and only Q4_0/Q4_1 linear weights (the embedded
-    SmolLM2). Elsewhere on the CPU (fp32, K-quants) it is dequantized at load (``none``), since
-    the reference path would dequantize every weight at every step; ``quantization="gguf"``
-    keeps the blocks anyway. A checkpoint with a quantization_config loads as stored; a
+    kernel reads them: the C kernels of cpu/ (Q4_0/Q4_1/Q8_0 linear weights, as the embedded
+    SmolLM2; fp32 activations inside, so any model dtype), or without them PyTorch's packed int4
+    kernel (Q4_0/Q4_1, bf16/fp16 activations). Elsewhere on the CPU (K-quants) it is dequantized
+    at load (``none``), since the reference path would dequantize every weight at every step;
+    ``quantization="gguf"`` keeps the blocks anyway. A checkpoint with a quantization_config loads as stored; a
     ``quantization`` that contradicts it is an error."""
     from servelm.quantization import QUANTIZATION_METHODS
     if requested is not None:
@@ -181,9 +184,12 @@ def resolve_quant_config(requested: Optional[str], hf_config: Any, load_format: 
 
             from servelm.quantization import cpu_int4
             from servelm.cpu import native
-            cpu_fast = (dtype in (torch.bfloat16, torch.float16)
-                        and (cpu_int4.available() or native.load() is not None)
-                        and model_path is not None and gguf_cpu_fast(model_path))
+            cpu_fast = False
+            if model_path is not None and native.load() is not None:
+                cpu_fast = gguf_cpu_fast(model_path, native_kernels=True)
+            elif model_path is not None and cpu_int4.available() \
+                    and dtype in (torch.bfloat16, torch.float16):
+                cpu_fast = gguf_cpu_fast(model_path, native_kernels=False)
             requested = "gguf" if device.startswith("cuda") or cpu_fast else "none"
     elif requested == "gguf":
         raise ValueError("quantization='gguf' keeps a .gguf file's blocks; this checkpoint is "

@@ -120,6 +120,13 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 }
 
 #define SL_INLINE static inline __attribute__((always_inline))
+/* small loops over register arrays (accumulator tiles): unrolled early, so GCC keeps the arrays
+ * in registers (left to its later unrolling it stored every accumulator each iteration) */
+#if defined(__clang__)
+#define SL_UNROLL _Pragma("unroll")
+#else
+#define SL_UNROLL _Pragma("GCC unroll 16")
+#endif
 
 /* ---- one vector of SL_VL floats: AVX-512 (16 lanes) or AVX2 + FMA (8 lanes) ---------------
  * The kernels below are written once over this layer; a 32-weight block is SL_NW = 32 / SL_VL
@@ -265,13 +272,13 @@ SL_INLINE void block_fma(vf *w, const vf dv, vf *acc, const int SN, const float 
                          const int64_t xs) {
     if (SN == 1) {
         vf t = vf_mul(w[0], vf_load(x));
-        for (int u = 1; u < SL_NW; u++) t = vf_fma(w[u], vf_load(x + u * SL_VL), t);
+        SL_UNROLL for (int u = 1; u < SL_NW; u++) t = vf_fma(w[u], vf_load(x + u * SL_VL), t);
         acc[0] = vf_fma(t, dv, acc[0]);
         return;
     }
-    for (int u = 0; u < SL_NW; u++) w[u] = vf_mul(w[u], dv);
-    for (int s = 0; s < SN; s++)
-        for (int u = 0; u < SL_NW; u++) acc[s] = vf_fma(w[u], vf_load(x + s * xs + u * SL_VL), acc[s]);
+    SL_UNROLL for (int u = 0; u < SL_NW; u++) w[u] = vf_mul(w[u], dv);
+    SL_UNROLL for (int s = 0; s < SN; s++)
+        SL_UNROLL for (int u = 0; u < SL_NW; u++) acc[s] = vf_fma(w[u], vf_load(x + s * xs + u * SL_VL), acc[s]);
 }
 #endif
 
@@ -281,14 +288,14 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
     const int k = w->k, nb = k / 32;
     const uint8_t *rows[4];
     float out[4][SL_SCHUNK];
-    for (int i = 0; i < RB; i++) {
+    SL_UNROLL for (int i = 0; i < RB; i++) {
         rows[i] = w->data + (int64_t)(r + i) * w->row_bytes;
-        for (int s = 0; s < SN; s++) out[i][s] = 0.f;
+        SL_UNROLL for (int s = 0; s < SN; s++) out[i][s] = 0.f;
     }
 #if SL_SIMD
     vf acc[4][SL_SCHUNK];
-    for (int i = 0; i < RB; i++)
-        for (int s = 0; s < SN; s++) acc[i][s] = vf_zero();
+    SL_UNROLL for (int i = 0; i < RB; i++)
+        SL_UNROLL for (int s = 0; s < SN; s++) acc[i][s] = vf_zero();
 #endif
     const int quant = w->type == SL_Q4_0 || w->type == SL_Q4_1 || w->type == SL_Q8_0;
     float dsc[4][quant ? nb : 1], mn[quant ? nb : 1];
@@ -309,18 +316,18 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
         }
     if (w->type == SL_Q4_0 || w->type == SL_Q4_1) {
         for (int b = 0; b < nb; b++) {
-            for (int i = 0; i < RB; i++) {
+            SL_UNROLL for (int i = 0; i < RB; i++) {
                 const uint8_t *qs = rows[i] + b * 16;
 #if SL_SIMD
                 if ((b & 3) == 0) _mm_prefetch((const char *)(qs + SL_PREFETCH), _MM_HINT_T0);
                 vf wv[SL_NW]; /* elements j < 16: low nibbles of bytes j; 16 + j: high nibbles */
-                for (int u = 0; u < SL_NW / 2; u++) {
+                SL_UNROLL for (int u = 0; u < SL_NW / 2; u++) {
                     wv[u] = vf_nib_lo(qs + u * SL_VL);
                     wv[SL_NW / 2 + u] = vf_nib_hi(qs + u * SL_VL);
                 }
                 block_fma(wv, vf_set1(dsc[i][b]), acc[i], SN, x + (int64_t)s0 * xs + b * 32, xs);
 #else
-                for (int s = 0; s < SN; s++) {
+                SL_UNROLL for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
                     float t = 0.f;
                     for (int j = 0; j < 16; j++)
@@ -332,15 +339,15 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
         }
     } else if (w->type == SL_Q8_0) {
         for (int b = 0; b < nb; b++) {
-            for (int i = 0; i < RB; i++) {
+            SL_UNROLL for (int i = 0; i < RB; i++) {
                 const int8_t *qs = (const int8_t *)(rows[i] + b * 32);
 #if SL_SIMD
                 if ((b & 1) == 0) _mm_prefetch((const char *)(qs + SL_PREFETCH), _MM_HINT_T0);
                 vf wv[SL_NW];
-                for (int u = 0; u < SL_NW; u++) wv[u] = vf_i8(qs + u * SL_VL);
+                SL_UNROLL for (int u = 0; u < SL_NW; u++) wv[u] = vf_i8(qs + u * SL_VL);
                 block_fma(wv, vf_set1(dsc[i][b]), acc[i], SN, x + (int64_t)s0 * xs + b * 32, xs);
 #else
-                for (int s = 0; s < SN; s++) {
+                SL_UNROLL for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + b * 32;
                     float t = 0.f;
                     for (int j = 0; j < 32; j++) t += (float)qs[j] * xp[j];
@@ -353,16 +360,16 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
         int j = 0;
 #if SL_SIMD
         for (; j + 32 <= k; j += 32) {
-            for (int i = 0; i < RB; i++) {
+            SL_UNROLL for (int i = 0; i < RB; i++) {
                 vf wv[SL_NW];
                 _mm_prefetch((const char *)(rows[i] + (int64_t)j * (w->type == SL_BF16 ? 2 : 4) + SL_PREFETCH),
                              _MM_HINT_T0);
-                for (int u = 0; u < SL_NW; u++)
+                SL_UNROLL for (int u = 0; u < SL_NW; u++)
                     wv[u] = w->type == SL_BF16 ? vf_bf16((const uint16_t *)rows[i] + j + u * SL_VL)
                                                : vf_load((const float *)rows[i] + j + u * SL_VL);
-                for (int s = 0; s < SN; s++) {
+                SL_UNROLL for (int s = 0; s < SN; s++) {
                     const float *xp = x + (int64_t)(s0 + s) * xs + j;
-                    for (int u = 0; u < SL_NW; u++) acc[i][s] = vf_fma(wv[u], vf_load(xp + u * SL_VL), acc[i][s]);
+                    SL_UNROLL for (int u = 0; u < SL_NW; u++) acc[i][s] = vf_fma(wv[u], vf_load(xp + u * SL_VL), acc[i][s]);
                 }
             }
         }
@@ -374,8 +381,8 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
                 for (int s = 0; s < SN; s++) out[i][s] += wv * x[(int64_t)(s0 + s) * xs + j];
             }
     }
-    for (int i = 0; i < RB; i++)
-        for (int s = 0; s < SN; s++) {
+    SL_UNROLL for (int i = 0; i < RB; i++)
+        SL_UNROLL for (int s = 0; s < SN; s++) {
 #if SL_SIMD
             out[i][s] += vf_hsum(acc[i][s]);
 #endif
@@ -414,11 +421,11 @@ static void decode_row(const sl_mat *w, int r, float *dst) {
         const vf dv = vf_set1(ds[b]);
         if (w->type == SL_Q8_0) {
             const int8_t *qs = (const int8_t *)(row + b * 32);
-            for (int u = 0; u < SL_NW; u++) vf_store(dst + b * 32 + u * SL_VL, vf_mul(dv, vf_i8(qs + u * SL_VL)));
+            SL_UNROLL for (int u = 0; u < SL_NW; u++) vf_store(dst + b * 32 + u * SL_VL, vf_mul(dv, vf_i8(qs + u * SL_VL)));
         } else {
             const vf mv = vf_set1(ms[b]);
             const uint8_t *qs = row + b * 16;
-            for (int u = 0; u < SL_NW / 2; u++) {
+            SL_UNROLL for (int u = 0; u < SL_NW / 2; u++) {
                 vf_store(dst + b * 32 + u * SL_VL, vf_fma(dv, vf_nib_lo(qs + u * SL_VL), mv));
                 vf_store(dst + b * 32 + 16 + u * SL_VL, vf_fma(dv, vf_nib_hi(qs + u * SL_VL), mv));
             }
@@ -444,18 +451,18 @@ SL_INLINE void gemm_tile(const float *wb, const int k, const int RB, const int s
     int j = 0;
 #if SL_SIMD
     vf acc[4][4];
-    for (int i = 0; i < RB; i++)
-        for (int s = 0; s < SN; s++) acc[i][s] = vf_zero();
+    SL_UNROLL for (int i = 0; i < RB; i++)
+        SL_UNROLL for (int s = 0; s < SN; s++) acc[i][s] = vf_zero();
     for (; j + SL_VL <= k; j += SL_VL) {
         vf wv[4];
-        for (int i = 0; i < RB; i++) wv[i] = vf_load(wb + (int64_t)i * k + j);
-        for (int s = 0; s < SN; s++) {
+        SL_UNROLL for (int i = 0; i < RB; i++) wv[i] = vf_load(wb + (int64_t)i * k + j);
+        SL_UNROLL for (int s = 0; s < SN; s++) {
             const vf xv = vf_load(x + (int64_t)(s0 + s) * xs + j);
-            for (int i = 0; i < RB; i++) acc[i][s] = vf_fma(wv[i], xv, acc[i][s]);
+            SL_UNROLL for (int i = 0; i < RB; i++) acc[i][s] = vf_fma(wv[i], xv, acc[i][s]);
         }
     }
-    for (int i = 0; i < RB; i++)
-        for (int s = 0; s < SN; s++) out[i][s] = vf_hsum(acc[i][s]);
+    SL_UNROLL for (int i = 0; i < RB; i++)
+        SL_UNROLL for (int s = 0; s < SN; s++) out[i][s] = vf_hsum(acc[i][s]);
 #else
     for (int i = 0; i < RB; i++)
         for (int s = 0; s < SN; s++) out[i][s] = 0.f;
@@ -468,12 +475,8 @@ SL_INLINE void gemm_tile(const float *wb, const int k, const int RB, const int s
 }
 
 /* activation rows per tile: RB x SN accumulators, RB weight vectors and one of x in registers
- * (32 with AVX-512; AVX2's 16 take 4 x 3) */
-#if SL_VL == 8
-#define SL_GEMM_SN 3
-#else
+ * (AVX2 takes the broadcast kernel below instead: 16 registers do not hold this tile) */
 #define SL_GEMM_SN 4
-#endif
 #define SL_GEMM_S(RB) do { \
         int s0 = 0; \
         for (; s0 + SL_GEMM_SN <= S; s0 += SL_GEMM_SN) gemm_tile(wbuf, k, (RB), s0, SL_GEMM_SN, x, xs, y, ys, col); \
@@ -502,6 +505,63 @@ static void mat_rows_batched(const sl_mat *w, int r0, int r1, int S, const float
         }
     }
 }
+
+#if SL_VL == 8
+/* AVX2's batched product: y[s, col + i] = wb[i] . x[s] for MR weight rows (decoded, fp32, row
+ * i at wb + i * k) and the 8 * NSV activation rows s0.. of xt, x transposed ([k, sp], sp = S
+ * rounded up to 8, zeros past S). The MR x NSV accumulators hold each sequence in a lane, so
+ * each input j is NSV loads of xt, MR broadcast weights and MR * NSV FMAs, with no
+ * horizontal sums (a dot-product tile needs more accumulators than AVX2's 16 registers hold
+ * to cover its FMA latency and loads: it ran at about 40% of the FMA peak, this near it). */
+SL_INLINE void bcast_tile(const float *wb, const int k, const int MR, const float *xt,
+                          const int sp, const int s0, const int NSV, const int S, float *y,
+                          const int ys, const int col) {
+    __m256 acc[6][2];
+    SL_UNROLL for (int i = 0; i < MR; i++)
+        SL_UNROLL for (int v = 0; v < NSV; v++) acc[i][v] = _mm256_setzero_ps();
+    for (int j = 0; j < k; j++) {
+        const float *xr = xt + (int64_t)j * sp + s0;
+        __m256 xv[2];
+        SL_UNROLL for (int v = 0; v < NSV; v++) xv[v] = _mm256_loadu_ps(xr + 8 * v);
+        SL_UNROLL for (int i = 0; i < MR; i++) {
+            const __m256 wv = _mm256_broadcast_ss(wb + (int64_t)i * k + j);
+            SL_UNROLL for (int v = 0; v < NSV; v++) acc[i][v] = _mm256_fmadd_ps(wv, xv[v], acc[i][v]);
+        }
+    }
+    float o[6][16];
+    SL_UNROLL for (int i = 0; i < MR; i++)
+        SL_UNROLL for (int v = 0; v < NSV; v++) _mm256_storeu_ps(o[i] + 8 * v, acc[i][v]);
+    const int ns = S - s0 < 8 * NSV ? S - s0 : 8 * NSV;
+    for (int i = 0; i < MR; i++)
+        for (int l = 0; l < ns; l++) y[(int64_t)(s0 + l) * ys + col + i] = o[i][l];
+}
+
+#define SL_BCAST_ROWS(MR) do { \
+        for (int s0 = 0; s0 < sp; s0 += 16) { \
+            if (sp - s0 >= 16) bcast_tile(wbuf, k, (MR), xt, sp, s0, 2, S, y, ys, col); \
+            else bcast_tile(wbuf, k, (MR), xt, sp, s0, 1, S, y, ys, col); \
+        } \
+    } while (0)
+
+/* rows r0..r1 for S activation rows (xt: x transposed, as bcast_tile): 6 rows at a time
+ * decoded into wbuf [6, k], then the broadcast tiles over all S */
+static void mat_rows_bcast(const sl_mat *w, int r0, int r1, int S, const float *xt, int sp,
+                           float *y, int ys, float *wbuf) {
+    const int k = w->k;
+    for (int r = r0; r < r1; r += 6) {
+        const int rb = r1 - r < 6 ? r1 - r : 6, col = w->out_off + r;
+        for (int i = 0; i < rb; i++) decode_row(w, r + i, wbuf + (int64_t)i * k);
+        switch (rb) {
+            case 6: SL_BCAST_ROWS(6); break;
+            case 5: SL_BCAST_ROWS(5); break;
+            case 4: SL_BCAST_ROWS(4); break;
+            case 3: SL_BCAST_ROWS(3); break;
+            case 2: SL_BCAST_ROWS(2); break;
+            default: SL_BCAST_ROWS(1); break;
+        }
+    }
+}
+#endif
 
 /* from this many activation rows on, the batched path (the GEMV tiles would decode each weight
  * S / 8 times) */
@@ -534,8 +594,11 @@ static void block_sums(int S, int k, const float *x, int xs, float *xsum) {
         }
 }
 
-/* floats of per-thread scratch a projection with k inputs needs for S rows (block sums) */
-static inline int64_t proj_scratch(int S, int k) { return (int64_t)S * (k / 32 + 1) + 4 * (int64_t)k + 32; }
+/* floats of per-thread scratch a projection with k inputs needs for S rows: the block sums
+ * (GEMV tiles), or 6 decoded weight rows and (AVX2) x transposed and padded (batched) */
+static inline int64_t proj_scratch(int S, int k) {
+    return (int64_t)S * (k / 32 + 1) + 6 * (int64_t)k + 32 + (int64_t)((S + 7) / 8 * 8) * k;
+}
 
 /* This thread's share of a projection: every part's rows split evenly (in 8-row steps).
  * scratch: proj_scratch(S, k) floats of this thread's own. The bias is added by the same
@@ -546,6 +609,13 @@ static void proj_thread(const sl_proj *p, int S, const float *x, int xs, float *
     const int batched = S >= SL_BATCHED_MIN_S;
     if (!batched) block_sums(S, k, x, xs, scratch);
     float *wbuf = scratch + (int64_t)S * (k / 32 + 1) + 16;
+#if SL_VL == 8
+    const int sp = (S + 7) / 8 * 8;
+    float *xt = wbuf + 6 * (int64_t)k + 16; /* [k, sp]: this thread's copy, for its rows */
+    if (batched)
+        for (int j = 0; j < k; j++)
+            for (int s = 0; s < sp; s++) xt[(int64_t)j * sp + s] = s < S ? x[(int64_t)s * xs + j] : 0.f;
+#endif
     for (int i = 0; i < p->nparts; i++) {
         const sl_mat *w = &p->part[i];
         const int steps = (w->n + 7) / 8;
@@ -553,7 +623,11 @@ static void proj_thread(const sl_proj *p, int S, const float *x, int xs, float *
         const int r1 = bnd < w->n ? bnd : w->n;
         if (a < r1) {
             if (batched)
+#if SL_VL == 8
+                mat_rows_bcast(w, a, r1, S, xt, sp, y, ys, wbuf);
+#else
                 mat_rows_batched(w, a, r1, S, x, xs, y, ys, wbuf);
+#endif
             else
                 mat_rows(w, a, r1, S, x, xs, scratch, k / 32, y, ys);
             if (p->bias)
@@ -770,18 +844,18 @@ SL_INLINE void attend_fixed(const float *q, float *out, const void *kc, const vo
     for (int i = 0; i < G * D; i++) qs[i] = q[i] * scale;
 #if SL_VL == 16
     vf qv[8][8];
-    for (int h = 0; h < G; h++)
-        for (int v = 0; v < NV; v++) qv[h][v] = vf_load(qs + h * D + v * SL_VL);
+    SL_UNROLL for (int h = 0; h < G; h++)
+        SL_UNROLL for (int v = 0; v < NV; v++) qv[h][v] = vf_load(qs + h * D + v * SL_VL);
 #define SL_QV(h, v) qv[h][v]
 #else
 #define SL_QV(h, v) vf_load(qs + (h) * D + (v) * SL_VL)
 #endif
     SL_FOR_TOKENS(t, off, {
         vf kv[16];
-        for (int v = 0; v < NV; v++) kv[v] = kv_vec(kc, bf16, off + v * SL_VL);
-        for (int h = 0; h < G; h++) {
+        SL_UNROLL for (int v = 0; v < NV; v++) kv[v] = kv_vec(kc, bf16, off + v * SL_VL);
+        SL_UNROLL for (int h = 0; h < G; h++) {
             vf acc = vf_mul(SL_QV(h, 0), kv[0]);
-            for (int v = 1; v < NV; v++) acc = vf_fma(SL_QV(h, v), kv[v], acc);
+            SL_UNROLL for (int v = 1; v < NV; v++) acc = vf_fma(SL_QV(h, v), kv[v], acc);
             scores[h * ctx + t] = vf_hsum(acc);
         }
     });
@@ -789,16 +863,16 @@ SL_INLINE void attend_fixed(const float *q, float *out, const void *kc, const vo
     for (int h = 0; h < G; h++) softmax_row(scores + h * ctx, ctx);
     for (int v0 = 0; v0 < NV; v0 += PW) {
         vf o[8][16];
-        for (int h = 0; h < G; h++)
-            for (int u = 0; u < PW; u++) o[h][u] = vf_zero();
+        SL_UNROLL for (int h = 0; h < G; h++)
+            SL_UNROLL for (int u = 0; u < PW; u++) o[h][u] = vf_zero();
         SL_FOR_TOKENS(t, off, {
-            for (int u = 0; u < PW; u++) {
+            SL_UNROLL for (int u = 0; u < PW; u++) {
                 const vf vv = kv_vec(vc, bf16, off + (v0 + u) * SL_VL);
-                for (int h = 0; h < G; h++) o[h][u] = vf_fma(vf_set1(scores[h * ctx + t]), vv, o[h][u]);
+                SL_UNROLL for (int h = 0; h < G; h++) o[h][u] = vf_fma(vf_set1(scores[h * ctx + t]), vv, o[h][u]);
             }
         });
-        for (int h = 0; h < G; h++)
-            for (int u = 0; u < PW; u++) vf_store(out + h * D + (v0 + u) * SL_VL, o[h][u]);
+        SL_UNROLL for (int h = 0; h < G; h++)
+            SL_UNROLL for (int u = 0; u < PW; u++) vf_store(out + h * D + (v0 + u) * SL_VL, o[h][u]);
     }
 }
 #endif
@@ -1113,12 +1187,16 @@ int sl_linear(const sl_proj *p, int S, const float *x, float *y, float *xsum, in
     return 0;
 }
 
-/* Paged decode attention: q [S, H, D] -> out [S, H, D] over caches as in sl_layer. */
+/* Paged attention of S query rows, one query token each: q [S, H, D] -> out [S, H, D] over
+ * caches as in sl_layer; row s sees the first seq_lens[s] tokens of its block table (row s of
+ * block_tables, bt_stride apart). Decode: one row per sequence. A prompt's causal attention:
+ * its query rows with bt_stride 0 (one table) and seq_lens = positions + 1. Work items are
+ * dealt round-robin (causal rows grow, so blocks of them would leave threads idle). */
 int sl_attention(const float *q, float *out, const void *kc, const void *vc, int bf16,
                  const int32_t *block_tables, int bt_stride, const int32_t *seq_lens, int S,
                  int H, int KVH, int D, int bsz, float scale, float *scores, int max_ctx, int nt) {
     const int G = H / KVH;
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int w = 0; w < S * KVH; w++) {
         const int s = w / KVH, g = w % KVH;
         attend(q + ((int64_t)s * H + g * G) * D, out + ((int64_t)s * H + g * G) * D, kc, vc, bf16,
