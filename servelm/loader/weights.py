@@ -165,7 +165,9 @@ def _iter_gguf(reader: GGUFFile, named: list[tuple[GGUFTensorInfo, str]],
                 _LINEAR_WEIGHT_RE.fullmatch(hf_name) or embed_blocks):
             # raw: [N, row_bytes] uint8, row n = output row n's blocks, so llama's q/k row
             # permutation applies to it as to the dequantized rows
-            raw = torch.from_numpy(np.array(reader.tensor_data(t)))
+            # (the reader gives float tensors (F32 / F16) as float arrays: their bytes here)
+            n_rows = int(t.shape[1])
+            raw = torch.from_numpy(np.array(reader.tensor_data(t)).view(np.uint8).reshape(n_rows, -1))
             if module in permute_heads:
                 raw = unpermute_llama_qk(raw, permute_heads[module])
             yield hf_name, GGUFWeight(raw, t.tensor_type, (int(t.shape[1]), int(t.shape[0])))

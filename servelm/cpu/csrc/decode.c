@@ -488,6 +488,7 @@ SL_INLINE void gemm_tile(const float *wb, const int k, const int RB, const int s
         } \
     } while (0)
 
+#if SL_VL != 8
 /* rows r0..r1 for S activation rows: 4 rows at a time decoded into wbuf [4, k] (L1), then a
  * 4 x 4 register-tiled product over all S: each weight is decoded once per step, and the
  * FMAs (16 per 8 loads) are what bounds it */
@@ -505,22 +506,24 @@ static void mat_rows_batched(const sl_mat *w, int r0, int r1, int S, const float
         }
     }
 }
+#endif
 
 #if SL_VL == 8
 /* AVX2's batched product: y[s, col + i] = wb[i] . x[s] for MR weight rows (decoded, fp32, row
- * i at wb + i * k) and the 8 * NSV activation rows s0.. of xt, x transposed ([k, sp], sp = S
- * rounded up to 8, zeros past S). The MR x NSV accumulators hold each sequence in a lane, so
- * each input j is NSV loads of xt, MR broadcast weights and MR * NSV FMAs, with no
- * horizontal sums (a dot-product tile needs more accumulators than AVX2's 16 registers hold
- * to cover its FMA latency and loads: it ran at about 40% of the FMA peak, this near it). */
-SL_INLINE void bcast_tile(const float *wb, const int k, const int MR, const float *xt,
-                          const int sp, const int s0, const int NSV, const int S, float *y,
-                          const int ys, const int col) {
+ * i at wb + i * k) and the 8 * NSV activation rows s0.. held by xp, their panel of x
+ * transposed ([k, 8 * NSV], zeros past S). The MR x NSV accumulators hold each sequence in a
+ * lane, so each input j is NSV loads of xp, MR broadcast weights and MR * NSV FMAs, with no
+ * horizontal sums. Single-thread rates on the Zen 3 VM, fp32 rows in cache: a dot-product
+ * tile (4 x 3) 29-30 GFLOP/s; this at 6 x 16, 42-44 over one [k, S] transpose, 52-78 over
+ * panels (the FMA peak: 90). */
+SL_INLINE void bcast_tile(const float *wb, const int k, const int MR, const float *xp,
+                          const int s0, const int NSV, const int S, float *y, const int ys,
+                          const int col) {
     __m256 acc[6][2];
     SL_UNROLL for (int i = 0; i < MR; i++)
         SL_UNROLL for (int v = 0; v < NSV; v++) acc[i][v] = _mm256_setzero_ps();
     for (int j = 0; j < k; j++) {
-        const float *xr = xt + (int64_t)j * sp + s0;
+        const float *xr = xp + (int64_t)j * 8 * NSV;
         __m256 xv[2];
         SL_UNROLL for (int v = 0; v < NSV; v++) xv[v] = _mm256_loadu_ps(xr + 8 * v);
         SL_UNROLL for (int i = 0; i < MR; i++) {
@@ -536,15 +539,30 @@ SL_INLINE void bcast_tile(const float *wb, const int k, const int MR, const floa
         for (int l = 0; l < ns; l++) y[(int64_t)(s0 + l) * ys + col + i] = o[i][l];
 }
 
+/* the panels of x_panels: 16 sequences each ([k, 16]), the last 8 wide where S rounds up to
+ * an odd multiple of 8 */
 #define SL_BCAST_ROWS(MR) do { \
         for (int s0 = 0; s0 < sp; s0 += 16) { \
-            if (sp - s0 >= 16) bcast_tile(wbuf, k, (MR), xt, sp, s0, 2, S, y, ys, col); \
-            else bcast_tile(wbuf, k, (MR), xt, sp, s0, 1, S, y, ys, col); \
+            const float *xp_ = xt + (int64_t)s0 * k; \
+            if (sp - s0 >= 16) bcast_tile(wbuf, k, (MR), xp_, s0, 2, S, y, ys, col); \
+            else bcast_tile(wbuf, k, (MR), xp_, s0, 1, S, y, ys, col); \
         } \
     } while (0)
 
-/* rows r0..r1 for S activation rows (xt: x transposed, as bcast_tile): 6 rows at a time
- * decoded into wbuf [6, k], then the broadcast tiles over all S */
+/* x [S, k] -> its panels (as SL_BCAST_ROWS reads them) in xt [sp * k], sp = S rounded up to
+ * 8, zeros past S */
+static void x_panels(const float *x, int xs, int S, int k, float *xt) {
+    const int sp = (S + 7) / 8 * 8;
+    for (int s0 = 0; s0 < sp; s0 += 16) {
+        const int w = sp - s0 >= 16 ? 16 : 8;
+        float *p = xt + (int64_t)s0 * k;
+        for (int j = 0; j < k; j++)
+            for (int l = 0; l < w; l++) p[(int64_t)j * w + l] = s0 + l < S ? x[(int64_t)(s0 + l) * xs + j] : 0.f;
+    }
+}
+
+/* rows r0..r1 for S activation rows (xt: x's panels, x_panels): 6 rows at a time decoded into
+ * wbuf [6, k], then the broadcast tiles over all S */
 static void mat_rows_bcast(const sl_mat *w, int r0, int r1, int S, const float *xt, int sp,
                            float *y, int ys, float *wbuf) {
     const int k = w->k;
@@ -611,10 +629,8 @@ static void proj_thread(const sl_proj *p, int S, const float *x, int xs, float *
     float *wbuf = scratch + (int64_t)S * (k / 32 + 1) + 16;
 #if SL_VL == 8
     const int sp = (S + 7) / 8 * 8;
-    float *xt = wbuf + 6 * (int64_t)k + 16; /* [k, sp]: this thread's copy, for its rows */
-    if (batched)
-        for (int j = 0; j < k; j++)
-            for (int s = 0; s < sp; s++) xt[(int64_t)j * sp + s] = s < S ? x[(int64_t)s * xs + j] : 0.f;
+    float *xt = wbuf + 6 * (int64_t)k + 16; /* x's panels: this thread's copy, for its rows */
+    if (batched) x_panels(x, xs, S, k, xt);
 #endif
     for (int i = 0; i < p->nparts; i++) {
         const sl_mat *w = &p->part[i];
