@@ -411,10 +411,16 @@ class EngineArgs:
                              f"{self.tensor_parallel_size} is not supported yet: use 'ngram' or "
                              "'layer_skip', or tensor_parallel_size=1.")
         eviction = self._eviction_config(max_model_len, hf_config, speculative, device)
+        kv_dtype = _resolve_kv_cache_dtype(self.kv_cache_dtype, device)
+        if kv_dtype == "auto" and device == "cpu" and self.dtype == "auto" \
+                and dtype == torch.float32:
+            # "auto" chose fp32 math because this CPU has no native bf16 (PyTorch would emulate
+            # bf16 matmuls); the cache still stores bf16, as llama.cpp's default f16 cache: half
+            # the bytes decode attention reads, twice the tokens per GiB, widened exactly
+            kv_dtype = "bfloat16"
         cache = CacheConfig(self.block_size, self.enable_prefix_caching,
                             self.gpu_memory_utilization, self.num_gpu_blocks_override,
-                            self.kv_cache_memory, swap_gib,
-                            _resolve_kv_cache_dtype(self.kv_cache_dtype, device),
+                            self.kv_cache_memory, swap_gib, kv_dtype,
                             uniform_window(hf_config), eviction)
         if cache.cache_dtype == "bfloat16" and device != "cpu" and dtype != torch.bfloat16:
             # the Triton kernels read the cache in the activations' dtype

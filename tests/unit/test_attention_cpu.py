@@ -91,3 +91,22 @@ def test_auto_backend_on_the_cpu():
     from servelm.attention import resolve_attention_backend
     assert resolve_attention_backend("auto", "cpu") == "cpu"
     assert resolve_attention_backend("torch", "cpu") == "torch"
+
+
+def test_cpu_cache_dtype_defaults(tiny_model_factory, monkeypatch):
+    """dtype "auto" on a CPU without native bf16 computes in fp32 and keeps a bf16 cache (half
+    the bytes decode attention reads); with native bf16 both are bf16; an explicit dtype keeps
+    its cache (fp32 stays exact against transformers), and an explicit kv_cache_dtype wins."""
+    import servelm.config as config
+    from servelm.config import EngineArgs
+    path, _ = tiny_model_factory("llama")
+
+    def resolved(native_bf16, **kw):
+        monkeypatch.setattr(config, "_cpu_has_native_bf16", lambda: native_bf16)
+        c = EngineArgs(model=path, device="cpu", skip_tokenizer_init=True, **kw).create_engine_config()
+        return c.model.dtype, c.cache.cache_dtype
+
+    assert resolved(False) == (torch.float32, "bfloat16")
+    assert resolved(True) == (torch.bfloat16, "auto")
+    assert resolved(False, dtype="float32") == (torch.float32, "auto")
+    assert resolved(False, kv_cache_dtype="fp8") == (torch.float32, "fp8")
