@@ -5,7 +5,7 @@
   layers of 2-3 parts (GGUF parts of different types side by side), many M / K / N, 1-3 threads,
   fp32 and bf16 activations, against ``x @ W^T`` in float64.
 * Paged decode attention (``cpu.ops.paged_attention``): shuffled block tables, GQA, head sizes on
-  and off the 16-lane path, fp32 / bf16 caches, contexts 1..300, against a float64 softmax over
+  and off the vector paths (16 / 8 lanes), fp32 / bf16 caches, contexts 1..300, against a float64 softmax over
   the gathered rows; every cache entry a sequence must not read holds NaN.
 * C dequantization of the blocks (cpu/blocks.py, prompt-sized matmuls): gguf's values exactly.
 * The whole decode step through the engine (``CpuDecodeStep``): its logits against the PyTorch

@@ -12,8 +12,9 @@
  * (bf16 rounded to nearest even, as torch's cast). Sums run in a different order from the
  * PyTorch reference, so results agree to rounding, not bit for bit.
  *
- * Built at first use by servelm/cpu/native.py with -O3 -march=native -fopenmp; the AVX-512
- * paths compile where the CPU has them, portable C (auto-vectorised) elsewhere.
+ * Built at first use by servelm/cpu/native.py with -O3 -march=native -fopenmp; the SIMD paths
+ * are written once over a vector layer (vf, SL_VL lanes: AVX-512's 16 or AVX2 + FMA's 8) and
+ * compile where the CPU has either; portable C (auto-vectorised) elsewhere.
  */
 #include <math.h>
 #include <stdint.h>
