@@ -393,8 +393,12 @@ def completion_logprobs(token_ids: list[int], positions: list[Optional[PositionL
             tops.append(None)
             continue
         lps.append(clamp_logprob(entry.logprob))
-        top = {(lp.decoded_token if lp.decoded_token is not None else decode(t)):
-               clamp_logprob(lp.logprob) for t, lp in _top(pos, n)}
+        # keyed by text: where tokens decode alike (byte pieces as "\ufffd"), the best one's
+        # logprob stands for the text (ranked best first; a later one does not overwrite it)
+        top: dict[str, float] = {}
+        for t, lp in _top(pos, n):
+            top.setdefault(lp.decoded_token if lp.decoded_token is not None else decode(t),
+                           clamp_logprob(lp.logprob))
         top.setdefault(s, clamp_logprob(entry.logprob))  # the sampled token, as vLLM does
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
