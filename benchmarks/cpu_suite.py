@@ -209,8 +209,10 @@ def main() -> None:
                          [r["p99_ttft_ms"] for r in lc[rate]], "ms",
                          1.0 if rate == "2" else None, False))
         rss = {"servelm": _med(s["rss"]), "llama.cpp": _med(lc["rss"])}
-    print(f"\nSmolLM2-135M-Instruct Q4_1 on the CPU ({os.cpu_count()} cores, {threads} threads), "
-          f"medians of {args.runs} fresh runs (serving: {args.serve_runs})")
+    from servelm.cpu.native import simd_level
+    print(f"\nSmolLM2-135M-Instruct Q4_1 on the CPU ({os.cpu_count()} cores, {threads} threads, "
+          f"servelm's kernels: {simd_level()}), medians of {args.runs} fresh runs (serving: "
+          f"{args.serve_runs})")
     print("| what | servelm | llama.cpp | ratio | target | runs (servelm; llama.cpp) |")
     print("|---|---|---|---|---|---|")
     for what, s_runs, l_runs, unit, target, higher in rows:
@@ -218,7 +220,7 @@ def main() -> None:
         ratio = sm / lm if higher else lm / sm
         tgt = "-" if target is None else (f">= {target:.1f}x" if higher or target != 1.0 else "lower")
         met = "" if target is None else (" met" if ratio >= target else " MISSED")
-        print(f"| {what} ({unit}) | {sm:.1f} | {lm:.1f} | {ratio:.2f}x | {tgt}{met} | "
+        print(f"| {what} ({unit}) | {sm:.1f} | {lm:.1f} | {ratio:.3f}x | {tgt}{met} | "
               f"{', '.join(f'{x:.1f}' for x in s_runs)}; {', '.join(f'{x:.1f}' for x in l_runs)} |")
     for k, v in rss.items():
         print(f"| resident memory, {k} server (MB) | {v:.0f} | | | reported | |")
