@@ -2,10 +2,11 @@
 sums over the cache read in place) where they apply, the PyTorch reference elsewhere.
 
 Why: PyTorch's CPU SDPA ran a 512-token SmolLM2 prompt's attention at about 11 GFLOP/s on the
-2-core AVX2 machine (26 ms a layer, as much as the layer's matmuls); the decode kernel, once
-per query row against the prompt's own cache, does it in a fraction of that (NOTES.md "CPU fast
-path"). The C path takes fp32/bf16 caches without a sliding window, soft-capping, a token
-tree or H2O's score gathering; those steps take the reference."""
+2-core AVX2 machine (26 ms a layer alone, as much as the layer's matmuls: with GQA it falls to
+its math path); the decode kernel once per query row against the prompt's own cache took 13-16
+ms a layer with the test suite running beside it (benchmarks/NOTES.md, "CPU fast path on an
+AVX2 machine"). The C path takes fp32/bf16 caches without a sliding window, soft-capping, a
+token tree or H2O's score gathering; those steps take the reference."""
 from __future__ import annotations
 
 import torch
