@@ -138,9 +138,13 @@ def load() -> Optional[ctypes.CDLL]:
     lib.sl_attention.argtypes = [_P, _P, _P, _P, i32, _P, i32, _P, i32, i32, i32, i32, i32, f32,
                                  _P, i32, i32]
     lib.sl_attention.restype = i32
-    if simd_level() == "portable":
+    level = simd_level()
+    if level == "portable":
         logger.warning("CPU fast path: this CPU has neither AVX-512 nor AVX2 with FMA; its "
                        "kernels run as portable C (auto-vectorised, slower)")
+    elif level == "avx2":
+        logger.info("CPU fast path: this CPU has no AVX-512; its kernels run on AVX2 + FMA "
+                    "(8-lane vectors)")
     return lib
 
 

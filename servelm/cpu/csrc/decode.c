@@ -614,9 +614,13 @@ static void block_sums(int S, int k, const float *x, int xs, float *xsum) {
 }
 
 /* floats of per-thread scratch a projection with k inputs needs for S rows: the block sums
- * (GEMV tiles), or 6 decoded weight rows and (AVX2) x transposed and padded (batched) */
+ * (GEMV tiles), or decoded weight rows (6) and, with AVX2, x's panels (batched) */
 static inline int64_t proj_scratch(int S, int k) {
+#if SL_VL == 8
     return (int64_t)S * (k / 32 + 1) + 6 * (int64_t)k + 32 + (int64_t)((S + 7) / 8 * 8) * k;
+#else
+    return (int64_t)S * (k / 32 + 1) + 4 * (int64_t)k + 32;
+#endif
 }
 
 /* This thread's share of a projection: every part's rows split evenly (in 8-row steps).
