@@ -157,6 +157,7 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
+@functools.lru_cache(maxsize=1)  # the CPU does not change under a process; read per matmul
 def simd_level() -> str:
     """The vector width csrc/decode.c's kernels take on this CPU (it is built -march=native):
     "avx512" (16 fp32 lanes), "avx2" (8 lanes, with FMA) or "portable" (plain C)."""

@@ -11,9 +11,19 @@ import torch
 from servelm.cpu import native
 from servelm.cpu.plan import Unsupported, projection
 
-# rows of x up to which the C GEMV beats dequantizing the blocks for a dense GEMM
-# (SmolLM2 Q4_1 layers on the 2-core machine: see NOTES.md "CPU fast path")
+# rows of x up to which the C kernels take a block-format layer's matmul where the CPU has
+# AVX-512 (or neither vector set): above, the blocks are dequantized for one dense GEMM
+# (SmolLM2 Q4_1 layers on the AVX-512 2-core machine: see NOTES.md "CPU fast path")
 NATIVE_MAX_M = 64
+
+
+def native_max_m() -> int:
+    """Rows up to which the C kernels take a block-format layer's matmul on this CPU. AVX2:
+    every M. There the C batched product (6 x 16 broadcast tiles over the rows decoded once)
+    ran SmolLM2's Q4_1 layers at 101-133 GFLOP/s on 2 threads from 64 to 512 rows, as fast as
+    dequantizing the blocks for MKL's fp32 GEMM at 512 rows and up to 1.9x faster at 64
+    (NOTES.md "CPU fast path on an AVX2 machine"), and skips that dequantization pass."""
+    return 1 << 30 if native.simd_level() == "avx2" else NATIVE_MAX_M
 
 
 class NativeLinear:

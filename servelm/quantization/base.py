@@ -141,5 +141,5 @@ def create_bias(layer: "Linear", dtype: Optional[torch.dtype] = None) -> None:
 
 def native_max_m() -> int:
     """Rows up to which the CPU's C GEMV (servelm/cpu/ops.py) takes a layer's matmul."""
-    from servelm.cpu.ops import NATIVE_MAX_M
-    return NATIVE_MAX_M
+    from servelm.cpu.ops import native_max_m as for_this_cpu
+    return for_this_cpu()

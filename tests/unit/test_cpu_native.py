@@ -242,11 +242,17 @@ def test_dequantize_blocks_is_ggml_exactly(qtype):
 
 
 @needs_lib
+@pytest.mark.parametrize("path", ["dequantize", "native"])
 @pytest.mark.parametrize("layer_dtype", [torch.float32, torch.bfloat16])
-def test_gguf_layer_prompt_sized_m(layer_dtype):
-    """Above NATIVE_MAX_M rows a GGUF layer dequantizes its blocks (C) for one dense matmul:
-    the same reference, mixed formats and a dense part, bias added."""
+def test_gguf_layer_prompt_sized_m(layer_dtype, path, monkeypatch):
+    """Prompt-sized M: above native_max_m() rows (AVX-512, portable) a GGUF layer dequantizes
+    its blocks (C) for one dense matmul; with AVX2 the C batched product takes every M. Both
+    paths, forced, on any CPU: the same reference, mixed formats and a dense part, bias
+    added."""
+    from servelm.cpu import ops
     from servelm.cpu.ops import NATIVE_MAX_M
+    monkeypatch.setattr(ops, "native_max_m",
+                        (lambda: NATIVE_MAX_M) if path == "dequantize" else (lambda: 1 << 30))
     k, parts = 96, [(Q.Q4_0, 16), (Q.Q4_1, 5), (F32, 7), (Q.Q8_0, 33)]
     layer, W, mag, b = _build_layer(k, parts, layer_dtype, seed=13, bias=True)
     g = _gen(14)

@@ -248,6 +248,32 @@ static inline void f16_row(const uint16_t *src, float *dst, int n) {
     for (; j < n; j++) dst[j] = f16_to_f32(src[j]);
 }
 
+/* a . b over n floats: vector partial sums (a scalar chain of n dependent adds, as the plain
+ * loop compiles without -ffast-math, cost as much as an 18-block row's GEMV) */
+static inline float dot_f32(const float *a, const float *b, int n) {
+    float t = 0.f;
+    int j = 0;
+#if SL_SIMD
+    vf acc = vf_zero();
+    for (; j + SL_VL <= n; j += SL_VL) acc = vf_fma(vf_load(a + j), vf_load(b + j), acc);
+    t = vf_hsum(acc);
+#endif
+    for (; j < n; j++) t += a[j] * b[j];
+    return t;
+}
+
+#if defined(SL_VF16)
+/* a . b over n values, a fp16 (a row's Q4_1 mins, converted as they are read) */
+static inline float dot_f16_f32(const uint16_t *a, const float *b, int n) {
+    vf acc = vf_zero();
+    int j = 0;
+    for (; j + SL_VL <= n; j += SL_VL) acc = vf_fma(vf_f16(a + j), vf_load(b + j), acc);
+    float t = vf_hsum(acc);
+    for (; j < n; j++) t += f16_to_f32(a[j]) * b[j];
+    return t;
+}
+#endif
+
 /* One row's scales (or mins) for each of its nb 32-blocks: dst[b] = src[row, b * 32 / group] */
 static inline void block_scales(const sl_mat *w, const void *src, int row, float *dst, int nb) {
     const int ng = (w->k + w->group - 1) / w->group;
@@ -272,8 +298,19 @@ static inline void block_scales(const sl_mat *w, const void *src, int row, float
 SL_INLINE void block_fma(vf *w, const vf dv, vf *acc, const int SN, const float *x,
                          const int64_t xs) {
     if (SN == 1) {
+#if SL_NW >= 4
+        /* two chains of SL_NW / 2 (AVX2: 2 deep, not 4): a block's latency, not the FMA ports,
+         * bounded batch-1 GEMVs (Zen 3, Q4_1 rows in L2: 10.5 -> 7.1 cycles a block and row) */
+        vf t0 = vf_mul(w[0], vf_load(x)), t1 = vf_mul(w[1], vf_load(x + SL_VL));
+        SL_UNROLL for (int u = 2; u < SL_NW; u += 2) {
+            t0 = vf_fma(w[u], vf_load(x + u * SL_VL), t0);
+            t1 = vf_fma(w[u + 1], vf_load(x + (u + 1) * SL_VL), t1);
+        }
+        const vf t = vf_add(t0, t1);
+#else
         vf t = vf_mul(w[0], vf_load(x));
         SL_UNROLL for (int u = 1; u < SL_NW; u++) t = vf_fma(w[u], vf_load(x + u * SL_VL), t);
+#endif
         acc[0] = vf_fma(t, dv, acc[0]);
         return;
     }
@@ -304,16 +341,19 @@ SL_INLINE void tile(const sl_mat *w, const int r, const int RB, const int s0, co
         for (int i = 0; i < RB; i++) {
             block_scales(w, w->d, r + i, dsc[i], nb);
             if (w->type == SL_Q8_0) continue;
-            if (w->type == SL_Q4_1)
-                block_scales(w, w->m, r + i, mn, nb);
-            else
-                for (int b = 0; b < nb; b++) mn[b] = -8.f * dsc[i][b];
-            for (int s = 0; s < SN; s++) { /* the offsets: sum over blocks of m * sum(x) */
-                const float *xsp = xsum + (s0 + s) * nsum;
-                float t = 0.f;
-                for (int b = 0; b < nb; b++) t += mn[b] * xsp[b];
-                out[i][s] = t;
+            /* the offsets: sum over blocks of m * sum(x) (Q4_0: m = -8 d) */
+            if (w->type == SL_Q4_0) {
+                for (int s = 0; s < SN; s++) out[i][s] = -8.f * dot_f32(dsc[i], xsum + (s0 + s) * nsum, nb);
+                continue;
             }
+#if defined(SL_VF16)
+            if (SN == 1 && w->group == 32 && w->scale_dtype == SL_S_F16) { /* from the fp16 mins */
+                out[i][0] = dot_f16_f32((const uint16_t *)w->m + (int64_t)(r + i) * nb, xsum + s0 * nsum, nb);
+                continue;
+            }
+#endif
+            block_scales(w, w->m, r + i, mn, nb);
+            for (int s = 0; s < SN; s++) out[i][s] = dot_f32(mn, xsum + (s0 + s) * nsum, nb);
         }
     if (w->type == SL_Q4_0 || w->type == SL_Q4_1) {
         for (int b = 0; b < nb; b++) {
@@ -540,13 +580,20 @@ SL_INLINE void bcast_tile(const float *wb, const int k, const int MR, const floa
         for (int l = 0; l < ns; l++) y[(int64_t)(s0 + l) * ys + col + i] = o[i][l];
 }
 
-/* the panels of x_panels: 16 sequences each ([k, 16]), the last 8 wide where S rounds up to
- * an odd multiple of 8 */
-#define SL_BCAST_ROWS(MR) do { \
-        for (int s0 = 0; s0 < sp; s0 += 16) { \
-            const float *xp_ = xt + (int64_t)s0 * k; \
-            if (sp - s0 >= 16) bcast_tile(wbuf, k, (MR), xp_, s0, 2, S, y, ys, col); \
-            else bcast_tile(wbuf, k, (MR), xp_, s0, 1, S, y, ys, col); \
+/* the tiles of decoded rows wbuf [nc, k] against one panel xp of x (16 sequences, or 8 where S
+ * rounds up to an odd multiple of 8) */
+#define SL_BCAST_PANEL(NSV) do { \
+        for (int i = 0; i < nc; i += 6) { \
+            const float *wb_ = wbuf + (int64_t)i * k; \
+            const int col_ = w->out_off + rc + i; \
+            switch (nc - i < 6 ? nc - i : 6) { \
+                case 6: bcast_tile(wb_, k, 6, xp, s0, (NSV), S, y, ys, col_); break; \
+                case 5: bcast_tile(wb_, k, 5, xp, s0, (NSV), S, y, ys, col_); break; \
+                case 4: bcast_tile(wb_, k, 4, xp, s0, (NSV), S, y, ys, col_); break; \
+                case 3: bcast_tile(wb_, k, 3, xp, s0, (NSV), S, y, ys, col_); break; \
+                case 2: bcast_tile(wb_, k, 2, xp, s0, (NSV), S, y, ys, col_); break; \
+                default: bcast_tile(wb_, k, 1, xp, s0, (NSV), S, y, ys, col_); break; \
+            } \
         } \
     } while (0)
 
@@ -562,21 +609,25 @@ static void x_panels(const float *x, int xs, int S, int k, float *xt) {
     }
 }
 
-/* rows r0..r1 for S activation rows (xt: x's panels, x_panels): 6 rows at a time decoded into
- * wbuf [6, k], then the broadcast tiles over all S */
+/* weight rows decoded at a time (fp32, SL_BCAST_NC * k floats: 110 KB at k = 576, 295 KB at
+ * 1536, in L2) by the batched product below */
+#define SL_BCAST_NC 48
+
+/* rows r0..r1 for S activation rows (xt: x's panels, x_panels): SL_BCAST_NC rows at a time
+ * decoded into wbuf, then for each panel of x the 6-row broadcast tiles over them. Panel outer,
+ * rows inner: a panel (16 x k floats) stays in L1/L2 across the rows' tiles and x's panels are
+ * read from L3 once per SL_BCAST_NC rows. (Rows outer, 6 at a time, swept all of a 512-token
+ * prompt's panels, 1.2 MB at k = 576, per 6 rows: 105-110 GFLOP/s on 2 threads.) */
 static void mat_rows_bcast(const sl_mat *w, int r0, int r1, int S, const float *xt, int sp,
                            float *y, int ys, float *wbuf) {
     const int k = w->k;
-    for (int r = r0; r < r1; r += 6) {
-        const int rb = r1 - r < 6 ? r1 - r : 6, col = w->out_off + r;
-        for (int i = 0; i < rb; i++) decode_row(w, r + i, wbuf + (int64_t)i * k);
-        switch (rb) {
-            case 6: SL_BCAST_ROWS(6); break;
-            case 5: SL_BCAST_ROWS(5); break;
-            case 4: SL_BCAST_ROWS(4); break;
-            case 3: SL_BCAST_ROWS(3); break;
-            case 2: SL_BCAST_ROWS(2); break;
-            default: SL_BCAST_ROWS(1); break;
+    for (int rc = r0; rc < r1; rc += SL_BCAST_NC) {
+        const int nc = r1 - rc < SL_BCAST_NC ? r1 - rc : SL_BCAST_NC;
+        for (int i = 0; i < nc; i++) decode_row(w, rc + i, wbuf + (int64_t)i * k);
+        for (int s0 = 0; s0 < sp; s0 += 16) {
+            const float *xp = xt + (int64_t)s0 * k;
+            if (sp - s0 >= 16) SL_BCAST_PANEL(2);
+            else SL_BCAST_PANEL(1);
         }
     }
 }
@@ -617,7 +668,7 @@ static void block_sums(int S, int k, const float *x, int xs, float *xsum) {
  * (GEMV tiles), or decoded weight rows (6) and, with AVX2, x's panels (batched) */
 static inline int64_t proj_scratch(int S, int k) {
 #if SL_VL == 8
-    return (int64_t)S * (k / 32 + 1) + 6 * (int64_t)k + 32 + (int64_t)((S + 7) / 8 * 8) * k;
+    return (int64_t)S * (k / 32 + 1) + SL_BCAST_NC * (int64_t)k + 32 + (int64_t)((S + 7) / 8 * 8) * k;
 #else
     return (int64_t)S * (k / 32 + 1) + 4 * (int64_t)k + 32;
 #endif
@@ -634,7 +685,7 @@ static void proj_thread(const sl_proj *p, int S, const float *x, int xs, float *
     float *wbuf = scratch + (int64_t)S * (k / 32 + 1) + 16;
 #if SL_VL == 8
     const int sp = (S + 7) / 8 * 8;
-    float *xt = wbuf + 6 * (int64_t)k + 16; /* x's panels: this thread's copy, for its rows */
+    float *xt = wbuf + SL_BCAST_NC * (int64_t)k + 16; /* x's panels: this thread's copy, for its rows */
     if (batched) x_panels(x, xs, S, k, xt);
 #endif
     for (int i = 0; i < p->nparts; i++) {
