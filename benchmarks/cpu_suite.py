@@ -17,6 +17,10 @@ sdist (the only download). Every figure is the median of --runs fresh runs (a ne
   unlimited, so no prompt is served twice) against ``servelm serve`` and ``llama-server -np 64
   -cb``, a fresh server for each run; the bench JSON files go to --out-dir.
 * resident memory of each server after its runs.
+
+With --num-scheduler-steps N (> 1) the batch-1 and 64-sequence rows are measured again with
+servelm's multi-step scheduling (one schedule, N passes of the C decode step), as extra rows
+against the same llama.cpp runs.
 """
 from __future__ import annotations
 
@@ -39,11 +43,11 @@ from tests.e2e.server_utils import free_port, rss_mb  # noqa: E402
 
 
 # ---- servelm, one measurement per fresh process ------------------------------------------------
-def servelm_child(kind: str, threads: int | None) -> float:
+def servelm_child(kind: str, threads: int | None, steps: int = 1) -> float:
     import torch
 
     from servelm import LLM, SamplingParams
-    llm = LLM(kv_cache_memory=2 << 30, threads=threads)
+    llm = LLM(kv_cache_memory=2 << 30, threads=threads, num_scheduler_steps=steps)
     g = torch.Generator().manual_seed(int(time.time() * 1e6) % 2**31)  # no prefix-cache hits
     rand = lambda n: torch.randint(100, 40000, (n,), generator=g).tolist()  # noqa: E731
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -66,11 +70,12 @@ def servelm_child(kind: str, threads: int | None) -> float:
     raise ValueError(kind)
 
 
-def servelm_runs(kind: str, runs: int, threads: int) -> list[float]:
+def servelm_runs(kind: str, runs: int, threads: int, steps: int = 1) -> list[float]:
     out = []
     for _ in range(runs):
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", kind,
-                            "--threads", str(threads)], capture_output=True, text=True)
+                            "--threads", str(threads), "--num-scheduler-steps", str(steps)],
+                           capture_output=True, text=True)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             raise RuntimeError(f"servelm {kind} run failed:\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}")
@@ -172,10 +177,14 @@ def main() -> None:
     ap.add_argument("--only-serve", action="store_true")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results", "cpu_serve"),
                     help="where the serving runs' bench JSON files go")
+    ap.add_argument("--num-scheduler-steps", type=int, default=1,
+                    help="> 1: the batch-1 and 64-sequence rows run again with servelm's "
+                         "--num-scheduler-steps (multi-step scheduling), as extra rows")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(f"RESULT {servelm_child(args.child, args.threads)}", flush=True)
+        print(f"RESULT {servelm_child(args.child, args.threads, args.num_scheduler_steps)}",
+              flush=True)
         return
     from benchmarks.llamacpp_build import ensure_llamacpp
     from servelm.cpu.threads import default_threads
@@ -190,9 +199,17 @@ def main() -> None:
                      tg, "tok/s", 1.0, True))
         rows.append(("prefill, 512-token prompt", servelm_runs("prefill", args.runs, threads),
                      pp, "tok/s", 2.0, True))
+        batched = llama_batched_runs(bin_dir, model, args.runs, threads)
         rows.append(("64 sequences, 64 in / 128 out", servelm_runs("batch64", args.runs, threads),
-                     llama_batched_runs(bin_dir, model, args.runs, threads), "output tok/s", 3.0,
-                     True))
+                     batched, "output tok/s", 3.0, True))
+        n = args.num_scheduler_steps
+        if n > 1:
+            rows.insert(1, (f"batch-1 decode, 128 tokens, --num-scheduler-steps {n}",
+                            servelm_runs("decode", args.runs, threads, n), tg, "tok/s", 1.0,
+                            True))
+            rows.append((f"64 sequences, --num-scheduler-steps {n}",
+                         servelm_runs("batch64", args.runs, threads, n), batched,
+                         "output tok/s", 3.0, True))
         for what, a, b, *_ in rows:
             print(f"  {what}: servelm {a}, llama.cpp {b}", flush=True)
     rss = {}

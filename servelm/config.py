@@ -105,6 +105,9 @@ class SchedulerConfig:
     pipeline_depth: int = 1
     # multi-LoRA: at most this many distinct adapters run at once (the device slots); 0: off
     max_loras: int = 0
+    # multi-step scheduling (vLLM's num_scheduler_steps): while every running request decodes
+    # greedily with nothing else to do, one schedule covers up to this many forward passes
+    num_scheduler_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,7 @@ class EngineArgs:
     async_scheduling: Optional[bool] = None  # default: on with CUDA, off on the CPU
     max_prefill_tokens_while_decoding: Optional[int] = None
     max_step_ms_while_decoding: Optional[float] = None
+    num_scheduler_steps: int = 1  # forward passes per schedule of greedy decodes (CPU)
     scheduling_policy: str = "fcfs"
     preemption_mode: str = "recompute"
     swap_space: Optional[float] = None  # GiB for preemption_mode="swap" (default 4)
@@ -450,6 +454,9 @@ class EngineArgs:
         lora = self._lora_config(speculative)
         if lora is not None:
             sched = dataclasses.replace(sched, max_loras=lora.max_loras)
+        steps = self._num_scheduler_steps(device, speculative, eviction, world, async_sched)
+        if steps > 1:
+            sched = dataclasses.replace(sched, num_scheduler_steps=steps)
         return EngineConfig(model=model_cfg, cache=cache, scheduler=sched, device=device,
                             parallel=parallel,
                             attention_backend=self.attention_backend,
@@ -459,6 +466,37 @@ class EngineArgs:
                             lora=lora,
                             structured_outputs=structured,
                             threads=resolve_threads(self.threads), cpus=tuple(usable_cpus()))
+
+    def _num_scheduler_steps(self, device: str, speculative: Any, eviction: Any,
+                             world: int, async_sched: bool) -> int:
+        n = self.num_scheduler_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_scheduler_steps must be an integer >= 1, got {n!r}.")
+        if n == 1:
+            return 1
+        what = None
+        if device != "cpu":
+            what = ("a GPU (the passes repeat the CPU's C decode step; on a GPU asynchronous "
+                    "scheduling already overlaps the host's work with the device's)")
+        elif self.enforce_eager:
+            what = "enforce_eager=True (the passes repeat the C decode step, which it turns off)"
+        elif speculative is not None:
+            what = "speculative_config"
+        elif self.early_exit_config is not None:
+            what = "early_exit_config"
+        elif eviction is not None:
+            what = "kv_eviction"
+        elif world > 1:
+            what = "tensor or pipeline parallelism"
+        elif self.enable_lora:
+            what = "enable_lora"
+        elif async_sched:
+            what = ("async_scheduling=True (the next schedule would be made before the passes' "
+                    "tokens land)")
+        if what:
+            raise ValueError(f"num_scheduler_steps={n} with {what} is not supported; use "
+                             "num_scheduler_steps=1.")
+        return n
 
     def _lora_config(self, speculative: Any) -> Any:
         from servelm.lora import LoRAConfig
@@ -544,6 +582,11 @@ class EngineArgs:
         a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
         a("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
           help="schedule the next step while the current one runs (default: on with CUDA)")
+        a("--num-scheduler-steps", type=int, default=1,
+          help="CPU: while every running request decodes greedily and nothing waits, one "
+               "schedule runs up to this many forward passes (each feeding its tokens to the "
+               "next), so the engine's per-step host work is paid once for them; tokens then "
+               "stream in groups of up to this many")
         a("--scheduling-policy", default="fcfs", choices=list(REQUEST_QUEUES),
           help="fcfs: arrival order; priority: lower request priority first (ties by arrival),"
                " preempting less urgent running requests when slots or blocks run out")

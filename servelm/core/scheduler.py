@@ -44,6 +44,16 @@ class SpecDecodeCounters:
             per_pos[i] += 1
 
 
+def _plain_greedy(req: Request) -> bool:
+    """The request's next tokens are the argmax of the raw logits, with nothing reported but
+    the tokens: no temperature, logprobs, penalties, logit bias, pending min_tokens, grammar or
+    adapter (the tokens a multi-step schedule feeds back without the sampler)."""
+    p = req.params
+    return (p.greedy and p.logprobs is None and not p.logit_bias and not p.needs_penalties
+            and p.min_tokens <= req.num_output_tokens and p.structured_outputs is None
+            and req.lora_request is None)
+
+
 def _lora_names(reqs: Iterable[Request], config: SchedulerConfig) -> list[str]:
     if not config.max_loras:  # (no adapters: no queue walk)
         return []
@@ -159,6 +169,9 @@ class Scheduler:
         # turns (a batch of all of them would leave the other stages nothing to do)
         depth = self.config.pipeline_depth
         seq_cap = -(-len(self.running) // depth) if depth > 1 else len(self.running)
+        # num_scheduler_steps: this schedule's decodes run this many forward passes at once
+        # (the runner feeds each greedy token back); their KV slots are reserved now
+        steps = self._multi_steps()
         i = 0
         while i < len(self.running) and budget > 0 and len(num_scheduled) < seq_cap:
             req = self.running[i]
@@ -193,7 +206,7 @@ class Scheduler:
                 if drafts:
                     spec_tokens[req.request_id] = drafts
                     n += len(drafts)
-            la = self._lookahead(computed + n)
+            la = self._lookahead(computed + n) + steps - 1
             self.kv.free_outside_window(req)  # (sliding-window models only)
             eviction = self._evict(req) if evict else None
             held = computed - req.num_evicted  # tokens its cache holds
@@ -218,7 +231,7 @@ class Scheduler:
             cached_reqs.append(CachedRequestData(req.request_id, new_blocks,
                                                  req.num_computed_tokens, req.num_null_blocks,
                                                  req.num_evicted, eviction))
-            req.num_computed_tokens += n
+            req.num_computed_tokens += n + steps - 1  # (the positions of the steps' tokens)
             if req.num_computed_tokens >= total:  # samples this step
                 req.num_output_placeholders += 1
             i += 1
@@ -317,7 +330,7 @@ class Scheduler:
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self.finished_ids,
                               preempted | urgent_preempted, spec_tokens, self._swap_out,
-                              swap_in, prefetch)
+                              swap_in, prefetch, num_scheduler_steps=steps)
         self.finished_ids, self._swap_out = set(), []
         if num_scheduled:
             self._record_step(out, now)
@@ -475,6 +488,32 @@ class Scheduler:
             return math.inf
         return self.config.max_model_len
 
+    def _multi_steps(self) -> int:
+        """Forward passes this schedule covers (num_scheduler_steps, vLLM's multi-step
+        scheduling): more than one only while every running request decodes plain greedy
+        tokens and nothing else waits (no prompt to admit or finish, no swapped request, no
+        drafts, no token in flight), at most the tokens each request may still generate, and
+        only if the free blocks hold every extra position (a multi-step schedule never
+        preempts)."""
+        n = self.config.num_scheduler_steps
+        if n <= 1 or self.waiting or self.swapped or not self.running or self.eviction is not None:
+            return 1
+        for req in self.running:
+            total = len(req.all_token_ids)
+            if (req.num_output_placeholders or req.spec_token_ids
+                    or total - req.num_computed_tokens != 1 or not _plain_greedy(req)):
+                return 1
+            left = self._length_cap(req) - total
+            if req.params.max_tokens is not None:
+                left = min(left, req.params.max_tokens - (total - req.num_prompt_tokens))
+            n = min(n, int(left))
+            if n <= 1:
+                return 1
+        bs = self.kv.block_size
+        need = sum(max(0, -(-(r.num_computed_tokens - r.num_evicted + n) // bs) - len(r.block_ids))
+                   for r in self.running)
+        return n if need <= self.kv.pool.num_free_blocks else 1
+
     def _lookahead(self, num_tokens: int) -> int:
         """Slots to reserve past a request's first num_tokens (a draft model writes their KV),
         never past max_model_len."""
@@ -591,6 +630,10 @@ class Scheduler:
                     outputs.append(self._land_preempted(
                         req, new_tokens, logprobs.get(rid) if logprobs else None))
                 continue
+            if sched.num_scheduler_steps > 1 and len(new_tokens or ()) < sched.num_scheduler_steps:
+                # the runner ran fewer passes than scheduled (a step it could not repeat): the
+                # positions it did not compute get computed from the next step on
+                req.num_computed_tokens -= sched.num_scheduler_steps - len(new_tokens or ())
             if spec and rid in spec:
                 # k drafts verified, len(new_tokens) - 1 of them accepted: the KV of the rejected
                 # ones is stale and gets recomputed (overwritten) from the first rejected position

@@ -86,6 +86,10 @@ class SchedulerOutput:
     # multi-LoRA: adapters of requests left waiting for a slot, for the workers to read into
     # host memory in the background (the step that first runs one copies it, no disk read)
     lora_prefetch: list = field(default_factory=list)
+    # num_scheduler_steps: the decode requests of this schedule (all of them decode, greedy)
+    # run this many forward passes, each feeding its tokens to the next; their computed counts
+    # already include the extra positions (the scheduler rolls back passes that did not run)
+    num_scheduler_steps: int = 1
 
 
 @dataclass

@@ -553,6 +553,10 @@ class ModelRunner:
             self.gate.interrupt()
         if not n_samplers:
             return PendingOutput.ready(out)
+        if (s.num_scheduler_steps > 1 and graph_out is not None and L == graph_out[1].shape[0]
+                and not s.scheduled_spec_decode_tokens and self.sampling.plain_greedy()):
+            return PendingOutput.ready(self._more_passes(inp, graph_out[1],
+                                                         s.num_scheduler_steps, out))
         if graph_out is not None:  # one logits row per token of the graph's batch
             all_rows = L == graph_out[1].shape[0]
             idx = None if all_rows else torch.from_numpy(inp.logits_idx).to(self.device)
@@ -602,6 +606,36 @@ class ModelRunner:
             return PendingOutput.ready(self._propose(pending.result(), True))
         self._unlanded = pending
         return pending
+
+    def _more_passes(self, inp: StepInputs, greedy: torch.Tensor, steps: int,
+                     out: ModelRunnerOutput) -> ModelRunnerOutput:
+        """Multi-step scheduling (SchedulerOutput.num_scheduler_steps): this decode batch's
+        first pass gave ``greedy`` [S]; steps - 1 more passes through the decode step, each
+        fed the tokens of the one before at the next position (KV slots reserved by the
+        scheduler). Every request gets its ``steps`` tokens (those past a stop are dropped by
+        the scheduler); the host rows take them at once."""
+        b, bs = self.batch, self.block_size
+        rows = inp.logits_rows  # [S] batch rows, one logits row per sequence
+        S = len(rows)
+        pos = inp.positions.clone()  # [S] int64
+        seq_lens = inp.meta.seq_lens.to(torch.int32)
+        width = (int(pos.max()) + steps - 1) // bs + 1  # the last pass's blocks
+        table = torch.from_numpy(np.ascontiguousarray(b.block_table[rows, :width]))
+        seqs = torch.arange(S)
+        toks = [greedy]
+        for i in range(1, steps):
+            pos = pos + 1
+            slots = table[seqs, pos // bs].to(torch.int64) * bs + pos % bs
+            meta = dataclasses.replace(
+                inp.meta, slot_mapping=slots, seq_lens=seq_lens + i, block_tables=table,
+                max_seq_len=inp.meta.max_seq_len + i,
+                seq_lens_cpu=tuple(n + i for n in inp.meta.seq_lens_cpu))
+            toks.append(self.graphs.run(toks[-1], pos, meta)[1])
+        lists = torch.stack(toks, 1).tolist()  # [S, steps]
+        out.sampled_token_ids = dict(zip(inp.sample_req_ids, lists))
+        self.sampled[inp.logits_rows_t] = toks[-1]  # (the newest token of each row)
+        b.append_token_lists(rows.tolist(), lists, self.device)
+        return out
 
     def _uniform_tree_step(self, inp: StepInputs) -> bool:
         """Every request of the step verifies a whole token tree (nothing else), few enough
