@@ -85,7 +85,7 @@ class Scheduler:
         # step cost, learnt from the time between steps (the slo policy's estimates): steps
         # launched and not yet timed, as (launch time, tokens)
         self.cost = StepCostModel()
-        self._launched: list[tuple[float, int]] = []
+        self._launched: list[tuple[float, int, int]] = []  # (time, tokens, passes)
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -334,7 +334,7 @@ class Scheduler:
         self.finished_ids, self._swap_out = set(), []
         if num_scheduled:
             self._record_step(out, now)
-            self._launched.append((now, out.total_num_scheduled_tokens))
+            self._launched.append((now, out.total_num_scheduled_tokens, steps))
         return out
 
     def _time_steps(self, now: float) -> None:
@@ -343,8 +343,9 @@ class Scheduler:
         step before the last one (the last was launched just before that wait)."""
         lag = 2 if self.config.async_scheduling else 1
         if len(self._launched) >= lag:
-            tokens = self._launched[-lag][1]
-            self.cost.observe(tokens, now - self._launched[-1][0])
+            _, tokens, passes = self._launched[-lag]
+            # (a multi-step schedule's passes: each one step of those tokens)
+            self.cost.observe(tokens, (now - self._launched[-1][0]) / passes)
             del self._launched[:len(self._launched) - lag + 1]
 
     def _prefill_budget(self, now: float, budget: int) -> int:
