@@ -138,6 +138,12 @@ def load() -> Optional[ctypes.CDLL]:
     lib.sl_attention.argtypes = [_P, _P, _P, _P, i32, _P, i32, _P, i32, i32, i32, i32, i32, f32,
                                  _P, i32, i32]
     lib.sl_attention.restype = i32
+    lib.sl_silu_mul.argtypes = [_P, _P, i64, i64, i32]
+    lib.sl_silu_mul.restype = i32
+    lib.sl_rms_norm.argtypes = [_P, _P, _P, _P, _P, i64, i32, f32, i32]
+    lib.sl_rms_norm.restype = i32
+    lib.sl_rope.argtypes = [_P, _P, i64, i64, _P, _P, _P, _P, i64, i32, i32, i32, i32]
+    lib.sl_rope.restype = i32
     level = simd_level()
     if level == "portable":
         logger.warning("CPU fast path: this CPU has neither AVX-512 nor AVX2 with FMA; its "

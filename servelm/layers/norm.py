@@ -26,6 +26,10 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return k.rms_norm(x, self.weight, self.eps)
             return k.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        from servelm.cpu import ops as cpu_ops
+        if (x.dim() == 2 and cpu_ops.takes_elementwise(x) and self.weight.dtype == torch.float32
+                and (residual is None or residual.dtype == torch.float32)):
+            return cpu_ops.rms_norm(x, self.weight, self.eps, residual)  # one C pass a row
         if residual is not None:
             x = x + residual
             residual = x

@@ -51,6 +51,10 @@ class RotaryEmbedding(nn.Module):
             from servelm.kernels.rotary import rotary_embedding
             rotary_embedding(positions, q, k, self.cos_sin_cache)
             return q, k
+        from servelm.cpu import ops as cpu_ops
+        if (q.dim() == 3 and cpu_ops.takes_elementwise(q) and k.dtype == torch.float32
+                and q.shape[-1] % 2 == 0):
+            return cpu_ops.rope(positions, q, k, self.cos_sin_cache)  # the CPU's C pass
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [T, D/2] each
         cos = torch.cat([cos, cos], dim=-1)[:, None, :].to(q.dtype)  # [T, 1, D]
         sin = torch.cat([sin, sin], dim=-1)[:, None, :].to(q.dtype)

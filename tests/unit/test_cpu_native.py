@@ -675,7 +675,7 @@ _NARROWER = {"avx2": ["-mno-avx512f"], "portable": ["-mno-avx512f", "-mno-avx2"]
 def test_narrower_build(monkeypatch, level):
     """The same kernels built for a CPU with less than this one: AVX2 with FMA (8-lane vectors,
     the path of CPUs without AVX-512) and plain C (auto-vectorised; neither): linear layers of
-    every format and paged attention, against the same references."""
+    every format, paged attention and the elementwise ops, against the same references."""
     if _LEVELS.index(native.simd_level()) <= _LEVELS.index(level):
         pytest.skip(f"this CPU's own build is {native.simd_level()}: the other tests cover it")
     from servelm.cpu.ops import NativeLinear, paged_attention
@@ -703,9 +703,95 @@ def test_narrower_build(monkeypatch, level):
             assert torch.isfinite(out).all()
             assert ((out.double() - ref).abs() <= bound).all(), \
                 float(((out.double() - ref).abs() / bound).max())
+        _check_elementwise()
     finally:
         monkeypatch.undo()
         native.load.cache_clear()
+
+
+# ---- the prompt path's elementwise ops ------------------------------------------------------------
+def _check_elementwise():
+    """silu(gate) * up and RMSNorm (with and without the residual add) against PyTorch's
+    arithmetic in float64, on random rows of widths with and without vector tails, 1 and 2
+    threads."""
+    import torch.nn.functional as F
+
+    from servelm.cpu.ops import rms_norm, silu_mul
+    g = _gen(71)
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        for T, I in ((1, 3), (7, 8), (5, 17), (64, 1536), (3, 40)):
+            x = 4 * torch.randn(T, 2 * I, generator=g)
+            got = silu_mul(x)
+            gate, up = x.double().chunk(2, dim=-1)
+            want = F.silu(gate) * up
+            assert got.shape == (T, I) and got.dtype == torch.float32
+            assert ((got.double() - want).abs() <= 4e-7 * (want.abs() + up.abs())).all(), \
+                float((got.double() - want).abs().max())
+        for T, n in ((1, 5), (9, 16), (4, 33), (130, 576), (2, 64)):
+            x = torch.randn(T, n, generator=g) * 3
+            res = torch.randn(T, n, generator=g)
+            w = 1 + 0.3 * torch.randn(n, generator=g)
+            for residual in (None, res):
+                r = x.double() if residual is None else x.double() + residual.double()
+                want = r / (r.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w.double()
+                out = rms_norm(x, w, 1e-6, residual)
+                if residual is not None:
+                    out, r_out = out
+                    assert torch.equal(r_out, x + residual)  # the add, rounded once as PyTorch
+                assert ((out.double() - want).abs() <= (n + 8) * 6e-8 * want.abs() + 1e-7).all(), \
+                    float((out.double() - want).abs().max())
+
+
+@needs_lib
+def test_elementwise_ops():
+    _check_elementwise()
+
+
+@needs_lib
+def test_rope_is_the_pytorch_expression_exactly():
+    """The C rotary pass on q/k views of a qkv output (strided rows) = layers/rotary.py's
+    PyTorch expression bit for bit, for head sizes 8 to 128 and positions across the cache."""
+    from servelm.cpu.ops import rope
+    from servelm.layers.rotary import RotaryEmbedding, _apply
+    g = _gen(73)
+    for T, H, KVH, D in ((1, 4, 2, 8), (7, 9, 3, 64), (33, 6, 1, 128), (5, 2, 2, 36)):
+        rot = RotaryEmbedding(D, 4096, 10000.0, {})
+        qkv = torch.randn(T, (H + 2 * KVH) * D, generator=g) * 2
+        q = qkv[:, :H * D].view(T, H, D)
+        k = qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+        pos = torch.randint(0, 4096, (T,), generator=g)
+        cos, sin = rot.cos_sin_cache[pos].chunk(2, dim=-1)
+        cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
+        qo, ko = rope(pos, q, k, rot.cos_sin_cache)
+        assert torch.equal(qo, _apply(q, cos, sin)) and torch.equal(ko, _apply(k, cos, sin))
+        got = rot(pos, q, k)  # the module takes the C pass for fp32 CPU tensors
+        assert torch.equal(got[0], qo) and torch.equal(got[1], ko)
+
+
+@needs_lib
+def test_layers_take_the_c_elementwise_ops():
+    """fp32 CPU tensors: RMSNorm (both forms) and silu_and_mul go through the C passes and give
+    PyTorch's expression's results to rounding; bf16 keeps the PyTorch arithmetic exactly."""
+    from servelm.layers.activation import silu_and_mul
+    from servelm.layers.norm import RMSNorm
+    g = _gen(72)
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(48, generator=g))
+    x, res = torch.randn(6, 48, generator=g), torch.randn(6, 48, generator=g)
+    h = x + res
+    want = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+    out, r = norm(x, res)
+    assert torch.equal(r, h)
+    torch.testing.assert_close(out, want, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(norm(x), norm.weight * (x * torch.rsqrt(
+        x.pow(2).mean(-1, keepdim=True) + 1e-5)), rtol=2e-6, atol=1e-6)
+    gu = torch.randn(5, 20, generator=g)
+    torch.testing.assert_close(silu_and_mul(gu), torch.nn.functional.silu(gu[:, :10]) * gu[:, 10:],
+                               rtol=2e-6, atol=1e-7)
+    xb = gu.to(torch.bfloat16)
+    assert torch.equal(silu_and_mul(xb), torch.nn.functional.silu(xb[:, :10]) * xb[:, 10:])
 
 
 # ---- fallback: no compiler ----------------------------------------------------------------------

@@ -128,10 +128,16 @@ def _layer(name: str, k: int, parts: list[int], bias: bool, ckpt: list[dict], ws
 def _weights(lin: Linear, dtype: torch.dtype) -> torch.Tensor:
     """The layer's dequantized weights as its matmul sees them, [N_rank, K_rank] fp32:
     apply() on identity rows (each output one weight times 1, exact), padded past the CPU's
-    small-M GEMV so every layer takes the same dequantize-then-matmul path."""
+    small-M GEMV so every layer takes the same dequantize-then-matmul path (the C kernels'
+    64-row limit held, as on AVX-512: with AVX2 they take every M, decoding each weight as
+    d * q + m in one rounding rather than the reference's (q - z) * s)."""
+    from unittest import mock
+
+    from servelm.cpu import ops
     k = lin.input_size_per_rank
     x = torch.cat([torch.eye(k), torch.zeros(max(0, 65 - k), k)]).to(dtype)
-    return lin.method.apply(lin, x)[:k].t().float()
+    with mock.patch.object(ops, "native_max_m", lambda: ops.NATIVE_MAX_M):
+        return lin.method.apply(lin, x)[:k].t().float()
 
 
 def _close(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor,

@@ -748,11 +748,32 @@ int sl_dequantize(const sl_mat *w, void *out, int bf16, int nt) {
 }
 
 /* ---- small ops ----------------------------------------------------------------------------- */
+/* out = x / rms(x) * w over n values (out may be x): the sum of squares in vector partial
+ * sums (a scalar chain of n dependent FMAs took 4 cycles a value) */
 static void rms_norm_row(const float *x, const float *w, float *out, int n, float eps) {
     float ss = 0.f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    int i = 0;
+#if SL_SIMD
+    vf a0 = vf_zero(), a1 = vf_zero();
+    for (; i + 2 * SL_VL <= n; i += 2 * SL_VL) {
+        const vf v0 = vf_load(x + i), v1 = vf_load(x + i + SL_VL);
+        a0 = vf_fma(v0, v0, a0);
+        a1 = vf_fma(v1, v1, a1);
+    }
+    for (; i + SL_VL <= n; i += SL_VL) {
+        const vf v = vf_load(x + i);
+        a0 = vf_fma(v, v, a0);
+    }
+    ss = vf_hsum(vf_add(a0, a1));
+#endif
+    for (; i < n; i++) ss += x[i] * x[i];
     const float r = 1.f / sqrtf(ss / (float)n + eps);
-    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+    i = 0;
+#if SL_SIMD
+    const vf rv = vf_set1(r);
+    for (; i + SL_VL <= n; i += SL_VL) vf_store(out + i, vf_mul(vf_mul(vf_load(x + i), rv), vf_load(w + i)));
+#endif
+    for (; i < n; i++) out[i] = x[i] * r * w[i];
 }
 
 /* rotate_half style rotary embedding of one head row, in place */
@@ -1240,6 +1261,57 @@ int sl_decode(const sl_model *m, int S, const float *x, const int64_t *positions
                 if (row[j] > row[best]) best = j;
             argmax[s] = best;
         }
+    return 0;
+}
+
+/* ---- the prompt path's elementwise ops over PyTorch tensors (rows split over nt threads) ---- */
+/* out [M, I] = silu(gu[m, :I]) * gu[m, I:] for gu [M, 2I] fp32 (a gate_up projection's output) */
+int sl_silu_mul(const float *gu, float *out, int64_t M, int64_t I, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t m = 0; m < M; m++) silu_mul(gu + m * 2 * I, gu + m * 2 * I + I, out + m * I, I);
+    return 0;
+}
+
+/* out [M, n] = RMSNorm(r) * w with r = x + res (written to res_out), or r = x where res is
+ * NULL; fp32 rows */
+int sl_rms_norm(const float *x, const float *res, float *res_out, const float *w, float *out,
+                int64_t M, int n, float eps, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * n;
+        if (res) {
+            float *r = res_out + m * n;
+            const float *a = res + m * n;
+            for (int i = 0; i < n; i++) r[i] = xr[i] + a[i];
+            xr = r;
+        }
+        rms_norm_row(xr, w, out + m * n, n, eps);
+    }
+    return 0;
+}
+
+/* Rotary embedding (rotate_half) of a prompt's q [T, H, D] and k [T, KVH, D] (rows qs and ks
+ * floats apart, heads D apart: views of the qkv projection's output) into qo [T, H, D] and
+ * ko [T, KVH, D], at positions pos [T], from cos_sin [max_position, D] (cos | sin): the
+ * PyTorch expression's x * cos + rotate_half(x) * sin, rounded as it rounds (no contraction
+ * into FMAs: the same bits as layers/rotary.py) */
+__attribute__((optimize("fp-contract=off")))
+int sl_rope(const float *q, const float *k, int64_t qs, int64_t ks, float *qo, float *ko,
+            const int64_t *pos, const float *cos_sin, int64_t T, int H, int KVH, int D, int nt) {
+    const int h2 = D / 2;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *cs = cos_sin + pos[t] * D;
+        for (int j = 0; j < H + KVH; j++) {
+            const float *x = j < H ? q + t * qs + (int64_t)j * D : k + t * ks + (int64_t)(j - H) * D;
+            float *o = j < H ? qo + (t * H + j) * D : ko + (t * KVH + j - H) * D;
+            for (int i = 0; i < h2; i++) {
+                const float c = cs[i], sn = cs[h2 + i], a = x[i], b = x[i + h2];
+                o[i] = a * c + (-b) * sn;
+                o[i + h2] = b * c + a * sn;
+            }
+        }
+    }
     return 0;
 }
 
