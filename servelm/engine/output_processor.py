@@ -117,15 +117,28 @@ class OutputProcessor:
                     out.cumulative_logprob += d[tid][0]
             finish, stop_reason = eo.finish_reason, eo.stop_reason
             if child.detok is not None and eo.new_token_ids:
-                delta = child.detok.step(eo.new_token_ids)
-                out.text += delta
-                if p.stop and finish != "stop" and len(out.token_ids) >= p.min_tokens:
-                    hit = find_stop(out.text, len(delta), p.stop, p.include_stop_str_in_output)
-                    if hit is not None:
-                        out.text = out.text[:hit[1]]
-                        if finish is None:
-                            stopped.append(eo.req_id)
-                        finish, stop_reason = "stop", hit[0]
+                new = eo.new_token_ids
+                if not (p.stop and finish != "stop"):
+                    out.text += child.detok.step(new)
+                else:
+                    # token by token, as single steps check them: a step of several tokens
+                    # (speculative, multi-step) ends at the token that completes a stop string,
+                    # and the tokens after it are dropped
+                    before = len(out.token_ids) - len(new)
+                    for i, tid in enumerate(new):
+                        delta = child.detok.step([tid])
+                        out.text += delta
+                        if before + i + 1 < p.min_tokens:
+                            continue
+                        hit = find_stop(out.text, len(delta), p.stop, p.include_stop_str_in_output)
+                        if hit is not None:
+                            out.text = out.text[:hit[1]]
+                            if finish is None:
+                                stopped.append(eo.req_id)
+                            finish, stop_reason = "stop", hit[0]
+                            self._drop_after(out, before + i + 1, eo, new)
+                            child.new_tokens = i + 1
+                            break
             if finish is not None:
                 out.finish_reason, out.stop_reason = finish, stop_reason
                 st.unfinished.discard(eo.req_id)
@@ -148,6 +161,18 @@ class OutputProcessor:
             for c in st.children.values():
                 c.new_tokens = 0
         return results, stopped
+
+    def _drop_after(self, out, keep: int, eo: EngineCoreOutput, new: list[int]) -> None:
+        """Keeps out's first ``keep`` tokens (and their logprobs): a stop string ended the
+        sequence inside this step's tokens ``new``."""
+        drop = len(out.token_ids) - keep
+        if drop <= 0:
+            return
+        if out.logprobs is not None and eo.new_logprobs:
+            for d, tid in zip(eo.new_logprobs[len(new) - drop:], new[len(new) - drop:]):
+                out.cumulative_logprob -= d[tid][0]
+            del out.logprobs[keep:]
+        del out.token_ids[keep:]
 
     def _add_prompt_logprobs(self, st: _ReqState, start: int, rows: list) -> None:
         """Rows for prompt tokens start+1, start+2, ... (a recomputed chunk overwrites)."""

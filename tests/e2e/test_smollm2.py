@@ -79,3 +79,27 @@ def test_stop_string_found_in_detokenized_text(llm):
     assert o.text == free[:free.index("6, 7") + 4]
     sched = llm.engine.core.scheduler
     assert sched.kv.pool.num_free_blocks == sched.kv.num_blocks
+
+
+def test_multi_step_same_text_stops_and_eos(llm):
+    """num_scheduler_steps=4 (groups of greedy passes): the same texts as single steps, a stop
+    string inside a group cut where single steps cut it, the chat answer ended by the GGUF's
+    EOS inside a group, and every block back in the pool."""
+    multi = LLM(kv_cache_memory=1 << 28, dtype="float32", num_scheduler_steps=4)
+    for sp in (SamplingParams(temperature=0, max_tokens=21),
+               SamplingParams(temperature=0, max_tokens=20, stop=["7"]),
+               SamplingParams(temperature=0, max_tokens=20, stop=["6, 7"],
+                              include_stop_str_in_output=True)):
+        want = llm.generate(PROMPTS + ["1, 2, 3, 4,"], sp, use_tqdm=False)
+        got = multi.generate(PROMPTS + ["1, 2, 3, 4,"], sp, use_tqdm=False)
+        for w, g in zip(want, got):
+            assert (g.outputs[0].text, g.outputs[0].finish_reason, g.outputs[0].stop_reason) == \
+                (w.outputs[0].text, w.outputs[0].finish_reason, w.outputs[0].stop_reason)
+            assert list(g.outputs[0].token_ids) == list(w.outputs[0].token_ids)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    sp = SamplingParams(temperature=0, max_tokens=30)
+    want = llm.chat(chat, sp, use_tqdm=False)[0].outputs[0]
+    got = multi.chat(chat, sp, use_tqdm=False)[0].outputs[0]
+    assert got.finish_reason == "stop" and got.text == want.text
+    sched = multi.engine.core.scheduler
+    assert sched.kv.pool.num_free_blocks == sched.kv.num_blocks

@@ -230,3 +230,40 @@ def test_find_stop_streaming_matches_reference(seed):
         else:
             i, k, s = min(occ)
             assert hit == (s, i + len(s) if include else i)
+
+
+@pytest.mark.parametrize("group", [2, 3, 5])
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_inside_a_step_of_several_tokens(byte_tok, group, include):
+    """The output processor fed a sequence's tokens several per step (speculative or multi-step
+    outputs) ends where it ends fed one per step: the text cut at the stop string, the tokens
+    and their logprobs after the one completing it dropped, the core told to stop it."""
+    from servelm import SamplingParams
+    from servelm.core.step import EngineCoreOutput
+    from servelm.engine.output_processor import OutputProcessor
+    prompt = byte_tok.encode("Prompt:")
+    ids = byte_tok.encode(" the quick brown fox jumps over the lazy dog and runs away")
+    lps = [{t: (-0.5 - 0.01 * j, 1)} for j, t in enumerate(ids)]
+    sp = SamplingParams(max_tokens=100, stop=["lazy"], include_stop_str_in_output=include,
+                        logprobs=0)
+
+    def run(n):
+        op = OutputProcessor(byte_tok)
+        op.add_request("r", None, prompt, sp, 0.0)
+        stopped, out = [], None
+        for i in range(0, len(ids), n):
+            res, st = op.process([EngineCoreOutput("r", ids[i:i + n], new_logprobs=lps[i:i + n])])
+            stopped += st
+            if res:
+                out = res[0].outputs[0]
+            if out is not None and out.finish_reason:
+                break
+        return out, stopped
+    want, stop1 = run(1)
+    got, stopn = run(group)
+    assert want.finish_reason == "stop" and want.text.endswith("lazy" if include else "the ")
+    assert (got.text, got.finish_reason, got.stop_reason) == \
+        (want.text, want.finish_reason, want.stop_reason)
+    assert got.token_ids == want.token_ids and len(got.logprobs) == len(want.token_ids)
+    assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob)
+    assert stop1 == stopn == ["r"]
