@@ -20,9 +20,10 @@ NATIVE_MAX_M = 64
 def native_max_m() -> int:
     """Rows up to which the C kernels take a block-format layer's matmul on this CPU. AVX2:
     every M. There the C batched product (6 x 16 broadcast tiles over the rows decoded once)
-    ran SmolLM2's Q4_1 layers at 101-133 GFLOP/s on 2 threads from 64 to 512 rows, as fast as
-    dequantizing the blocks for MKL's fp32 GEMM at 512 rows and up to 1.9x faster at 64
-    (NOTES.md "CPU fast path on an AVX2 machine"), and skips that dequantization pass."""
+    ran SmolLM2's Q4_1 layers at 100-117 GFLOP/s on 2 threads from 64 to 512 rows: 1.2-1.7x
+    faster than dequantizing the blocks for MKL's fp32 GEMM at 64-128 rows, 2.4-2.7x at 16, and
+    0.90-1.17x at 512 (benchmarks/cpu_prompt_gemm.py; NOTES.md "CPU fast path on the AVX2
+    machine, fifth session"); a 512-token prefill gained 4% end to end."""
     return 1 << 30 if native.simd_level() == "avx2" else NATIVE_MAX_M
 
 
@@ -63,8 +64,8 @@ def takes_elementwise(x: torch.Tensor) -> bool:
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """x [T, 2I] fp32 (gate | up) -> silu(gate) * up [T, I] in one pass (PyTorch's silu and
-    mul read and write the [T, I] halves twice: 1.1 ms against 0.2-0.4 for a 512-token SmolLM2
-    prompt's MLP on 2 threads)."""
+    mul write and read a [T, I] temporary: 1.26 ms against 0.65 for [512, 3072] on the 2-core
+    AVX2 machine, medians of 7)."""
     x = x.contiguous()
     T, I2 = x.shape
     out = torch.empty(T, I2 // 2, dtype=torch.float32)

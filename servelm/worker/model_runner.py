@@ -633,7 +633,6 @@ class ModelRunner:
             toks.append(self.graphs.run(toks[-1], pos, meta)[1])
         lists = torch.stack(toks, 1).tolist()  # [S, steps]
         out.sampled_token_ids = dict(zip(inp.sample_req_ids, lists))
-        self.sampled[inp.logits_rows_t] = toks[-1]  # (the newest token of each row)
         b.append_token_lists(rows.tolist(), lists, self.device)
         return out
 
