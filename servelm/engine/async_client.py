@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import logging
 import multiprocessing
 import os
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 _HEALTH_POLL_S = 0.2  # only where the event loop cannot watch the process's sentinel fd
 _LAST_WORDS_S = 0.5  # after the core exits, how long its last messages may take to arrive
 _SHUTDOWN_GRACE_S = 5.0
+# texts longer than this (characters) are encoded on the big lane (about 30 ms of encoding)
+BIG_TEXT_CHARS = 1 << 15
 
 
 class EngineDeadError(RuntimeError):
@@ -91,8 +94,13 @@ class AsyncEngineClient:
         self._stats_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._last_stats: Optional[SchedulerStats] = None
         self._telemetry_waiters: collections.deque[asyncio.Future] = collections.deque()
-        # one thread: tokenizers are not re-entrant, and big prompts must not stall the loop
+        # tokenizing is off the event loop, on two lanes of one thread each: texts over
+        # BIG_TEXT_CHARS go to a lane of their own with its own copy of the tokenizer, so a
+        # long prompt or /tokenize text (seconds of encoding, which releases the GIL) never
+        # queues short requests behind it
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="servelm-tokenize")
+        self._big_pool = ThreadPoolExecutor(1, thread_name_prefix="servelm-tokenize-big")
+        self._big_tokenizer: Any = None  # the big lane's copy (made there, on first use)
         self.dead_error: Optional[EngineDeadError] = None
         # called (on the event loop) once the core process died unasked, after every request
         # in flight got the error: the server restarts the core or exits
@@ -228,6 +236,7 @@ class AsyncEngineClient:
         for ctx in self._contexts:
             ctx.term()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self._big_pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     async def restart(self, listener: Optional[OutputListener]) -> "AsyncEngineClient":
@@ -255,20 +264,43 @@ class AsyncEngineClient:
 
     # ---- requests -----------------------------------------------------------------------
     def process_input(self, prompt: PromptType, params: SamplingParams,
-                      add_special_tokens: bool = True) -> ProcessedPrompt:
-        """Tokenize and validate; raises ValueError for anything a user got wrong."""
+                      add_special_tokens: bool = True, tokenizer: Any = None) -> ProcessedPrompt:
+        """Tokenize and validate; raises ValueError for anything a user got wrong.
+        ``tokenizer``: another copy to encode with (the big lane's)."""
         texts = [prompt] if isinstance(prompt, str) else []
         if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
             texts.append(prompt["prompt"])
         for s in texts + list(params.stop):
             _check_utf8(s)
-        text, ids, params = self.inputs.process(prompt, params, add_special_tokens)
+        text, ids, params = self.inputs.process(prompt, params, add_special_tokens, tokenizer)
         return ProcessedPrompt(text, ids, params)
 
     async def process_input_async(self, prompt: PromptType, params: SamplingParams,
                                   add_special_tokens: bool = True) -> ProcessedPrompt:
+        text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+        if isinstance(text, str) and len(text) > BIG_TEXT_CHARS:
+            return await self._on_big_lane(
+                lambda tok: self.process_input(prompt, params, add_special_tokens, tok))
         return await asyncio.get_running_loop().run_in_executor(
             self._tokenize_pool, self.process_input, prompt, params, add_special_tokens)
+
+    async def encode_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The text's token ids (/tokenize: no length bound), on the lane its length picks."""
+        if len(text) > BIG_TEXT_CHARS:
+            return await self._on_big_lane(
+                lambda tok: tok.encode(text, add_special_tokens=add_special_tokens))
+        return await self.run_in_tokenizer_thread(
+            lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    async def _on_big_lane(self, fn: Callable[[Any], Any]) -> Any:
+        def run() -> Any:
+            if self._big_tokenizer is None:  # its own copy: the Rust tokenizer is shared
+                self._big_tokenizer = copy.deepcopy(self.tokenizer)  # state, not re-entrant
+            try:
+                return fn(self._big_tokenizer)
+            finally:  # a long text's encoding took hundreds of MB, which malloc would keep
+                cp.release_free_memory()
+        return await asyncio.get_running_loop().run_in_executor(self._big_pool, run)
 
     async def run_in_tokenizer_thread(self, fn: Any, *args: Any) -> Any:
         """Runs fn(*args) on the tokenizer's thread (chat templates, /tokenize, /detokenize)."""

@@ -191,6 +191,9 @@ class DataParallelClient:
                                   add_special_tokens: bool = True) -> ProcessedPrompt:
         return await self._front().process_input_async(prompt, params, add_special_tokens)
 
+    async def encode_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self._front().encode_async(text, add_special_tokens)
+
     async def run_in_tokenizer_thread(self, fn: Any, *args: Any) -> Any:
         return await self._front().run_in_tokenizer_thread(fn, *args)
 

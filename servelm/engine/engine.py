@@ -81,7 +81,9 @@ class InputProcessor:
         return so
 
     def process(self, prompt: PromptType, params: SamplingParams,
-                add_special_tokens: bool = True) -> tuple[Optional[str], list[int], SamplingParams]:
+                add_special_tokens: bool = True, tokenizer: Any = None,
+                ) -> tuple[Optional[str], list[int], SamplingParams]:
+        """``tokenizer``: a copy of this one to encode with (a second tokenizing thread's)."""
         text: Optional[str] = None
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -101,7 +103,8 @@ class InputProcessor:
                 raise ValueError("this model has no tokenizer: pass prompt token ids, or a "
                                  "tokenizer=... path.")
             self._check_text_length(text)
-            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            ids = (tokenizer or self.tokenizer).encode(text,
+                                                       add_special_tokens=add_special_tokens)
         mc = self.config.model
         if not ids:
             raise ValueError("the prompt is empty: it must have at least one token.")

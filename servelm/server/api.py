@@ -26,6 +26,7 @@ from servelm.engine.async_client import (AsyncEngineClient, EngineDeadError, Req
 from servelm.engine.core_proc import release_free_memory
 from servelm.engine.dp_client import start_client
 from servelm.server.dashboard import add_dashboard
+from servelm.server.json_body import BodyShape, BodyShapeError, loads_in_slices, shape_for
 from servelm.server.metrics import CONTENT_TYPE, ServerMetrics
 from servelm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                      DetokenizeRequest, LoadLoRAAdapterRequest, TokenizeRequest,
@@ -76,29 +77,68 @@ _JSON_BYTES_PER_CHAR = 12
 _MIN_STRING_BOUND = 1 << 20
 
 
+class StringScan:
+    """The longest JSON string of a body, in bytes (escapes included: an upper bound of its
+    characters), found chunk by chunk from the positions of its unescaped quotes without
+    parsing, so a body holding a string longer than any prompt is refused while it is still
+    arriving. ``longest`` counts a string still open at the end of the data fed so far.
+    Gives up (``gave_up``) once the body has too many quotes or backslashes for that to be
+    cheap. Not a validator: malformed JSON is the parser's to refuse."""
+
+    def __init__(self) -> None:
+        self.fed = 0  # bytes seen
+        self.open_at: Optional[int] = None  # offset of the open string's quote, if any
+        self.closed = 0  # the longest closed string
+        self.quotes = self.backslashes = 0
+        self._tail = 0  # backslashes ending the data fed so far (an escape across chunks)
+        self.gave_up = False
+
+    @property
+    def longest(self) -> int:
+        opened = 0 if self.open_at is None else self.fed - self.open_at - 1
+        return max(self.closed, opened)
+
+    def feed(self, chunk: bytes | bytearray) -> None:
+        if self.gave_up:
+            return
+        # find() runs at memchr speed (count() would be several times slower over 10 MB);
+        # the Python loop visits at most _MAX_SCANNED_QUOTES quotes and as many backslashes
+        i = chunk.find(b'"')
+        while i != -1:
+            self.quotes += 1
+            j = i  # an odd run of backslashes before the quote escapes it
+            while j > 0 and chunk[j - 1] == 0x5C:
+                j -= 1
+            run = i - j + (self._tail if j == 0 else 0)
+            self.backslashes += i - j
+            if self.quotes > _MAX_SCANNED_QUOTES or self.backslashes > _MAX_SCANNED_QUOTES:
+                self.gave_up = True
+                return
+            if run % 2 == 0:
+                at = self.fed + i
+                if self.open_at is None:
+                    self.open_at = at
+                else:
+                    self.closed = max(self.closed, at - self.open_at - 1)
+                    self.open_at = None
+            i = chunk.find(b'"', i + 1)
+        n = len(chunk)
+        end = n  # the backslashes this chunk ends with, joined to the last chunk's if all
+        while end > 0 and chunk[end - 1] == 0x5C:
+            end -= 1
+            if n - end > _MAX_SCANNED_QUOTES:
+                self.gave_up = True
+                return
+        self._tail = n - end + (self._tail if end == 0 else 0)
+        self.fed += n
+
+
 def longest_string_bytes(buf: bytes | bytearray) -> Optional[int]:
-    """The longest JSON string's length in bytes of ``buf`` (escapes included: an upper bound
-    of its characters), found from the positions of its unescaped quotes without parsing; None
-    when the body has too many quotes or backslashes for that to be cheap. Not a validator:
-    malformed JSON is the parser's to refuse."""
-    # find() runs at memchr speed (count() would be several times slower over 10 MB); the
-    # Python loops below visit at most _MAX_SCANNED_QUOTES quotes and as many backslashes
-    quotes, i, backslashes = [], buf.find(b'"'), 0
-    while i != -1:
-        if len(quotes) >= _MAX_SCANNED_QUOTES:
-            return None
-        j = i  # an odd run of backslashes before the quote escapes it
-        while j > 0 and buf[j - 1] == 0x5C:
-            j -= 1
-            backslashes += 1
-            if backslashes >= _MAX_SCANNED_QUOTES:
-                return None
-        if (i - j) % 2 == 0:
-            quotes.append(i)
-        i = buf.find(b'"', i + 1)
-    # quotes pair up in order: string k spans quotes 2k .. 2k + 1
-    return max((quotes[k + 1] - quotes[k] - 1 for k in range(0, len(quotes) - 1, 2)),
-               default=0)
+    """The longest JSON string's length in bytes of a whole body (see StringScan); None when
+    it has too many quotes or backslashes for that to be cheap."""
+    scan = StringScan()
+    scan.feed(buf)
+    return None if scan.gave_up else scan.longest
 
 
 def _reject_constant(name: str) -> None:
@@ -106,12 +146,14 @@ def _reject_constant(name: str) -> None:
 
 
 async def read_json(request: Request, limit: int,
-                    max_text_chars: Optional[Callable[[], int]] = None) -> dict:
+                    max_text_chars: Optional[Callable[[], int]] = None,
+                    shape: Optional[BodyShape] = None) -> dict:
     """The body as a JSON object: 415 unless declared as JSON (a browser page cannot then post
     cross-site without a CORS preflight), 413 past ``limit`` bytes (declared or streamed), 400
     if it is not strict JSON (NaN/Infinity refused) or not an object. ``max_text_chars``: the
     most characters a prompt can have; a big body holding a string that must be longer is
-    refused (400) before it is parsed, which would hold the event loop's GIL for tens of ms."""
+    refused (400) before it is parsed, which would hold the event loop's GIL for tens of ms.
+    A body over 1 MiB is parsed in slices, and refused past ``shape`` (json_body.py)."""
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype != "application/json":
         raise APIError(415, f"the request body must be JSON, sent with 'Content-Type: "
@@ -124,34 +166,47 @@ async def read_json(request: Request, limit: int,
     # chunks joined once at the end (a growing bytearray re-copies itself as it doubles; one
     # sized from Content-Length would commit memory before any byte arrives)
     chunks, n = [], 0
+    # past 1 MiB the strings are measured as the body arrives: one longer than any prompt is
+    # refused at once, before the rest is read (uvicorn drops what the client still sends)
+    scan: Optional[StringScan] = None
+    bound = 0
     async for chunk in request.stream():
         n += len(chunk)
         if n > limit:
             raise APIError(413, f"the request body exceeds the limit of {limit} bytes.",
                            code="request_too_large")
         chunks.append(chunk)
+        if max_text_chars is None or n <= _BIG_BODY:
+            continue
+        if scan is None:
+            scan, bound = StringScan(), max(_JSON_BYTES_PER_CHAR * max_text_chars(),
+                                            _MIN_STRING_BOUND)
+            for c in chunks:
+                scan.feed(c)
+        else:
+            scan.feed(chunk)
+        if not scan.gave_up and scan.longest > bound:
+            del chunks
+            asyncio.get_running_loop().call_later(_TRIM_AFTER_S, release_free_memory)
+            raise bad_request(
+                f"the request body holds a string of over {scan.longest} bytes: longer than "
+                f"any prompt the model's context can hold (at most {max_text_chars()} "
+                "characters); shorten the prompt.")
     buf = b"".join(chunks)
     del chunks
     # (strip() would copy a big body; an all-whitespace big one fails to parse instead)
     if len(buf) < 4096 and not buf.strip():
         raise bad_request("the request body is empty: send a JSON object.")
-    if len(buf) > _BIG_BODY and max_text_chars is not None:
-        longest = longest_string_bytes(buf)
-        bound = max(_JSON_BYTES_PER_CHAR * max_text_chars(), _MIN_STRING_BOUND)
-        if longest is not None and longest > bound:
-            asyncio.get_running_loop().call_later(_TRIM_AFTER_S, release_free_memory)
-            raise bad_request(
-                f"the request body holds a string of {longest} bytes: longer than any prompt "
-                f"the model's context can hold (at most {max_text_chars()} characters); "
-                "shorten the prompt.")
     try:
-        if len(buf) > _BIG_BODY:  # parsed beside the event loop: other requests keep moving
-            obj = await asyncio.to_thread(json.loads, buf, parse_constant=_reject_constant)
+        if len(buf) > _BIG_BODY:  # in slices: other requests keep moving, and bounded
             # once the request is done with it, its memory goes back to the OS (malloc keeps
             # freed heap pages otherwise: +30 to +60 MB of RSS after a 10 MB body)
             asyncio.get_running_loop().call_later(_TRIM_AFTER_S, release_free_memory)
+            obj = await loads_in_slices(buf, shape or BodyShape())
         else:
             obj = json.loads(buf, parse_constant=_reject_constant)
+    except BodyShapeError as e:
+        raise bad_request(str(e), e.param) from None
     except (ValueError, RecursionError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
@@ -160,8 +215,9 @@ async def read_json(request: Request, limit: int,
 
 
 async def parse(request: Request, model: type[M], limit: int,
-                max_text_chars: Optional[Callable[[], int]] = None) -> M:
-    obj = await read_json(request, limit, max_text_chars)
+                max_text_chars: Optional[Callable[[], int]] = None,
+                shape: Optional[BodyShape] = None) -> M:
+    obj = await read_json(request, limit, max_text_chars, shape)
     refuse_unsupported(model, obj)  # fields that would change the meaning: 400, not ignored
     try:
         return model.model_validate(obj)
@@ -260,6 +316,10 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
             return None
         return inputs.max_text_chars
 
+    def _shape(request: Request) -> BodyShape:
+        return shape_for(serving(request).max_model_len,
+                         server_config.max_sequences_per_request, engine_config.model.vocab_size)
+
     async def check_api_key(request: Request) -> None:
         key = server_config.api_key
         if key is None:
@@ -320,20 +380,22 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
-        req = await parse(request, CompletionRequest, limit, _text_bound(request))
+        req = await parse(request, CompletionRequest, limit, _text_bound(request),
+                          _shape(request))
         return _respond(await cancel_on_disconnect(request, create_completion(serving(request),
                                                                               req)))
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = await parse(request, ChatCompletionRequest, limit, _text_bound(request))
+        req = await parse(request, ChatCompletionRequest, limit, _text_bound(request),
+                          _shape(request))
         return _respond(await cancel_on_disconnect(request, create_chat_completion(
             serving(request), req)))
 
     @app.post("/tokenize", dependencies=keyed)
     async def tokenize(request: Request) -> Response:
         # (no text bound: /tokenize counts the tokens of texts of any length)
-        req = await parse(request, TokenizeRequest, limit)
+        req = await parse(request, TokenizeRequest, limit, shape=_shape(request))
         s = serving(request)
         s.check_model(req.model)
         tok = s.client.tokenizer
@@ -353,8 +415,7 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
         except UnicodeEncodeError:
             raise bad_request("the prompt has a lone UTF-16 surrogate: send valid Unicode.",
                               "prompt") from None
-        ids = await s.client.run_in_tokenizer_thread(
-            lambda: tok.encode(text, add_special_tokens=special))
+        ids = await s.client.encode_async(text, special)
         strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return json_response({"count": len(ids), "max_model_len": s.max_model_len,
                               "tokens": ids, "token_strs": strs})

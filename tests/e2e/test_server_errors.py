@@ -295,10 +295,10 @@ def test_body_too_large_by_content_length(server):
 
 def test_body_too_large_streamed(api):
     def chunks():  # chunked transfer encoding: no Content-Length to check up front
-        yield b'{"prompt": "'
-        for _ in range(33):
-            yield b"a" * (1 << 20)
-        yield b'"}'
+        yield b'{"prompt": ["a"'  # strings shorter than the prompt bound: read to 32 MiB
+        for _ in range(66):
+            yield b', "' + b"a" * (1 << 19) + b'"'
+        yield b']}'
     assert_error(api.post("/v1/completions", content=chunks(),
                           headers={"Content-Type": "application/json"}), 413)
 
@@ -318,6 +318,26 @@ def test_huge_prompt_refused_before_parsing(api):
     assert_error(post(api, "/v1/completions", many), 400, contains="1024")
 
 
+def test_huge_prompt_refused_while_it_arrives(server, api):
+    """A body declared as 10 MB whose prompt string is already longer than any prompt after its
+    first 2 MB is refused then: the 400 comes back while the rest is still unsent, and the
+    connection serves the next request once the client sends (and the server drops) the rest."""
+    declared, head = 10 << 20, b'{"model": "tiny", "prompt": "'
+    conn = http_client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    for k, v in {**AUTH, "Content-Type": "application/json",
+                 "Content-Length": str(declared)}.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    conn.send(head + b"a" * ((2 << 20) - len(head)))
+    r = conn.getresponse()  # before the other 8 MB exist
+    assert r.status == 400
+    assert "shorten the prompt" in json.loads(r.read())["error"]["message"]
+    conn.close()
+    r = post(api, "/v1/completions", COMPLETION)  # the server is unharmed
+    assert r.status_code == 200
+
+
 def test_longest_string_scan():
     from servelm.server.api import longest_string_bytes
     for obj in ({"a": "xyz", "b": "q" * 50}, {"p": 'say "hi" \\ and \\"'}, {"k": [1, 2]},
@@ -327,6 +347,26 @@ def test_longest_string_scan():
         want = max(len(json.dumps(v)) - 2 for v in strings)
         assert longest_string_bytes(bytearray(raw)) == want
     assert longest_string_bytes(b'["' + b'a","' * 200_000 + b'a"]') is None  # too many quotes
+
+
+def test_string_scan_across_chunks():
+    """Fed in pieces cut anywhere (inside escapes, between backslashes and their quote), the scan
+    finds what it finds in one piece; a string still open counts as far as it has arrived."""
+    from servelm.server.api import StringScan, longest_string_bytes
+    raw = json.dumps({"p": 'a\\"b' + "x" * 40 + '\\\\', "q": ["\\", 'say "hi"'], "r": "z" * 7}
+                     ).encode()
+    want = longest_string_bytes(raw)
+    assert want == len(json.dumps('a\\"b' + "x" * 40 + '\\\\')) - 2
+    for i in range(len(raw) + 1):
+        for j in range(i, len(raw) + 1, 5):
+            scan = StringScan()
+            for part in (raw[:i], raw[i:j], raw[j:]):
+                scan.feed(part)
+            assert not scan.gave_up and scan.longest == want, (i, j)
+    scan = StringScan()
+    scan.feed(b'{"a": "xy", "p": "')
+    scan.feed(b"q" * 100)
+    assert scan.open_at is not None and scan.longest == 100
 
 
 # ---- nothing breaks the engine -----------------------------------------------------------------

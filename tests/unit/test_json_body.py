@@ -1,0 +1,115 @@
+"""servelm.server.json_body: big bodies parsed in slices give json.loads's result or refuse
+what it refuses, refuse shapes past their bounds, and hand the event loop back while parsing."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+
+from servelm.server.json_body import BodyShape, BodyShapeError, loads_in_slices
+
+UNBOUNDED = BodyShape(max_fields=10 ** 9, max_items=10 ** 9)
+
+
+def _reference(raw: bytes):
+    def no_constants(name):
+        raise ValueError(name)
+    try:
+        return "ok", json.loads(raw, parse_constant=no_constants)
+    except (ValueError, RecursionError) as e:
+        return "error", type(e).__name__
+
+
+def _sliced(raw: bytes, shape: BodyShape = UNBOUNDED):
+    try:
+        return "ok", asyncio.run(loads_in_slices(raw, shape))
+    except BodyShapeError as e:
+        return "shape", str(e)
+    except (ValueError, RecursionError) as e:
+        return "error", type(e).__name__
+
+
+@pytest.mark.parametrize("raw", [
+    b'{}', b' {\n} ', b'{"a":1}', b'{"a": [1, 2, {"b": [3]}], "c": {"d": "e", "f": [ ]}}',
+    b'{"a": [] , "b": {} }', b'{"a":1, "a":2}', b'{"a":"\\u00e9\\n\\"\\\\"}',
+    b'{"a": [1.5e3, -0, true, false, null, "x", 100000000000000000000000]}',
+    b'\n\t{"k":\r\n[ 1 ,\n2 ] }\n', b'{"a":[[[[]]]], "b": {"c": {"d": {}}}}',
+])
+def test_same_objects_as_json_loads(raw):
+    assert _sliced(raw) == _reference(raw)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"a":1,}', b'{"a" 1}', b'{"a":[1,]}', b'{"a":{"b":1,}}', b'{"a":NaN}', b'{"a":[Infinity]}',
+    b'{"a":{"b":-Infinity}}', b'{"a":1} x', b'{"a":1}{', b'{"a":"\x01"}', b'{"a": [1 2]}',
+    b'{"a": {"b" 2}}', b'{', b'{"a":', b'{"a":[', b'{"a":{"b":', b'{"a":[1', b"{'a': 1}",
+    b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b'{"a": "\xff"}', b'{1: 2}',
+])
+def test_refuses_what_json_loads_refuses(raw):
+    assert _reference(raw)[0] == "error"
+    assert _sliced(raw)[0] == "error", _sliced(raw)
+
+
+def test_random_objects():
+    rng = random.Random(0)
+
+    def value(depth: int = 0):
+        t = rng.random()
+        if depth > 3 or t < 0.4:
+            return rng.choice([1, -2.5, 'q\u00e9"\\\n', None, True, "", 10 ** 30, "\U0001f600"])
+        if t < 0.7:
+            return [value(depth + 1) for _ in range(rng.randint(0, 5))]
+        return {f"k{rng.randint(0, 9)}": value(depth + 1) for _ in range(rng.randint(0, 5))}
+
+    for _ in range(300):
+        obj = {f"f{i}": value() for i in range(rng.randint(0, 6))}
+        raw = json.dumps(obj, indent=rng.choice([None, 1]),
+                         ensure_ascii=rng.random() < 0.5).encode()
+        assert _sliced(raw) == ("ok", obj), raw
+
+
+def test_shape_bounds():
+    shape = BodyShape(max_fields=4, max_items=10)
+    assert _sliced(json.dumps({f"k{i}": 0 for i in range(4)}).encode(), shape)[0] == "ok"
+    assert _sliced(b'{"a": 1, "a": 2, "b": 3, "c": 4, "d": 5, "a": 6}', shape)[0] == "ok"
+    kind, msg = _sliced(json.dumps({f"k{i}": 0 for i in range(5)}).encode(), shape)
+    assert kind == "shape" and "more than 4 fields" in msg
+    for field in ([0] * 11, {str(i): 0 for i in range(11)}):
+        kind, msg = _sliced(json.dumps({"prompt": field}).encode(), shape)
+        assert kind == "shape" and "'prompt'" in msg and "10 items" in msg
+    assert _sliced(json.dumps({"prompt": [[0] * 50] * 10}).encode(), shape)[0] == "ok"
+    kind, msg = _sliced(json.dumps({"a": [0] * 10, "b": [0] * 10, "c": [0] * 10}).encode(),
+                        shape)
+    assert kind == "shape" and "in all its fields" in msg
+    kind, msg = _sliced(b"[1, 2]", shape)
+    assert kind == "shape" and "JSON object" in msg
+    with pytest.raises(BodyShapeError) as e:
+        asyncio.run(loads_in_slices(json.dumps({"stop": ["x"] * 11}).encode(), shape))
+    assert e.value.param == "stop"
+
+
+def test_hands_the_event_loop_back():
+    """While 200k items parse, a task waiting on a 1 ms timer runs many times."""
+    raw = json.dumps({"prompt": ["ab"] * 200_000}).encode()
+
+    async def main():
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                await asyncio.sleep(0)
+                ticks += 1
+        t = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        obj = await loads_in_slices(raw, UNBOUNDED)
+        done.set()
+        await t
+        return obj, ticks
+
+    obj, ticks = asyncio.run(main())
+    assert obj == {"prompt": ["ab"] * 200_000}
+    assert ticks >= 10, ticks
