@@ -83,16 +83,7 @@ def _step_times(engine, params, batch: int) -> tuple[float, int]:
     return statistics.median(times) * 1e3, len(times)
 
 
-def _grammar_processor(engine):
-    from servelm.structured_output.processor import GrammarLogitsProcessor
-    return next(p for p in engine.core.executor.runner.sampling.processors
-                if isinstance(p, GrammarLogitsProcessor))
-
-
-def tpot(engine, batch: int, max_tokens: int, repeat: int, compare_ahead: bool = False) -> dict:
-    """Median step ms of each run: plain, JSON schema, and with compare_ahead the JSON schema
-    with the masks filled on the step's own thread (the processor's fill_ahead off: as before
-    masks were filled ahead)."""
+def tpot(engine, batch: int, max_tokens: int, repeat: int) -> dict:
     from servelm import SamplingParams, StructuredOutputsParams
     so = StructuredOutputsParams(json=TPOT_SCHEMA)
 
@@ -105,18 +96,9 @@ def tpot(engine, batch: int, max_tokens: int, repeat: int, compare_ahead: bool =
     _step_times(engine, constrained, min(batch, 4))  # compile, warm every path
     _step_times(engine, plain, min(batch, 4))
     res = {"plain": [], "json": []}
-    proc = _grammar_processor(engine)
-    ahead = proc.fill_ahead
-    if compare_ahead:
-        res["json_in_step"] = []
     for _ in range(repeat):
         res["plain"].append(_step_times(engine, plain, batch)[0])
         res["json"].append(_step_times(engine, constrained, batch)[0])
-        if compare_ahead:
-            proc.fill_ahead = False
-            res["json_in_step"].append(_step_times(engine, constrained, batch)[0])
-            proc.fill_ahead = ahead
-    res["fill_ahead"] = ahead
     return res
 
 
@@ -175,9 +157,6 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--export-8b", default=None, metavar="DIR")
     ap.add_argument("--json-out", default=None)
-    ap.add_argument("--compare-fill-ahead", action="store_true",
-                    help="also time the JSON schema with the masks filled on the step's own "
-                         "thread (fill-ahead off)")
     a = ap.parse_args()
     if a.export_8b:
         export_8b(a.export_8b)
@@ -188,7 +167,7 @@ def main() -> None:
         model=a.model, load_format=a.load_format, dtype=a.dtype, device=a.device,
         max_model_len=a.max_model_len, max_num_seqs=max(a.batch, 8)))
     dev = engine.config.device
-    t = tpot(engine, a.batch, a.max_tokens, a.repeat, a.compare_fill_ahead)
+    t = tpot(engine, a.batch, a.max_tokens, a.repeat)
     f = ttft(engine, a.schemas)
     pm, jm = statistics.median(t["plain"]), statistics.median(t["json"])
     rows = [
@@ -202,13 +181,7 @@ def main() -> None:
          f"p50 {_pct(f['cached'], .5):.2f} / p99 {_pct(f['cached'], .99):.2f} ms", "",
          "< 5 ms"),
     ]
-    if "json_in_step" in t:
-        im = statistics.median(t["json_in_step"])
-        rows.insert(1, ("TPOT ms, B=%d, masks filled in the step (fill-ahead off)" % a.batch,
-                        f"{pm:.2f}", f"{im:.2f} ({', '.join(f'{x:.2f}' for x in t['json_in_step'])})",
-                        f"{im / pm:.3f}x", ""))
     print(f"\nstructured outputs, {dev}, model {engine.config.model.model}, "
-          f"masks filled ahead: {t['fill_ahead']}, "
           f"{a.max_tokens} tokens, {a.repeat} runs")
     print("| measure | unconstrained | JSON schema | ratio | target |")
     print("|---|---|---|---|---|")

@@ -105,12 +105,6 @@ class LogitsProcessor(ABC):
         """Whether apply() would change any of the last update's logits rows (a host check:
         plain greedy steps then take the argmax computed inside the decode graph)."""
 
-    def sampled(self, rows: np.ndarray, tokens: torch.Tensor) -> None:
-        """This step's tokens as soon as they are sampled: ``rows`` [L] batch rows (host),
-        ``tokens`` [L] on the device, not yet on the host. A processor may start the work the
-        next step needs from them (beside the host's other work); the same tokens arrive again
-        in the next update's ``appended``. Not called for steps that verify drafts."""
-
 
 class RowTable:
     """A host array of per-row values with a device mirror refreshed only after a change."""

@@ -87,8 +87,3 @@ class SamplingPipeline:
     def sample(self, logits: torch.Tensor) -> SamplerOutput:
         """logits: [L, V] fp32, rows as in the last update's logits_rows."""
         return self.sampler(logits, self.metadata(), self.processors)
-
-    def sampled(self, rows: np.ndarray, tokens: torch.Tensor) -> None:
-        """This step's tokens, just sampled (LogitsProcessor.sampled)."""
-        for p in self.processors:
-            p.sampled(rows, tokens)

@@ -11,17 +11,9 @@ Each such row has a matcher (its grammar's state after the row's tokens). Per st
 A row verifying k drafts has k + 1 logits rows: row j's mask is the grammar's after drafts[:j],
 found by accepting them and rolling back. A draft the grammar refuses is rejected by the
 verification anyway (its probability is 0), so rows after it allow everything.
-
-On a GPU the work starts a step earlier: ``sampled`` hands a step's tokens, as soon as they
-are sampled, to a thread that waits for them, advances the matchers and fills the next step's
-masks (xgrammar's calls release the GIL) while the engine lands the last step and schedules
-and prepares the next; ``apply`` then takes those rows (and fills only rows the thread did not
-have: requests that joined since). At 256 rows the fill is milliseconds of host time that
-would otherwise add to every step.
 """
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
@@ -51,25 +43,11 @@ class GrammarLogitsProcessor(LogitsProcessor):
         # bit j of a word, to expand the mask on the device: [32] int32
         self._shifts: dict[torch.device, torch.Tensor] = {}
         self._ops: Optional[BatchOps] = None  # batched fill/accept, from the first grammar
-        # the next step's masks, being filled on a thread from this step's tokens: a future of
-        # {id(matcher): its row of _ahead_buf} (with the matchers, so no id is reused), and
-        # the device tokens it took (the next update skips them)
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._ahead: Optional[Future] = None
-        self._ahead_tokens: Optional[torch.Tensor] = None
-        self._ahead_buf: Optional[torch.Tensor] = None  # [n, W] int32, pinned
-        self._prefilled: Optional[tuple[dict[int, int], list[Any]]] = None
-        # on the CPU the engine's own math takes the cores the thread would use
-        self.fill_ahead = ctx.device.type == "cuda"
-        self.rows_filled_ahead = 0  # logits rows whose mask came from the thread (a count)
         self.bu = BatchUpdate()
 
     # ---- batch membership --------------------------------------------------------------
     def update(self, bu: BatchUpdate) -> None:
         for rows, toks in bu.appended:  # before removals and moves: rows name them as of now
-            if toks is self._ahead_tokens:  # already taken by the thread (sampled)
-                self._ahead_tokens = None
-                continue
             sel = np.nonzero(self.active[rows])[0]
             if len(sel):
                 self._start_landing([self.matchers[r] for r in rows[sel].tolist()],
@@ -103,52 +81,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
             host = toks
         self._landing.append((matchers, host, event))
 
-    def sampled(self, rows: np.ndarray, tokens: torch.Tensor) -> None:
-        if not self.fill_ahead or self._ops is None or self.bu.drafts:
-            return
-        sel = np.nonzero(self.active[rows])[0]
-        if not len(sel):
-            return
-        self._land()  # (the last one's is done by now: its masks were this step's)
-        self._prefilled = None
-        ms = [self.matchers[r] for r in rows[sel].tolist()]
-        toks = tokens if len(sel) == len(rows) else tokens[torch.from_numpy(sel).to(tokens.device)]
-        event = None
-        if toks.is_cuda:
-            host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
-            host.copy_(toks, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = toks.clone()
-        n = len(ms)
-        if self._ahead_buf is None or self._ahead_buf.shape[0] < n:
-            # (one buffer: the thread writes it only after this step's sampling, which comes
-            # after the upload of the masks it held, in stream order)
-            self._ahead_buf = torch.empty((max(n, 8), self.words), dtype=torch.int32,
-                                          pin_memory=toks.is_cuda)
-        buf, ops = self._ahead_buf, self._ops
-
-        def fill_ahead() -> tuple[dict[int, int], list[Any]]:
-            if event is not None:  # this step's sampling only (the GIL is released meanwhile)
-                event.synchronize()
-            t = host.tolist()
-            live = [i for i, m in enumerate(ms) if not m.is_terminated()]
-            ops.accept([ms[i] for i in live], [t[i] for i in live])
-            filled = [i for i in live if not ms[i].is_terminated()]
-            if filled:
-                ops.fill([ms[i] for i in filled], buf, filled)
-            return {id(ms[i]): i for i in filled}, ms
-
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="servelm-grammar")
-        self._ahead = self._pool.submit(fill_ahead)
-        self._ahead_tokens = tokens
-
     def _land(self) -> None:
-        if self._ahead is not None:  # first: the matchers are the thread's until it is done
-            self._prefilled = self._ahead.result()
-            self._ahead = None
         for matchers, host, event in self._landing:
             if event is not None:
                 event.synchronize()  # the last step's sampling only, not this step's forward
@@ -175,27 +108,15 @@ class GrammarLogitsProcessor(LogitsProcessor):
         bm = self._bitmask
         bm_np = bm.numpy()
         rows = bu.logits_rows
-        prefilled, self._prefilled = self._prefilled, None  # (this step's only)
         if not bu.drafts:  # one batched fill for all live rows
             ms = [self.matchers[r] for r in rows[act].tolist()]
-            done = [k for k, m in enumerate(ms) if m.is_terminated()]
             live = [k for k, m in enumerate(ms) if not m.is_terminated()]
-            if prefilled is not None:  # rows the thread filled are taken as they are
-                at = prefilled[0]
-                src = [at.get(id(ms[k]), -1) for k in live]
-                if not done and src == list(range(A)):
-                    self.rows_filled_ahead += A
-                    return self._ahead_buf[:A]  # the same rows in the same order
-                have = [(k, j) for k, j in zip(live, src) if j >= 0]
-                self.rows_filled_ahead += len(have)
-                if have:
-                    ks, js = zip(*have)
-                    bm_np[list(ks)] = self._ahead_buf.numpy()[list(js)]
-                live = [k for k, j in zip(live, src) if j < 0]
-            if done:
-                bm_np[done] = self._stop_row  # done: only a stop token (ignore_eos runs on)
+            if len(live) < A:
+                for k in sorted(set(range(A)) - set(live)):
+                    bm_np[k] = self._stop_row  # done: only a stop token (ignore_eos runs on)
+                ms = [ms[k] for k in live]
             if live:
-                self._ops.fill([ms[k] for k in live], bm, live)
+                self._ops.fill(ms, bm, live)
             return bm[:A]
         prior = dict(bu.drafts)
         for k, i in enumerate(act.tolist()):

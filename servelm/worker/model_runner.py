@@ -598,7 +598,6 @@ class ModelRunner:
         if measured:
             self.gate.observe(n_samplers, False, n_samplers)
         self.sampled[inp.logits_rows_t] = so.token_ids  # the next step's inputs
-        self.sampling.sampled(inp.logits_rows, so.token_ids)  # (grammars start on them)
         gens, pos = self.batch.append_on_device(inp.logits_rows, so.token_ids)
         rows = inp.logits_rows
         pending = PendingOutput(out, inp.sample_req_ids, self.sampling.logprobs[rows], so,

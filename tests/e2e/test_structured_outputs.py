@@ -112,23 +112,11 @@ def test_greedy_matches_transformers_with_the_same_mask(tiny):
     assert_all_blocks_free(eng)
 
 
-def _fill_ahead(eng):
-    """The GPU's way on the CPU: masks filled on a thread from each step's tokens."""
-    from servelm.structured_output.processor import GrammarLogitsProcessor
-    procs = [p for p in eng.core.executor.runner.sampling.processors
-             if isinstance(p, GrammarLogitsProcessor)]
-    assert len(procs) == 1
-    procs[0].fill_ahead = True
-    return procs[0]
-
-
-@pytest.mark.parametrize("mode", ["sync", "async", "ngram", "draft", "tree", "preempt", "ahead",
-                                  "ahead_preempt"])
+@pytest.mark.parametrize("mode", ["sync", "async", "ngram", "draft", "tree", "preempt"])
 def test_mixed_batch_follows_grammars(tiny, mode):
     """Every constraint and unconstrained requests in one batch, greedy and seeded sampling:
     constrained outputs follow their grammar (unless cut by max_tokens), unconstrained ones
-    equal a run without any grammar in the batch; sync/async/n-gram/preemption and masks
-    filled ahead on a thread (as on GPUs) agree."""
+    equal a run without any grammar in the batch; sync/async/n-gram/preemption agree."""
     kw = {"sync": dict(async_scheduling=False), "async": dict(async_scheduling=True),
           "ngram": dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                             "prompt_lookup_min": 1, "prompt_lookup_max": 3}),
@@ -138,12 +126,8 @@ def test_mixed_batch_follows_grammars(tiny, mode):
                                             "num_speculative_tokens": 3}),
           "tree": dict(speculative_config={"method": "draft_model", "model": tiny,
                                            "num_speculative_tokens": 3, "tree": [2, 2, 1]}),
-          "preempt": dict(kv_cache_memory=40 * 2048, num_gpu_blocks_override=40, max_num_seqs=8),
-          "ahead": dict(async_scheduling=True),
-          "ahead_preempt": dict(kv_cache_memory=40 * 2048, num_gpu_blocks_override=40,
-                                max_num_seqs=8, async_scheduling=True)}[mode]
+          "preempt": dict(kv_cache_memory=40 * 2048, num_gpu_blocks_override=40, max_num_seqs=8)}[mode]
     eng = _engine(tiny, **kw)
-    ahead = _fill_ahead(eng) if mode.startswith("ahead") else None
     tok = eng.tokenizer
     prompts, params = [], []
     for i, so in enumerate(CONSTRAINTS):
@@ -164,10 +148,8 @@ def test_mixed_batch_follows_grammars(tiny, mode):
     alone = run_to_completion(_engine(tiny), free, free_params)
     assert [o.outputs[0].token_ids for o in outs[len(params):]] == \
         [o.outputs[0].token_ids for o in alone]
-    if mode.endswith("preempt"):
+    if mode == "preempt":
         assert eng.stats().num_preemptions > 0
-    if ahead is not None:
-        assert ahead.rows_filled_ahead > 100
     if mode in ("ngram", "draft", "tree"):
         assert eng.stats().spec_num_draft_tokens > 0
     # greedy constrained output does not depend on the mode (sync is the reference)
