@@ -25,6 +25,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-examples", type=int, default=40)
+    ap.add_argument("--log", default=None, help="write schemathesis' whole output here (the "
+                    "failures' details and their curl commands come before the summary)")
     a = ap.parse_args()
     st = os.environ.get("SCHEMATHESIS", "st")
     model = make_tiny_model(tempfile.mkdtemp(prefix="servelm-st-"))
@@ -37,6 +39,9 @@ def main() -> int:
                             "-H", "Authorization: Bearer k", "--checks", "all",
                             "--max-examples", str(a.max_examples), "--request-timeout", "60",
                             "--workers", "2"], capture_output=True, text=True)
+        if a.log:
+            with open(a.log, "w") as f:
+                f.write(r.stdout + r.stderr)
         summary = r.stdout[r.stdout.find("SUMMARY") - 40:] if "SUMMARY" in r.stdout else r.stdout
         print(summary[-4000:])
         print(f"schemathesis exit {r.returncode} in {time.time() - t0:.0f} s")
