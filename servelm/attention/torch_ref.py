@@ -135,16 +135,85 @@ def decode_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     return out.reshape(S, H, D).to(q.dtype)
 
 
+# a step's sequences with at most this many queries (decodes in a mixed step, token trees,
+# short chunks) are batched, padded within groups of _DECODE_GROUP sorted by context, when
+# there are at least _MIN_BATCHED of them and a group's scores stay under _MAX_SCORES floats
+_SHORT_QUERY = 64
+_MIN_BATCHED = 4
+_MAX_SCORES = 1 << 24
+
+
+def short_queries_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          meta: AttentionMetadata, seqs: list[int], starts: list[int],
+                          scale: float, window: int, softcap: float, out: torch.Tensor) -> None:
+    """Attention of sequences ``seqs`` (tokens from ``starts``) into ``out``, one padded batch
+    per group of similar contexts, in fp32: each query sees what tree_allowed gives it (causal,
+    window, token tree). q, out: [num_tokens, H, D]."""
+    bs, KVH, D = k_cache.shape[1], k_cache.shape[2], kv_head_dim(k_cache)
+    H, dev = q.shape[1], q.device
+    q_lens, ctxs = meta.query_lens_cpu, meta.seq_lens_cpu
+    order = sorted(range(len(seqs)), key=lambda i: ctxs[seqs[i]])
+    for g in range(0, len(order), _DECODE_GROUP):
+        grp = order[g:g + _DECODE_GROUP]
+        idx = [seqs[i] for i in grp]
+        G, maxQ, maxC = len(idx), max(q_lens[s] for s in idx), ctxs[idx[-1]]
+        nblk = -(-maxC // bs)
+        L = nblk * bs
+        # [G, maxQ] token of each query slot (padding slots repeat the sequence's first)
+        ql = torch.tensor([q_lens[s] for s in idx], device=dev)
+        ar = torch.arange(maxQ, device=dev)
+        valid = ar[None, :] < ql[:, None]
+        tok = torch.tensor([starts[i] for i in grp], device=dev)[:, None] + ar * valid
+        bt = meta.block_tables[idx, :nblk].long().clamp_(0, k_cache.shape[0] - 1)
+        k = kv_rows(k_cache[bt], torch.float32).view(G, L, KVH, D)
+        v = kv_rows(v_cache[bt], torch.float32).view(G, L, KVH, D)
+        qg = q[tok].float().view(G, maxQ, KVH, H // KVH, D)
+        scores = torch.einsum("sqkgd,slkd->skgql", qg, k) * scale  # [G, KVH, Gh, maxQ, L]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        ctx_t = torch.tensor([ctxs[s] for s in idx], device=dev)
+        pos_q = (ctx_t - ql)[:, None] + ar[None, :]  # [G, maxQ]
+        keys = torch.arange(L, device=dev)[None, None, :]
+        allowed = keys <= pos_q[:, :, None]  # [G, maxQ, L]
+        if window:
+            allowed &= keys > pos_q[:, :, None] - window
+        if meta.tree_mask is not None:
+            ts = meta.tree_start[idx].to(dev).long()[:, None, None]
+            bits = meta.tree_mask.to(dev)[tok][:, :, None]  # [G, maxQ, 1]
+            anc = ((bits >> (keys - ts).clamp(0, 63)) & 1) != 0
+            allowed &= (keys < ts) | anc
+        allowed |= ~valid[:, :, None] & (keys == 0)  # padding slots: finite, then dropped
+        scores.masked_fill_(~allowed[:, None, None], float("-inf"))
+        o = torch.einsum("skgql,slkd->sqkgd", scores.softmax(-1), v).reshape(G, maxQ, H, D)
+        out[tok[valid]] = o[valid].to(out.dtype)
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float, window: int = 0,
                       softcap: float = 0.0) -> torch.Tensor:
     """Per sequence; a whole prompt (no cached prefix) takes SDPA's causal fast path, a chunk
-    after a prefix an explicit mask. GQA through broadcasting, not repeat (no copies)."""
+    after a prefix an explicit mask. GQA through broadcasting, not repeat (no copies). Many
+    short queries (see _SHORT_QUERY) are batched instead."""
     bs, KVH, D = k_cache.shape[1], k_cache.shape[2], kv_head_dim(k_cache)
     H = q.shape[1]
     out = torch.empty_like(q)
-    start = 0
-    for s, (q_len, ctx) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+    q_lens, ctxs = meta.query_lens_cpu, meta.seq_lens_cpu
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    short = [s for s, (n, c) in enumerate(zip(q_lens, ctxs))
+             if n <= _SHORT_QUERY and (n < c or meta.tree_mask is not None)
+             and _DECODE_GROUP * H * n * c <= _MAX_SCORES]
+    if len(short) >= _MIN_BATCHED:
+        short_queries_batched(q, k_cache, v_cache, meta, short, [starts[s] for s in short],
+                              scale, window, softcap, out)
+        batched = set(short)
+    else:
+        batched = set()
+    for s, (q_len, ctx) in enumerate(zip(q_lens, ctxs)):
+        start = starts[s]
+        if s in batched:
+            continue
         blocks = meta.block_tables[s, :-(-ctx // bs)].long()
         # [KVH, 1, ctx, D] in q's dtype (fp8 rows dequantized; other caches hold q's dtype)
         k = kv_rows(k_cache[blocks], q.dtype).reshape(-1, KVH, D)[:ctx].transpose(0, 1)[:, None]
@@ -164,7 +233,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             bias.masked_fill_(~allowed, float("-inf"))
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=bias, scale=scale)
         out[start:start + q_len] = o.reshape(H, q_len, D).transpose(0, 1)
-        start += q_len
     return out
 
 
