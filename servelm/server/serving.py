@@ -27,6 +27,11 @@ T = TypeVar("T")
 _MIN_LOGPROB = -9999.0  # JSON has no -inf: impossible tokens report this, as in vLLM
 
 
+# bounds of run-time adapter loading (names are model names in every request and listing)
+MAX_LORA_NAME = 256
+MAX_LORA_PATH = 4096
+MAX_LORAS_REGISTERED = 4096
+
 @dataclass(frozen=True)
 class ServerConfig:
     served_model_names: tuple[str, ...]
@@ -98,6 +103,14 @@ class OpenAIServing:
         if not name or not path:
             raise bad_request("lora_name and lora_path must be non-empty.",
                               "lora_name" if not name else "lora_path")
+        if len(name) > MAX_LORA_NAME or len(path) > MAX_LORA_PATH:
+            which = "lora_name" if len(name) > MAX_LORA_NAME else "lora_path"
+            raise bad_request(f"{which} must be at most "
+                              f"{MAX_LORA_NAME if which == 'lora_name' else MAX_LORA_PATH} "
+                              "characters.", which)
+        if len(self.loras) >= MAX_LORAS_REGISTERED:
+            raise bad_request(f"this server already serves {len(self.loras)} adapters, the "
+                              "most it registers; unload one first.", "lora_name")
         if name in self.config.served_model_names or name in self.loras:
             raise bad_request(f"The lora adapter '{name}' has already been loaded.", "lora_name")
         lora = LoRARequest(name, next(self._lora_ids), path)

@@ -89,6 +89,8 @@ def test_load_and_unload_at_run_time(setup):
         assert r.status_code == 400 and what in r.json()["error"]["message"], r.text
     r = api.post("/v1/load_lora_adapter", json={"lora_name": "d"})
     assert r.status_code == 400
+    r = load("n" * 257, paths["a3"])  # names are bounded
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
     # still serving, the refused names unknown
     assert _complete(api, "a1").json()["choices"][0]["text"] == expect("a1")
     assert _complete(api, "b").status_code == 404
