@@ -136,6 +136,19 @@ def random_prompts(n: int, lengths, seed: int = 0, vocab: int = 250):
     return [torch.randint(1, vocab, (L,), generator=g).tolist() for L in lens]
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """The embedded SmolLM2 GGUF loaded by transformers in fp32, once for the session (tens of
+    seconds: it dequantizes every tensor): (gguf path, the model). Tests only read it."""
+    from transformers import AutoModelForCausalLM
+    from servelm.loader import default_model_path
+    path = default_model_path()
+    folder, name = os.path.split(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                 dtype=torch.float32).eval()
+    return path, model
+
+
 @pytest.fixture(params=["sync", "async"])
 def scheduling_mode(request, monkeypatch):
     """Runs a test with synchronous and with asynchronous scheduling (make_engine's default):

@@ -25,14 +25,11 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def hf():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from servelm.loader import default_model_path
-    path = default_model_path()
+def hf(smollm2_hf):
+    from transformers import AutoTokenizer
+    path, model = smollm2_hf
     d, f = os.path.dirname(path), os.path.basename(path)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    return tok, model
+    return AutoTokenizer.from_pretrained(d, gguf_file=f), model
 
 
 def test_greedy_token_identical_to_transformers(llm, hf):

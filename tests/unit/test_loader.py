@@ -13,7 +13,6 @@ from transformers import AutoConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
 from servelm.loader import (
     PRESETS,
-    default_model_path,
     initialize_dummy_weights,
     iter_weights,
     load_generation_eos_ids,
@@ -221,13 +220,9 @@ def test_gguf_llama3_rope_freqs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """The embedded SmolLM2 GGUF loaded once by transformers (~15 s): (path, its model, our config)."""
-    from transformers import AutoModelForCausalLM
-
-    path = default_model_path()
-    folder, name = os.path.split(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+def smollm2(smollm2_hf):
+    """The embedded SmolLM2 GGUF as transformers loads it: (path, its model, our config)."""
+    path, model = smollm2_hf
     return path, model, load_hf_config(None)
 
 
