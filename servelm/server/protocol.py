@@ -136,6 +136,12 @@ class SamplingRequest(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's stream_options.continuous_usage_stats: usage in every chunk (with
+        include_usage, which the check in serving.py makes sure of)."""
+        return bool(self.include_usage and self.stream_options.continuous_usage_stats)
+
 
 class CompletionRequest(SamplingRequest):
     # a string, a list of strings, a list of token ids, or a list of token-id lists

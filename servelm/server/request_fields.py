@@ -48,8 +48,6 @@ RULES: tuple[Unsupported, ...] = (
                 "only text output is implemented; send [\"text\"] or leave it out"),
     Unsupported("prediction", (CHAT,), _none, "predicted outputs are not implemented"),
     Unsupported("web_search_options", (CHAT,), _none, "web search is not implemented"),
-    Unsupported("stream_options.continuous_usage_stats", _BOTH, _falsy,
-                "usage is sent once, in the last chunk, with stream_options.include_usage"),
     # vLLM's
     Unsupported("echo", (CHAT,), _falsy, "chat echo (prepending the last message) is not "
                 "implemented; /v1/completions has echo"),

@@ -140,6 +140,10 @@ class OpenAIServing:
             self.client.inputs.check_priority(req.priority or 0)
         except ValueError as e:
             raise bad_request(str(e), "priority") from None
+        so = req.stream_options
+        if so is not None and so.continuous_usage_stats and not so.include_usage:
+            raise bad_request("stream_options.continuous_usage_stats needs include_usage: "
+                              "set both.", "stream_options.continuous_usage_stats")
         n = 1 if req.n is None else req.n
         if n > self.config.max_n:
             raise bad_request(f"n must be <= {self.config.max_n}, got {n}.", "n")

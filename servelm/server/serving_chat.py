@@ -118,7 +118,8 @@ async def create_chat_completion(serving: OpenAIServing,
             (gen,) = await first_outputs([gen], seen)
         tool_outs = ([ToolOutput(plan, client.tokenizer) for _ in range(inp.params.n)]
                      if calls else None)
-        stream = _stream(req, gen, rid, created, model, inp.params, lps, tool_outs)
+        stream = _stream(req, gen, rid, created, model, inp.params, lps, tool_outs,
+                         len(inp.token_ids))
         headers = cascade_header(seen)
         return (stream, headers) if headers else stream
     final: Optional[RequestOutput] = None
@@ -147,18 +148,20 @@ async def create_chat_completion(serving: OpenAIServing,
 
 
 async def _stream(req: ChatCompletionRequest, gen: Any, rid: str, created: int, model: str,
-                  params: Any, lps: Any,
-                  tool_outs: Optional[list[ToolOutput]] = None) -> AsyncIterator[str]:
+                  params: Any, lps: Any, tool_outs: Optional[list[ToolOutput]] = None,
+                  prompt_tokens: int = 0) -> AsyncIterator[str]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     extra = {"usage": None} if req.include_usage else {}
     holdback = stop_holdback(params)
     cursors = [ChoiceCursor() for _ in range(params.n)]
     final: Optional[RequestOutput] = None
     try:
+        continuous = req.continuous_usage  # usage so far in every chunk
         for k in range(params.n):
             role = {"role": "assistant", "content": ""}
             yield sse({**base, "choices": [{"index": k, "delta": role, "logprobs": None,
-                                            "finish_reason": None}], **extra})
+                                            "finish_reason": None}],
+                       **({"usage": usage(prompt_tokens, 0, 0)} if continuous else extra)})
         async with contextlib.aclosing(merge_generators([gen])) as it:
             async for _, ro in it:
                 final = ro
@@ -184,7 +187,7 @@ async def _stream(req: ChatCompletionRequest, gen: Any, rid: str, created: int, 
                     yield sse({**base, "choices": [{
                         "index": out.index, "delta": delta, "logprobs": lps(out, t0, t1),
                         "finish_reason": finish, "stop_reason": out.stop_reason}],
-                        **extra})
+                        **({"usage": _usage(ro)} if continuous else extra)})
         if req.include_usage and final is not None:
             yield sse({**base, "choices": [], "usage": _usage(final)})
     except Exception as e:

@@ -143,8 +143,8 @@ async def _stream(fmt: _Formatter, gens: list) -> AsyncIterator[str]:
                     cur.started = True
                     chunk = {**base, "choices": [fmt.choice(i, out, text, t0, t1, echo, ro,
                                                             offset)]}
-                    if include_usage:
-                        chunk["usage"] = None
+                    if include_usage:  # (so far, in every chunk: continuous_usage_stats)
+                        chunk["usage"] = fmt.usage(finals) if fmt.req.continuous_usage else None
                     yield sse(chunk)
         if include_usage:
             yield sse({**base, "choices": [], "usage": fmt.usage(finals)})

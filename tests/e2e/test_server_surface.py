@@ -232,11 +232,28 @@ def test_unimplemented_fields_are_400(api, path, field, value):
     assert "not supported" in err["message"]
 
 
-def test_continuous_usage_stats_is_400(api):
-    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True,
-                                                       "continuous_usage_stats": True}}
-    assert_error(api.post("/v1/chat/completions", json=body), 400,
-                 "stream_options.continuous_usage_stats")
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_continuous_usage_stats(api, path):
+    """Every chunk carries the usage so far (completion tokens never decreasing, the last
+    chunk's the final count); without include_usage it is a 400 naming the field."""
+    base = {**(CHAT if path == "/v1/chat/completions" else COMPLETION), "stream": True,
+            "max_tokens": 6, "ignore_eos": True}
+    body = {**base, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with api.stream("POST", path, json=body) as r:
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines()
+                  if ln.startswith("data: ") and ln != "data: [DONE]"]
+    assert r.status_code == 200
+    used = [c["usage"] for c in chunks]
+    assert all(u is not None for u in used), chunks
+    counts = [u["completion_tokens"] for u in used]
+    assert counts == sorted(counts) and 1 <= counts[-1] <= 6
+    assert counts[-2] == counts[-1]  # the finishing chunk already counts every token
+    assert len({u["prompt_tokens"] for u in used}) == 1
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in used)
+    assert chunks[-1]["choices"] == []  # the include_usage chunk
+    err = assert_error(api.post(path, json={**base, "stream_options": {
+        "continuous_usage_stats": True}}), 400, "stream_options.continuous_usage_stats")
+    assert "include_usage" in err["message"]
 
 
 def test_harmless_fields_are_accepted(client):
