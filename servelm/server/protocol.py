@@ -97,6 +97,8 @@ class SamplingRequest(_Strict):
     # OpenAI's {"token id as a string": bias}; ints and floats both pass strict float
     logit_bias: Optional[dict[str, float]] = None
     ignore_eos: Optional[bool] = False
+    # vLLM's: logprobs of each prompt token and its N most likely alternatives
+    prompt_logprobs: Optional[int] = None
     min_tokens: Optional[int] = 0
     include_stop_str_in_output: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True

@@ -61,8 +61,6 @@ RULES: tuple[Unsupported, ...] = (
     Unsupported("allowed_token_ids", _BOTH, _falsy, "not implemented; logit_bias can "
                 "favour tokens"),
     Unsupported("bad_words", _BOTH, _falsy, "not implemented; logit_bias -100 bans tokens"),
-    Unsupported("prompt_logprobs", _BOTH, _none, "not implemented as a field; on "
-                "/v1/completions send echo=true with logprobs"),
     Unsupported("logprob_token_ids", _BOTH, _falsy, "not implemented; use logprobs"),
     Unsupported("logits_processors", _BOTH, _falsy, "custom logits processors are not "
                 "implemented"),

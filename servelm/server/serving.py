@@ -421,6 +421,24 @@ def completion_logprobs(token_ids: list[int], positions: list[Optional[PositionL
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def prompt_logprobs_json(token_ids: list[int], positions: list[Optional[PositionLogprobs]],
+                         n: int, decode: Any) -> list[Optional[dict]]:
+    """vLLM's ``prompt_logprobs`` shape: per prompt position None (the first) or {token id:
+    {logprob, rank, decoded_token}} for the prompt's own token and the ``n`` most likely."""
+    out: list[Optional[dict]] = []
+    for tid, pos in zip(token_ids, positions):
+        if pos is None:
+            out.append(None)
+            continue
+        keep = dict(_top(pos, n))
+        if tid in pos:
+            keep[tid] = pos[tid]
+        out.append({str(t): {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank,
+                             "decoded_token": lp.decoded_token if lp.decoded_token is not None
+                             else decode(t)} for t, lp in keep.items()})
+    return out
+
+
 def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], n: int,
                   decode: Any) -> list[dict]:
     """The /v1/chat/completions ``logprobs.content`` list."""

@@ -17,8 +17,9 @@ from servelm.server.tools import (ToolOutput, ToolPlan, plan_tools, template_inp
                                   template_supports_tools)
 from servelm.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, chat_logprobs,
                                     cascade_header, cascade_tokens, check_shed, dumps,
-                                    first_outputs, merge_generators, new_request_id, now_s, sse,
-                                    stop_holdback, stream_error, usage)
+                                    first_outputs, merge_generators, new_request_id, now_s,
+                                    prompt_logprobs_json, sse, stop_holdback, stream_error,
+                                    usage)
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -81,7 +82,12 @@ async def create_chat_completion(serving: OpenAIServing,
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
                   else req.max_tokens)
-    params = serving.sampling_params(req, max_tokens, logprobs)
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("prompt_logprobs are returned with the whole response in chat: set "
+                          "stream to false (/v1/completions streams them in each choice's "
+                          "first chunk).", "prompt_logprobs")
+    params = serving.sampling_params(req, max_tokens, logprobs,
+                                     prompt_logprobs=req.prompt_logprobs)
     cfg = serving.config
     plan = plan_tools(req, cfg.enable_auto_tool_choice, cfg.tool_call_parser)
     if plan is not None and plan.structured is not None:  # required / named: a grammar
@@ -142,6 +148,10 @@ async def create_chat_completion(serving: OpenAIServing,
                         "stop_reason": o.stop_reason})
     body = {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": _usage(final)}
+    if req.prompt_logprobs is not None:  # vLLM's place for them: beside the choices
+        body["prompt_logprobs"] = prompt_logprobs_json(
+            inp.token_ids, final.prompt_logprobs or [None] * len(inp.token_ids),
+            req.prompt_logprobs, decode)
     headers = cascade_header([final])
     return Response(dumps(body), media_type="application/json", headers=headers) if headers \
         else body

@@ -14,8 +14,9 @@ from servelm.server.prompt_scoring import drop_generated, scores_prompt_only
 from servelm.server.protocol import CompletionRequest, bad_request
 from servelm.server.serving import (SSE_DONE, ChoiceCursor, OpenAIServing, completion_logprobs,
                                     cascade_header, cascade_tokens, check_shed, dumps,
-                                    first_outputs, merge_generators, new_request_id, now_s, sse,
-                                    stop_holdback, stream_error, usage)
+                                    first_outputs, merge_generators, new_request_id, now_s,
+                                    prompt_logprobs_json, sse, stop_holdback, stream_error,
+                                    usage)
 
 
 def _prompts(prompt: Union[str, list], max_prompts: int) -> list[Any]:
@@ -39,9 +40,12 @@ async def create_completion(serving: OpenAIServing,
     prompts = _prompts(req.prompt, serving.config.max_prompts)
     echo = bool(req.echo)
     score_only = scores_prompt_only(req)  # echo with max_tokens 0: runs with 1, drops it
+    # the prompt's logprobs: for echo with logprobs and for vLLM's prompt_logprobs (the most
+    # of the two computed once; each takes its own top-N)
+    wanted = [n for n in (req.logprobs if echo else None, req.prompt_logprobs) if n is not None]
     params = serving.sampling_params(
         req, 1 if score_only else req.max_tokens, req.logprobs,
-        prompt_logprobs=req.logprobs if echo and req.logprobs is not None else None)
+        prompt_logprobs=max(wanted) if wanted else None)
     search = completion_search(serving, req, params)  # use_beam_search / best_of, or None
     inputs = await serving.prepare(prompts, params, req.add_special_tokens is not False,
                                    samples_per_prompt=req.best_of)
@@ -94,9 +98,10 @@ class _Formatter:
         return self._prompt_texts[i]
 
     def choice(self, i: int, out: Any, text: str, t0: int, t1: int, echo: bool,
-               ro: Optional[RequestOutput], offset: int) -> dict:
+               ro: Optional[RequestOutput], offset: int, first: bool = True) -> dict:
         """One choice: ``text`` and tokens [t0, t1) of ``out``, after the prompt if ``echo``;
-        ``offset``: where ``text`` starts in the choice's whole text (for text_offset)."""
+        ``offset``: where ``text`` starts in the choice's whole text (for text_offset);
+        ``first``: the choice's first chunk (it carries prompt_logprobs)."""
         prefix = self.prompt_text(i) if echo else ""
         lp = None
         if self.req.logprobs is not None:
@@ -108,8 +113,14 @@ class _Formatter:
                 rows = (ro.prompt_logprobs if ro is not None else None) or [None] * len(ids)
                 plp = completion_logprobs(ids, rows, n, 0, self.decode)
                 lp = {k: plp[k] + lp[k] for k in lp}
-        return {"index": i * self.n + out.index, "text": prefix + text, "logprobs": lp,
-                "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+        choice = {"index": i * self.n + out.index, "text": prefix + text, "logprobs": lp,
+                  "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+        if self.req.prompt_logprobs is not None and first:
+            ids = self.inputs[i].token_ids
+            rows = (ro.prompt_logprobs if ro is not None else None) or [None] * len(ids)
+            choice["prompt_logprobs"] = prompt_logprobs_json(ids, rows, self.req.prompt_logprobs,
+                                                             self.decode)
+        return choice
 
     def usage(self, finals: list[Optional[RequestOutput]]) -> dict:
         done = [ro for ro in finals if ro is not None]
@@ -134,7 +145,8 @@ async def _stream(fmt: _Formatter, gens: list) -> AsyncIterator[str]:
                     cur = cursors.setdefault((i, out.index), ChoiceCursor())
                     if cur.finished:
                         continue
-                    echo = bool(fmt.req.echo) and not cur.started
+                    first = not cur.started
+                    echo = bool(fmt.req.echo) and first
                     offset = cur.text + (len(fmt.prompt_text(i)) if cur.started and fmt.req.echo
                                          else 0)
                     text, t0, t1 = cur.advance(out, holdback)
@@ -142,7 +154,7 @@ async def _stream(fmt: _Formatter, gens: list) -> AsyncIterator[str]:
                         continue  # a token that ends mid-character: nothing to show yet
                     cur.started = True
                     chunk = {**base, "choices": [fmt.choice(i, out, text, t0, t1, echo, ro,
-                                                            offset)]}
+                                                            offset, first)]}
                     if include_usage:  # (so far, in every chunk: continuous_usage_stats)
                         chunk["usage"] = fmt.usage(finals) if fmt.req.continuous_usage else None
                     yield sse(chunk)

@@ -222,7 +222,6 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "ma
     ("/v1/chat/completions", "chat_template", "{{ messages }}"),
     ("/v1/completions", "truncate_prompt_tokens", 4),
     ("/v1/completions", "bad_words", ["fox"]),
-    ("/v1/chat/completions", "prompt_logprobs", 1),
     ("/v1/completions", "cache_salt", "s"),
     ("/v1/completions", "return_token_ids", True),
 ])
@@ -230,6 +229,50 @@ def test_unimplemented_fields_are_400(api, path, field, value):
     body = {**(COMPLETION if path == "/v1/completions" else CHAT), field: value}
     err = assert_error(api.post(path, json=body), 400, field)
     assert "not supported" in err["message"]
+
+
+def test_prompt_logprobs(api):
+    """vLLM's prompt_logprobs: per prompt token (the first: None) its own logprob and the N
+    most likely, as echo with logprobs scores them; in a completions stream's first chunk of
+    each choice; beside the choices in chat (a chat stream: 400)."""
+    prompt = "The quick brown fox"
+    ids = api.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    body = {**COMPLETION, "prompt": prompt, "max_tokens": 2, "prompt_logprobs": 2, "n": 2,
+            "temperature": 1.0, "seed": 1}
+    r = api.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    echo = api.post("/v1/completions", json={**COMPLETION, "prompt": prompt, "echo": True,
+                                             "logprobs": 4, "max_tokens": 0}).json()
+    scores = echo["choices"][0]["logprobs"]["token_logprobs"]
+    for c in r.json()["choices"]:
+        plp = c["prompt_logprobs"]
+        assert len(plp) == len(ids) and plp[0] is None
+        for j in range(1, len(ids)):
+            pos = plp[j]
+            assert str(ids[j]) in pos and len(pos) <= 3
+            assert abs(pos[str(ids[j])]["logprob"] - scores[j]) < 1e-4
+            assert {1, 2} <= {v["rank"] for v in pos.values()}
+            assert all(isinstance(v["decoded_token"], str) for v in pos.values())
+    with api.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        chunks = [json.loads(ln[6:]) for ln in s.iter_lines()
+                  if ln.startswith("data: ") and ln != "data: [DONE]"]
+    firsts = {}
+    for ch in chunks:
+        for c in ch["choices"]:
+            firsts.setdefault(c["index"], c)
+            if c is not firsts[c["index"]]:
+                assert "prompt_logprobs" not in c
+    assert sorted(firsts) == [0, 1]
+    assert all(c["prompt_logprobs"] == r.json()["choices"][0]["prompt_logprobs"]
+               for c in firsts.values())
+    chat = {**CHAT, "prompt_logprobs": 0}
+    out = api.post("/v1/chat/completions", json=chat).json()
+    assert out["prompt_logprobs"][0] is None and len(out["prompt_logprobs"]) > 3
+    assert all(len(p) == 1 for p in out["prompt_logprobs"][1:])  # the prompt's token alone
+    assert_error(api.post("/v1/chat/completions", json={**chat, "stream": True}), 400,
+                 "prompt_logprobs")
+    assert_error(api.post("/v1/completions", json={**body, "prompt_logprobs": -1}), 400,
+                 "prompt_logprobs")
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
