@@ -204,6 +204,81 @@ def _complete_items(text: str) -> list[Any]:
     return items
 
 
+class RequiredCallsScan:
+    """The calls of a ``required`` tool choice's output as it grows: the grammar writes a JSON
+    array of {"name": ..., "parameters": ...} objects, name first. Reads each new piece once
+    (the text only grows) and knows, per call, its name once that string is closed and where
+    its parameters' text starts and (once closed) ends, so the arguments stream as they are
+    generated."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []  # {"name", "args_start", "args_end"}
+        self._pos = 0
+        self._depth = 0
+        self._in_str = self._esc = False
+        self._str_start = 0
+        self._key: Optional[str] = None  # the element's key whose value comes next
+        self._after_colon = False
+
+    def feed(self, text: str) -> None:
+        for i in range(self._pos, len(text)):
+            c = text[i]
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                elif c == "\\":
+                    self._esc = True
+                elif c == '"':
+                    self._in_str = False
+                    self._string_closed(text, i)
+                continue
+            if c in " \t\r\n":
+                continue
+            if self._depth == 2 and self._after_colon:  # the value of an element's key
+                self._after_colon = False
+                if self._key == "parameters":
+                    self.calls[-1]["args_start"] = i
+            if c == '"':
+                self._in_str, self._str_start = True, i
+            elif c in "[{":
+                self._depth += 1
+                if self._depth == 2 and c == "{":
+                    self.calls.append({"name": None, "args_start": None, "args_end": None})
+                    self._key = None
+            elif c in "]}":
+                if self._depth == 3 and self.calls and self._key == "parameters":
+                    self.calls[-1]["args_end"] = i + 1  # an object or array value closed
+                elif self._depth == 2:
+                    self._end_scalar(text, i)
+                self._depth -= 1
+                if self._depth == 1:
+                    self._key = None
+            elif c == ":" and self._depth == 2:
+                self._after_colon = True
+            elif c == "," and self._depth == 2:
+                self._end_scalar(text, i)
+                self._key = None
+        self._pos = len(text)
+
+    def _end_scalar(self, text: str, i: int) -> None:
+        """A number, true, false or null value of parameters ends before ``i``."""
+        call = self.calls[-1] if self.calls else None
+        if call is not None and self._key == "parameters" and call["args_end"] is None \
+                and call["args_start"] is not None:
+            call["args_end"] = len(text[:i].rstrip())
+
+    def _string_closed(self, text: str, i: int) -> None:
+        if self._depth != 2 or not self.calls:
+            return
+        raw = text[self._str_start:i + 1]
+        if self._key is None:  # a key
+            self._key = json.loads(raw)
+        elif self._key == "name" and self.calls[-1]["name"] is None:
+            self.calls[-1]["name"] = json.loads(raw)
+        elif self._key == "parameters":  # a string value (not what schemas give)
+            self.calls[-1]["args_end"] = i + 1
+
+
 class ToolOutput:
     """One choice's text -> content and tool calls, whole (``final``) or streamed (``delta``)."""
 
@@ -214,6 +289,8 @@ class ToolOutput:
         self.ids: list[str] = []  # call ids by index, shared by the stream and the final form
         self._named_started = False
         self._sent = 0  # characters of a named call's arguments streamed
+        self._required = RequiredCallsScan() if plan.mode == "required" else None
+        self._required_sent: list[int] = []  # per required call: argument characters sent
 
     def _id(self, i: int) -> str:
         while len(self.ids) <= i:
@@ -253,16 +330,24 @@ class ToolOutput:
                 out.append(_chunk(ToolCallDelta(0, None, text[self._sent:]), None))
                 self._sent = len(text)
             return None, out
-        if mode == "required":  # whole calls once the array is complete
-            if not finished:
-                return None, []
-            calls = _forced_calls(self.plan, text) or []
-            if not self.plan.parallel:
-                calls = calls[:1]
+        if mode == "required":  # each call's name once written, then its arguments' text
+            scan = self._required
+            scan.feed(text)
             out = []
-            for i, c in enumerate(calls):
-                out.append(_chunk(ToolCallDelta(i, c.name, ""), self._id(i)))
-                out.append(_chunk(ToolCallDelta(i, None, c.arguments), None))
+            for i, call in enumerate(scan.calls[:None if self.plan.parallel else 1]):
+                if call["name"] is None:
+                    break
+                if i == len(self._required_sent):
+                    self._required_sent.append(0)
+                    out.append(_chunk(ToolCallDelta(i, call["name"], ""), self._id(i)))
+                start = call["args_start"]
+                if start is None:
+                    continue
+                end = call["args_end"] if call["args_end"] is not None else len(text)
+                if end - start > self._required_sent[i]:
+                    out.append(_chunk(ToolCallDelta(
+                        i, None, text[start + self._required_sent[i]:end]), None))
+                    self._required_sent[i] = end - start
             return None, out
         dm = self.parser.extract_streaming(text, finished)
         out = []

@@ -280,3 +280,33 @@ def test_registry():
     with pytest.raises(ValueError, match="hermes"):
         get_tool_parser("nope")
     assert get_tool_parser("mistral").skip_special_tokens is False
+
+
+def test_required_calls_stream_name_first_then_arguments_as_written():
+    """tool_choice 'required': fed the grammar's JSON array a few characters at a time, each
+    call's name comes once written, then its arguments' text in pieces that join to the
+    parameters as written; calls in order; with parallel_tool_calls false only the first."""
+    from servelm.server.tools import RequiredCallsScan, ToolOutput, ToolPlan
+    calls = [{"name": "get_weather", "parameters": {"city": 'Pa"ris\\', "n": [1, {"x": 2}]}},
+             {"name": "f2", "parameters": {}}, {"name": "g", "parameters": 12.5}]
+    for indent in (None, 2):
+        text = json.dumps(calls, indent=indent)
+        for parallel in (True, False):
+            plan = ToolPlan(mode="required", tools=[], parallel=parallel, parameters={})
+            out = ToolOutput(plan, tokenizer=None)
+            got: dict[int, dict] = {}
+            for k in range(0, len(text) + 3, 3):
+                _, deltas = out.delta(text[:k], k >= len(text))
+                for d in deltas:
+                    if "id" in d:  # a call's first delta: its id and name, no arguments
+                        assert d["index"] not in got and d["function"]["arguments"] == ""
+                        got[d["index"]] = {"name": d["function"]["name"], "args": ""}
+                    else:
+                        got[d["index"]]["args"] += d["function"]["arguments"]
+            want = calls if parallel else calls[:1]
+            assert [got[i]["name"] for i in sorted(got)] == [c["name"] for c in want]
+            assert [json.loads(got[i]["args"]) for i in sorted(got)] == \
+                [c["parameters"] for c in want]
+    scan = RequiredCallsScan()
+    scan.feed('[{"name": "get_wea')
+    assert scan.calls == [{"name": None, "args_start": None, "args_end": None}]
