@@ -26,7 +26,8 @@ from servelm.engine.async_client import (AsyncEngineClient, EngineDeadError, Req
 from servelm.engine.core_proc import release_free_memory
 from servelm.engine.dp_client import start_client
 from servelm.server.dashboard import add_dashboard
-from servelm.server.json_body import BodyShape, BodyShapeError, loads_in_slices, shape_for
+from servelm.server.json_body import (BodyShape, BodyShapeError, StringScan, loads_in_slices,
+                                      reject_constant, shape_for)
 from servelm.server.metrics import CONTENT_TYPE, ServerMetrics
 from servelm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                      DetokenizeRequest, LoadLoRAAdapterRequest, TokenizeRequest,
@@ -63,86 +64,15 @@ class SSEResponse(StreamingResponse):
 
 
 # ---- request bodies ------------------------------------------------------------------------
-_BIG_BODY = 1 << 20  # bytes of JSON worth parsing on a thread
+_BIG_BODY = 1 << 20  # bytes of JSON parsed in slices (json_body.py) rather than at once
 _TRIM_AFTER_S = 2.0
 
 
-# a big body's strings are measured before parsing only where these few quote and backslash
-# bytes make it cheap (a loop over them; the counts themselves run at C speed)
-_MAX_SCANNED_QUOTES = 100_000
 # JSON spells a character in at most 12 bytes (a surrogate pair of \uXXXX escapes), and no
 # string under this is refused unparsed (a grammar or a schema may be long where the model's
 # context is short)
 _JSON_BYTES_PER_CHAR = 12
 _MIN_STRING_BOUND = 1 << 20
-
-
-class StringScan:
-    """The longest JSON string of a body, in bytes (escapes included: an upper bound of its
-    characters), found chunk by chunk from the positions of its unescaped quotes without
-    parsing, so a body holding a string longer than any prompt is refused while it is still
-    arriving. ``longest`` counts a string still open at the end of the data fed so far.
-    Gives up (``gave_up``) once the body has too many quotes or backslashes for that to be
-    cheap. Not a validator: malformed JSON is the parser's to refuse."""
-
-    def __init__(self) -> None:
-        self.fed = 0  # bytes seen
-        self.open_at: Optional[int] = None  # offset of the open string's quote, if any
-        self.closed = 0  # the longest closed string
-        self.quotes = self.backslashes = 0
-        self._tail = 0  # backslashes ending the data fed so far (an escape across chunks)
-        self.gave_up = False
-
-    @property
-    def longest(self) -> int:
-        opened = 0 if self.open_at is None else self.fed - self.open_at - 1
-        return max(self.closed, opened)
-
-    def feed(self, chunk: bytes | bytearray) -> None:
-        if self.gave_up:
-            return
-        # find() runs at memchr speed (count() would be several times slower over 10 MB);
-        # the Python loop visits at most _MAX_SCANNED_QUOTES quotes and as many backslashes
-        i = chunk.find(b'"')
-        while i != -1:
-            self.quotes += 1
-            j = i  # an odd run of backslashes before the quote escapes it
-            while j > 0 and chunk[j - 1] == 0x5C:
-                j -= 1
-            run = i - j + (self._tail if j == 0 else 0)
-            self.backslashes += i - j
-            if self.quotes > _MAX_SCANNED_QUOTES or self.backslashes > _MAX_SCANNED_QUOTES:
-                self.gave_up = True
-                return
-            if run % 2 == 0:
-                at = self.fed + i
-                if self.open_at is None:
-                    self.open_at = at
-                else:
-                    self.closed = max(self.closed, at - self.open_at - 1)
-                    self.open_at = None
-            i = chunk.find(b'"', i + 1)
-        n = len(chunk)
-        end = n  # the backslashes this chunk ends with, joined to the last chunk's if all
-        while end > 0 and chunk[end - 1] == 0x5C:
-            end -= 1
-            if n - end > _MAX_SCANNED_QUOTES:
-                self.gave_up = True
-                return
-        self._tail = n - end + (self._tail if end == 0 else 0)
-        self.fed += n
-
-
-def longest_string_bytes(buf: bytes | bytearray) -> Optional[int]:
-    """The longest JSON string's length in bytes of a whole body (see StringScan); None when
-    it has too many quotes or backslashes for that to be cheap."""
-    scan = StringScan()
-    scan.feed(buf)
-    return None if scan.gave_up else scan.longest
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 async def read_json(request: Request, limit: int,
@@ -204,7 +134,7 @@ async def read_json(request: Request, limit: int,
             asyncio.get_running_loop().call_later(_TRIM_AFTER_S, release_free_memory)
             obj = await loads_in_slices(buf, shape or BodyShape())
         else:
-            obj = json.loads(buf, parse_constant=_reject_constant)
+            obj = json.loads(buf, parse_constant=reject_constant)
     except BodyShapeError as e:
         raise bad_request(str(e), e.param) from None
     except (ValueError, RecursionError) as e:

@@ -338,37 +338,6 @@ def test_huge_prompt_refused_while_it_arrives(server, api):
     assert r.status_code == 200
 
 
-def test_longest_string_scan():
-    from servelm.server.api import longest_string_bytes
-    for obj in ({"a": "xyz", "b": "q" * 50}, {"p": 'say "hi" \\ and \\"'}, {"k": [1, 2]},
-                {"a": "\u00e9" * 10, "b": ""}):
-        raw = json.dumps(obj).encode()
-        strings = list(obj) + [v for v in obj.values() if isinstance(v, str)]  # keys too
-        want = max(len(json.dumps(v)) - 2 for v in strings)
-        assert longest_string_bytes(bytearray(raw)) == want
-    assert longest_string_bytes(b'["' + b'a","' * 200_000 + b'a"]') is None  # too many quotes
-
-
-def test_string_scan_across_chunks():
-    """Fed in pieces cut anywhere (inside escapes, between backslashes and their quote), the scan
-    finds what it finds in one piece; a string still open counts as far as it has arrived."""
-    from servelm.server.api import StringScan, longest_string_bytes
-    raw = json.dumps({"p": 'a\\"b' + "x" * 40 + '\\\\', "q": ["\\", 'say "hi"'], "r": "z" * 7}
-                     ).encode()
-    want = longest_string_bytes(raw)
-    assert want == len(json.dumps('a\\"b' + "x" * 40 + '\\\\')) - 2
-    for i in range(len(raw) + 1):
-        for j in range(i, len(raw) + 1, 5):
-            scan = StringScan()
-            for part in (raw[:i], raw[i:j], raw[j:]):
-                scan.feed(part)
-            assert not scan.gave_up and scan.longest == want, (i, j)
-    scan = StringScan()
-    scan.feed(b'{"a": "xy", "p": "')
-    scan.feed(b"q" * 100)
-    assert scan.open_at is not None and scan.longest == 100
-
-
 # ---- nothing breaks the engine -----------------------------------------------------------------
 _FIELDS = ["n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
            "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop", "stop_token_ids",

@@ -1,5 +1,6 @@
-"""servelm.server.json_body: big bodies parsed in slices give json.loads's result or refuse
-what it refuses, refuse shapes past their bounds, and hand the event loop back while parsing."""
+"""servelm.server.json_body: a body's longest string measured chunk by chunk; big bodies parsed
+in slices give json.loads's result or refuse what it refuses, refuse shapes past their bounds,
+and hand the event loop back while parsing."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,8 @@ import random
 
 import pytest
 
-from servelm.server.json_body import BodyShape, BodyShapeError, loads_in_slices
+from servelm.server.json_body import (BodyShape, BodyShapeError, StringScan, loads_in_slices,
+                                      longest_string_bytes)
 
 UNBOUNDED = BodyShape(max_fields=10 ** 9, max_items=10 ** 9)
 
@@ -113,3 +115,32 @@ def test_hands_the_event_loop_back():
     obj, ticks = asyncio.run(main())
     assert obj == {"prompt": ["ab"] * 200_000}
     assert ticks >= 10, ticks
+
+
+def test_longest_string_scan():
+    for obj in ({"a": "xyz", "b": "q" * 50}, {"p": 'say "hi" \\ and \\"'}, {"k": [1, 2]},
+                {"a": "\u00e9" * 10, "b": ""}):
+        raw = json.dumps(obj).encode()
+        strings = list(obj) + [v for v in obj.values() if isinstance(v, str)]  # keys too
+        want = max(len(json.dumps(v)) - 2 for v in strings)
+        assert longest_string_bytes(bytearray(raw)) == want
+    assert longest_string_bytes(b'["' + b'a","' * 200_000 + b'a"]') is None  # too many quotes
+
+
+def test_string_scan_across_chunks():
+    """Fed in pieces cut anywhere (inside escapes, between backslashes and their quote), the scan
+    finds what it finds in one piece; a string still open counts as far as it has arrived."""
+    raw = json.dumps({"p": 'a\\"b' + "x" * 40 + '\\\\', "q": ["\\", 'say "hi"'], "r": "z" * 7}
+                     ).encode()
+    want = longest_string_bytes(raw)
+    assert want == len(json.dumps('a\\"b' + "x" * 40 + '\\\\')) - 2
+    for i in range(len(raw) + 1):
+        for j in range(i, len(raw) + 1, 5):
+            scan = StringScan()
+            for part in (raw[:i], raw[i:j], raw[j:]):
+                scan.feed(part)
+            assert not scan.gave_up and scan.longest == want, (i, j)
+    scan = StringScan()
+    scan.feed(b'{"a": "xy", "p": "')
+    scan.feed(b"q" * 100)
+    assert scan.open_at is not None and scan.longest == 100
