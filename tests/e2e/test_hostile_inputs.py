@@ -55,6 +55,12 @@ CASES = [
     # (a few names neither API has are ignored, as vLLM ignores them; no request has 257)
     ("a million unknown keys", "/v1/completions", True,
      _j({**SMALL, **{f"k{i}": 0 for i in range(1_000_000)}}), 400, "fields"),
+    ("a million keys inside a message", "/v1/chat/completions", True,
+     _j({"model": "tiny", "max_tokens": 1, "messages": [
+         {"role": "user", "content": "hi", **{f"k{i}": 0 for i in range(1_000_000)}}]}), 400,
+     "messages"),
+    ("a 10 MB token-id prompt", "/v1/completions", True,
+     _j({**SMALL, "prompt": [[7] * (5 * MB)]}), 400, "prompt"),
     ("JSON nested 200k deep", "/v1/completions", True, _nested(200_000), 400, "JSON"),
     ("repetition_penalty 1e-40", "/v1/completions", True,
      _j({**SMALL, "repetition_penalty": 1e-40}), 400, "repetition_penalty"),
