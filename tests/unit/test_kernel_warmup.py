@@ -124,7 +124,8 @@ def test_recorded_kernels_compile_in_workers_into_the_cache(tmp_path):
     assert r["jobs"][0][2] and not r["jobs"][-1][2]  # required first, optional last
     assert not any(r["before"]), "the cache was empty"
     assert r["roundtrip_ok"], "the workers' cache key differs from the JIT's"
-    assert r["required_done"] == r["required"] > 0
+    # (done counts every job compiled by then: optional ones may have finished too)
+    assert r["required_done"] >= r["required"] > 0
     assert r["statuses"] == ["done"] * len(r["jobs"]), r["errors"][:1]
     assert all(r["after"]), "every compiled job is a cache hit now"
 
