@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from servelm.core.step import EngineCoreOutput
-from servelm.engine.detokenizer import IncrementalDetokenizer, find_stop
+from servelm.engine.detokenizer import IncrementalDetokenizer, decoder_of, find_stop
 from servelm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from servelm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -43,6 +43,7 @@ class _ReqState:
 class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._decode = decoder_of(tokenizer) if tokenizer is not None else None
         self.states: dict[str, _ReqState] = {}
         self.child_to_parent: dict[str, str] = {}
 
@@ -62,7 +63,8 @@ class OutputProcessor:
                 st.prompt_logprobs = st.prompt_lp_rows
         for i in range(params.n):
             cid = child_request_id(request_id, i, params.n)
-            detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
+                                            params.skip_special_tokens, self._decode)
                      if self.tokenizer is not None and params.detokenize else None)
             st.children[cid] = _Child(CompletionOutput(i, "", [], 0.0 if params.logprobs is not None
                                                        else None,
