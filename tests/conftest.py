@@ -130,6 +130,21 @@ def assert_all_blocks_free(engine) -> None:
     assert all(c == 0 for c in sched.kv.pool.ref_cnt)
 
 
+def shuffled_block_tables(lens, block_size: int, num_blocks: int, g: torch.Generator,
+                          width: int = 0) -> torch.Tensor:
+    """[len(lens), width or the longest's blocks] int32 block tables: each sequence of lens[i]
+    tokens gets its blocks, in order, from one random permutation of ``num_blocks`` (blocks
+    of different sequences interleave in the cache); entries past them hold an invalid id."""
+    perm = torch.randperm(num_blocks, generator=g)
+    need = [-(-n // block_size) for n in lens]
+    tables = torch.full((len(lens), max(width, max(need))), 10**6, dtype=torch.int32)
+    used = 0
+    for i, k in enumerate(need):
+        tables[i, :k] = perm[used:used + k].to(torch.int32)
+        used += k
+    return tables
+
+
 def random_prompts(n: int, lengths, seed: int = 0, vocab: int = 250):
     g = torch.Generator().manual_seed(seed)
     lens = list(itertools.islice(itertools.cycle(lengths), n))

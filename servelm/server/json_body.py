@@ -30,8 +30,8 @@ _NUMBERS = re.compile(r"\[[0-9eE+\-.,\s]*\]")
 @dataclass(frozen=True)
 class BodyShape:
     """The most a request body may hold: ``max_fields`` top-level fields, ``max_items`` items
-    in one field's array or object (prompts, token ids, messages, logit_bias...), and twice
-    that over all fields."""
+    in any one array or object (prompts, token ids, messages, logit_bias...), and twice that
+    parsed one by one over the whole body (arrays of numbers are parsed whole: not counted)."""
     max_fields: int = 256
     max_items: int = 1 << 16
 
@@ -212,14 +212,6 @@ class StringScan:
                 return
         self._tail = n - end + (self._tail if end == 0 else 0)
         self.fed += n
-
-
-def longest_string_bytes(buf: bytes | bytearray) -> Optional[int]:
-    """The longest JSON string's length in bytes of a whole body (see StringScan); None when
-    it has too many quotes or backslashes for that to be cheap."""
-    scan = StringScan()
-    scan.feed(buf)
-    return None if scan.gave_up else scan.longest
 
 
 async def loads_in_slices(data: bytes | str, shape: BodyShape) -> Any:

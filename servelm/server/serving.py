@@ -32,6 +32,7 @@ MAX_LORA_NAME = 256
 MAX_LORA_PATH = 4096
 MAX_LORAS_REGISTERED = 4096
 
+
 @dataclass(frozen=True)
 class ServerConfig:
     served_model_names: tuple[str, ...]
@@ -103,11 +104,10 @@ class OpenAIServing:
         if not name or not path:
             raise bad_request("lora_name and lora_path must be non-empty.",
                               "lora_name" if not name else "lora_path")
-        if len(name) > MAX_LORA_NAME or len(path) > MAX_LORA_PATH:
-            which = "lora_name" if len(name) > MAX_LORA_NAME else "lora_path"
-            raise bad_request(f"{which} must be at most "
-                              f"{MAX_LORA_NAME if which == 'lora_name' else MAX_LORA_PATH} "
-                              "characters.", which)
+        for field, value, most in (("lora_name", name, MAX_LORA_NAME),
+                                   ("lora_path", path, MAX_LORA_PATH)):
+            if len(value) > most:
+                raise bad_request(f"{field} must be at most {most} characters.", field)
         if len(self.loras) >= MAX_LORAS_REGISTERED:
             raise bad_request(f"this server already serves {len(self.loras)} adapters, the "
                               "most it registers; unload one first.", "lora_name")

@@ -103,21 +103,19 @@ class _Formatter:
         ``offset``: where ``text`` starts in the choice's whole text (for text_offset);
         ``first``: the choice's first chunk (it carries prompt_logprobs)."""
         prefix = self.prompt_text(i) if echo else ""
+        ids = self.inputs[i].token_ids
+        rows = (ro.prompt_logprobs if ro is not None else None) or [None] * len(ids)
         lp = None
         if self.req.logprobs is not None:
             n = self.req.logprobs
             lp = completion_logprobs(out.token_ids[t0:t1], (out.logprobs or [])[t0:t1], n,
                                      offset + len(prefix), self.decode)
             if echo:
-                ids = self.inputs[i].token_ids
-                rows = (ro.prompt_logprobs if ro is not None else None) or [None] * len(ids)
                 plp = completion_logprobs(ids, rows, n, 0, self.decode)
                 lp = {k: plp[k] + lp[k] for k in lp}
         choice = {"index": i * self.n + out.index, "text": prefix + text, "logprobs": lp,
                   "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
         if self.req.prompt_logprobs is not None and first:
-            ids = self.inputs[i].token_ids
-            rows = (ro.prompt_logprobs if ro is not None else None) or [None] * len(ids)
             choice["prompt_logprobs"] = prompt_logprobs_json(ids, rows, self.req.prompt_logprobs,
                                                              self.decode)
         return choice

@@ -265,7 +265,9 @@ class RequiredCallsScan:
         call = self.calls[-1] if self.calls else None
         if call is not None and self._key == "parameters" and call["args_end"] is None \
                 and call["args_start"] is not None:
-            call["args_end"] = len(text[:i].rstrip())
+            while i > 0 and text[i - 1] in " \t\r\n":
+                i -= 1
+            call["args_end"] = i
 
     def _string_closed(self, text: str, i: int) -> None:
         if self._depth != 2 or not self.calls:

@@ -10,6 +10,7 @@ from servelm.attention.backend import AttentionMetadata
 from servelm.attention.cpu_backend import CpuAttentionBackend
 from servelm.attention.torch_ref import paged_attention_ref
 from servelm.cpu import native
+from tests.conftest import shuffled_block_tables
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="no C compiler: no CPU kernels")
 
@@ -20,14 +21,9 @@ def _case(q_lens, ctx_lens, H, KVH, D, bs, dtype, seed):
     nb = sum(-(-n // bs) for n in ctx_lens) + 4
     k_cache = torch.full((nb, bs, KVH, D), float("nan"), dtype=dtype)
     v_cache = torch.full((nb, bs, KVH, D), float("nan"), dtype=dtype)
-    perm = torch.randperm(nb, generator=g)
-    width = max(-(-n // bs) for n in ctx_lens) + 1
-    tables = torch.full((S, width), 10**6, dtype=torch.int32)
-    used = 0
+    tables = shuffled_block_tables(ctx_lens, bs, nb, g,
+                                   width=max(-(-n // bs) for n in ctx_lens) + 1)
     for i, n in enumerate(ctx_lens):
-        nblk = -(-n // bs)
-        tables[i, :nblk] = perm[used:used + nblk].to(torch.int32)
-        used += nblk
         for t in range(n):  # only the sequence's own tokens hold numbers
             blk, off = int(tables[i, t // bs]), t % bs
             k_cache[blk, off] = torch.randn(KVH, D, generator=g).to(dtype)

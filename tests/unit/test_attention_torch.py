@@ -1,5 +1,8 @@
 """The PyTorch attention backend against the per-sequence reference."""
+import pytest
 import torch
+
+from tests.conftest import shuffled_block_tables
 
 
 def test_torch_decode_attention_grouped_matches_reference():
@@ -12,14 +15,7 @@ def test_torch_decode_attention_grouped_matches_reference():
     lens = torch.randint(1, 300, (S,), generator=g).tolist()
     k_cache = torch.randn(nb, bs, KVH, D, generator=g)
     v_cache = torch.randn(nb, bs, KVH, D, generator=g)
-    perm = torch.randperm(nb, generator=g)
-    width = max(-(-n // bs) for n in lens)
-    tables = torch.full((S, width), 10**6, dtype=torch.int32)  # unused entries: invalid ids
-    used = 0
-    for i, n in enumerate(lens):
-        k = -(-n // bs)
-        tables[i, :k] = perm[used:used + k].to(torch.int32)
-        used += k
+    tables = shuffled_block_tables(lens, bs, nb, g)
     meta = AttentionMetadata(slot_mapping=torch.zeros(S, dtype=torch.int64),
                              query_start_loc=torch.arange(S + 1, dtype=torch.int32),
                              seq_lens=torch.tensor(lens, dtype=torch.int32), block_tables=tables,
@@ -52,14 +48,7 @@ def _mixed_step(g, S, H, KVH, D, bs, tree: bool):
             tstart.append(ctx)  # no tree
             bits += [0] * q_len
     nb = sum(-(-c // bs) for c in ctxs) + 5
-    perm = torch.randperm(nb, generator=g)
-    width = max(-(-c // bs) for c in ctxs)
-    tables = torch.full((S, width), 10**6, dtype=torch.int32)
-    used = 0
-    for i, c in enumerate(ctxs):
-        k = -(-c // bs)
-        tables[i, :k] = perm[used:used + k].to(torch.int32)
-        used += k
+    tables = shuffled_block_tables(ctxs, bs, nb, g)
     T = sum(q_lens)
     qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     meta = AttentionMetadata(slot_mapping=torch.zeros(T, dtype=torch.int64),
@@ -72,9 +61,6 @@ def _mixed_step(g, S, H, KVH, D, bs, tree: bool):
     q = torch.randn(T, H, D, generator=g)
     return (q, torch.randn(nb, bs, KVH, D, generator=g), torch.randn(nb, bs, KVH, D, generator=g),
             meta)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("tree,window,softcap", [(False, 0, 0.0), (True, 0, 0.0),
