@@ -128,14 +128,34 @@ def _main_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prestart_core(argv: list[str]):
+    """For `servelm serve`, its engine core process, started before anything heavy is imported
+    here: both processes then import torch and the model's config at once
+    (engine/core_launcher.py). None for other commands."""
+    rest = list(argv)
+    while rest and rest[0].startswith("-"):  # the top-level options: --log-level X
+        rest = rest[2:] if rest[0] == "--log-level" else rest[1:]
+    if not rest or rest[0] != "serve":
+        return None
+    from servelm.engine.core_launcher import CoreLauncher
+    return CoreLauncher.for_serve_argv(rest[1:])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    launcher = _prestart_core(argv)
     try:
+        args = build_parser().parse_args(argv)
+        args.core_launcher = launcher
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(levelname)s %(name)s: %(message)s")
         return args.func(args) or 0
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if launcher is not None:
+            launcher.close()  # if the server never took it
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import zmq.asyncio
 from servelm.config import EngineConfig
 from servelm.core.step import SchedulerStats
 from servelm.engine import core_proc as cp
+from servelm.engine.core_launcher import PROCESS_NAME, CoreLauncher
 from servelm.engine.core import EngineRequest
 from servelm.engine.engine import InputProcessor, PromptType
 from servelm.engine.output_processor import OutputProcessor
@@ -114,7 +115,10 @@ class AsyncEngineClient:
     @classmethod
     async def start(cls, config: EngineConfig, tokenizer: Any = None,
                     listener: Optional[OutputListener] = None,
-                    startup_timeout_s: float = 1800.0) -> "AsyncEngineClient":
+                    startup_timeout_s: float = 1800.0,
+                    launcher: Optional[CoreLauncher] = None) -> "AsyncEngineClient":
+        """Starts an engine core process (``launcher``'s pre-started one, if it has one left)
+        and waits until it is ready."""
         tmpdir = tempfile.mkdtemp(prefix="servelm-")
         in_addr, out_addr = f"ipc://{tmpdir}/input", f"ipc://{tmpdir}/output"
         sync_ctx, async_ctx = zmq.Context(), zmq.asyncio.Context()
@@ -124,11 +128,14 @@ class AsyncEngineClient:
         out_sock = async_ctx.socket(zmq.PULL)
         out_sock.setsockopt(zmq.RCVHWM, 0)
         out_sock.bind(out_addr)
-        proc = multiprocessing.get_context("spawn").Process(
-            target=cp.run_engine_core, name="servelm-engine-core", daemon=True,
-            args=(config, in_addr, out_addr, logging.getLogger().getEffectiveLevel(),
-                  os.getpid()))
-        proc.start()
+        args = (config, in_addr, out_addr, logging.getLogger().getEffectiveLevel(), os.getpid())
+        proc = launcher.take() if launcher is not None else None
+        if proc is not None:
+            launcher.launch(args)
+        else:
+            proc = multiprocessing.get_context("spawn").Process(
+                target=cp.run_engine_core, name=PROCESS_NAME, daemon=True, args=args)
+            proc.start()
         if config.device == "cpu":  # the core takes the first CPUs, this process the rest
             from servelm.cpu.threads import configure_api
             configure_api(config.threads, config.cpus)

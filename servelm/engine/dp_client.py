@@ -22,6 +22,7 @@ from servelm.config import EngineConfig
 from servelm.core.step import SchedulerStats
 from servelm.engine.async_client import (AsyncEngineClient, EngineDeadError, OutputListener,
                                          ProcessedPrompt)
+from servelm.engine.core_launcher import CoreLauncher
 from servelm.engine.dp_router import PrefixRouter, RouterConfig
 from servelm.engine.engine import PromptType
 from servelm.outputs import RequestOutput
@@ -61,12 +62,15 @@ def _share_ray(config: EngineConfig) -> bool:
 
 
 async def start_client(config: EngineConfig, tokenizer: Any = None,
-                       listener: Optional[OutputListener] = None
+                       listener: Optional[OutputListener] = None,
+                       launcher: Optional[CoreLauncher] = None
                        ) -> Union[AsyncEngineClient, "DataParallelClient"]:
-    """The server's engine client: one core, or a replica per data-parallel rank."""
+    """The server's engine client: one core (``launcher``'s pre-started process if it has one
+    left), or a replica per data-parallel rank (each spawned here: see core_launcher)."""
     if config.parallel.data_parallel_size > 1:
         return await DataParallelClient.start(config, tokenizer, listener)
-    return await AsyncEngineClient.start(config, tokenizer=tokenizer, listener=listener)
+    return await AsyncEngineClient.start(config, tokenizer=tokenizer, listener=listener,
+                                         launcher=launcher)
 
 
 def merge_stats(stats: list[SchedulerStats]) -> SchedulerStats:
@@ -109,15 +113,18 @@ class DataParallelClient:
                     listener: Optional[OutputListener] = None) -> "DataParallelClient":
         n = config.parallel.data_parallel_size
         ray_started = _share_ray(config)
-        first = await AsyncEngineClient.start(replica_config(config, 0), tokenizer=tokenizer,
-                                              listener=listener)
-        started = [first]
-        rest = await asyncio.gather(
-            *(AsyncEngineClient.start(replica_config(config, i), tokenizer=first.tokenizer,
-                                      listener=listener) for i in range(1, n)),
+        if tokenizer is None and not config.skip_tokenizer_init:  # one, shared by the replicas
+            from servelm.loader import load_tokenizer
+            mc = config.model
+            tokenizer = await asyncio.to_thread(load_tokenizer, mc.model, mc.tokenizer,
+                                                mc.load_format)
+        # every replica's core starts at once (each loads its own copy of the model)
+        out = await asyncio.gather(
+            *(AsyncEngineClient.start(replica_config(config, i), tokenizer=tokenizer,
+                                      listener=listener) for i in range(n)),
             return_exceptions=True)
-        started += [r for r in rest if isinstance(r, AsyncEngineClient)]
-        failed = [r for r in rest if isinstance(r, BaseException)]
+        started = [r for r in out if isinstance(r, AsyncEngineClient)]
+        failed = [r for r in out if isinstance(r, BaseException)]
         if failed:
             await asyncio.gather(*(r.shutdown() for r in started))
             raise failed[0]

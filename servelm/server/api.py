@@ -23,6 +23,7 @@ from servelm import __version__
 from servelm.config import EngineConfig
 from servelm.engine.async_client import (AsyncEngineClient, EngineDeadError, RequestError,
                                         ShuttingDownError)
+from servelm.engine.core_launcher import CoreLauncher
 from servelm.engine.core_proc import release_free_memory
 from servelm.engine.dp_client import start_client
 from servelm.server.dashboard import add_dashboard
@@ -191,10 +192,12 @@ def _respond(result: Any) -> Response:
 # ---- the app -------------------------------------------------------------------------------
 def build_app(engine_config: EngineConfig, server_config: ServerConfig,
               client: Optional[AsyncEngineClient] = None,
-              cascade: Optional[tuple[EngineConfig, Any]] = None) -> FastAPI:
+              cascade: Optional[tuple[EngineConfig, Any]] = None,
+              launcher: Optional[CoreLauncher] = None) -> FastAPI:
     """The app; it starts its own engine client unless one is given (then the caller owns it).
     ``cascade``: (the small model's engine config, a cascade.CascadeConfig): the app serves a
-    cascade of it and ``engine_config``'s model (the large one)."""
+    cascade of it and ``engine_config``'s model (the large one). ``launcher``: a core process
+    pre-started for the first engine core this app starts (core_launcher.py)."""
     metrics = ServerMetrics(server_config.served_model_names[0])
     limit = server_config.max_body_bytes
     created = int(time.time())
@@ -203,11 +206,19 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if client is None and cascade is not None:
             from servelm.cascade.client import CascadeClient
-            small = await start_client(cascade[0], listener=metrics)
-            c = CascadeClient(small, await start_client(engine_config, listener=metrics),
-                              cascade[1])
+            # both cores start at once (each loads its own model)
+            started = await asyncio.gather(
+                start_client(cascade[0], listener=metrics, launcher=launcher),
+                start_client(engine_config, listener=metrics), return_exceptions=True)
+            failed = [r for r in started if isinstance(r, BaseException)]
+            if failed:
+                await asyncio.gather(*(r.shutdown() for r in started
+                                       if not isinstance(r, BaseException)))
+                raise failed[0]
+            c = CascadeClient(started[0], started[1], cascade[1])
         else:
-            c = client or await start_client(engine_config, listener=metrics)
+            c = client or await start_client(engine_config, listener=metrics,
+                                             launcher=launcher)
         set_chat_template(c.tokenizer, server_config.chat_template)  # --chat-template
         app.state.serving = OpenAIServing(c, server_config)
         for name, path in server_config.lora_modules:  # --lora-modules: refused ones stop the start

@@ -291,7 +291,8 @@ def main_serve(args: argparse.Namespace) -> int:
                                  tool_call_parser=ns.tool_call_parser,
                                  cascade=cascade is not None,
                                  lora_modules=lora_modules)
-    app = build_app(engine_config, server_config, cascade=cascade)
+    app = build_app(engine_config, server_config, cascade=cascade,
+                    launcher=getattr(args, "core_launcher", None))
     logging.getLogger(__name__).warning("servelm: starting %s on http://%s:%d", names[0], ns.host,
                                         ns.port)
     # on Ctrl-C / SIGTERM, in-flight requests get --shutdown-timeout seconds, then an error

@@ -28,7 +28,8 @@ CASES = [(5, 0.0), (40, 0.0), (1000, 0.0), (0, 0.6), (24, 0.6)]
 @pytest.mark.parametrize("dtype", [torch.float32, ATTN_BF16])
 def test_decode_window_softcap(window, softcap, dtype):
     bs, heads, kv_heads, d = 16, 8, 2, 64
-    lens = [1, 7, 16, 17, 45, 200, 257]
+    # the interpreter pays ~5 ms a program: one context past two 64-token partitions there
+    lens = [1, 7, 16, 17, 45, 200, 257] if ON_CUDA else [1, 7, 17, 45, 130]
     q, kc, vc, meta = make_batch([(n - 1, 1) for n in lens], heads, kv_heads, d, bs, dtype,
                                  seed=window + int(softcap * 10))
     scale = 0.3  # scores of a few units: the cap (0.6 / scale in raw units) bites
