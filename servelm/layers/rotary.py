@@ -38,12 +38,18 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict,
                  use_kernel: bool = False) -> None:
         super().__init__()
-        inv_freq = _inv_freq(head_dim, theta, scaling)
-        # HF: freqs = inv_freq (x) positions in fp32, emb = cat(freqs, freqs), cos/sin in fp32
-        freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        if torch.get_default_device().type == "meta":
+            # a model built for its shapes only (the kernel recording's shadow,
+            # worker/kernel_jobs.py): computing on meta runs torch's Python references, whose
+            # first use imports sympy and dynamo (3-9 s of an 8B model's cold start on the H200)
+            cache = torch.empty(max_position, head_dim, dtype=torch.float32)
+        else:
+            inv_freq = _inv_freq(head_dim, theta, scaling)
+            # HF: freqs = inv_freq (x) positions in fp32, emb = cat(freqs, freqs), cos/sin fp32
+            freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+            cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
         # cos_sin_cache: [max_position, D]: first D/2 columns cos, last D/2 sin
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1),
-                             persistent=False)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.use_kernel = use_kernel
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):

@@ -241,12 +241,14 @@ class ModelRunner:
         from servelm.worker.cuda_graphs import graph_keys
         from servelm.worker.kernel_jobs import (DryRunShapes, job_list_path, load_job_list,
                                                 record_kernel_jobs, save_job_list, shadow_model)
-        from servelm.worker.kernel_warmup import configure_compile_cache, start_kernel_warmup
+        from servelm.worker.kernel_warmup import (WarmupWorkers, configure_compile_cache,
+                                                  default_num_workers, start_kernel_warmup)
         cache_dir = configure_compile_cache()  # persistent, whether or not the warm-up runs
         if os.environ.get("SERVELM_KERNEL_WARMUP") == "0" or self.pp.world_size > 1:
             return None  # (pipeline stages: kernels compile on first use)
         t0 = time.perf_counter()
         mc = self.config.model
+        workers = None
         try:
             keys = (graph_keys(self.graph_max_bs(), mc.max_model_len)
                     if self.will_capture_graphs() else [])
@@ -262,6 +264,10 @@ class ModelRunner:
                                  tp.world_size, self.config.lora)
             jobs = load_job_list(path)
             if jobs is None:
+                # no list yet (a first start): the workers import Triton and torch meanwhile
+                # (about 3 s of an 8B model's cold start on the H200)
+                n = default_num_workers()
+                workers = WarmupWorkers(n) if n else None
                 # this rank's shard shapes, with collectives that wait for no other rank
                 # (each rank may find the list cached, or not)
                 local = without_communication(tp)
@@ -275,8 +281,10 @@ class ModelRunner:
                 del shadow
                 torch.cuda.empty_cache()
                 save_job_list(path, jobs)
-            return start_kernel_warmup(jobs, t0, time.perf_counter() - t0)
+            return start_kernel_warmup(jobs, t0, time.perf_counter() - t0, workers=workers)
         except Exception as e:  # the kernels then compile on first use, as without warm-up
+            if workers is not None:
+                workers.stop()
             logger.warning("kernel warm-up did not start: %s: %s", type(e).__name__, e)
             return None
 

@@ -54,3 +54,29 @@ def test_gguf_path_imports_no_transformers():
     assert out["heavy"] == [], f"imported on the GGUF path: {out['heavy']}"
     assert out["tokenizer"] == "LightTokenizer"
     assert all(isinstance(t, str) and t for t in out["texts"])
+
+
+SHADOW_SCRIPT = r"""
+import json, sys
+import torch
+from servelm.attention.torch_ref import TorchReferenceBackend
+from servelm.loader.presets import preset_config
+from servelm.models.registry import build_model
+from servelm.worker.kernel_jobs import shadow_model
+for name in sys.argv[1:]:
+    cfg = preset_config(name)
+    shadow_model(lambda c: build_model(c, TorchReferenceBackend(), False), cfg,
+                 torch.device("cpu"))
+print(json.dumps([m for m in ("sympy", "torch._dynamo") if m in sys.modules]))
+"""
+
+
+def test_kernel_recording_shadow_imports_no_sympy():
+    # the shadow is built on the meta device, where torch's Python references import sympy
+    # and dynamo on first use: 3-9 s of an 8B model's cold start on the H200 (rotary.py)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", SHADOW_SCRIPT, "llama-3.2-1b", "qwen3-30b-a3b",
+                        "mistral-7b"], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == []

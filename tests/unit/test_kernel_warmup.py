@@ -83,6 +83,8 @@ from servelm.lora.manager import LoRAManager, with_lora_kernels
 with_lora_kernels(model, LoRAManager(LoRAConfig(4, 16, 4), model, cfg, torch.float16, dev,
                                      4096, True))
 storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+# as the runner's first start: the workers start before the jobs are recorded, and wait
+early = kw.WarmupWorkers(2)
 shapes = DryRunShapes(2, 32, torch.float16, 16, 2048, 128, (64, 40), tuple(graph_keys(4, 2048)), 4)
 jobs = record_kernel_jobs(model, shapes, dev)
 before = [kw.is_cached(j, TARGET) for j in jobs]
@@ -91,7 +93,8 @@ roundtrip_ok = all(
     for j in jobs
     for _k in [__import__("hashlib").sha256(get_cache_key(*kw._source(j, TARGET)[:3],
                env_vars=get_cache_invalidating_env_vars()).encode()).hexdigest()])
-warm = kw.KernelWarmup(jobs, TARGET, 2, time.perf_counter(), 0, 0.0)
+waiting = all(p.poll() is None for p in early.procs)
+warm = kw.KernelWarmup(jobs, TARGET, 2, time.perf_counter(), 0, 0.0, workers=early)
 report = warm.wait()
 deadline = time.time() + 300
 while any(p.poll() is None for p in warm.procs) and time.time() < deadline:
@@ -103,6 +106,7 @@ warm.stop()
 print("RESULT " + json.dumps({
     "layers": len(model.layers), "storages": len(storages),
     "jobs": [[j[0], j[1], j[3]] for j in jobs], "before": before, "roundtrip_ok": roundtrip_ok,
+    "waiting": waiting,
     "required_done": report.done, "required": report.required, "statuses": statuses,
     "errors": errors, "after": [kw.is_cached(j, TARGET) for j in jobs]}))
 """
@@ -117,6 +121,7 @@ def test_recorded_kernels_compile_in_workers_into_the_cache(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads([x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
     assert r["layers"] == 1 and r["storages"] == 1  # one layer, all parameters in one buffer
+    assert r["waiting"], "a worker started before its jobs existed did not wait for them"
     kernels = {(m.rsplit(".", 1)[-1], n) for m, n, _ in r["jobs"]}
     for module in ("rmsnorm", "prefill_attention", "decode_attention", "lora"):
         assert any(m == module for m, _ in kernels), (module, kernels)
