@@ -24,3 +24,12 @@ if INTERPRET:
     if not getattr(_interp, "_servelm_patched", False):
         _interp._patch_lang_tensor = _patch_lang_tensor
         _interp._servelm_patched = True
+
+
+def skip_half_on_interpreter(*indices: int) -> None:
+    """Under the interpreter (~5 ms a program), run the half of a parametrized grid whose
+    indices sum to an even number: every value of each parameter still meets every value of
+    each other across the grid's third one. The full grid runs on CUDA."""
+    if INTERPRET and sum(indices) % 2:
+        import pytest
+        pytest.skip("interpreter: half of the grid (the full grid on CUDA)")

@@ -15,7 +15,8 @@ from servelm.kernels.lora import (_shrink_config, lora_expand,  # noqa: E402
                                   lora_expand_ref, lora_segments, lora_shrink,
                                   lora_shrink_ref)
 
-from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
+from tests.unit.kernel_env import (DEVICE, INTERPRET, ON_CUDA,  # noqa: E402
+                                   skip_half_on_interpreter)
 pytestmark = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
                                 reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter")
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA only")
@@ -99,6 +100,8 @@ def test_lora_segments_invariants(T, S, pattern):
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("shape", SHRINK_SHAPES)
 def test_lora_shrink_matches_reference(shape, pattern, dtype):
+    skip_half_on_interpreter(SHRINK_SHAPES.index(shape), PATTERNS.index(pattern),
+                             DTYPES.index(dtype))
     T, K, R, S = shape
     seed = sum(shape)
     x = _randn(T, K, dtype=dtype, seed=seed)
@@ -116,6 +119,8 @@ def test_lora_shrink_matches_reference(shape, pattern, dtype):
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("case", EXPAND_CASES)
 def test_lora_expand_matches_reference(case, pattern, dtype):
+    skip_half_on_interpreter(EXPAND_CASES.index(case), PATTERNS.index(pattern),
+                             DTYPES.index(dtype))
     T, parts, r, S = case
     offs = tuple(np.cumsum((0,) + parts).tolist())
     N, P = offs[-1], len(parts)

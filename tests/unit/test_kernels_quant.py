@@ -21,7 +21,8 @@ from servelm.kernels.quant_matmul import (  # noqa: E402
     int8_linear, select_gemm_config, select_gemv_config, use_quant_kernel, warmup_quant_matmul)
 from servelm.quantization import ref  # noqa: E402
 
-from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
+from tests.unit.kernel_env import (DEVICE, INTERPRET, ON_CUDA,  # noqa: E402
+                                   skip_half_on_interpreter)
 
 needs_kernel = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
                                   reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter")
@@ -221,6 +222,8 @@ def test_gemv_paths(method, cfg, m):
         pytest.skip("the int8 FMA path serves M = 1")
     if INTERPRET and not cfg.use_dot and m > 2:
         pytest.skip("slow in the interpreter")
+    skip_half_on_interpreter(["int4", "int8", "fp8"].index(method), GEMV_PATHS.index(cfg),
+                             [1, 2, 5, 16].index(m))
     dtype = torch.float16 if (INTERPRET and cfg.use_dot) else torch.bfloat16
     for i, (n, k, g) in enumerate([(29, 128, 32), (48, 192, 192), (20, 160, 64)]):
         _check(method, m, n, k, g, dtype, bias=i == 0, seed=7 * m + i, cfg=cfg, x_pad=3 * i)
