@@ -37,7 +37,7 @@ def _preimport(model_hint: Optional[str]) -> None:
 
 
 def _prestarted_core(conn: Connection, model_hint: Optional[str]) -> None:
-    """The process: import, then wait for the arguments (None, or the API process gone: exit)."""
+    """The process: import, then wait for the arguments (the API process gone: exit)."""
     _preimport(model_hint)
     try:
         args = conn.recv()
@@ -45,8 +45,6 @@ def _prestarted_core(conn: Connection, model_hint: Optional[str]) -> None:
         return
     finally:
         conn.close()
-    if args is None:
-        return
     from servelm.engine.core_proc import run_engine_core
     run_engine_core(*args)
 
@@ -78,6 +76,7 @@ class CoreLauncher:
         if it died."""
         proc, self._proc = self._proc, None
         if proc is not None and not proc.is_alive():
+            self._conn.close()
             return None
         return proc
 
@@ -87,18 +86,17 @@ class CoreLauncher:
         self._conn.close()
 
     def close(self) -> None:
-        """Stops the process if nobody took it."""
+        """Stops the process if nobody took it: at once (it holds nothing but its imports; an
+        argument error must not wait for them to finish)."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        try:
-            self._conn.send(None)
-            self._conn.close()
-        except OSError:
-            pass
-        proc.join(timeout=10)
+        self._conn.close()
+        proc.terminate()
+        proc.join(timeout=5)
         if proc.is_alive():
             proc.kill()
+            proc.join(timeout=5)
 
 
 def _model_hint(argv: Sequence[str]) -> Optional[str]:

@@ -4,6 +4,7 @@ that one nobody takes goes away."""
 from __future__ import annotations
 
 import json
+import time
 
 from servelm.engine.core_launcher import CoreLauncher, _model_hint, _preimport
 
@@ -37,7 +38,8 @@ def test_untaken_launcher_exits_and_is_taken_once():
     launcher = CoreLauncher()
     proc = launcher._proc
     assert proc is not None and proc.is_alive()
-    launcher.close()
-    assert not proc.is_alive() and proc.exitcode == 0
+    t = time.monotonic()
+    launcher.close()  # at once, though it is still importing torch
+    assert not proc.is_alive() and time.monotonic() - t < 3
     assert launcher.take() is None  # closed: nothing left to take
     launcher.close()  # idempotent
