@@ -63,8 +63,9 @@ class CoreLauncher:
     @classmethod
     def for_serve_argv(cls, argv: Sequence[str]) -> Optional["CoreLauncher"]:
         """A launcher for ``servelm serve ARGV`` (argv after "serve"), or None where the core
-        would not be one process started by this one: help, a YAML config, data parallel,
-        or a model path that is not a directory (a hint is only read from a HF directory)."""
+        would not be one process started by this one: help, a YAML config (it may set data
+        parallel), data parallel. A model that is not a HF directory (a GGUF file, a preset,
+        the default) gives no hint: its config needs no transformers class."""
         if any(a in ("-h", "--help") or a.startswith(("--config", "--data-parallel-size",
                                                       "-dp"))
                for a in argv):

@@ -184,14 +184,14 @@ class KernelWarmup:
         self.num_cached, self.record_seconds = num_cached, record_seconds
         self.workers: Optional[WarmupWorkers] = None
         self.dir = ""
-        if not jobs or (workers is None and not num_workers):
+        if not jobs:  # everything is cached
             if workers is not None:
                 workers.stop()
-            if not jobs:  # everything is cached
-                return
-        else:
-            self.workers = workers or WarmupWorkers(num_workers)
-        self.dir = self.workers.dir if self.workers else tempfile.mkdtemp(prefix="servelm-warmup-")
+            return
+        if workers is None and num_workers:
+            workers = WarmupWorkers(num_workers)
+        self.workers = workers  # (None: the runner compiles them all in wait())
+        self.dir = workers.dir if workers else tempfile.mkdtemp(prefix="servelm-warmup-")
         spec = os.path.join(self.dir, "spec.json")
         with open(spec + ".tmp", "w") as f:
             json.dump({"jobs": jobs, "target": target_to_json(target), "parent": os.getpid()}, f)
