@@ -129,10 +129,8 @@ class AsyncEngineClient:
         out_sock.setsockopt(zmq.RCVHWM, 0)
         out_sock.bind(out_addr)
         args = (config, in_addr, out_addr, logging.getLogger().getEffectiveLevel(), os.getpid())
-        proc = launcher.take() if launcher is not None else None
-        if proc is not None:
-            launcher.launch(args)
-        else:
+        proc = launcher.launch(args) if launcher is not None else None
+        if proc is None:
             proc = multiprocessing.get_context("spawn").Process(
                 target=cp.run_engine_core, name=PROCESS_NAME, daemon=True, args=args)
             proc.start()

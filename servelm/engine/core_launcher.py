@@ -3,8 +3,8 @@ the engine, transformers' config class of the model: ~5 s of a ~10 s `servelm se
 a 2-core CPU) run while the API process does the same imports and builds that configuration.
 
 `servelm serve` starts one as its first act (``CoreLauncher.for_serve_argv``); the first
-single-core engine client takes it (``take``) and sends it ``run_engine_core``'s arguments;
-one nobody took is stopped (``close``). Data-parallel replicas spawn their own cores: the API
+single-core engine client hands it ``run_engine_core``'s arguments (``launch``); one nobody
+launched is stopped (``close``). Data-parallel replicas spawn their own cores: the API
 process sets environment variables (RAY_ADDRESS) for them that a process started earlier
 would not see.
 """
@@ -72,19 +72,16 @@ class CoreLauncher:
             return None
         return cls(_model_hint(argv))
 
-    def take(self) -> Optional[BaseProcess]:
-        """The waiting process (to be sent its arguments with ``launch``); None once taken or
-        if it died."""
+    def launch(self, args: tuple[Any, ...]) -> Optional[BaseProcess]:
+        """The waiting process, now running ``run_engine_core(*args)``; None if it was
+        launched already or died (the caller spawns a core of its own)."""
         proc, self._proc = self._proc, None
-        if proc is not None and not proc.is_alive():
-            self._conn.close()
+        if proc is None:
             return None
-        return proc
-
-    def launch(self, args: tuple[Any, ...]) -> None:
-        """Sends the taken process ``run_engine_core``'s arguments."""
-        self._conn.send(args)
+        if proc.is_alive():
+            self._conn.send(args)
         self._conn.close()
+        return proc if proc.is_alive() else None
 
     def close(self) -> None:
         """Stops the process if nobody took it: at once (it holds nothing but its imports; an

@@ -28,8 +28,9 @@ if INTERPRET:
 
 def skip_half_on_interpreter(*indices: int) -> None:
     """Under the interpreter (~5 ms a program), run the half of a parametrized grid whose
-    indices sum to an even number: every value of each parameter still meets every value of
-    each other across the grid's third one. The full grid runs on CUDA."""
+    indices sum to an even number: every value of each parameter still runs, with half the
+    values of another (in a grid of three, every pair of values still meets, for half the
+    values of the third). The full grid runs on CUDA."""
     if INTERPRET and sum(indices) % 2:
         import pytest
         pytest.skip("interpreter: half of the grid (the full grid on CUDA)")

@@ -34,12 +34,12 @@ def test_preimport_tolerates_bad_hints(tmp_path):
     _preimport(None)
 
 
-def test_untaken_launcher_exits_and_is_taken_once():
+def test_unlaunched_launcher_exits_at_once_and_launches_once():
     launcher = CoreLauncher()
     proc = launcher._proc
     assert proc is not None and proc.is_alive()
     t = time.monotonic()
     launcher.close()  # at once, though it is still importing torch
     assert not proc.is_alive() and time.monotonic() - t < 3
-    assert launcher.take() is None  # closed: nothing left to take
+    assert launcher.launch(()) is None  # closed: nothing left to launch
     launcher.close()  # idempotent
