@@ -14,10 +14,12 @@ The embedded SmolLM2-135M-Instruct GGUF (30 layers), fp32, batch 1. For each thr
   before the first difference.
 
     python benchmarks/early_exit.py --gpu-preset llama-3-8b [--forced-layers 8 16 24]
+                                    [--batch 1 32]
 
-On a GPU with dummy weights (confidence means nothing there), the speed side only: batch-1 decode
-tok/s with every token forced to exit after layer n (threshold 0, exit_layers [n]) against the
-plain engine (CUDA graphs) and the eager early-exit path with no exits, each a fresh engine.
+On a GPU with dummy weights (confidence means nothing there), the speed side only: decode tok/s
+at each batch size with every token forced to exit after layer n (threshold 0, exit_layers [n])
+against the plain engine (decode graphs), and the early-exit step checking every forced layer
+with no exits (threshold 2), in eager steps and in piecewise graphs; each a fresh engine.
 """
 from __future__ import annotations
 
@@ -102,34 +104,48 @@ def teacher_forced(text_ids: list[int], cfgs: list) -> list[dict]:
     return res
 
 
-def gpu_speed(preset: str, forced: list[int], runs: int) -> None:
+def gpu_speed(preset: str, forced: list[int], runs: int, batches: list[int]) -> None:
     from benchmarks.gpu_suite import random_prompts
     from servelm import LLM, SamplingParams
     from servelm.loader import preset_config
     cfg = preset_config(preset)
-    prompt = random_prompts(1, [128], 0, cfg.vocab_size)[0]
-    sp = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    new = 256
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    none = {"threshold": 2.0, "exit_layers": forced}  # every candidate checked, none exits
+    configs = ([("plain engine (decode graphs)", None, False),
+                (f"early exit, no exits (candidates {forced}), eager steps", none, True),
+                (f"early exit, no exits (candidates {forced}), piecewise graphs", none, False),
+                ("the same, criterion state (no lm_head at candidates)",
+                 {**none, "criterion": "state"}, False)]
+               + [(f"all exit after layer {n}, piecewise graphs",
+                   {"threshold": 0.0, "exit_layers": [n]}, False) for n in forced])
     rows = []
-    for label, ee in ([("plain engine (graphs)", None),
-                       ("early-exit path, no exits", {"threshold": 2.0, "exit_layers": forced})]
-                      + [(f"all exit after layer {n}", {"threshold": 0.0, "exit_layers": [n]})
-                         for n in forced]):
+    for label, ee, eager in configs:
         llm = LLM(preset, load_format="dummy", max_model_len=2048, skip_tokenizer_init=True,
-                  early_exit_config=ee)
-        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-                     use_tqdm=False)
-        rates = []
-        for _ in range(runs):
-            m = llm.generate([prompt], sp, use_tqdm=False)[0].metrics
-            rates.append(255 / (m.last_token_time - m.first_token_time))
+                  early_exit_config=ee, enforce_eager=eager, max_num_seqs=max(batches))
+        rates = {}
+        for b in batches:
+            prompts = random_prompts(b, [128] * b, b, cfg.vocab_size)
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                         use_tqdm=False)
+            rs = []
+            for _ in range(runs):  # decode tok/s: tokens after each first / the decode span
+                ms = [o.metrics for o in llm.generate(prompts, sp, use_tqdm=False)]
+                span = max(m.last_token_time for m in ms) - min(m.first_token_time for m in ms)
+                rs.append(b * (new - 1) / span)
+            rates[b] = statistics.median(rs)
+            print(f"{label}, batch {b}: {rates[b]:.1f} tok/s ({[round(r, 1) for r in rs]})",
+                  flush=True)
         llm.engine.core.shutdown()
         del llm
-        rows.append((label, statistics.median(rates)))
-        print(f"{label}: {rows[-1][1]:.1f} tok/s ({[round(r, 1) for r in rates]})", flush=True)
-    print(f"\n{preset}, dummy bf16, batch-1 decode of 256 tokens, median of {runs}")
-    print("| configuration | tok/s | vs plain |\n|---|---|---|")
+        rows.append((label, rates))
+    print(f"\n{preset}, dummy bf16, decode of {new} tokens from 128-token prompts, output "
+          f"tok/s, median of {runs}")
+    print("| configuration | " + " | ".join(f"B={b} tok/s | vs plain" for b in batches) + " |")
+    print("|---|" + "---|---|" * len(batches))
     for label, r in rows:
-        print(f"| {label} | {r:.1f} | {r / rows[0][1]:.2f}x |")
+        print(f"| {label} | " + " | ".join(f"{r[b]:.1f} | {r[b] / rows[0][1][b]:.2f}x"
+                                           for b in batches) + " |")
 
 
 def main() -> None:
@@ -141,9 +157,10 @@ def main() -> None:
     ap.add_argument("--criterion", default="max_prob", choices=["max_prob", "margin", "state"])
     ap.add_argument("--score-tokens", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="GPU: batch sizes")
     args = ap.parse_args()
     if args.gpu_preset:
-        gpu_speed(args.gpu_preset, args.forced_layers, args.runs)
+        gpu_speed(args.gpu_preset, args.forced_layers, args.runs, args.batch)
         return
     from servelm.bench.perplexity import DEFAULT_TEXT
     from servelm.early_exit import parse_early_exit_config

@@ -13,8 +13,9 @@ batching changes batches every step), and the KV every layer needs exists. Exite
 along in the batch (their rows' inputs reset to their exit state each layer, their outputs
 discarded) until every token of the step has exited; then the remaining layers only write KV
 (input norm, k/v projections, rotary: no attention, no MLP), which is where the time is saved.
-Deciding needs the confidences on the host at each candidate layer, so these steps run
-eagerly, outside CUDA graphs."""
+Deciding needs the confidences on the host at each candidate layer: on GPUs the step runs as
+piecewise CUDA graphs cut at the candidates (pieces.py, graphs.py); this eager loop serves the
+CPU, enforce_eager and batches larger than the largest graph."""
 from __future__ import annotations
 
 from types import MappingProxyType

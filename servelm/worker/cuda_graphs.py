@@ -159,7 +159,19 @@ class DecodeGraphs:
         return None
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+            meta: AttentionMetadata) -> tuple[torch.Tensor, ...]:
+        """The outputs of the graph of this step's padded batch, [:B] rows each."""
+        B = input_ids.shape[0]
+        return tuple(o[:B] for o in self._replay(self._load(input_ids, positions, meta)))
+
+    def _replay(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        self.graphs[key].replay()
+        return self.outputs[key]
+
+    def _load(self, input_ids: torch.Tensor, positions: torch.Tensor,
+              meta: AttentionMetadata) -> tuple[int, int]:
+        """This step's inputs into the persistent buffers (padding rows after them): the key of
+        the graph that serves it, captured now if this is its first use."""
         B = input_ids.shape[0]
         bs = self.padded_size(B)
         assert bs is not None
@@ -180,6 +192,4 @@ class DecodeGraphs:
         if bs > B:
             self.slot_mapping[B:bs].fill_(-1)
             self.seq_lens[B:bs].fill_(0)
-        self.graphs[key].replay()
-        logits, greedy = self.outputs[key]
-        return logits[:B], greedy[:B]
+        return key

@@ -93,6 +93,10 @@ def profile_free_memory(runner: "ModelRunner") -> int:
         if runner.tree is not None:  # token-tree verification graphs
             from servelm.worker.tree_graphs import tree_graph_output_bytes
             own += tree_graph_output_bytes(1 + runner.tree.num_nodes, mc.vocab_size)
+    if runner.will_capture_exit_graphs():
+        from servelm.early_exit.graphs import exit_graph_output_bytes
+        own += exit_graph_output_bytes(runner.config.early_exit, runner.model.num_stage_layers,
+                                       runner.graph_max_bs(), mc.vocab_size)
     budget = total * runner.config.cache.gpu_memory_utilization - own - others
     logger.info("memory: total %.1f GiB, this engine %.2f GiB, others %.2f GiB -> KV cache "
                 "%.2f GiB", total / 2**30, own / 2**30, others / 2**30, budget / 2**30)

@@ -34,7 +34,7 @@ from servelm.worker.cuda_graphs import DecodeGraphs
 from servelm.worker.input_batch import InputBatch
 from servelm.worker.logprobs import chunk_prompt_logprobs, wants_prompt_logprobs
 from servelm.worker.memory import profile_lens
-from servelm.worker.pending_output import PendingOutput
+from servelm.worker.pending_output import PendingOutput, to_host
 from servelm.worker.spec_verify import collect_verified, compact_tree_kv, tree_step_inputs
 from servelm.worker.step_meta import ragged_positions, slots_of, step_meta
 from servelm.worker.tree_graphs import TreeGraphs
@@ -67,6 +67,19 @@ class StepInputs:
     # token trees: the KV slot position of each logits row's token (its rotary position is
     # its depth's): where the taken path's KV is moved from
     logits_slot_pos: Optional[np.ndarray] = None
+
+
+class _ExitCounts:
+    """Early exit's tokens per exit layer, copied to the host behind the step; called with
+    the step's ModelRunnerOutput once it has landed."""
+
+    def __init__(self, exit_layer: torch.Tensor, num_layers: int) -> None:
+        self.exit_layer, self.num_layers = to_host(exit_layer), num_layers  # [T] int64
+
+    def __call__(self, out: ModelRunnerOutput) -> None:
+        L = self.num_layers
+        counts = np.bincount(self.exit_layer.numpy(), minlength=L + 1)[:L].tolist()
+        out.early_exit_tokens = {n: c for n, c in enumerate(counts) if c}
 
 
 class _Arrival:
@@ -148,6 +161,7 @@ class ModelRunner:
         self.sampled = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
         # decode-only steps: CUDA graphs, or on the CPU the C decode step (cpu/decode_step.py)
         self.graphs: Optional[DecodeGraphs] = None
+        self.exit_graphs = None  # early exit's piecewise graphs (early_exit/graphs.py)
         self.swap: Optional[SwapSpace] = None  # host blocks for swap preemption
         self.step_profiler = step_profiler_from_env(self.world.rank)  # None unless asked
 
@@ -251,7 +265,7 @@ class ModelRunner:
         workers = None
         try:
             keys = (graph_keys(self.graph_max_bs(), mc.max_model_len)
-                    if self.will_capture_graphs() else [])
+                    if self.will_capture_graphs() or self.will_capture_exit_graphs() else [])
             kv_block, _ = self.config.kv_cache_spec()  # this rank's KV heads
             shapes = DryRunShapes(kv_block[1], mc.head_dim, self.dtype, self.block_size,
                                   mc.max_model_len, self.max_blocks_per_seq,
@@ -297,14 +311,21 @@ class ModelRunner:
             self.kv_scores = torch.zeros(num_blocks * self.block_size, dtype=torch.float32,
                                          device=self.device)
 
-    def will_capture_graphs(self) -> bool:
-        # pipeline stages run eagerly (their sends and receives are not captured yet)
-        # eager steps too: early exit decides on the host, and h2o's scores buffer is not in
-        # the graphs' metadata (not built yet)
+    def _graphs_allowed(self) -> bool:
+        # pipeline stages run eagerly (their sends and receives are not captured yet); h2o's
+        # scores buffer is not in the graphs' metadata (not built yet)
         return (self.device.type == "cuda" and self.backend.name == "triton"
                 and not self.config.enforce_eager and self.pp.world_size == 1
-                and self.config.early_exit is None and not self.h2o
+                and not self.h2o
                 and not self.config.parallel.cpu_offload_gb)  # (offload copies from hooks)
+
+    def will_capture_graphs(self) -> bool:
+        """Decode graphs (worker/cuda_graphs.py)."""
+        return self._graphs_allowed() and self.config.early_exit is None
+
+    def will_capture_exit_graphs(self) -> bool:
+        """Early exit's piecewise graphs instead (early_exit/graphs.py)."""
+        return self._graphs_allowed() and self.config.early_exit is not None
 
     def graph_max_bs(self) -> int:
         # larger decode batches run eagerly on one GPU: launch overhead is small against their
@@ -325,6 +346,14 @@ class ModelRunner:
             if self.tree is not None:  # captured on first use or in idle time
                 self.tree_graphs = TreeGraphs(self._decode, 1 + self.tree.num_nodes,
                                               self.max_blocks_per_seq, self.device)
+        elif self.will_capture_exit_graphs():
+            from servelm.early_exit.graphs import ExitGraphs
+            from servelm.early_exit.pieces import ExitPieces
+            pieces = ExitPieces(self.model, self.kv_caches, self.config.early_exit,
+                                self.graph_max_bs(), self.device, self.dtype)
+            self.exit_graphs = ExitGraphs(pieces, self.graph_max_bs(), self.max_blocks_per_seq,
+                                          self.device, self.config.model.max_model_len)
+            self.exit_graphs.capture()
         elif (self.device.type == "cpu" and not self.config.enforce_eager
               and self.world.world_size == 1 and not self.config.parallel.cpu_offload_gb
               and not self.h2o and self.config.early_exit is None):
@@ -343,8 +372,9 @@ class ModelRunner:
     def capture_pending_graph(self) -> bool:
         """One decode graph deferred at start-up (the target's, then the proposer's), captured
         now (idle time); True while more remain."""
-        if self.graphs is not None and self.graphs.capture_next():
-            return True
+        for graphs in (self.graphs, self.exit_graphs):
+            if graphs is not None and graphs.capture_next():
+                return True
         if self.tree_graphs is not None and self.tree_graphs.capture_next():
             return True
         return self.proposer is not None and self.proposer.capture_pending_graph()
@@ -526,6 +556,7 @@ class ModelRunner:
         self.sampling.update(self.batch.take_update(inp.logits_rows, inp.logits_rows_t,
                                                     inp.drafts, inp.sample_pos))
         graph_out, hidden = None, None  # a graph's (logits, argmax); an eager forward's [T, hidden]
+        exits = None  # early exit's per-layer counts, once on the host
         gmeta = inp.meta if inp.meta.decode_only else inp.token_meta
         # (decode graphs and the CPU's C decode step include the step's LoRA adapters)
         no_plp = self.graphs is not None and not wants_prompt_logprobs(self.batch, inp.rows,
@@ -533,14 +564,18 @@ class ModelRunner:
         # early exit: steps of output tokens only (prompt tokens always run every layer)
         early_exit = (self.config.early_exit is not None and inp.meta.decode_only
                       and bool((inp.starts >= self.batch.num_prompt_tokens[inp.rows]).all()))
-        if early_exit:  # [T, hidden]: each token's exit layer's (early_exit/forward.py)
-            from servelm.early_exit.forward import early_exit_forward
-            hidden, exit_layer = early_exit_forward(self.model, inp.input_ids, inp.positions,
-                                                    self.kv_caches, inp.meta,
-                                                    self.config.early_exit)
-            L = self.model.num_stage_layers
-            counts = torch.bincount(exit_layer, minlength=L + 1)[:L].tolist()
-            out.early_exit_tokens = {n: c for n, c in enumerate(counts) if c}
+        if early_exit:
+            if self.exit_graphs is not None and self.exit_graphs.padded_size(
+                    inp.meta.num_seqs) is not None:  # piecewise graphs (early_exit/graphs.py)
+                *graph_out, exit_layer = self.exit_graphs.run(inp.input_ids, inp.positions,
+                                                              inp.meta)
+            else:  # [T, hidden]: each token's exit layer's (early_exit/forward.py)
+                from servelm.early_exit.forward import early_exit_forward
+                hidden, exit_layer = early_exit_forward(self.model, inp.input_ids,
+                                                        inp.positions, self.kv_caches, inp.meta,
+                                                        self.config.early_exit)
+            # counted when the step's tokens land (a count now would wait for the step here)
+            exits = _ExitCounts(exit_layer, self.model.num_stage_layers)
         elif no_plp and gmeta is not None and self.graphs.padded_size(gmeta.num_seqs) is not None:
             graph_out = self.graphs.run(inp.input_ids, inp.positions, gmeta)  # logits, argmax
         elif no_plp and self._uniform_tree_step(inp):
@@ -560,6 +595,8 @@ class ModelRunner:
         if self.gate is not None and not measured:
             self.gate.interrupt()
         if not n_samplers:
+            if exits is not None:
+                exits(out)
             return PendingOutput.ready(out)
         if (s.num_scheduler_steps > 1 and graph_out is not None and L == graph_out[1].shape[0]
                 and not s.scheduled_spec_decode_tokens and self.sampling.plain_greedy()):
@@ -609,7 +646,8 @@ class ModelRunner:
         gens, pos = self.batch.append_on_device(inp.logits_rows, so.token_ids)
         rows = inp.logits_rows
         pending = PendingOutput(out, inp.sample_req_ids, self.sampling.logprobs[rows], so,
-                                lambda toks: self.batch.land(rows, gens, pos, toks), arrive)
+                                lambda toks: self.batch.land(rows, gens, pos, toks), arrive,
+                                landed=exits)
         if self._drafts_now(n_samplers):  # drafting needs the tokens: wait
             return PendingOutput.ready(self._propose(pending.result(), True))
         self._unlanded = pending

@@ -14,7 +14,7 @@ from servelm.sampling import SamplerOutput
 from servelm.worker.logprobs import SampledLogprobs
 
 
-def _to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is None or t.device.type == "cpu":
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -28,7 +28,8 @@ class PendingOutput:
     def __init__(self, out: ModelRunnerOutput, req_ids: list[str], logprobs_k: np.ndarray,
                  so: Optional[SamplerOutput],
                  on_tokens: Optional[Callable[[np.ndarray], None]] = None,
-                 arrive: Optional[Callable[[], None]] = None) -> None:
+                 arrive: Optional[Callable[[], None]] = None,
+                 landed: Optional[Callable[[ModelRunnerOutput], None]] = None) -> None:
         self.out = out  # filled so far: prompt logprobs
         self.req_ids = req_ids
         self.logprobs_k = logprobs_k  # [L] top logprobs wanted per row, -1 none
@@ -36,13 +37,14 @@ class PendingOutput:
         # waits until the ids themselves are there (an earlier pipeline stage receives them
         # from the last one; CPU tensors, read in place)
         self.arrive = arrive
+        self.landed = landed  # fills in what else the step copied to the host (after the wait)
         self._done = so is None
         if so is not None:
             # start the copies now, behind the step's work; wait for them in result()
-            self.token_ids = _to_host(so.token_ids)
-            self.so = SamplerOutput(self.token_ids, _to_host(so.sampled_logprob),
-                                    _to_host(so.sampled_rank), _to_host(so.top_ids),
-                                    _to_host(so.top_logprobs))
+            self.token_ids = to_host(so.token_ids)
+            self.so = SamplerOutput(self.token_ids, to_host(so.sampled_logprob),
+                                    to_host(so.sampled_rank), to_host(so.top_ids),
+                                    to_host(so.top_logprobs))
             self.event = None
             if so.token_ids.is_cuda:
                 self.event = torch.cuda.Event()
@@ -72,5 +74,7 @@ class PendingOutput:
             lps = SampledLogprobs(self.so)
             for i in np.nonzero(self.logprobs_k >= 0)[0].tolist():
                 out.logprobs[self.req_ids[i]] = [lps.row(i, toks[i], int(self.logprobs_k[i]))]
+        if self.landed is not None:
+            self.landed(out)
         self._done = True
         return out

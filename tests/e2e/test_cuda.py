@@ -162,3 +162,45 @@ def test_moe_and_windows_match_hf_on_cuda(medium_arch, regime, request):
                                                              ignore_eos=True, logprobs=0))
         check_teacher_forced(models, prompts, outs)
         eng.core.shutdown()
+
+
+def _exit_run(d, cfg, prompts, params, **kw):
+    eng = make_engine(d, device="cuda", dtype="float32", block_size=16,
+                      early_exit_config=cfg, **kw)
+    outs = run_to_completion(eng, prompts, params)
+    exits = dict(eng.stats().early_exit_tokens)
+    runner = eng.core.executor.runner
+    assert (runner.exit_graphs is None) == kw.get("enforce_eager", False)
+    assert_all_blocks_free(eng)
+    eng.core.shutdown()
+    return [o.outputs[0].token_ids for o in outs], exits
+
+
+@pytest.mark.parametrize("criterion", ["max_prob", "state"])
+def test_early_exit_graphs_match_eager_steps(medium, criterion):
+    """Early exit's piecewise CUDA graphs (early_exit/graphs.py) against its eager steps, fp32:
+    the same tokens and exits, with 5 requests padded to a graph of 8 and then batches of 4,
+    3, 2 and 1 as they finish, at a threshold where some tokens exit and some do not (found
+    on the eager engine), and for max_prob at 0 (every token exits at the first candidate:
+    its tail)."""
+    d, _ = medium
+    prompts = random_prompts(5, (5, 17, 40, 9, 70), seed=36, vocab=1000)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+              for n in (24, 20, 14, 9, 28)]
+    total = sum(p.max_tokens - 1 for p in params)
+    cfg = {"criterion": criterion, "exit_layers": [1, 2]}
+    thresholds = ((0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005) if criterion == "max_prob"
+                  else (0.99, 0.95, 0.9, 0.8, 0.7, 0.5))
+    for thr in thresholds:
+        want, exits = _exit_run(d, {**cfg, "threshold": thr}, prompts, params,
+                                enforce_eager=True)
+        if 0 < sum(exits.values()) < total:
+            break
+    assert 0 < sum(exits.values()) < total, exits
+    got, got_exits = _exit_run(d, {**cfg, "threshold": thr}, prompts, params)
+    assert got == want and got_exits == exits
+    if criterion == "max_prob":  # (a cosine similarity may be negative: no threshold of all)
+        want, exits = _exit_run(d, {**cfg, "threshold": 0.0}, prompts, params,
+                                enforce_eager=True)
+        got, got_exits = _exit_run(d, {**cfg, "threshold": 0.0}, prompts, params)
+        assert got == want and got_exits == exits == {1: total}

@@ -171,3 +171,68 @@ def test_candidates_from_min_layer_and_exit_layers():
     assert cfg.candidates(4) == (2, 3)
     cfg = parse_early_exit_config({"threshold": 0.5, "min_layer": 3, "exit_layers": [1, 3, 4]})
     assert cfg.candidates(4) == (3,)  # both bounds apply; the last layer is no exit
+
+
+class _EagerPieces:
+    """A PiecewiseGraph whose pieces run eagerly (no CUDA here): the same buffers, padding rows
+    and host decisions as the graphs' replays."""
+
+    ran: set = set()  # (kind, i) of every piece run, over all keys
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def capture(self, input_ids, positions, meta, pool):
+        self.inputs = (input_ids, positions, meta)
+
+    def replay(self):
+        def call(kind, i):
+            self.ran.add((kind, i))
+            return getattr(self.pieces, kind)(i)(*self.inputs)
+        return self.pieces.run(call)
+
+
+def _piecewise(eng, max_bs=8):
+    """The engine's early-exit steps through early_exit/graphs.py's ExitGraphs (batches padded
+    to its sizes), pieces run eagerly."""
+    from servelm.early_exit.graphs import ExitGraphs
+    from servelm.early_exit.pieces import ExitPieces
+    r = eng.core.executor.runner
+    pieces = ExitPieces(r.model, r.kv_caches, r.config.early_exit, max_bs, r.device, r.dtype)
+    piecewise = type("Pieces", (_EagerPieces,), {"ran": set()})  # (a set of this engine's)
+    graphs = type("EagerExitGraphs", (ExitGraphs,), {"piecewise": piecewise})(
+        pieces, max_bs, r.max_blocks_per_seq, r.device, r.config.model.max_model_len)
+    r.exit_graphs = graphs
+    return graphs
+
+
+@pytest.mark.parametrize("criterion,threshold,cands", [
+    ("max_prob", 0.15, (1, 2, 3)), ("state", STATE_THRESHOLD, (1, 2, 3)),
+    ("margin", 0.0, (1, 3)),  # every token exits after layer 1: the tail of candidate 1
+])
+def test_piecewise_step_matches_reference(llama4, criterion, threshold, cands):
+    """The step cut into pieces for CUDA graphs (early_exit/pieces.py), batches of 4, 2 and 1
+    (the torch reference attention has no padding rows; the CUDA test has them): the
+    reference's tokens, logprobs and exits."""
+    d, model = llama4
+    prompts = random_prompts(4, (5, 17, 30, 11), seed=25)
+    lens = (MAX_NEW, MAX_NEW - 4, MAX_NEW - 12, MAX_NEW - 12)
+    refs = [hf_early_exit_greedy(model, p, n, threshold, cands, criterion)
+            for p, n in zip(prompts, lens)]
+    eng = make_engine(d, early_exit_config={"threshold": threshold, "exit_layers": list(cands),
+                                            "criterion": criterion})
+    graphs = _piecewise(eng)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)
+              for n in lens]
+    _check(run_to_completion(eng, prompts, params), refs)
+    assert {k[0] for k in graphs.graphs} == {4, 2, 1}
+    # every segment ran, and tails after candidates 2 and 3 (some steps' rows had all exited);
+    # at threshold 0 every row exits at candidate 1: its tail only
+    assert graphs.piecewise.ran >= ({("segment", 0), ("tail", 1)} if threshold == 0 else
+                                    {("segment", i) for i in range(4)} | {("tail", 3)})
+    want: dict[int, int] = {}
+    for e in (e for _, _, ex in refs for e in ex if e is not None):
+        want[e] = want.get(e, 0) + 1
+    assert want and eng.stats().early_exit_tokens == want
+    assert_all_blocks_free(eng)
+    eng.core.shutdown()
