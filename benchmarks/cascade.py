@@ -11,6 +11,11 @@ probabilities): the share of requests escalated, the wall time per request of th
 (small pass + large pass on the escalated ones), and the agreement of the answers with the large
 model alone (whole answer identical; and the mean share of tokens matching before the first
 difference), next to the large model alone and the small model alone.
+
+    python benchmarks/cascade.py --gpu-presets llama-3.2-1b llama-3-8b [--one-at-a-time]
+
+On a GPU, two dummy-weight presets sharing the device (the speed side: thresholds at quantiles
+of the small model's confidences, --quantiles, escalate those shares; gpu_cascade's docstring).
 """
 from __future__ import annotations
 
@@ -31,6 +36,54 @@ TOPICS = ["how tides work", "the causes of the French Revolution", "a recipe for
           "how to write a good email", "the life of Marie Curie"]
 
 
+def gpu_cascade(small: str, large: str, num_prompts: int, max_tokens: int,
+                one_at_a_time: bool, quantiles: list[float]) -> None:
+    """Two dummy-weight presets on one GPU (each engine half of the memory): confidence means
+    nothing with dummy weights, so the thresholds are set at quantiles of the small model's
+    measured confidences, which escalates that share of the requests; the speed side only."""
+    import statistics
+    from benchmarks.gpu_suite import random_prompts
+    from servelm import SamplingParams
+    from servelm.cascade import CascadeLLM
+    from servelm.loader import preset_config
+    vocab = preset_config(small).vocab_size
+    prompts = [{"prompt_token_ids": p}
+               for p in random_prompts(num_prompts, [128] * num_prompts, 0, vocab)]
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    common = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=2048,
+                  gpu_memory_utilization=0.45, enable_prefix_caching=False)
+    cascade = CascadeLLM(small, large, 0.0, **common)
+    for llm in (cascade.small, cascade.large):  # warm-up
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+
+    def run(fn):
+        t = time.perf_counter()
+        outs = [o for p in prompts for o in fn([p])] if one_at_a_time else fn(prompts)
+        return outs, time.perf_counter() - t
+
+    _, t_large = run(lambda ps: cascade.large.generate(ps, sp, use_tqdm=False))
+    res, t_small = run(lambda ps: cascade.generate(ps, sp))
+    conf = sorted(r.confidence for r in res)
+    rows = [("small alone (threshold 0)", 0.0, t_small)]
+    for q in quantiles:
+        thr = conf[min(len(conf) - 1, int(q * len(conf)))]
+        cascade.config = type(cascade.config)(thr, cascade.config.criterion)
+        res, dt = run(lambda ps: cascade.generate(ps, sp))
+        esc = sum(r.model == "large" for r in res) / len(res)
+        rows.append((f"cascade, threshold at the {q:.2f} quantile", esc, dt))
+    cascade.shutdown()
+    n = len(prompts)
+    how = "one after another" if one_at_a_time else "at once"
+    print(f"\nGPU cascade: small = {small}, large = {large}, dummy bf16, one GPU (each engine "
+          f"gpu_memory_utilization 0.45); {n} prompts of 128 tokens {how}, {max_tokens} new "
+          f"tokens; confidences {statistics.median(conf):.3g} median")
+    print(f"| configuration | escalated | s per request ({how}) | vs large alone |\n"
+          "|---|---|---|---|")
+    print(f"| large alone | 1.00 | {t_large / n:.4f} | 1.00x |")
+    for label, esc, dt in rows:
+        print(f"| {label} | {esc:.2f} | {dt / n:.4f} | {dt / t_large:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.6, 0.7, 0.8])
@@ -39,7 +92,14 @@ def main() -> None:
     ap.add_argument("--small-quantization", default="int4")
     ap.add_argument("--one-at-a-time", action="store_true",
                     help="send the prompts one after another (batch 1: latency per request)")
+    ap.add_argument("--gpu-presets", nargs=2, metavar=("SMALL", "LARGE"), default=None,
+                    help="GPU, dummy weights: the speed side with two presets")
+    ap.add_argument("--quantiles", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     args = ap.parse_args()
+    if args.gpu_presets:
+        gpu_cascade(*args.gpu_presets, args.num_prompts, args.max_tokens, args.one_at_a_time,
+                    args.quantiles)
+        return
     from servelm import SamplingParams
     from servelm.cascade import CascadeLLM
     prompts_text = [f"Explain {TOPICS[i % len(TOPICS)]} in a few sentences."

@@ -47,11 +47,26 @@ def determine_num_blocks(runner: "ModelRunner") -> int:
     return n
 
 
+def device_share(total: int, others: int, util: float) -> float:
+    """Bytes this engine may use of a device of ``total`` bytes of which ``others`` (other
+    processes, other engines in this one) use some. vLLM's meaning: gpu_memory_utilization is
+    this engine's share, whatever others use of the rest (two engines at 0.45 each share one
+    GPU); a share larger than what others leave is cut to that, with a warning."""
+    share = total * util
+    if share > total - others:
+        logger.warning("gpu_memory_utilization=%.2f asks for %.1f GiB, but other processes or "
+                       "engines use %.1f GiB of the device's %.1f GiB: this engine takes the "
+                       "%.1f GiB they leave", util, share / 2**30, others / 2**30, total / 2**30,
+                       (total - others) / 2**30)
+        share = total - others
+    return share
+
+
 @torch.inference_mode()
 def profile_free_memory(runner: "ModelRunner") -> int:
     """Run the largest batch once with a throwaway cache. The KV cache gets what is left of
-    gpu_memory_utilization * total after what others use (other processes, other engines in
-    this one) and this engine's own peak (weights + activations)."""
+    this engine's share, gpu_memory_utilization * total (at most what other processes and
+    engines leave free), after its own peak (weights + activations, graph outputs)."""
     dev = runner.device
     gc.collect()
     torch.cuda.empty_cache()
@@ -97,7 +112,7 @@ def profile_free_memory(runner: "ModelRunner") -> int:
         from servelm.early_exit.graphs import exit_graph_output_bytes
         own += exit_graph_output_bytes(runner.config.early_exit, runner.model.num_stage_layers,
                                        runner.graph_max_bs(), mc.vocab_size)
-    budget = total * runner.config.cache.gpu_memory_utilization - own - others
+    budget = device_share(total, others, runner.config.cache.gpu_memory_utilization) - own
     logger.info("memory: total %.1f GiB, this engine %.2f GiB, others %.2f GiB -> KV cache "
                 "%.2f GiB", total / 2**30, own / 2**30, others / 2**30, budget / 2**30)
     return max(0, int(budget))
