@@ -18,6 +18,39 @@ if not torch.cuda.is_available():
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _cached_gguf_reads():
+    """transformers reads a GGUF's metadata through gguf.GGUFReader twice per load (about 9 s
+    each for SmolLM2's 49k-token vocabulary on the 2-core machine) and builds gguf's tensor-name
+    map once per tensor (about 10 s per load): both are cached for the session, readers keyed by
+    the file's path, size and mtime (a rewritten file is read again). The same objects, read
+    once; servelm's own loader does not use them."""
+    import functools
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def cached_reader(path, mode="r"):
+        if mode != "r":
+            return reader(path, mode)
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gguf, "GGUFReader", cached_reader)
+    mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(name_map))
+    yield
+    mp.undo()
+
+
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
             initializer_range=0.2, bos_token_id=0, eos_token_id=None, tie_word_embeddings=False)
