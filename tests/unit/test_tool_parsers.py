@@ -82,23 +82,25 @@ HERMES = {
                          calls(("f", {"q": [1, 2.5, None, True]})), "Let me look that up."),
     "plain": ("  Hello! 1 < 2 and <b>bold</b>, <tool_call not a marker.\n",
               [], "Hello! 1 < 2 and <b>bold</b>, <tool_call not a marker."),
+    # committed (name and "{" written): a call whose arguments are the text as written, as
+    # OpenAI's (which "may not be valid JSON"); the call object's own "}" dropped
     "invalid_json": ('A <tool_call>{"name": "f", "arguments": {oops}}</tool_call> B',
-                     [], 'A <tool_call>{"name": "f", "arguments": {oops}}</tool_call> B'),
+                     [ToolCall("f", "{oops}")], 'A  B'),
     "invalid_then_valid": ('<tool_call>{"arguments": {}}</tool_call><tool_call>{"name": "g", '
                            '"arguments": {"k": "v"}}</tool_call>',
                            calls(("g", {"k": "v"})), '<tool_call>{"arguments": {}}</tool_call>'),
     "unicode": ('<tool_call>\n' + json.dumps({"name": "w", "arguments": UNI}) + '\n</tool_call>',
-                calls(("w", UNI)), None),
+                [ToolCall("w", json.dumps(UNI))], None),  # the arguments as written
     "unicode_raw": ('<tool_call>{"name": "w", "arguments": ' + json.dumps(UNI, ensure_ascii=False)
                     + '}</tool_call>', calls(("w", UNI)), None),
     "args_as_string": ('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>',
                        calls(("f", {"a": 1})), None),
     "args_string_not_object": ('<tool_call>{"name": "f", "arguments": "[1]"}</tool_call>',
                                [], '<tool_call>{"name": "f", "arguments": "[1]"}</tool_call>'),
-    "compact_json_normalized": ('<tool_call>{"name":"f","arguments":{"a":1,"b":{"c":[]}}}</tool_call>',
-                                calls(("f", {"a": 1, "b": {"c": []}})), None),
-    "nan_rejected": ('<tool_call>{"name": "f", "arguments": {"a": NaN}}</tool_call>',
-                     [], '<tool_call>{"name": "f", "arguments": {"a": NaN}}</tool_call>'),
+    "compact_json_as_written": ('<tool_call>{"name":"f","arguments":{"a":1,"b":{"c":[]}}}</tool_call>',
+                                [ToolCall("f", '{"a":1,"b":{"c":[]}}')], None),
+    "nan_as_written": ('<tool_call>{"name": "f", "arguments": {"a": NaN}}</tool_call>',
+                       [ToolCall("f", '{"a": NaN}')], None),
     "unterminated_valid": ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n',
                            calls(("f", {"a": 1})), None),
     "unterminated_truncated": ('ok <tool_call>\n{"name": "f", "argum',
@@ -124,7 +126,7 @@ LLAMA3 = {
                            calls(("a", {})), "and then some words"),
     "plain": ("The answer is {42}.", [], "The answer is {42}."),
     "plain_json_answer": ('{"answer": 42}', [], '{"answer": 42}'),
-    "invalid_json": ('{"name": "f", "parameters": {a: 1}}', [], '{"name": "f", "parameters": {a: 1}}'),
+    "invalid_json": ('{"name": "f", "parameters": {a: 1}}', [ToolCall("f", "{a: 1}")], None),
     "invalid_second": ('{"name": "a", "parameters": {}}; {"name": "b", oops',
                        calls(("a", {})), '; {"name": "b", oops'),
     "unicode": (json.dumps({"name": "w", "parameters": UNI}, ensure_ascii=False),
@@ -154,8 +156,9 @@ MISTRAL = {
     "v11_args_tag": ('Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Zürich"}',
                      calls(("get_weather", {"city": "Zürich"})), "Sure."),
     "v11_call_id": ('[TOOL_CALLS]f[CALL_ID]a1b2c3d4e[ARGS]{"n": -1.5e3}',
-                    calls(("f", {"n": -1500.0})), None),
-    "v11_invalid": ('[TOOL_CALLS]f{"a": }', [], '[TOOL_CALLS]f{"a": }'),
+                    [ToolCall("f", '{"n": -1.5e3}')], None),  # as written
+    # committed at "f{": never closed validly, its arguments run to the end (its own "}" off)
+    "v11_invalid": ('[TOOL_CALLS]f{"a": }', [ToolCall("f", '{"a":')], None),
     "v11_truncated": ('[TOOL_CALLS]get_wea', [], '[TOOL_CALLS]get_wea'),
     "marker_alone": ("hi [TOOL_CALLS]", [], "hi [TOOL_CALLS]"),
 }
@@ -214,12 +217,38 @@ def test_content_streams_before_the_output_ends():
     assert d.content is None and d.tool_calls[0].name == "f" and d.tool_calls[0].arguments == "{}"
 
 
-def test_llama3_call_streams_when_its_object_closes():
+def test_llama3_call_streams_as_written():
     p = get_tool_parser("llama3_json")(None)
     first = '{"name": "a", "parameters": {"x": 1}}'
-    assert p.extract_streaming(first[:-1], False) == DeltaMessage()
-    d = p.extract_streaming(first, False)
-    assert [(t.name, t.arguments) for t in d.tool_calls] == [("a", '{"x": 1}')]
+    assert p.extract_streaming('{"name": "a", "param', False) == DeltaMessage()
+    d = p.extract_streaming('{"name": "a", "parameters": {"x"', False)  # committed: the name
+    assert [(t.index, t.name, t.arguments) for t in d.tool_calls] == [(0, "a", '{"x"')]
+    d = p.extract_streaming(first[:-1], False)  # the arguments as they grow
+    assert [(t.index, t.name, t.arguments) for t in d.tool_calls] == [(0, None, ": 1}")]
+    assert p.extract_streaming(first, False) == DeltaMessage()  # the object's own "}" adds none
+
+
+def test_hermes_arguments_stream_in_fragments_that_join_to_the_call():
+    text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+            '"days": [1, 2]}}\n</tool_call>')
+    p = get_tool_parser("hermes")(None)
+    deltas = [t for k in range(1, len(text) + 1)
+              for t in p.extract_streaming(text[:k], k == len(text)).tool_calls]
+    assert deltas[0].name == "get_weather" and all(t.name is None for t in deltas[1:])
+    assert len(deltas) > 10  # fragments, not one whole delta
+    assert "".join(t.arguments for t in deltas) == '{"city": "Paris", "days": [1, 2]}'
+    # a partial closing tag is never sent as arguments
+    p = get_tool_parser("hermes")(None)
+    d = p.extract_streaming('<tool_call>{"name": "f", "arguments": {oops</tool', False)
+    assert [(t.name, t.arguments) for t in d.tool_calls] == [("f", "{oops")]
+    d = p.extract_streaming('<tool_call>{"name": "f", "arguments": {oops}}</tool_call>', True)
+    assert [(t.name, t.arguments) for t in d.tool_calls] == [(None, "}")]
+    # a call cut by max_tokens keeps what was written, streamed or not
+    p = get_tool_parser("hermes")(None)
+    cut = '<tool_call>{"name": "f", "arguments": {"q": "abc'
+    sent = "".join(t.arguments for k in (45, len(cut))
+                   for t in p.extract_streaming(cut[:k], k == len(cut)).tool_calls)
+    assert sent == '{"q": "abc' and extract("hermes", cut).tool_calls == [ToolCall("f", sent)]
 
 
 def test_pythonic_plain_text_streams_at_once_and_calls_at_the_end():

@@ -1,10 +1,11 @@
 """The tool-call parser contract: whole-output extraction and cumulative-text streaming.
 
 A parser turns a model's raw output into OpenAI tool calls plus the remaining content. Each
-format only describes how its text splits into items (content text or a finished call) in
-`_scan`; this base turns those items into both the non-streamed result and the streamed deltas,
-so the two can never disagree: the streamed content concatenates to the non-streamed content,
-and each call arrives once, whole, in the order the non-streamed list has it.
+format only describes how its text splits into items (content text, a finished call, or a call
+still under way) in `_scan`; this base turns those items into both the non-streamed result and
+the streamed deltas, so the two can never disagree: the streamed content concatenates to the
+non-streamed content, and each call's streamed name and argument fragments join to the
+non-streamed call, in the order the non-streamed list has them.
 """
 from __future__ import annotations
 
@@ -42,16 +43,29 @@ class DeltaMessage:
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
-# what `_scan` yields: a piece of content text, or a complete, valid call
-Item = Union[str, ToolCall]
+@dataclass(frozen=True)
+class OpenCall:
+    """A call under way: ``_scan`` yields it last, leaving its position at the call's start (the
+    next scan reads the call again). Its name, and its arguments' text so far: a prefix of the
+    finished call's arguments."""
+    name: str
+    arguments: str
+
+
+# what `_scan` yields: a piece of content text, a finished call, or (last) a call under way
+Item = Union[str, ToolCall, OpenCall]
 
 
 class ToolParser(ABC):
     """Per request (streaming keeps state here). Subclasses implement `_scan` only.
 
-    Streaming emits a call only once its text is complete and valid, as one delta holding the
-    name and the whole arguments JSON: a call that turns out invalid is content in the
-    non-streamed result, and a name already sent could not be taken back.
+    A call object is committed once its name has been written and its arguments object has
+    begun (formats that can tell, see `call_span`): from then on it is a call in both results,
+    its name streamed at once and its arguments' text as it is generated (OpenAI's tool-call
+    deltas), so a name already sent never has to be taken back. Its arguments are the text of
+    the arguments object as the model wrote it, to its closing brace, or, cut short (max_tokens)
+    or never closed, to where the call's text ends. A call object not committed so is a call only
+    once complete and valid (sent whole), else content.
     """
 
     # False for formats whose markers are special tokens that detokenizing must keep
@@ -64,6 +78,7 @@ class ToolParser(ABC):
         self._num_calls = 0       # index of the next streamed call
         self._content_started = False  # a non-whitespace content character was sent
         self._pending_ws = ""     # trailing content whitespace, sent only if more content follows
+        self._open: Optional[str] = None  # the call under way: its arguments' text sent so far
         self._done = False
 
     @abstractmethod
@@ -92,8 +107,22 @@ class ToolParser(ABC):
         items, self._pos = self._scan(text_so_far, self._pos, finished)
         content = []
         for it in items:
-            if isinstance(it, ToolCall):
-                delta.tool_calls.append(ToolCallDelta(self._num_calls, it.name, it.arguments))
+            if isinstance(it, OpenCall):  # the name once, then what the arguments added
+                if self._open is None:
+                    delta.tool_calls.append(ToolCallDelta(self._num_calls, it.name,
+                                                          it.arguments))
+                elif len(it.arguments) > len(self._open):
+                    delta.tool_calls.append(ToolCallDelta(self._num_calls, None,
+                                                          it.arguments[len(self._open):]))
+                self._open = it.arguments
+            elif isinstance(it, ToolCall):
+                if self._open is None:
+                    delta.tool_calls.append(ToolCallDelta(self._num_calls, it.name,
+                                                          it.arguments))
+                elif len(it.arguments) > len(self._open):
+                    delta.tool_calls.append(ToolCallDelta(self._num_calls, None,
+                                                          it.arguments[len(self._open):]))
+                self._open = None
                 self._num_calls += 1
             else:
                 content.append(self._visible_content(it))
@@ -186,6 +215,62 @@ def _finite(value: Any) -> bool:
     if isinstance(value, list):
         return all(_finite(v) for v in value)
     return True
+
+
+@dataclass(frozen=True)
+class CallSpan:
+    """Where the parts of a call object ``{"name": ..., "arguments": {...}}`` lie, as far as the
+    text goes (any key order; other keys skipped)."""
+    name: Optional[str] = None        # the name, once its string has closed (stripped, non-empty)
+    args_start: Optional[int] = None  # the arguments object's "{"
+    args_end: Optional[int] = None    # just past its "}", once it has closed validly
+
+    @property
+    def committed(self) -> bool:
+        """Name written and arguments object begun: a call, whatever follows."""
+        return self.name is not None and self.args_start is not None
+
+    def arguments(self, text: str, end: int) -> str:
+        """The arguments' text: to the object's closing brace, else (never validly closed) to
+        ``end`` without trailing whitespace and one last "}" (the call object's own, most
+        likely). A text's result is always a prefix of what a longer text gives."""
+        if self.args_end is not None:
+            return text[self.args_start:self.args_end]
+        out = text[self.args_start:end].rstrip()
+        return out[:-1].rstrip() if out.endswith("}") else out
+
+
+def call_span(text: str, i: int, argument_keys: tuple[str, ...]) -> CallSpan:
+    """The CallSpan of the object starting at ``text[i] == "{"``: its top-level keys are read in
+    order while they and their values are complete; the first of ``argument_keys`` whose value
+    is an object gives the arguments."""
+    name = args_start = args_end = None
+    pos = i + 1
+    while True:
+        pos = skip_ws(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip_ws(text, pos + 1)
+        key = decode_at(text, pos) if pos < len(text) and text[pos] == '"' else None
+        if key is None:
+            break  # the end of the text, the object's end, or not JSON: nothing more is known
+        pos = skip_ws(text, key[1])
+        if pos >= len(text) or text[pos] != ":":
+            break
+        pos = skip_ws(text, pos + 1)
+        if pos >= len(text):
+            break
+        is_args = key[0] in argument_keys and args_start is None and text[pos] == "{"
+        if is_args:
+            args_start = pos
+        value = decode_at(text, pos)
+        if value is None:
+            break  # still being written (or never valid)
+        if is_args:
+            args_end = value[1]
+        elif key[0] == "name" and name is None and isinstance(value[0], str) and value[0].strip():
+            name = value[0].strip()
+        pos = value[1]
+    return CallSpan(name, args_start, args_end)
 
 
 def content_before(items: list, text: str, pos: int, marker: str,

@@ -2,17 +2,21 @@
 whitespace and ``<|python_tag|>``, is one object ``{"name": "f", "parameters": {...}}`` (also
 ``"arguments"``), or several separated by ``;``.
 
-An output that does not start so is plain content. Otherwise the leading run of valid call
-objects are the calls and whatever follows them (if anything) is content; an invalid first
-object makes the whole output content. vLLM instead drops everything to content when any later
-part is off; taking the leading run lets a call be streamed as soon as its object closes.
+An output that does not start so is plain content. Otherwise the leading run of call objects
+are the calls and whatever follows them (if anything) is content. An object is a call once its
+name and the start of its arguments object are written (base.call_span; its arguments then
+stream as generated): one that never closes (cut by max_tokens, or broken) takes the rest of the
+output. An object not committed so is a call only if complete and valid; else it and the rest
+are content. vLLM instead drops everything to content when any later part is off; taking the
+leading run lets a call be streamed as it is written.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from servelm.server.tool_parsers.base import (Item, NeedMoreText, ToolParser, call_from_object,
-                                              decode_at, skip_ws)
+from servelm.server.tool_parsers.base import (Item, NeedMoreText, OpenCall, ToolCall,
+                                              ToolParser, call_from_object, call_span, decode_at,
+                                              skip_ws)
 
 PYTHON_TAG = "<|python_tag|>"
 ARGUMENT_KEYS = ("parameters", "arguments")
@@ -32,6 +36,15 @@ class Llama3JsonToolParser(ToolParser):
             except NeedMoreText:
                 return items, pos
             decoded = decode_at(text, start) if start is not None else None
+            span = call_span(text, start, ARGUMENT_KEYS) if start is not None else None
+            if span is not None and span.committed:
+                if decoded is None and not finished:  # under way
+                    items.append(OpenCall(span.name, span.arguments(text, len(text))))
+                    return items, pos
+                end = decoded[1] if decoded else len(text)  # (never closed: the rest is its)
+                items.append(ToolCall(span.name, span.arguments(text, end)))
+                pos = end
+                continue
             if decoded is None and start is not None and not finished:
                 return items, pos  # the object is still open (or broken: known at the end)
             call = call_from_object(decoded[0], ARGUMENT_KEYS) if decoded else None

@@ -6,15 +6,19 @@
 
 ``[TOOL_CALLS]`` is a special token, so the output must be detokenized keeping special tokens.
 A marker not followed by a valid call stays content (the text after it is scanned on as usual).
+In the v11+ forms a call is committed once its name and the "{" of its arguments are written:
+its arguments then stream as generated, to the object's closing brace, or, never closed (cut
+by max_tokens, or broken), to the output's end (base.CallSpan.arguments). The pre-v11 array
+arrives whole, once it has closed.
 """
 from __future__ import annotations
 
 import re
 from typing import Optional
 
-from servelm.server.tool_parsers.base import (Item, NeedMoreText, ToolCall, ToolParser,
-                                              call_from_object, decode_at, make_call,
-                                              content_before, skip_ws)
+from servelm.server.tool_parsers.base import (CallSpan, Item, NeedMoreText, OpenCall, ToolCall,
+                                              ToolParser, call_from_object, content_before,
+                                              decode_at, skip_ws)
 
 BOT = "[TOOL_CALLS]"
 ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
@@ -38,15 +42,19 @@ class MistralToolParser(ToolParser):
             if found is None:  # not a call: the marker is content, what follows is scanned on
                 items.append(BOT)
                 pos = start + len(BOT)
+            elif found[1] is None:  # a call under way: read again from its marker next time
+                items.extend(found[0])
+                return items, start
             else:
                 calls, pos = found
                 items.extend(calls)
         return items, pos
 
 
-def _calls_after(text: str, i: int, finished: bool) -> Optional[tuple[list[ToolCall], int]]:
-    """The calls right after a marker ending at ``i`` and the position after them; None if
-    there are none. NeedMoreText if the text may still be completing them."""
+def _calls_after(text: str, i: int, finished: bool) -> Optional[tuple[list[Item], Optional[int]]]:
+    """The calls right after a marker ending at ``i`` and the position after them ([an
+    OpenCall], None: a call under way); None if there are none. NeedMoreText if the text may
+    still be completing them."""
     i = skip_ws(text, i)
     if i == len(text):
         return _none_or_wait(finished)
@@ -60,7 +68,7 @@ def _calls_after(text: str, i: int, finished: bool) -> Optional[tuple[list[ToolC
     return _named_call(text, i, finished)
 
 
-def _named_call(text: str, i: int, finished: bool) -> Optional[tuple[list[ToolCall], int]]:
+def _named_call(text: str, i: int, finished: bool) -> Optional[tuple[list[Item], Optional[int]]]:
     """v11+: ``name[CALL_ID]id[ARGS]{...}``, the two bracketed parts optional."""
     m = _NAME.match(text, i)
     if m is None:
@@ -75,11 +83,12 @@ def _named_call(text: str, i: int, finished: bool) -> Optional[tuple[list[ToolCa
         return _none_or_wait(finished)  # name, id or tag may still be growing
     if text[i] != "{":
         return None
-    decoded = decode_at(text, i)
-    if decoded is None:
-        return _none_or_wait(finished)
-    call = make_call(name, decoded[0])
-    return ([call], decoded[1]) if call is not None else None
+    decoded = decode_at(text, i)  # committed: the name and the arguments' "{" are written
+    span = CallSpan(name, i, None if decoded is None else decoded[1])
+    if decoded is None and not finished:
+        return [OpenCall(name, span.arguments(text, len(text)))], None
+    end = len(text) if decoded is None else decoded[1]
+    return [ToolCall(name, span.arguments(text, end))], end
 
 
 def _is_proper_prefix(text: str, i: int, markers: tuple[str, ...]) -> bool:
