@@ -58,10 +58,6 @@ class ExitPieces:
         self.exit_layer = e(max_bs, dt=torch.int64)
         self.done = e(1, dt=torch.bool)  # after a check: has every real row exited?
 
-    @property
-    def num_segments(self) -> int:
-        return len(self.bounds) - 1
-
     # ---- the pieces -------------------------------------------------------------------------
     def segment(self, i: int) -> Piece:
         return lambda input_ids, positions, meta: self._segment(i, input_ids, positions, meta)

@@ -107,23 +107,16 @@ class ToolParser(ABC):
         items, self._pos = self._scan(text_so_far, self._pos, finished)
         content = []
         for it in items:
-            if isinstance(it, OpenCall):  # the name once, then what the arguments added
-                if self._open is None:
+            if isinstance(it, (OpenCall, ToolCall)):  # the name once, then what args added
+                sent = self._open
+                if sent is None:
                     delta.tool_calls.append(ToolCallDelta(self._num_calls, it.name,
                                                           it.arguments))
-                elif len(it.arguments) > len(self._open):
+                elif len(it.arguments) > len(sent):
                     delta.tool_calls.append(ToolCallDelta(self._num_calls, None,
-                                                          it.arguments[len(self._open):]))
-                self._open = it.arguments
-            elif isinstance(it, ToolCall):
-                if self._open is None:
-                    delta.tool_calls.append(ToolCallDelta(self._num_calls, it.name,
-                                                          it.arguments))
-                elif len(it.arguments) > len(self._open):
-                    delta.tool_calls.append(ToolCallDelta(self._num_calls, None,
-                                                          it.arguments[len(self._open):]))
-                self._open = None
-                self._num_calls += 1
+                                                          it.arguments[len(sent):]))
+                self._open = it.arguments if isinstance(it, OpenCall) else None
+                self._num_calls += isinstance(it, ToolCall)
             else:
                 content.append(self._visible_content(it))
         if finished:
