@@ -223,14 +223,18 @@ class CallSpan:
         """Name written and arguments object begun: a call, whatever follows."""
         return self.name is not None and self.args_start is not None
 
-    def arguments(self, text: str, end: int) -> str:
+    def arguments(self, text: str, end: int, closers: str = "}") -> str:
         """The arguments' text: to the object's closing brace, else (never validly closed) to
-        ``end`` without trailing whitespace and one last "}" (the call object's own, most
-        likely). A text's result is always a prefix of what a longer text gives."""
+        ``end`` without trailing whitespace and the call's own closers at its end (at most one
+        of each, last first: "}" the call object's, "}]" that and an array's). A text's result
+        is always a prefix of what a longer text gives."""
         if self.args_end is not None:
             return text[self.args_start:self.args_end]
         out = text[self.args_start:end].rstrip()
-        return out[:-1].rstrip() if out.endswith("}") else out
+        for c in reversed(closers):
+            if out.endswith(c):
+                out = out[:-1].rstrip()
+        return out
 
 
 def call_span(text: str, i: int, argument_keys: tuple[str, ...]) -> CallSpan:

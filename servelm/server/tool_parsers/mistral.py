@@ -8,8 +8,11 @@
 A marker not followed by a valid call stays content (the text after it is scanned on as usual).
 In the v11+ forms a call is committed once its name and the "{" of its arguments are written:
 its arguments then stream as generated, to the object's closing brace, or, never closed (cut
-by max_tokens, or broken), to the output's end (base.CallSpan.arguments). The pre-v11 array
-arrives whole, once it has closed.
+by max_tokens, or broken), to the output's end (base.CallSpan.arguments). A pre-v11 array whose
+first element is committed so (base.call_span) is read element by element, each streaming as it
+is written; an element that is not a call, or anything but "," or "]" between elements, ends
+the array there and the rest is content. An array whose first element never commits (say, its
+arguments written as a string) is calls only if it closes with every element a valid call.
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ import re
 from typing import Optional
 
 from servelm.server.tool_parsers.base import (CallSpan, Item, NeedMoreText, OpenCall, ToolCall,
-                                              ToolParser, call_from_object, content_before,
-                                              decode_at, skip_ws)
+                                              ToolParser, call_from_object, call_span,
+                                              content_before, decode_at, skip_ws)
 
 BOT = "[TOOL_CALLS]"
 ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
@@ -29,12 +32,28 @@ _CALL_ID = re.compile(r"[A-Za-z0-9]+")
 class MistralToolParser(ToolParser):
     skip_special_tokens = False  # [TOOL_CALLS] must survive detokenization
 
+    def __init__(self, tokenizer=None) -> None:
+        super().__init__(tokenizer)
+        # inside a committed pre-v11 array: "element" or "separator" expected next; None: not
+        self._array: Optional[str] = None
+
     def _scan(self, text: str, pos: int, finished: bool) -> tuple[list[Item], int]:
         items: list[Item] = []
         while pos < len(text):
+            if self._array is not None:
+                pos, waiting = self._array_step(items, text, pos, finished)
+                if waiting:
+                    return items, pos
+                continue
             start, pos = content_before(items, text, pos, BOT, finished)
             if start < 0:
                 return items, pos
+            j = skip_ws(text, start + len(BOT))
+            first = skip_ws(text, j + 1)
+            if (text.startswith("[", j) and text.startswith("{", first)
+                    and call_span(text, first, ("arguments",)).committed):
+                self._array, pos = "element", j + 1  # a call array: element by element
+                continue
             try:
                 found = _calls_after(text, start + len(BOT), finished)
             except NeedMoreText:
@@ -49,6 +68,49 @@ class MistralToolParser(ToolParser):
                 calls, pos = found
                 items.extend(calls)
         return items, pos
+
+
+    def _array_step(self, items: list[Item], text: str, pos: int,
+                    finished: bool) -> tuple[int, bool]:
+        """One element or separator of a committed array at ``pos``: (the new position,
+        whether to wait for more text)."""
+        i = skip_ws(text, pos)
+        if i == len(text):
+            if finished:
+                self._array = None
+                return len(text), False
+            return pos, True
+        if self._array == "separator":
+            if text[i] == ",":
+                self._array = "element"
+                return i + 1, False
+            self._array = None  # "]" ends the array; anything else is content from here
+            return (i + 1 if text[i] == "]" else i), False
+        if text[i] != "{":
+            self._array = None
+            return i, False
+        span = call_span(text, i, ("arguments",))
+        decoded = decode_at(text, i)
+        if span.committed:
+            if decoded is None and not finished:
+                items.append(OpenCall(span.name, span.arguments(text, len(text), "}]")))
+                return pos, True
+            end = len(text) if decoded is None else decoded[1]
+            items.append(ToolCall(span.name, span.arguments(text, end, "}]")))
+            self._array = "separator"
+            return end, False
+        if decoded is None:
+            if not finished:
+                return pos, True
+            self._array = None
+            return i, False
+        call = call_from_object(decoded[0])
+        if call is None:
+            self._array = None
+            return i, False
+        items.append(call)
+        self._array = "separator"
+        return decoded[1], False
 
 
 def _calls_after(text: str, i: int, finished: bool) -> Optional[tuple[list[Item], Optional[int]]]:
