@@ -69,7 +69,6 @@ class MistralToolParser(ToolParser):
                 items.extend(calls)
         return items, pos
 
-
     def _array_step(self, items: list[Item], text: str, pos: int,
                     finished: bool) -> tuple[int, bool]:
         """One element or separator of a committed array at ``pos``: (the new position,
