@@ -529,8 +529,6 @@ class EngineArgs:
             what = "speculative_config"
         elif self.pipeline_parallel_size > 1:
             what = "pipeline parallelism (a stage would need the later stages' decision)"
-        elif getattr(hf_config, "model_type", "").startswith("gemma"):
-            what = f"a {hf_config.model_type} model (its layers have extra norms)"
         if what:
             raise ValueError(f"early_exit_config with {what} is not supported yet.")
         check_early_exit(ee, hf_config.num_hidden_layers)

@@ -89,6 +89,10 @@ class GemmaDecoderLayer(nn.Module):
         x, residual = self.pre_feedforward_layernorm(x, residual)
         return self.post_feedforward_layernorm(self.mlp(x)), residual
 
+    def propagate_kv(self, positions, state, kv_cache, meta) -> None:
+        """Early exit: this layer's KV from the residual stream ``state`` of exited tokens."""
+        self.self_attn.propagate_kv(positions, self.input_layernorm(state), kv_cache, meta)
+
 
 # a multimodal checkpoint's tensors that text-only serving does not load
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
