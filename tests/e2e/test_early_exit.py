@@ -5,6 +5,7 @@ still run on its exit state so their KV exists), greedy in fp32 on a tiny Llama.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def hf_early_exit_greedy(model, prompt, max_new, threshold, candidates, criterio
     for pos in range(len(prompt), len(prompt) + max_new - 1):
         h = m.embed_tokens(torch.tensor([[t]]))
         position_ids = torch.tensor([[pos]])
-        pes = ({t: m.rotary_emb(h, position_ids, t) for t in set(types)} if per_type
+        pes = ({k: m.rotary_emb(h, position_ids, k) for k in set(types)} if per_type
                else m.rotary_emb(h, position_ids))
         state, logits, exit_at = None, None, None
         for n, layer in enumerate(m.layers, start=1):
@@ -89,6 +90,11 @@ def llama4(tiny_model_factory):
     return tiny_model_factory("llama4")
 
 
+def _exit_counts(refs) -> dict[int, int]:
+    """The reference's exited tokens by exit layer (what the engine's counters must say)."""
+    return dict(Counter(e for _, _, ex in refs for e in ex if e is not None))
+
+
 def _check(outs, refs):
     """check (test_engine_vs_hf) on the reference's (tokens, logprobs)."""
     check(outs, [(ids, lps) for ids, lps, _ in refs])
@@ -108,10 +114,7 @@ def test_early_exit_matches_reference(llama4, criterion, threshold):
     outs = run_to_completion(eng, prompts, GREEDY)
     _check(outs, refs)
     # the counters: tokens that exited, by layer, as the reference's
-    want: dict[int, int] = {}
-    for e in exits:
-        if e is not None:
-            want[e] = want.get(e, 0) + 1
+    want = _exit_counts(refs)
     assert eng.stats().early_exit_tokens == want
     assert_all_blocks_free(eng)
     eng.core.shutdown()
@@ -167,10 +170,7 @@ def test_early_exit_under_tensor_parallelism(llama4):
                       early_exit_config={"threshold": 0.15, "min_layer": 1})
     try:
         _check(run_to_completion(eng, prompts, GREEDY), refs)
-        want: dict[int, int] = {}
-        for e in (e for _, _, ex in refs for e in ex if e is not None):
-            want[e] = want.get(e, 0) + 1
-        assert eng.stats().early_exit_tokens == want
+        assert eng.stats().early_exit_tokens == _exit_counts(refs)
     finally:
         eng.core.shutdown()
 
@@ -240,9 +240,7 @@ def test_piecewise_step_matches_reference(llama4, criterion, threshold, cands):
     # at threshold 0 every row exits at candidate 1: its tail only
     assert graphs.piecewise.ran >= ({("segment", 0), ("tail", 1)} if threshold == 0 else
                                     {("segment", i) for i in range(4)} | {("tail", 3)})
-    want: dict[int, int] = {}
-    for e in (e for _, _, ex in refs for e in ex if e is not None):
-        want[e] = want.get(e, 0) + 1
+    want = _exit_counts(refs)
     assert want and eng.stats().early_exit_tokens == want
     assert_all_blocks_free(eng)
     eng.core.shutdown()
@@ -272,9 +270,6 @@ def test_gemma_early_exit_matches_reference(tiny_model_factory, arch):
         eng = make_engine(d, early_exit_config={"threshold": thr, "criterion": criterion})
         sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True, logprobs=0)
         _check(run_to_completion(eng, prompts, sp), refs)
-        want: dict[int, int] = {}
-        for e in (e for e in exits if e is not None):
-            want[e] = want.get(e, 0) + 1
-        assert eng.stats().early_exit_tokens == want
+        assert eng.stats().early_exit_tokens == _exit_counts(refs)
         assert_all_blocks_free(eng)
         eng.core.shutdown()
