@@ -127,14 +127,20 @@ class LlamaAttention(nn.Module):
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [T, hidden] -> q [T, H, D], k/v [T, KVH, D] (per-head norms applied)."""
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, kv = self.qkv_proj(x).split([self.q_size, 2 * self.kv_size], dim=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
-        k = k.reshape(T, self.num_kv_heads, self.head_dim)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(T, self.num_heads, self.head_dim)
+        return (q, *self._kv_heads(kv))
+
+    def _kv_heads(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv: [T, 2 * kv_size] (k | v) -> k, v [T, KVH, D], the per-head norm applied to k."""
+        T = kv.shape[0]
+        k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads, self.head_dim)
-        return q, k, v
+        return k, v.reshape(T, self.num_kv_heads, self.head_dim)
 
     def propagate_kv(self, positions: torch.Tensor, x: torch.Tensor,
                      kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> None:
@@ -144,16 +150,10 @@ class LlamaAttention(nn.Module):
         a q, so a one-head scratch one rides along."""
         p = self.qkv_proj
         if isinstance(p.method, UnquantizedLinearMethod):
-            T = x.shape[0]
-            kv = dense_linear(x, p.weight[self.q_size:],
-                              None if p.bias is None else p.bias[self.q_size:], p.method.use_kernel)
-            k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
-            k = k.reshape(T, self.num_kv_heads, self.head_dim)
-            v = v.reshape(T, self.num_kv_heads, self.head_dim)
-            if self.k_norm is not None:
-                k = self.k_norm(k.reshape(-1, self.head_dim)).view(T, self.num_kv_heads,
-                                                                   self.head_dim)
-            q = x.new_empty(T, 1, self.head_dim)
+            k, v = self._kv_heads(dense_linear(
+                x, p.weight[self.q_size:], None if p.bias is None else p.bias[self.q_size:],
+                p.method.use_kernel))
+            q = x.new_empty(x.shape[0], 1, self.head_dim)
         else:
             q, k, v = self._qkv(x)
         self.backend.rotate_and_write_kv(self.rotary, positions, q, k, v, *kv_cache,
