@@ -56,8 +56,12 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks,
                                    config.num_swap_blocks)
         # structured outputs: requests wait there until their grammar is compiled
-        self.grammars = GrammarManager(config.structured_outputs or StructuredOutputsConfig(),
-                                       config.model, tokenizer)
+        so = config.structured_outputs or StructuredOutputsConfig()
+        mask_process = so.mask_process
+        if mask_process == "auto":  # the masks beside the host's step work: pays on CUDA
+            mask_process = (config.device.startswith("cuda")
+                            and config.parallel.distributed_executor_backend == "uni")
+        self.grammars = GrammarManager(so, config.model, tokenizer, mask_process=mask_process)
         # (request id, message) of requests that failed before running (a grammar that did
         # not compile): the client reports them as errors (HTTP 400)
         self.request_errors: list[tuple[str, str]] = []
@@ -136,6 +140,12 @@ class EngineCore:
             self._in_flight = (sched, self.executor.execute(sched, non_block=True))
         if prev is not None:
             outputs += self._land(*prev)
+        if self._in_flight is not None:
+            # a step whose sampling waited for masks filled elsewhere (StepFuture.flush):
+            # launched now, after this landing's host work
+            flush = getattr(self._in_flight[1], "flush", None)
+            if flush is not None:
+                flush()
         return outputs
 
     def _step_pipelined(self) -> list[EngineCoreOutput]:

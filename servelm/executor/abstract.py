@@ -22,6 +22,10 @@ class StepFuture(Protocol):
     def result(self) -> ModelRunnerOutput:
         """Wait for this step (only) and return its output."""
 
+    # optional: ``flush()`` launches what the step deferred (its sampling, waiting for grammar
+    # masks filled in another process) once the caller's other host work is done; result()
+    # flushes too
+
 
 class Executor(ABC):
     def __init__(self, config: EngineConfig) -> None:

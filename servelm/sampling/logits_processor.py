@@ -105,6 +105,12 @@ class LogitsProcessor(ABC):
         """Whether apply() would change any of the last update's logits rows (a host check:
         plain greedy steps then take the argmax computed inside the decode graph)."""
 
+    def prepare(self) -> bool:
+        """Called once the step's forward is launched: start apply()'s host work elsewhere
+        (another process) and say so; the runner then launches the step's sampling only
+        after the engine's own host work (landing the step before). apply() works without."""
+        return False
+
 
 class RowTable:
     """A host array of per-row values with a device mirror refreshed only after a change."""

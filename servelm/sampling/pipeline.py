@@ -84,6 +84,13 @@ class SamplingPipeline:
         return (not (self.temperature.host[rows] > 0).any() and not (self.logprobs[rows] >= 0).any()
                 and not any(p.is_active() for p in self.processors))
 
+    def prepare(self) -> bool:
+        """Whether a processor started this step's work elsewhere (LogitsProcessor.prepare)."""
+        started = False
+        for p in self.processors:
+            started |= p.prepare()
+        return started
+
     def sample(self, logits: torch.Tensor) -> SamplerOutput:
         """logits: [L, V] fp32, rows as in the last update's logits_rows."""
         return self.sampler(logits, self.metadata(), self.processors)

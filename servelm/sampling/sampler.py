@@ -90,6 +90,18 @@ class Sampler:
         out = SamplerOutput(token_ids=torch.empty(0))
         if m.max_num_logprobs >= 0:
             raw_logprobs = logits.log_softmax(-1)
+        if not m.all_greedy:
+            # Exponential race: argmax(p / q), q ~ Exp(1), samples from p. Seeded rows draw their
+            # own q from (seed, position), so their tokens depend on nothing else. Drawn before
+            # the processors: a seeded row's draw is a launch or two of host time, which a
+            # processor's masks filled in another process can use (the grammar processor's
+            # apply waits for them).
+            q = torch.empty_like(logits).exponential_()
+            if m.seeds:
+                gen = self._generator(logits.device)
+                for row, seed in m.seeds.items():
+                    gen.manual_seed(seed)
+                    q[row].exponential_(generator=gen)
         for p in processors:
             logits = p.apply(logits)
         greedy_ids = logits.argmax(-1)
@@ -99,14 +111,6 @@ class Sampler:
             temp = torch.where(m.temperature > 0, m.temperature, torch.ones_like(m.temperature))
             x = apply_top_k_top_p_min_p(logits / temp[:, None], m)
             probs = x.softmax(-1)
-            # Exponential race: argmax(p / q), q ~ Exp(1), samples from p. Seeded rows draw their
-            # own q from (seed, position), so their tokens depend on nothing else.
-            q = torch.empty_like(probs).exponential_()
-            if m.seeds:
-                gen = self._generator(probs.device)
-                for row, seed in m.seeds.items():
-                    gen.manual_seed(seed)
-                    q[row].exponential_(generator=gen)
             sampled = (probs / q).argmax(-1)
             out.token_ids = torch.where(m.temperature > 0, sampled, greedy_ids)
         if m.max_num_logprobs >= 0:

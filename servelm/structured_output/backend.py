@@ -56,6 +56,16 @@ class GrammarBackend(ABC):
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         """The grammar for this vocabulary (may take long: called on a worker thread)."""
 
+    @abstractmethod
+    def state(self) -> Any:
+        """What ``from_state`` needs to build this backend in another process (picklable; the
+        vocabulary tables, not the tokenizer)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, state: Any) -> "GrammarBackend":
+        """This backend again, in the grammar mask process (service.py)."""
+
 
 GRAMMAR_BACKENDS = MappingProxyType({
     "xgrammar": "servelm.structured_output.xgrammar_backend:XgrammarBackend",

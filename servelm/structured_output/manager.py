@@ -1,8 +1,9 @@
 """Grammar compilation off the step loop, for the engine core.
 
 A request with structured outputs waits here (not in the scheduler) while its grammar compiles on
-a worker thread (xgrammar releases the GIL, so the step loop keeps running); it joins the
-scheduler once compiled, carrying the compiled grammar to the runner. Compiled grammars are
+a worker thread (xgrammar releases the GIL, so the step loop keeps running), or in the mask
+process (``mask_process``: service.py; the thread then waits for it); it joins the scheduler
+once compiled, carrying the compiled grammar (or the mask process's handle) to the runner. Compiled grammars are
 cached by their params, so a schema seen before costs a dictionary lookup. A grammar that fails
 to compile, or is still compiling after ``compile_timeout_s``, fails its request with a message
 (HTTP 400 at the server) and never holds up other requests.
@@ -29,8 +30,9 @@ class _Pending:
 
 class GrammarManager:
     def __init__(self, config: StructuredOutputsConfig, model_config: Any,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, mask_process: bool = False) -> None:
         self.config = config
+        self.mask_process = mask_process  # config.mask_process, resolved by the engine
         self.model_config = model_config  # tokenizer path and vocabulary size
         self._tokenizer = tokenizer  # else loaded on first use, on a worker thread
         self._pool: Optional[cf.ThreadPoolExecutor] = None
@@ -45,7 +47,15 @@ class GrammarManager:
             from servelm.loader import load_tokenizer
             tok = load_tokenizer(mc.model, mc.tokenizer, mc.load_format)
         vocab = mc.hf_config.vocab_size
-        return backend_class(self.config.backend)(tok, vocab, mc.eos_token_ids)
+        name = "xgrammar" if self.config.backend == "auto" else self.config.backend
+        backend = backend_class(name)(tok, vocab, mc.eos_token_ids)
+        if not self.mask_process:
+            return backend
+        from servelm.structured_output.rows import stop_row
+        from servelm.structured_output.service import MaskService
+        words = -(-vocab // 32)
+        return MaskService(name, backend.state(), words,
+                           stop_row(words, vocab, mc.eos_token_ids))
 
     def _start(self) -> cf.Future:
         if self._backend is None:
@@ -111,3 +121,6 @@ class GrammarManager:
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        b = self._backend
+        if b is not None and b.done() and b.exception() is None and hasattr(b.result(), "close"):
+            b.result().close()  # the mask process

@@ -109,6 +109,9 @@ class StructuredOutputsConfig:
     compile_timeout_s: float = 10.0
     # compiled grammars kept (xgrammar's own cache is bounded in bytes as well)
     max_cached_grammars: int = 1024
+    # grammars compiled and masks filled in a process of their own (service.py), beside the
+    # engine's host work: "auto" = on CUDA with the model in the engine's process, else off
+    mask_process: Any = "auto"
 
     @classmethod
     def parse(cls, value: Any) -> "StructuredOutputsConfig":
@@ -119,7 +122,7 @@ class StructuredOutputsConfig:
             return value
         value = parse_config_dict(value, "structured_outputs_config",
                                   ("backend", "disable_any_whitespace", "compile_timeout_s",
-                                   "max_cached_grammars"))
+                                   "max_cached_grammars", "mask_process"))
         cfg = cls(**value)
         if cfg.backend not in BACKENDS:
             raise ValueError(f"structured_outputs_config backend must be one of {list(BACKENDS)}, "
@@ -129,6 +132,9 @@ class StructuredOutputsConfig:
         t = cfg.compile_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
             raise ValueError(f"structured_outputs_config compile_timeout_s must be > 0, got {t!r}.")
+        if cfg.mask_process not in ("auto", True, False):
+            raise ValueError("structured_outputs_config mask_process must be \"auto\", true or "
+                             f"false, got {cfg.mask_process!r}.")
         n = cfg.max_cached_grammars
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError("structured_outputs_config max_cached_grammars must be an integer "

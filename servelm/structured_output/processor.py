@@ -1,13 +1,22 @@
 """The grammar bitmask logits processor: rows whose request has structured outputs may only
 sample tokens their grammar allows next.
 
-Each such row has a matcher (its grammar's state after the row's tokens). Per step:
-- ``update`` notes the tokens the rows appended last step. They are still on the device with
-  asynchronous scheduling, so their copy to the host starts here, behind the last step's
-  sampling and before this step's forward is launched (an event marks it).
-- ``apply`` (after this step's forward was launched) waits for that copy only, advances the
-  matchers, fills one bitmask row per logits row on the host while the device runs the forward,
-  and masks the logits on the device.
+Each such row has a matcher (its grammar's state after the row's tokens), kept by a MatcherRows
+(rows.py) in one of two homes:
+- here, in the runner's process (grammars compiled here: the CPU's default);
+- in the mask process (service.py; grammars compiled there, handed out as RemoteGrammar: the
+  default on CUDA), so that a step's grammar work runs beside the engine's own host work.
+
+Per step:
+- ``update`` turns the batch's changes into matcher operations. The tokens the rows appended
+  last step are still on the device with asynchronous scheduling, so their copy to the host
+  starts here, behind the last step's sampling and before this step's forward is launched.
+- ``prepare`` (the runner calls it after launching the forward) waits for that copy only and
+  sends the operations and this step's fill to the mask process; the runner then defers the
+  step's sampling until the engine has landed the step before (its host work overlaps the
+  fill).
+- ``apply`` runs the operations and fills the masks here (or collects the mask process's), and
+  masks the logits on the device.
 A row verifying k drafts has k + 1 logits rows: row j's mask is the grammar's after drafts[:j],
 found by accepting them and rolling back. A draft the grammar refuses is rejected by the
 verification anyway (its probability is 0), so rows after it allow everything.
@@ -20,7 +29,7 @@ import numpy as np
 import torch
 
 from servelm.sampling.logits_processor import BatchUpdate, LogitsProcessor, ProcessorContext
-from servelm.structured_output.backend import BatchOps
+from servelm.structured_output.rows import MatcherRows, stop_row
 
 _BITS = 32
 
@@ -30,19 +39,15 @@ class GrammarLogitsProcessor(LogitsProcessor):
         super().__init__(ctx)
         R, V = ctx.max_rows, ctx.vocab_size
         self.words = -(-V // _BITS)  # bitmask width W: int32 words per row
-        self.matchers: list[Optional[Any]] = [None] * R
-        self.active = np.zeros(R, dtype=bool)
-        # tokens appended last step, on their way to the host: (matchers, host tokens, event)
-        self._landing: list[tuple[list[Any], torch.Tensor, Optional[torch.cuda.Event]]] = []
+        self.active = np.zeros(R, dtype=bool)  # rows with a grammar
+        self.rows = MatcherRows(self.words, stop_row(self.words, V, ctx.eos_token_ids))
+        self.service: Optional[Any] = None  # the mask process, once a grammar came from there
+        # operations not yet run; an "accept" holds (rows, host tokens, copy event) until its
+        # tokens are on the host
+        self._ops: list[tuple] = []
+        self._sent: Optional[np.ndarray] = None  # this step's fill went out: its logits rows
         self._bitmask: Optional[torch.Tensor] = None  # [rows, W] int32 on the host
-        stop = np.zeros(self.words, dtype=np.uint32)
-        for t in ctx.eos_token_ids:
-            if 0 <= t < V:
-                stop[t // _BITS] |= np.uint32(1 << (t % _BITS))
-        self._stop_row = stop.view(np.int32)  # [W]: only the stop tokens allowed
-        # bit j of a word, to expand the mask on the device: [32] int32
-        self._shifts: dict[torch.device, torch.Tensor] = {}
-        self._ops: Optional[BatchOps] = None  # batched fill/accept, from the first grammar
+        self._uploaded: Optional[Any] = None  # torch.cuda.Event: the last masks' copy is done
         self.bu = BatchUpdate()
 
     # ---- batch membership --------------------------------------------------------------
@@ -50,120 +55,136 @@ class GrammarLogitsProcessor(LogitsProcessor):
         for rows, toks in bu.appended:  # before removals and moves: rows name them as of now
             sel = np.nonzero(self.active[rows])[0]
             if len(sel):
-                self._start_landing([self.matchers[r] for r in rows[sel].tolist()],
-                                    toks if len(sel) == len(rows)
-                                    else toks[torch.from_numpy(sel).to(toks.device)])
+                if len(sel) < len(rows):
+                    rows, toks = rows[sel], toks[torch.from_numpy(sel).to(toks.device)]
+                self._ops.append(("accept", rows.tolist()) + _to_host(toks))
         for row in bu.removed:
-            self.matchers[row], self.active[row] = None, False
+            if self.active[row]:
+                self._ops.append(("remove", row))
+                self.active[row] = False
         for src, dst in bu.moved:
-            self.matchers[dst], self.matchers[src] = self.matchers[src], None
+            if self.active[src] or self.active[dst]:
+                self._ops.append(("move", src, dst))
             self.active[dst], self.active[src] = self.active[src], False
         for a in bu.added:
-            if a.grammar is None:
-                self.matchers[a.row], self.active[a.row] = None, False
+            g = a.grammar
+            if g is None:
+                if self.active[a.row]:
+                    self._ops.append(("remove", a.row))
+                    self.active[a.row] = False
                 continue
-            if self._ops is None:
-                self._ops = a.grammar.batch_ops()
-            m = a.grammar.matcher(max_rollback_tokens=-1)
-            for t in a.output_token_ids:  # resumed after preemption: replay its output
-                m.accept_token(int(t))
-            self.matchers[a.row], self.active[a.row] = m, True
+            service = getattr(g, "service", None)
+            if service is not None:
+                self.service, g = service, g.gid
+            self._ops.append(("add", a.row, g, [int(t) for t in a.output_token_ids]))
+            self.active[a.row] = True
         self.bu = bu
+        self._sent = None
 
-    def _start_landing(self, matchers: list[Any], toks: torch.Tensor) -> None:
-        event = None
-        if toks.is_cuda:
-            host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
-            host.copy_(toks, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = toks
-        self._landing.append((matchers, host, event))
-
-    def _land(self) -> None:
-        for matchers, host, event in self._landing:
-            if event is not None:
-                event.synchronize()  # the last step's sampling only, not this step's forward
-            toks = host.tolist()
-            live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
-            if len(live) < len(matchers):
-                matchers, toks = [matchers[i] for i in live], [toks[i] for i in live]
-            self._ops.accept(matchers, toks)
-        self._landing.clear()
+    def _landed_ops(self) -> list[tuple]:
+        """The pending operations with their tokens on the host (waits for those copies:
+        the last step's sampling, not this step's forward)."""
+        ops = []
+        for op in self._ops:
+            if op[0] == "accept":
+                _, rows, host, event = op
+                if event is not None:
+                    event.synchronize()
+                op = ("accept", rows, host.tolist())
+            ops.append(op)
+        self._ops.clear()
+        return ops
 
     def is_active(self) -> bool:
         return bool(self.active[self.bu.logits_rows].any())
 
     # ---- masking -------------------------------------------------------------------------
-    def fill(self, act: np.ndarray) -> torch.Tensor:
-        """[A, W] int32 host bitmask for logits rows ``act`` (all with a grammar)."""
-        self._land()
+    def _fill_request(self) -> tuple[np.ndarray, list[int], dict[int, list[int]]]:
+        """(this step's logits rows with a grammar, their batch rows, their drafts by index)."""
         bu = self.bu
+        act = np.nonzero(self.active[bu.logits_rows])[0]
+        prior = dict(bu.drafts)
+        drafts = {k: [int(t) for t in prior[i]] for k, i in enumerate(act.tolist()) if i in prior}
+        return act, bu.logits_rows[act].tolist(), drafts
+
+    def prepare(self) -> bool:
+        if self.service is None or not self.is_active():
+            return False
+        act, rows, drafts = self._fill_request()
+        self.service.submit(self._landed_ops(), rows, drafts)
+        self._sent = act
+        return True
+
+    def fill(self, act: np.ndarray, rows: list[int], drafts: dict[int, list[int]]) -> torch.Tensor:
+        """[A, W] int32 host masks for logits rows ``act`` (all with a grammar)."""
         A = len(act)
+        if self.service is not None:
+            if self._sent is None:
+                self.service.submit(self._landed_ops(), rows, drafts)
+            self._sent = None
+            masks = self.service.result(A)  # in shared memory, until the next submit
+            if self.ctx.device.type != "cuda":
+                return torch.from_numpy(masks)
+            buf = self._host_buffer(A)
+            buf.numpy()[:] = masks  # into pinned memory for an asynchronous copy
+            return buf
+        self.rows.run(self._landed_ops())
+        buf = self._host_buffer(A)
+        self.rows.fill(rows, drafts, buf)
+        return buf
+
+    def _host_buffer(self, A: int) -> torch.Tensor:
+        """[A, W] int32 on the host, pinned on CUDA; free once its last copy is done."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # an earlier step's copy: done long ago in practice
+            self._uploaded = None
         if self._bitmask is None or self._bitmask.shape[0] < A:
             n = max(A, 2 * (0 if self._bitmask is None else self._bitmask.shape[0]), 8)
             self._bitmask = torch.empty((n, self.words), dtype=torch.int32,
                                         pin_memory=self.ctx.device.type == "cuda")
-        bm = self._bitmask
-        bm_np = bm.numpy()
-        rows = bu.logits_rows
-        if not bu.drafts:  # one batched fill for all live rows
-            ms = [self.matchers[r] for r in rows[act].tolist()]
-            live = [k for k, m in enumerate(ms) if not m.is_terminated()]
-            if len(live) < A:
-                for k in sorted(set(range(A)) - set(live)):
-                    bm_np[k] = self._stop_row  # done: only a stop token (ignore_eos runs on)
-                ms = [ms[k] for k in live]
-            if live:
-                self._ops.fill(ms, bm, live)
-            return bm[:A]
-        prior = dict(bu.drafts)
-        for k, i in enumerate(act.tolist()):
-            m = self.matchers[rows[i]]
-            drafts = prior.get(i, ())
-            n = 0
-            for t in drafts:
-                if m.is_terminated() or not m.accept_token(int(t)):
-                    break
-                n += 1
-            if n < len(drafts):
-                bm_np[k] = -1  # after a refused draft: never sampled, anything goes
-            elif m.is_terminated():
-                bm_np[k] = self._stop_row  # done: only a stop token (ignore_eos runs on here)
-            else:
-                m.fill_next_token_bitmask(bm, k)
-            if n:
-                m.rollback(n)
-        return bm[:A]
+        return self._bitmask[:A]
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        bu = self.bu
-        if bu.num_logits_rows == 0:
+        if self.bu.num_logits_rows == 0 or not self.is_active():
             return logits
-        act = np.nonzero(self.active[bu.logits_rows])[0]
-        if len(act) == 0:
-            self._land()
-            return logits
-        bm = self.fill(act)
+        if self._sent is not None:
+            act, rows, drafts = self._sent, [], {}
+        else:
+            act, rows, drafts = self._fill_request()
+        bm = self.fill(act, rows, drafts)
         dev = logits.device
-        allowed = unpack_bitmask(bm.to(dev, non_blocking=True), logits.shape[1],
-                                 self._shift(dev))  # [A, V] bool
-        idx = torch.from_numpy(act).to(dev, non_blocking=True)
-        logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+        if dev.type != "cuda":
+            apply_bitmask_ref(logits, bm, torch.from_numpy(act))
+            return logits
+        from servelm.kernels.bitmask import apply_bitmask
+        bm = bm.to(dev, non_blocking=True)
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
+        apply_bitmask(logits, bm, torch.from_numpy(act).to(dev, non_blocking=True))
         return logits
 
-    def _shift(self, dev: torch.device) -> torch.Tensor:
-        s = self._shifts.get(dev)
-        if s is None:
-            s = self._shifts[dev] = torch.arange(_BITS, dtype=torch.int32, device=dev)
-        return s
+
+def _to_host(toks: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+    """(host tokens, the event after their copy) - the copy starts now, behind the device's
+    queued work."""
+    if not toks.is_cuda:
+        return toks, None
+    host = torch.empty(toks.shape, dtype=toks.dtype, pin_memory=True)
+    host.copy_(toks, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int,
-                   shifts: Optional[torch.Tensor] = None) -> torch.Tensor:
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[A, W] int32 (bit j of word w: token 32 w + j allowed) -> [A, vocab_size] bool."""
-    if shifts is None:
-        shifts = torch.arange(_BITS, dtype=torch.int32, device=bitmask.device)
+    shifts = torch.arange(_BITS, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask[:, :, None] >> shifts) & 1  # [A, W, 32]
     return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def apply_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: logits [L, V], bitmask [A, W] int32, rows [A] int64 (distinct logits rows):
+    logits[rows[k], t] = -inf where row k forbids token t (kernels/bitmask.py on CUDA)."""
+    allowed = unpack_bitmask(bitmask, logits.shape[1])
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

@@ -85,11 +85,18 @@ class XgrammarCompiled(CompiledGrammar):
 
 class XgrammarBackend(GrammarBackend):
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int],
-                 max_threads: int = 4) -> None:
-        self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
+                 max_threads: int = 4, info: Any = None) -> None:
+        self.info = info or tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         # xgrammar caches compiled grammars by their source and options; bounded in bytes
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads,
                                             cache_enabled=True, cache_limit_bytes=512 << 20)
+
+    def state(self) -> str:
+        return self.info.serialize_json()  # about 1.6 MB for a 49k vocabulary
+
+    @classmethod
+    def from_state(cls, state: str) -> "XgrammarBackend":
+        return cls(None, 0, (), info=xgr.TokenizerInfo.deserialize_json(state))
 
     @staticmethod
     def validate(params: StructuredOutputsParams) -> None:

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -99,6 +99,28 @@ class _Arrival:
             self.done = True
 
 
+class _DeferredStep:
+    """A step launched up to its forward, its sampling deferred (a logits processor fills its
+    masks in another process): ``flush()`` launches the rest once; ``result()`` flushes and
+    waits. A StepFuture, as PendingOutput."""
+
+    def __init__(self, rest: Callable[[], PendingOutput]) -> None:
+        self._rest: Optional[Callable[[], PendingOutput]] = rest
+        self._pending: Optional[PendingOutput] = None
+
+    def flush(self) -> PendingOutput:
+        if self._rest is not None:
+            rest, self._rest = self._rest, None
+            self._pending = rest()
+        return self._pending
+
+    def done(self) -> bool:
+        return self.flush().done()
+
+    def result(self) -> ModelRunnerOutput:
+        return self.flush().result()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp: ParallelGroup = ParallelGroup(),
                  pp: ParallelGroup = ParallelGroup(),
@@ -147,6 +169,7 @@ class ModelRunner:
             else None)
         self.drafting_ready = False  # KV caches exist: not the memory profile's throwaway run
         self._unlanded: Optional[PendingOutput] = None  # the latest overlapped step's output
+        self._deferred: Optional[_DeferredStep] = None  # a step whose sampling waits
         # an earlier pipeline stage: waits for tokens the last stage is still sampling
         self._arrivals: list = []
         # adapter slots (enable_lora; None: off), allocated now: they count as weights
@@ -536,6 +559,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_async(self, s: SchedulerOutput) -> PendingOutput:
         """Launch one step; the sampled ids stay on the device until ``result()``."""
+        if self._deferred is not None:  # the step before must sample first
+            self._deferred.flush()
+            self._deferred = None
         if s.blocks_to_swap_out:
             self.swap.swap_out(self.kv_caches, s.blocks_to_swap_out)
         if s.blocks_to_swap_in:
@@ -602,6 +628,20 @@ class ModelRunner:
                 and not s.scheduled_spec_decode_tokens and self.sampling.plain_greedy()):
             return PendingOutput.ready(self._more_passes(inp, graph_out[1],
                                                          s.num_scheduler_steps, out))
+        if (self.world.world_size == 1 and not s.scheduled_spec_decode_tokens
+                and self.sampling.prepare()):
+            # a processor fills this step's masks elsewhere: sample once the engine has
+            # landed the step before (its host work overlaps the fill), or on result()
+            self._deferred = _DeferredStep(lambda: self._sample(s, inp, graph_out, hidden, out,
+                                                                exits, measured, n_samplers))
+            return self._deferred
+        return self._sample(s, inp, graph_out, hidden, out, exits, measured, n_samplers)
+
+    @torch.inference_mode()  # also when a deferred step's flush() calls it
+    def _sample(self, s: SchedulerOutput, inp: StepInputs, graph_out, hidden, out,
+                exits, measured: bool, n_samplers: int) -> PendingOutput:
+        """The step's sampling (and draft verification) after its forward; its output."""
+        L = len(inp.logits_rows)
         if graph_out is not None:  # one logits row per token of the graph's batch
             all_rows = L == graph_out[1].shape[0]
             idx = None if all_rows else torch.from_numpy(inp.logits_idx).to(self.device)

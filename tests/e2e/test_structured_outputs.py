@@ -112,11 +112,14 @@ def test_greedy_matches_transformers_with_the_same_mask(tiny):
     assert_all_blocks_free(eng)
 
 
-@pytest.mark.parametrize("mode", ["sync", "async", "ngram", "draft", "tree", "preempt"])
+@pytest.mark.parametrize("mode", ["sync", "async", "ngram", "draft", "tree", "preempt",
+                                  "process_preempt", "process_tree"])
 def test_mixed_batch_follows_grammars(tiny, mode):
     """Every constraint and unconstrained requests in one batch, greedy and seeded sampling:
     constrained outputs follow their grammar (unless cut by max_tokens), unconstrained ones
-    equal a run without any grammar in the batch; sync/async/n-gram/preemption agree."""
+    equal a run without any grammar in the batch; sync/async/n-gram/preemption agree, and so
+    do masks filled in the mask process (the step's sampling then waits for the landing)."""
+    process = {"mask_process": True}
     kw = {"sync": dict(async_scheduling=False), "async": dict(async_scheduling=True),
           "ngram": dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3,
                                             "prompt_lookup_min": 1, "prompt_lookup_max": 3}),
@@ -126,7 +129,13 @@ def test_mixed_batch_follows_grammars(tiny, mode):
                                             "num_speculative_tokens": 3}),
           "tree": dict(speculative_config={"method": "draft_model", "model": tiny,
                                            "num_speculative_tokens": 3, "tree": [2, 2, 1]}),
-          "preempt": dict(kv_cache_memory=40 * 2048, num_gpu_blocks_override=40, max_num_seqs=8)}[mode]
+          "preempt": dict(kv_cache_memory=40 * 2048, num_gpu_blocks_override=40, max_num_seqs=8),
+          "process_preempt": dict(num_gpu_blocks_override=40, max_num_seqs=8,
+                                  async_scheduling=True, structured_outputs_config=process),
+          "process_tree": dict(speculative_config={"method": "draft_model", "model": tiny,
+                                                   "num_speculative_tokens": 3,
+                                                   "tree": [2, 2, 1]},
+                               structured_outputs_config=process)}[mode]
     eng = _engine(tiny, **kw)
     tok = eng.tokenizer
     prompts, params = [], []
@@ -148,9 +157,9 @@ def test_mixed_batch_follows_grammars(tiny, mode):
     alone = run_to_completion(_engine(tiny), free, free_params)
     assert [o.outputs[0].token_ids for o in outs[len(params):]] == \
         [o.outputs[0].token_ids for o in alone]
-    if mode == "preempt":
+    if mode.endswith("preempt"):
         assert eng.stats().num_preemptions > 0
-    if mode in ("ngram", "draft", "tree"):
+    if mode in ("ngram", "draft", "tree", "process_tree"):
         assert eng.stats().spec_num_draft_tokens > 0
     # greedy constrained output does not depend on the mode (sync is the reference)
     ref = run_to_completion(_engine(tiny, async_scheduling=False),

@@ -241,24 +241,45 @@ def _allowed(matcher, vocab: int) -> np.ndarray:
     return unpack_bitmask(bm, vocab)[0].numpy()
 
 
-def test_processor_masks_rows_like_their_matchers(backend):
+@pytest.fixture(scope="module")
+def mask_service(backend):
+    from servelm.structured_output.rows import stop_row
+    from servelm.structured_output.service import MaskService
+    words = -(-VOCAB // 32)
+    svc = MaskService("xgrammar", backend.state(), words, stop_row(words, VOCAB, [EOS]))
+    yield svc
+    svc.close()
+    assert svc.proc.returncode == 0
+
+
+@pytest.fixture(params=["inline", "mask_process"])
+def grammars(request, backend):
+    """How the processor gets its grammars: compiled here, or in the mask process (the
+    processor then keeps no matchers: the process fills the masks)."""
+    if request.param == "inline":
+        return backend.compile
+    return request.getfixturevalue("mask_service").compile
+
+
+def test_processor_masks_rows_like_their_matchers(backend, grammars):
     """Rows added, advanced by appended tokens, moved, removed; drafts; a terminated row."""
     ctx = ProcessorContext(max_rows=6, vocab_size=VOCAB, device=torch.device("cpu"),
                            eos_token_ids=(EOS,))
     proc = GrammarLogitsProcessor(ctx)
-    g_num = backend.compile(StructuredOutputsParams(regex="[0-9]{2,4}"))
-    g_json = backend.compile(StructuredOutputsParams(json={
-        "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
-    g_choice = backend.compile(StructuredOutputsParams(choice=["ab", "cd"]))
+    p_num = StructuredOutputsParams(regex="[0-9]{2,4}")
+    p_json = StructuredOutputsParams(json={
+        "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
+    p_choice = StructuredOutputsParams(choice=["ab", "cd"])
     sp = SamplingParams()
-    add = [AddedRequest(0, sp, [1], [], grammar=g_num),
+    add = [AddedRequest(0, sp, [1], [], grammar=grammars(p_num)),
            AddedRequest(1, sp, [1], [], grammar=None),
-           AddedRequest(2, sp, [1], _encode('{"ok": '), grammar=g_json),  # resumed
-           AddedRequest(3, sp, [1], [], grammar=g_choice)]
+           AddedRequest(2, sp, [1], _encode('{"ok": '), grammar=grammars(p_json)),  # resumed
+           AddedRequest(3, sp, [1], [], grammar=grammars(p_choice))]
     rows = np.array([0, 1, 2, 3])
     proc.update(BatchUpdate(added=add, logits_rows=rows, logits_rows_t=torch.from_numpy(rows)))
     assert proc.is_active()
-    refs = {0: g_num.matcher(-1), 2: g_json.matcher(-1), 3: g_choice.matcher(-1)}
+    refs = {0: backend.compile(p_num).matcher(-1), 2: backend.compile(p_json).matcher(-1),
+            3: backend.compile(p_choice).matcher(-1)}
     for t in _encode('{"ok": '):
         assert refs[2].accept_token(t)
     torch.manual_seed(0)
@@ -298,14 +319,16 @@ def test_processor_masks_rows_like_their_matchers(backend):
         assert torch.equal(out[i][allow], logits[i][allow]), i
         assert torch.isinf(out[i][~allow]).all(), i
     # the drafts were rolled back: row 0's matcher is where its accepted tokens left it
-    assert np.array_equal(_allowed(proc.matchers[0], VOCAB), _allowed(m0, VOCAB))
+    proc.update(BatchUpdate(logits_rows=lrows[:1], logits_rows_t=torch.from_numpy(lrows[:1])))
+    out = proc.apply(logits[:1].clone())
+    assert torch.equal(torch.isfinite(out[0]), torch.from_numpy(_allowed(m0, VOCAB)))
 
 
-def test_processor_terminated_row_allows_only_stop_tokens(backend):
+def test_processor_terminated_row_allows_only_stop_tokens(grammars):
     ctx = ProcessorContext(max_rows=2, vocab_size=VOCAB, device=torch.device("cpu"),
                            eos_token_ids=(EOS,))
     proc = GrammarLogitsProcessor(ctx)
-    g = backend.compile(StructuredOutputsParams(choice=["ab"]))
+    g = grammars(StructuredOutputsParams(choice=["ab"]))
     rows = np.array([0])
     proc.update(BatchUpdate(added=[AddedRequest(0, SamplingParams(), [1], [], grammar=g)],
                             logits_rows=rows, logits_rows_t=torch.from_numpy(rows)))
@@ -317,7 +340,7 @@ def test_processor_terminated_row_allows_only_stop_tokens(backend):
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS]
     proc.update(BatchUpdate(appended=[(rows, torch.tensor([EOS]))], logits_rows=rows,
                             logits_rows_t=torch.from_numpy(rows)))
-    assert proc.matchers[0] is not None
     out = proc.apply(torch.randn(1, VOCAB))
-    assert proc.matchers[0].is_terminated()
+    if proc.service is None:
+        assert proc.rows.matchers[0].is_terminated()
     assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [EOS]
