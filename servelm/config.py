@@ -290,7 +290,8 @@ class EngineArgs:
     speculative_config: Any = None  # a dict (or its JSON text) with vLLM's keys; None: off
     # {"threshold", "min_layer", "criterion", "exit_layers"} (or its JSON text); None: off
     early_exit_config: Any = None
-    # backend (auto | xgrammar), disable_any_whitespace, compile_timeout_s, max_cached_grammars
+    # backend (auto | xgrammar), disable_any_whitespace, compile_timeout_s, max_cached_grammars,
+    # mask_process
     structured_outputs_config: Any = None
     threads: Optional[int] = None  # CPU math threads (llama.cpp's name); None: usable CPUs
     # multi-LoRA serving: adapters on the device at once, their largest rank, and how many
@@ -655,7 +656,10 @@ class EngineArgs:
                "layer's logits; later layers get KV from its exit state")
         a("--structured-outputs-config", default=None,
           help='structured outputs, JSON: {"backend": "xgrammar", "disable_any_whitespace": '
-               'false, "compile_timeout_s": 10, "max_cached_grammars": 1024}')
+               'false, "compile_timeout_s": 10, "max_cached_grammars": 1024, "mask_process": '
+               '"auto"} (mask_process: grammars compiled and token masks filled in a process of '
+               'their own, beside the engine\'s host work; auto = on CUDA with the model in the '
+               "engine's process)")
         a("--distributed-executor-backend", default=None, choices=list(EXECUTORS),
           help="how model workers run: uni (the engine core's own process; the default for "
                "one rank), mp (a worker process per further rank; the default for more)")
