@@ -1,6 +1,13 @@
 """Paged KV cache bookkeeping: a pool of fixed-size blocks with reference counts, and a prefix
 cache that maps chained hashes of full blocks to the block holding their KV.
 
+A request's last, partial block is cached too when the request leaves (``cache_partial``),
+under the hash of its n < block_size tokens (never a full block's: those hash block_size
+tokens). A later request whose tokens continue past it (a beam one token longer, a resumed
+request, a chat turn that repeats the last one's text) takes it copy-on-write: a fresh block,
+filled from the cached one before the step's forward (the scheduler's ``blocks_to_copy``), so
+it computes only the tokens after the n instead of the whole partial block again.
+
 Freed blocks keep their hash while they sit in the free queue, so a later request with the same
 prefix can take them back (a cache hit); they are evicted in LRU order only when a fresh block is
 needed. Nothing here touches tensors: the model runner owns the KV memory, this owns block ids.
@@ -131,8 +138,12 @@ class KVCacheManager:
     """Per-request block tables on top of a BlockPool."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool,
-                 num_host_blocks: int = 0, sliding_window: int = 0) -> None:
+                 num_host_blocks: int = 0, sliding_window: int = 0,
+                 cache_partial: bool = True) -> None:
         self.block_size = block_size
+        # partial last blocks cached when requests leave (not under a sliding window, whose
+        # released entries a copy would not follow)
+        self.cache_partial = enable_caching and cache_partial and not sliding_window
         # every layer attends to its last sliding_window keys only (0: all of them): blocks
         # wholly before a request's window are released as it advances
         self.window = sliding_window
@@ -239,19 +250,44 @@ class KVCacheManager:
             hits.append(bid)
         return hits
 
+    def get_partial_hit(self, req: Request, num_full_hits: int) -> Optional[tuple[int, int]]:
+        """After ``num_full_hits`` full blocks, a cached partial block holding req's next n
+        tokens (n < block_size, the longest, leaving one token to compute): (block, n), or
+        None. Looked up only when every full block up to there was a hit."""
+        if not self.cache_partial or req.params.prompt_logprobs is not None:
+            return None
+        bs = self.block_size
+        start = num_full_hits * bs
+        max_hit = req.num_tokens - 1
+        if max_hit // bs != num_full_hits:
+            return None  # a full block past the hits missed: nothing after it can hit
+        self._update_hashes(req, start)
+        parent = req.block_hashes[num_full_hits - 1] if num_full_hits else None
+        toks = req.all_token_ids
+        for n in range(min(bs - 1, max_hit - start), 0, -1):
+            bid = self.pool.lookup(hash_block(parent, toks[start:start + n],
+                                              req.cache_extra_keys))
+            if bid is not None:
+                return bid, n
+        return None
+
     def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         self.stats.queries += num_tokens
         self.stats.hits += num_hit_tokens
 
     def allocate_slots(self, req: Request, num_new_tokens: int,
                        computed_blocks: list[int] = (),
-                       num_lookahead_tokens: int = 0) -> Optional[list[int]]:
+                       num_lookahead_tokens: int = 0,
+                       partial: Optional[tuple[int, int]] = None) -> Optional[list[int]]:
         """Make room for num_new_tokens more tokens after req's computed ones (plus
-        ``computed_blocks`` taken from the prefix cache), and num_lookahead_tokens slots past
-        them (a draft model's KV; never hashed). Returns the newly allocated block ids, or None
-        (and changes nothing) if the pool lacks free blocks."""
+        ``computed_blocks`` taken from the prefix cache, and a ``partial`` hit's n tokens, whose
+        block the first new block copies: the caller schedules that copy), and
+        num_lookahead_tokens slots past them (a draft model's KV; never hashed). Returns the
+        newly allocated block ids, or None (and changes nothing) if the pool lacks free
+        blocks."""
         self.free_outside_window(req)
-        num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_computed = (req.num_computed_tokens + len(computed_blocks) * self.block_size
+                        + (partial[1] if partial else 0))
         evicted = req.num_evicted  # (then its blocks are no one's prefix: never hashed)
         need = self.blocks_needed(num_computed - evicted + num_new_tokens + num_lookahead_tokens)
         have = len(req.block_ids) + len(computed_blocks)
@@ -262,13 +298,19 @@ class KVCacheManager:
             return []  # the common decode step: room in the last block, no block becomes full
         # cached blocks being revived leave the free queue too
         reviving = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
+        src = partial[0] if partial else None
+        pinned = src is not None and self.pool.ref_cnt[src] == 0 and src not in computed_blocks
         new = max(0, need - have)
-        if new + reviving > self.pool.num_free_blocks:
+        if new + reviving + pinned > self.pool.num_free_blocks:
             return None
         if computed_blocks:
             self.pool.touch(list(computed_blocks))
             req.block_ids.extend(computed_blocks)
+        if src is not None:
+            self.pool.touch([src])  # not handed out as one of the new blocks
         new_ids = self.pool.allocate(new)
+        if src is not None:
+            self.pool.free([src])  # cached as before; copied before anything reuses it
         req.block_ids.extend(new_ids)
         if self.enable_caching and not evicted:
             # Register blocks that become full this step. Safe before the forward pass: a request
@@ -296,6 +338,7 @@ class KVCacheManager:
             self.pool.cache_block(req.block_ids[i], req.block_hashes[i])
 
     def free(self, req: Request) -> None:
+        self._cache_partial_block(req)
         # reverse order: a request's tail blocks are the least likely to be shared, evict first
         self.pool.free(list(reversed(req.block_ids)))
         req.block_ids = []
@@ -306,6 +349,21 @@ class KVCacheManager:
             self.pool.free(list(sw.kept.values()))
             self.host_free.extend(sorted(sw.host.values(), reverse=True))
             req.swapped_kv = None
+
+    def _cache_partial_block(self, req: Request) -> None:
+        """Cache req's last block if its KV holds a partial block of known tokens."""
+        if not self.cache_partial or req.num_evicted or not req.block_ids:
+            return
+        bs = self.block_size
+        m = min(req.num_computed_tokens, req.num_tokens)  # KV written, token ids known
+        i, n = divmod(m, bs)
+        if (n == 0 or i >= len(req.block_ids) or req.block_ids[i] == self.pool.null_block
+                or self.pool.ref_cnt[req.block_ids[i]] != 1):  # (only its own: unchanging)
+            return
+        self._update_hashes(req, i * bs)
+        parent = req.block_hashes[i - 1] if i else None
+        self.pool.cache_block(req.block_ids[i], hash_block(parent, req.all_token_ids[i * bs:m],
+                                                           req.cache_extra_keys))
 
     # ---- swap preemption -------------------------------------------------------------------
     def swap_out(self, req: Request) -> Optional[list[tuple[int, int]]]:

@@ -66,9 +66,10 @@ class Scheduler:
         self.config = sched
         self.clock = clock  # wall clock, as requests' arrival times (a fake one in simulations)
         self.telemetry = Telemetry()
+        # (partial blocks are not cached under KV eviction: its scores would not follow)
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching,
                                  num_host_blocks if sched.preemption_mode == "swap" else 0,
-                                 cache.sliding_window)
+                                 cache.sliding_window, cache_partial=cache.kv_eviction is None)
         self.requests: dict[str, Request] = {}
         # KV eviction (None: off): requests keep at most a budget of tokens' KV
         self.eviction = cache.kv_eviction
@@ -275,6 +276,7 @@ class Scheduler:
         # 3. Waiting requests, FCFS, unless this step already had to preempt (or swapped-out
         # requests still wait for blocks).
         skipped: list[Request] = []  # their adapter would be one too many: they keep their place
+        copies: list[tuple[int, int]] = []  # partial blocks taken copy-on-write
         while (self.waiting and budget > 0 and prefill_left > 0 and not preempted
                and not self._swapped_first() and len(self.running) < self.config.max_num_seqs):
             req = self.waiting.peek()
@@ -292,7 +294,10 @@ class Scheduler:
             computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             if self.eviction is not None:  # a hit of at most the budget
                 computed = computed[:self._budget(req) // self.kv.block_size]
-            num_computed = req.num_computed_tokens + len(computed) * self.kv.block_size
+            partial = (self.kv.get_partial_hit(req, len(computed))
+                       if req.num_computed_tokens == 0 else None)
+            num_computed = (req.num_computed_tokens + len(computed) * self.kv.block_size
+                            + (partial[1] if partial else 0))
             n = req.num_tokens - num_computed
             room = min(budget, prefill_left)
             if self.eviction is not None:  # (a recompute's tokens past the budget: later)
@@ -300,15 +305,17 @@ class Scheduler:
             if n > room and not self.config.enable_chunked_prefill and self.eviction is None:
                 break
             n = min(n, room)
-            if self.kv.allocate_slots(req, n, computed,
-                                      self._lookahead(num_computed + n)) is None:
+            if self.kv.allocate_slots(req, n, computed, self._lookahead(num_computed + n),
+                                      partial) is None:
                 break
+            if partial:
+                copies.append((partial[0], req.block_ids[len(computed)]))
             self.waiting.popleft()
             self._lora_add(req, loras)
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = self.clock()
             if req.num_cached_tokens < 0:
-                req.num_cached_tokens = len(computed) * self.kv.block_size
+                req.num_cached_tokens = num_computed - req.num_computed_tokens
                 if self.kv.enable_caching and req.params.prompt_logprobs is None:
                     self.kv.record_lookup(req.num_tokens, req.num_cached_tokens)
             req.num_computed_tokens = num_computed
@@ -330,7 +337,7 @@ class Scheduler:
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self.finished_ids,
                               preempted | urgent_preempted, spec_tokens, self._swap_out,
-                              swap_in, prefetch, num_scheduler_steps=steps)
+                              swap_in, copies, prefetch, num_scheduler_steps=steps)
         self.finished_ids, self._swap_out = set(), []
         if num_scheduled:
             self._record_step(out, now)

@@ -83,6 +83,9 @@ class SchedulerOutput:
     # swapped out may be swapped into, or written, in the same step)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (GPU, host)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, GPU)
+    # cached partial blocks taken copy-on-write (kv_cache.py): (cached block, the request's new
+    # block), copied after the swaps and before this step's forward
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     # multi-LoRA: adapters of requests left waiting for a slot, for the workers to read into
     # host memory in the background (the step that first runs one copies it, no disk read)
     lora_prefetch: list = field(default_factory=list)

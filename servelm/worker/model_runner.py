@@ -38,7 +38,7 @@ from servelm.worker.pending_output import PendingOutput, to_host
 from servelm.worker.spec_verify import collect_verified, compact_tree_kv, tree_step_inputs
 from servelm.worker.step_meta import ragged_positions, slots_of, step_meta
 from servelm.worker.tree_graphs import TreeGraphs
-from servelm.worker.swap import SwapSpace
+from servelm.worker.swap import SwapSpace, copy_blocks
 from servelm.worker.step_profiler import step_profiler_from_env, step_range
 
 logger = logging.getLogger(__name__)
@@ -566,6 +566,8 @@ class ModelRunner:
             self.swap.swap_out(self.kv_caches, s.blocks_to_swap_out)
         if s.blocks_to_swap_in:
             self.swap.swap_in(self.kv_caches, s.blocks_to_swap_in)
+        if s.blocks_to_copy:
+            copy_blocks(self.kv_caches, s.blocks_to_copy)
         self._update_states(s)
         if s.lora_prefetch and self.lora is not None:  # read in the background
             self.lora.prefetch(s.lora_prefetch)

@@ -1,4 +1,5 @@
-"""Host memory for swap preemption: KV blocks copied out of the device cache and back.
+"""Host memory for swap preemption: KV blocks copied out of the device cache and back; and
+block copies within the device cache (a cached partial block taken copy-on-write).
 
 Layout ``host: [num_host_blocks, num_layers, 2 (K, V), block_size, kv_heads, head_dim]``, so
 one host block is contiguous across layers and a run of consecutive host blocks is one copy.
@@ -63,3 +64,17 @@ class SwapSpace:
             for layer, (k, v) in enumerate(kv_caches):
                 k.index_copy_(0, idx, staged[:, layer, 0])
                 v.index_copy_(0, idx, staged[:, layer, 1])
+
+
+def copy_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                pairs: list[tuple[int, int]]) -> None:
+    """Copy device blocks to device blocks, every layer's K and V: pairs of (source, dest),
+    queued before the step's forward (which may write a source block handed out again)."""
+    if not kv_caches:
+        return
+    dev = kv_caches[0][0].device
+    src = torch.tensor([a for a, _ in pairs], device=dev)
+    dst = torch.tensor([b for _, b in pairs], device=dev)
+    for k, v in kv_caches:
+        k.index_copy_(0, dst, k.index_select(0, src))
+        v.index_copy_(0, dst, v.index_select(0, src))

@@ -134,21 +134,23 @@ def test_eos_variant_exercises_finished_hypotheses(models):
     assert differ and len(lengths) >= 3, lengths
 
 
-def test_beams_share_blocks_through_the_prefix_cache(tiny_model_factory):
+def test_beams_share_blocks_copy_on_write(tiny_model_factory):
     d, _ = tiny_model_factory("llama")
     llm = make_llm(d)  # a fresh cache
     k, prompts = 4, random_prompts(2, (6, 11), seed=12)
     llm.beam_search(prompts, BeamSearchParams(k, MAX_NEW))
     s = llm.engine.stats()
     # step 0 runs each prompt once (nothing cached). At step t >= 1 each of the k beams has
-    # P + t tokens and finds every full block of its first P + t - 1, which its parent's
-    # request computed at step t - 1: only the last partial block (<= BLOCK tokens) is run
+    # P + t tokens and finds all but its newest in the cache, which its parent's request
+    # computed at step t - 1: every full block, and the parent's last partial block, taken
+    # copy-on-write (a copy of it; the k children of one parent copy the same block). So
+    # each beam step runs one token.
     lens = [[len(p)] + [len(p) + t for t in range(1, MAX_NEW) for _ in range(k)]
             for p in prompts]
     assert s.prefix_cache_queries == sum(map(sum, lens))
-    assert s.prefix_cache_hits == sum((n - 1) // BLOCK * BLOCK for ls in lens for n in ls[1:])
-    assert s.prefix_cache_queries - s.prefix_cache_hits <= sum(
-        len(p) + (MAX_NEW - 1) * k * BLOCK for p in prompts)
+    assert s.prefix_cache_hits == sum(n - 1 for ls in lens for n in ls[1:])
+    assert s.prefix_cache_queries - s.prefix_cache_hits == sum(
+        len(p) + (MAX_NEW - 1) * k for p in prompts)
 
 
 def test_async_driver_matches_offline(models):

@@ -484,3 +484,78 @@ def test_evict_without_blocks_for_copies_changes_nothing():
     assert kv.evict(b, 12, fixed_blocks=1) == (24, head)
     assert len(b.block_ids) == 3 and kv.pool.num_free_blocks == 3
     _check_pool(kv.pool)
+
+
+# ---- partial blocks, copy-on-write ------------------------------------------------------------
+def _run(kv: KVCacheManager, req: Request, partial=None) -> list[int]:
+    """Schedule all of req's remaining tokens at once, as the scheduler does for a new one."""
+    computed = kv.get_computed_blocks(req)
+    if partial is None:
+        partial = kv.get_partial_hit(req, len(computed))
+    n_hit = len(computed) * BS + (partial[1] if partial else 0)
+    assert kv.allocate_slots(req, req.num_tokens - n_hit, computed, 0, partial) is not None
+    req.num_computed_tokens = req.num_tokens
+    return computed
+
+
+def test_partial_block_cached_when_its_request_leaves_and_taken_copy_on_write():
+    kv = KVCacheManager(16, BS, enable_caching=True)
+    parent = _req("p", _tokens(10, 1))  # blocks: 4 + 4 full, 2 tokens in a partial one
+    _run(kv, parent)
+    p_blocks = list(parent.block_ids)
+    kv.free(parent)
+    _check_pool(kv.pool)
+    child = _req("c", parent.all_token_ids + [7])  # a beam one token longer
+    computed = kv.get_computed_blocks(child)
+    assert computed == p_blocks[:2]
+    assert kv.get_partial_hit(child, 2) == (p_blocks[2], 2)
+    _run(kv, child)
+    assert child.block_ids[:2] == p_blocks[:2]
+    assert child.block_ids[2] != p_blocks[2]  # a fresh block: the copy's destination
+    assert kv.pool.ref_cnt[p_blocks[2]] == 0 and kv.pool.lookup(
+        kv.pool.block_hash[p_blocks[2]]) == p_blocks[2]  # still cached, free
+    _check_pool(kv.pool)
+    # a second child of the same parent takes it too (both copies come from the same block)
+    other = _req("o", parent.all_token_ids + [8])
+    assert kv.get_partial_hit(other, len(kv.get_computed_blocks(other))) == (p_blocks[2], 2)
+
+
+def test_partial_block_needs_every_token_and_the_same_keys():
+    kv = KVCacheManager(16, BS, enable_caching=True)
+    parent = _req("p", _tokens(10, 2))
+    _run(kv, parent)
+    kv.free(parent)
+    toks = parent.all_token_ids
+    diverged = _req("d", toks[:9] + [toks[9] + 1, 5])  # differs inside the partial block
+    assert kv.get_partial_hit(diverged, len(kv.get_computed_blocks(diverged))) is None
+    exact = _req("e", list(toks))  # no token after it: the last one must be computed
+    assert kv.get_partial_hit(exact, len(kv.get_computed_blocks(exact))) is None
+    logprobs = _req("l", toks + [3], prompt_logprobs=1)
+    assert kv.get_partial_hit(logprobs, 2) is None
+    lora = _req("a", toks + [3])
+    lora.cache_extra_keys = ("adapter", 1)
+    assert kv.get_partial_hit(lora, 2) is None
+    short = _req("s", toks[:2])  # under one block: no hit for a one-block prompt of its own
+    _run(kv, short)
+    kv.free(short)
+    longer = _req("t", toks[:2] + [9, 9])
+    assert kv.get_partial_hit(longer, 0) is not None
+
+
+def test_partial_block_lost_once_reused_and_never_under_a_window():
+    kv = KVCacheManager(4, BS, enable_caching=True)
+    parent = _req("p", _tokens(6, 3))
+    _run(kv, parent)
+    kv.free(parent)
+    filler = _req("f", _tokens(16, 4))  # takes all 4 blocks: the partial one is reused
+    _run(kv, filler)
+    kv.free(filler)
+    child = _req("c", parent.all_token_ids + [1])
+    assert kv.get_partial_hit(child, len(kv.get_computed_blocks(child))) is None
+    _check_pool(kv.pool)
+    win = KVCacheManager(16, BS, enable_caching=True, sliding_window=8)
+    parent = _req("p", _tokens(6, 3))
+    _run(win, parent)
+    win.free(parent)
+    child = _req("c", parent.all_token_ids + [1])
+    assert win.get_partial_hit(child, len(win.get_computed_blocks(child))) is None

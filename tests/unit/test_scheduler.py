@@ -97,9 +97,10 @@ class FakeRunner:
                     dst.pop(b * self.bs + o, None)
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        # swaps before the forward, outs first (the runner's order)
+        # swaps before the forward, outs first, then copy-on-write copies (the runner's order)
         self._copy_blocks(self.kv, self.host, so.blocks_to_swap_out)
         self._copy_blocks(self.host, self.kv, so.blocks_to_swap_in)
+        self._copy_blocks(self.kv, self.kv, so.blocks_to_copy)
         for rid in so.finished_req_ids | so.preempted_req_ids:
             self.states.pop(rid, None)
         for nr in so.new_reqs:
