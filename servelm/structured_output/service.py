@@ -11,7 +11,7 @@ later reads the masks from shared memory.
 Two pipes to the process: compiles (the GrammarManager's, answered as they finish, by a reader
 thread here) and steps (the processor's: operations and a fill request, one reply per step).
 A compiled grammar stays in the process under an id; the engine side holds a ``RemoteGrammar``
-handle, and once no handle is left the id is released (with the next message).
+handle, and once no handle is left the id is released (with the next step's message).
 """
 from __future__ import annotations
 
@@ -102,11 +102,13 @@ class MaskService:
             gid = self._next_gid
             self._next_gid += 1
             self._futures[gid] = fut
-            self._compile_conn.send(("compile", gid, params.to_dict(), self._take_released()))
+            self._compile_conn.send(("compile", gid, params.to_dict()))
         return fut
 
     def release(self, gid: int) -> None:
-        self._released.append(gid)  # sent with the next message (any thread, even from GC)
+        # sent with the next step (any thread may call this, even the GC), where the process
+        # forgets it after that step's operations: an "add" of it queued before goes first
+        self._released.append(gid)
 
     def _take_released(self) -> list[int]:
         out = []
@@ -242,8 +244,7 @@ def serve(compile_conn: Connection, step_conn: Connection) -> None:
                 return
             if msg is None:
                 return
-            _, gid, params, released = msg
-            forget(released)
+            _, gid, params = msg
             pool.submit(compile_one, gid, StructuredOutputsParams.from_dict(params))
 
     threading.Thread(target=compiles, daemon=True).start()
