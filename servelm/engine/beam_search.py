@@ -9,8 +9,10 @@ the raw model distribution, all submitted together so they share the engine's ba
 one prompt differ only in their last tokens, and the request of a beam's parent in the previous
 step computed (and, with enable_prefix_caching, on by default, cached) every full KV block of
 the beam's sequence but the newest token: so the prefix cache hands each request all its full
-blocks and only the last partial block (< block_size tokens) is recomputed. Without the prefix
-cache every step recomputes every beam's whole sequence (correct, slow).
+blocks, and the parent's last partial block copy-on-write (core/kv_cache.py: cached when the
+parent's request left, copied into a fresh block of each child): each beam computes its newest
+token only. Without the prefix cache every step recomputes every beam's whole sequence
+(correct, slow).
 
 Why each beam's top K suffice: transformers keeps the K best (beam score + token logprob) over
 all beams and tokens (K = its ``beams_to_keep``: 2 * beam_width with one EOS id). A candidate
