@@ -83,16 +83,17 @@ def _step_times(engine, params, batch: int) -> tuple[float, int]:
     return statistics.median(times) * 1e3, len(times)
 
 
-def tpot(engine, batch: int, max_tokens: int, repeat: int) -> dict:
+def tpot(engine, batch: int, max_tokens: int, repeat: int, seeded: bool = True) -> dict:
     from servelm import SamplingParams, StructuredOutputsParams
     so = StructuredOutputsParams(json=TPOT_SCHEMA)
 
     def plain(i):
-        return SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens, ignore_eos=True)
+        return SamplingParams(temperature=0.8, seed=i if seeded else None,
+                              max_tokens=max_tokens, ignore_eos=True)
 
     def constrained(i):
-        return SamplingParams(temperature=0.8, seed=i, max_tokens=max_tokens, ignore_eos=True,
-                              structured_outputs=so)
+        return SamplingParams(temperature=0.8, seed=i if seeded else None,
+                              max_tokens=max_tokens, ignore_eos=True, structured_outputs=so)
     _step_times(engine, constrained, min(batch, 4))  # compile, warm every path
     _step_times(engine, plain, min(batch, 4))
     res = {"plain": [], "json": []}
@@ -155,6 +156,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--schemas", type=int, default=24)
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--no-seeds", action="store_true",
+                    help="requests without a seed (one noise draw for the batch, not one each)")
     ap.add_argument("--mask-process", choices=["auto", "on", "off"], default="auto",
                     help="grammar masks filled in a process of their own (auto: on CUDA)")
     ap.add_argument("--export-8b", default=None, metavar="DIR")
@@ -171,7 +174,7 @@ def main() -> None:
         structured_outputs_config={"mask_process": {"auto": "auto", "on": True,
                                                     "off": False}[a.mask_process]}))
     dev = engine.config.device
-    t = tpot(engine, a.batch, a.max_tokens, a.repeat)
+    t = tpot(engine, a.batch, a.max_tokens, a.repeat, seeded=not a.no_seeds)
     f = ttft(engine, a.schemas)
     pm, jm = statistics.median(t["plain"]), statistics.median(t["json"])
     rows = [
@@ -186,7 +189,8 @@ def main() -> None:
          "< 5 ms"),
     ]
     print(f"\nstructured outputs, {dev}, model {engine.config.model.model}, "
-          f"{a.max_tokens} tokens, {a.repeat} runs, masks filled in "
+          f"{a.max_tokens} tokens, {a.repeat} runs, {'no seeds' if a.no_seeds else 'seeded'}, "
+          f"masks filled in "
           f"{'the mask process' if engine.core.grammars.mask_process else 'the engine thread'}")
     print("| measure | unconstrained | JSON schema | ratio | target |")
     print("|---|---|---|---|---|")
