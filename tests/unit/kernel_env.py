@@ -21,8 +21,47 @@ if INTERPRET:
         _orig_patch(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
+    # A kernel's call of another @triton.jit function (its own helpers, tl.cdiv, tl.sum, ...)
+    # re-patches triton.language on every call (InterpretedFunction.__call__ -> _patch_lang:
+    # inspect.getmembers over the language's modules, ~2 ms, a third of a kernel test's time),
+    # although the modules stay patched, with the same values, until the running launch
+    # (GridExecutor) returns. So within one launch, a callee whose language modules were
+    # already patched (by the launch, or by an earlier call in it) goes straight to its
+    # rewritten function; the first call for other modules, and any call outside a launch,
+    # take Triton's own path.
+    _launch_langs: list[set] = []  # per running launch: the language modules patched
+
+    def _langs(fn) -> frozenset:
+        return frozenset(id(v) for v in fn.__globals__.values()
+                         if v is _interp.tl or v is _interp.tl.core)
+
+    _orig_launch = _interp.GridExecutor.__call__
+    _orig_device_call = _interp.InterpretedFunction.__call__
+
+    def _launch(self, *args, **kwargs):
+        _launch_langs.append(set(_langs(self.fn)))
+        try:
+            return _orig_launch(self, *args, **kwargs)
+        finally:
+            _launch_langs.pop()
+
+    def _device_call(self, *args, **kwargs):
+        langs = _langs(self.fn)
+        if not (_launch_langs and langs <= _launch_langs[-1]):
+            out = _orig_device_call(self, *args, **kwargs)
+            if _launch_langs:
+                _launch_langs[-1] |= langs
+            return out
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise _interp.InterpreterError(repr(e)) from e
+
     if not getattr(_interp, "_servelm_patched", False):
         _interp._patch_lang_tensor = _patch_lang_tensor
+        _interp.GridExecutor.__call__ = _launch
+        _interp.InterpretedFunction.__call__ = _device_call
         _interp._servelm_patched = True
 
 
