@@ -73,3 +73,26 @@ def skip_half_on_interpreter(*indices: int) -> None:
     if INTERPRET and sum(indices) % 2:
         import pytest
         pytest.skip("interpreter: half of the grid (the full grid on CUDA)")
+
+
+def covering(*axes, keep=None) -> list[tuple]:
+    """Parametrization values for the axes (each a list of values): on CUDA every combination;
+    under the interpreter (~5 ms a program) a covering subset in which every value of each axis
+    meets every value of each other axis at least once (all pairs), picked greedily and
+    deterministically from the combinations in order. ``keep(*combo)``, if given, says which
+    combinations run at all (on CUDA too); the pairs are those of the kept combinations."""
+    import itertools
+    combos = [c for c in itertools.product(*axes) if keep is None or keep(*c)]
+    if not INTERPRET or len(axes) < 2:
+        return combos
+    idx = [tuple(axis.index(v) for axis, v in zip(axes, c)) for c in combos]
+
+    def pairs(c):
+        return {(i, c[i], j, c[j]) for i, j in itertools.combinations(range(len(axes)), 2)}
+    todo = set().union(*map(pairs, idx))
+    picked = []
+    while todo:
+        best = max(range(len(idx)), key=lambda n: len(pairs(idx[n]) & todo))
+        picked.append(best)
+        todo -= pairs(idx[best])
+    return [combos[n] for n in sorted(picked)]
