@@ -527,12 +527,14 @@ def test_fp8_attention_magnitudes(dtype, q_mag, v_mag, v_spread):
 
 
 @kernels
-@pytest.mark.parametrize("variant", ["int64_offsets", "bit_decode"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fp8_attention_variants(monkeypatch, variant, dtype):
+@pytest.mark.parametrize("variant,dtype,kernel", covering(
+    ["int64_offsets", "bit_decode"], [torch.bfloat16, torch.float16, torch.float32],
+    ["decode", "prefill"]), ids=str)
+def test_fp8_attention_variants(monkeypatch, variant, dtype, kernel):
     """The kernels' other fp8 variants on a small cache, same outputs: int64 row offsets
     (OFF64, caches of 2^31 bytes or more) and e4m3 decoded from its bits (FP8_CVT off: sm_80,
-    which has no tl.float8e4nv)."""
+    which has no tl.float8e4nv). Every combination on CUDA; on the interpreter every pair of
+    values of two of variant, dtype and kernel meets."""
     import servelm.kernels.decode_attention as da
     import servelm.kernels.prefill_attention as pa
     for mod in (da, pa):
@@ -543,10 +545,10 @@ def test_fp8_attention_variants(monkeypatch, variant, dtype):
     seqs, h, kvh, d, bs = DECODE_CASES[1]
     q, k, v, kc8, vc8, _, _, meta = make_fp8_batch(seqs, h, kvh, d, bs, dtype, 60)
     kc8, vc8 = _written(kc8, vc8, k, v, meta)
-    ref = paged_attention_ref(q, kc8, vc8, meta, 0.2)
-    out = da.decode_attention(q, kc8, vc8, meta.block_tables, meta.seq_lens, 0.2,
-                              max_seq_len=meta.max_seq_len)
-    _close(out, ref, TIGHT[dtype])
-    out = pa.prefill_attention(q, kc8, vc8, meta.block_tables, meta.seq_lens,
-                               meta.query_start_loc, 0.2)
-    _close(out, ref, TIGHT[dtype])
+    if kernel == "decode":
+        out = da.decode_attention(q, kc8, vc8, meta.block_tables, meta.seq_lens, 0.2,
+                                  max_seq_len=meta.max_seq_len)
+    else:
+        out = pa.prefill_attention(q, kc8, vc8, meta.block_tables, meta.seq_lens,
+                                   meta.query_start_loc, 0.2)
+    _close(out, paged_attention_ref(q, kc8, vc8, meta, 0.2), TIGHT[dtype])
