@@ -25,14 +25,27 @@ def _cached_gguf_reads():
     each for SmolLM2's 49k-token vocabulary on the 2-core machine) and builds gguf's tensor-name
     map once per tensor (about 10 s per load): both are cached for the session, readers keyed by
     the file's path, size and mtime (a rewritten file is read again). The same objects, read
-    once; servelm's own loader does not use them."""
+    once; servelm's own loader does not use them. A read-only reader also slices the file as a
+    plain ndarray view of its np.memmap (the same bytes, still mapped from the file): numpy's
+    memmap subclass costs two thirds of a read in its per-slice hooks, one slice per token."""
     import functools
     try:
         import gguf
+        import numpy as np
     except ImportError:
         yield
         return
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    class PlainArrayReader(reader):
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
     readers: dict = {}
 
     def cached_reader(path, mode="r"):
@@ -41,7 +54,7 @@ def _cached_gguf_reads():
         st = os.stat(path)
         key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
         if key not in readers:
-            readers[key] = reader(path, mode)
+            readers[key] = PlainArrayReader(path, mode)
         return readers[key]
 
     mp = pytest.MonkeyPatch()

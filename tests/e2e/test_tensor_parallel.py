@@ -268,11 +268,13 @@ def test_uneven_stages_and_sampling(tmp_path, engines):
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     model.save_pretrained(tmp_path)
     prompts = random_prompts(3, (6, 25, 11), seed=21)
-    check(run_to_completion(engines(str(tmp_path), pipeline_parallel_size=2), prompts, GREEDY),
-          hf_refs(model, prompts))
+    staged = engines(str(tmp_path), pipeline_parallel_size=2)
+    check(run_to_completion(staged, prompts, GREEDY), hf_refs(model, prompts))
+    # the same two stages (one start of their worker), on other prompts (no prefix hits)
+    prompts = random_prompts(3, (6, 25, 11), seed=22)
     sp = SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=12, ignore_eos=True)
     one = run_to_completion(engines(str(tmp_path)), prompts, sp)
-    two = run_to_completion(engines(str(tmp_path), pipeline_parallel_size=2), prompts, sp)
+    two = run_to_completion(staged, prompts, sp, ids=["s0", "s1", "s2"])
     assert [[c.token_ids for c in o.outputs] for o in two] == \
         [[c.token_ids for c in o.outputs] for o in one]
 

@@ -103,7 +103,7 @@ from servelm.kernels.gguf_matmul import (  # noqa: E402
     MAX_M, GgufConfig, gguf_dequantize, gguf_linear, select_config, use_gguf_kernel,
     warmup_gguf)
 
-from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
+from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA, covering  # noqa: E402
 needs_kernel = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
                                   reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter")
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA only")
@@ -168,19 +168,22 @@ def test_kernel_dequantize(t):
         torch.testing.assert_close(lo, ref, rtol=2 ** -7, atol=1e-30)  # one bf16 rounding
 
 
+LINEAR_N, LINEAR_K = 40, 512
+# default configs at M = 1 (FMA), 3 and 16 (dot), 40 (dequantize + F.linear): every
+# combination with both dtypes on CUDA; on the interpreter every pair of values of two of
+# format, dtype and M meets (no tl.dot on bf16 there)
+LINEAR_CASES = covering(QUANT, [torch.bfloat16, torch.float16], [1, 3, 16, 40],
+                        keep=lambda t, dtype, m: m > MAX_M or _dot_dtype_ok(
+                            dtype, select_config(m, LINEAR_N, LINEAR_K, t)))
+
+
 @needs_kernel
-@pytest.mark.parametrize("t", QUANT, ids=NAME.get)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_kernel_linear(t, dtype):
-    # default configs at M = 1 (FMA), 3 and 16 (dot), 40 (dequantize + F.linear)
-    n, k = 40, 512
-    raw = _raw(n, k, t, seed=t)
+@pytest.mark.parametrize("t,dtype,m", LINEAR_CASES,
+                         ids=[f"{NAME[t]}-{dtype}-{m}" for t, dtype, m in LINEAR_CASES])
+def test_kernel_linear(t, dtype, m):
+    raw = _raw(LINEAR_N, LINEAR_K, t, seed=t)
     w32 = _ref32(raw, t)
-    raw = raw.to(DEVICE)
-    for m in (1, 3, 16, 40):
-        if m <= MAX_M and not _dot_dtype_ok(dtype, select_config(m, n, k, t)):
-            continue
-        _check(t, m, n, k, dtype, bias=m != 3, seed=m, raw=raw, w32=w32)
+    _check(t, m, LINEAR_N, LINEAR_K, dtype, bias=m != 3, seed=m, raw=raw.to(DEVICE), w32=w32)
 
 
 # configs covering each code path: FMA (masked / even, split), dot (split), fused GEMM over M

@@ -25,7 +25,7 @@ from servelm.kernels.rmsnorm import (  # noqa: E402
     fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref)
 from servelm.kernels.rotary import rotary_embedding, rotary_embedding_ref  # noqa: E402
 
-from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
+from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA, covering  # noqa: E402
 pytestmark = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
                                 reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter")
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="large shapes: CUDA only")
@@ -103,9 +103,9 @@ def _poisoned(shape, dtype):
 
 # ---------------------------------------------------------------- write_kv
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (2, 128), (8, 128), (3, 96)])
-@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype,num_kv_heads,head_dim,block_size", [
+    (dt, *heads, bs) for dt, heads, bs in covering(
+        DTYPES, [(1, 64), (2, 128), (8, 128), (3, 96)], [16, 32])], ids=str)
 def test_write_kv(dtype, num_kv_heads, head_dim, block_size):
     num_tokens, num_blocks = 37, 9
     seed = num_kv_heads * 1000 + head_dim + block_size
@@ -133,21 +133,21 @@ HEAD_CONFIGS = [(4, 4), (8, 2), (8, 1), (6, 2)]  # GQA ratios 1, 4, 8, 3
 DTYPE_BLOCKS = [(dt, 16) for dt in ATTN_DTYPES] + [(ATTN_BF16, 32), (ATTN_BF16, 64)]
 
 
-def skip_off_cpu_grid(dtype, block_size, num_heads, num_kv_heads, head_dim):
-    """The interpreter runs half of the dtype/block x heads x head_dim grid (~2 s a case): each
-    (dtype, block) meets every head config, each with both head dims across the grid."""
-    if ON_CUDA:
-        return
-    i = DTYPE_BLOCKS.index((dtype, block_size)) + HEAD_CONFIGS.index((num_heads, num_kv_heads))
-    if i % 2 != (head_dim == 128):
-        pytest.skip("interpreter: covering half of the grid (full grid on CUDA)")
+# (num_splits, min_partition, max_seq_len): one partition; 3 splits of >= 64 tokens (1 to 3
+# used); the heuristic's, sized for a long max_seq_len as in a CUDA graph (many programs find
+# no work); the heuristic's with max_seq_len under the real lengths (partitions stretch, still
+# exact)
+DECODE_SPLITS = [(1, None, 257), (3, 64, 257), (None, None, 16384 if ON_CUDA else 400),
+                 (None, None, 64)]
 
 
-@pytest.mark.parametrize("dtype,block_size", DTYPE_BLOCKS)
-@pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_CONFIGS)
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_decode_attention(dtype, block_size, num_heads, num_kv_heads, head_dim):
-    skip_off_cpu_grid(dtype, block_size, num_heads, num_kv_heads, head_dim)
+# (dtype, block) x heads x head_dim (x splits): every combination on CUDA; on the interpreter
+# (~2 s a case) every pair of values of two of them meets
+@pytest.mark.parametrize("dtype,block_size,num_heads,num_kv_heads,head_dim,splits,min_part,"
+                         "max_len", [(*db, *heads, d, *sp) for db, heads, d, sp in covering(
+                             DTYPE_BLOCKS, HEAD_CONFIGS, [64, 128], DECODE_SPLITS)], ids=str)
+def test_decode_attention(dtype, block_size, num_heads, num_kv_heads, head_dim, splits,
+                          min_part, max_len):
     bs = block_size
     # the interpreter pays ~5 ms a program: block edges, several blocks and one context past
     # 128 tokens (three 64-token partitions) there; longer ones on CUDA
@@ -156,16 +156,10 @@ def test_decode_attention(dtype, block_size, num_heads, num_kv_heads, head_dim):
     seed = num_heads * 7 + num_kv_heads * 131 + head_dim + bs
     q, kc, vc, meta = make_batch([(n - 1, 1) for n in lens], num_heads, num_kv_heads, head_dim,
                                  bs, dtype, seed)
-    ref = paged_attention_ref(q, kc, vc, meta, 0.125)
-    # one partition; 3 splits of >= 64 tokens (1 to 3 used); the heuristic's, sized for a
-    # long max_seq_len as in a CUDA graph (many programs find no work)
-    # (and one with max_seq_len under the real lengths: partitions stretch, still exact)
-    for splits, min_part, max_len in ((1, None, 257), (3, 64, 257),
-                                      (None, None, 16384 if ON_CUDA else 400), (None, None, 64)):
-        out = _poisoned(q.shape, dtype)
-        decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens, 0.125,
-                         max_seq_len=max_len, num_splits=splits, min_partition=min_part, out=out)
-        assert_attn_close(out, ref, dtype)
+    out = _poisoned(q.shape, dtype)
+    decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens, 0.125, max_seq_len=max_len,
+                     num_splits=splits, min_partition=min_part, out=out)
+    assert_attn_close(out, paged_attention_ref(q, kc, vc, meta, 0.125), dtype)
 
 
 def test_pick_splits():
@@ -284,11 +278,10 @@ def _mixed_batch(bs: int) -> list[tuple[int, int]]:
     return pairs if ON_CUDA else pairs[:8] + [(60, 1), (7, 70)]
 
 
-@pytest.mark.parametrize("dtype,block_size", DTYPE_BLOCKS)
-@pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_CONFIGS)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype,block_size,num_heads,num_kv_heads,head_dim", [
+    (*db, *heads, d) for db, heads, d in covering(DTYPE_BLOCKS, HEAD_CONFIGS, [64, 128])],
+    ids=str)
 def test_prefill_attention_mixed(dtype, block_size, num_heads, num_kv_heads, head_dim):
-    skip_off_cpu_grid(dtype, block_size, num_heads, num_kv_heads, head_dim)
     seed = num_heads * 3 + num_kv_heads * 17 + head_dim * 5 + block_size
     q, kc, vc, meta = make_batch(_mixed_batch(block_size), num_heads, num_kv_heads, head_dim,
                                  block_size, dtype, seed)

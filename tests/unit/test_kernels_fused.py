@@ -26,7 +26,7 @@ from servelm.kernels.kv_write import write_kv  # noqa: E402
 from servelm.kernels.rotary import rotary_embedding  # noqa: E402
 from servelm.kernels.rotary_kv import rotary_write_kv, rotary_write_kv_ref  # noqa: E402
 
-from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
+from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA, covering  # noqa: E402
 pytestmark = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
                                 reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter")
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="large shapes: CUDA only")
@@ -88,16 +88,19 @@ def _check_silu_gemv(m, n, k, dtype, bias, seed, config=None, pad=0):
     assert err < GEMV_TOL[dtype], f"rel err {err:.2e} M={m} N={n} K={k} {dtype} {config}"
 
 
-@pytest.mark.parametrize("cfg", GEMV_PATHS, ids=str)
-@pytest.mark.parametrize("m", [1, 2, 3, 8])
-def test_silu_gemv_paths(cfg, m):
-    # K = 130: a tail of K (masked loads), 256: even K; N not a multiple of BLOCK_N
-    dtypes = _gemv_dtypes(cfg)
-    if INTERPRET:  # ~5 ms a program there: one dtype per row count, both across the counts
-        dtypes = dtypes[m % len(dtypes):][:1]
-    for i, (n, k) in enumerate([(29, 130), (48, 256)]):
-        for dtype in dtypes:
-            _check_silu_gemv(m, n, k, dtype, bias=i == 0, seed=11 * m + i, config=cfg, pad=5 * i)
+# (N, K): K = 130 a tail of K (masked loads), with a bias; 256 an even K, rows of gate | up
+# padded (not contiguous); N not a multiple of BLOCK_N
+SILU_GEMV_SHAPES = [(29, 130), (48, 256)]
+
+
+# every combination on CUDA; on the interpreter (~5 ms a program) every pair of values of two
+# of config, rows, shape and dtype meets (dot paths in fp16 only there)
+@pytest.mark.parametrize("cfg,m,shape,dtype", covering(
+    GEMV_PATHS, [1, 2, 3, 8], SILU_GEMV_SHAPES, [torch.bfloat16, torch.float16],
+    keep=lambda cfg, m, shape, dtype: dtype in _gemv_dtypes(cfg)), ids=str)
+def test_silu_gemv_paths(cfg, m, shape, dtype):
+    i = SILU_GEMV_SHAPES.index(shape)
+    _check_silu_gemv(m, *shape, dtype, bias=i == 0, seed=11 * m + i, config=cfg, pad=5 * i)
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 40, 96), (2, 64, 176), (4, 33, 128), (5, 24, 48),
@@ -246,9 +249,8 @@ ROPE_SHAPES = [  # (tokens, q heads, kv heads, head dim): MHA, GQA 4 and 3, MQA,
     (1, 4, 4, 64), (5, 8, 2, 128), (13, 6, 2, 96), (9, 6, 1, 32), (7, 3, 3, 80)]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=str)
-@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("dtype,shape,block_size", covering(
+    [torch.bfloat16, torch.float16, torch.float32], ROPE_SHAPES, [1, 16]), ids=str)
 def test_rotary_write_kv(dtype, shape, block_size):
     t, h, kvh, d = shape
     seed = t * 100 + h * 10 + kvh + d + block_size

@@ -17,8 +17,7 @@ from servelm.kernels.gemv import (  # noqa: E402
     _TABLE, GemvConfig, _bucket, linear_small_m, linear_small_m_ref, select_config,
     use_small_m_kernel, warmup_gemv)
 
-from tests.unit.kernel_env import (DEVICE, INTERPRET, ON_CUDA,  # noqa: E402
-                                   skip_half_on_interpreter)
+from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA, covering  # noqa: E402
 needs_kernel = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
                                   reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter")
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="CUDA only")
@@ -93,16 +92,23 @@ def test_small_default_config(m, n, k, dtype, bias):
     _check(m, n, k, dtype, bias, seed=m * 1000 + n + k)
 
 
+# (N, K): with a bias, a tail of K; rows of x not contiguous, an even K
+SMALL_PATH_SHAPES = [(29, 130), (48, 256)]
+
+
+def _small_path_runs(cfg, m, shape, dtype) -> bool:
+    # FMA past 8 rows is slow in the interpreter
+    return dtype in _interp_dtypes(cfg) and not (INTERPRET and not cfg.use_dot and m > 8)
+
+
+# every combination on CUDA; on the interpreter every pair of values of two of config, rows,
+# shape and dtype meets
 @needs_kernel
-@pytest.mark.parametrize("cfg", PATHS, ids=str)
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 16])
-def test_small_paths(cfg, m):
-    if not cfg.use_dot and m > 8 and INTERPRET:
-        pytest.skip("slow in the interpreter")
-    skip_half_on_interpreter(PATHS.index(cfg), [1, 2, 3, 4, 7, 16].index(m))
-    for i, (n, k) in enumerate([(29, 130), (48, 256)]):
-        for dtype in _interp_dtypes(cfg):
-            _check(m, n, k, dtype, bias=i == 0, seed=7 * m + i, config=cfg, x_pad=3 * i)
+@pytest.mark.parametrize("cfg,m,shape,dtype", covering(
+    PATHS, [1, 2, 3, 4, 7, 16], SMALL_PATH_SHAPES, DTYPES, keep=_small_path_runs), ids=str)
+def test_small_paths(cfg, m, shape, dtype):
+    i = SMALL_PATH_SHAPES.index(shape)
+    _check(m, *shape, dtype, bias=i == 0, seed=7 * m + i, config=cfg, x_pad=3 * i)
 
 
 @needs_kernel

@@ -13,7 +13,7 @@ from servelm.kernels.fused_moe import fused_experts, moe_align, route_topk  # no
 from servelm.layers.fused_moe import (dequantize_rows, fused_experts_ref,  # noqa: E402
                                       quantize_rows, select_experts)
 
-from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA  # noqa: E402
+from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA, covering  # noqa: E402
 pytestmark = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
                                 reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter")
 
@@ -42,9 +42,8 @@ def _case(T, H, I, E, k, dtype, seed, skew=False):
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("skew", [False, True])
+# every combination on CUDA; on the interpreter every pair of values of two of them meets
+@pytest.mark.parametrize("shape,dtype,skew", covering(SHAPES, DTYPES, [False, True]), ids=str)
 def test_fused_experts_matches_reference(shape, dtype, skew):
     T, H, I, E, k = shape
     x, w13, w2, weights, ids = _case(T, H, I, E, k, dtype, seed=sum(shape), skew=skew)

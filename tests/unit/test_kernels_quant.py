@@ -21,8 +21,7 @@ from servelm.kernels.quant_matmul import (  # noqa: E402
     int8_linear, select_gemm_config, select_gemv_config, use_quant_kernel, warmup_quant_matmul)
 from servelm.quantization import ref  # noqa: E402
 
-from tests.unit.kernel_env import (DEVICE, INTERPRET, ON_CUDA,  # noqa: E402
-                                   skip_half_on_interpreter)
+from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA, covering  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(not (ON_CUDA or INTERPRET),
                                   reason="needs CUDA, or TRITON_INTERPRET=1 for the interpreter")
@@ -190,15 +189,20 @@ SHAPES = [(1, 37, 256, 64), (3, 50, 128, 32), (7, 24, 192, 64), (16, 33, 256, 12
           (130, 29, 64, 64)]
 
 
-@needs_kernel
-@pytest.mark.parametrize("method", ["int4", "int8", "fp8"])
-@pytest.mark.parametrize("m,n,k,g", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_default_config(method, m, n, k, g, dtype):
+def _default_config(method, m, n, k, g):
     sel = select_gemv_config if m <= MAX_M else select_gemm_config
-    cfg = sel(method, m, n, k, g)
-    if method != "fp8" and not _dot_dtype_ok(dtype, cfg):
-        pytest.skip("interpreter tl.dot on bf16")
+    return sel(method, m, n, k, g)
+
+
+# every combination on CUDA; on the interpreter every pair of values of two of method, shape
+# and dtype meets (no tl.dot on bf16 there)
+@needs_kernel
+@pytest.mark.parametrize("method,shape,dtype", covering(
+    ["int4", "int8", "fp8"], SHAPES, DTYPES,
+    keep=lambda method, shape, dtype: method == "fp8" or _dot_dtype_ok(
+        dtype, _default_config(method, *shape))), ids=str)
+def test_default_config(method, shape, dtype):
+    m, n, k, g = shape
     _check(method, m, n, k, g, dtype, bias=m % 2 == 1, seed=m + n + k + g)
 
 
@@ -213,20 +217,26 @@ GEMV_PATHS = [
 ]
 
 
+# (N, K, G): with a bias; G == K, rows of x not contiguous; a shorter last group
+GEMV_PATH_SHAPES = [(29, 128, 32), (48, 192, 192), (20, 160, 64)]
+
+
+def _gemv_path_runs(method, cfg, m, shape) -> bool:
+    # the int8 FMA path serves M = 1; FMA at M > 2 is slow in the interpreter
+    return not ((method == "int8" and not cfg.use_dot and m > 1)
+                or (INTERPRET and not cfg.use_dot and m > 2))
+
+
+# every combination on CUDA; on the interpreter every pair of values of two of method,
+# config, rows and shape meets
 @needs_kernel
-@pytest.mark.parametrize("method", ["int4", "int8", "fp8"])
-@pytest.mark.parametrize("cfg", GEMV_PATHS, ids=str)
-@pytest.mark.parametrize("m", [1, 2, 5, 16])
-def test_gemv_paths(method, cfg, m):
-    if method == "int8" and not cfg.use_dot and m > 1:
-        pytest.skip("the int8 FMA path serves M = 1")
-    if INTERPRET and not cfg.use_dot and m > 2:
-        pytest.skip("slow in the interpreter")
-    skip_half_on_interpreter(["int4", "int8", "fp8"].index(method), GEMV_PATHS.index(cfg),
-                             [1, 2, 5, 16].index(m))
+@pytest.mark.parametrize("method,cfg,m,shape", covering(
+    ["int4", "int8", "fp8"], GEMV_PATHS, [1, 2, 5, 16], GEMV_PATH_SHAPES,
+    keep=_gemv_path_runs), ids=str)
+def test_gemv_paths(method, cfg, m, shape):
     dtype = torch.float16 if (INTERPRET and cfg.use_dot) else torch.bfloat16
-    for i, (n, k, g) in enumerate([(29, 128, 32), (48, 192, 192), (20, 160, 64)]):
-        _check(method, m, n, k, g, dtype, bias=i == 0, seed=7 * m + i, cfg=cfg, x_pad=3 * i)
+    i = GEMV_PATH_SHAPES.index(shape)
+    _check(method, m, *shape, dtype, bias=i == 0, seed=7 * m + i, cfg=cfg, x_pad=3 * i)
 
 
 GEMM_PATHS = [

@@ -21,7 +21,7 @@ from servelm.attention.kv_quant import (
     FP8_KV_EXTRA, FP8_KV_TINY, dequantize_kv_rows, kv_cache_shape, kv_cache_torch_dtype,
     kv_head_dim, quantize_kv_rows)
 from servelm.attention.torch_ref import TorchReferenceBackend, paged_attention_ref, write_kv_ref
-from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA, skip_half_on_interpreter
+from tests.unit.kernel_env import DEVICE, INTERPRET, ON_CUDA, covering, skip_half_on_interpreter
 
 try:
     import triton
@@ -351,9 +351,10 @@ DECODE_CASES = [
 
 
 @kernels
-@pytest.mark.parametrize("dtype", ATTN_DTYPES)
-@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
-def test_decode_attention_fp8(dtype, case):
+@pytest.mark.parametrize("dtype,case,splits,min_part", [
+    (dt, case, *sp) for dt, case, sp in covering(ATTN_DTYPES, range(len(DECODE_CASES)),
+                                                 [(1, None), (3, 64)])], ids=str)
+def test_decode_attention_fp8(dtype, case, splits, min_part):
     """Paged flash-decoding on fp8 caches (one and several partitions) vs the torch reference on
     the same caches (tight) and vs attention on the unquantized values (loose)."""
     from servelm.kernels.decode_attention import decode_attention
@@ -362,15 +363,12 @@ def test_decode_attention_fp8(dtype, case):
     q, k, v, kc8, vc8, kc32, vc32, meta = make_fp8_batch(seqs, h, kvh, d, bs, dtype, 10 + case)
     write_kv(k, v, kc8, vc8, meta.slot_mapping)  # the kernel writes this step's tokens
     scale = d ** -0.5
-    ref = paged_attention_ref(q, kc8, vc8, meta, scale)
-    exact = paged_attention_ref(q.float(), kc32, vc32, meta, scale)
-    for splits, min_part in ((1, None), (3, 64)):
-        out = torch.full_like(q, float("nan"))
-        decode_attention(q, kc8, vc8, meta.block_tables, meta.seq_lens, scale,
-                         max_seq_len=meta.max_seq_len, num_splits=splits, min_partition=min_part,
-                         out=out)
-        _close(out, ref, TIGHT[dtype])
-        assert _rel(out, exact) < LOOSE
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, kc8, vc8, meta.block_tables, meta.seq_lens, scale,
+                     max_seq_len=meta.max_seq_len, num_splits=splits, min_partition=min_part,
+                     out=out)
+    _close(out, paged_attention_ref(q, kc8, vc8, meta, scale), TIGHT[dtype])
+    assert _rel(out, paged_attention_ref(q.float(), kc32, vc32, meta, scale)) < LOOSE
 
 
 # (cached, query, tree nodes): chunks after a cached prefix, whole prompts, decode rows mixed in
@@ -529,12 +527,14 @@ def test_fp8_attention_magnitudes(dtype, q_mag, v_mag, v_spread):
 
 
 @kernels
-@pytest.mark.parametrize("variant", ["int64_offsets", "bit_decode"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fp8_attention_variants(monkeypatch, variant, dtype):
+@pytest.mark.parametrize("variant,dtype,kernel", covering(
+    ["int64_offsets", "bit_decode"], [torch.bfloat16, torch.float16, torch.float32],
+    ["decode", "prefill"]), ids=str)
+def test_fp8_attention_variants(monkeypatch, variant, dtype, kernel):
     """The kernels' other fp8 variants on a small cache, same outputs: int64 row offsets
     (OFF64, caches of 2^31 bytes or more) and e4m3 decoded from its bits (FP8_CVT off: sm_80,
-    which has no tl.float8e4nv)."""
+    which has no tl.float8e4nv). Every combination on CUDA; on the interpreter every pair of
+    values of two of variant, dtype and kernel meets."""
     import servelm.kernels.decode_attention as da
     import servelm.kernels.prefill_attention as pa
     for mod in (da, pa):
@@ -545,10 +545,10 @@ def test_fp8_attention_variants(monkeypatch, variant, dtype):
     seqs, h, kvh, d, bs = DECODE_CASES[1]
     q, k, v, kc8, vc8, _, _, meta = make_fp8_batch(seqs, h, kvh, d, bs, dtype, 60)
     kc8, vc8 = _written(kc8, vc8, k, v, meta)
-    ref = paged_attention_ref(q, kc8, vc8, meta, 0.2)
-    out = da.decode_attention(q, kc8, vc8, meta.block_tables, meta.seq_lens, 0.2,
-                              max_seq_len=meta.max_seq_len)
-    _close(out, ref, TIGHT[dtype])
-    out = pa.prefill_attention(q, kc8, vc8, meta.block_tables, meta.seq_lens,
-                               meta.query_start_loc, 0.2)
-    _close(out, ref, TIGHT[dtype])
+    if kernel == "decode":
+        out = da.decode_attention(q, kc8, vc8, meta.block_tables, meta.seq_lens, 0.2,
+                                  max_seq_len=meta.max_seq_len)
+    else:
+        out = pa.prefill_attention(q, kc8, vc8, meta.block_tables, meta.seq_lens,
+                                   meta.query_start_loc, 0.2)
+    _close(out, paged_attention_ref(q, kc8, vc8, meta, 0.2), TIGHT[dtype])
